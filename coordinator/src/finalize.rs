@@ -1,0 +1,230 @@
+//! Reassembly once every task is done: the shard index, the model's companion files (config,
+//! tokenizer), `report.json`, the accuracy gates and, last, `manifest.json` — the commit point.
+//! A job whose gates fail keeps its report (the evidence) but gets no manifest.
+//! Tensor bytes are never read here: shard checksums come from the workers, sizes from HEAD.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use shardpress_proto::v1::JobState;
+use shardpress_store::{StoreError, StoreLocation, INDEX_NAME};
+
+use crate::job::{JobSpec, TaskSlot};
+use crate::report::{build_report, Report};
+use crate::Coordinator;
+
+pub const MANIFEST_NAME: &str = "manifest.json";
+pub const REPORT_NAME: &str = "report.json";
+pub const MANIFEST_FORMAT: &str = "shardpress-manifest-v1";
+
+/// Files next to the weights that a loader needs; copied unchanged when present.
+const COMPANION_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManifestEntry {
+    pub name: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub created_by: String,
+    pub job_id: String,
+    pub model_url: String,
+    pub recipe: String,
+    pub objects: Vec<ManifestEntry>,
+}
+
+/// Runs finalization and records the job's outcome.
+pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
+    let outcome = match coordinator.snapshot(&job_id) {
+        Some((spec, tasks, started, retries)) => {
+            let wall = started.elapsed().as_secs_f64();
+            let names = coordinator.worker_names();
+            let report = build_report(&job_id, &spec, &tasks, wall, retries, &names);
+            reassemble(&spec, &tasks, report, &job_id).await
+        }
+        None => return,
+    };
+    let (state, message, report_json) = outcome.unwrap_or_else(|e| {
+        (
+            JobState::Failed,
+            format!("finalizing failed: {e}"),
+            String::new(),
+        )
+    });
+    tracing::info!(job = %job_id, state = state.label(), "{message}");
+    coordinator.set_outcome(&job_id, state, message, report_json);
+}
+
+async fn put_json(
+    out: &StoreLocation,
+    name: &str,
+    bytes: Vec<u8>,
+) -> Result<ManifestEntry, StoreError> {
+    let entry = ManifestEntry {
+        name: name.to_string(),
+        size: bytes.len() as u64,
+        blake3: blake3::hash(&bytes).to_hex().to_string(),
+    };
+    out.put(name, Bytes::from(bytes)).await?;
+    Ok(entry)
+}
+
+fn json_bytes(value: &impl Serialize) -> Vec<u8> {
+    // Our own plain data types always serialize.
+    let mut bytes = serde_json::to_vec_pretty(value).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+async fn reassemble(
+    spec: &JobSpec,
+    tasks: &[TaskSlot],
+    report: Report,
+    job_id: &str,
+) -> Result<(JobState, String, String), StoreError> {
+    let out = StoreLocation::open(&spec.out_url)?;
+    let model = StoreLocation::open(&spec.model_url)?;
+    let mut objects = shard_entries(&out, tasks).await?;
+    objects.push(put_json(&out, INDEX_NAME, json_bytes(&shard_index(tasks))).await?);
+    for name in COMPANION_FILES {
+        if model.exists(name).await? {
+            let bytes = model.get(name).await?;
+            objects.push(put_json(&out, name, bytes.to_vec()).await?);
+        }
+    }
+    let report_bytes = json_bytes(&report);
+    let report_json = String::from_utf8_lossy(&report_bytes).into_owned();
+    objects.push(put_json(&out, REPORT_NAME, report_bytes).await?);
+    if !report.gates.passed {
+        let worst: Vec<String> = report
+            .gates
+            .violations
+            .iter()
+            .take(5)
+            .map(|v| {
+                format!(
+                    "{} {} = {:.5} (limit {})",
+                    v.tensor, v.metric, v.value, v.limit
+                )
+            })
+            .collect();
+        let message = format!(
+            "accuracy gate failed for {} tensor(s); worst: {}. No manifest written; see {}",
+            report.gates.violations.len(),
+            worst.join("; "),
+            out.describe(REPORT_NAME)
+        );
+        return Ok((JobState::Failed, message, report_json));
+    }
+    objects.sort_by(|a, b| a.name.cmp(&b.name));
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        created_by: format!("shardpress {}", env!("CARGO_PKG_VERSION")),
+        job_id: job_id.to_string(),
+        model_url: spec.model_url.clone(),
+        recipe: spec.recipe.describe(),
+        objects,
+    };
+    put_json(&out, MANIFEST_NAME, json_bytes(&manifest)).await?;
+    let message = format!(
+        "compressed {} tensors in {} shards to {}",
+        report.summary.tensors,
+        tasks.len(),
+        out.url()
+    );
+    Ok((JobState::Succeeded, message, report_json))
+}
+
+/// Manifest entries of the shards, checking each object's size against what its worker said.
+async fn shard_entries(
+    out: &StoreLocation,
+    tasks: &[TaskSlot],
+) -> Result<Vec<ManifestEntry>, StoreError> {
+    let mut entries = Vec::with_capacity(tasks.len());
+    for slot in tasks {
+        let name = &slot.plan.output_name;
+        let reported = slot.result.as_ref().map(|r| &r.report);
+        let (expected, blake3) = reported
+            .map(|r| (r.output_bytes, r.output_blake3.clone()))
+            .unwrap_or_default();
+        let size = out.size(name).await?;
+        if size != expected {
+            return Err(StoreError::Invalid {
+                object: out.describe(name),
+                reason: format!("size {size} differs from the {expected} bytes its worker wrote"),
+            });
+        }
+        entries.push(ManifestEntry {
+            name: name.clone(),
+            size,
+            blake3,
+        });
+    }
+    Ok(entries)
+}
+
+#[derive(Serialize)]
+struct ShardIndex {
+    metadata: BTreeMap<&'static str, u64>,
+    weight_map: BTreeMap<String, String>,
+}
+
+fn shard_index(tasks: &[TaskSlot]) -> ShardIndex {
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0;
+    for slot in tasks {
+        for tensor in &slot.plan.tensors {
+            total += tensor.data_end - tensor.data_start;
+            weight_map.insert(tensor.name.clone(), slot.plan.output_name.clone());
+        }
+    }
+    ShardIndex {
+        metadata: BTreeMap::from([("total_size", total)]),
+        weight_map,
+    }
+}
+
+/// Re-hashes every object the manifest at `out` lists; returns the problems found.
+pub async fn verify(out: &StoreLocation) -> Result<(Manifest, Vec<String>), StoreError> {
+    let bytes = out.get(MANIFEST_NAME).await?;
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| StoreError::Invalid {
+        object: out.describe(MANIFEST_NAME),
+        reason: format!("not a shardpress manifest: {e}"),
+    })?;
+    let mut problems = Vec::new();
+    for entry in &manifest.objects {
+        match out.blake3(&entry.name).await {
+            Ok((_, size)) if size != entry.size => problems.push(format!(
+                "{}: size {size}, manifest says {}",
+                out.describe(&entry.name),
+                entry.size
+            )),
+            Ok((hash, _)) if hash != entry.blake3 => problems.push(format!(
+                "{}: blake3 {hash}, manifest says {}",
+                out.describe(&entry.name),
+                entry.blake3
+            )),
+            Ok(_) => {}
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    Ok((manifest, problems))
+}

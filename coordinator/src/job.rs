@@ -1,0 +1,383 @@
+//! One job's tasks and their lease table: a plain state machine over `Instant`s, no I/O, so the
+//! lease rules (expiry, fencing by attempt, retry limits) are unit-tested directly.
+
+use std::time::{Duration, Instant};
+
+use shardpress_core::plan::PlannedTask;
+use shardpress_core::recipe::Recipe;
+use shardpress_proto::v1::{CompleteTaskRequest, JobState, JobStatus};
+
+/// What the job was asked to do.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub model_url: String,
+    pub out_url: String,
+    pub recipe: Recipe,
+    pub task_budget: u64,
+}
+
+/// Where one task stands.
+#[derive(Debug, Clone)]
+pub enum TaskStatus {
+    Pending,
+    Leased { worker: String, deadline: Instant },
+    Done,
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskSlot {
+    pub plan: PlannedTask,
+    pub status: TaskStatus,
+    /// Attempt number of the latest lease (0 = never leased).
+    pub attempt: u32,
+    /// Leases lost or failed so far.
+    pub failures: u32,
+    pub progress_bytes: u64,
+    pub result: Option<TaskOutcome>,
+}
+
+/// A finished task: who did it and what it reported.
+#[derive(Debug, Clone)]
+pub struct TaskOutcome {
+    pub worker: String,
+    pub attempt: u32,
+    pub report: CompleteTaskRequest,
+}
+
+/// Why a completion or heartbeat was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    NoSuchTask,
+    JobNotRunning(&'static str),
+    StaleAttempt { current: u32, given: u32 },
+    AlreadyDone,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::NoSuchTask => write!(f, "no such task"),
+            Rejection::JobNotRunning(state) => write!(f, "job is {state}"),
+            Rejection::StaleAttempt { current, given } => {
+                write!(
+                    f,
+                    "stale attempt {given}: the task was re-leased as attempt {current}"
+                )
+            }
+            Rejection::AlreadyDone => write!(f, "task already completed"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Job {
+    pub id: String,
+    pub spec: JobSpec,
+    pub tasks: Vec<TaskSlot>,
+    pub state: JobState,
+    pub message: String,
+    pub started: Instant,
+    pub retries: u32,
+    pub report_json: String,
+}
+
+impl Job {
+    pub fn new(id: String, spec: JobSpec, plan: Vec<PlannedTask>, now: Instant) -> Self {
+        let tasks = plan
+            .into_iter()
+            .map(|plan| TaskSlot {
+                plan,
+                status: TaskStatus::Pending,
+                attempt: 0,
+                failures: 0,
+                progress_bytes: 0,
+                result: None,
+            })
+            .collect();
+        Self {
+            id,
+            spec,
+            tasks,
+            state: JobState::Running,
+            message: String::new(),
+            started: now,
+            retries: 0,
+            report_json: String::new(),
+        }
+    }
+
+    /// Leases the lowest-numbered pending task to `worker`, if the job is running.
+    pub fn lease_next(&mut self, worker: &str, ttl: Duration, now: Instant) -> Option<usize> {
+        if self.state != JobState::Running {
+            return None;
+        }
+        let index = self
+            .tasks
+            .iter()
+            .position(|t| matches!(t.status, TaskStatus::Pending))?;
+        let slot = &mut self.tasks[index];
+        slot.attempt += 1;
+        slot.progress_bytes = 0;
+        slot.status = TaskStatus::Leased {
+            worker: worker.to_string(),
+            deadline: now + ttl,
+        };
+        Some(index)
+    }
+
+    fn leased_slot(&mut self, index: u32, attempt: u32) -> Result<&mut TaskSlot, Rejection> {
+        if self.state != JobState::Running {
+            return Err(Rejection::JobNotRunning(self.state.label()));
+        }
+        let slot = self
+            .tasks
+            .get_mut(index as usize)
+            .ok_or(Rejection::NoSuchTask)?;
+        match slot.status {
+            TaskStatus::Done => Err(Rejection::AlreadyDone),
+            _ if slot.attempt != attempt => Err(Rejection::StaleAttempt {
+                current: slot.attempt,
+                given: attempt,
+            }),
+            TaskStatus::Pending => Err(Rejection::StaleAttempt {
+                current: slot.attempt,
+                given: attempt,
+            }),
+            TaskStatus::Leased { .. } => Ok(slot),
+        }
+    }
+
+    /// Extends a live lease and records progress.
+    pub fn heartbeat(
+        &mut self,
+        index: u32,
+        attempt: u32,
+        bytes_done: u64,
+        ttl: Duration,
+        now: Instant,
+    ) -> Result<(), Rejection> {
+        let slot = self.leased_slot(index, attempt)?;
+        if let TaskStatus::Leased { deadline, .. } = &mut slot.status {
+            *deadline = now + ttl;
+        }
+        slot.progress_bytes = bytes_done.min(slot.plan.input_bytes);
+        Ok(())
+    }
+
+    /// Accepts a result from the current attempt; returns true when it was the last task.
+    pub fn complete(
+        &mut self,
+        index: u32,
+        attempt: u32,
+        worker: &str,
+        report: CompleteTaskRequest,
+    ) -> Result<bool, Rejection> {
+        let slot = self.leased_slot(index, attempt)?;
+        slot.status = TaskStatus::Done;
+        slot.progress_bytes = slot.plan.input_bytes;
+        slot.result = Some(TaskOutcome {
+            worker: worker.to_string(),
+            attempt,
+            report,
+        });
+        Ok(self.tasks_done() == self.tasks.len())
+    }
+
+    /// Records a failed attempt. Retryable failures requeue the task until `max_attempts`;
+    /// anything else fails the job. Returns true if the job failed.
+    pub fn fail(
+        &mut self,
+        index: u32,
+        attempt: u32,
+        message: &str,
+        retryable: bool,
+        max_attempts: u32,
+    ) -> Result<bool, Rejection> {
+        let slot = self.leased_slot(index, attempt)?;
+        slot.failures += 1;
+        let output = slot.plan.output_name.clone();
+        if retryable && slot.failures < max_attempts {
+            slot.status = TaskStatus::Pending;
+            self.retries += 1;
+            return Ok(false);
+        }
+        let why = if retryable {
+            format!("failed {max_attempts} times, last: {message}")
+        } else {
+            message.to_string()
+        };
+        self.finish(JobState::Failed, format!("task {index} ({output}) {why}"));
+        Ok(true)
+    }
+
+    /// Returns expired leases to the queue; true if any expired. A task that keeps losing its
+    /// lease fails the job after `max_attempts`.
+    pub fn expire_leases(&mut self, now: Instant, max_attempts: u32) -> bool {
+        if self.state != JobState::Running {
+            return false;
+        }
+        let mut expired = Vec::new();
+        for (index, slot) in self.tasks.iter_mut().enumerate() {
+            if let TaskStatus::Leased { worker, deadline } = &slot.status {
+                if *deadline <= now {
+                    expired.push((index, worker.clone(), slot.attempt));
+                }
+            }
+        }
+        for (index, worker, attempt) in &expired {
+            let message = format!("lease of attempt {attempt} on worker {worker} expired");
+            tracing::warn!(job = %self.id, task = index, "{message}; requeueing");
+            // The lease is current by construction, so `fail` cannot reject it.
+            let _ = self.fail(*index as u32, *attempt, &message, true, max_attempts);
+        }
+        !expired.is_empty()
+    }
+
+    pub fn tasks_done(&self) -> usize {
+        self.tasks
+            .iter()
+            .filter(|t| matches!(t.status, TaskStatus::Done))
+            .count()
+    }
+
+    /// Moves to a terminal (or finalizing) state and drops outstanding leases.
+    pub fn finish(&mut self, state: JobState, message: String) {
+        if self.state.is_terminal() {
+            return;
+        }
+        self.state = state;
+        self.message = message;
+        if state.is_terminal() {
+            for slot in &mut self.tasks {
+                if !matches!(slot.status, TaskStatus::Done) {
+                    slot.status = TaskStatus::Pending;
+                }
+            }
+        }
+    }
+
+    pub fn status(&self, workers: u32) -> JobStatus {
+        let running = self
+            .tasks
+            .iter()
+            .filter(|t| matches!(t.status, TaskStatus::Leased { .. }))
+            .count();
+        let bytes_done = self
+            .tasks
+            .iter()
+            .map(|t| match t.status {
+                TaskStatus::Done => t.plan.input_bytes,
+                TaskStatus::Leased { .. } => t.progress_bytes,
+                TaskStatus::Pending => 0,
+            })
+            .sum();
+        JobStatus {
+            job_id: self.id.clone(),
+            state: self.state as i32,
+            tasks_total: self.tasks.len() as u32,
+            tasks_done: self.tasks_done() as u32,
+            tasks_running: running as u32,
+            bytes_total: self.tasks.iter().map(|t| t.plan.input_bytes).sum(),
+            bytes_done,
+            message: self.message.clone(),
+            workers,
+            task_retries: self.retries,
+            report_json: self.report_json.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job_with_tasks(n: usize) -> Job {
+        let plan = (0..n)
+            .map(|i| PlannedTask {
+                index: i as u32,
+                group: format!("layer {i}"),
+                tensors: vec![],
+                output_name: format!("model-{:05}-of-{:05}.safetensors", i + 1, n),
+                input_bytes: 100,
+            })
+            .collect();
+        let recipe = Recipe::preset("int8").expect("preset");
+        let spec = JobSpec {
+            model_url: "memory:///m".into(),
+            out_url: "memory:///o".into(),
+            recipe,
+            task_budget: 1 << 20,
+        };
+        Job::new("job-1".into(), spec, plan, Instant::now())
+    }
+
+    const TTL: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn an_expired_lease_is_requeued_and_its_stale_result_rejected() {
+        let mut job = job_with_tasks(1);
+        let t0 = Instant::now();
+        assert_eq!(job.lease_next("w1", TTL, t0), Some(0));
+        assert!(job.expire_leases(t0 + TTL, 5));
+        assert_eq!(job.lease_next("w2", TTL, t0 + TTL), Some(0));
+        let stale = job.complete(0, 1, "w1", CompleteTaskRequest::default());
+        assert_eq!(
+            stale,
+            Err(Rejection::StaleAttempt {
+                current: 2,
+                given: 1
+            })
+        );
+        assert_eq!(
+            job.complete(0, 2, "w2", CompleteTaskRequest::default()),
+            Ok(true)
+        );
+        assert_eq!(job.retries, 1);
+    }
+
+    #[test]
+    fn heartbeats_keep_a_lease_alive() {
+        let mut job = job_with_tasks(1);
+        let t0 = Instant::now();
+        job.lease_next("w1", TTL, t0);
+        job.heartbeat(0, 1, 50, TTL, t0 + TTL / 2).unwrap();
+        assert!(!job.expire_leases(t0 + TTL, 5));
+        assert_eq!(job.status(1).bytes_done, 50);
+    }
+
+    #[test]
+    fn a_non_retryable_failure_fails_the_job() {
+        let mut job = job_with_tasks(2);
+        job.lease_next("w1", TTL, Instant::now());
+        assert_eq!(job.fail(0, 1, "corrupt input", false, 5), Ok(true));
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.message.contains("corrupt input"));
+        assert_eq!(job.lease_next("w1", TTL, Instant::now()), None);
+    }
+
+    #[test]
+    fn retryable_failures_give_up_after_max_attempts() {
+        let mut job = job_with_tasks(1);
+        for attempt in 1..=3 {
+            assert_eq!(job.lease_next("w", TTL, Instant::now()), Some(0));
+            let failed = job.fail(0, attempt, "timeout", true, 3).unwrap();
+            assert_eq!(failed, attempt == 3);
+        }
+        assert_eq!(job.state, JobState::Failed);
+    }
+
+    #[test]
+    fn tasks_are_leased_in_order_and_done_once() {
+        let mut job = job_with_tasks(2);
+        let now = Instant::now();
+        assert_eq!(job.lease_next("a", TTL, now), Some(0));
+        assert_eq!(job.lease_next("b", TTL, now), Some(1));
+        assert_eq!(job.lease_next("c", TTL, now), None);
+        assert_eq!(job.complete(1, 1, "b", Default::default()), Ok(false));
+        assert_eq!(
+            job.complete(1, 1, "b", Default::default()),
+            Err(Rejection::AlreadyDone)
+        );
+        assert_eq!(job.complete(0, 1, "a", Default::default()), Ok(true));
+    }
+}

@@ -1,0 +1,88 @@
+//! The shardpress coordinator: the control plane of a compression job.
+//!
+//! It plans a job from the model's safetensors headers (two range reads per file, never the
+//! data), leases tasks to workers that pull them, fences stale attempts, and when every task is
+//! done reassembles the model (index, config and tokenizer files), writes `report.json`, applies
+//! the recipe's accuracy gates and finally writes `manifest.json`, the commit point.
+//!
+//! Layout:
+//! - [`job`]: a job's tasks and lease table, a plain state machine with no I/O;
+//! - [`state`]: every job and worker behind one lock, plus the wake-ups for long-polls;
+//! - [`submit`]: recipe validation and planning from headers;
+//! - [`service`]: the two gRPC services, thin: decode, delegate, encode;
+//! - [`finalize`]: reassembly, gates and the manifest;
+//! - [`report`]: the report's types and aggregation;
+//! - [`error`]: the error enum and its one mapping to `tonic::Status`.
+
+pub mod error;
+pub mod finalize;
+pub mod job;
+pub mod report;
+pub mod service;
+pub mod state;
+pub mod submit;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardpress_proto::{JobServiceServer, WorkerServiceServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use error::CoordinatorError;
+pub use state::Coordinator;
+
+/// Coordinator settings, with defaults suited to a laptop run.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// A lease not renewed by a heartbeat within this time returns its task to the queue.
+    pub lease_ttl: Duration,
+    /// Task byte budget used when a submission does not set one.
+    pub default_task_budget: u64,
+    /// How many times a task may fail (lease loss included) before the job fails.
+    pub max_attempts: u32,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(15),
+            default_task_budget: 64 * 1024 * 1024,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// Serves both gRPC services (and the standard health service) on `listener` until `shutdown`
+/// resolves.
+pub async fn serve(
+    listener: TcpListener,
+    coordinator: Arc<Coordinator>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<JobServiceServer<service::JobApi>>()
+        .await;
+    let reaper = coordinator.clone().spawn_lease_reaper();
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(JobServiceServer::new(service::JobApi::new(
+            coordinator.clone(),
+        )))
+        .add_service(WorkerServiceServer::new(service::WorkerApi::new(
+            coordinator,
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    reaper.abort();
+    result
+}
+
+/// Binds `addr` (port 0 picks a free port) and returns the listener and its real address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}

@@ -1,0 +1,430 @@
+//! `report.json`: per-tensor metrics, per-layer aggregates (parameter-weighted), per-task
+//! timings and workers, totals, and the verdict of the recipe's gates.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use shardpress_core::plan::layer_index;
+use shardpress_core::recipe::Gates;
+use shardpress_proto::v1::TensorResult;
+
+use crate::job::{JobSpec, TaskSlot};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub job_id: String,
+    pub model_url: String,
+    pub out_url: String,
+    pub recipe: RecipeInfo,
+    pub output_format: &'static str,
+    pub summary: Summary,
+    pub gates: GateVerdict,
+    pub layers: Vec<LayerReport>,
+    pub tasks: Vec<TaskReport>,
+    pub tensors: Vec<TensorReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RecipeInfo {
+    pub name: String,
+    pub description: String,
+    pub yaml: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub tensors: usize,
+    pub tensors_compressed: usize,
+    pub params: u64,
+    pub params_compressed: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    /// Size the weights would take at their reported bits per weight (packed storage).
+    pub packed_size_bytes: u64,
+    pub bits_per_weight: f64,
+    pub bits_per_weight_compressed: f64,
+    pub rel_fro_error_weighted: f64,
+    pub worst_rel_fro_error: Option<Worst>,
+    pub min_cosine: Option<Worst>,
+    pub wall_seconds: f64,
+    pub input_mb_per_second: f64,
+    pub workers_used: usize,
+    pub task_retries: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Worst {
+    pub tensor: String,
+    pub value: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GateVerdict {
+    pub max_rel_error: Option<f64>,
+    pub min_cosine: Option<f64>,
+    pub min_snr_db: Option<f64>,
+    pub passed: bool,
+    pub violations: Vec<GateViolation>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GateViolation {
+    pub tensor: String,
+    pub metric: &'static str,
+    pub value: f64,
+    pub limit: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LayerReport {
+    pub layer: String,
+    pub tensors: usize,
+    pub params: u64,
+    pub bits_per_weight: f64,
+    pub rel_fro_error_weighted: f64,
+    pub worst_rel_fro_error: f64,
+    pub min_cosine: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TaskReport {
+    pub index: u32,
+    pub output: String,
+    pub worker: String,
+    pub attempt: u32,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub seconds: f64,
+    pub read_seconds: f64,
+    pub compute_seconds: f64,
+    pub write_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    pub params: u64,
+    pub pass: String,
+    pub bits_per_weight: f64,
+    pub rel_fro_error: Option<f64>,
+    pub snr_db: Option<f64>,
+    pub cosine: Option<f64>,
+    pub max_abs_error: Option<f64>,
+    pub note: String,
+    pub output: String,
+}
+
+impl TensorReport {
+    fn from_result(result: &TensorResult, output: &str) -> Self {
+        let metrics = result.metrics();
+        Self {
+            name: result.name.clone(),
+            dtype: result.dtype.clone(),
+            shape: result.shape.clone(),
+            params: result.shape.iter().product(),
+            pass: result.pass.clone(),
+            bits_per_weight: result.bits_per_weight,
+            rel_fro_error: metrics.map(|m| m.rel_fro_error),
+            snr_db: metrics.and_then(|m| m.snr_db),
+            cosine: metrics.map(|m| m.cosine),
+            max_abs_error: metrics.map(|m| m.max_abs_error),
+            note: result.note.clone(),
+            output: output.to_string(),
+        }
+    }
+}
+
+/// Builds the report of a job whose tasks are all done.
+pub fn build_report(
+    job_id: &str,
+    spec: &JobSpec,
+    tasks: &[TaskSlot],
+    wall_seconds: f64,
+    retries: u32,
+    worker_names: &HashMap<String, String>,
+) -> Report {
+    let mut tensors = Vec::new();
+    let mut task_reports = Vec::new();
+    for slot in tasks {
+        let Some(outcome) = &slot.result else {
+            continue;
+        };
+        let r = &outcome.report;
+        tensors.extend(
+            r.tensors
+                .iter()
+                .map(|t| TensorReport::from_result(t, &slot.plan.output_name)),
+        );
+        task_reports.push(TaskReport {
+            index: slot.plan.index,
+            output: slot.plan.output_name.clone(),
+            worker: worker_names
+                .get(&outcome.worker)
+                .cloned()
+                .unwrap_or_else(|| outcome.worker.clone()),
+            attempt: outcome.attempt,
+            input_bytes: slot.plan.input_bytes,
+            output_bytes: r.output_bytes,
+            seconds: r.seconds,
+            read_seconds: r.read_seconds,
+            compute_seconds: r.compute_seconds,
+            write_seconds: r.write_seconds,
+        });
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let gates = check_gates(&spec.recipe.gates, &tensors);
+    let summary = summarize(&tensors, &task_reports, wall_seconds, retries);
+    Report {
+        job_id: job_id.to_string(),
+        model_url: spec.model_url.clone(),
+        out_url: spec.out_url.clone(),
+        recipe: RecipeInfo {
+            name: spec.recipe.name.clone(),
+            description: spec.recipe.describe(),
+            yaml: spec.recipe.source_yaml.clone(),
+        },
+        output_format: "safetensors (dequantized, input dtype)",
+        summary,
+        gates,
+        layers: layer_reports(&tensors),
+        tasks: task_reports,
+        tensors,
+    }
+}
+
+fn weighted(tensors: &[&TensorReport], value: impl Fn(&TensorReport) -> f64) -> f64 {
+    let params: u64 = tensors.iter().map(|t| t.params).sum();
+    if params == 0 {
+        return 0.0;
+    }
+    tensors
+        .iter()
+        .map(|t| value(t) * t.params as f64)
+        .sum::<f64>()
+        / params as f64
+}
+
+fn summarize(
+    tensors: &[TensorReport],
+    tasks: &[TaskReport],
+    wall_seconds: f64,
+    retries: u32,
+) -> Summary {
+    let all: Vec<&TensorReport> = tensors.iter().collect();
+    let compressed: Vec<&TensorReport> = tensors
+        .iter()
+        .filter(|t| t.rel_fro_error.is_some())
+        .collect();
+    let input_bytes: u64 = tasks.iter().map(|t| t.input_bytes).sum();
+    let worst = compressed
+        .iter()
+        .max_by(|a, b| {
+            a.rel_fro_error
+                .partial_cmp(&b.rel_fro_error)
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
+        .map(|t| Worst {
+            tensor: t.name.clone(),
+            value: t.rel_fro_error.unwrap_or_default(),
+        });
+    let min_cos = compressed
+        .iter()
+        .min_by(|a, b| {
+            a.cosine
+                .partial_cmp(&b.cosine)
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
+        .map(|t| Worst {
+            tensor: t.name.clone(),
+            value: t.cosine.unwrap_or_default(),
+        });
+    let mut workers: Vec<&str> = tasks.iter().map(|t| t.worker.as_str()).collect();
+    workers.sort();
+    workers.dedup();
+    Summary {
+        tensors: tensors.len(),
+        tensors_compressed: compressed.len(),
+        params: all.iter().map(|t| t.params).sum(),
+        params_compressed: compressed.iter().map(|t| t.params).sum(),
+        input_bytes,
+        output_bytes: tasks.iter().map(|t| t.output_bytes).sum(),
+        packed_size_bytes: (all
+            .iter()
+            .map(|t| t.params as f64 * t.bits_per_weight)
+            .sum::<f64>()
+            / 8.0)
+            .ceil() as u64,
+        bits_per_weight: weighted(&all, |t| t.bits_per_weight),
+        bits_per_weight_compressed: weighted(&compressed, |t| t.bits_per_weight),
+        rel_fro_error_weighted: weighted(&compressed, |t| t.rel_fro_error.unwrap_or_default()),
+        worst_rel_fro_error: worst,
+        min_cosine: min_cos,
+        wall_seconds,
+        input_mb_per_second: if wall_seconds > 0.0 {
+            input_bytes as f64 / 1e6 / wall_seconds
+        } else {
+            0.0
+        },
+        workers_used: workers.len(),
+        task_retries: retries,
+    }
+}
+
+fn layer_reports(tensors: &[TensorReport]) -> Vec<LayerReport> {
+    let mut groups: BTreeMap<(u64, String), Vec<&TensorReport>> = BTreeMap::new();
+    for t in tensors {
+        let key = match layer_index(&t.name) {
+            Some(i) => (i, format!("layer {i}")),
+            None => (u64::MAX, "other".to_string()),
+        };
+        groups.entry(key).or_default().push(t);
+    }
+    groups
+        .into_iter()
+        .map(|((_, layer), members)| {
+            let compressed: Vec<&TensorReport> = members
+                .iter()
+                .copied()
+                .filter(|t| t.rel_fro_error.is_some())
+                .collect();
+            LayerReport {
+                layer,
+                tensors: members.len(),
+                params: members.iter().map(|t| t.params).sum(),
+                bits_per_weight: weighted(&members, |t| t.bits_per_weight),
+                rel_fro_error_weighted: weighted(&compressed, |t| {
+                    t.rel_fro_error.unwrap_or_default()
+                }),
+                worst_rel_fro_error: compressed
+                    .iter()
+                    .filter_map(|t| t.rel_fro_error)
+                    .fold(0.0, f64::max),
+                min_cosine: compressed
+                    .iter()
+                    .filter_map(|t| t.cosine)
+                    .fold(1.0, f64::min),
+            }
+        })
+        .collect()
+}
+
+/// Checks every transformed tensor against the recipe's gates; violations worst first.
+pub fn check_gates(gates: &Gates, tensors: &[TensorReport]) -> GateVerdict {
+    let mut violations = Vec::new();
+    for t in tensors {
+        if let (Some(limit), Some(value)) = (gates.max_rel_error, t.rel_fro_error) {
+            if value > limit {
+                violations.push(GateViolation {
+                    tensor: t.name.clone(),
+                    metric: "rel_fro_error",
+                    value,
+                    limit,
+                });
+            }
+        }
+        if let (Some(limit), Some(value)) = (gates.min_cosine, t.cosine) {
+            if value < limit {
+                violations.push(GateViolation {
+                    tensor: t.name.clone(),
+                    metric: "cosine",
+                    value,
+                    limit,
+                });
+            }
+        }
+        if let Some(limit) = gates.min_snr_db {
+            // A missing SNR with metrics present means zero error: infinitely good.
+            if let (Some(value), Some(_)) = (t.snr_db, t.rel_fro_error) {
+                if value < limit {
+                    violations.push(GateViolation {
+                        tensor: t.name.clone(),
+                        metric: "snr_db",
+                        value,
+                        limit,
+                    });
+                }
+            }
+        }
+    }
+    violations.sort_by(|a, b| {
+        let badness = |v: &GateViolation| (v.value - v.limit).abs() / v.limit.abs().max(1e-12);
+        badness(b)
+            .partial_cmp(&badness(a))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    GateVerdict {
+        max_rel_error: gates.max_rel_error,
+        min_cosine: gates.min_cosine,
+        min_snr_db: gates.min_snr_db,
+        passed: violations.is_empty(),
+        violations,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(name: &str, err: f64, cos: f64) -> TensorReport {
+        TensorReport {
+            name: name.into(),
+            dtype: "BF16".into(),
+            shape: vec![4, 4],
+            params: 16,
+            pass: "rtn int4".into(),
+            bits_per_weight: 4.5,
+            rel_fro_error: Some(err),
+            snr_db: Some(-20.0 * err.log10()),
+            cosine: Some(cos),
+            max_abs_error: Some(0.1),
+            note: String::new(),
+            output: "model-00001-of-00001.safetensors".into(),
+        }
+    }
+
+    #[test]
+    fn gates_name_the_worst_tensor_first() {
+        let gates = Gates {
+            max_rel_error: Some(0.1),
+            min_cosine: None,
+            min_snr_db: None,
+        };
+        let tensors = [
+            tensor("a", 0.05, 0.99),
+            tensor("b", 0.3, 0.9),
+            tensor("c", 0.15, 0.95),
+        ];
+        let verdict = check_gates(&gates, &tensors);
+        assert!(!verdict.passed);
+        let names: Vec<_> = verdict
+            .violations
+            .iter()
+            .map(|v| v.tensor.as_str())
+            .collect();
+        assert_eq!(names, ["b", "c"]);
+    }
+
+    #[test]
+    fn gates_pass_when_every_tensor_is_within_limits() {
+        let gates = Gates {
+            max_rel_error: Some(0.5),
+            min_cosine: Some(0.8),
+            min_snr_db: Some(1.0),
+        };
+        assert!(check_gates(&gates, &[tensor("a", 0.05, 0.99)]).passed);
+    }
+
+    #[test]
+    fn layers_are_weighted_by_parameters() {
+        let mut big = tensor("model.layers.0.a.weight", 0.1, 0.99);
+        big.params = 300;
+        let small = tensor("model.layers.0.b.weight", 0.5, 0.9);
+        let layers = layer_reports(&[big, small]);
+        assert_eq!(layers.len(), 1);
+        let expected = (0.1 * 300.0 + 0.5 * 16.0) / 316.0;
+        assert!((layers[0].rel_fro_error_weighted - expected).abs() < 1e-12);
+        assert_eq!(layers[0].worst_rel_fro_error, 0.5);
+    }
+}

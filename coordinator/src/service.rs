@@ -1,0 +1,180 @@
+//! The two gRPC services. Handlers only decode, delegate to [`Coordinator`] and encode.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use shardpress_proto::v1::{
+    AcquireTaskRequest, AcquireTaskResponse, CancelJobRequest, CompleteTaskRequest,
+    CompleteTaskResponse, FailTaskRequest, FailTaskResponse, GetJobRequest, HeartbeatRequest,
+    HeartbeatResponse, JobState, JobStatus, RegisterWorkerRequest, RegisterWorkerResponse,
+    SubmitJobRequest, SubmitJobResponse,
+};
+use shardpress_proto::{JobService, WorkerService};
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+
+use crate::finalize::finalize;
+use crate::state::Completion;
+use crate::Coordinator;
+
+/// Longest long-poll a worker may ask for.
+const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
+
+pub struct JobApi {
+    coordinator: Arc<Coordinator>,
+}
+
+impl JobApi {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        Self { coordinator }
+    }
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    async fn submit_job(
+        &self,
+        request: Request<SubmitJobRequest>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        let submitted = crate::submit::submit(&self.coordinator, request.into_inner()).await?;
+        Ok(Response::new(SubmitJobResponse {
+            job_id: submitted.job_id,
+            task_count: submitted.task_count,
+            total_bytes: submitted.total_bytes,
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<GetJobRequest>,
+    ) -> Result<Response<JobStatus>, Status> {
+        Ok(Response::new(
+            self.coordinator.status(&request.get_ref().job_id)?,
+        ))
+    }
+
+    type WatchJobStream = StatusStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<GetJobRequest>,
+    ) -> Result<Response<StatusStream>, Status> {
+        let receiver = self.coordinator.watch(&request.get_ref().job_id)?;
+        // Every change is sent; the stream ends right after the first terminal status.
+        let mut finished = false;
+        let stream = WatchStream::new(receiver)
+            .take_while(move |status| {
+                let keep = !finished;
+                finished = JobState::try_from(status.state).is_ok_and(JobState::is_terminal);
+                keep
+            })
+            .map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<CancelJobRequest>,
+    ) -> Result<Response<JobStatus>, Status> {
+        Ok(Response::new(
+            self.coordinator.cancel(&request.get_ref().job_id)?,
+        ))
+    }
+}
+
+pub struct WorkerApi {
+    coordinator: Arc<Coordinator>,
+}
+
+impl WorkerApi {
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        Self { coordinator }
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register_worker(
+        &self,
+        request: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        let worker_id = self.coordinator.register_worker(&request.get_ref().name);
+        Ok(Response::new(RegisterWorkerResponse {
+            worker_id,
+            lease_ttl_ms: self.coordinator.config().lease_ttl.as_millis() as u32,
+        }))
+    }
+
+    async fn acquire_task(
+        &self,
+        request: Request<AcquireTaskRequest>,
+    ) -> Result<Response<AcquireTaskResponse>, Status> {
+        let request = request.into_inner();
+        let wait = Duration::from_millis(request.wait_ms.into()).min(MAX_ACQUIRE_WAIT);
+        let lease = self.coordinator.acquire(&request.worker_id, wait).await?;
+        Ok(Response::new(AcquireTaskResponse { lease }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        let task = request.task.unwrap_or_default();
+        let response = match self.coordinator.heartbeat(&task, request.bytes_done) {
+            Ok(()) => HeartbeatResponse {
+                keep_going: true,
+                reason: String::new(),
+            },
+            Err(rejection) => HeartbeatResponse {
+                keep_going: false,
+                reason: rejection.to_string(),
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<CompleteTaskRequest>,
+    ) -> Result<Response<CompleteTaskResponse>, Status> {
+        let request = request.into_inner();
+        let job_id = request
+            .task
+            .as_ref()
+            .map(|t| t.job_id.clone())
+            .unwrap_or_default();
+        let response = match self.coordinator.complete(request) {
+            Completion::Accepted { job_complete } => {
+                if job_complete {
+                    tokio::spawn(finalize(self.coordinator.clone(), job_id));
+                }
+                CompleteTaskResponse {
+                    accepted: true,
+                    reason: String::new(),
+                }
+            }
+            Completion::Rejected(rejection) => CompleteTaskResponse {
+                accepted: false,
+                reason: rejection.to_string(),
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn fail_task(
+        &self,
+        request: Request<FailTaskRequest>,
+    ) -> Result<Response<FailTaskResponse>, Status> {
+        let request = request.into_inner();
+        if let Err(rejection) = self.coordinator.fail(&request) {
+            tracing::info!(%rejection, "ignored a failure report");
+        }
+        Ok(Response::new(FailTaskResponse {}))
+    }
+}

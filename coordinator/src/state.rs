@@ -1,0 +1,345 @@
+//! The coordinator's shared state: every job and worker behind one short-held lock, a wake-up
+//! for long-polling workers, and a watch channel per job for progress streams.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use shardpress_core::plan::PlannedTask;
+use shardpress_proto::v1::{
+    CompleteTaskRequest, FailTaskRequest, JobState, JobStatus, TaskLease, TaskRef, TensorSlice,
+};
+use tokio::sync::{watch, Notify};
+
+use crate::job::{Job, JobSpec, Rejection, TaskSlot};
+use crate::{CoordinatorConfig, CoordinatorError};
+
+struct JobEntry {
+    job: Job,
+    watch: watch::Sender<JobStatus>,
+}
+
+struct WorkerInfo {
+    name: String,
+    last_seen: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: BTreeMap<String, JobEntry>,
+    workers: HashMap<String, WorkerInfo>,
+    next_worker: u64,
+    next_job: u64,
+}
+
+impl Inner {
+    fn live_workers(&self, ttl: Duration) -> u32 {
+        let now = Instant::now();
+        self.workers
+            .values()
+            .filter(|w| now.duration_since(w.last_seen) < ttl * 3)
+            .count() as u32
+    }
+
+    fn publish(&self, job_id: &str, ttl: Duration) {
+        if let Some(entry) = self.jobs.get(job_id) {
+            entry
+                .watch
+                .send_replace(entry.job.status(self.live_workers(ttl)));
+        }
+    }
+
+    fn touch(&mut self, worker_id: &str) -> Result<(), CoordinatorError> {
+        let worker = self
+            .workers
+            .get_mut(worker_id)
+            .ok_or_else(|| CoordinatorError::UnknownWorker(worker_id.to_string()))?;
+        worker.last_seen = Instant::now();
+        Ok(())
+    }
+}
+
+/// The coordinator's state and the operations the gRPC services delegate to.
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    inner: Mutex<Inner>,
+    task_ready: Notify,
+}
+
+/// Result of a completion: whether it was the job's last task.
+pub enum Completion {
+    Accepted { job_complete: bool },
+    Rejected(Rejection),
+}
+
+impl Coordinator {
+    pub fn new(config: CoordinatorConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            inner: Mutex::new(Inner::default()),
+            task_ready: Notify::new(),
+        })
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a bug; the state is still consistent
+        // because every mutation is a single assignment sequence, so recover the guard.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn register_worker(&self, name: &str) -> String {
+        let mut inner = self.lock();
+        inner.next_worker += 1;
+        let id = format!("w{}-{}", inner.next_worker, name);
+        inner.workers.insert(
+            id.clone(),
+            WorkerInfo {
+                name: name.to_string(),
+                last_seen: Instant::now(),
+            },
+        );
+        tracing::info!(worker = %id, "worker registered");
+        id
+    }
+
+    /// Adds a planned job and returns its id.
+    pub fn insert_job(&self, spec: JobSpec, plan: Vec<PlannedTask>) -> String {
+        let mut inner = self.lock();
+        inner.next_job += 1;
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default();
+        let id = format!("job-{millis:x}-{}", inner.next_job);
+        let job = Job::new(id.clone(), spec, plan, Instant::now());
+        let (watch, _) = watch::channel(job.status(0));
+        inner.jobs.insert(id.clone(), JobEntry { job, watch });
+        inner.publish(&id, self.config.lease_ttl);
+        drop(inner);
+        self.task_ready.notify_waiters();
+        id
+    }
+
+    /// Waits up to `wait` for a task and leases it to `worker_id`.
+    pub async fn acquire(
+        &self,
+        worker_id: &str,
+        wait: Duration,
+    ) -> Result<Option<TaskLease>, CoordinatorError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.task_ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(lease) = self.try_lease(worker_id)? {
+                return Ok(Some(lease));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn try_lease(&self, worker_id: &str) -> Result<Option<TaskLease>, CoordinatorError> {
+        let ttl = self.config.lease_ttl;
+        let mut inner = self.lock();
+        inner.touch(worker_id)?;
+        let now = Instant::now();
+        let mut leased = None;
+        for entry in inner.jobs.values_mut() {
+            if let Some(index) = entry.job.lease_next(worker_id, ttl, now) {
+                leased = Some((entry.job.id.clone(), lease_for(&entry.job, index, ttl)));
+                break;
+            }
+        }
+        let Some((job_id, lease)) = leased else {
+            return Ok(None);
+        };
+        inner.publish(&job_id, ttl);
+        tracing::info!(job = %job_id, task = lease.task_index, attempt = lease.attempt,
+            worker = %worker_id, "task leased");
+        Ok(Some(lease))
+    }
+
+    pub fn heartbeat(&self, task: &TaskRef, bytes_done: u64) -> Result<(), Rejection> {
+        let ttl = self.config.lease_ttl;
+        let mut inner = self.lock();
+        let _ = inner.touch(&task.worker_id);
+        let entry = inner
+            .jobs
+            .get_mut(&task.job_id)
+            .ok_or(Rejection::NoSuchTask)?;
+        entry.job.heartbeat(
+            task.task_index,
+            task.attempt,
+            bytes_done,
+            ttl,
+            Instant::now(),
+        )?;
+        inner.publish(&task.job_id, ttl);
+        Ok(())
+    }
+
+    pub fn complete(&self, report: CompleteTaskRequest) -> Completion {
+        let task = report.task.clone().unwrap_or_default();
+        let mut inner = self.lock();
+        let _ = inner.touch(&task.worker_id);
+        let Some(entry) = inner.jobs.get_mut(&task.job_id) else {
+            return Completion::Rejected(Rejection::NoSuchTask);
+        };
+        let result = entry
+            .job
+            .complete(task.task_index, task.attempt, &task.worker_id, report);
+        let completion = match result {
+            Ok(true) => {
+                entry.job.finish(JobState::Finalizing, String::new());
+                Completion::Accepted { job_complete: true }
+            }
+            Ok(false) => Completion::Accepted {
+                job_complete: false,
+            },
+            Err(rejection) => Completion::Rejected(rejection),
+        };
+        inner.publish(&task.job_id, self.config.lease_ttl);
+        completion
+    }
+
+    pub fn fail(&self, request: &FailTaskRequest) -> Result<(), Rejection> {
+        let task = request.task.clone().unwrap_or_default();
+        let mut inner = self.lock();
+        let entry = inner
+            .jobs
+            .get_mut(&task.job_id)
+            .ok_or(Rejection::NoSuchTask)?;
+        entry.job.fail(
+            task.task_index,
+            task.attempt,
+            &format!("failed on worker {}: {}", task.worker_id, request.message),
+            request.retryable,
+            self.config.max_attempts,
+        )?;
+        inner.publish(&task.job_id, self.config.lease_ttl);
+        drop(inner);
+        self.task_ready.notify_waiters();
+        Ok(())
+    }
+
+    pub fn status(&self, job_id: &str) -> Result<JobStatus, CoordinatorError> {
+        let inner = self.lock();
+        let entry = inner
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| CoordinatorError::UnknownJob(job_id.to_string()))?;
+        Ok(entry.job.status(inner.live_workers(self.config.lease_ttl)))
+    }
+
+    pub fn watch(&self, job_id: &str) -> Result<watch::Receiver<JobStatus>, CoordinatorError> {
+        let inner = self.lock();
+        let entry = inner
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| CoordinatorError::UnknownJob(job_id.to_string()))?;
+        Ok(entry.watch.subscribe())
+    }
+
+    /// Moves a job to `state` with `message` (and the report, when there is one).
+    pub fn set_outcome(&self, job_id: &str, state: JobState, message: String, report_json: String) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.jobs.get_mut(job_id) {
+            entry.job.finish(state, message);
+            if !report_json.is_empty() {
+                entry.job.report_json = report_json;
+            }
+        }
+        inner.publish(job_id, self.config.lease_ttl);
+    }
+
+    /// Cancels a running job; a job already finalizing or finished is left as it is.
+    pub fn cancel(&self, job_id: &str) -> Result<JobStatus, CoordinatorError> {
+        if self.status(job_id)?.state != JobState::Running as i32 {
+            return self.status(job_id);
+        }
+        self.set_outcome(
+            job_id,
+            JobState::Cancelled,
+            "cancelled by request".into(),
+            String::new(),
+        );
+        self.status(job_id)
+    }
+
+    /// A copy of what finalization needs: the spec and every task's slot.
+    pub fn snapshot(&self, job_id: &str) -> Option<(JobSpec, Vec<TaskSlot>, Instant, u32)> {
+        let inner = self.lock();
+        let entry = inner.jobs.get(job_id)?;
+        let job = &entry.job;
+        Some((
+            job.spec.clone(),
+            job.tasks.clone(),
+            job.started,
+            job.retries,
+        ))
+    }
+
+    /// Worker names by id, for the report.
+    pub fn worker_names(&self) -> HashMap<String, String> {
+        let inner = self.lock();
+        inner
+            .workers
+            .iter()
+            .map(|(id, w)| (id.clone(), w.name.clone()))
+            .collect()
+    }
+
+    /// Periodically returns expired leases to the queue.
+    pub fn spawn_lease_reaper(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let period = (self.config.lease_ttl / 4).max(Duration::from_millis(50));
+            let mut ticker = tokio::time::interval(period);
+            loop {
+                ticker.tick().await;
+                self.expire_leases();
+            }
+        })
+    }
+
+    fn expire_leases(&self) {
+        let ttl = self.config.lease_ttl;
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let mut changed = Vec::new();
+        for (id, entry) in inner.jobs.iter_mut() {
+            if entry.job.expire_leases(now, self.config.max_attempts) {
+                changed.push(id.clone());
+            }
+        }
+        for id in &changed {
+            inner.publish(id, ttl);
+        }
+        drop(inner);
+        if !changed.is_empty() {
+            self.task_ready.notify_waiters();
+        }
+    }
+}
+
+fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
+    let slot = &job.tasks[index];
+    TaskLease {
+        job_id: job.id.clone(),
+        task_index: index as u32,
+        attempt: slot.attempt,
+        lease_ttl_ms: ttl.as_millis() as u32,
+        model_url: job.spec.model_url.clone(),
+        out_url: job.spec.out_url.clone(),
+        recipe_yaml: job.spec.recipe.source_yaml.clone(),
+        output_name: slot.plan.output_name.clone(),
+        tensors: slot.plan.tensors.iter().map(TensorSlice::from).collect(),
+    }
+}

@@ -1,0 +1,75 @@
+//! Turning a submission into a planned job: the recipe is validated, the model's files are
+//! found, each header is read with two range reads and validated, and the pure planner in core
+//! splits the tensors into tasks. Every problem is reported here, before any work starts.
+
+use futures::{StreamExt, TryStreamExt};
+use shardpress_core::plan::plan_tasks;
+use shardpress_core::recipe::Recipe;
+use shardpress_proto::v1::SubmitJobRequest;
+use shardpress_store::{read_source_file, resolve_model, StoreLocation};
+
+use crate::finalize::MANIFEST_NAME;
+use crate::job::JobSpec;
+use crate::{Coordinator, CoordinatorError};
+
+/// Headers read concurrently while planning.
+const HEADER_READ_CONCURRENCY: usize = 8;
+
+/// What a successful submission returns.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub job_id: String,
+    pub task_count: u32,
+    pub total_bytes: u64,
+}
+
+pub async fn submit(
+    coordinator: &Coordinator,
+    request: SubmitJobRequest,
+) -> Result<Submitted, CoordinatorError> {
+    if request.model_url.is_empty() || request.out_url.is_empty() {
+        return Err(CoordinatorError::InvalidRequest(
+            "model_url and out_url are required".into(),
+        ));
+    }
+    let recipe = Recipe::from_yaml(&request.recipe_yaml)?;
+    let model = resolve_model(&request.model_url).await?;
+    let files: Vec<_> = futures::stream::iter(model.files.clone())
+        .map(|name| {
+            let root = model.root.clone();
+            async move { read_source_file(&root, &name).await }
+        })
+        .buffered(HEADER_READ_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let budget = match request.task_budget_bytes {
+        0 => coordinator.config().default_task_budget,
+        budget => budget,
+    };
+    let plan = plan_tasks(&files, budget)?;
+    let out = StoreLocation::open(&request.out_url)?;
+    if out.url() == model.root.url() {
+        return Err(CoordinatorError::InvalidRequest(format!(
+            "the output {} is the model's own directory: choose another so the input is not overwritten",
+            out.url()
+        )));
+    }
+    // A manifest left by an earlier run must not vouch for this run's partial output.
+    out.delete(MANIFEST_NAME).await?;
+    let task_count = plan.len() as u32;
+    let total_bytes = plan.iter().map(|t| t.input_bytes).sum();
+    let spec = JobSpec {
+        model_url: model.root.url().to_string(),
+        out_url: out.url().to_string(),
+        recipe,
+        task_budget: budget,
+    };
+    tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,
+        bytes = total_bytes, recipe = %spec.recipe.describe(), "job planned");
+    let job_id = coordinator.insert_job(spec, plan);
+    Ok(Submitted {
+        job_id,
+        task_count,
+        total_bytes,
+    })
+}

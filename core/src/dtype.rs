@@ -1,0 +1,294 @@
+//! Element types of safetensors tensors and the f32 codecs for the float types we compress.
+//!
+//! Every pass works in f32. This module is the one place that knows how BF16, F16 and F32
+//! bytes (little-endian, as safetensors stores them) map to and from f32. Encoding rounds to
+//! nearest-even via the `half` crate. The loops work on fixed-size chunks staged in stack
+//! arrays so the compiler can vectorize them and no allocation happens per call.
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+/// Elements staged per inner loop iteration of the codecs.
+const CHUNK: usize = 512;
+
+/// A safetensors element type, spelled as in the safetensors format.
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum DType {
+    BOOL,
+    U8,
+    I8,
+    F8_E4M3,
+    F8_E5M2,
+    I16,
+    U16,
+    F16,
+    BF16,
+    I32,
+    U32,
+    F32,
+    F64,
+    I64,
+    U64,
+}
+
+const ALL: [DType; 15] = [
+    DType::BOOL,
+    DType::U8,
+    DType::I8,
+    DType::F8_E4M3,
+    DType::F8_E5M2,
+    DType::I16,
+    DType::U16,
+    DType::F16,
+    DType::BF16,
+    DType::I32,
+    DType::U32,
+    DType::F32,
+    DType::F64,
+    DType::I64,
+    DType::U64,
+];
+
+impl DType {
+    /// Parses the exact safetensors spelling (e.g. `"BF16"`).
+    pub fn from_safetensors(s: &str) -> Option<DType> {
+        ALL.iter().copied().find(|d| d.as_safetensors() == s)
+    }
+
+    /// The safetensors spelling of this dtype.
+    pub fn as_safetensors(self) -> &'static str {
+        match self {
+            DType::BOOL => "BOOL",
+            DType::U8 => "U8",
+            DType::I8 => "I8",
+            DType::F8_E4M3 => "F8_E4M3",
+            DType::F8_E5M2 => "F8_E5M2",
+            DType::I16 => "I16",
+            DType::U16 => "U16",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::I32 => "I32",
+            DType::U32 => "U32",
+            DType::F32 => "F32",
+            DType::F64 => "F64",
+            DType::I64 => "I64",
+            DType::U64 => "U64",
+        }
+    }
+
+    /// Size of one element in bytes.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::BOOL | DType::U8 | DType::I8 | DType::F8_E4M3 | DType::F8_E5M2 => 1,
+            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 2,
+            DType::I32 | DType::U32 | DType::F32 => 4,
+            DType::F64 | DType::I64 | DType::U64 => 8,
+        }
+    }
+
+    /// True for the float types this crate decodes to and encodes from f32.
+    pub fn is_decodable_float(self) -> bool {
+        matches!(self, DType::BF16 | DType::F16 | DType::F32)
+    }
+
+    /// Bits per element (8 * size).
+    pub fn bits(self) -> u32 {
+        // size_bytes is at most 8, so this cannot overflow.
+        8 * self.size_bytes() as u32
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_safetensors())
+    }
+}
+
+/// Why a byte buffer could not be converted.
+#[derive(Debug, thiserror::Error)]
+pub enum DTypeError {
+    #[error("dtype {0} cannot be decoded to f32 (supported: BF16, F16, F32)")]
+    NotDecodable(DType),
+    #[error("byte length {len} is not a multiple of the {dtype} element size")]
+    RaggedBytes { dtype: DType, len: usize },
+    #[error("output buffer holds {got} elements, {want} needed")]
+    LengthMismatch { want: usize, got: usize },
+}
+
+/// Checks the dtype is decodable and that `bytes_len` holds exactly `elems` elements.
+fn check_lengths(dtype: DType, bytes_len: usize, elems: usize) -> Result<usize, DTypeError> {
+    if !dtype.is_decodable_float() {
+        return Err(DTypeError::NotDecodable(dtype));
+    }
+    let size = dtype.size_bytes();
+    if bytes_len % size != 0 {
+        return Err(DTypeError::RaggedBytes {
+            dtype,
+            len: bytes_len,
+        });
+    }
+    let want = bytes_len / size;
+    if want != elems {
+        return Err(DTypeError::LengthMismatch { want, got: elems });
+    }
+    Ok(size)
+}
+
+/// Decodes little-endian `bytes` of `dtype` into `out` (`out.len()` must equal the element count).
+pub fn decode_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), DTypeError> {
+    check_lengths(dtype, bytes.len(), out.len())?;
+    match dtype {
+        DType::F32 => decode_f32(bytes, out),
+        DType::BF16 => decode_bf16(bytes, out),
+        _ => decode_f16(bytes, out),
+    }
+    Ok(())
+}
+
+/// Encodes `src` into little-endian `dtype` bytes in `out` (round to nearest-even).
+pub fn encode_from_f32(dtype: DType, src: &[f32], out: &mut [u8]) -> Result<(), DTypeError> {
+    check_lengths(dtype, out.len(), src.len())?;
+    match dtype {
+        DType::F32 => encode_f32(src, out),
+        DType::BF16 => encode_bf16(src, out),
+        _ => encode_f16(src, out),
+    }
+    Ok(())
+}
+
+fn decode_f32(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+    }
+}
+
+fn decode_f16(bytes: &[u8], out: &mut [f32]) {
+    let mut stage = [f16::ZERO; CHUNK];
+    for (o, b) in out.chunks_mut(CHUNK).zip(bytes.chunks(CHUNK * 2)) {
+        let s = &mut stage[..o.len()];
+        for (h, pair) in s.iter_mut().zip(b.chunks_exact(2)) {
+            *h = f16::from_bits(u16::from_le_bytes([pair[0], pair[1]]));
+        }
+        s.convert_to_f32_slice(o);
+    }
+}
+
+fn encode_f32(src: &[f32], out: &mut [u8]) {
+    for (x, b) in src.iter().zip(out.chunks_exact_mut(4)) {
+        b.copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+fn encode_bf16(src: &[f32], out: &mut [u8]) {
+    for (x, b) in src.iter().zip(out.chunks_exact_mut(2)) {
+        b.copy_from_slice(&bf16::from_f32(*x).to_bits().to_le_bytes());
+    }
+}
+
+fn encode_f16(src: &[f32], out: &mut [u8]) {
+    let mut stage = [f16::ZERO; CHUNK];
+    for (x, b) in src.chunks(CHUNK).zip(out.chunks_mut(CHUNK * 2)) {
+        let s = &mut stage[..x.len()];
+        s.convert_from_f32_slice(x);
+        for (h, pair) in s.iter().zip(b.chunks_exact_mut(2)) {
+            pair.copy_from_slice(&h.to_bits().to_le_bytes());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn spelling_round_trips() {
+        for d in ALL {
+            assert_eq!(DType::from_safetensors(d.as_safetensors()), Some(d));
+            assert_eq!(d.bits(), 8 * d.size_bytes() as u32);
+        }
+        assert_eq!(DType::from_safetensors("bf16"), None);
+        assert_eq!(DType::from_safetensors("F8_E4M3"), Some(DType::F8_E4M3));
+    }
+
+    #[test]
+    fn decodable_set() {
+        let dec: Vec<_> = ALL.iter().filter(|d| d.is_decodable_float()).collect();
+        assert_eq!(dec, vec![&DType::F16, &DType::BF16, &DType::F32]);
+    }
+
+    #[test]
+    fn errors_are_reported() {
+        let mut out = [0f32; 2];
+        assert!(matches!(
+            decode_to_f32(DType::I8, &[0, 0], &mut out),
+            Err(DTypeError::NotDecodable(DType::I8))
+        ));
+        assert!(matches!(
+            decode_to_f32(DType::BF16, &[0, 0, 0], &mut out),
+            Err(DTypeError::RaggedBytes { len: 3, .. })
+        ));
+        assert!(matches!(
+            decode_to_f32(DType::F32, &[0; 4], &mut out),
+            Err(DTypeError::LengthMismatch { want: 1, got: 2 })
+        ));
+        let mut bytes = [0u8; 6];
+        assert!(matches!(
+            encode_from_f32(DType::F16, &out, &mut bytes),
+            Err(DTypeError::LengthMismatch { want: 3, got: 2 })
+        ));
+    }
+
+    #[test]
+    fn known_values() {
+        let mut out = [0f32; 2];
+        // bf16 1.0 = 0x3F80, f16 1.0 = 0x3C00, little-endian.
+        decode_to_f32(DType::BF16, &[0x80, 0x3F, 0x00, 0xC0], &mut out).unwrap();
+        assert_eq!(out, [1.0, -2.0]);
+        decode_to_f32(DType::F16, &[0x00, 0x3C, 0x00, 0xC0], &mut out).unwrap();
+        assert_eq!(out, [1.0, -2.0]);
+        let mut bytes = [0u8; 4];
+        encode_from_f32(DType::BF16, &[1.0, -2.0], &mut bytes).unwrap();
+        assert_eq!(bytes, [0x80, 0x3F, 0x00, 0xC0]);
+    }
+
+    fn scalar_encode(dtype: DType, x: f32) -> Vec<u8> {
+        match dtype {
+            DType::BF16 => bf16::from_f32(x).to_bits().to_le_bytes().to_vec(),
+            DType::F16 => f16::from_f32(x).to_bits().to_le_bytes().to_vec(),
+            _ => x.to_le_bytes().to_vec(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn chunked_codecs_match_scalar(
+            xs in proptest::collection::vec(any::<f32>(), 0..1500),
+            which in 0usize..3,
+        ) {
+            let dtype = [DType::BF16, DType::F16, DType::F32][which];
+            let mut bytes = vec![0u8; xs.len() * dtype.size_bytes()];
+            encode_from_f32(dtype, &xs, &mut bytes).unwrap();
+            let expect: Vec<u8> = xs.iter().flat_map(|x| scalar_encode(dtype, *x)).collect();
+            prop_assert_eq!(&bytes, &expect);
+            let mut back = vec![0f32; xs.len()];
+            decode_to_f32(dtype, &bytes, &mut back).unwrap();
+            let mut again = vec![0u8; bytes.len()];
+            encode_from_f32(dtype, &back, &mut again).unwrap();
+            // Decoding is exact, so re-encoding reproduces the same bytes (NaN payloads aside).
+            for (i, x) in back.iter().enumerate() {
+                if !x.is_nan() {
+                    let w = dtype.size_bytes();
+                    prop_assert_eq!(&again[i * w..(i + 1) * w], &bytes[i * w..(i + 1) * w]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Tests for RTN quantization: exact agreement with a straightforward reference, the error
+//! bound on heavy-tailed data, code ranges, and the bits-per-weight accounting.
+
+use super::*;
+use proptest::prelude::*;
+
+fn cfg(bits: u8, symmetric: bool, granularity: Granularity) -> QuantizeConfig {
+    QuantizeConfig {
+        bits,
+        symmetric,
+        granularity,
+    }
+}
+
+/// Independent reference written straight from the spec, using `f32::round` and `f32::min/max`.
+fn reference_group(cfg: &QuantizeConfig, g: &[f32]) -> (f32, Vec<f32>) {
+    let up = |scale: f32| {
+        let h = f16::from_f32(scale);
+        let s = if h.to_f32() < scale {
+            f16::from_bits(h.to_bits() + 1).to_f32()
+        } else {
+            h.to_f32()
+        };
+        if s == 0.0 {
+            f16::from_bits(1).to_f32()
+        } else if s.is_infinite() {
+            scale
+        } else {
+            s
+        }
+    };
+    let b = i32::from(cfg.bits);
+    if cfg.symmetric {
+        let qmax = ((1 << (b - 1)) - 1) as f32;
+        let absmax = g.iter().fold(0f32, |m, x| m.max(x.abs()));
+        if absmax == 0.0 {
+            return (0.0, vec![0.0; g.len()]);
+        }
+        let s = up(absmax / qmax);
+        let out = g
+            .iter()
+            .map(|x| (x / s).round().clamp(-qmax - 1.0, qmax) * s)
+            .collect();
+        (s, out)
+    } else {
+        let qmax = ((1 << b) - 1) as f32;
+        let mn = g.iter().fold(0f32, |m, x| m.min(*x));
+        let mx = g.iter().fold(0f32, |m, x| m.max(*x));
+        if mx - mn == 0.0 {
+            return (0.0, vec![0.0; g.len()]);
+        }
+        let s = up((mx - mn) / qmax);
+        let zero = (-mn / s).round().clamp(0.0, qmax);
+        let out = g
+            .iter()
+            .map(|x| (((x / s).round() + zero).clamp(0.0, qmax) - zero) * s)
+            .collect();
+        (s, out)
+    }
+}
+
+fn reference_rows(cfg: &QuantizeConfig, rows: &[f32], row_len: usize) -> (Vec<f32>, Vec<f32>) {
+    let group = match cfg.granularity {
+        Granularity::Channel => row_len,
+        Granularity::Group(g) => g.min(row_len),
+    };
+    let (mut out, mut scales) = (Vec::new(), Vec::new());
+    for row in rows.chunks(row_len) {
+        for g in row.chunks(group) {
+            let (s, q) = reference_group(cfg, g);
+            out.extend(q);
+            scales.extend(std::iter::repeat_n(s, g.len()));
+        }
+    }
+    (out, scales)
+}
+
+#[test]
+fn fast_round_matches_std_round() {
+    let mut ys = vec![
+        0.5f32,
+        1.5,
+        2.5,
+        -0.5,
+        -1.5,
+        0.49999997,
+        -0.49999997,
+        127.5,
+        -128.5,
+        255.49998,
+    ];
+    for i in 0..200_000u32 {
+        let y = (i as f32) * 0.001_3 - 130.0;
+        ys.push(y);
+        ys.push(f32::from_bits(y.to_bits() + 1));
+        ys.push(f32::from_bits(y.to_bits().wrapping_sub(1)));
+    }
+    for k in -300..300 {
+        let half = k as f32 + 0.5;
+        ys.extend([
+            half,
+            f32::from_bits(half.to_bits() + 1),
+            f32::from_bits(half.to_bits() - 1),
+        ]);
+    }
+    ys.extend([
+        4_194_303.5,
+        -4_194_304.5,
+        8_388_607.0,
+        0.0,
+        -0.0,
+        1e-40,
+        -1e-40,
+    ]);
+    for y in ys.into_iter().filter(|y| !y.is_nan()) {
+        assert_eq!(round_half_away(y).to_bits(), y.round().to_bits(), "{y}");
+    }
+    assert!(round_half_away(f32::NAN).is_nan());
+}
+
+#[test]
+fn f16_round_up_never_below() {
+    for s in [1e-9f32, 3.3e-5, 0.1, 1.0 / 3.0, 7.0, 65504.0, 65519.0, 1e6] {
+        let u = f16_round_up(s);
+        assert!(u >= s, "{s} -> {u}");
+    }
+    assert_eq!(f16_round_up(0.5), 0.5);
+    assert_eq!(f16_round_up(1e6), 1e6); // beyond f16: exact f32 kept
+}
+
+#[test]
+fn zero_groups_give_zeros() {
+    for sym in [true, false] {
+        let c = cfg(4, sym, Granularity::Group(4));
+        let mut v = vec![0.0, -0.0, 0.0, 0.0, 1.0, 2.0];
+        quantize_dequantize_rows(&c, &mut v, 6);
+        assert_eq!(&v[..4], &[0.0; 4]);
+        let (s, _, codes) = quantize_group_codes(&c, &[0.0; 3]);
+        assert_eq!(s, 0.0);
+        assert_eq!(codes.len(), 3);
+    }
+}
+
+#[test]
+fn extreme_values_do_not_break_the_bound() {
+    for sym in [true, false] {
+        let c = cfg(8, sym, Granularity::Channel);
+        let orig = vec![3.3895e38, -3.3895e38, 1.0, 1e-42, -3e38];
+        let mut v = orig.clone();
+        quantize_dequantize_rows(&c, &mut v, orig.len());
+        assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
+        let tiny = vec![1e-44f32, -3e-45, 0.0];
+        let mut t = tiny.clone();
+        quantize_dequantize_rows(&c, &mut t, 3);
+        assert!(t.iter().zip(&tiny).all(|(a, b)| (a - b).abs() < 1e-7));
+    }
+    // Non-finite input must not panic.
+    let mut v = vec![f32::NAN, f32::INFINITY, 1.0, -f32::INFINITY];
+    quantize_dequantize_rows(&cfg(4, true, Granularity::Group(2)), &mut v, 4);
+    quantize_dequantize_rows(&cfg(4, false, Granularity::Group(3)), &mut v, 4);
+}
+
+#[test]
+fn bits_per_weight_accounting() {
+    let g128 = cfg(4, true, Granularity::Group(128));
+    assert_eq!(bits_per_weight(&g128, 4096), 4.125);
+    // 130 weights -> 2 groups of scales.
+    assert_eq!(bits_per_weight(&g128, 130), 4.0 + 32.0 / 130.0);
+    // A group larger than the row is one group per row.
+    assert_eq!(bits_per_weight(&g128, 64), 4.25);
+    let asym = cfg(4, false, Granularity::Group(128));
+    assert_eq!(bits_per_weight(&asym, 4096), 4.0 + 20.0 / 128.0);
+    let ch = cfg(8, true, Granularity::Channel);
+    assert_eq!(bits_per_weight(&ch, 1024), 8.0 + 16.0 / 1024.0);
+    assert_eq!(bits_per_weight(&ch, 0), 8.0);
+}
+
+#[test]
+fn row_len_of_shapes() {
+    assert_eq!(row_len_of(&[]), 1);
+    assert_eq!(row_len_of(&[7]), 7);
+    assert_eq!(row_len_of(&[3, 4, 5]), 20);
+    assert_eq!(row_len_of(&[3, 0]), 0);
+    assert_eq!(row_len_of(&[1, u64::MAX, 2]), u64::MAX);
+}
+
+#[test]
+fn result_is_independent_of_thread_count() {
+    let c = cfg(4, false, Granularity::Group(32));
+    let orig: Vec<f32> = (0..64 * 1024)
+        .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0)
+        .collect();
+    let mut a = orig.clone();
+    quantize_dequantize_rows(&c, &mut a, 64);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let mut b = orig;
+    pool.install(|| quantize_dequantize_rows(&c, &mut b, 64));
+    assert_eq!(a, b);
+}
+
+/// Heavy-tailed values: a mantissa times a power of ten spanning many magnitudes.
+fn heavy_tailed() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        4 => -1.0f32..1.0,
+        1 => (-1.0f32..1.0, -30i32..30).prop_map(|(m, e)| m * 10f32.powi(e)),
+        1 => Just(0.0f32),
+    ]
+}
+
+fn arb_case() -> impl Strategy<Value = (QuantizeConfig, usize, Vec<f32>)> {
+    let gran = prop_oneof![
+        Just(Granularity::Channel),
+        (1usize..80).prop_map(Granularity::Group)
+    ];
+    (2u8..=8, any::<bool>(), gran, 1usize..100, 1usize..5).prop_flat_map(
+        |(b, s, g, row_len, rows)| {
+            let c = cfg(b, s, g);
+            (
+                Just(c),
+                Just(row_len),
+                prop::collection::vec(heavy_tailed(), row_len * rows),
+            )
+        },
+    )
+}
+
+proptest! {
+    #[test]
+    fn matches_reference_and_respects_bound((c, row_len, orig) in arb_case()) {
+        let mut got = orig.clone();
+        quantize_dequantize_rows(&c, &mut got, row_len);
+        let (want, scales) = reference_rows(&c, &orig, row_len);
+        for i in 0..orig.len() {
+            prop_assert_eq!(got[i].to_bits(), want[i].to_bits(), "element {}", i);
+            let tol = scales[i] * 0.5 * (1.0 + 1e-5) + 4.0 * f32::EPSILON * orig[i].abs() + 1e-30;
+            prop_assert!((orig[i] - got[i]).abs() <= tol, "x={} y={} s={}", orig[i], got[i], scales[i]);
+        }
+    }
+
+    #[test]
+    fn codes_in_range_and_dequantize_consistently(
+        (c, _, g) in arb_case(),
+    ) {
+        let (scale, zero, codes) = quantize_group_codes(&c, &g);
+        let b = u32::from(c.bits);
+        let (lo, hi) = if c.symmetric {
+            (-(1i32 << (b - 1)), (1i32 << (b - 1)) - 1)
+        } else {
+            (0, (1i32 << b) - 1)
+        };
+        prop_assert!((lo.max(0)..=hi).contains(&zero));
+        let mut dq = g.clone();
+        let len = g.len();
+        quantize_dequantize_rows(&QuantizeConfig { granularity: Granularity::Channel, ..c }, &mut dq, len);
+        for (i, q) in codes.iter().enumerate() {
+            prop_assert!((lo..=hi).contains(q), "code {} out of [{}, {}]", q, lo, hi);
+            // `==` rather than bits: a code of 0 may dequantize to -0.0.
+            prop_assert!((*q - zero) as f32 * scale == dq[i], "{} vs {}", (*q - zero) as f32 * scale, dq[i]);
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Tests for recipe parsing, validation, matching and presets.
+
+use super::*;
+
+const EXAMPLE: &str = r#"
+name: int4-g128
+passes:
+  - quantize: { bits: 4, symmetric: true, granularity: group, group_size: 128 }
+    targets: ["re:.*\\.(q|k|v|o|gate|up|down)_proj\\.weight$"]
+    ignore: ["lm_head.weight"]
+gates:
+  max_rel_error: 0.2
+  min_cosine: 0.98
+  min_snr_db: 10.0
+"#;
+
+fn err(yaml: &str) -> RecipeError {
+    Recipe::from_yaml(yaml).unwrap_err()
+}
+
+#[test]
+fn parses_the_documented_example() {
+    let r = Recipe::from_yaml(EXAMPLE).unwrap();
+    assert_eq!(r.name, "int4-g128");
+    assert_eq!(r.source_yaml, EXAMPLE);
+    assert_eq!(
+        r.passes[0].kind,
+        PassKind::Quantize(QuantizeConfig {
+            bits: 4,
+            symmetric: true,
+            granularity: Granularity::Group(128)
+        })
+    );
+    assert_eq!(
+        r.gates,
+        Gates {
+            max_rel_error: Some(0.2),
+            min_cosine: Some(0.98),
+            min_snr_db: Some(10.0)
+        }
+    );
+    assert_eq!(
+        r.passes_for("model.layers.0.self_attn.q_proj.weight").len(),
+        1
+    );
+    assert!(r
+        .passes_for("model.layers.0.self_attn.q_proj.bias")
+        .is_empty());
+    // Full match: a prefix or suffix alone is not enough.
+    assert!(r.passes_for("x.q_proj.weight.extra").is_empty());
+    assert_eq!(
+        r.describe(),
+        "int4-g128: quantize 4-bit sym group 128 (gates: rel_error <= 0.2, cosine >= 0.98, snr >= 10 dB)"
+    );
+}
+
+#[test]
+fn defaults_and_ignore() {
+    let r = Recipe::from_yaml(
+        "passes:\n  - quantize: { bits: 8, granularity: group }\n    targets: [a, 're:b.*']\n    ignore: [bz]\n",
+    )
+    .unwrap();
+    assert_eq!(r.name, "custom");
+    assert_eq!(r.gates, Gates::default());
+    let PassKind::Quantize(q) = &r.passes[0].kind;
+    assert_eq!(q.granularity, Granularity::Group(128));
+    assert!(q.symmetric);
+    assert_eq!(r.passes_for("a").len(), 1);
+    assert_eq!(r.passes_for("bar").len(), 1);
+    assert!(r.passes_for("bz").is_empty());
+    assert!(r.passes_for("ab").is_empty());
+    assert_eq!(r.passes[0].targets[1].pattern(), "re:b.*");
+    assert_eq!(r.passes[0].targets[0].pattern(), "a");
+}
+
+#[test]
+fn multiple_passes_apply_in_order() {
+    let r = Recipe::from_yaml(
+        "passes:\n  - quantize: { bits: 8, granularity: channel }\n    targets: ['re:.*']\n  - quantize: { bits: 4, symmetric: false, granularity: group, group_size: 32 }\n    targets: [w]\n",
+    )
+    .unwrap();
+    let kinds: Vec<String> = r.passes_for("w").iter().map(|k| k.describe()).collect();
+    assert_eq!(kinds, ["rtn int8 sym per-channel", "rtn int4 asym g32"]);
+    assert_eq!(r.passes_for("v").len(), 1);
+}
+
+#[test]
+fn typos_and_yaml_errors_are_reported() {
+    let e = err(
+        "passes:\n  - quantize: { bits: 4, granularity: group, grop_size: 3 }\n    targets: [a]\n",
+    );
+    assert!(matches!(e, RecipeError::Yaml { .. }), "{e}");
+    let e = err("passes: [\n");
+    assert!(
+        matches!(e, RecipeError::Yaml { line: Some(_), .. }),
+        "{e:?}"
+    );
+    assert!(matches!(
+        err("name: x\npasses: []\nextra: 1\n"),
+        RecipeError::Yaml { .. }
+    ));
+    let e = err("passes:\n  - quantize: { bits: 4, granularity: row }\n    targets: [a]\n");
+    assert!(matches!(e, RecipeError::Yaml { .. }));
+}
+
+#[test]
+fn validation_errors_name_the_field() {
+    let cases = [
+        ("passes: []\n", "passes"),
+        ("passes:\n  - quantize: { bits: 9, granularity: channel }\n    targets: [a]\n", "passes[0].quantize.bits"),
+        ("passes:\n  - quantize: { bits: 1, granularity: channel }\n    targets: [a]\n", "passes[0].quantize.bits"),
+        ("passes:\n  - quantize: { bits: 4, granularity: group, group_size: 0 }\n    targets: [a]\n", "passes[0].quantize.group_size"),
+        ("passes:\n  - quantize: { bits: 4, granularity: channel, group_size: 8 }\n    targets: [a]\n", "passes[0].quantize.group_size"),
+        ("passes:\n  - quantize: { bits: 4, granularity: channel }\n", "passes[0].targets"),
+        ("passes:\n  - targets: [a]\n", "passes[0]"),
+        ("passes:\n  - quantize: { bits: 4, granularity: channel }\n    targets: [a]\ngates: { max_rel_error: 0 }\n", "gates.max_rel_error"),
+        ("passes:\n  - quantize: { bits: 4, granularity: channel }\n    targets: [a]\ngates: { min_cosine: 1.5 }\n", "gates.min_cosine"),
+        ("passes:\n  - quantize: { bits: 4, granularity: channel }\n    targets: [a]\ngates: { min_snr_db: .nan }\n", "gates.min_snr_db"),
+    ];
+    for (yaml, want) in cases {
+        match err(yaml) {
+            RecipeError::Invalid { field, .. } => assert_eq!(field, want, "{yaml}"),
+            other => panic!("{yaml}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn bad_regex_names_the_pattern() {
+    let e = err(
+        "passes:\n  - quantize: { bits: 4, granularity: channel }\n    targets: ['re:(unclosed']\n",
+    );
+    assert!(
+        matches!(e, RecipeError::Regex { ref pattern, .. } if pattern == "re:(unclosed"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn presets_parse_and_target_linear_weights() {
+    for name in Recipe::preset_names() {
+        let r = Recipe::preset(name).unwrap_or_else(|| panic!("preset {name}"));
+        assert_eq!(&r.name, name);
+        assert_eq!(r.passes_for("model.layers.3.mlp.up_proj.weight").len(), 1);
+        assert!(r.passes_for("model.embed_tokens.weight").is_empty());
+        assert!(r.passes_for("lm_head.weight").is_empty());
+        assert!(r
+            .passes_for("model.layers.3.input_layernorm.weight")
+            .is_empty());
+        assert!(r.passes_for("model.layers.3.mlp.up_proj.bias").is_empty());
+    }
+    assert!(Recipe::preset("nope").is_none());
+    let asym = Recipe::preset("int4-g128-asym").unwrap();
+    assert_eq!(asym.passes[0].kind.describe(), "rtn int4 asym g128");
+    assert_eq!(
+        Recipe::preset("int8").unwrap().describe(),
+        "int8: quantize 8-bit sym per-channel"
+    );
+    assert_eq!(
+        Recipe::preset("int8-g128").unwrap().passes[0]
+            .kind
+            .describe(),
+        "rtn int8 sym g128"
+    );
+}

@@ -1,0 +1,103 @@
+//! Mapping between wire messages and core types, so that core never sees prost.
+
+use shardpress_core::dtype::DType;
+use shardpress_core::metrics::TensorMetrics;
+use shardpress_core::plan::PlannedTensor;
+
+use crate::v1::{JobState, TensorResult, TensorSlice};
+
+/// A wire message that does not decode to a valid core value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("tensor {tensor:?}: unknown dtype {dtype:?}")]
+    UnknownDtype { tensor: String, dtype: String },
+    #[error("tensor {tensor:?}: data range {start}..{end} is reversed")]
+    BadRange {
+        tensor: String,
+        start: u64,
+        end: u64,
+    },
+}
+
+impl From<&PlannedTensor> for TensorSlice {
+    fn from(t: &PlannedTensor) -> Self {
+        TensorSlice {
+            name: t.name.clone(),
+            source_file: t.source_file.clone(),
+            dtype: t.dtype.as_safetensors().to_string(),
+            shape: t.shape.clone(),
+            data_start: t.data_start,
+            data_end: t.data_end,
+        }
+    }
+}
+
+impl TryFrom<&TensorSlice> for PlannedTensor {
+    type Error = ConvertError;
+
+    fn try_from(t: &TensorSlice) -> Result<Self, Self::Error> {
+        let dtype =
+            DType::from_safetensors(&t.dtype).ok_or_else(|| ConvertError::UnknownDtype {
+                tensor: t.name.clone(),
+                dtype: t.dtype.clone(),
+            })?;
+        if t.data_end < t.data_start {
+            return Err(ConvertError::BadRange {
+                tensor: t.name.clone(),
+                start: t.data_start,
+                end: t.data_end,
+            });
+        }
+        Ok(PlannedTensor {
+            name: t.name.clone(),
+            source_file: t.source_file.clone(),
+            dtype,
+            shape: t.shape.clone(),
+            data_start: t.data_start,
+            data_end: t.data_end,
+        })
+    }
+}
+
+impl TensorResult {
+    /// The metrics carried by this result, if the tensor was transformed.
+    pub fn metrics(&self) -> Option<TensorMetrics> {
+        self.has_metrics.then_some(TensorMetrics {
+            rel_fro_error: self.rel_fro_error,
+            snr_db: self.snr_db,
+            cosine: self.cosine,
+            max_abs_error: self.max_abs_error,
+        })
+    }
+
+    /// Stores `metrics` into the wire fields.
+    pub fn set_metrics(&mut self, metrics: &TensorMetrics) {
+        self.has_metrics = true;
+        self.rel_fro_error = metrics.rel_fro_error;
+        self.snr_db = metrics.snr_db;
+        self.cosine = metrics.cosine;
+        self.max_abs_error = metrics.max_abs_error;
+    }
+}
+
+impl JobState {
+    /// True once the job can change no more.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    /// Lower-case name for humans.
+    pub fn label(self) -> &'static str {
+        match self {
+            JobState::Unspecified => "unknown",
+            JobState::Running => "running",
+            JobState::Finalizing => "finalizing",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite, runnable on a fresh machine:
+#   1. a Python venv (target/test-venv) with the real readers our outputs must satisfy;
+#   2. Rust unit tests and whole-system tests (real coordinator and worker processes on loopback);
+#   3. Python interop tests: Python's `safetensors` loads what the cluster wrote.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=target/test-venv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
+cargo build --bin shardpress
+cargo test --workspace
+
+SHARDPRESS_BIN="$PWD/target/debug/shardpress" "$venv/bin/python" -m pytest -q tests/python

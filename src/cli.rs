@@ -1,0 +1,164 @@
+//! Command-line arguments (clap) and the dispatch of each subcommand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use shardpress_core::recipe::Recipe;
+
+use crate::{client, genmodel, inspect, local};
+
+#[derive(Parser)]
+#[command(
+    name = "shardpress",
+    version,
+    about = "Compress machine-learning models too large for one machine",
+    long_about = "Compress machine-learning models too large for one machine.\n\n\
+        A coordinator plans the model from its safetensors headers and leases layer-sized tasks \
+        to workers; workers range-read their tensors from object storage (file:// or s3://), \
+        compress them and write the output shards back. Start with `shardpress demo`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Generate a ~200 MB model in a temp dir and compress it with 4 local worker processes.
+    Demo(local::DemoArgs),
+    /// Start a local coordinator and N worker processes, run one job, shut them down.
+    Run(local::RunArgs),
+    /// Submit a job to a running coordinator and follow it to the end.
+    Compress(client::CompressArgs),
+    /// Serve the coordinator (job and worker gRPC services).
+    Coordinator(CoordinatorArgs),
+    /// Run a worker that pulls tasks from a coordinator.
+    Worker(WorkerArgs),
+    /// List a model's tensors, dtypes, sizes and layers (headers only).
+    Inspect(inspect::InspectArgs),
+    /// Write a synthetic Llama-shaped model with realistic weight statistics.
+    GenModel(genmodel::GenModelArgs),
+    /// Re-check every object listed in an output's manifest.json against its checksum.
+    Verify(VerifyArgs),
+    /// List the built-in recipes (usable as `--recipe NAME`).
+    Recipes,
+}
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// Address to listen on (port 0 picks a free port, printed on stdout).
+    #[arg(long, default_value = "0.0.0.0:50051", env = "SHARDPRESS_LISTEN")]
+    pub listen: SocketAddr,
+    /// A task whose worker sends no heartbeat for this long is given to another worker.
+    #[arg(long, default_value_t = 15.0)]
+    pub lease_ttl_secs: f64,
+    /// Default task size budget in MB of input.
+    #[arg(long, default_value_t = 64)]
+    pub task_budget_mb: u64,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// Coordinator URL.
+    #[arg(long, env = "SHARDPRESS_COORDINATOR")]
+    pub coordinator: String,
+    /// Name shown in logs and reports (default: host name and pid).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Compression threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Largest piece of a tensor held in memory at once, in MB.
+    #[arg(long, default_value_t = 16.0)]
+    pub chunk_mb: f64,
+    /// Exit when the coordinator has been unreachable this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub unreachable_timeout_secs: u64,
+    /// Fault injection for tests: sleep this many ms after each chunk.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub debug_delay_per_chunk_ms: u64,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Output directory URL or path (holding manifest.json).
+    pub out: String,
+}
+
+/// Loads `--recipe`: a built-in name or a YAML file.
+pub fn load_recipe(spec: &str) -> anyhow::Result<String> {
+    if let Some(recipe) = Recipe::preset(spec) {
+        return Ok(recipe.source_yaml);
+    }
+    let path = PathBuf::from(spec);
+    let yaml = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "recipe {spec:?} is neither a built-in ({}) nor a readable file",
+            Recipe::preset_names().join(", ")
+        )
+    })?;
+    Recipe::from_yaml(&yaml).with_context(|| format!("recipe file {}", path.display()))?;
+    Ok(yaml)
+}
+
+pub async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo(args) => local::demo(args).await,
+        Command::Run(args) => local::run(args).await,
+        Command::Compress(args) => client::compress(args).await,
+        Command::Coordinator(args) => local::serve_coordinator(args).await,
+        Command::Worker(args) => run_worker(args).await,
+        Command::Inspect(args) => inspect::inspect(args).await,
+        Command::GenModel(args) => genmodel::gen_model(args),
+        Command::Verify(args) => client::verify(&args.out).await,
+        Command::Recipes => {
+            for name in Recipe::preset_names() {
+                if let Some(recipe) = Recipe::preset(name) {
+                    println!("{}", recipe.describe());
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+    let config = shardpress_worker::WorkerConfig {
+        coordinator_url: args.coordinator,
+        name: args
+            .name
+            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        threads: args.threads,
+        chunk_bytes: (args.chunk_mb.max(1.0 / 16.0) * 1024.0 * 1024.0) as usize,
+        unreachable_timeout: Duration::from_secs(args.unreachable_timeout_secs),
+        delay_per_chunk: Duration::from_millis(args.debug_delay_per_chunk_ms),
+    };
+    shardpress_worker::run_worker(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

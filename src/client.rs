@@ -1,0 +1,221 @@
+//! The job client: submit to a coordinator, follow the job's progress stream with a progress
+//! bar and ETA, and print the report's summary. Also `verify`.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use shardpress_proto::v1::{GetJobRequest, JobState, JobStatus, SubmitJobRequest};
+use shardpress_proto::JobServiceClient;
+use shardpress_store::StoreLocation;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use crate::cli::load_recipe;
+use crate::summary::print_summary;
+
+#[derive(Args, Clone)]
+pub struct JobArgs {
+    /// Model: a .safetensors file or a model directory (path, file://, s3://).
+    #[arg(long)]
+    pub model: String,
+    /// Recipe: a built-in name (see `shardpress recipes`) or a YAML file.
+    #[arg(long, default_value = "int4-g128")]
+    pub recipe: String,
+    /// Output directory (path, file://, s3://).
+    #[arg(long)]
+    pub out: String,
+    /// Task size budget in MB of input (0 = the coordinator's default).
+    #[arg(long, default_value_t = 0)]
+    pub task_budget_mb: u64,
+}
+
+#[derive(Args)]
+pub struct CompressArgs {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        env = "SHARDPRESS_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Submit and print the job id without waiting.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+pub async fn compress(args: CompressArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.coordinator, Duration::from_secs(3)).await?;
+    let job_id = submit(&mut client, &args.job).await?;
+    if args.no_wait {
+        println!("{job_id}");
+        return Ok(());
+    }
+    let status = watch(&mut client, &job_id).await?;
+    finish(&status)
+}
+
+/// Connects to the coordinator, retrying for up to `patience` while it starts.
+pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<JobServiceClient<Channel>> {
+    let endpoint = Channel::from_shared(url.to_string())
+        .with_context(|| format!("invalid coordinator URL {url:?}"))?;
+    let started = std::time::Instant::now();
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(JobServiceClient::new(channel)),
+            Err(e) if started.elapsed() >= patience => {
+                return Err(e).with_context(|| format!("cannot reach the coordinator at {url}"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+pub async fn submit(
+    client: &mut JobServiceClient<Channel>,
+    job: &JobArgs,
+) -> anyhow::Result<String> {
+    let request = SubmitJobRequest {
+        model_url: job.model.clone(),
+        out_url: job.out.clone(),
+        recipe_yaml: load_recipe(&job.recipe)?,
+        task_budget_bytes: job.task_budget_mb * 1024 * 1024,
+    };
+    let response = client
+        .submit_job(request)
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))
+        .context("job rejected")?
+        .into_inner();
+    eprintln!(
+        "job {}: {} tasks, {:.1} MB of input",
+        response.job_id,
+        response.task_count,
+        response.total_bytes as f64 / 1e6
+    );
+    Ok(response.job_id)
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
+/// Follows the job until it ends; returns its final status.
+pub async fn watch(
+    client: &mut JobServiceClient<Channel>,
+    job_id: &str,
+) -> anyhow::Result<JobStatus> {
+    let mut stream = client
+        .watch_job(GetJobRequest {
+            job_id: job_id.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let interactive = std::io::stderr().is_terminal();
+    let mut bar: Option<ProgressBar> = None;
+    let mut last_line = (u32::MAX, i32::MAX);
+    let mut last = None;
+    while let Some(status) = stream.next().await {
+        let status =
+            status.map_err(|s| anyhow::anyhow!("lost the coordinator: {}", s.message()))?;
+        let message = format!(
+            "tasks {}/{} ({} running, {} workers{})",
+            status.tasks_done,
+            status.tasks_total,
+            status.tasks_running,
+            status.workers,
+            if status.task_retries > 0 {
+                format!(", {} retried", status.task_retries)
+            } else {
+                String::new()
+            }
+        );
+        if interactive {
+            let bar = bar.get_or_insert_with(|| progress_bar(status.bytes_total));
+            bar.set_position(status.bytes_done);
+            bar.set_message(message);
+        } else if (status.tasks_done, status.state) != last_line {
+            last_line = (status.tasks_done, status.state);
+            let state = JobState::try_from(status.state).unwrap_or_default().label();
+            eprintln!(
+                "[{state}] {message}, {:.1}/{:.1} MB",
+                status.bytes_done as f64 / 1e6,
+                status.bytes_total as f64 / 1e6
+            );
+        }
+        last = Some(status);
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    match last {
+        Some(status) if JobState::try_from(status.state).is_ok_and(JobState::is_terminal) => {
+            Ok(status)
+        }
+        _ => {
+            let status = client
+                .get_job(GetJobRequest {
+                    job_id: job_id.to_string(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("lost the coordinator: {}", s.message()))?;
+            Ok(status.into_inner())
+        }
+    }
+}
+
+/// Prints the outcome; an unsuccessful job is an error.
+pub fn finish(status: &JobStatus) -> anyhow::Result<()> {
+    if !status.report_json.is_empty() {
+        match serde_json::from_str::<serde_json::Value>(&status.report_json) {
+            Ok(report) => print_summary(&report),
+            Err(e) => eprintln!("warning: unreadable report: {e}"),
+        }
+    }
+    let state = JobState::try_from(status.state).unwrap_or_default();
+    match state {
+        JobState::Succeeded => {
+            println!("{}", status.message);
+            Ok(())
+        }
+        _ => bail!(
+            "job {} {}: {}",
+            status.job_id,
+            state.label(),
+            status.message
+        ),
+    }
+}
+
+pub async fn verify(out: &str) -> anyhow::Result<()> {
+    let location = StoreLocation::open(out)?;
+    let (manifest, problems) = shardpress_coordinator::finalize::verify(&location).await?;
+    if problems.is_empty() {
+        println!(
+            "ok: {} objects match {} (job {})",
+            manifest.objects.len(),
+            location.describe(shardpress_coordinator::finalize::MANIFEST_NAME),
+            manifest.job_id
+        );
+        return Ok(());
+    }
+    for problem in &problems {
+        eprintln!("MISMATCH {problem}");
+    }
+    bail!(
+        "{} of {} objects do not match the manifest",
+        problems.len(),
+        manifest.objects.len()
+    )
+}

@@ -1,0 +1,211 @@
+//! Local modes: `coordinator` (serve), `run` (a coordinator in this process plus N worker
+//! processes of this same binary on loopback, for one job) and `demo` (the embedded default).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use shardpress_coordinator::{Coordinator, CoordinatorConfig};
+use tokio::process::{Child, Command};
+
+use crate::cli::{shutdown_signal, CoordinatorArgs};
+use crate::client::{self, JobArgs};
+use crate::genmodel;
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Number of worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Compression threads per worker (0 = cores / workers).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Lease time-to-live in seconds.
+    #[arg(long, default_value_t = 15.0)]
+    pub lease_ttl_secs: f64,
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Number of worker processes.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Size of the generated model.
+    #[arg(long, default_value = "200MB")]
+    pub size: String,
+    /// Recipe to apply.
+    #[arg(long, default_value = "int4-g128")]
+    pub recipe: String,
+    /// Keep the generated model and output in this directory instead of a temp dir.
+    #[arg(long)]
+    pub keep_in: Option<std::path::PathBuf>,
+}
+
+fn coordinator_config(
+    lease_ttl_secs: f64,
+    task_budget_mb: u64,
+) -> anyhow::Result<CoordinatorConfig> {
+    if !(lease_ttl_secs.is_finite() && lease_ttl_secs > 0.0) {
+        bail!("--lease-ttl-secs must be a positive number of seconds");
+    }
+    let mut config = CoordinatorConfig {
+        lease_ttl: Duration::from_secs_f64(lease_ttl_secs),
+        ..CoordinatorConfig::default()
+    };
+    if task_budget_mb > 0 {
+        config.default_task_budget = task_budget_mb * 1024 * 1024;
+    }
+    Ok(config)
+}
+
+pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let config = coordinator_config(args.lease_ttl_secs, args.task_budget_mb)?;
+    let (listener, addr) = shardpress_coordinator::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    println!("shardpress coordinator listening on {addr}");
+    std::io::stdout().flush().ok();
+    shardpress_coordinator::serve(listener, Coordinator::new(config), shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Worker processes of this binary; killed when dropped.
+struct LocalWorkers {
+    children: Vec<Child>,
+}
+
+impl LocalWorkers {
+    fn spawn(count: usize, threads: usize, coordinator: SocketAddr) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the shardpress binary")?;
+        let mut children = Vec::with_capacity(count);
+        for i in 0..count {
+            let child = Command::new(&exe)
+                .args(["worker", "--coordinator", &format!("http://{coordinator}")])
+                .args([
+                    "--name",
+                    &format!("local-{i}"),
+                    "--threads",
+                    &threads.to_string(),
+                ])
+                .args(["--unreachable-timeout-secs", "10"])
+                .env(
+                    "SHARDPRESS_LOG",
+                    std::env::var("SHARDPRESS_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("cannot start worker process {}", exe.display()))?;
+            children.push(child);
+        }
+        Ok(Self { children })
+    }
+
+    /// Resolves when every worker process has exited.
+    async fn all_exited(&mut self) -> usize {
+        let mut failed = 0;
+        for child in &mut self.children {
+            if !child.wait().await.map(|s| s.success()).unwrap_or(false) {
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    async fn stop(mut self) {
+        for child in &mut self.children {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let config = coordinator_config(args.lease_ttl_secs, args.job.task_budget_mb)?;
+    let threads = match args.threads {
+        0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / args.workers).max(1),
+        n => n,
+    };
+    let (listener, addr) = shardpress_coordinator::bind(([127, 0, 0, 1], 0).into()).await?;
+    let coordinator = Coordinator::new(config);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(shardpress_coordinator::serve(
+        listener,
+        coordinator,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut workers = LocalWorkers::spawn(args.workers, threads, addr)?;
+    eprintln!(
+        "local cluster: coordinator on {addr}, {} worker processes x {threads} threads",
+        args.workers
+    );
+    let outcome = async {
+        let mut client = client::connect(&format!("http://{addr}"), Duration::from_secs(10)).await?;
+        let job_id = client::submit(&mut client, &args.job).await?;
+        tokio::select! {
+            status = client::watch(&mut client, &job_id) => status,
+            failed = workers.all_exited() => {
+                bail!("all {} worker processes exited ({failed} with an error) before the job finished", args.workers)
+            }
+        }
+    }
+    .await;
+    workers.stop().await;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    client::finish(&outcome?)
+}
+
+pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let temp;
+    let dir = match &args.keep_in {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("shardpress-demo-")
+                .tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let model_dir = dir.join("model");
+    let out_dir = dir.join("out");
+    let started = std::time::Instant::now();
+    let gen = genmodel::GenModelArgs::for_demo(&model_dir, &args.size);
+    let model = tokio::task::spawn_blocking(move || genmodel::generate(&gen)).await??;
+    eprintln!(
+        "generated {} ({} tensors, {:.1} MB) in {:.1}s",
+        model_dir.display(),
+        model.tensors,
+        model.bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    run(RunArgs {
+        job: JobArgs {
+            model: model_dir.display().to_string(),
+            recipe: args.recipe.clone(),
+            out: out_dir.display().to_string(),
+            task_budget_mb: 0,
+        },
+        workers: args.workers,
+        threads: 0,
+        lease_ttl_secs: 15.0,
+    })
+    .await?;
+    client::verify(&out_dir.display().to_string()).await?;
+    if args.keep_in.is_some() {
+        println!(
+            "model in {}, output in {}",
+            model_dir.display(),
+            out_dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! A human summary of `report.json`: totals, errors, per-layer table, time and gates.
+
+use serde_json::Value;
+
+fn num(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+fn worst(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(w) if !w.is_null() => format!(
+            "{:.5} ({})",
+            num(w, "value"),
+            w.get("tensor").and_then(Value::as_str).unwrap_or("?")
+        ),
+        _ => "n/a".into(),
+    }
+}
+
+pub fn print_summary(report: &Value) {
+    let s = &report["summary"];
+    let recipe = report["recipe"]["description"].as_str().unwrap_or("?");
+    println!("recipe       {recipe}");
+    println!(
+        "tensors      {} ({} compressed), {:.2}M parameters",
+        num(s, "tensors"),
+        num(s, "tensors_compressed"),
+        num(s, "params") / 1e6
+    );
+    let input = num(s, "input_bytes");
+    let packed = num(s, "packed_size_bytes");
+    println!(
+        "bits/weight  {:.3} on compressed tensors, {:.3} overall -> packed {:.1} MB of {:.1} MB input ({:.2}x smaller)",
+        num(s, "bits_per_weight_compressed"),
+        num(s, "bits_per_weight"),
+        packed / 1e6,
+        input / 1e6,
+        if packed > 0.0 { input / packed } else { 0.0 }
+    );
+    println!(
+        "error        rel. Frobenius {:.5} (parameter-weighted), worst {}",
+        num(s, "rel_fro_error_weighted"),
+        worst(s, "worst_rel_fro_error")
+    );
+    println!("             min cosine {}", worst(s, "min_cosine"));
+    if let Some(layers) = report["layers"].as_array() {
+        println!(
+            "  {:<10} {:>7} {:>9} {:>6} {:>10} {:>10} {:>9}",
+            "layer", "tensors", "params", "bpw", "rel_err", "worst", "min_cos"
+        );
+        let shown = 12;
+        for (i, layer) in layers.iter().enumerate() {
+            if layers.len() > shown && i == shown / 2 {
+                println!("  … {} more layers …", layers.len() - shown);
+            }
+            if layers.len() > shown && i >= shown / 2 && i < layers.len() - shown / 2 {
+                continue;
+            }
+            println!(
+                "  {:<10} {:>7} {:>8.2}M {:>6.2} {:>10.5} {:>10.5} {:>9.5}",
+                layer["layer"].as_str().unwrap_or("?"),
+                num(layer, "tensors"),
+                num(layer, "params") / 1e6,
+                num(layer, "bits_per_weight"),
+                num(layer, "rel_fro_error_weighted"),
+                num(layer, "worst_rel_fro_error"),
+                num(layer, "min_cosine"),
+            );
+        }
+    }
+    println!(
+        "time         {:.2} s wall, {:.1} MB/s of input, {} workers, {} task retries",
+        num(s, "wall_seconds"),
+        num(s, "input_mb_per_second"),
+        num(s, "workers_used"),
+        num(s, "task_retries")
+    );
+    let gates = &report["gates"];
+    let passed = gates["passed"].as_bool().unwrap_or(false);
+    let violations = gates["violations"].as_array().map(Vec::len).unwrap_or(0);
+    println!(
+        "gates        {}",
+        if passed {
+            "passed".to_string()
+        } else {
+            format!("FAILED ({violations} violations)")
+        }
+    );
+    println!(
+        "format       {}",
+        report["output_format"].as_str().unwrap_or("?")
+    );
+}

@@ -1,0 +1,276 @@
+//! Storage addressing for shardpress: every model input and output goes through `object_store`,
+//! addressed by URL (`file:///…`, plain paths, `s3://bucket/prefix`, `memory:///`).
+//!
+//! A [`StoreLocation`] is a store plus a root prefix; objects are named relative to that root.
+//! S3 settings come from the usual `AWS_*` environment variables (endpoint, region, credentials,
+//! `AWS_ALLOW_HTTP`), read through object_store's own configuration keys.
+//! [`read_source_file`] reads a safetensors header with two range reads, never the data.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use shardpress_core::header::{self, HeaderError};
+use shardpress_core::plan::SourceFile;
+
+mod model;
+pub use model::{resolve_model, ModelFiles, INDEX_NAME};
+
+/// What can go wrong talking to storage; every variant names the object.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid storage URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("object not found: {object}")]
+    NotFound { object: String },
+    #[error("storage error on {object}: {source}")]
+    Io {
+        object: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("{object} is not a valid safetensors file: {source}")]
+    Header {
+        object: String,
+        #[source]
+        source: HeaderError,
+    },
+    #[error("{object}: {reason}")]
+    Invalid { object: String, reason: String },
+}
+
+impl StoreError {
+    /// Storage and network trouble may pass; a missing object or corrupt input will not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Io { .. })
+    }
+}
+
+/// A store and a root prefix inside it, plus the URL it was opened from (for messages).
+#[derive(Clone)]
+pub struct StoreLocation {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    url: String,
+}
+
+impl std::fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreLocation")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+/// Object-store options from the environment: every `AWS_*` variable, lower-cased, which is how
+/// object_store spells its configuration keys (`aws_endpoint`, `aws_allow_http`, …).
+fn env_options() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect()
+}
+
+/// Turns a plain filesystem path into a `file://` URL; leaves URLs alone.
+pub fn normalize_url(url_or_path: &str) -> Result<url::Url, StoreError> {
+    let invalid = |reason: String| StoreError::InvalidUrl {
+        url: url_or_path.to_string(),
+        reason,
+    };
+    if url_or_path.is_empty() {
+        return Err(invalid("empty".into()));
+    }
+    if url_or_path.contains("://") || url_or_path.starts_with("memory:") {
+        return url::Url::parse(url_or_path).map_err(|e| invalid(e.to_string()));
+    }
+    let absolute = std::path::absolute(url_or_path).map_err(|e| invalid(e.to_string()))?;
+    url::Url::from_file_path(&absolute).map_err(|()| invalid("not an absolute path".into()))
+}
+
+impl StoreLocation {
+    /// Opens the store addressed by `url_or_path`; the URL's path becomes the root prefix.
+    pub fn open(url_or_path: &str) -> Result<Self, StoreError> {
+        let url = normalize_url(url_or_path)?;
+        let (store, root) = object_store::parse_url_opts(&url, env_options()).map_err(|e| {
+            StoreError::InvalidUrl {
+                url: url.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self::from_parts(Arc::from(store), root, url.to_string()))
+    }
+
+    /// Wraps an existing store (tests use `InMemory`).
+    pub fn from_parts(store: Arc<dyn ObjectStore>, root: Path, url: String) -> Self {
+        let url = url.trim_end_matches('/').to_string();
+        Self { store, root, url }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The location of `name` (which may contain `/`) under the root.
+    pub fn path(&self, name: &str) -> Path {
+        name.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.root.clone(), |path, part| path.clone().join(part))
+    }
+
+    /// A location for a sub-directory of this one.
+    pub fn child_location(&self, name: &str) -> StoreLocation {
+        Self {
+            store: self.store.clone(),
+            root: self.path(name),
+            url: format!("{}/{}", self.url, name),
+        }
+    }
+
+    /// The display name of an object, for messages.
+    pub fn describe(&self, name: &str) -> String {
+        if name.is_empty() {
+            self.url.clone()
+        } else {
+            format!("{}/{}", self.url, name)
+        }
+    }
+
+    fn map_err(&self, name: &str, source: object_store::Error) -> StoreError {
+        match source {
+            object_store::Error::NotFound { .. } => StoreError::NotFound {
+                object: self.describe(name),
+            },
+            source => StoreError::Io {
+                object: self.describe(name),
+                source,
+            },
+        }
+    }
+
+    pub async fn size(&self, name: &str) -> Result<u64, StoreError> {
+        let meta = self
+            .store
+            .head(&self.path(name))
+            .await
+            .map_err(|e| self.map_err(name, e))?;
+        Ok(meta.size)
+    }
+
+    pub async fn exists(&self, name: &str) -> Result<bool, StoreError> {
+        match self.size(name).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let bytes = self
+            .store
+            .get_range(&self.path(name), range.clone())
+            .await
+            .map_err(|e| self.map_err(name, e))?;
+        if bytes.len() as u64 != range.end - range.start {
+            return Err(StoreError::Invalid {
+                object: self.describe(name),
+                reason: format!(
+                    "short read: asked for bytes {}..{}, got {}",
+                    range.start,
+                    range.end,
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
+        let result = self
+            .store
+            .get(&self.path(name))
+            .await
+            .map_err(|e| self.map_err(name, e))?;
+        result.bytes().await.map_err(|e| self.map_err(name, e))
+    }
+
+    /// Atomic put: readers see the whole object or nothing.
+    pub async fn put(&self, name: &str, bytes: Bytes) -> Result<(), StoreError> {
+        self.store
+            .put(&self.path(name), PutPayload::from(bytes))
+            .await
+            .map_err(|e| self.map_err(name, e))?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), StoreError> {
+        match self.store.delete(&self.path(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.map_err(name, e)),
+        }
+    }
+
+    /// Objects directly under the root (no recursion): (name, size), sorted by name.
+    pub async fn list_top_level(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&self.root))
+            .await
+            .map_err(|e| self.map_err("", e))?;
+        let mut out: Vec<(String, u64)> = listing
+            .objects
+            .into_iter()
+            .filter_map(|meta| {
+                let name = meta.location.filename()?.to_string();
+                Some((name, meta.size))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Hashes an object with blake3 while streaming it (never whole in memory).
+    pub async fn blake3(&self, name: &str) -> Result<(String, u64), StoreError> {
+        let result = self
+            .store
+            .get(&self.path(name))
+            .await
+            .map_err(|e| self.map_err(name, e))?;
+        let mut stream = result.into_stream();
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.try_next().await.map_err(|e| self.map_err(name, e))? {
+            size += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        Ok((hasher.finalize().to_hex().to_string(), size))
+    }
+}
+
+/// Reads and validates a safetensors header with two range reads (length prefix, then JSON).
+pub async fn read_source_file(
+    location: &StoreLocation,
+    name: &str,
+) -> Result<SourceFile, StoreError> {
+    let header_err = |source| StoreError::Header {
+        object: location.describe(name),
+        source,
+    };
+    let size = location.size(name).await?;
+    let prefix_len = size.min(8);
+    let prefix = location.get_range(name, 0..prefix_len).await?;
+    let header_len = header::header_len_from_prefix(&prefix, size).map_err(header_err)?;
+    let json = location.get_range(name, 8..8 + header_len).await?;
+    let header = header::parse_header(&json, size).map_err(header_err)?;
+    Ok(SourceFile {
+        name: name.to_string(),
+        size,
+        header,
+    })
+}

@@ -1,0 +1,223 @@
+//! Bad input gets a clear error naming the object and the problem, and never a manifest:
+//! truncated and hostile safetensors headers, unknown dtypes, missing objects, malformed
+//! recipes, failed accuracy gates, tampered outputs and an unreachable coordinator.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// Writes a safetensors file from a raw JSON header and `data_len` zero bytes of data.
+fn write_raw(path: &Path, header: &str, data_len: usize) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(bytes.len() + data_len, 0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn expect_rejected(cluster: &TestCluster, model: &Path, recipe: &str, needles: &[&str]) {
+    let out = model.parent().unwrap().join(format!(
+        "{}-out",
+        model.file_name().unwrap().to_str().unwrap()
+    ));
+    let result = cluster.compress(model, &out, recipe);
+    let err = stderr(&result);
+    assert!(
+        !result.status.success(),
+        "{} should have been rejected",
+        model.display()
+    );
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "error for {} should mention {needle:?}:\n{err}",
+            model.display()
+        );
+    }
+    assert!(
+        !out.join("manifest.json").exists(),
+        "no manifest may be written for bad input"
+    );
+}
+
+#[test]
+fn hostile_and_broken_inputs_are_rejected_with_clear_errors_and_no_manifest() {
+    let mut cluster = TestCluster::start(5.0);
+    cluster.add_worker("w1", &[]);
+    let root = cluster.dir.path().to_path_buf();
+
+    // A real model cut in half: the header's offsets now point past the end.
+    let truncated = root.join("truncated");
+    gen_model(&truncated, "2MB", "bf16", 5000);
+    let file = truncated.join("model.safetensors");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    expect_rejected(&cluster, &file, "int8", &["model.safetensors", "bounds"]);
+
+    // Shorter than the 8-byte length prefix.
+    let tiny = root.join("tiny/model.safetensors");
+    std::fs::create_dir_all(tiny.parent().unwrap()).unwrap();
+    std::fs::write(&tiny, [1u8, 2, 3]).unwrap();
+    expect_rejected(&cluster, &tiny, "int8", &["tiny/model.safetensors"]);
+
+    let oob = root.join("oob/model.safetensors");
+    write_raw(
+        &oob,
+        r#"{"w":{"dtype":"F32","shape":[4,4],"data_offsets":[0,64]}}"#,
+        32,
+    );
+    expect_rejected(&cluster, &oob, "int8", &["oob/model.safetensors", "\"w\""]);
+
+    let overlap = root.join("overlap/model.safetensors");
+    write_raw(
+        &overlap,
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#,
+        24,
+    );
+    expect_rejected(&cluster, &overlap, "int8", &["overlap/model.safetensors"]);
+
+    let dtype = root.join("dtype/model.safetensors");
+    write_raw(
+        &dtype,
+        r#"{"w":{"dtype":"F7","shape":[2,2],"data_offsets":[0,8]}}"#,
+        8,
+    );
+    expect_rejected(&cluster, &dtype, "int8", &["dtype/model.safetensors", "F7"]);
+
+    let huge = root.join("huge/model.safetensors");
+    std::fs::create_dir_all(huge.parent().unwrap()).unwrap();
+    let mut bytes = u64::MAX.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}");
+    std::fs::write(&huge, bytes).unwrap();
+    expect_rejected(&cluster, &huge, "int8", &["huge/model.safetensors"]);
+
+    let missing = root.join("does-not-exist");
+    expect_rejected(&cluster, &missing, "int8", &["does-not-exist"]);
+
+    // A sharded model whose index names a shard that is gone.
+    let sharded = root.join("sharded");
+    gen_model(&sharded, "3MB", "bf16", 1);
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(sharded.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let shard = index["weight_map"]["lm_head.weight"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(sharded.join(&shard)).unwrap();
+    expect_rejected(&cluster, &sharded, "int8", &[&shard, "not found"]);
+}
+
+#[test]
+fn malformed_recipes_are_rejected_before_any_work() {
+    let cluster = TestCluster::start(5.0);
+    let root = cluster.dir.path().to_path_buf();
+    let model = root.join("model");
+    gen_model(&model, "2MB", "bf16", 5000);
+    let cases = [
+        ("syntax.yaml", "passes: [quantize: {bits: 4", "syntax.yaml"),
+        ("bits.yaml", "passes:\n  - quantize: {bits: 17, symmetric: true, granularity: channel}\n    targets: [\"re:.*\"]\n", "bits"),
+        ("regex.yaml", "passes:\n  - quantize: {bits: 4, symmetric: true, granularity: channel}\n    targets: [\"re:([\"]\n", "regex"),
+        ("typo.yaml", "passes:\n  - quantise: {bits: 4}\n    targets: [\"re:.*\"]\n", "typo.yaml"),
+    ];
+    for (file, yaml, needle) in cases {
+        let path = root.join(file);
+        std::fs::write(&path, yaml).unwrap();
+        expect_rejected(&cluster, &model, path.to_str().unwrap(), &[needle]);
+    }
+    expect_rejected(
+        &cluster,
+        &model,
+        "no-such-preset",
+        &["no-such-preset", "int4-g128"],
+    );
+}
+
+#[test]
+fn a_failed_accuracy_gate_fails_the_job_naming_the_worst_tensors_and_writes_no_manifest() {
+    let mut cluster = TestCluster::start(5.0);
+    cluster.add_worker("w1", &[]);
+    let root = cluster.dir.path().to_path_buf();
+    let model = root.join("model");
+    gen_model(&model, "2MB", "bf16", 5000);
+    let recipe = root.join("strict.yaml");
+    std::fs::write(
+        &recipe,
+        "passes:\n  - quantize: {bits: 2, symmetric: true, granularity: channel}\n    targets: [\"re:.*_proj\\\\.weight\"]\ngates:\n  max_rel_error: 0.01\n",
+    )
+    .unwrap();
+    let out = root.join("out");
+    let result = cluster.compress(&model, &out, recipe.to_str().unwrap());
+    let err = stderr(&result);
+    assert!(!result.status.success());
+    assert!(
+        err.contains("accuracy gate failed") && err.contains("_proj.weight rel_fro_error"),
+        "{err}"
+    );
+    assert!(!out.join("manifest.json").exists());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["gates"]["passed"], false);
+}
+
+#[test]
+fn verify_names_a_tampered_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let out = dir.path().join("out");
+    gen_model(&model, "2MB", "bf16", 5000);
+    let run = shardpress(&[
+        "run",
+        "--workers",
+        "1",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--recipe",
+        "int8",
+    ]);
+    assert_success(&run, "run");
+    assert_success(&shardpress(&["verify", out.to_str().unwrap()]), "verify");
+    let shard = out.join("model-00001-of-00001.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&shard, bytes).unwrap();
+    let verify = shardpress(&["verify", out.to_str().unwrap()]);
+    assert!(!verify.status.success());
+    let name = shard.file_name().unwrap().to_str().unwrap();
+    assert!(stderr(&verify).contains(name), "{}", stderr(&verify));
+}
+
+#[test]
+fn an_unreachable_coordinator_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let result = shardpress(&[
+        "compress",
+        "--coordinator",
+        "http://127.0.0.1:1",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--out",
+        dir.path().join("o").to_str().unwrap(),
+    ]);
+    assert!(!result.status.success());
+    assert!(
+        stderr(&result).contains("cannot reach the coordinator at http://127.0.0.1:1"),
+        "{}",
+        stderr(&result)
+    );
+}

@@ -1,0 +1,213 @@
+//! Whole-system tests on a real multi-process cluster: a coordinator process and worker
+//! processes of the built binary talking gRPC over loopback, with the local filesystem as the
+//! object store.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const RECIPE_INT4: &str = "int4-g128";
+
+fn is_targeted(name: &str, shape: &[usize]) -> bool {
+    name.ends_with(".weight")
+        && shape.len() >= 2
+        && !name.contains("embed_tokens")
+        && !name.contains("lm_head")
+}
+
+/// Checks every output tensor against the input: targeted ones equal an independent RTN
+/// dequantization (group 128, symmetric, 4 bits) rounded to the input dtype; the rest are
+/// byte-identical copies.
+fn check_against_reference(model: &Path, out: &Path) {
+    let input = load_tensors(model);
+    let output = load_tensors(out);
+    assert_eq!(
+        input.keys().collect::<Vec<_>>(),
+        output.keys().collect::<Vec<_>>()
+    );
+    let mut compressed = 0;
+    for (name, (dtype, shape, bytes)) in &input {
+        let (out_dtype, out_shape, out_bytes) = &output[name];
+        assert_eq!((dtype, shape), (out_dtype, out_shape), "{name}");
+        if !is_targeted(name, shape) {
+            assert_eq!(bytes, out_bytes, "{name} should be copied unchanged");
+            continue;
+        }
+        compressed += 1;
+        let original = decode(*dtype, bytes);
+        let got = decode(*dtype, out_bytes);
+        let row_len: usize = shape[1..].iter().product();
+        let mut differing = 0;
+        for (row, got_row) in original.chunks(row_len).zip(got.chunks(row_len)) {
+            for (group, got_group) in row.chunks(128).zip(got_row.chunks(128)) {
+                let expected = reference_rtn(group, 4, true);
+                for (e, g) in expected.iter().zip(got_group) {
+                    if encode_like(*dtype, *e) != *g {
+                        differing += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            differing, 0,
+            "{name}: {differing} values differ from the reference dequantization"
+        );
+        assert_ne!(bytes, out_bytes, "{name} was not quantized");
+    }
+    assert!(compressed > 0);
+}
+
+fn check_index(model: &Path, out: &Path) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let weight_map = index["weight_map"].as_object().unwrap();
+    let output = load_tensors(out);
+    assert_eq!(weight_map.len(), output.len());
+    for (tensor, file) in weight_map {
+        let bytes = std::fs::read(out.join(file.as_str().unwrap())).unwrap();
+        let shard = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert!(shard.tensor(tensor).is_ok(), "{tensor} not in {file}");
+    }
+    assert_eq!(load_tensors(model).len(), weight_map.len());
+}
+
+#[test]
+fn three_worker_processes_compress_a_sharded_model_matching_an_independent_dequantization() {
+    let mut cluster = TestCluster::start(5.0);
+    let model = cluster.dir.path().join("model");
+    let out = cluster.dir.path().join("out");
+    gen_model(&model, "6MB", "bf16", 2);
+    assert!(
+        model.join("model.safetensors.index.json").exists(),
+        "the model should be sharded"
+    );
+    for name in ["w1", "w2", "w3"] {
+        cluster.add_worker(name, &[]);
+    }
+    let result = cluster.compress(&model, &out, RECIPE_INT4);
+    assert_success(&result, "compress");
+    check_against_reference(&model, &out);
+    check_index(&model, &out);
+    let objects = manifest_objects(&out);
+    assert!(objects.contains_key("config.json") && objects.contains_key("report.json"));
+    let report: serde_json::Value = serde_json::from_slice(&objects["report.json"]).unwrap();
+    let summary = &report["summary"];
+    let err = summary["rel_fro_error_weighted"].as_f64().unwrap();
+    assert!(
+        err > 0.01 && err < 0.2,
+        "int4 g128 relative error {err} out of the plausible range"
+    );
+    let bpw = summary["bits_per_weight_compressed"].as_f64().unwrap();
+    assert!(
+        (bpw - (4.0 + 16.0 / 128.0)).abs() < 1e-9,
+        "bits/weight {bpw}"
+    );
+    let workers = report["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["worker"].as_str().unwrap())
+        .collect::<std::collections::BTreeSet<_>>();
+    assert!(
+        workers.len() >= 2,
+        "tasks should spread over workers, got {workers:?}"
+    );
+    assert_success(&shardpress(&["verify", out.to_str().unwrap()]), "verify");
+}
+
+fn run_with_workers(model: &Path, out: &Path, workers: usize) {
+    let output = shardpress(&[
+        "run",
+        "--workers",
+        &workers.to_string(),
+        "--threads",
+        "1",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--recipe",
+        RECIPE_INT4,
+        "--task-budget-mb",
+        "1",
+    ]);
+    assert_success(&output, &format!("run --workers {workers}"));
+}
+
+/// Shards and index of an output, without the report (timings) and manifest (which hashes it).
+fn deterministic_objects(out: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut objects = manifest_objects(out);
+    objects.remove("report.json");
+    objects
+}
+
+#[test]
+fn one_and_four_workers_give_byte_identical_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "5MB", "bf16", 5000);
+    run_with_workers(&model, &dir.path().join("one"), 1);
+    run_with_workers(&model, &dir.path().join("four"), 4);
+    let one = deterministic_objects(&dir.path().join("one"));
+    let four = deterministic_objects(&dir.path().join("four"));
+    assert!(one.len() > 3);
+    assert_eq!(
+        one.keys().collect::<Vec<_>>(),
+        four.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &one {
+        assert!(
+            bytes == &four[name],
+            "{name} differs between 1 and 4 workers"
+        );
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_task_loses_its_lease_and_the_output_is_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "5MB", "bf16", 5000);
+    run_with_workers(&model, &dir.path().join("reference"), 2);
+
+    let mut cluster = TestCluster::start(1.0);
+    let out = dir.path().join("out");
+    // A slow victim: 256 KB chunks with a pause after each, so it is surely mid-task.
+    cluster.add_worker(
+        "victim",
+        &["--chunk-mb", "0.25", "--debug-delay-per-chunk-ms", "200"],
+    );
+    let mut client = cluster
+        .compress_command(&model, &out, RECIPE_INT4)
+        .spawn()
+        .unwrap();
+    cluster.wait_for_log("victim", "task acquired", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.kill_worker("victim");
+    cluster.add_worker("rescuer-1", &[]);
+    cluster.add_worker("rescuer-2", &[]);
+    let status = client.wait().unwrap();
+    assert!(status.success(), "job failed after the worker was killed");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert!(
+        report["summary"]["task_retries"].as_u64().unwrap() >= 1,
+        "the killed lease should have been retried"
+    );
+    let expected = deterministic_objects(&dir.path().join("reference"));
+    let got = deterministic_objects(&out);
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &expected {
+        assert!(
+            bytes == &got[name],
+            "{name} differs from the run without a kill"
+        );
+    }
+}

@@ -1,0 +1,41 @@
+//! What can go wrong in a task, and whether another attempt (maybe elsewhere) may succeed:
+//! storage and network trouble is retryable; corrupt input or an invalid recipe is not.
+
+use shardpress_core::pipeline::PipelineError;
+use shardpress_core::recipe::RecipeError;
+use shardpress_proto::convert::ConvertError;
+use shardpress_store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid recipe in lease: {0}")]
+    Recipe(#[from] RecipeError),
+    #[error("invalid lease: {0}")]
+    Lease(#[from] ConvertError),
+    #[error("tensor {tensor:?}: {source}")]
+    Pipeline {
+        tensor: String,
+        #[source]
+        source: PipelineError,
+    },
+    #[error("tensor {tensor:?}: {reason}")]
+    BadTensor { tensor: String, reason: String },
+    #[error("writing {object}: {message}")]
+    Upload { object: String, message: String },
+    #[error("compute failed on tensor {tensor:?}: {message}")]
+    Compute { tensor: String, message: String },
+    #[error("task stopped: {0}")]
+    Cancelled(String),
+}
+
+impl TaskError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            TaskError::Store(e) => e.is_retryable(),
+            TaskError::Upload { .. } => true,
+            _ => false,
+        }
+    }
+}

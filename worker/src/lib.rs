@@ -1,0 +1,235 @@
+//! The shardpress worker: pulls task leases from the coordinator, range-reads its tensors from
+//! object storage, runs the recipe's passes from core on a rayon pool (never on the async
+//! runtime), streams one output shard per task back to object storage and reports sizes,
+//! checksums and per-tensor metrics. Heartbeats keep the lease while it works.
+//!
+//! Layout: [`cpu`] (the bridge to the rayon pool), [`task`] (one lease, chunk by chunk),
+//! [`error`] (what can fail and whether a retry elsewhere may help), and the lease loop here.
+
+pub mod cpu;
+pub mod error;
+pub mod task;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardpress_proto::v1::{
+    AcquireTaskRequest, FailTaskRequest, HeartbeatRequest, RegisterWorkerRequest, TaskLease,
+    TaskRef,
+};
+use shardpress_proto::WorkerServiceClient;
+use tonic::transport::Channel;
+
+pub use error::TaskError;
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Coordinator address, e.g. `http://127.0.0.1:50051`.
+    pub coordinator_url: String,
+    /// Name shown in reports and logs.
+    pub name: String,
+    /// Threads for compression passes (0 = all cores).
+    pub threads: usize,
+    /// Largest slice of a tensor held in memory at once (bytes of input).
+    pub chunk_bytes: usize,
+    /// Give up when the coordinator has been unreachable this long.
+    pub unreachable_timeout: Duration,
+    /// Fault injection for tests: sleep this long after every chunk.
+    pub delay_per_chunk: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            coordinator_url: "http://127.0.0.1:50051".into(),
+            name: "worker".into(),
+            threads: 0,
+            chunk_bytes: 16 * 1024 * 1024,
+            unreachable_timeout: Duration::from_secs(60),
+            delay_per_chunk: Duration::ZERO,
+        }
+    }
+}
+
+/// Why the worker loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot reach the coordinator at {url} for {seconds}s: {message}")]
+    Unreachable {
+        url: String,
+        seconds: u64,
+        message: String,
+    },
+    #[error("invalid coordinator URL {url:?}: {message}")]
+    InvalidUrl { url: String, message: String },
+    #[error("cannot start the compute pool: {0}")]
+    Pool(String),
+}
+
+async fn connect(config: &WorkerConfig) -> Result<WorkerServiceClient<Channel>, WorkerError> {
+    let endpoint = Channel::from_shared(config.coordinator_url.clone()).map_err(|e| {
+        WorkerError::InvalidUrl {
+            url: config.coordinator_url.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    let started = tokio::time::Instant::now();
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(WorkerServiceClient::new(channel)),
+            Err(e) if started.elapsed() >= config.unreachable_timeout => {
+                return Err(unreachable(config, started, e.to_string()))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+fn unreachable(config: &WorkerConfig, since: tokio::time::Instant, message: String) -> WorkerError {
+    WorkerError::Unreachable {
+        url: config.coordinator_url.clone(),
+        seconds: since.elapsed().as_secs(),
+        message,
+    }
+}
+
+/// Registers with the coordinator and processes leases until `shutdown` resolves or the
+/// coordinator stays unreachable past the configured timeout.
+pub async fn run_worker(
+    config: WorkerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    cpu::init_pool(config.threads).map_err(WorkerError::Pool)?;
+    tokio::pin!(shutdown);
+    let mut client = connect(&config).await?;
+    let registration = client
+        .register_worker(RegisterWorkerRequest {
+            name: config.name.clone(),
+            threads: rayon::current_num_threads() as u32,
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .await
+        .map_err(|e| unreachable(&config, tokio::time::Instant::now(), e.message().into()))?
+        .into_inner();
+    let worker_id = registration.worker_id;
+    tracing::info!(worker = %worker_id, coordinator = %config.coordinator_url, "registered");
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    loop {
+        let acquire = client.acquire_task(AcquireTaskRequest {
+            worker_id: worker_id.clone(),
+            wait_ms: 5_000,
+        });
+        let response = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            response = acquire => response,
+        };
+        match response {
+            Ok(response) => {
+                failing_since = None;
+                if let Some(lease) = response.into_inner().lease {
+                    run_lease(&mut client, &config, &worker_id, lease).await;
+                }
+            }
+            Err(status) => {
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= config.unreachable_timeout {
+                    return Err(unreachable(&config, since, status.message().into()));
+                }
+                tracing::warn!(error = %status.message(), "coordinator call failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Runs one lease with a heartbeat beside it and reports the outcome.
+async fn run_lease(
+    client: &mut WorkerServiceClient<Channel>,
+    config: &WorkerConfig,
+    worker_id: &str,
+    lease: TaskLease,
+) {
+    let task_ref = TaskRef {
+        job_id: lease.job_id.clone(),
+        task_index: lease.task_index,
+        attempt: lease.attempt,
+        worker_id: worker_id.to_string(),
+    };
+    tracing::info!(job = %lease.job_id, task = lease.task_index, attempt = lease.attempt,
+        output = %lease.output_name, tensors = lease.tensors.len(), "task acquired");
+    let progress = Arc::new(AtomicU64::new(0));
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        client.clone(),
+        task_ref.clone(),
+        Duration::from_millis(lease.lease_ttl_ms.max(300).into()) / 3,
+        progress.clone(),
+        cancelled.clone(),
+    ));
+    let ctx = task::TaskContext {
+        progress,
+        cancelled,
+        chunk_bytes: config.chunk_bytes,
+        delay_per_chunk: config.delay_per_chunk,
+    };
+    let result = task::execute(&lease, &ctx).await;
+    heartbeat.abort();
+    match result {
+        Ok(mut report) => {
+            report.task = Some(task_ref);
+            match client.complete_task(report).await {
+                Ok(r) if r.get_ref().accepted => {
+                    tracing::info!(task = lease.task_index, "task completed")
+                }
+                Ok(r) => tracing::warn!(task = lease.task_index, reason = %r.get_ref().reason,
+                    "result not accepted"),
+                Err(e) => tracing::warn!(task = lease.task_index, error = %e.message(),
+                    "could not report the result; the lease will expire and the task rerun"),
+            }
+        }
+        Err(TaskError::Cancelled(reason)) => {
+            tracing::warn!(task = lease.task_index, %reason, "task abandoned")
+        }
+        Err(error) => {
+            tracing::error!(task = lease.task_index, %error, retryable = error.is_retryable(),
+                "task failed");
+            let request = FailTaskRequest {
+                task: Some(task_ref),
+                message: error.to_string(),
+                retryable: error.is_retryable(),
+            };
+            if let Err(e) = client.fail_task(request).await {
+                tracing::warn!(error = %e.message(), "could not report the failure");
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(
+    mut client: WorkerServiceClient<Channel>,
+    task: TaskRef,
+    period: Duration,
+    progress: Arc<AtomicU64>,
+    cancelled: Arc<AtomicBool>,
+) {
+    let mut ticker = tokio::time::interval(period);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let request = HeartbeatRequest {
+            task: Some(task.clone()),
+            bytes_done: progress.load(Ordering::Relaxed),
+        };
+        match client.heartbeat(request).await {
+            Ok(response) if !response.get_ref().keep_going => {
+                tracing::warn!(reason = %response.get_ref().reason, "lease lost; stopping task");
+                cancelled.store(true, Ordering::Relaxed);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e.message(), "heartbeat failed"),
+        }
+    }
+}

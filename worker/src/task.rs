@@ -1,0 +1,300 @@
+//! One task lease, executed tensor by tensor and chunk by chunk, so memory stays bounded by a
+//! few chunks whatever the task's size: a reader task range-reads whole rows ahead into a small
+//! queue, the rayon pool runs the passes, and the output shard is streamed to the store as a
+//! multipart upload (atomic: the object appears only when complete).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use object_store::{ObjectStoreExt, WriteMultipart};
+use shardpress_core::dtype::DType;
+use shardpress_core::header::encode_header;
+use shardpress_core::metrics::ErrorAccumulator;
+use shardpress_core::pipeline::{self, process_chunk};
+use shardpress_core::plan::PlannedTensor;
+use shardpress_core::quantize::row_len_of;
+use shardpress_core::recipe::{PassKind, Recipe};
+use shardpress_proto::v1::{CompleteTaskRequest, TaskLease, TensorResult};
+use shardpress_store::StoreLocation;
+use tokio::sync::mpsc;
+
+use crate::{cpu, TaskError};
+
+/// Output parts uploaded concurrently per task.
+const UPLOAD_CONCURRENCY: usize = 4;
+/// Multipart part size.
+const PART_BYTES: usize = 8 * 1024 * 1024;
+/// Chunks read ahead of the one being compressed.
+const READ_AHEAD: usize = 2;
+
+/// What a running task shares with its heartbeat.
+pub struct TaskContext {
+    pub progress: Arc<AtomicU64>,
+    pub cancelled: Arc<AtomicBool>,
+    pub chunk_bytes: usize,
+    pub delay_per_chunk: Duration,
+}
+
+#[derive(Default)]
+struct Timings {
+    read: Duration,
+    compute: Duration,
+    write: Duration,
+}
+
+/// The passes that really apply to a tensor, or why a targeted tensor is copied unchanged.
+fn applicable_passes(recipe: &Recipe, tensor: &PlannedTensor) -> (Vec<PassKind>, String) {
+    let passes: Vec<PassKind> = recipe
+        .passes_for(&tensor.name)
+        .into_iter()
+        .cloned()
+        .collect();
+    if passes.is_empty() {
+        return (passes, String::new());
+    }
+    if !tensor.dtype.is_decodable_float() {
+        let note = format!(
+            "not compressed: dtype {} is not BF16/F16/F32",
+            tensor.dtype.as_safetensors()
+        );
+        return (Vec::new(), note);
+    }
+    if tensor.shape.len() < 2 {
+        return (Vec::new(), "not compressed: 1-D tensor".into());
+    }
+    (passes, String::new())
+}
+
+fn check_extent(tensor: &PlannedTensor) -> Result<(), TaskError> {
+    let expected = tensor
+        .shape
+        .iter()
+        .try_fold(tensor.dtype.size_bytes() as u64, |acc, &d| {
+            acc.checked_mul(d)
+        });
+    if expected != Some(tensor.data_end - tensor.data_start) {
+        return Err(TaskError::BadTensor {
+            tensor: tensor.name.clone(),
+            reason: format!(
+                "shape {:?} of {} does not fill bytes {}..{}",
+                tensor.shape,
+                tensor.dtype.as_safetensors(),
+                tensor.data_start,
+                tensor.data_end
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Executes a lease and returns the completion report (without its `task` field).
+pub async fn execute(
+    lease: &TaskLease,
+    ctx: &TaskContext,
+) -> Result<CompleteTaskRequest, TaskError> {
+    let started = Instant::now();
+    let recipe = Recipe::from_yaml(&lease.recipe_yaml)?;
+    let model = StoreLocation::open(&lease.model_url)?;
+    let out = StoreLocation::open(&lease.out_url)?;
+    let tensors = lease
+        .tensors
+        .iter()
+        .map(PlannedTensor::try_from)
+        .collect::<Result<Vec<_>, _>>()?;
+    for tensor in &tensors {
+        check_extent(tensor)?;
+    }
+    let layout: Vec<(String, DType, Vec<u64>)> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let metadata = [("format".to_string(), "pt".to_string())].into();
+    let (prefix, _) = encode_header(&layout, &metadata).map_err(|e| TaskError::BadTensor {
+        tensor: lease.output_name.clone(),
+        reason: e.to_string(),
+    })?;
+
+    let object = out.describe(&lease.output_name);
+    let upload_err = |e: object_store::Error| TaskError::Upload {
+        object: object.clone(),
+        message: e.to_string(),
+    };
+    let upload = out
+        .store()
+        .put_multipart(&out.path(&lease.output_name))
+        .await
+        .map_err(upload_err)?;
+    let mut writer = ShardWriter {
+        inner: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
+        hasher: blake3::Hasher::new(),
+        bytes: 0,
+    };
+    writer.write(&prefix);
+
+    let mut timings = Timings::default();
+    let mut results = Vec::with_capacity(tensors.len());
+    for tensor in &tensors {
+        match compress_tensor(&model, &recipe, tensor, &mut writer, ctx, &mut timings).await {
+            Ok(result) => results.push(result),
+            Err(e) => {
+                writer.inner.abort().await.ok();
+                return Err(e);
+            }
+        }
+    }
+    let write_started = Instant::now();
+    let output_bytes = writer.bytes;
+    let output_blake3 = writer.hasher.finalize().to_hex().to_string();
+    writer.inner.finish().await.map_err(upload_err)?;
+    timings.write += write_started.elapsed();
+    Ok(CompleteTaskRequest {
+        task: None,
+        output_bytes,
+        output_blake3,
+        tensors: results,
+        seconds: started.elapsed().as_secs_f64(),
+        read_seconds: timings.read.as_secs_f64(),
+        compute_seconds: timings.compute.as_secs_f64(),
+        write_seconds: timings.write.as_secs_f64(),
+    })
+}
+
+struct ShardWriter {
+    inner: WriteMultipart,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl ShardWriter {
+    fn write(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        self.bytes += data.len() as u64;
+        self.inner.write(data);
+    }
+}
+
+/// Row ranges of one tensor, each at most `chunk_bytes` (but at least one row).
+fn chunk_ranges(
+    tensor: &PlannedTensor,
+    row_len: u64,
+    chunk_bytes: usize,
+) -> Vec<std::ops::Range<u64>> {
+    let total = tensor.data_end - tensor.data_start;
+    let row_bytes = (row_len * tensor.dtype.size_bytes() as u64).max(1);
+    let rows_per_chunk = (chunk_bytes as u64 / row_bytes).max(1);
+    let step = rows_per_chunk * row_bytes;
+    (0..total)
+        .step_by(step as usize)
+        .map(|start| tensor.data_start + start..tensor.data_start + (start + step).min(total))
+        .collect()
+}
+
+async fn compress_tensor(
+    model: &StoreLocation,
+    recipe: &Recipe,
+    tensor: &PlannedTensor,
+    writer: &mut ShardWriter,
+    ctx: &TaskContext,
+    timings: &mut Timings,
+) -> Result<TensorResult, TaskError> {
+    let (passes, note) = applicable_passes(recipe, tensor);
+    let passes = Arc::new(passes);
+    let row_len = row_len_of(&tensor.shape).max(1) as usize;
+    // Copied tensors have no row structure to respect: chunk them by bytes alone.
+    let chunk_row_len = if passes.is_empty() { 1 } else { row_len };
+    let ranges = chunk_ranges(tensor, chunk_row_len as u64, ctx.chunk_bytes);
+    let mut chunks = read_ahead(model, tensor, ranges);
+    let mut acc = ErrorAccumulator::new();
+    loop {
+        if ctx.cancelled.load(Ordering::Relaxed) {
+            return Err(TaskError::Cancelled("lease lost".into()));
+        }
+        let read_started = Instant::now();
+        let Some(input) = chunks.recv().await else {
+            break;
+        };
+        timings.read += read_started.elapsed();
+        let input = input?;
+        let compute_started = Instant::now();
+        let (passes_c, dtype) = (passes.clone(), tensor.dtype);
+        let (output, acc_out) = cpu::run(move || {
+            let mut output = Vec::with_capacity(input.len());
+            let result = process_chunk(
+                &passes_c,
+                dtype,
+                chunk_row_len,
+                &input,
+                &mut output,
+                &mut acc,
+            );
+            result.map(|()| (output, acc))
+        })
+        .await
+        .map_err(|message| TaskError::Compute {
+            tensor: tensor.name.clone(),
+            message,
+        })?
+        .map_err(|source| TaskError::Pipeline {
+            tensor: tensor.name.clone(),
+            source,
+        })?;
+        acc = acc_out;
+        timings.compute += compute_started.elapsed();
+        let write_started = Instant::now();
+        writer.write(&output);
+        writer
+            .inner
+            .wait_for_capacity(UPLOAD_CONCURRENCY)
+            .await
+            .map_err(|e| TaskError::Upload {
+                object: tensor.name.clone(),
+                message: e.to_string(),
+            })?;
+        timings.write += write_started.elapsed();
+        ctx.progress
+            .fetch_add(output.len() as u64, Ordering::Relaxed);
+        if !ctx.delay_per_chunk.is_zero() {
+            tokio::time::sleep(ctx.delay_per_chunk).await;
+        }
+    }
+    let mut result = TensorResult {
+        name: tensor.name.clone(),
+        dtype: tensor.dtype.as_safetensors().to_string(),
+        shape: tensor.shape.clone(),
+        pass: passes
+            .iter()
+            .map(PassKind::describe)
+            .collect::<Vec<_>>()
+            .join(" + "),
+        bits_per_weight: pipeline::bits_per_weight(&passes, tensor.dtype, row_len),
+        note,
+        ..Default::default()
+    };
+    if !passes.is_empty() {
+        result.set_metrics(&acc.finish());
+    }
+    Ok(result)
+}
+
+/// Spawns a reader that fetches the chunks in order, a few ahead of the consumer.
+fn read_ahead(
+    model: &StoreLocation,
+    tensor: &PlannedTensor,
+    ranges: Vec<std::ops::Range<u64>>,
+) -> mpsc::Receiver<Result<Bytes, TaskError>> {
+    let (sender, receiver) = mpsc::channel(READ_AHEAD);
+    let model = model.clone();
+    let file = tensor.source_file.clone();
+    tokio::spawn(async move {
+        for range in ranges {
+            let chunk = model.get_range(&file, range).await.map_err(TaskError::from);
+            let failed = chunk.is_err();
+            if sender.send(chunk).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    receiver
+}
