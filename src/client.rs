@@ -154,7 +154,11 @@ pub async fn watch(
                 status.bytes_total as f64 / 1e6
             );
         }
+        let terminal = JobState::try_from(status.state).is_ok_and(JobState::is_terminal);
         last = Some(status);
+        if terminal {
+            break;
+        }
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();

@@ -56,15 +56,22 @@ pub fn print_summary(report: &Value) {
             if layers.len() > shown && i >= shown / 2 && i < layers.len() - shown / 2 {
                 continue;
             }
+            let errors = if num(layer, "tensors_compressed") > 0.0 {
+                format!(
+                    "{:>10.5} {:>10.5} {:>9.5}",
+                    num(layer, "rel_fro_error_weighted"),
+                    num(layer, "worst_rel_fro_error"),
+                    num(layer, "min_cosine")
+                )
+            } else {
+                format!("{:>10} {:>10} {:>9}", "copied", "-", "-")
+            };
             println!(
-                "  {:<10} {:>7} {:>8.2}M {:>6.2} {:>10.5} {:>10.5} {:>9.5}",
+                "  {:<10} {:>7} {:>8.2}M {:>6.2} {errors}",
                 layer["layer"].as_str().unwrap_or("?"),
                 num(layer, "tensors"),
                 num(layer, "params") / 1e6,
                 num(layer, "bits_per_weight"),
-                num(layer, "rel_fro_error_weighted"),
-                num(layer, "worst_rel_fro_error"),
-                num(layer, "min_cosine"),
             );
         }
     }

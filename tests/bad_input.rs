@@ -63,7 +63,12 @@ fn hostile_and_broken_inputs_are_rejected_with_clear_errors_and_no_manifest() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    expect_rejected(&cluster, &file, "int8", &["model.safetensors", "bounds"]);
+    expect_rejected(
+        &cluster,
+        &file,
+        "int8",
+        &["truncated/model.safetensors", "beyond"],
+    );
 
     // Shorter than the 8-byte length prefix.
     let tiny = root.join("tiny/model.safetensors");
@@ -191,7 +196,10 @@ fn verify_names_a_tampered_shard() {
     ]);
     assert_success(&run, "run");
     assert_success(&shardpress(&["verify", out.to_str().unwrap()]), "verify");
-    let shard = out.join("model-00001-of-00001.safetensors");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let shard = out.join(index["weight_map"]["lm_head.weight"].as_str().unwrap());
     let mut bytes = std::fs::read(&shard).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;

@@ -79,6 +79,7 @@ pub struct GateViolation {
 pub struct LayerReport {
     pub layer: String,
     pub tensors: usize,
+    pub tensors_compressed: usize,
     pub params: u64,
     pub bits_per_weight: f64,
     pub rel_fro_error_weighted: f64,
@@ -292,6 +293,7 @@ fn layer_reports(tensors: &[TensorReport]) -> Vec<LayerReport> {
             LayerReport {
                 layer,
                 tensors: members.len(),
+                tensors_compressed: compressed.len(),
                 params: members.iter().map(|t| t.params).sum(),
                 bits_per_weight: weighted(&members, |t| t.bits_per_weight),
                 rel_fro_error_weighted: weighted(&compressed, |t| {

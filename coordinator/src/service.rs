@@ -12,8 +12,6 @@ use shardpress_proto::v1::{
     SubmitJobRequest, SubmitJobResponse,
 };
 use shardpress_proto::{JobService, WorkerService};
-use tokio_stream::wrappers::WatchStream;
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::finalize::finalize;
@@ -65,15 +63,19 @@ impl JobService for JobApi {
         request: Request<GetJobRequest>,
     ) -> Result<Response<StatusStream>, Status> {
         let receiver = self.coordinator.watch(&request.get_ref().job_id)?;
-        // Every change is sent; the stream ends right after the first terminal status.
-        let mut finished = false;
-        let stream = WatchStream::new(receiver)
-            .take_while(move |status| {
-                let keep = !finished;
-                finished = JobState::try_from(status.state).is_ok_and(JobState::is_terminal);
-                keep
-            })
-            .map(Ok);
+        // The current status first, then every change; the stream ends after the first
+        // terminal status.
+        let stream = futures::stream::unfold(
+            (receiver, true, false),
+            |(mut receiver, first, done)| async move {
+                if done || (!first && receiver.changed().await.is_err()) {
+                    return None;
+                }
+                let status = receiver.borrow_and_update().clone();
+                let done = JobState::try_from(status.state).is_ok_and(JobState::is_terminal);
+                Some((Ok(status), (receiver, false, done)))
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 
