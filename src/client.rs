@@ -147,26 +147,20 @@ pub async fn watch(
             bar.set_message(message);
         } else if (status.tasks_done, status.state) != last_line {
             last_line = (status.tasks_done, status.state);
-            let state = JobState::try_from(status.state).unwrap_or_default().label();
+            let state = status.state().label();
             eprintln!(
                 "[{state}] {message}, {:.1}/{:.1} MB",
                 status.bytes_done as f64 / 1e6,
                 status.bytes_total as f64 / 1e6
             );
         }
-        let terminal = JobState::try_from(status.state).is_ok_and(JobState::is_terminal);
         last = Some(status);
-        if terminal {
-            break;
-        }
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     match last {
-        Some(status) if JobState::try_from(status.state).is_ok_and(JobState::is_terminal) => {
-            Ok(status)
-        }
+        Some(status) if status.is_terminal() => Ok(status),
         _ => {
             let status = client
                 .get_job(GetJobRequest {
@@ -187,7 +181,7 @@ pub fn finish(status: &JobStatus) -> anyhow::Result<()> {
             Err(e) => eprintln!("warning: unreadable report: {e}"),
         }
     }
-    let state = JobState::try_from(status.state).unwrap_or_default();
+    let state = status.state();
     match state {
         JobState::Succeeded => {
             println!("{}", status.message);

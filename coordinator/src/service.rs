@@ -8,8 +8,8 @@ use futures::Stream;
 use shardpress_proto::v1::{
     AcquireTaskRequest, AcquireTaskResponse, CancelJobRequest, CompleteTaskRequest,
     CompleteTaskResponse, FailTaskRequest, FailTaskResponse, GetJobRequest, HeartbeatRequest,
-    HeartbeatResponse, JobState, JobStatus, RegisterWorkerRequest, RegisterWorkerResponse,
-    SubmitJobRequest, SubmitJobResponse,
+    HeartbeatResponse, JobStatus, RegisterWorkerRequest, RegisterWorkerResponse, SubmitJobRequest,
+    SubmitJobResponse,
 };
 use shardpress_proto::{JobService, WorkerService};
 use tonic::{Request, Response, Status};
@@ -72,7 +72,7 @@ impl JobService for JobApi {
                     return None;
                 }
                 let status = receiver.borrow_and_update().clone();
-                let done = JobState::try_from(status.state).is_ok_and(JobState::is_terminal);
+                let done = status.is_terminal();
                 Some((Ok(status), (receiver, false, done)))
             },
         );

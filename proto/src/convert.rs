@@ -4,7 +4,7 @@ use shardpress_core::dtype::DType;
 use shardpress_core::metrics::TensorMetrics;
 use shardpress_core::plan::PlannedTensor;
 
-use crate::v1::{JobState, TensorResult, TensorSlice};
+use crate::v1::{JobState, JobStatus, TensorResult, TensorSlice};
 
 /// A wire message that does not decode to a valid core value.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +77,13 @@ impl TensorResult {
         self.snr_db = metrics.snr_db;
         self.cosine = metrics.cosine;
         self.max_abs_error = metrics.max_abs_error;
+    }
+}
+
+impl JobStatus {
+    /// True once the job can change no more (an unknown state is not terminal).
+    pub fn is_terminal(&self) -> bool {
+        self.state().is_terminal()
     }
 }
 
