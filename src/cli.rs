@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use shardpress_core::recipe::Recipe;
 
-use crate::{client, genmodel, inspect, local};
+use crate::{client, decompress, genmodel, inspect, local};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Write a synthetic Llama-shaped model with realistic weight statistics.
     GenModel(genmodel::GenModelArgs),
+    /// Restore safetensors files (or chosen tensors) from an .spz archive.
+    Decompress(decompress::DecompressArgs),
     /// Re-check every object listed in an output's manifest.json against its checksum.
     Verify(VerifyArgs),
     /// List the built-in recipes (usable as `--recipe NAME`).
@@ -114,12 +116,17 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::inspect(args).await,
         Command::GenModel(args) => genmodel::gen_model(args),
         Command::Verify(args) => client::verify(&args.out).await,
+        Command::Decompress(args) => decompress::decompress(args).await,
         Command::Recipes => {
             for name in Recipe::preset_names() {
                 if let Some(recipe) = Recipe::preset(name) {
                     println!("{}", recipe.describe());
                 }
             }
+            println!(
+                "\nOutput formats: --format safetensors (dequantized, any loader reads it) or \
+                 --format spz (compact codes, entropy-coded; `shardpress decompress` restores)."
+            );
             Ok(())
         }
     }

@@ -30,6 +30,10 @@ pub struct JobArgs {
     /// Task size budget in MB of input (0 = the coordinator's default).
     #[arg(long, default_value_t = 0)]
     pub task_budget_mb: u64,
+    /// Output format: safetensors (dequantized shards) or spz (one compact archive; restore
+    /// with `shardpress decompress`). Default: the recipe's (safetensors unless it says spz).
+    #[arg(long, value_parser = ["safetensors", "spz"])]
+    pub format: Option<String>,
 }
 
 #[derive(Args)]
@@ -84,6 +88,7 @@ pub async fn submit(
         out_url: job.out.clone(),
         recipe_yaml: load_recipe(&job.recipe)?,
         task_budget_bytes: job.task_budget_mb * 1024 * 1024,
+        format: job.format.clone().unwrap_or_default(),
     };
     let response = client
         .submit_job(request)

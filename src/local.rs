@@ -193,6 +193,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             recipe: args.recipe.clone(),
             out: out_dir.display().to_string(),
             task_budget_mb: 0,
+            format: None,
         },
         workers: args.workers,
         threads: 0,

@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod decompress;
 mod genmodel;
 mod inspect;
 mod local;

@@ -2,6 +2,12 @@
 //! tokenizer), `report.json`, the accuracy gates and, last, `manifest.json` — the commit point.
 //! A job whose gates fail keeps its report (the evidence) but gets no manifest.
 //! Tensor bytes are never read here: shard checksums come from the workers, sizes from HEAD.
+//!
+//! An `.spz` job finalizes twice: first the archive's index is built from the tasks' reports
+//! (record offsets within each part), the source headers and the companion files, and an
+//! assembly task is queued for a worker to concatenate prefix, parts and suffix into
+//! `model.spz`; when that task is done, the parts are deleted and the report and manifest
+//! are written as for safetensors output.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,6 +17,13 @@ use serde::{Deserialize, Serialize};
 use shardpress_proto::v1::JobState;
 use shardpress_store::{StoreError, StoreLocation, INDEX_NAME};
 
+use shardpress_core::entropy::{self, Layout};
+use shardpress_core::header::header_len_from_prefix;
+use shardpress_core::plan::PlannedTask;
+use shardpress_core::recipe::OutputFormat;
+use shardpress_core::spz::{self, SpzBlob, SpzFile, SpzIndex, SpzTensor};
+use shardpress_proto::v1::AssembleSpz;
+
 use crate::job::{JobSpec, TaskSlot};
 use crate::report::{build_report, Report};
 use crate::Coordinator;
@@ -18,6 +31,8 @@ use crate::Coordinator;
 pub const MANIFEST_NAME: &str = "manifest.json";
 pub const REPORT_NAME: &str = "report.json";
 pub const MANIFEST_FORMAT: &str = "shardpress-manifest-v1";
+/// Object name of the archive of an `.spz` job.
+pub const SPZ_NAME: &str = "model.spz";
 
 /// Files next to the weights that a loader needs; copied unchanged when present.
 const COMPANION_FILES: &[&str] = &[
@@ -58,7 +73,21 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
             let wall = started.elapsed().as_secs_f64();
             let names = coordinator.worker_names();
             let report = build_report(&job_id, &spec, &tasks, wall, retries, &names);
-            reassemble(&spec, &tasks, report, &job_id).await
+            let needs_assembly = spec.format == OutputFormat::Spz
+                && report.gates.passed
+                && !tasks.iter().any(|t| t.assemble.is_some());
+            if needs_assembly {
+                match prepare_assembly(&spec, &tasks).await {
+                    Ok((plan, assemble)) => {
+                        tracing::info!(job = %job_id, parts = assemble.parts.len(), "queueing .spz assembly");
+                        coordinator.add_assemble_task(&job_id, plan, assemble);
+                        return;
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                reassemble(&spec, &tasks, report, &job_id).await
+            }
         }
         None => return,
     };
@@ -102,12 +131,26 @@ async fn reassemble(
 ) -> Result<(JobState, String, String), StoreError> {
     let out = StoreLocation::open(&spec.out_url)?;
     let model = StoreLocation::open(&spec.model_url)?;
-    let mut objects = shard_entries(&out, tasks).await?;
-    objects.push(put_json(&out, INDEX_NAME, json_bytes(&shard_index(tasks))).await?);
-    for name in COMPANION_FILES {
-        if model.exists(name).await? {
-            let bytes = model.get(name).await?;
-            objects.push(put_json(&out, name, bytes.to_vec()).await?);
+    let mut objects = Vec::new();
+    if spec.format == OutputFormat::Spz {
+        // The parts are inside the archive now (or, when a gate failed, not needed).
+        for slot in tasks.iter().filter(|t| t.assemble.is_none()) {
+            out.delete(&slot.plan.output_name).await?;
+        }
+        let archive: Vec<TaskSlot> = tasks
+            .iter()
+            .filter(|t| t.assemble.is_some())
+            .cloned()
+            .collect();
+        objects.extend(shard_entries(&out, &archive).await?);
+    } else {
+        objects.extend(shard_entries(&out, tasks).await?);
+        objects.push(put_json(&out, INDEX_NAME, json_bytes(&shard_index(tasks))).await?);
+        for name in COMPANION_FILES {
+            if model.exists(name).await? {
+                let bytes = model.get(name).await?;
+                objects.push(put_json(&out, name, bytes.to_vec()).await?);
+            }
         }
     }
     let report_bytes = json_bytes(&report);
@@ -144,13 +187,128 @@ async fn reassemble(
         objects,
     };
     put_json(&out, MANIFEST_NAME, json_bytes(&manifest)).await?;
-    let message = format!(
-        "compressed {} tensors in {} shards to {}",
-        report.summary.tensors,
-        tasks.len(),
-        out.url()
-    );
+    let message = match spec.format {
+        OutputFormat::Safetensors => format!(
+            "compressed {} tensors in {} shards to {}",
+            report.summary.tensors,
+            tasks.len(),
+            out.url()
+        ),
+        OutputFormat::Spz => format!(
+            "compressed {} tensors from {} parts into {}",
+            report.summary.tensors,
+            tasks.len() - 1,
+            out.describe(SPZ_NAME)
+        ),
+    };
     Ok((JobState::Succeeded, message, report_json))
+}
+
+/// Builds the archive's index from the finished tasks and returns the assembly task.
+async fn prepare_assembly(
+    spec: &JobSpec,
+    tasks: &[TaskSlot],
+) -> Result<(PlannedTask, AssembleSpz), StoreError> {
+    let model = StoreLocation::open(&spec.model_url)?;
+    let mut file_names: Vec<String> = tasks
+        .iter()
+        .flat_map(|t| t.plan.tensors.iter().map(|x| x.source_file.clone()))
+        .collect();
+    file_names.sort();
+    file_names.dedup();
+    let mut files = Vec::with_capacity(file_names.len());
+    for name in &file_names {
+        let size = model.size(name).await?;
+        let prefix = model.get_range(name, 0..size.min(8)).await?;
+        let header_err = |source| StoreError::Header {
+            object: model.describe(name),
+            source,
+        };
+        let len = header_len_from_prefix(&prefix, size).map_err(header_err)?;
+        let header = model.get_range(name, 8..8 + len).await?;
+        let header = String::from_utf8(header.to_vec()).map_err(|_| StoreError::Invalid {
+            object: model.describe(name),
+            reason: "header is not UTF-8".into(),
+        })?;
+        files.push(SpzFile {
+            name: name.clone(),
+            header,
+            size,
+        });
+    }
+    let mut offset = spz::MAGIC.len() as u64;
+    let (mut parts, mut part_sizes, mut tensors) = (Vec::new(), Vec::new(), Vec::new());
+    for slot in tasks {
+        let Some(outcome) = &slot.result else {
+            continue;
+        };
+        for result in &outcome.report.tensors {
+            let planned = slot.plan.tensors.iter().find(|t| t.name == result.name);
+            let Some(planned) = planned else {
+                return Err(StoreError::Invalid {
+                    object: slot.plan.output_name.clone(),
+                    reason: format!(
+                        "worker reported tensor {} that the task did not hold",
+                        result.name
+                    ),
+                });
+            };
+            tensors.push(SpzTensor {
+                name: result.name.clone(),
+                file: file_names
+                    .binary_search(&planned.source_file)
+                    .unwrap_or_default(),
+                dtype: result.dtype.clone(),
+                shape: result.shape.clone(),
+                data_start: planned.data_start,
+                data_end: planned.data_end,
+                offset: offset + result.record_offset,
+                len: result.record_len,
+                plan: result.pass.clone(),
+            });
+        }
+        parts.push(slot.plan.output_name.clone());
+        part_sizes.push(outcome.report.output_bytes);
+        offset += outcome.report.output_bytes;
+    }
+    let mut suffix = Vec::new();
+    let mut companions = Vec::new();
+    for name in COMPANION_FILES {
+        if model.exists(name).await? {
+            let coded = entropy::compress(Layout::Bytes, &model.get(name).await?);
+            companions.push(SpzBlob {
+                name: name.to_string(),
+                offset: offset + suffix.len() as u64,
+                len: coded.len() as u64,
+            });
+            suffix.extend_from_slice(&coded);
+        }
+    }
+    let index_offset = offset + suffix.len() as u64;
+    let index = SpzIndex {
+        version: spz::VERSION,
+        recipe: spec.recipe.describe(),
+        files,
+        tensors,
+        companions,
+    }
+    .to_json();
+    suffix.extend_from_slice(&index);
+    suffix.extend_from_slice(&spz::footer(index_offset, index.len() as u64));
+    let plan = PlannedTask {
+        index: tasks.len() as u32,
+        group: "assemble".into(),
+        tensors: Vec::new(),
+        output_name: SPZ_NAME.into(),
+        input_bytes: 0,
+    };
+    let assemble = AssembleSpz {
+        parts,
+        part_sizes,
+        prefix: spz::MAGIC.to_vec(),
+        suffix,
+    };
+    Ok((plan, assemble))
 }
 
 /// Manifest entries of the shards, checking each object's size against what its worker said.

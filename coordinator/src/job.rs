@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use shardpress_core::plan::PlannedTask;
-use shardpress_core::recipe::Recipe;
-use shardpress_proto::v1::{CompleteTaskRequest, JobState, JobStatus};
+use shardpress_core::recipe::{OutputFormat, Recipe};
+use shardpress_proto::v1::{AssembleSpz, CompleteTaskRequest, JobState, JobStatus};
 
 /// What the job was asked to do.
 #[derive(Debug, Clone)]
@@ -14,6 +14,7 @@ pub struct JobSpec {
     pub out_url: String,
     pub recipe: Recipe,
     pub task_budget: u64,
+    pub format: OutputFormat,
 }
 
 /// Where one task stands.
@@ -34,6 +35,8 @@ pub struct TaskSlot {
     pub failures: u32,
     pub progress_bytes: u64,
     pub result: Option<TaskOutcome>,
+    /// Set on the final task of an `.spz` job, which concatenates the other tasks' parts.
+    pub assemble: Option<AssembleSpz>,
 }
 
 /// A finished task: who did it and what it reported.
@@ -92,6 +95,7 @@ impl Job {
                 failures: 0,
                 progress_bytes: 0,
                 result: None,
+                assemble: None,
             })
             .collect();
         Self {
@@ -104,6 +108,29 @@ impl Job {
             retries: 0,
             report_json: String::new(),
         }
+    }
+
+    /// Appends the assembly task of an `.spz` job (after its other tasks are done) and puts
+    /// a finalizing job back to running so a worker picks it up.
+    pub fn add_assemble_task(&mut self, plan: PlannedTask, assemble: AssembleSpz) {
+        if self.state != JobState::Finalizing {
+            return;
+        }
+        self.tasks.push(TaskSlot {
+            plan,
+            status: TaskStatus::Pending,
+            attempt: 0,
+            failures: 0,
+            progress_bytes: 0,
+            result: None,
+            assemble: Some(assemble),
+        });
+        self.state = JobState::Running;
+    }
+
+    /// True once the assembly task exists.
+    pub fn has_assemble_task(&self) -> bool {
+        self.tasks.iter().any(|t| t.assemble.is_some())
     }
 
     /// Leases the lowest-numbered pending task to `worker`, if the job is running.
@@ -307,6 +334,7 @@ mod tests {
             out_url: "memory:///o".into(),
             recipe,
             task_budget: 1 << 20,
+            format: OutputFormat::Safetensors,
         };
         Job::new("job-1".into(), spec, plan, Instant::now())
     }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 use shardpress_core::plan::layer_index;
-use shardpress_core::recipe::Gates;
+use shardpress_core::recipe::{Gates, OutputFormat};
 use shardpress_proto::v1::TensorResult;
 
 use crate::job::{JobSpec, TaskSlot};
@@ -43,6 +43,8 @@ pub struct Summary {
     pub packed_size_bytes: u64,
     pub bits_per_weight: f64,
     pub bits_per_weight_compressed: f64,
+    /// `.spz` only: bits per weight the archive really takes (entropy-coded, all overheads).
+    pub stored_bits_per_weight: Option<f64>,
     pub rel_fro_error_weighted: f64,
     pub worst_rel_fro_error: Option<Worst>,
     pub min_cosine: Option<Worst>,
@@ -109,6 +111,8 @@ pub struct TensorReport {
     pub params: u64,
     pub pass: String,
     pub bits_per_weight: f64,
+    /// `.spz` only: entropy-coded bits per weight of this tensor's record.
+    pub stored_bits_per_weight: Option<f64>,
     pub rel_fro_error: Option<f64>,
     pub snr_db: Option<f64>,
     pub cosine: Option<f64>,
@@ -127,6 +131,8 @@ impl TensorReport {
             params: result.shape.iter().product(),
             pass: result.pass.clone(),
             bits_per_weight: result.bits_per_weight,
+            stored_bits_per_weight: (result.record_len > 0)
+                .then_some(result.stored_bits_per_weight),
             rel_fro_error: metrics.map(|m| m.rel_fro_error),
             snr_db: metrics.and_then(|m| m.snr_db),
             cosine: metrics.map(|m| m.cosine),
@@ -176,7 +182,18 @@ pub fn build_report(
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     let gates = check_gates(&spec.recipe.gates, &tensors);
-    let summary = summarize(&tensors, &task_reports, wall_seconds, retries);
+    let mut summary = summarize(&tensors, &task_reports, wall_seconds, retries);
+    let archive = tasks
+        .iter()
+        .find(|t| t.assemble.is_some())
+        .and_then(|t| t.result.as_ref());
+    if let (OutputFormat::Spz, Some(archive)) = (spec.format, archive) {
+        summary.output_bytes = archive.report.output_bytes;
+        if summary.params > 0 {
+            summary.stored_bits_per_weight =
+                Some(summary.output_bytes as f64 * 8.0 / summary.params as f64);
+        }
+    }
     Report {
         job_id: job_id.to_string(),
         model_url: spec.model_url.clone(),
@@ -186,7 +203,10 @@ pub fn build_report(
             description: spec.recipe.describe(),
             yaml: spec.recipe.source_yaml.clone(),
         },
-        output_format: "safetensors (dequantized, input dtype)",
+        output_format: match spec.format {
+            OutputFormat::Safetensors => "safetensors (dequantized, input dtype)",
+            OutputFormat::Spz => "spz (compact representations, entropy-coded)",
+        },
         summary,
         gates,
         layers: layer_reports(&tensors),
@@ -259,6 +279,7 @@ fn summarize(
             .ceil() as u64,
         bits_per_weight: weighted(&all, |t| t.bits_per_weight),
         bits_per_weight_compressed: weighted(&compressed, |t| t.bits_per_weight),
+        stored_bits_per_weight: None,
         rel_fro_error_weighted: weighted(&compressed, |t| t.rel_fro_error.unwrap_or_default()),
         worst_rel_fro_error: worst,
         min_cosine: min_cos,
@@ -377,6 +398,7 @@ mod tests {
             params: 16,
             pass: "rtn int4".into(),
             bits_per_weight: 4.5,
+            stored_bits_per_weight: None,
             rel_fro_error: Some(err),
             snr_db: Some(-20.0 * err.log10()),
             cosine: Some(cos),

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use shardpress_core::plan::PlannedTask;
 use shardpress_proto::v1::{
-    CompleteTaskRequest, FailTaskRequest, JobState, JobStatus, TaskLease, TaskRef, TensorSlice,
+    AssembleSpz, CompleteTaskRequest, FailTaskRequest, JobState, JobStatus, TaskLease, TaskRef,
+    TensorSlice,
 };
 use tokio::sync::{watch, Notify};
 
@@ -274,6 +275,17 @@ impl Coordinator {
         self.status(job_id)
     }
 
+    /// Queues the assembly task of a finalizing `.spz` job.
+    pub fn add_assemble_task(&self, job_id: &str, plan: PlannedTask, assemble: AssembleSpz) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.jobs.get_mut(job_id) {
+            entry.job.add_assemble_task(plan, assemble);
+        }
+        inner.publish(job_id, self.config.lease_ttl);
+        drop(inner);
+        self.task_ready.notify_waiters();
+    }
+
     /// A copy of what finalization needs: the spec and every task's slot.
     pub fn snapshot(&self, job_id: &str) -> Option<(JobSpec, Vec<TaskSlot>, Instant, u32)> {
         let inner = self.lock();
@@ -341,5 +353,7 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
         recipe_yaml: job.spec.recipe.source_yaml.clone(),
         output_name: slot.plan.output_name.clone(),
         tensors: slot.plan.tensors.iter().map(TensorSlice::from).collect(),
+        format: job.spec.format.as_str().to_string(),
+        assemble: slot.assemble.clone(),
     }
 }

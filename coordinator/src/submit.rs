@@ -3,8 +3,9 @@
 //! splits the tensors into tasks. Every problem is reported here, before any work starts.
 
 use futures::{StreamExt, TryStreamExt};
+use shardpress_core::codec::TensorPlan;
 use shardpress_core::plan::plan_tasks;
-use shardpress_core::recipe::Recipe;
+use shardpress_core::recipe::{OutputFormat, Recipe};
 use shardpress_proto::v1::SubmitJobRequest;
 use shardpress_store::{read_source_file, resolve_model, StoreLocation};
 
@@ -33,6 +34,20 @@ pub async fn submit(
         ));
     }
     let recipe = Recipe::from_yaml(&request.recipe_yaml)?;
+    let format = match request.format.as_str() {
+        "" => recipe.format,
+        other => OutputFormat::parse(other).ok_or_else(|| {
+            CoordinatorError::InvalidRequest(format!(
+                "unknown output format {other:?}: use safetensors or spz"
+            ))
+        })?,
+    };
+    if recipe.passes.is_empty() && format != OutputFormat::Spz {
+        return Err(CoordinatorError::InvalidRequest(format!(
+            "recipe {} has no lossy pass; it needs --format spz (safetensors output would be a plain copy)",
+            recipe.name
+        )));
+    }
     let model = resolve_model(&request.model_url).await?;
     let files: Vec<_> = futures::stream::iter(model.files.clone())
         .map(|name| {
@@ -46,7 +61,20 @@ pub async fn submit(
         0 => coordinator.config().default_task_budget,
         budget => budget,
     };
-    let plan = plan_tasks(&files, budget)?;
+    // Every tensor's pass combination is checked now, not mid-job.
+    for file in &files {
+        for t in &file.header.tensors {
+            TensorPlan::for_tensor(&recipe, &t.name, t.dtype, &t.shape)
+                .map_err(|e| CoordinatorError::InvalidRequest(format!("{}: {e}", file.name)))?;
+        }
+    }
+    let mut plan = plan_tasks(&files, budget)?;
+    if format == OutputFormat::Spz {
+        let total = plan.len();
+        for task in &mut plan {
+            task.output_name = spz_part_name(task.index as usize, total);
+        }
+    }
     let out = StoreLocation::open(&request.out_url)?;
     if out.url() == model.root.url() {
         return Err(CoordinatorError::InvalidRequest(format!(
@@ -63,6 +91,7 @@ pub async fn submit(
         out_url: out.url().to_string(),
         recipe,
         task_budget: budget,
+        format,
     };
     tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,
         bytes = total_bytes, recipe = %spec.recipe.describe(), "job planned");
@@ -72,4 +101,12 @@ pub async fn submit(
         task_count,
         total_bytes,
     })
+}
+
+/// Folder (under the output) where the tasks of an `.spz` job write their parts.
+pub const SPZ_PARTS_DIR: &str = ".spz-parts";
+
+/// Object name of task `index`'s part.
+pub fn spz_part_name(index: usize, total: usize) -> String {
+    format!("{SPZ_PARTS_DIR}/part-{:05}-of-{total:05}.bin", index + 1)
 }

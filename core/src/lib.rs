@@ -6,15 +6,31 @@
 //! - [`dtype`]: safetensors element types and the BF16/F16/F32 <-> f32 codecs.
 //! - [`header`]: parsing and validating (hostile) safetensors headers, and writing them.
 //! - [`recipe`]: the YAML compression recipe (passes, targets, quality gates) and presets.
-//! - [`quantize`]: round-to-nearest quantization (quantize then dequantize) of rows.
 //! - [`metrics`]: deterministic error accumulation (relative error, SNR, cosine).
 //! - [`plan`]: splitting a model's tensors into tasks under a byte budget.
-//! - [`pipeline`]: the per-chunk compute a worker runs (decode, passes, encode, metrics).
+//! - [`pipeline`]: the per-chunk compute a worker runs (decode, plan, encode, metrics).
+//! - Passes: [`quantize`] (RTN), [`hqq`] (optimized affine), [`codebook`] (k-means, NF4),
+//!   [`fp8`], [`prune`] and [`sparse`] (masks and their storage), [`lowrank`] (randomized
+//!   SVD), [`dct`] (transform coding), [`hashnet`] (hashed weight sharing).
+//! - [`codec`]: a tensor's plan (structure + values stage) and its stored representation.
+//! - [`entropy`]: the lossless byte-plane entropy coder applied to every stored section.
+//! - [`spz`]: the single-file `.spz` archive format.
 
+pub mod codebook;
+pub mod codec;
+pub mod dct;
 pub mod dtype;
+pub mod entropy;
+pub mod fp8;
+pub mod hashnet;
 pub mod header;
+pub mod hqq;
+pub mod lowrank;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;
+pub mod prune;
 pub mod quantize;
 pub mod recipe;
+pub mod sparse;
+pub mod spz;

@@ -2,7 +2,8 @@
 //!
 //! A tensor is viewed as a row-major matrix of rows of `row_len` weights; each row is split
 //! into groups of `group_size` (the last may be shorter), or is one group for per-channel
-//! granularity. Each group gets one scale, stored as f16 rounded *up* so no value clips:
+//! granularity, or the whole slice is one group for per-tensor granularity. Each group gets
+//! one scale, stored as f16 rounded *up* so no value clips:
 //!
 //! - symmetric: `qmax = 2^(b-1)-1`, `s = f16_up(absmax/qmax)`, `q = clamp(round(x/s), -qmax-1, qmax)`,
 //!   dequantized as `q*s`;
@@ -21,7 +22,14 @@
 //! baseline x86-64; it equals `f32::round` on the clamped code range (values are clamped
 //! first, which commutes with rounding because the bounds are integers). A group containing
 //! NaN dequantizes that element to NaN. Rows are independent, so the rayon split over rows
-//! cannot change results.
+//! cannot change results (per-tensor granularity takes an exact parallel min/max first).
+//!
+//! The same quantizer is also available as stored codes ([`rtn_codes`] -> [`AffineCodes`],
+//! the shared layout of the affine quantizers, see also [`crate::hqq`]): unsigned codes with a
+//! per-group `(scale, zero)`, dequantized as `(code - zero) * scale`. Symmetric codes are
+//! stored offset by `2^(b-1)` with zero `2^(b-1)`; the in-place path computes exactly
+//! `(code - zero) * scale` too (so a zero code gives `+0.0`), which makes the two bit-identical
+//! on finite input.
 
 use crate::recipe::{Granularity, QuantizeConfig};
 use half::f16;
@@ -51,7 +59,7 @@ const ROUND_MAGIC: f32 = 8_388_608.0;
 /// Unlike `f32::round` (a libm call without SSE4.1) this is plain adds, compares and
 /// selects, so the quantize loops vectorize on baseline x86-64.
 #[inline(always)]
-fn round_half_away(y: f32) -> f32 {
+pub(crate) fn round_half_away(y: f32) -> f32 {
     let a = y.abs();
     let r = (a + ROUND_MAGIC) - ROUND_MAGIC;
     let r = if a - r == 0.5 { r + 1.0 } else { r };
@@ -60,7 +68,7 @@ fn round_half_away(y: f32) -> f32 {
 
 /// The smallest f16 value `>= scale` (for positive finite `scale`), or `scale` itself when
 /// that would be infinite.
-fn f16_round_up(scale: f32) -> f32 {
+pub(crate) fn f16_round_up(scale: f32) -> f32 {
     let h = f16::from_f32(scale);
     let mut v = h.to_f32();
     if v < scale {
@@ -74,7 +82,7 @@ fn f16_round_up(scale: f32) -> f32 {
 }
 
 /// Turns a raw positive scale into the stored one (never 0 when the group is non-zero).
-fn stored_scale(raw: f32) -> f32 {
+pub(crate) fn stored_scale(raw: f32) -> f32 {
     let s = f16_round_up(raw);
     if s > 0.0 {
         s
@@ -85,7 +93,7 @@ fn stored_scale(raw: f32) -> f32 {
 }
 
 /// Min and max of `g`, ignoring NaN; (0, 0) for an empty group.
-fn min_max(g: &[f32]) -> (f32, f32) {
+pub(crate) fn min_max(g: &[f32]) -> (f32, f32) {
     let (mut lo, mut hi) = (0f32, 0f32);
     for &x in g {
         if x < lo {
@@ -100,9 +108,24 @@ fn min_max(g: &[f32]) -> (f32, f32) {
 
 /// The scale, zero point and code range for one group.
 fn group_params(cfg: &QuantizeConfig, g: &[f32]) -> GroupParams {
-    let bits = u32::from(cfg.bits.clamp(2, 8));
     // min_max starts at 0, so the range always contains 0 (as asymmetric requires).
     let (lo, hi) = min_max(g);
+    params_from_range(cfg, lo, hi)
+}
+
+/// [`min_max`] of a whole (possibly huge) slice, in parallel. Min and max are exact and
+/// associative, so the result does not depend on the split.
+fn min_max_par(values: &[f32]) -> (f32, f32) {
+    values
+        .par_chunks(MIN_PAR_ELEMS)
+        .map(min_max)
+        .reduce(|| (0.0, 0.0), |a, b| (a.0.min(b.0), a.1.max(b.1)))
+}
+
+/// The scale, zero point and code range for a group whose NaN-free range is `[lo, hi]`
+/// with `lo <= 0 <= hi`.
+fn params_from_range(cfg: &QuantizeConfig, lo: f32, hi: f32) -> GroupParams {
+    let bits = u32::from(cfg.bits.clamp(2, 8));
     if cfg.symmetric {
         let qmax = ((1u32 << (bits - 1)) - 1) as f32;
         let absmax = hi.max(-lo);
@@ -128,7 +151,13 @@ fn group_params(cfg: &QuantizeConfig, g: &[f32]) -> GroupParams {
                 hi / qmax - lo / qmax
             };
             let scale = stored_scale(raw);
-            let zero = (-lo / scale).round().clamp(0.0, qmax);
+            // -lo / scale is inf / inf = NaN when lo is -inf; any zero then does.
+            let zero = (-lo / scale).round();
+            let zero = if zero.is_nan() {
+                0.0
+            } else {
+                zero.clamp(0.0, qmax)
+            };
             GroupParams {
                 scale,
                 zero,
@@ -154,17 +183,21 @@ fn code_of(p: &GroupParams, x: f32) -> f32 {
     round_half_away(y) + p.zero
 }
 
-fn qdq_group(cfg: &QuantizeConfig, g: &mut [f32]) {
-    let p = group_params(cfg, g);
+/// Quantizes then dequantizes `g` in place with the parameters `p` (computed from a range
+/// that contains all of `g`).
+fn qdq_with_params(cfg: &QuantizeConfig, p: &GroupParams, g: &mut [f32]) {
     if p.scale == 0.0 {
         g.fill(0.0);
         return;
     }
-    // Two loops so each follows its formula literally (down to the sign of zero).
+    // Both branches compute `(code - zero) * scale` literally: symmetric codes are stored
+    // offset by 2^(b-1) (see [`rtn_codes`]), so a zero code gives +0.0, never -0.0, and
+    // [`AffineCodes::dequantize_into`] reproduces this bit for bit.
     if cfg.symmetric {
         let (lo, hi, scale) = (p.lo, p.hi, p.scale);
+        let offset = -p.lo;
         for x in g.iter_mut() {
-            *x = round_half_away((*x / scale).clamp(lo, hi)) * scale;
+            *x = (round_half_away((*x / scale).clamp(lo, hi)) + offset - offset) * scale;
         }
     } else {
         let (lo, hi, zero, scale) = (p.lo - p.zero, p.hi - p.zero, p.zero, p.scale);
@@ -174,19 +207,33 @@ fn qdq_group(cfg: &QuantizeConfig, g: &mut [f32]) {
     }
 }
 
-/// Elements per group for rows of `row_len` (at least 1, at most `row_len`).
+fn qdq_group(cfg: &QuantizeConfig, g: &mut [f32]) {
+    let p = group_params(cfg, g);
+    qdq_with_params(cfg, &p, g);
+}
+
+/// Elements per group for rows of `row_len` (at least 1, at most `row_len`); for
+/// [`Granularity::Tensor`] see [`layout`] (here it is only used by [`bits_per_weight`]).
 fn group_len(cfg: &QuantizeConfig, row_len: usize) -> usize {
     match cfg.granularity {
-        Granularity::Channel => row_len.max(1),
+        Granularity::Channel | Granularity::Tensor => row_len.max(1),
         Granularity::Group(g) => g.clamp(1, row_len.max(1)),
     }
 }
 
 /// Quantizes then dequantizes `rows` (a flat row-major matrix) in place, in parallel over
 /// rows. A trailing partial row (if `rows.len()` is not a multiple of `row_len`) is treated
-/// as a shorter row. `row_len == 0` does nothing.
+/// as a shorter row. `row_len == 0` does nothing. With [`Granularity::Tensor`] the whole
+/// slice is one group (one scale), whatever `row_len` is.
 pub fn quantize_dequantize_rows(cfg: &QuantizeConfig, rows: &mut [f32], row_len: usize) {
     if row_len == 0 {
+        return;
+    }
+    if cfg.granularity == Granularity::Tensor {
+        let (lo, hi) = min_max_par(rows);
+        let p = params_from_range(cfg, lo, hi);
+        rows.par_chunks_mut(MIN_PAR_ELEMS)
+            .for_each(|chunk| qdq_with_params(cfg, &p, chunk));
         return;
     }
     let group = group_len(cfg, row_len);
@@ -194,6 +241,326 @@ pub fn quantize_dequantize_rows(cfg: &QuantizeConfig, rows: &mut [f32], row_len:
     rows.par_chunks_mut(row_len)
         .with_min_len(min_rows)
         .for_each(|row| row.chunks_mut(group).for_each(|g| qdq_group(cfg, g)));
+}
+
+/// Why a quantizer rejected its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QuantizeError {
+    #[error("row length must be at least 1")]
+    ZeroRowLen,
+    #[error("{len} values do not split into whole rows of {row_len}")]
+    RaggedRows { len: usize, row_len: usize },
+    #[error("{0} bits is outside the supported range 2..=8")]
+    Bits(u8),
+}
+
+/// Checks `bits` is in `2..=8`.
+pub(crate) fn check_bits(bits: u8) -> Result<(), QuantizeError> {
+    if (2..=8).contains(&bits) {
+        Ok(())
+    } else {
+        Err(QuantizeError::Bits(bits))
+    }
+}
+
+/// Checks `len` values form whole rows of `row_len >= 1` (an empty slice always does).
+pub(crate) fn check_rows(len: usize, row_len: usize) -> Result<(), QuantizeError> {
+    if row_len == 0 {
+        Err(QuantizeError::ZeroRowLen)
+    } else if len % row_len != 0 {
+        Err(QuantizeError::RaggedRows { len, row_len })
+    } else {
+        Ok(())
+    }
+}
+
+/// `(row_len, group_len)` of the codes for `len` values in rows of `row_len` (already
+/// checked): the whole slice is one row and one group for [`Granularity::Tensor`], a row is
+/// one group for [`Granularity::Channel`], and `Group(g)` is clamped to `1..=row_len`.
+pub(crate) fn layout(granularity: Granularity, len: usize, row_len: usize) -> (usize, usize) {
+    match granularity {
+        Granularity::Tensor => (len, len),
+        Granularity::Channel => (row_len, row_len),
+        Granularity::Group(g) => (row_len, g.clamp(1, row_len.max(1))),
+    }
+}
+
+/// Elements per rayon task when splitting rows into pieces.
+const PIECE: usize = 1 << 14;
+
+/// Runs `f(start, group_index, piece)` in parallel over contiguous pieces of `out`, each lying
+/// inside one group: `out` is rows of `row_len` (the last may be shorter), each split into
+/// groups of `group_len` (the last of a row may be shorter), groups numbered row-major, and
+/// `start` is the piece's offset in `out`. Short rows are batched per task and a long group
+/// is cut into several pieces, so both many small rows and one huge group run in parallel.
+/// Pieces are disjoint, so the result cannot depend on the thread count.
+pub(crate) fn par_group_pieces<T, F>(out: &mut [T], row_len: usize, group_len: usize, f: F)
+where
+    T: Send,
+    F: Fn(usize, usize, &mut [T]) + Sync,
+{
+    if out.is_empty() || row_len == 0 {
+        return;
+    }
+    let group_len = group_len.clamp(1, row_len);
+    let groups_per_row = row_len.div_ceil(group_len);
+    let f = &f;
+    out.par_chunks_mut(row_len)
+        .enumerate()
+        .with_min_len((PIECE / row_len).max(1))
+        .for_each(|(r, row)| {
+            let row_start = r * row_len;
+            let first_group = r * groups_per_row;
+            if row.len() <= PIECE {
+                for (gi, g) in row.chunks_mut(group_len).enumerate() {
+                    f(row_start + gi * group_len, first_group + gi, g);
+                }
+                return;
+            }
+            row.par_chunks_mut(PIECE)
+                .enumerate()
+                .for_each(|(pi, mut rest): (usize, &mut [T])| {
+                    let mut off = pi * PIECE;
+                    while !rest.is_empty() {
+                        let gi = off / group_len;
+                        let take = ((gi + 1) * group_len - off).min(rest.len());
+                        let (head, tail) = std::mem::take(&mut rest).split_at_mut(take);
+                        f(row_start + off, first_group + gi, head);
+                        off += take;
+                        rest = tail;
+                    }
+                });
+        });
+}
+
+/// Unsigned integer codes with one (scale, zero) per group; dequantize as
+/// `(code - zero) * scale`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AffineCodes {
+    /// Bits per code (2..=8).
+    pub bits: u8,
+    /// Elements per row (for [`Granularity::Tensor`]: the whole slice's length).
+    pub row_len: usize,
+    /// Elements per group within a row (the last group of a row may be shorter).
+    pub group_len: usize,
+    /// One code per element, in `[0, 2^bits)`.
+    pub codes: Vec<u8>,
+    /// One per group, row-major (row 0's groups, then row 1's, ...).
+    pub scales: Vec<f32>,
+    /// One per group (a real number, not necessarily an integer, for HQQ).
+    pub zeros: Vec<f32>,
+}
+
+impl AffineCodes {
+    /// Groups in each row (`ceil(row_len / group_len)`, 0 for an empty layout).
+    pub fn groups_per_row(&self) -> usize {
+        if self.group_len == 0 {
+            0
+        } else {
+            self.row_len.div_ceil(self.group_len)
+        }
+    }
+
+    /// Writes `(code - zero) * scale` for every element, in parallel over rows (and over
+    /// pieces of long rows). `out` should have `codes.len()` elements; only the common prefix
+    /// is written otherwise. A group whose scale or zero is missing dequantizes to 0.
+    pub fn dequantize_into(&self, out: &mut [f32]) {
+        let n = out.len().min(self.codes.len());
+        let codes = &self.codes[..n];
+        par_group_pieces(
+            &mut out[..n],
+            self.row_len,
+            self.group_len,
+            |start, g, piece| {
+                let (scale, zero) = match (self.scales.get(g), self.zeros.get(g)) {
+                    (Some(&s), Some(&z)) => (s, z),
+                    _ => (0.0, 0.0),
+                };
+                let codes = &codes[start..start + piece.len()];
+                for (o, &c) in piece.iter_mut().zip(codes) {
+                    *o = (f32::from(c) - zero) * scale;
+                }
+            },
+        );
+    }
+}
+
+/// Writes the RTN codes of `g` under `p` into `codes` (stored unsigned: symmetric codes are
+/// offset by `2^(b-1)`), returning the stored zero point.
+fn rtn_group_codes(cfg: &QuantizeConfig, p: &GroupParams, g: &[f32], codes: &mut [u8]) -> f32 {
+    let offset = if cfg.symmetric { -p.lo } else { 0.0 };
+    let zero = p.zero + offset;
+    if p.scale == 0.0 {
+        codes.fill(zero as u8);
+        return zero;
+    }
+    for (c, &x) in codes.iter_mut().zip(g) {
+        // In [0, 2^b) by the clamp in code_of; NaN casts to 0.
+        *c = (code_of(p, x) + offset) as u8;
+    }
+    zero
+}
+
+/// Largest `|x|` over the finite values of `x` (0 when there are none), in parallel for a
+/// long slice (max is exact, so the split cannot change the result).
+pub(crate) fn finite_absmax(x: &[f32]) -> f32 {
+    let part = |x: &[f32]| {
+        let mut m = [0f32; 8];
+        let chunks = x.chunks_exact(8);
+        let rem = chunks.remainder();
+        for c in chunks {
+            for l in 0..8 {
+                let a = c[l].abs();
+                m[l] = if a > m[l] && a < f32::INFINITY {
+                    a
+                } else {
+                    m[l]
+                };
+            }
+        }
+        for &v in rem {
+            let a = v.abs();
+            m[0] = if a > m[0] && a < f32::INFINITY {
+                a
+            } else {
+                m[0]
+            };
+        }
+        m.iter().fold(0f32, |a, &b| a.max(b))
+    };
+    if x.len() <= MIN_PAR_ELEMS {
+        part(x)
+    } else {
+        x.par_chunks(MIN_PAR_ELEMS)
+            .map(part)
+            .reduce(|| 0.0, f32::max)
+    }
+}
+
+/// Asymmetric RTN of a group whose range is `[lo, hi]` (`lo <= 0 <= hi`, NaN-free): the
+/// parameters and code formula of [`quantize_dequantize_rows`], for callers that score
+/// RTN before deciding what to store.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RtnAsym {
+    params: GroupParams,
+    /// Stored scale (0 for an all-zero group).
+    pub scale: f32,
+    /// Stored (integer) zero point.
+    pub zero: f32,
+}
+
+impl RtnAsym {
+    pub(crate) fn new(bits: u8, lo: f32, hi: f32) -> Self {
+        let cfg = QuantizeConfig {
+            bits,
+            symmetric: false,
+            granularity: Granularity::Channel,
+        };
+        let params = params_from_range(&cfg, lo, hi);
+        RtnAsym {
+            params,
+            scale: params.scale,
+            zero: params.zero,
+        }
+    }
+
+    /// The code of `x`, as an integer-valued f32 in `[0, 2^b)`.
+    #[inline(always)]
+    pub(crate) fn code(&self, x: f32) -> f32 {
+        if self.scale == 0.0 {
+            self.zero
+        } else {
+            code_of(&self.params, x)
+        }
+    }
+
+    /// `(code - zero) * scale`.
+    #[inline(always)]
+    pub(crate) fn dequantize(&self, code: f32) -> f32 {
+        (code - self.zero) * self.scale
+    }
+}
+
+/// Asymmetric min-max RTN of one group of any size (a long group runs in parallel): writes
+/// the codes into `codes` and returns `(scale, zero)`, exactly as [`rtn_codes`] would.
+pub(crate) fn rtn_asym_group_codes(bits: u8, g: &[f32], codes: &mut [u8]) -> (f32, f32) {
+    let cfg = QuantizeConfig {
+        bits,
+        symmetric: false,
+        granularity: Granularity::Channel,
+    };
+    if g.len() <= MIN_PAR_ELEMS {
+        let p = group_params(&cfg, g);
+        let zero = rtn_group_codes(&cfg, &p, g, codes);
+        return (p.scale, zero);
+    }
+    let (lo, hi) = min_max_par(g);
+    let p = params_from_range(&cfg, lo, hi);
+    g.par_chunks(MIN_PAR_ELEMS)
+        .zip(codes.par_chunks_mut(MIN_PAR_ELEMS))
+        .for_each(|(g, c)| {
+            rtn_group_codes(&cfg, &p, g, c);
+        });
+    (p.scale, p.zero)
+}
+
+/// Round-to-nearest codes of `values` (rows of `row_len`) under `cfg`, laid out as
+/// [`AffineCodes`]. [`AffineCodes::dequantize_into`] reproduces [`quantize_dequantize_rows`]
+/// bit for bit on finite input (symmetric codes are stored offset by `2^(b-1)` with zero
+/// `2^(b-1)`; NaN elements get code 0 instead of dequantizing to NaN).
+///
+/// Errors: `row_len == 0`, `values.len()` not a multiple of `row_len`, bits outside 2..=8.
+pub fn rtn_codes(
+    cfg: &QuantizeConfig,
+    values: &[f32],
+    row_len: usize,
+) -> Result<AffineCodes, QuantizeError> {
+    check_bits(cfg.bits)?;
+    check_rows(values.len(), row_len)?;
+    let (row_len, group_len) = layout(cfg.granularity, values.len(), row_len);
+    let mut out = AffineCodes {
+        bits: cfg.bits,
+        row_len,
+        group_len,
+        codes: vec![0; values.len()],
+        scales: Vec::new(),
+        zeros: Vec::new(),
+    };
+    if values.is_empty() {
+        return Ok(out);
+    }
+    let groups_per_row = out.groups_per_row();
+    let groups = values.len() / row_len * groups_per_row;
+    out.scales = vec![0.0; groups];
+    out.zeros = vec![0.0; groups];
+    if cfg.granularity == Granularity::Tensor {
+        let (lo, hi) = min_max_par(values);
+        let p = params_from_range(cfg, lo, hi);
+        let zeros: Vec<f32> = values
+            .par_chunks(MIN_PAR_ELEMS)
+            .zip(out.codes.par_chunks_mut(MIN_PAR_ELEMS))
+            .map(|(g, c)| rtn_group_codes(cfg, &p, g, c))
+            .collect();
+        out.scales[0] = p.scale;
+        out.zeros[0] = zeros[0];
+        return Ok(out);
+    }
+    let min_rows = (MIN_PAR_ELEMS / row_len).max(1);
+    values
+        .par_chunks(row_len)
+        .zip(out.codes.par_chunks_mut(row_len))
+        .zip(out.scales.par_chunks_mut(groups_per_row))
+        .zip(out.zeros.par_chunks_mut(groups_per_row))
+        .with_min_len(min_rows)
+        .for_each(|(((row, codes), scales), zeros)| {
+            let groups = row.chunks(group_len).zip(codes.chunks_mut(group_len));
+            for (i, (g, c)) in groups.enumerate() {
+                let p = group_params(cfg, g);
+                scales[i] = p.scale;
+                zeros[i] = rtn_group_codes(cfg, &p, g, c);
+            }
+        });
+    Ok(out)
 }
 
 /// Quantizes one group, returning `(scale, zero, codes)`. Symmetric codes lie in
@@ -211,10 +578,15 @@ pub fn quantize_group_codes(cfg: &QuantizeConfig, group: &[f32]) -> (f32, i32, V
 
 /// Average stored bits per weight for rows of `row_len`: the code bits plus, per group, a
 /// 16-bit scale (and a `bits`-bit zero point when asymmetric), with `ceil(row_len/group)`
-/// groups per row.
+/// groups per row. [`Granularity::Tensor`] counts just the code bits.
 pub fn bits_per_weight(cfg: &QuantizeConfig, row_len: usize) -> f64 {
     let bits = f64::from(cfg.bits);
     if row_len == 0 {
+        return bits;
+    }
+    if cfg.granularity == Granularity::Tensor {
+        // One scale for the whole tensor: its cost per weight is negligible (and the tensor
+        // size is not known here).
         return bits;
     }
     let per_group = 16.0 + if cfg.symmetric { 0.0 } else { bits };
@@ -233,4 +605,4 @@ pub fn row_len_of(shape: &[u64]) -> u64 {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -13,6 +13,8 @@ use serde::Deserialize;
 pub struct Recipe {
     /// `"custom"` when the YAML has no name.
     pub name: String,
+    /// The output format this recipe asks for (the CLI's `--format` overrides it).
+    pub format: OutputFormat,
     pub passes: Vec<PassSpec>,
     pub gates: Gates,
     /// The YAML this recipe was parsed from (shipped to workers verbatim).
@@ -27,10 +29,89 @@ pub struct PassSpec {
     pub ignore: Vec<Matcher>,
 }
 
-/// What a pass does.
+/// What a pass does. Passes fall in two stages: a *structure* stage (pruning, which decides
+/// which weights are stored at all) and a *values* stage (how the kept weights are stored).
+/// A tensor gets at most one of each, structure first; see [`crate::codec::TensorPlan`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum PassKind {
+    /// Round-to-nearest uniform affine quantization.
     Quantize(QuantizeConfig),
+    /// Data-free optimized (HQQ-style) affine quantization.
+    Hqq(crate::hqq::HqqConfig),
+    /// One k-means codebook per tensor (Deep Compression weight sharing).
+    Kmeans { bits: u8, iterations: usize },
+    /// NormalFloat-4 codebook with an absmax scale per group.
+    Nf4 { granularity: Granularity },
+    /// FP8 E4M3 with a per-channel or per-tensor scale.
+    Fp8 { per_channel: bool },
+    /// Magnitude, N:M or structured pruning.
+    Prune(PruneConfig),
+    /// Truncated SVD into two factors.
+    LowRank { rule: RankRule, power_iters: usize },
+    /// Blockwise DCT of each row keeping the largest coefficients (experimental).
+    Dct { block: usize, keep: f64 },
+    /// HashedNets bucket sharing: `fraction` of the weights' count as shared buckets.
+    Hashed { fraction: f64 },
+}
+
+/// How a low-rank pass picks its rank.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum RankRule {
+    /// A fixed rank (capped at the matrix's smaller side).
+    Rank(usize),
+    /// The smallest rank keeping this fraction of the squared Frobenius norm.
+    Energy(f64),
+    /// The largest rank whose two factors take at most this fraction of the dense size.
+    StorageFraction(f64),
+}
+
+/// Which weights a pruning pass removes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PruneConfig {
+    /// Unstructured: the `sparsity` fraction of weights with the smallest magnitude, per tensor.
+    Magnitude { sparsity: f64 },
+    /// In every run of `m` weights of a row, keep the `n` largest.
+    NOfM { n: usize, m: usize },
+    /// Whole rows (output channels) with the smallest norm ("model pruning").
+    Rows {
+        fraction: f64,
+        norm: crate::prune::Norm,
+    },
+    /// Whole input columns with the smallest norm ("feature pruning").
+    Columns {
+        fraction: f64,
+        norm: crate::prune::Norm,
+    },
+}
+
+/// Where the compressed model is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// Dequantized safetensors shards, readable by any safetensors loader.
+    #[default]
+    Safetensors,
+    /// One `.spz` archive holding every pass's compact representation, entropy-coded.
+    Spz,
+}
+
+impl OutputFormat {
+    /// Parses `safetensors` or `spz`.
+    pub fn parse(s: &str) -> Option<OutputFormat> {
+        match s {
+            "safetensors" => Some(OutputFormat::Safetensors),
+            "spz" => Some(OutputFormat::Spz),
+            _ => None,
+        }
+    }
+
+    /// The name used on the command line and in recipes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputFormat::Safetensors => "safetensors",
+            OutputFormat::Spz => "spz",
+        }
+    }
 }
 
 /// Round-to-nearest quantization settings.
@@ -48,6 +129,8 @@ pub enum Granularity {
     Channel,
     /// One scale per run of this many weights within a row.
     Group(usize),
+    /// One scale for the whole tensor (needs the whole tensor in memory).
+    Tensor,
 }
 
 /// Quality thresholds checked against per-tensor metrics; `None` means unchecked.
@@ -128,22 +211,72 @@ impl Matcher {
     }
 }
 
+impl Granularity {
+    fn describe(self) -> String {
+        match self {
+            Granularity::Channel => "per-channel".to_owned(),
+            Granularity::Group(g) => format!("g{g}"),
+            Granularity::Tensor => "per-tensor".to_owned(),
+        }
+    }
+}
+
 impl PassKind {
-    /// Short description, e.g. `"rtn int4 sym g128"` or `"rtn int8 asym per-channel"`.
+    /// Short description, e.g. `"rtn int4 sym g128"` or `"prune 2:4"`.
     pub fn describe(&self) -> String {
         match self {
             PassKind::Quantize(q) => {
                 let sym = if q.symmetric { "sym" } else { "asym" };
-                let gran = match q.granularity {
-                    Granularity::Channel => "per-channel".to_owned(),
-                    Granularity::Group(g) => format!("g{g}"),
-                };
-                format!("rtn int{} {sym} {gran}", q.bits)
+                format!("rtn int{} {sym} {}", q.bits, q.granularity.describe())
             }
+            PassKind::Hqq(h) => format!("hqq int{} {}", h.bits, h.granularity.describe()),
+            PassKind::Kmeans { bits, .. } => format!("kmeans {bits}-bit"),
+            PassKind::Nf4 { granularity } => format!("nf4 {}", granularity.describe()),
+            PassKind::Fp8 { per_channel } => {
+                let g = if *per_channel {
+                    "per-channel"
+                } else {
+                    "per-tensor"
+                };
+                format!("fp8-e4m3 {g}")
+            }
+            PassKind::Prune(p) => match p {
+                PruneConfig::Magnitude { sparsity } => format!("prune magnitude {sparsity}"),
+                PruneConfig::NOfM { n, m } => format!("prune {n}:{m}"),
+                PruneConfig::Rows { fraction, norm } => format!("prune rows {fraction} {norm:?}"),
+                PruneConfig::Columns { fraction, norm } => {
+                    format!("prune columns {fraction} {norm:?}")
+                }
+            },
+            PassKind::LowRank { rule, .. } => match rule {
+                RankRule::Rank(r) => format!("lowrank rank {r}"),
+                RankRule::Energy(e) => format!("lowrank energy {e}"),
+                RankRule::StorageFraction(f) => format!("lowrank storage {f}"),
+            },
+            PassKind::Dct { block, keep } => format!("dct b{block} keep {keep}"),
+            PassKind::Hashed { fraction } => format!("hashed {fraction}"),
         }
     }
 
-    /// Longer description used by [`Recipe::describe`], e.g. `"quantize 4-bit sym group 128"`.
+    /// True for pruning passes (the structure stage).
+    pub fn is_structure(&self) -> bool {
+        matches!(self, PassKind::Prune(_))
+    }
+
+    /// The YAML key this pass is written under.
+    pub fn key(&self) -> &'static str {
+        match self {
+            PassKind::Quantize(_) | PassKind::Hqq(_) => "quantize",
+            PassKind::Kmeans { .. } | PassKind::Nf4 { .. } => "codebook",
+            PassKind::Fp8 { .. } => "fp8",
+            PassKind::Prune(_) => "prune",
+            PassKind::LowRank { .. } => "lowrank",
+            PassKind::Dct { .. } => "dct",
+            PassKind::Hashed { .. } => "hashed",
+        }
+    }
+
+    /// Longer description used by [`Recipe::describe`].
     fn describe_long(&self) -> String {
         match self {
             PassKind::Quantize(q) => {
@@ -151,9 +284,11 @@ impl PassKind {
                 let gran = match q.granularity {
                     Granularity::Channel => "per-channel".to_owned(),
                     Granularity::Group(g) => format!("group {g}"),
+                    Granularity::Tensor => "per-tensor".to_owned(),
                 };
                 format!("quantize {}-bit {sym} {gran}", q.bits)
             }
+            other => other.describe(),
         }
     }
 }
@@ -162,43 +297,12 @@ impl PassKind {
 #[serde(deny_unknown_fields)]
 struct RawRecipe {
     name: Option<String>,
+    #[serde(default)]
+    format: Option<OutputFormat>,
     passes: Vec<RawPass>,
     #[serde(default)]
     gates: Option<RawGates>,
 }
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPass {
-    quantize: Option<RawQuantize>,
-    #[serde(default)]
-    targets: Vec<String>,
-    #[serde(default)]
-    ignore: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
-enum RawGranularity {
-    Channel,
-    Group,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQuantize {
-    bits: u8,
-    #[serde(default = "default_symmetric")]
-    symmetric: bool,
-    granularity: RawGranularity,
-    group_size: Option<usize>,
-}
-
-fn default_symmetric() -> bool {
-    true
-}
-
-const DEFAULT_GROUP_SIZE: usize = 128;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -215,56 +319,8 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> RecipeError {
     }
 }
 
-fn convert_quantize(field: &str, raw: RawQuantize) -> Result<QuantizeConfig, RecipeError> {
-    if !(2..=8).contains(&raw.bits) {
-        return Err(invalid(
-            format!("{field}.bits"),
-            format!("{} is outside 2..=8", raw.bits),
-        ));
-    }
-    let granularity = match (raw.granularity, raw.group_size) {
-        (RawGranularity::Channel, None) => Granularity::Channel,
-        (RawGranularity::Channel, Some(_)) => {
-            return Err(invalid(
-                format!("{field}.group_size"),
-                "only allowed with granularity: group",
-            ))
-        }
-        (RawGranularity::Group, Some(0)) => {
-            return Err(invalid(format!("{field}.group_size"), "must be at least 1"))
-        }
-        (RawGranularity::Group, size) => Granularity::Group(size.unwrap_or(DEFAULT_GROUP_SIZE)),
-    };
-    Ok(QuantizeConfig {
-        bits: raw.bits,
-        symmetric: raw.symmetric,
-        granularity,
-    })
-}
-
-fn convert_pass(index: usize, raw: RawPass) -> Result<PassSpec, RecipeError> {
-    let field = format!("passes[{index}]");
-    let Some(q) = raw.quantize else {
-        return Err(invalid(&field, "a pass needs a kind (quantize)"));
-    };
-    let kind = PassKind::Quantize(convert_quantize(&format!("{field}.quantize"), q)?);
-    if raw.targets.is_empty() {
-        return Err(invalid(
-            format!("{field}.targets"),
-            "at least one target is required",
-        ));
-    }
-    let parse_all = |v: &[String]| {
-        v.iter()
-            .map(|p| Matcher::parse(p))
-            .collect::<Result<Vec<_>, _>>()
-    };
-    Ok(PassSpec {
-        kind,
-        targets: parse_all(&raw.targets)?,
-        ignore: parse_all(&raw.ignore)?,
-    })
-}
+mod passes;
+use passes::RawPass;
 
 fn convert_gates(raw: Option<RawGates>) -> Result<Gates, RecipeError> {
     let Some(raw) = raw else {
@@ -298,63 +354,31 @@ fn convert_gates(raw: Option<RawGates>) -> Result<Gates, RecipeError> {
     })
 }
 
-/// Builds a preset's YAML at compile time: all `.weight` tensors except embeddings, the LM
-/// head and norms.
-macro_rules! preset_yaml {
-    ($name:literal, $bits:literal, $sym:literal, $gran:literal) => {
-        concat!(
-            "name: ",
-            $name,
-            "\n",
-            "passes:\n",
-            "  - quantize: { bits: ",
-            $bits,
-            ", symmetric: ",
-            $sym,
-            ", ",
-            $gran,
-            " }\n",
-            "    targets: ['re:.*\\.weight$']\n",
-            "    ignore: ['re:.*(embed_tokens|lm_head|norm).*']\n",
-        )
+/// Tensors every preset compresses: all `.weight` matrices except embeddings, the LM head
+/// and norms (1-D tensors are always stored unchanged).
+macro_rules! weights {
+    () => {
+        "    targets: ['re:.*\\.weight$']\n    ignore: ['re:(?i).*(embed|lm_head|norm).*']\n"
     };
 }
 
-const PRESETS: [(&str, &str); 4] = [
-    (
-        "int8",
-        preset_yaml!("int8", "8", "true", "granularity: channel"),
-    ),
-    (
-        "int4-g128",
-        preset_yaml!(
-            "int4-g128",
-            "4",
-            "true",
-            "granularity: group, group_size: 128"
-        ),
-    ),
-    (
-        "int4-g128-asym",
-        preset_yaml!(
-            "int4-g128-asym",
-            "4",
-            "false",
-            "granularity: group, group_size: 128"
-        ),
-    ),
-    (
-        "int8-g128",
-        preset_yaml!(
-            "int8-g128",
-            "8",
-            "true",
-            "granularity: group, group_size: 128"
-        ),
-    ),
+/// The built-in recipes: (name, YAML).
+const PRESETS: [(&str, &str); 14] = [
+    ("int8", concat!("name: int8\npasses:\n  - quantize: { bits: 8, granularity: channel }\n", weights!())),
+    ("int8-g128", concat!("name: int8-g128\npasses:\n  - quantize: { bits: 8, granularity: group, group_size: 128 }\n", weights!())),
+    ("int4-g128", concat!("name: int4-g128\npasses:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n", weights!())),
+    ("int4-g128-asym", concat!("name: int4-g128-asym\npasses:\n  - quantize: { bits: 4, symmetric: false, granularity: group, group_size: 128 }\n", weights!())),
+    ("hqq4", concat!("name: hqq4\npasses:\n  - quantize: { method: hqq, bits: 4, granularity: group, group_size: 64 }\n", weights!())),
+    ("hqq3", concat!("name: hqq3\npasses:\n  - quantize: { method: hqq, bits: 3, granularity: group, group_size: 64 }\n", weights!())),
+    ("nf4", concat!("name: nf4\npasses:\n  - codebook: { method: nf4, granularity: group, group_size: 64 }\n", weights!())),
+    ("kmeans4", concat!("name: kmeans4\npasses:\n  - codebook: { method: kmeans, bits: 4 }\n", weights!())),
+    ("fp8", concat!("name: fp8\npasses:\n  - fp8: { granularity: channel }\n", weights!())),
+    ("2of4", concat!("name: 2of4\npasses:\n  - prune: { method: nm, n: 2, m: 4 }\n", weights!())),
+    ("2of4-int4", concat!("name: 2of4-int4\npasses:\n  - prune: { method: nm, n: 2, m: 4 }\n", weights!(), "  - quantize: { bits: 4, granularity: group, group_size: 64 }\n", weights!())),
+    ("svd50", concat!("name: svd50\npasses:\n  - lowrank: { storage: 0.5 }\n", weights!())),
+    ("dct25", concat!("name: dct25\npasses:\n  - dct: { block: 64, keep: 0.25 }\n", weights!())),
+    ("lossless", "name: lossless\nformat: spz\npasses: []\n"),
 ];
-
-const PRESET_NAMES: [&str; 4] = ["int8", "int4-g128", "int4-g128-asym", "int8-g128"];
 
 impl Recipe {
     /// Parses and validates a recipe; keeps `yaml` in `source_yaml`.
@@ -367,17 +391,23 @@ impl Recipe {
                 column: loc.as_ref().map(|l| l.column()),
             }
         })?;
-        if raw.passes.is_empty() {
-            return Err(invalid("passes", "at least one pass is required"));
-        }
         let passes = raw
             .passes
             .into_iter()
             .enumerate()
-            .map(|(i, p)| convert_pass(i, p))
+            .map(|(i, p)| passes::convert_pass(i, p))
             .collect::<Result<Vec<_>, _>>()?;
+        let format = raw.format.unwrap_or_default();
+        if passes.is_empty() && format != OutputFormat::Spz {
+            return Err(invalid(
+                "passes",
+                "at least one pass is required (a recipe without passes only makes sense with \
+                 format: spz, where the lossless entropy stage still shrinks the model)",
+            ));
+        }
         Ok(Recipe {
             name: raw.name.unwrap_or_else(|| "custom".to_owned()),
+            format,
             passes,
             gates: convert_gates(raw.gates)?,
             source_yaml: yaml.to_owned(),
@@ -391,8 +421,8 @@ impl Recipe {
     }
 
     /// Names of the built-in recipes.
-    pub fn preset_names() -> &'static [&'static str] {
-        &PRESET_NAMES
+    pub fn preset_names() -> Vec<&'static str> {
+        PRESETS.iter().map(|(n, _)| *n).collect()
     }
 
     /// The passes that apply to `tensor_name` (a target matches, no ignore does), in order.
@@ -408,7 +438,15 @@ impl Recipe {
     /// One line, e.g. `"int4-g128: quantize 4-bit sym group 128"`.
     pub fn describe(&self) -> String {
         let passes: Vec<String> = self.passes.iter().map(|p| p.kind.describe_long()).collect();
-        let mut line = format!("{}: {}", self.name, passes.join(", then "));
+        let passes = if passes.is_empty() {
+            "no lossy pass (entropy coding only)".to_owned()
+        } else {
+            passes.join(", then ")
+        };
+        let mut line = format!("{}: {}", self.name, passes);
+        if self.format == OutputFormat::Spz {
+            line.push_str(" [spz]");
+        }
         let gates = self.gates.describe();
         if !gates.is_empty() {
             line.push_str(&format!(" (gates: {gates})"));

@@ -1,7 +1,7 @@
 //! What can go wrong in a task, and whether another attempt (maybe elsewhere) may succeed:
 //! storage and network trouble is retryable; corrupt input or an invalid recipe is not.
 
-use shardpress_core::pipeline::PipelineError;
+use shardpress_core::codec::CodecError;
 use shardpress_core::recipe::RecipeError;
 use shardpress_proto::convert::ConvertError;
 use shardpress_store::StoreError;
@@ -14,11 +14,13 @@ pub enum TaskError {
     Recipe(#[from] RecipeError),
     #[error("invalid lease: {0}")]
     Lease(#[from] ConvertError),
+    #[error("invalid lease: {0}")]
+    BadLease(String),
     #[error("tensor {tensor:?}: {source}")]
     Pipeline {
         tensor: String,
         #[source]
-        source: PipelineError,
+        source: CodecError,
     },
     #[error("tensor {tensor:?}: {reason}")]
     BadTensor { tensor: String, reason: String },

@@ -6,6 +6,7 @@
 //! Layout: [`cpu`] (the bridge to the rayon pool), [`task`] (one lease, chunk by chunk),
 //! [`error`] (what can fail and whether a retry elsewhere may help), and the lease loop here.
 
+pub mod assemble;
 pub mod cpu;
 pub mod error;
 pub mod task;

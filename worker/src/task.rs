@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use object_store::{ObjectStoreExt, WriteMultipart};
+use shardpress_core::codec::TensorPlan;
 use shardpress_core::dtype::DType;
 use shardpress_core::header::encode_header;
 use shardpress_core::metrics::ErrorAccumulator;
-use shardpress_core::pipeline::{self, process_chunk};
+use shardpress_core::pipeline::process_chunk;
 use shardpress_core::plan::PlannedTensor;
 use shardpress_core::quantize::row_len_of;
-use shardpress_core::recipe::{PassKind, Recipe};
+use shardpress_core::recipe::{OutputFormat, Recipe};
 use shardpress_proto::v1::{CompleteTaskRequest, TaskLease, TensorResult};
 use shardpress_store::StoreLocation;
 use tokio::sync::mpsc;
@@ -42,29 +43,6 @@ struct Timings {
     read: Duration,
     compute: Duration,
     write: Duration,
-}
-
-/// The passes that really apply to a tensor, or why a targeted tensor is copied unchanged.
-fn applicable_passes(recipe: &Recipe, tensor: &PlannedTensor) -> (Vec<PassKind>, String) {
-    let passes: Vec<PassKind> = recipe
-        .passes_for(&tensor.name)
-        .into_iter()
-        .cloned()
-        .collect();
-    if passes.is_empty() {
-        return (passes, String::new());
-    }
-    if !tensor.dtype.is_decodable_float() {
-        let note = format!(
-            "not compressed: dtype {} is not BF16/F16/F32",
-            tensor.dtype.as_safetensors()
-        );
-        return (Vec::new(), note);
-    }
-    if tensor.shape.len() < 2 {
-        return (Vec::new(), "not compressed: 1-D tensor".into());
-    }
-    (passes, String::new())
 }
 
 fn check_extent(tensor: &PlannedTensor) -> Result<(), TaskError> {
@@ -95,7 +73,18 @@ pub async fn execute(
     ctx: &TaskContext,
 ) -> Result<CompleteTaskRequest, TaskError> {
     let started = Instant::now();
+    if let Some(assemble) = &lease.assemble {
+        return crate::assemble::assemble(lease, assemble, ctx).await;
+    }
     let recipe = Recipe::from_yaml(&lease.recipe_yaml)?;
+    let format = match lease.format.as_str() {
+        "" => OutputFormat::Safetensors,
+        other => OutputFormat::parse(other).ok_or_else(|| {
+            TaskError::BadLease(format!(
+                "unknown output format {other:?} (this worker writes safetensors or spz)"
+            ))
+        })?,
+    };
     let model = StoreLocation::open(&lease.model_url)?;
     let out = StoreLocation::open(&lease.out_url)?;
     let tensors = lease
@@ -115,6 +104,13 @@ pub async fn execute(
         tensor: lease.output_name.clone(),
         reason: e.to_string(),
     })?;
+    let plans = tensors
+        .iter()
+        .map(|t| {
+            TensorPlan::for_tensor(&recipe, &t.name, t.dtype, &t.shape)
+                .map_err(|e| TaskError::BadLease(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
 
     let object = out.describe(&lease.output_name);
     let upload_err = |e: object_store::Error| TaskError::Upload {
@@ -131,12 +127,19 @@ pub async fn execute(
         hasher: blake3::Hasher::new(),
         bytes: 0,
     };
-    writer.write(&prefix);
+    if format == OutputFormat::Safetensors {
+        writer.write(&prefix);
+    }
 
     let mut timings = Timings::default();
     let mut results = Vec::with_capacity(tensors.len());
-    for tensor in &tensors {
-        match compress_tensor(&model, &recipe, tensor, &mut writer, ctx, &mut timings).await {
+    for (tensor, plan) in tensors.iter().zip(plans) {
+        let job = TensorJob {
+            tensor,
+            plan: Arc::new(plan),
+            format,
+        };
+        match compress_tensor(&model, job, &mut writer, ctx, &mut timings).await {
             Ok(result) => results.push(result),
             Err(e) => {
                 writer.inner.abort().await.ok();
@@ -161,14 +164,14 @@ pub async fn execute(
     })
 }
 
-struct ShardWriter {
-    inner: WriteMultipart,
-    hasher: blake3::Hasher,
-    bytes: u64,
+pub(crate) struct ShardWriter {
+    pub(crate) inner: WriteMultipart,
+    pub(crate) hasher: blake3::Hasher,
+    pub(crate) bytes: u64,
 }
 
 impl ShardWriter {
-    fn write(&mut self, data: &[u8]) {
+    pub(crate) fn write(&mut self, data: &[u8]) {
         self.hasher.update(data);
         self.bytes += data.len() as u64;
         self.inner.write(data);
@@ -191,22 +194,39 @@ fn chunk_ranges(
         .collect()
 }
 
+/// One tensor and what to do with it.
+struct TensorJob<'a> {
+    tensor: &'a PlannedTensor,
+    plan: Arc<TensorPlan>,
+    format: OutputFormat,
+}
+
 async fn compress_tensor(
     model: &StoreLocation,
-    recipe: &Recipe,
-    tensor: &PlannedTensor,
+    job: TensorJob<'_>,
     writer: &mut ShardWriter,
     ctx: &TaskContext,
     timings: &mut Timings,
 ) -> Result<TensorResult, TaskError> {
-    let (passes, note) = applicable_passes(recipe, tensor);
-    let passes = Arc::new(passes);
+    let TensorJob {
+        tensor,
+        plan,
+        format,
+    } = job;
     let row_len = row_len_of(&tensor.shape).max(1) as usize;
-    // Copied tensors have no row structure to respect: chunk them by bytes alone.
-    let chunk_row_len = if passes.is_empty() { 1 } else { row_len };
-    let ranges = chunk_ranges(tensor, chunk_row_len as u64, ctx.chunk_bytes);
+    // Copied tensors have no row structure to respect: chunk them by bytes alone. Passes that
+    // need whole-tensor statistics get the tensor as one chunk.
+    let chunk_row_len = if plan.is_identity() { 1 } else { row_len };
+    let chunk_bytes = if plan.needs_whole_tensor() {
+        usize::MAX
+    } else {
+        ctx.chunk_bytes
+    };
+    let ranges = chunk_ranges(tensor, chunk_row_len as u64, chunk_bytes);
     let mut chunks = read_ahead(model, tensor, ranges);
     let mut acc = ErrorAccumulator::new();
+    let record_offset = writer.bytes;
+    let mut repr_bits = 0u64;
     loop {
         if ctx.cancelled.load(Ordering::Relaxed) {
             return Err(TaskError::Cancelled("lease lost".into()));
@@ -218,18 +238,10 @@ async fn compress_tensor(
         timings.read += read_started.elapsed();
         let input = input?;
         let compute_started = Instant::now();
-        let (passes_c, dtype) = (passes.clone(), tensor.dtype);
+        let (plan_c, dtype) = (plan.clone(), tensor.dtype);
         let (output, acc_out) = cpu::run(move || {
-            let mut output = Vec::with_capacity(input.len());
-            let result = process_chunk(
-                &passes_c,
-                dtype,
-                chunk_row_len,
-                &input,
-                &mut output,
-                &mut acc,
-            );
-            result.map(|()| (output, acc))
+            let result = process_chunk(&plan_c, dtype, chunk_row_len, &input, format, &mut acc);
+            result.map(|out| (out, acc))
         })
         .await
         .map_err(|message| TaskError::Compute {
@@ -241,9 +253,13 @@ async fn compress_tensor(
             source,
         })?;
         acc = acc_out;
+        repr_bits += output.repr_bits;
         timings.compute += compute_started.elapsed();
         let write_started = Instant::now();
-        writer.write(&output);
+        if format == OutputFormat::Spz {
+            writer.write(&(output.bytes.len() as u64).to_le_bytes());
+        }
+        writer.write(&output.bytes);
         writer
             .inner
             .wait_for_capacity(UPLOAD_CONCURRENCY)
@@ -254,25 +270,34 @@ async fn compress_tensor(
             })?;
         timings.write += write_started.elapsed();
         ctx.progress
-            .fetch_add(output.len() as u64, Ordering::Relaxed);
+            .fetch_add(output.bytes.len() as u64, Ordering::Relaxed);
         if !ctx.delay_per_chunk.is_zero() {
             tokio::time::sleep(ctx.delay_per_chunk).await;
         }
     }
+    let elems = (tensor.data_end - tensor.data_start) / tensor.dtype.size_bytes().max(1) as u64;
+    let per_weight = |bits: u64| {
+        if elems == 0 {
+            0.0
+        } else {
+            bits as f64 / elems as f64
+        }
+    };
     let mut result = TensorResult {
         name: tensor.name.clone(),
         dtype: tensor.dtype.as_safetensors().to_string(),
         shape: tensor.shape.clone(),
-        pass: passes
-            .iter()
-            .map(PassKind::describe)
-            .collect::<Vec<_>>()
-            .join(" + "),
-        bits_per_weight: pipeline::bits_per_weight(&passes, tensor.dtype, row_len),
-        note,
+        pass: plan.describe(),
+        bits_per_weight: per_weight(repr_bits),
+        note: plan.note.clone(),
         ..Default::default()
     };
-    if !passes.is_empty() {
+    if format == OutputFormat::Spz {
+        result.record_offset = record_offset;
+        result.record_len = writer.bytes - record_offset;
+        result.stored_bits_per_weight = per_weight(result.record_len * 8);
+    }
+    if !plan.is_identity() {
         result.set_metrics(&acc.finish());
     }
     Ok(result)

@@ -39,7 +39,8 @@ fn reference_group(cfg: &QuantizeConfig, g: &[f32]) -> (f32, Vec<f32>) {
         let s = up(absmax / qmax);
         let out = g
             .iter()
-            .map(|x| (x / s).round().clamp(-qmax - 1.0, qmax) * s)
+            // `+ 0.0`: codes are stored offset by 2^(b-1), so a zero code is +0.0, not -0.0.
+            .map(|x| ((x / s).round().clamp(-qmax - 1.0, qmax) + 0.0) * s)
             .collect();
         (s, out)
     } else {
@@ -60,9 +61,10 @@ fn reference_group(cfg: &QuantizeConfig, g: &[f32]) -> (f32, Vec<f32>) {
 }
 
 fn reference_rows(cfg: &QuantizeConfig, rows: &[f32], row_len: usize) -> (Vec<f32>, Vec<f32>) {
-    let group = match cfg.granularity {
-        Granularity::Channel => row_len,
-        Granularity::Group(g) => g.min(row_len),
+    let (row_len, group) = match cfg.granularity {
+        Granularity::Channel => (row_len, row_len),
+        Granularity::Group(g) => (row_len, g.min(row_len)),
+        Granularity::Tensor => (rows.len(), rows.len()),
     };
     let (mut out, mut scales) = (Vec::new(), Vec::new());
     for row in rows.chunks(row_len) {
@@ -213,6 +215,7 @@ fn heavy_tailed() -> impl Strategy<Value = f32> {
 fn arb_case() -> impl Strategy<Value = (QuantizeConfig, usize, Vec<f32>)> {
     let gran = prop_oneof![
         Just(Granularity::Channel),
+        Just(Granularity::Tensor),
         (1usize..80).prop_map(Granularity::Group)
     ];
     (2u8..=8, any::<bool>(), gran, 1usize..100, 1usize..5).prop_flat_map(
@@ -261,4 +264,170 @@ proptest! {
             prop_assert!((*q - zero) as f32 * scale == dq[i], "{} vs {}", (*q - zero) as f32 * scale, dq[i]);
         }
     }
+}
+
+proptest! {
+    /// `rtn_codes` + `dequantize_into` is the in-place quantizer, bit for bit, at every
+    /// granularity; codes fit in `bits` and the layout has one (scale, zero) per group.
+    #[test]
+    fn rtn_codes_dequantize_bit_exactly((c, row_len, orig) in arb_case()) {
+        let codes = rtn_codes(&c, &orig, row_len).unwrap();
+        let mut want = orig.clone();
+        quantize_dequantize_rows(&c, &mut want, row_len);
+        let mut got = vec![f32::NAN; orig.len()];
+        codes.dequantize_into(&mut got);
+        for i in 0..orig.len() {
+            prop_assert_eq!(got[i].to_bits(), want[i].to_bits(), "element {}", i);
+            prop_assert!(u32::from(codes.codes[i]) < 1u32 << c.bits);
+        }
+        let rows = orig.len() / codes.row_len;
+        prop_assert_eq!(codes.scales.len(), rows * codes.groups_per_row());
+        prop_assert_eq!(codes.zeros.len(), codes.scales.len());
+        if c.granularity == Granularity::Tensor {
+            prop_assert_eq!(codes.scales.len(), 1);
+        }
+    }
+}
+
+#[test]
+fn tensor_granularity_uses_one_scale_for_all_rows() {
+    for sym in [true, false] {
+        let c = cfg(4, sym, Granularity::Tensor);
+        // Row 0 is tiny, row 1 is large: one shared scale must crush row 0 to zero.
+        let orig = [0.001f32, -0.002, 0.0015, 0.001, 7.0, -8.0, 3.0, 1.0];
+        let mut v = orig;
+        quantize_dequantize_rows(&c, &mut v, 4);
+        assert_eq!(&v[..4], &[0.0; 4], "sym={sym}");
+        let (s, _) = reference_group(&c, &orig);
+        for (x, y) in orig.iter().zip(&v) {
+            assert!((x - y).abs() <= s / 2.0 * (1.0 + 1e-6), "{x} {y} {s}");
+        }
+        // Per-channel keeps row 0 accurate instead.
+        let mut w = orig;
+        quantize_dequantize_rows(&cfg(4, sym, Granularity::Channel), &mut w, 4);
+        assert!(w[..4].iter().any(|&y| y != 0.0));
+    }
+}
+
+#[test]
+fn rtn_codes_rejects_bad_shapes_and_handles_odd_input() {
+    let c = cfg(4, true, Granularity::Group(2));
+    assert_eq!(rtn_codes(&c, &[1.0; 4], 0), Err(QuantizeError::ZeroRowLen));
+    assert_eq!(
+        rtn_codes(&c, &[1.0; 5], 2),
+        Err(QuantizeError::RaggedRows { len: 5, row_len: 2 })
+    );
+    assert_eq!(
+        rtn_codes(&cfg(9, true, Granularity::Channel), &[1.0], 1),
+        Err(QuantizeError::Bits(9))
+    );
+    let empty = rtn_codes(&cfg(4, false, Granularity::Tensor), &[], 3).unwrap();
+    assert!(empty.codes.is_empty() && empty.scales.is_empty());
+    empty.dequantize_into(&mut []);
+    for gran in [
+        Granularity::Tensor,
+        Granularity::Channel,
+        Granularity::Group(3),
+    ] {
+        for sym in [true, false] {
+            let c = cfg(3, sym, gran);
+            let odd = [f32::NAN, f32::INFINITY, -f32::INFINITY, 0.0, 1.0, -2.0];
+            let codes = rtn_codes(&c, &odd, 3).unwrap();
+            codes.dequantize_into(&mut [0.0; 6]);
+            let zeros = rtn_codes(&c, &[0.0; 6], 3).unwrap();
+            let mut out = vec![1.0; 6];
+            zeros.dequantize_into(&mut out);
+            assert_eq!(out, vec![0.0; 6]);
+        }
+    }
+}
+
+#[test]
+fn dequantize_splits_huge_groups_and_many_rows() {
+    // One group far longer than a parallel piece, and many short rows.
+    let n = 100_003usize;
+    let orig: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 2003) as f32 * 0.01 - 10.0)
+        .collect();
+    for (gran, row_len) in [
+        (Granularity::Tensor, 1),
+        (Granularity::Channel, n),
+        (Granularity::Group(7), 1),
+    ] {
+        let c = cfg(5, false, gran);
+        let codes = rtn_codes(&c, &orig, row_len).unwrap();
+        let mut got = vec![0.0; n];
+        codes.dequantize_into(&mut got);
+        let mut want = orig.clone();
+        quantize_dequantize_rows(&c, &mut want, row_len);
+        assert_eq!(got, want, "{gran:?}");
+    }
+}
+
+/// Deterministic test data shared by the quantizer tests (splitmix64 + Box-Muller).
+pub(crate) struct TestRng(u64);
+
+impl TestRng {
+    pub(crate) fn new(seed: u64) -> Self {
+        TestRng(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1).
+    pub(crate) fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    pub(crate) fn gaussian(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+
+    pub(crate) fn laplace(&mut self) -> f64 {
+        let u = self.uniform() - 0.5;
+        -u.signum() * (1.0 - 2.0 * u.abs()).ln()
+    }
+
+    /// Student-t with `nu` degrees of freedom (heavy-tailed for small `nu`).
+    pub(crate) fn student_t(&mut self, nu: u32) -> f64 {
+        let chi2: f64 = (0..nu).map(|_| self.gaussian().powi(2)).sum();
+        self.gaussian() / (chi2 / f64::from(nu)).sqrt()
+    }
+}
+
+/// `n` BF16-representable samples of `dist` ("gaussian", "laplace", "student-t3") times `scale`.
+pub(crate) fn sample(dist: &str, n: usize, scale: f64, seed: u64) -> Vec<f32> {
+    let mut rng = TestRng::new(seed);
+    (0..n)
+        .map(|_| {
+            let v = match dist {
+                "gaussian" => rng.gaussian(),
+                "laplace" => rng.laplace(),
+                "student-t3" => rng.student_t(3),
+                other => panic!("unknown distribution {other}"),
+            };
+            half::bf16::from_f64(v * scale).to_f32()
+        })
+        .collect()
+}
+
+/// Squared error `sum (x - y)^2` in f64.
+pub(crate) fn sq_err(x: &[f32], y: &[f32]) -> f64 {
+    x.iter()
+        .zip(y)
+        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+        .sum()
+}
+
+/// Relative Frobenius error `||x - y|| / ||x||`.
+pub(crate) fn rel_fro(x: &[f32], y: &[f32]) -> f64 {
+    let norm: f64 = x.iter().map(|&a| f64::from(a).powi(2)).sum();
+    (sq_err(x, y) / norm).sqrt()
 }

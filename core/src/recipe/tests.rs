@@ -62,7 +62,9 @@ fn defaults_and_ignore() {
     .unwrap();
     assert_eq!(r.name, "custom");
     assert_eq!(r.gates, Gates::default());
-    let PassKind::Quantize(q) = &r.passes[0].kind;
+    let PassKind::Quantize(q) = &r.passes[0].kind else {
+        panic!("not a quantize pass")
+    };
     assert_eq!(q.granularity, Granularity::Group(128));
     assert!(q.symmetric);
     assert_eq!(r.passes_for("a").len(), 1);
@@ -141,7 +143,19 @@ fn presets_parse_and_target_linear_weights() {
     for name in Recipe::preset_names() {
         let r = Recipe::preset(name).unwrap_or_else(|| panic!("preset {name}"));
         assert_eq!(&r.name, name);
-        assert_eq!(r.passes_for("model.layers.3.mlp.up_proj.weight").len(), 1);
+        let expected = match name {
+            "lossless" => 0,
+            "2of4-int4" => 2,
+            _ => 1,
+        };
+        assert_eq!(
+            r.passes_for("model.layers.3.mlp.up_proj.weight").len(),
+            expected,
+            "{name}"
+        );
+        assert!(r
+            .passes_for("bert.encoder.layer.0.attention.output.LayerNorm.weight")
+            .is_empty());
         assert!(r.passes_for("model.embed_tokens.weight").is_empty());
         assert!(r.passes_for("lm_head.weight").is_empty());
         assert!(r
@@ -150,6 +164,23 @@ fn presets_parse_and_target_linear_weights() {
         assert!(r.passes_for("model.layers.3.mlp.up_proj.bias").is_empty());
     }
     assert!(Recipe::preset("nope").is_none());
+    for name in [
+        "int8",
+        "int4-g128",
+        "hqq4",
+        "nf4",
+        "fp8",
+        "2of4",
+        "2of4-int4",
+        "svd50",
+        "lossless",
+    ] {
+        assert!(Recipe::preset_names().contains(&name), "{name}");
+    }
+    assert_eq!(
+        Recipe::preset("lossless").unwrap().format,
+        OutputFormat::Spz
+    );
     let asym = Recipe::preset("int4-g128-asym").unwrap();
     assert_eq!(asym.passes[0].kind.describe(), "rtn int4 asym g128");
     assert_eq!(

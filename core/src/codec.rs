@@ -1,0 +1,1064 @@
+//! Tensor codecs: what a recipe does to one tensor, and the compact representation it stores.
+//!
+//! A tensor's passes form a [`TensorPlan`] of at most two stages, checked when a job is
+//! submitted (so a bad combination is an error before any work starts):
+//!
+//! 1. *structure* (optional, pruning): which weights are stored at all. Unstructured magnitude
+//!    pruning keeps a bitmask, N:M keeps `ceil(log2 m)`-bit positions per kept weight,
+//!    row/column pruning keeps one bit per row/column. The kept weights are *compacted*: rows
+//!    or columns are removed, masked weights are gathered into one row of `nnz` values (N:M
+//!    keeps rows of `row_len*n/m`).
+//! 2. *values* (optional): how the compacted weights are stored: affine codes (RTN or HQQ),
+//!    a codebook (k-means, NF4), FP8, two low-rank factors, sparse DCT coefficients or hashed
+//!    buckets. Without a values pass the kept weights stay in the tensor's dtype.
+//!
+//! [`encode_chunk`] applies a plan to a chunk of whole rows and returns both the
+//! reconstruction (what a reader of dequantized safetensors sees, in the original dtype) and
+//! the representation as named byte *sections*. [`EncodedChunk::frame`] entropy-codes the
+//! sections into a self-describing frame (a small JSON header, then the sections);
+//! [`decode_frame`] reverses it. Anything stored in the tensor's dtype (kept values, factors,
+//! coefficients) is rounded to that dtype *before* the reconstruction is computed, so the
+//! reconstruction is exactly what decoding a frame yields.
+
+use crate::dtype::{decode_to_f32, encode_from_f32, DType, DTypeError};
+use crate::entropy::{self, Layout};
+use crate::recipe::{PassKind, PruneConfig, RankRule, Recipe};
+use crate::{codebook, fp8, hashnet, hqq, lowrank, prune, quantize, sparse};
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+/// Fixed seed for the randomized passes (SVD sketch, hashing) so results are reproducible.
+const PASS_SEED: u64 = 0x5eed_5eed;
+
+/// Why a recipe cannot be applied to a tensor (reported at submit time).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    #[error("tensor {tensor}: passes[{later}] ({later_kind}) and passes[{earlier}] ({earlier_kind}) both {stage}; a tensor takes at most one of each stage")]
+    TwoOfAStage {
+        tensor: String,
+        stage: &'static str,
+        earlier: usize,
+        earlier_kind: String,
+        later: usize,
+        later_kind: String,
+    },
+    #[error("tensor {tensor}: pruning passes[{prune}] must come before passes[{values}] ({values_kind}) in the recipe")]
+    PruneAfterValues {
+        tensor: String,
+        prune: usize,
+        values: usize,
+        values_kind: String,
+    },
+    #[error("tensor {tensor}: {reason}")]
+    Incompatible { tensor: String, reason: String },
+}
+
+/// Why a chunk could not be encoded or a frame decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("dtype {dtype} cannot be compressed (supported: BF16, F16, F32)")]
+    UnsupportedDtype { dtype: DType },
+    #[error("chunk of {len} bytes is not a whole number of rows ({row_len} elements of {elem_size} bytes)")]
+    RaggedInput {
+        len: usize,
+        row_len: usize,
+        elem_size: usize,
+    },
+    #[error("{pass} failed: {message}")]
+    Pass { pass: &'static str, message: String },
+    #[error("corrupt frame: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    DType(#[from] DTypeError),
+    #[error("corrupt frame section: {0}")]
+    Entropy(#[from] entropy::EntropyError),
+}
+
+fn corrupt(msg: impl Into<String>) -> CodecError {
+    CodecError::Corrupt(msg.into())
+}
+
+fn pass_err(pass: &'static str) -> impl Fn(String) -> CodecError {
+    move |message| CodecError::Pass { pass, message }
+}
+
+/// The stages a recipe applies to one tensor.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TensorPlan {
+    pub structure: Option<PruneConfig>,
+    pub values: Option<PassKind>,
+    /// Why targeted passes were not applied (non-float dtype, 1-D tensor); empty otherwise.
+    pub note: String,
+}
+
+impl TensorPlan {
+    /// The plan for `name` under `recipe`, or why the recipe's passes cannot be combined on it.
+    pub fn for_tensor(
+        recipe: &Recipe,
+        name: &str,
+        dtype: DType,
+        shape: &[u64],
+    ) -> Result<TensorPlan, PlanError> {
+        let selected: Vec<(usize, &PassKind)> = recipe
+            .passes
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.targets.iter().any(|m| m.matches(name)))
+            .filter(|(_, p)| !p.ignore.iter().any(|m| m.matches(name)))
+            .map(|(i, p)| (i, &p.kind))
+            .collect();
+        if selected.is_empty() {
+            return Ok(TensorPlan::default());
+        }
+        if !dtype.is_decodable_float() {
+            return Ok(TensorPlan {
+                note: format!(
+                    "not compressed: dtype {} is not BF16/F16/F32",
+                    dtype.as_safetensors()
+                ),
+                ..TensorPlan::default()
+            });
+        }
+        if shape.len() < 2 {
+            return Ok(TensorPlan {
+                note: "not compressed: 1-D tensor".into(),
+                ..TensorPlan::default()
+            });
+        }
+        let mut structure: Option<(usize, PruneConfig)> = None;
+        let mut values: Option<(usize, &PassKind)> = None;
+        for &(i, kind) in &selected {
+            if let PassKind::Prune(p) = kind {
+                if let Some((j, _)) = structure {
+                    return Err(two_of(name, "prune", j, &selected, i));
+                }
+                if let Some((j, v)) = values {
+                    return Err(PlanError::PruneAfterValues {
+                        tensor: name.into(),
+                        prune: i,
+                        values: j,
+                        values_kind: v.describe(),
+                    });
+                }
+                structure = Some((i, *p));
+            } else {
+                if let Some((j, _)) = values {
+                    return Err(two_of(name, "store values", j, &selected, i));
+                }
+                values = Some((i, kind));
+            }
+        }
+        let incompatible = |reason: String| PlanError::Incompatible {
+            tensor: name.into(),
+            reason,
+        };
+        let row_len = quantize::row_len_of(shape);
+        if let Some((i, PruneConfig::NOfM { m, .. })) = structure {
+            if row_len % m as u64 != 0 {
+                return Err(incompatible(format!(
+                    "passes[{i}] N:M pruning needs rows that are a multiple of {m} long, this tensor's rows have {row_len} weights"
+                )));
+            }
+        }
+        if let (Some((i, s)), Some((j, v))) = (structure, values) {
+            let unstructured =
+                matches!(s, PruneConfig::Magnitude { .. } | PruneConfig::NOfM { .. });
+            let needs_matrix = matches!(
+                v,
+                PassKind::LowRank { .. } | PassKind::Dct { .. } | PassKind::Hashed { .. }
+            );
+            if unstructured && needs_matrix {
+                return Err(incompatible(format!(
+                    "passes[{j}] ({}) needs a dense matrix, but passes[{i}] (unstructured pruning) leaves scattered weights; use row/column pruning or drop one of them",
+                    v.describe()
+                )));
+            }
+        }
+        Ok(TensorPlan {
+            structure: structure.map(|(_, s)| s),
+            values: values.map(|(_, v)| v.clone()),
+            note: String::new(),
+        })
+    }
+
+    /// True when the plan changes nothing (the tensor is stored as is).
+    pub fn is_identity(&self) -> bool {
+        self.structure.is_none() && self.values.is_none()
+    }
+
+    /// True when a stage needs statistics of the whole tensor, so the worker must process it
+    /// as one chunk instead of streaming row chunks.
+    pub fn needs_whole_tensor(&self) -> bool {
+        use crate::recipe::Granularity::Tensor;
+        let structure = matches!(
+            self.structure,
+            Some(
+                PruneConfig::Magnitude { .. }
+                    | PruneConfig::Rows { .. }
+                    | PruneConfig::Columns { .. }
+            )
+        );
+        let values = match &self.values {
+            Some(PassKind::Quantize(q)) => q.granularity == Tensor,
+            Some(PassKind::Hqq(h)) => h.granularity == Tensor,
+            Some(PassKind::Nf4 { granularity }) => *granularity == Tensor,
+            Some(PassKind::Fp8 { per_channel }) => !per_channel,
+            Some(PassKind::Kmeans { .. } | PassKind::LowRank { .. } | PassKind::Hashed { .. }) => {
+                true
+            }
+            Some(PassKind::Dct { .. } | PassKind::Prune(_)) | None => false,
+        };
+        structure || values
+    }
+
+    /// `"prune 2:4 + rtn int4 sym g64"`, or empty for the identity.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(s) = self.structure {
+            parts.push(PassKind::Prune(s).describe());
+        }
+        if let Some(v) = &self.values {
+            parts.push(v.describe());
+        }
+        parts.join(" + ")
+    }
+}
+
+fn two_of(
+    tensor: &str,
+    stage: &'static str,
+    earlier: usize,
+    selected: &[(usize, &PassKind)],
+    later: usize,
+) -> PlanError {
+    let kind = |i: usize| {
+        selected
+            .iter()
+            .find(|(j, _)| *j == i)
+            .map(|(_, k)| k.describe())
+            .unwrap_or_default()
+    };
+    PlanError::TwoOfAStage {
+        tensor: tensor.into(),
+        stage,
+        earlier,
+        earlier_kind: kind(earlier),
+        later,
+        later_kind: kind(later),
+    }
+}
+
+/// The entropy layout matching a dtype's bytes.
+pub fn layout_of(dtype: DType) -> Layout {
+    match dtype {
+        DType::BF16 => Layout::Bf16,
+        DType::F16 => Layout::F16,
+        DType::F32 => Layout::F32,
+        _ => Layout::Bytes,
+    }
+}
+
+/// How the kept weights are stored in a frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ValuesMeta {
+    /// The kept weights in the tensor's dtype (section `values`).
+    Raw,
+    /// Sections `codes`, `scales`, `zeros` (scales/zeros as f16).
+    Affine {
+        bits: u8,
+        row_len: usize,
+        group_len: usize,
+    },
+    /// Sections `codebook`, `scales` (f16), `codes`.
+    Codebook {
+        bits: u8,
+        row_len: usize,
+        group_len: usize,
+    },
+    /// Sections `scales` (f32), `bytes` (E4M3).
+    Fp8 { row_len: usize, per_channel: bool },
+    /// Sections `left` (rows x rank) and `right` (rank x cols), in the tensor's dtype.
+    LowRank {
+        rows: usize,
+        cols: usize,
+        rank: usize,
+    },
+    /// Sections `kept` (u16 per block), `positions` (u8), `coeffs` (tensor dtype).
+    Dct { row_len: usize, block: usize },
+    /// Section `buckets` in the tensor's dtype.
+    Hashed { len: usize, seed: u64 },
+}
+
+/// Which weights of the chunk are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum StructureMeta {
+    Dense,
+    /// Section `mask`: one bit per weight.
+    Mask,
+    /// Section `positions`: N:M positions.
+    Nm {
+        n: usize,
+        m: usize,
+    },
+    /// Section `keep`: one bit per row.
+    Rows,
+    /// Section `keep`: one bit per column.
+    Columns,
+}
+
+/// One section of a frame as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SectionMeta {
+    pub name: String,
+    pub layout: Layout,
+    /// Bytes before entropy coding.
+    pub raw_len: u64,
+    /// Bytes in the frame.
+    pub len: u64,
+}
+
+/// The JSON header of a frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrameMeta {
+    pub rows: usize,
+    pub row_len: usize,
+    pub structure: StructureMeta,
+    pub values: ValuesMeta,
+    pub sections: Vec<SectionMeta>,
+}
+
+/// A chunk after its passes: the reconstruction and the representation's sections.
+#[derive(Debug, Clone)]
+pub struct EncodedChunk {
+    /// What a reader sees, in the input's dtype (same length as the input).
+    pub reconstruction: Vec<u8>,
+    pub rows: usize,
+    pub row_len: usize,
+    pub structure: StructureMeta,
+    pub values: ValuesMeta,
+    /// (name, layout, raw bytes) of each section.
+    pub sections: Vec<(String, Layout, Vec<u8>)>,
+    /// Exact bits of the representation before entropy coding (codes at their bit width).
+    pub repr_bits: u64,
+}
+
+fn check_whole_rows(dtype: DType, row_len: usize, len: usize) -> Result<usize, CodecError> {
+    let elem_size = dtype.size_bytes();
+    let ragged = CodecError::RaggedInput {
+        len,
+        row_len,
+        elem_size,
+    };
+    match row_len.checked_mul(elem_size) {
+        Some(0) if len == 0 => Ok(0),
+        Some(row_bytes) if row_bytes > 0 && len % row_bytes == 0 => Ok(len / row_bytes),
+        _ => Err(ragged),
+    }
+}
+
+/// Rounds `values` to `dtype` in place and returns their encoded bytes.
+fn round_to_dtype(dtype: DType, values: &mut [f32]) -> Result<Vec<u8>, CodecError> {
+    let mut bytes = vec![0u8; values.len() * dtype.size_bytes()];
+    encode_from_f32(dtype, values, &mut bytes)?;
+    decode_to_f32(dtype, &bytes, values)?;
+    Ok(bytes)
+}
+
+fn f16_bytes(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+        .collect()
+}
+
+fn f16_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect()
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// True when every value survives a round trip through f16 (so it can be stored as f16).
+fn all_f16_exact(values: &[f32]) -> bool {
+    values
+        .iter()
+        .all(|v| f16::from_f32(*v).to_f32().to_bits() == v.to_bits() || v.is_nan())
+}
+
+/// Output of the values stage on a compacted matrix.
+struct ValuesOut {
+    meta: ValuesMeta,
+    sections: Vec<(String, Layout, Vec<u8>)>,
+    repr_bits: u64,
+    /// The compacted matrix as a reader reconstructs it.
+    recon: Vec<f32>,
+}
+
+fn section(name: &str, layout: Layout, bytes: Vec<u8>) -> (String, Layout, Vec<u8>) {
+    (name.to_owned(), layout, bytes)
+}
+
+/// Scales or zeros as f16 when exact, else f32; returns (section, bits).
+fn scale_section(name: &str, values: &[f32]) -> ((String, Layout, Vec<u8>), u64) {
+    if all_f16_exact(values) {
+        (
+            section(name, Layout::F16, f16_bytes(values)),
+            values.len() as u64 * 16,
+        )
+    } else {
+        (
+            section(name, Layout::F32, f32_bytes(values)),
+            values.len() as u64 * 32,
+        )
+    }
+}
+
+fn encode_values(
+    pass: Option<&PassKind>,
+    dtype: DType,
+    mut values: Vec<f32>,
+    row_len: usize,
+) -> Result<ValuesOut, CodecError> {
+    let n = values.len() as u64;
+    let code_bits = |bits: u8| n * u64::from(bits);
+    Ok(match pass {
+        None | Some(PassKind::Prune(_)) => {
+            let bytes = round_to_dtype(dtype, &mut values)?;
+            ValuesOut {
+                meta: ValuesMeta::Raw,
+                repr_bits: bytes.len() as u64 * 8,
+                sections: vec![section("values", layout_of(dtype), bytes)],
+                recon: values,
+            }
+        }
+        Some(PassKind::Quantize(_) | PassKind::Hqq(_)) => {
+            let codes = match pass {
+                Some(PassKind::Quantize(cfg)) => quantize::rtn_codes(cfg, &values, row_len),
+                Some(PassKind::Hqq(cfg)) => hqq::hqq_codes(cfg, &values, row_len),
+                _ => unreachable!("matched above"),
+            }
+            .map_err(|e| pass_err("quantize")(e.to_string()))?;
+            codes.dequantize_into(&mut values);
+            let (scales, scale_bits) = scale_section("scales", &codes.scales);
+            let (zeros, zero_bits) = scale_section("zeros", &codes.zeros);
+            // RTN zero points are integer codes (`bits` each), all equal when symmetric (a
+            // constant, not counted); HQQ's are fractional f16 values.
+            let zero_bits = match pass {
+                Some(PassKind::Quantize(q)) if q.symmetric => 0,
+                Some(PassKind::Quantize(_)) => codes.zeros.len() as u64 * u64::from(codes.bits),
+                _ => zero_bits,
+            };
+            ValuesOut {
+                meta: ValuesMeta::Affine {
+                    bits: codes.bits,
+                    row_len: codes.row_len,
+                    group_len: codes.group_len,
+                },
+                repr_bits: code_bits(codes.bits) + scale_bits + zero_bits,
+                sections: vec![section("codes", Layout::Bytes, codes.codes), scales, zeros],
+                recon: values,
+            }
+        }
+        Some(PassKind::Kmeans { .. } | PassKind::Nf4 { .. }) => {
+            let codes = match pass {
+                Some(PassKind::Kmeans { bits, iterations }) => {
+                    codebook::kmeans_codes(*bits, &values, *iterations)
+                }
+                Some(PassKind::Nf4 { granularity }) => {
+                    codebook::nf4_codes(*granularity, &values, row_len)
+                }
+                _ => unreachable!("matched above"),
+            }
+            .map_err(|e| pass_err("codebook")(e.to_string()))?;
+            codes.dequantize_into(&mut values);
+            let (book, book_bits) = scale_section("codebook", &codes.codebook);
+            let (scales, scale_bits) = scale_section("scales", &codes.scales);
+            ValuesOut {
+                meta: ValuesMeta::Codebook {
+                    bits: codes.bits,
+                    row_len: codes.row_len,
+                    group_len: codes.group_len,
+                },
+                repr_bits: code_bits(codes.bits) + book_bits + scale_bits,
+                sections: vec![book, scales, section("codes", Layout::Bytes, codes.codes)],
+                recon: values,
+            }
+        }
+        Some(PassKind::Fp8 { per_channel }) => {
+            let codes = fp8::fp8_e4m3_codes(*per_channel, &values, row_len)
+                .map_err(|e| pass_err("fp8")(e.to_string()))?;
+            codes.dequantize_into(&mut values);
+            ValuesOut {
+                meta: ValuesMeta::Fp8 {
+                    row_len: codes.row_len,
+                    per_channel: codes.per_channel,
+                },
+                repr_bits: n * 8 + codes.scales.len() as u64 * 32,
+                sections: vec![
+                    section("scales", Layout::F32, f32_bytes(&codes.scales)),
+                    section("bytes", Layout::Bytes, codes.bytes),
+                ],
+                recon: values,
+            }
+        }
+        Some(PassKind::LowRank { rule, power_iters }) => {
+            let rule = match *rule {
+                RankRule::Rank(r) => lowrank::RankRule::Rank(r),
+                RankRule::Energy(e) => lowrank::RankRule::Energy(e),
+                RankRule::StorageFraction(f) => lowrank::RankRule::StorageFraction(f),
+            };
+            let mut lr = lowrank::svd_lowrank(&values, row_len, rule, *power_iters, PASS_SEED)
+                .map_err(|e| pass_err("lowrank")(e.to_string()))?;
+            let left = round_to_dtype(dtype, &mut lr.left)?;
+            let right = round_to_dtype(dtype, &mut lr.right)?;
+            lr.reconstruct_into(&mut values);
+            ValuesOut {
+                meta: ValuesMeta::LowRank {
+                    rows: lr.rows,
+                    cols: lr.cols,
+                    rank: lr.rank,
+                },
+                repr_bits: (left.len() + right.len()) as u64 * 8,
+                sections: vec![
+                    section("left", layout_of(dtype), left),
+                    section("right", layout_of(dtype), right),
+                ],
+                recon: values,
+            }
+        }
+        Some(PassKind::Dct { block, keep }) => {
+            let mut d = crate::dct::dct_topk(&values, row_len, *block, *keep)
+                .map_err(|e| pass_err("dct")(e.to_string()))?;
+            let coeffs = round_to_dtype(dtype, &mut d.coeffs)?;
+            d.reconstruct_into(&mut values)
+                .map_err(|e| pass_err("dct")(e.to_string()))?;
+            let kept: Vec<u8> = d
+                .kept_per_block
+                .iter()
+                .flat_map(|k| k.to_le_bytes())
+                .collect();
+            let positions: Vec<u8> = d.positions.iter().map(|&p| p as u8).collect();
+            let position_bits = u64::from(usize::BITS - (block - 1).leading_zeros());
+            ValuesOut {
+                meta: ValuesMeta::Dct {
+                    row_len: d.row_len,
+                    block: d.block,
+                },
+                repr_bits: coeffs.len() as u64 * 8
+                    + positions.len() as u64 * position_bits
+                    + kept.len() as u64 * 8,
+                sections: vec![
+                    section("kept", Layout::Bytes, kept),
+                    section("positions", Layout::Bytes, positions),
+                    section("coeffs", layout_of(dtype), coeffs),
+                ],
+                recon: values,
+            }
+        }
+        Some(PassKind::Hashed { fraction }) => {
+            let buckets = ((values.len() as f64 * fraction).ceil() as usize).max(1);
+            let mut h = hashnet::hashed_share(&values, buckets, PASS_SEED)
+                .map_err(|e| pass_err("hashed")(e.to_string()))?;
+            let bytes = round_to_dtype(dtype, &mut h.buckets)?;
+            h.reconstruct_into(&mut values);
+            ValuesOut {
+                meta: ValuesMeta::Hashed {
+                    len: h.len,
+                    seed: h.seed,
+                },
+                repr_bits: bytes.len() as u64 * 8,
+                sections: vec![section("buckets", layout_of(dtype), bytes)],
+                recon: values,
+            }
+        }
+    })
+}
+
+/// Applies `plan` to a chunk of whole rows of `dtype` (row length `row_len`).
+pub fn encode_chunk(
+    plan: &TensorPlan,
+    dtype: DType,
+    row_len: usize,
+    input: &[u8],
+) -> Result<EncodedChunk, CodecError> {
+    let rows = check_whole_rows(dtype, row_len, input.len())?;
+    if plan.is_identity() {
+        return Ok(EncodedChunk {
+            reconstruction: input.to_vec(),
+            rows,
+            row_len,
+            structure: StructureMeta::Dense,
+            values: ValuesMeta::Raw,
+            sections: vec![section("values", layout_of(dtype), input.to_vec())],
+            repr_bits: input.len() as u64 * 8,
+        });
+    }
+    if !dtype.is_decodable_float() {
+        return Err(CodecError::UnsupportedDtype { dtype });
+    }
+    let mut original = vec![0f32; input.len() / dtype.size_bytes()];
+    decode_to_f32(dtype, input, &mut original)?;
+    let values_pass = plan.values.as_ref();
+    let (structure, structure_sections, structure_bits, out) = match plan.structure {
+        None => {
+            let out = encode_values(values_pass, dtype, original, row_len)?;
+            (StructureMeta::Dense, Vec::new(), 0, out)
+        }
+        Some(PruneConfig::Magnitude { sparsity }) => {
+            let mask = prune::magnitude_mask(&original, sparsity);
+            let kept = sparse::compact(&original, &mask);
+            let kept_len = kept.len().max(1);
+            let mut out = encode_values(values_pass, dtype, kept, kept_len)?;
+            out.recon = scatter(&out.recon, &mask, original.len())?;
+            let bits = sparse::pack_bitmask(&mask);
+            let nbits = mask.len() as u64;
+            (
+                StructureMeta::Mask,
+                vec![section("mask", Layout::Bytes, bits)],
+                nbits,
+                out,
+            )
+        }
+        Some(PruneConfig::NOfM { n, m }) => {
+            let mask = prune::nm_mask(&original, row_len, n, m)
+                .map_err(|e| pass_err("prune")(e.to_string()))?;
+            let kept = sparse::compact(&original, &mask);
+            let positions = sparse::nm_pack_positions(&mask, m)
+                .map_err(|e| pass_err("prune")(e.to_string()))?;
+            let kept_row = row_len / m * n;
+            let mut out = encode_values(values_pass, dtype, kept, kept_row.max(1))?;
+            out.recon = scatter(&out.recon, &mask, original.len())?;
+            let position_bits =
+                kept_count(&mask) * u64::from(usize::BITS - (m - 1).leading_zeros());
+            (
+                StructureMeta::Nm { n, m },
+                vec![section("positions", Layout::Bytes, positions)],
+                position_bits,
+                out,
+            )
+        }
+        Some(PruneConfig::Rows { fraction, norm }) => {
+            let keep = prune::row_keep(&original, row_len, fraction, norm)
+                .map_err(|e| pass_err("prune")(e.to_string()))?;
+            let kept = sparse::select_rows(&original, row_len, &keep);
+            let mut out = encode_values(values_pass, dtype, kept, row_len)?;
+            let mut full = vec![0f32; original.len()];
+            sparse::scatter_rows(&out.recon, row_len, &keep, &mut full)
+                .map_err(|e| corrupt(e.to_string()))?;
+            out.recon = full;
+            let nbits = keep.len() as u64;
+            let bits = sparse::pack_bitmask(&keep);
+            (
+                StructureMeta::Rows,
+                vec![section("keep", Layout::Bytes, bits)],
+                nbits,
+                out,
+            )
+        }
+        Some(PruneConfig::Columns { fraction, norm }) => {
+            let keep = prune::col_keep(&original, row_len, fraction, norm)
+                .map_err(|e| pass_err("prune")(e.to_string()))?;
+            let kept_cols = keep.iter().filter(|k| **k).count();
+            let kept = sparse::select_cols(&original, row_len, &keep);
+            let mut out = encode_values(values_pass, dtype, kept, kept_cols.max(1))?;
+            let mut full = vec![0f32; original.len()];
+            sparse::scatter_cols(&out.recon, row_len, &keep, &mut full)
+                .map_err(|e| corrupt(e.to_string()))?;
+            out.recon = full;
+            let nbits = keep.len() as u64;
+            let bits = sparse::pack_bitmask(&keep);
+            (
+                StructureMeta::Columns,
+                vec![section("keep", Layout::Bytes, bits)],
+                nbits,
+                out,
+            )
+        }
+    };
+    let mut reconstruction = vec![0u8; input.len()];
+    encode_from_f32(dtype, &out.recon, &mut reconstruction)?;
+    let mut sections = structure_sections;
+    sections.extend(out.sections);
+    Ok(EncodedChunk {
+        reconstruction,
+        rows,
+        row_len,
+        structure,
+        values: out.meta,
+        sections,
+        repr_bits: structure_bits + out.repr_bits,
+    })
+}
+
+fn kept_count(mask: &[bool]) -> u64 {
+    mask.iter().filter(|k| **k).count() as u64
+}
+
+fn scatter(kept: &[f32], mask: &[bool], len: usize) -> Result<Vec<f32>, CodecError> {
+    let mut full = vec![0f32; len];
+    sparse::scatter(kept, mask, &mut full).map_err(|e| corrupt(e.to_string()))?;
+    Ok(full)
+}
+
+impl EncodedChunk {
+    /// The entropy-coded frame: `u32` LE header length, JSON [`FrameMeta`], then sections.
+    pub fn frame(&self) -> Vec<u8> {
+        let coded: Vec<Vec<u8>> = self
+            .sections
+            .iter()
+            .map(|(_, layout, bytes)| entropy::compress(*layout, bytes))
+            .collect();
+        let meta = FrameMeta {
+            rows: self.rows,
+            row_len: self.row_len,
+            structure: self.structure,
+            values: self.values.clone(),
+            sections: self
+                .sections
+                .iter()
+                .zip(&coded)
+                .map(|((name, layout, raw), c)| SectionMeta {
+                    name: name.clone(),
+                    layout: *layout,
+                    raw_len: raw.len() as u64,
+                    len: c.len() as u64,
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec(&meta).expect("frame meta serializes");
+        let mut out =
+            Vec::with_capacity(4 + json.len() + coded.iter().map(Vec::len).sum::<usize>());
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
+        for c in coded {
+            out.extend_from_slice(&c);
+        }
+        out
+    }
+}
+
+/// Largest frame header accepted when decoding.
+const MAX_FRAME_META: usize = 1 << 20;
+
+/// Splits a frame into its header and decompressed sections (by name).
+fn open_frame(frame: &[u8]) -> Result<(FrameMeta, Sections), CodecError> {
+    let len_bytes: [u8; 4] = frame
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| corrupt("shorter than its 4-byte header length"))?;
+    let meta_len = u32::from_le_bytes(len_bytes) as usize;
+    if meta_len > MAX_FRAME_META || 4 + meta_len > frame.len() {
+        return Err(corrupt(format!("header length {meta_len} out of range")));
+    }
+    let meta: FrameMeta = serde_json::from_slice(&frame[4..4 + meta_len])
+        .map_err(|e| corrupt(format!("header: {e}")))?;
+    let mut at = 4 + meta_len;
+    let mut sections = Vec::with_capacity(meta.sections.len());
+    for s in &meta.sections {
+        let end = usize::try_from(s.len)
+            .ok()
+            .and_then(|l| at.checked_add(l))
+            .filter(|&e| e <= frame.len())
+            .ok_or_else(|| corrupt(format!("section {} overruns the frame", s.name)))?;
+        let raw = entropy::decompress(&frame[at..end])?;
+        if raw.len() as u64 != s.raw_len {
+            return Err(corrupt(format!(
+                "section {} decodes to {} bytes, header says {}",
+                s.name,
+                raw.len(),
+                s.raw_len
+            )));
+        }
+        sections.push((s.name.clone(), raw));
+        at = end;
+    }
+    if at != frame.len() {
+        return Err(corrupt(format!("{} trailing bytes", frame.len() - at)));
+    }
+    Ok((meta, Sections(sections)))
+}
+
+/// A frame's decompressed sections by name.
+struct Sections(Vec<(String, Vec<u8>)>);
+
+impl Sections {
+    fn take(&mut self, name: &str) -> Result<Vec<u8>, CodecError> {
+        let i = self
+            .0
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| corrupt(format!("missing section {name}")))?;
+        Ok(self.0.swap_remove(i).1)
+    }
+
+    /// A scale-like section stored as f16 or f32 (by its byte count vs `count`).
+    fn floats(&mut self, name: &str, count: usize) -> Result<Vec<f32>, CodecError> {
+        let bytes = self.take(name)?;
+        match bytes.len() {
+            l if l == count * 2 => Ok(f16_values(&bytes)),
+            l if l == count * 4 => Ok(f32_values(&bytes)),
+            l => Err(corrupt(format!(
+                "section {name} has {l} bytes for {count} values"
+            ))),
+        }
+    }
+
+    fn in_dtype(&mut self, name: &str, dtype: DType, count: usize) -> Result<Vec<f32>, CodecError> {
+        let bytes = self.take(name)?;
+        if bytes.len() != count * dtype.size_bytes() {
+            return Err(corrupt(format!(
+                "section {name} has {} bytes, expected {count} {} values",
+                bytes.len(),
+                dtype.as_safetensors()
+            )));
+        }
+        let mut out = vec![0f32; count];
+        decode_to_f32(dtype, &bytes, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Decodes a frame of `dtype` into the chunk's bytes (appended to `out`). `max_elems` bounds
+/// the element count a (possibly hostile) header may claim.
+pub fn decode_frame(
+    frame: &[u8],
+    dtype: DType,
+    max_elems: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    let (meta, mut sections) = open_frame(frame)?;
+    let elems = meta
+        .rows
+        .checked_mul(meta.row_len)
+        .filter(|&e| e <= max_elems)
+        .ok_or_else(|| {
+            corrupt(format!(
+                "{} rows of {} exceed the tensor",
+                meta.rows, meta.row_len
+            ))
+        })?;
+    if meta.structure == StructureMeta::Dense && meta.values == ValuesMeta::Raw {
+        let bytes = sections.take("values")?;
+        if bytes.len() != elems * dtype.size_bytes() {
+            return Err(corrupt("raw section length does not match its rows"));
+        }
+        out.extend_from_slice(&bytes);
+        return Ok(());
+    }
+    if !dtype.is_decodable_float() {
+        return Err(CodecError::UnsupportedDtype { dtype });
+    }
+    let (row_len, rows) = (meta.row_len, meta.rows);
+    let full = match meta.structure {
+        StructureMeta::Dense => decode_values(&meta.values, &mut sections, dtype, elems)?,
+        StructureMeta::Mask => {
+            let mask = sparse::unpack_bitmask(&sections.take("mask")?, elems)
+                .map_err(|e| corrupt(e.to_string()))?;
+            let kept = decode_values(
+                &meta.values,
+                &mut sections,
+                dtype,
+                kept_count(&mask) as usize,
+            )?;
+            scatter(&kept, &mask, elems)?
+        }
+        StructureMeta::Nm { n, m } => {
+            if m == 0 || n >= m || row_len % m != 0 {
+                return Err(corrupt(format!("bad N:M {n}:{m} for rows of {row_len}")));
+            }
+            let kept_len = elems / m * n;
+            let mask = sparse::nm_unpack_positions(&sections.take("positions")?, elems, n, m)
+                .map_err(|e| corrupt(e.to_string()))?;
+            let kept = decode_values(&meta.values, &mut sections, dtype, kept_len)?;
+            scatter(&kept, &mask, elems)?
+        }
+        StructureMeta::Rows | StructureMeta::Columns => {
+            let is_rows = meta.structure == StructureMeta::Rows;
+            let flags = if is_rows { rows } else { row_len };
+            let keep = sparse::unpack_bitmask(&sections.take("keep")?, flags)
+                .map_err(|e| corrupt(e.to_string()))?;
+            let kept_flags = kept_count(&keep) as usize;
+            let kept_len = if is_rows {
+                kept_flags * row_len
+            } else {
+                kept_flags * rows
+            };
+            let kept = decode_values(&meta.values, &mut sections, dtype, kept_len)?;
+            let mut full = vec![0f32; elems];
+            if is_rows {
+                sparse::scatter_rows(&kept, row_len, &keep, &mut full)
+            } else {
+                sparse::scatter_cols(&kept, row_len, &keep, &mut full)
+            }
+            .map_err(|e| corrupt(e.to_string()))?;
+            full
+        }
+    };
+    let start = out.len();
+    out.resize(start + elems * dtype.size_bytes(), 0);
+    encode_from_f32(dtype, &full, &mut out[start..])?;
+    Ok(())
+}
+
+/// Rebuilds `count` compacted values from the values stage's sections.
+fn decode_values(
+    meta: &ValuesMeta,
+    sections: &mut Sections,
+    dtype: DType,
+    count: usize,
+) -> Result<Vec<f32>, CodecError> {
+    let mut out = vec![0f32; count];
+    let bad = |what: &str| corrupt(format!("{what} does not match {count} values"));
+    match meta {
+        ValuesMeta::Raw => return sections.in_dtype("values", dtype, count),
+        ValuesMeta::Affine {
+            bits,
+            row_len,
+            group_len,
+        } => {
+            let codes = sections.take("codes")?;
+            if codes.len() != count || *row_len == 0 || *group_len == 0 || count % row_len != 0 {
+                return Err(bad("affine codes"));
+            }
+            let groups = count / row_len * row_len.div_ceil(*group_len);
+            let q = quantize::AffineCodes {
+                bits: *bits,
+                row_len: *row_len,
+                group_len: *group_len,
+                codes,
+                scales: sections.floats("scales", groups)?,
+                zeros: sections.floats("zeros", groups)?,
+            };
+            q.dequantize_into(&mut out);
+        }
+        ValuesMeta::Codebook {
+            bits,
+            row_len,
+            group_len,
+        } => {
+            let levels = 1usize << (*bits).min(8);
+            let codebook = sections.floats("codebook", levels)?;
+            let groups = if *group_len == 0 {
+                0
+            } else if *row_len == 0 || count % row_len != 0 {
+                return Err(bad("codebook rows"));
+            } else {
+                count / row_len * row_len.div_ceil(*group_len)
+            };
+            let scales = sections.floats("scales", groups)?;
+            let codes = sections.take("codes")?;
+            if codes.len() != count || codes.iter().any(|&c| c as usize >= levels) {
+                return Err(bad("codebook codes"));
+            }
+            let c = codebook::CodebookCodes {
+                bits: *bits,
+                codebook,
+                row_len: *row_len,
+                group_len: *group_len,
+                scales,
+                codes,
+            };
+            c.dequantize_into(&mut out);
+        }
+        ValuesMeta::Fp8 {
+            row_len,
+            per_channel,
+        } => {
+            let bytes = sections.take("bytes")?;
+            if bytes.len() != count || *row_len == 0 || count % row_len != 0 {
+                return Err(bad("fp8 bytes"));
+            }
+            let nscales = if *per_channel { count / row_len } else { 1 };
+            let scales = f32_values(&sections.take("scales")?);
+            if scales.len() != nscales {
+                return Err(bad("fp8 scales"));
+            }
+            let f = fp8::Fp8Codes {
+                row_len: *row_len,
+                per_channel: *per_channel,
+                scales,
+                bytes,
+            };
+            f.dequantize_into(&mut out);
+        }
+        ValuesMeta::LowRank { rows, cols, rank } => {
+            if rows.checked_mul(*cols) != Some(count) {
+                return Err(bad("low-rank shape"));
+            }
+            let left = sections.in_dtype("left", dtype, rows.saturating_mul(*rank))?;
+            let right = sections.in_dtype("right", dtype, rank.saturating_mul(*cols))?;
+            let lr = lowrank::LowRank {
+                rows: *rows,
+                cols: *cols,
+                rank: *rank,
+                left,
+                right,
+                singular_values: Vec::new(),
+            };
+            lr.reconstruct_into(&mut out);
+        }
+        ValuesMeta::Dct { row_len, block } => {
+            if *row_len == 0 || *block == 0 || count % row_len != 0 {
+                return Err(bad("dct rows"));
+            }
+            let kept_bytes = sections.take("kept")?;
+            let kept: Vec<u16> = kept_bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            let positions: Vec<u16> = sections
+                .take("positions")?
+                .iter()
+                .map(|&p| p.into())
+                .collect();
+            let coeffs = sections.in_dtype("coeffs", dtype, positions.len())?;
+            let d = crate::dct::DctSparse {
+                row_len: *row_len,
+                block: *block,
+                kept_per_block: kept,
+                positions,
+                coeffs,
+            };
+            d.reconstruct_into(&mut out)
+                .map_err(|e| corrupt(e.to_string()))?;
+        }
+        ValuesMeta::Hashed { len, seed } => {
+            if *len != count {
+                return Err(bad("hashed length"));
+            }
+            let bytes = sections.take("buckets")?;
+            let nb = bytes.len() / dtype.size_bytes();
+            let buckets = {
+                let mut b = vec![0f32; nb];
+                decode_to_f32(dtype, &bytes, &mut b)?;
+                b
+            };
+            if buckets.is_empty() {
+                return Err(bad("hashed buckets"));
+            }
+            let h = hashnet::HashedWeights {
+                len: *len,
+                seed: *seed,
+                buckets,
+            };
+            h.reconstruct_into(&mut out);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,273 @@
+//! Tests for HQQ: it beats symmetric and asymmetric RTN in relative Frobenius error on
+//! Gaussian and heavy-tailed data, is never worse than asymmetric RTN in any group, stores
+//! f16 scales and zeros, is deterministic, and survives odd input.
+
+use super::*;
+use crate::quantize::tests::{rel_fro, sample, sq_err};
+use crate::quantize::{quantize_dequantize_rows, rtn_codes};
+use crate::recipe::QuantizeConfig;
+
+fn dequant(c: &AffineCodes) -> Vec<f32> {
+    let mut out = vec![f32::NAN; c.codes.len()];
+    c.dequantize_into(&mut out);
+    out
+}
+
+fn rtn(bits: u8, symmetric: bool, granularity: Granularity, x: &[f32], row_len: usize) -> Vec<f32> {
+    let mut y = x.to_vec();
+    let cfg = QuantizeConfig {
+        bits,
+        symmetric,
+        granularity,
+    };
+    quantize_dequantize_rows(&cfg, &mut y, row_len);
+    y
+}
+
+const ROW_LEN: usize = 512;
+
+#[test]
+fn beats_rtn_on_gaussian_and_heavy_tailed_data() {
+    for dist in ["gaussian", "laplace", "student-t3"] {
+        let x = sample(dist, 64 * ROW_LEN, 0.02, 7);
+        for bits in [4u8, 3] {
+            for group in [64usize, 128] {
+                let gran = Granularity::Group(group);
+                let codes = hqq_codes(&HqqConfig::new(bits, gran), &x, ROW_LEN).unwrap();
+                let e_hqq = rel_fro(&x, &dequant(&codes));
+                let e_asym = rel_fro(&x, &rtn(bits, false, gran, &x, ROW_LEN));
+                let e_sym = rel_fro(&x, &rtn(bits, true, gran, &x, ROW_LEN));
+                eprintln!(
+                    "{dist:>10} int{bits} g{group}: hqq {e_hqq:.5}  rtn-asym {e_asym:.5}  \
+                     rtn-sym {e_sym:.5}  ({:.1}% below asym)",
+                    100.0 * (1.0 - e_hqq / e_asym)
+                );
+                assert!(e_hqq < e_asym, "{dist} int{bits} g{group}");
+                assert!(e_hqq < e_sym, "{dist} int{bits} g{group}");
+            }
+        }
+    }
+}
+
+#[test]
+fn never_worse_than_asymmetric_rtn_in_any_group() {
+    let x = sample("student-t3", 32 * 256, 1.0, 11);
+    for bits in [2u8, 3, 4, 8] {
+        let gran = Granularity::Group(32);
+        let h = hqq_codes(&HqqConfig::new(bits, gran), &x, 256).unwrap();
+        let rtn_cfg = QuantizeConfig {
+            bits,
+            symmetric: false,
+            granularity: gran,
+        };
+        let r = rtn_codes(&rtn_cfg, &x, 256).unwrap();
+        let (dh, dr) = (dequant(&h), dequant(&r));
+        let mut strictly_better = 0;
+        for ((g, gh), gr) in x.chunks(32).zip(dh.chunks(32)).zip(dr.chunks(32)) {
+            let (eh, er) = (sq_err(g, gh), sq_err(g, gr));
+            assert!(eh <= er * (1.0 + 1e-5), "int{bits}: {eh} > {er}");
+            strictly_better += usize::from(eh < er * (1.0 - 1e-5));
+        }
+        eprintln!("int{bits}: HQQ strictly better in {strictly_better} of 256 groups");
+        assert!(strictly_better > 0, "int{bits}");
+    }
+}
+
+#[test]
+fn scales_and_zeros_are_f16_and_codes_fit() {
+    let x = sample("laplace", 16 * 200, 0.05, 3);
+    for bits in [2u8, 3, 4, 5, 8] {
+        let h = hqq_codes(&HqqConfig::new(bits, Granularity::Group(64)), &x, 200).unwrap();
+        assert_eq!(h.groups_per_row(), 4); // 64 + 64 + 64 + 8
+        assert_eq!(h.scales.len(), 16 * 4);
+        for (&s, &z) in h.scales.iter().zip(&h.zeros) {
+            assert_eq!(f16::from_f32(s).to_f32(), s);
+            assert_eq!(f16::from_f32(z).to_f32(), z);
+            assert!(s > 0.0);
+        }
+        assert!(h.codes.iter().all(|&c| u32::from(c) < 1 << bits));
+        // Reconstruction uses exactly the stored values.
+        let d = dequant(&h);
+        for (i, &y) in d.iter().enumerate() {
+            let g = (i / 200) * 4 + (i % 200) / 64;
+            assert_eq!(y, (f32::from(h.codes[i]) - h.zeros[g]) * h.scales[g]);
+        }
+    }
+}
+
+#[test]
+fn per_channel_and_per_tensor_work_and_beat_rtn() {
+    let x = sample("gaussian", 8 * 1024, 1.0, 5);
+    for gran in [Granularity::Channel, Granularity::Tensor] {
+        let h = hqq_codes(&HqqConfig::new(4, gran), &x, 1024).unwrap();
+        let e_hqq = rel_fro(&x, &dequant(&h));
+        let e_rtn = rel_fro(&x, &rtn(4, false, gran, &x, 1024));
+        eprintln!("{gran:?}: hqq {e_hqq:.5} rtn-asym {e_rtn:.5}");
+        assert!(e_hqq < e_rtn, "{gran:?}");
+        let expected_groups = if gran == Granularity::Tensor { 1 } else { 8 };
+        assert_eq!(h.scales.len(), expected_groups);
+    }
+}
+
+#[test]
+fn deterministic_across_thread_counts() {
+    // A per-tensor group longer than one reduction block exercises the parallel sums.
+    let x = sample("laplace", 3 * BLOCK + 17, 1.0, 9);
+    for gran in [Granularity::Tensor, Granularity::Group(128)] {
+        let cfg = HqqConfig::new(3, gran);
+        let a = hqq_codes(&cfg, &x, x.len()).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let b = pool.install(|| hqq_codes(&cfg, &x, x.len()).unwrap());
+        assert_eq!(a, b, "{gran:?}");
+    }
+}
+
+#[test]
+fn more_iterations_or_none_still_never_lose_to_rtn() {
+    let x = sample("gaussian", 4 * 256, 1.0, 21);
+    let gran = Granularity::Group(64);
+    let e_rtn = rel_fro(&x, &rtn(4, false, gran, &x, 256));
+    for iterations in [0, 1, 5, 50] {
+        let cfg = HqqConfig {
+            bits: 4,
+            granularity: gran,
+            iterations,
+        };
+        let e = rel_fro(&x, &dequant(&hqq_codes(&cfg, &x, 256).unwrap()));
+        assert!(e <= e_rtn, "{iterations}: {e} > {e_rtn}");
+    }
+}
+
+#[test]
+fn odd_input_does_not_panic() {
+    let cfg = HqqConfig::new(4, Granularity::Group(4));
+    assert_eq!(
+        hqq_codes(&cfg, &[1.0; 4], 0),
+        Err(QuantizeError::ZeroRowLen)
+    );
+    assert_eq!(
+        hqq_codes(&cfg, &[1.0; 5], 4),
+        Err(QuantizeError::RaggedRows { len: 5, row_len: 4 })
+    );
+    let bad_bits = HqqConfig::new(1, Granularity::Channel);
+    assert_eq!(hqq_codes(&bad_bits, &[1.0], 1), Err(QuantizeError::Bits(1)));
+    assert!(hqq_codes(&cfg, &[], 4).unwrap().codes.is_empty());
+    let odd = [
+        f32::NAN,
+        1.0,
+        -2.0,
+        0.5,
+        f32::INFINITY,
+        -f32::INFINITY,
+        3.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        1e38,
+        -1e38,
+        1e-40,
+        2.0,
+        5.0,
+        5.0,
+        5.0,
+        5.0,
+    ];
+    for gran in [
+        Granularity::Group(4),
+        Granularity::Channel,
+        Granularity::Tensor,
+    ] {
+        let h = hqq_codes(&HqqConfig::new(3, gran), &odd, 4).unwrap();
+        let d = dequant(&h);
+        // All-zero and constant groups are exact; finite groups stay finite.
+        if gran == Granularity::Group(4) {
+            assert_eq!(&d[8..12], &[0.0; 4]);
+            assert!(d[16..20].iter().all(|&v| (v - 5.0).abs() < 0.1), "{d:?}");
+            assert!(d[12..16].iter().all(|v| v.is_finite()));
+        }
+    }
+}
+
+/// Release-mode speed check: `cargo test --release -p shardpress-core --lib hqq::tests::speed
+/// -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn speed() {
+    let x = sample("gaussian", 1 << 24, 0.02, 1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    for (bits, group) in [(4u8, 64usize), (4, 128), (3, 64)] {
+        let cfg = HqqConfig::new(bits, Granularity::Group(group));
+        let t = std::time::Instant::now();
+        let h = pool.install(|| hqq_codes(&cfg, &x, 4096).unwrap());
+        let secs = t.elapsed().as_secs_f64();
+        let rtn_cfg = QuantizeConfig {
+            bits,
+            symmetric: false,
+            granularity: cfg.granularity,
+        };
+        let t = std::time::Instant::now();
+        let r = pool.install(|| rtn_codes(&rtn_cfg, &x, 4096).unwrap());
+        let rtn_secs = t.elapsed().as_secs_f64();
+        let mb = x.len() as f64 * 2.0 / 1e6;
+        eprintln!(
+            "int{bits} g{group}: hqq {:.1} MB/s of BF16 per thread (rtn codes {:.1} MB/s); \
+             rel err hqq {:.5} rtn {:.5}",
+            mb / secs,
+            mb / rtn_secs,
+            rel_fro(&x, &dequant(&h)),
+            rel_fro(&x, &dequant(&r)),
+        );
+    }
+}
+
+/// Compares solver settings (how the constants in `SOLVER` were chosen): `cargo test
+/// --release -p shardpress-core --lib hqq::tests::solver_variants -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn solver_variants() {
+    let variants = [
+        ("p0.5 r3", SOLVER),
+        (
+            "p0.7 r3",
+            Solver {
+                lp_norm: 0.7,
+                ..SOLVER
+            },
+        ),
+        (
+            "p0.5 r5",
+            Solver {
+                refit_rounds: 5,
+                ..SOLVER
+            },
+        ),
+        (
+            "p0.5 r8",
+            Solver {
+                refit_rounds: 8,
+                ..SOLVER
+            },
+        ),
+    ];
+    for dist in ["gaussian", "student-t3"] {
+        let x = sample(dist, 256 * ROW_LEN, 0.02, 7);
+        for (bits, group) in [(4u8, 64usize), (4, 128), (3, 64)] {
+            let gran = Granularity::Group(group);
+            let e_rtn = rel_fro(&x, &rtn(bits, false, gran, &x, ROW_LEN));
+            let mut line = format!("{dist} int{bits} g{group} rtn {e_rtn:.5}:");
+            for (name, s) in &variants {
+                let c = hqq_codes_with(&HqqConfig::new(bits, gran), s, &x, ROW_LEN).unwrap();
+                line += &format!(" [{name}] {:.5}", rel_fro(&x, &dequant(&c)));
+            }
+            eprintln!("{line}");
+        }
+    }
+}
