@@ -97,6 +97,14 @@ async fn restore_tensor(archive: &Archive, tensor: &SpzTensor) -> anyhow::Result
         .location
         .get_range(&archive.name, tensor.offset..tensor.offset + tensor.len)
         .await?;
+    let hash = blake3::hash(&record).to_hex();
+    if hash.as_str() != tensor.blake3 {
+        bail!(
+            "{object}: the record of tensor {} is corrupt (blake3 {hash}, index says {})",
+            tensor.name,
+            tensor.blake3
+        );
+    }
     let name = tensor.name.clone();
     let data = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
         let mut data = Vec::with_capacity(expected as usize);

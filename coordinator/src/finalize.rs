@@ -264,6 +264,7 @@ async fn prepare_assembly(
                 data_end: planned.data_end,
                 offset: offset + result.record_offset,
                 len: result.record_len,
+                blake3: result.record_blake3.clone(),
                 plan: result.pass.clone(),
             });
         }

@@ -66,6 +66,8 @@ pub struct SpzTensor {
     /// Byte range of the record in the archive.
     pub offset: u64,
     pub len: u64,
+    /// blake3 of the record, checked before decoding.
+    pub blake3: String,
     /// The plan applied, e.g. `"prune 2:4 + rtn int4 sym g64"` (empty: stored losslessly).
     pub plan: String,
 }
@@ -225,6 +227,7 @@ mod tests {
                 data_end: 18,
                 offset: 8,
                 len: 30,
+                blake3: String::new(),
                 plan: String::new(),
             }],
             companions: vec![],

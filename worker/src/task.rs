@@ -226,6 +226,7 @@ async fn compress_tensor(
     let mut chunks = read_ahead(model, tensor, ranges);
     let mut acc = ErrorAccumulator::new();
     let record_offset = writer.bytes;
+    let mut record_hash = blake3::Hasher::new();
     let mut repr_bits = 0u64;
     loop {
         if ctx.cancelled.load(Ordering::Relaxed) {
@@ -257,7 +258,10 @@ async fn compress_tensor(
         timings.compute += compute_started.elapsed();
         let write_started = Instant::now();
         if format == OutputFormat::Spz {
-            writer.write(&(output.bytes.len() as u64).to_le_bytes());
+            let len = (output.bytes.len() as u64).to_le_bytes();
+            record_hash.update(&len);
+            record_hash.update(&output.bytes);
+            writer.write(&len);
         }
         writer.write(&output.bytes);
         writer
@@ -296,6 +300,7 @@ async fn compress_tensor(
         result.record_offset = record_offset;
         result.record_len = writer.bytes - record_offset;
         result.stored_bits_per_weight = per_weight(result.record_len * 8);
+        result.record_blake3 = record_hash.finalize().to_hex().to_string();
     }
     if !plan.is_identity() {
         result.set_metrics(&acc.finish());

@@ -1,0 +1,196 @@
+//! Every pass through the real distributed path, and the `.spz` archive end to end: one
+//! cluster of real worker processes compresses a generated model with each preset in both
+//! output formats; the archive, restored with `shardpress decompress`, must equal the
+//! dequantized safetensors output tensor for tensor, and the lossless preset must restore
+//! byte-identical files.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn compress_format(cluster: &TestCluster, model: &Path, out: &Path, recipe: &str, format: &str) {
+    let output = cluster
+        .compress_command(model, out, recipe)
+        .args(["--format", format])
+        .output()
+        .unwrap();
+    assert_success(&output, &format!("compress {recipe} --format {format}"));
+}
+
+fn decompress(archive: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "decompress",
+        archive.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    shardpress(&args)
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn every_preset_runs_distributed_and_the_archive_restores_the_same_tensors() {
+    let mut cluster = TestCluster::start(10.0);
+    cluster.add_worker("w1", &[]);
+    cluster.add_worker("w2", &[]);
+    let model = cluster.dir.path().join("model");
+    gen_model(&model, "6MB", "bf16", 3);
+    let input = load_tensors(&model);
+    for preset in [
+        "int8",
+        "int4-g128",
+        "hqq4",
+        "nf4",
+        "kmeans4",
+        "fp8",
+        "2of4",
+        "2of4-int4",
+        "svd50",
+        "dct25",
+    ] {
+        let st = cluster.dir.path().join(format!("{preset}-st"));
+        let spz = cluster.dir.path().join(format!("{preset}-spz"));
+        let restored = cluster.dir.path().join(format!("{preset}-restored"));
+        compress_format(&cluster, &model, &st, preset, "safetensors");
+        compress_format(&cluster, &model, &spz, preset, "spz");
+        assert!(spz.join("model.spz").is_file());
+        assert!(
+            !spz.join(".spz-parts").exists()
+                || std::fs::read_dir(spz.join(".spz-parts")).unwrap().count() == 0,
+            "{preset}: parts left behind"
+        );
+        assert_success(&shardpress(&["verify", spz.to_str().unwrap()]), "verify");
+        let out = decompress(&spz.join("model.spz"), &restored, &[]);
+        assert_success(&out, &format!("decompress {preset}"));
+        let dense = load_tensors(&st);
+        let back = load_tensors(&restored);
+        assert_eq!(
+            back.keys().collect::<Vec<_>>(),
+            input.keys().collect::<Vec<_>>()
+        );
+        for (name, tensor) in &dense {
+            assert!(
+                back[name] == *tensor,
+                "{preset}: {name} differs between formats"
+            );
+        }
+        // The report proves the passes ran and the archive is smaller than the input.
+        let r = report(&spz);
+        let s = &r["summary"];
+        assert!(s["tensors_compressed"].as_u64().unwrap() > 0, "{preset}");
+        let err = s["rel_fro_error_weighted"].as_f64().unwrap();
+        assert!(err > 0.0 && err < 1.0, "{preset}: error {err}");
+        let stored = s["stored_bits_per_weight"].as_f64().unwrap();
+        assert!(stored < 16.0, "{preset}: {stored} bits per weight stored");
+        assert_eq!(
+            report(&st)["summary"]["rel_fro_error_weighted"],
+            s["rel_fro_error_weighted"]
+        );
+        eprintln!("{preset:10} rel_err {err:.4}  stored {stored:.2} bits/weight");
+    }
+}
+
+#[test]
+fn lossless_archive_restores_byte_identical_files_and_single_tensors_by_range() {
+    let mut cluster = TestCluster::start(10.0);
+    cluster.add_worker("w1", &[]);
+    cluster.add_worker("w2", &[]);
+    let model = cluster.dir.path().join("model");
+    gen_model(&model, "8MB", "bf16", 3);
+    let out = cluster.dir.path().join("out");
+    let output = cluster.compress(&model, &out, "lossless");
+    assert_success(&output, "compress lossless");
+    let archive = out.join("model.spz");
+    let input_bytes: u64 = std::fs::read_dir(&model)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    let archive_bytes = std::fs::metadata(&archive).unwrap().len();
+    assert!(
+        (archive_bytes as f64) < 0.75 * input_bytes as f64,
+        "{archive_bytes} of {input_bytes}"
+    );
+    let restored = cluster.dir.path().join("restored");
+    assert_success(&decompress(&archive, &restored, &[]), "decompress");
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if name == "model.safetensors.index.json" {
+            continue; // regenerated, not archived
+        }
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            std::fs::read(restored.join(name)).unwrap(),
+            "{name:?} is not byte-identical"
+        );
+    }
+    // One tensor, fetched by range, equals the original.
+    let name = "model.layers.1.mlp.down_proj.weight";
+    let one = cluster.dir.path().join("one");
+    assert_success(
+        &decompress(&archive, &one, &["--tensor", name]),
+        "decompress --tensor",
+    );
+    assert_eq!(load_tensors(&one)[name], load_tensors(&model)[name]);
+    // Corrupt archives are clear errors, not panics or partial files.
+    let bad = cluster.dir.path().join("bad.spz");
+    let mut bytes = std::fs::read(&archive).unwrap();
+    bytes.truncate(bytes.len() - 5);
+    std::fs::write(&bad, &bytes).unwrap();
+    let failed = decompress(&bad, &cluster.dir.path().join("bad-out"), &[]);
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("bad.spz") && stderr.contains("footer"),
+        "{stderr}"
+    );
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let mid = bytes.len() / 3;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0xa5;
+    }
+    std::fs::write(&bad, &bytes).unwrap();
+    let failed = decompress(&bad, &cluster.dir.path().join("bad-out2"), &[]);
+    assert!(
+        !failed.status.success(),
+        "a corrupted record must not restore"
+    );
+    assert!(!String::from_utf8_lossy(&failed.stderr).contains("panicked"));
+    let leftovers: Vec<_> = std::fs::read_dir(cluster.dir.path().join("bad-out2"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".safetensors"))
+        .collect();
+    assert!(leftovers.is_empty() || leftovers.len() < 3, "{leftovers:?}");
+}
+
+#[test]
+fn invalid_pass_combinations_are_rejected_at_submit() {
+    let cluster = TestCluster::start(10.0);
+    let model = cluster.dir.path().join("model");
+    gen_model(&model, "2MB", "bf16", 100);
+    let recipe = cluster.dir.path().join("bad.yaml");
+    std::fs::write(
+        &recipe,
+        "passes:\n  - quantize: { bits: 4, granularity: channel }\n    targets: ['re:.*proj\\.weight']\n  - prune: { method: nm, n: 2, m: 4 }\n    targets: ['re:.*proj\\.weight']\n",
+    )
+    .unwrap();
+    // No worker is running: the job must be refused before any task is leased.
+    let output = cluster.compress(
+        &model,
+        &cluster.dir.path().join("out"),
+        recipe.to_str().unwrap(),
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("job rejected") && stderr.contains("must come before"),
+        "{stderr}"
+    );
+}
