@@ -37,6 +37,14 @@ pub fn print_summary(report: &Value) {
         input / 1e6,
         if packed > 0.0 { input / packed } else { 0.0 }
     );
+    if let Some(stored) = s.get("stored_bits_per_weight").and_then(Value::as_f64) {
+        let out = num(s, "output_bytes");
+        println!(
+            "archive      {:.1} MB .spz = {stored:.3} bits/weight stored after entropy coding ({:.2}x smaller than the input)",
+            out / 1e6,
+            if out > 0.0 { input / out } else { 0.0 }
+        );
+    }
     println!(
         "error        rel. Frobenius {:.5} (parameter-weighted), worst {}",
         num(s, "rel_fro_error_weighted"),
