@@ -32,6 +32,10 @@ pub struct GenModelArgs {
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Store lm_head.weight as an exact copy of model.embed_tokens.weight (tied embeddings
+    /// saved twice, as some checkpoints do).
+    #[arg(long)]
+    pub tie_embeddings: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -59,6 +63,7 @@ impl GenModelArgs {
             dtype: GenDtype::Bf16,
             max_shard_mb: 5000,
             seed: 0,
+            tie_embeddings: false,
         }
     }
 }
@@ -149,7 +154,7 @@ impl Shape {
         out
     }
 
-    fn config_json(&self, dtype: DType) -> serde_json::Value {
+    fn config_json(&self, dtype: DType, tie_embeddings: bool) -> serde_json::Value {
         serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -162,7 +167,7 @@ impl Shape {
             "max_position_embeddings": 2048,
             "rms_norm_eps": 1e-5,
             "hidden_act": "silu",
-            "tie_word_embeddings": false,
+            "tie_word_embeddings": tie_embeddings,
             "torch_dtype": match dtype { DType::F16 => "float16", DType::F32 => "float32", _ => "bfloat16" },
         })
     }
@@ -229,7 +234,7 @@ pub fn generate(args: &GenModelArgs) -> anyhow::Result<Generated> {
         for &index in shard {
             weight_map.insert(tensors[index].0.clone(), file.clone());
         }
-        total += write_shard(&args.out.join(&file), &tensors, shard, dtype, args.seed)?;
+        total += write_shard(&args.out.join(&file), &tensors, shard, dtype, args)?;
     }
     if shards.len() > 1 {
         let index =
@@ -241,7 +246,7 @@ pub fn generate(args: &GenModelArgs) -> anyhow::Result<Generated> {
     }
     std::fs::write(
         args.out.join("config.json"),
-        serde_json::to_vec_pretty(&shape.config_json(dtype))?,
+        serde_json::to_vec_pretty(&shape.config_json(dtype, args.tie_embeddings))?,
     )?;
     Ok(Generated {
         tensors: tensors.len(),
@@ -275,7 +280,7 @@ fn write_shard(
     tensors: &[(String, Vec<u64>)],
     members: &[usize],
     dtype: DType,
-    seed: u64,
+    args: &GenModelArgs,
 ) -> anyhow::Result<u64> {
     let layout: Vec<(String, DType, Vec<u64>)> = members
         .iter()
@@ -290,10 +295,18 @@ fn write_shard(
     let mut data_bytes = 0;
     for &i in members {
         let (name, shape) = &tensors[i];
+        // With tied embeddings lm_head draws the embedding's values (index 0, same shape).
+        let source = if args.tie_embeddings && name == "lm_head.weight" {
+            0
+        } else {
+            i
+        };
         let values = tensor_values(
-            name,
+            &tensors[source].0,
             shape,
-            seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
+            args.seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(source as u64),
         );
         let mut bytes = vec![0u8; values.len() * dtype.size_bytes()];
         encode_from_f32(dtype, &values, &mut bytes)?;

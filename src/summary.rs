@@ -44,6 +44,12 @@ pub fn print_summary(report: &Value) {
             out / 1e6,
             if out > 0.0 { input / out } else { 0.0 }
         );
+        let shared = num(s, "tensors_shared");
+        if shared > 0.0 {
+            println!(
+                "sharing      {shared} tensor(s) identical to an earlier one, stored once (see shared_with in report.json)"
+            );
+        }
     }
     println!(
         "error        rel. Frobenius {:.5} (parameter-weighted), worst {}",

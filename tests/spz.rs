@@ -194,3 +194,116 @@ fn invalid_pass_combinations_are_rejected_at_submit() {
         "{stderr}"
     );
 }
+
+fn spz_index(archive: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(archive).unwrap();
+    let footer = &bytes[bytes.len() - 24..];
+    let offset = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
+    let len = u64::from_le_bytes(footer[8..16].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[offset..offset + len]).unwrap()
+}
+
+#[test]
+fn identical_tensors_in_different_files_are_stored_once() {
+    let mut cluster = TestCluster::start(10.0);
+    cluster.add_worker("w1", &[]);
+    cluster.add_worker("w2", &[]);
+    let dir = cluster.dir.path();
+    let generate = |out: &Path, tie: bool| {
+        let out = out.to_str().unwrap();
+        let mut args = vec![
+            "gen-model",
+            "--out",
+            out,
+            "--size",
+            "6MB",
+            "--max-shard-mb",
+            "2",
+        ];
+        if tie {
+            args.push("--tie-embeddings");
+        }
+        assert_success(&shardpress(&args), "gen-model");
+    };
+    let (tied, untied) = (dir.join("tied"), dir.join("untied"));
+    generate(&tied, true);
+    generate(&untied, false);
+    let (embed, head) = ("model.embed_tokens.weight", "lm_head.weight");
+    let input = load_tensors(&tied);
+    assert!(input[embed] == input[head], "gen-model --tie-embeddings");
+
+    for recipe in ["lossless", "int4-g128"] {
+        let (a, b) = (
+            dir.join(format!("{recipe}-tied")),
+            dir.join(format!("{recipe}-untied")),
+        );
+        compress_format(&cluster, &tied, &a, recipe, "spz");
+        compress_format(&cluster, &untied, &b, recipe, "spz");
+        let r = report(&a);
+        assert_eq!(r["summary"]["tensors_shared"], 1, "{recipe}");
+        // One of the pair keeps the record (whichever comes first in the archive).
+        let shared_with = |name: &str| {
+            r["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == name)
+                .unwrap()["shared_with"]
+                .clone()
+        };
+        let (kept, dup) = if shared_with(head).is_null() {
+            (head, embed)
+        } else {
+            (embed, head)
+        };
+        assert_eq!(shared_with(dup), kept, "{recipe}");
+        assert_eq!(report(&b)["summary"]["tensors_shared"], 0, "{recipe}");
+
+        // The index points both tensors at one record, and the archive is smaller by it.
+        let index = spz_index(&a.join("model.spz"));
+        let entry = |name: &str| {
+            index["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == name)
+                .unwrap()
+                .clone()
+        };
+        let (e, h) = (entry(kept), entry(dup));
+        assert_eq!((&e["offset"], &e["len"]), (&h["offset"], &h["len"]));
+        assert_eq!(h["same_as"], kept);
+        let record = e["len"].as_u64().unwrap();
+        let size = |p: &Path| std::fs::metadata(p.join("model.spz")).unwrap().len();
+        let (tied_size, untied_size) = (size(&a), size(&b));
+        assert!(
+            tied_size + record * 9 / 10 < untied_size,
+            "{recipe}: tied {tied_size} bytes, untied {untied_size}, embedding record {record}"
+        );
+
+        // Both tensors restore from the one record.
+        let restored = dir.join(format!("{recipe}-restored"));
+        assert_success(
+            &decompress(&a.join("model.spz"), &restored, &[]),
+            "decompress",
+        );
+        let back = load_tensors(&restored);
+        assert!(back[embed] == back[head], "{recipe}");
+        assert!(
+            back[embed] == input[embed],
+            "{recipe}: embeddings are kept lossless"
+        );
+        if recipe == "lossless" {
+            for entry in std::fs::read_dir(&tied).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "safetensors") {
+                    assert_eq!(
+                        std::fs::read(&path).unwrap(),
+                        std::fs::read(restored.join(path.file_name().unwrap())).unwrap(),
+                        "{path:?} is not byte-identical"
+                    );
+                }
+            }
+        }
+    }
+}

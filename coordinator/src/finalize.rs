@@ -6,10 +6,11 @@
 //! An `.spz` job finalizes twice: first the archive's index is built from the tasks' reports
 //! (record offsets within each part), the source headers and the companion files, and an
 //! assembly task is queued for a worker to concatenate prefix, parts and suffix into
-//! `model.spz`; when that task is done, the parts are deleted and the report and manifest
+//! `model.spz` (leaving out records that [`crate::share`] found identical to an earlier one);
+//! when that task is done, the parts are deleted and the report and manifest
 //! are written as for safetensors output.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,10 +23,11 @@ use shardpress_core::header::header_len_from_prefix;
 use shardpress_core::plan::PlannedTask;
 use shardpress_core::recipe::OutputFormat;
 use shardpress_core::spz::{self, SpzBlob, SpzFile, SpzIndex, SpzTensor};
-use shardpress_proto::v1::AssembleSpz;
+use shardpress_proto::v1::{AssembleSpz, PartRange};
 
 use crate::job::{JobSpec, TaskSlot};
 use crate::report::{build_report, Report};
+use crate::share::identical_records;
 use crate::Coordinator;
 
 pub const MANIFEST_NAME: &str = "manifest.json";
@@ -236,13 +238,23 @@ async fn prepare_assembly(
             size,
         });
     }
+    // Records of tensors identical to an earlier one are left out of the archive; their
+    // index entries point at the earlier record.
+    let shared = identical_records(tasks);
+    let mut kept_at: HashMap<&str, (u64, u64)> = HashMap::new();
     let mut offset = spz::MAGIC.len() as u64;
-    let (mut parts, mut part_sizes, mut tensors) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut parts, mut part_sizes, mut ranges, mut tensors) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for slot in tasks {
         let Some(outcome) = &slot.result else {
             continue;
         };
-        for result in &outcome.report.tensors {
+        let part = parts.len() as u32;
+        let part_size = outcome.report.output_bytes;
+        let mut results: Vec<_> = outcome.report.tensors.iter().collect();
+        results.sort_by_key(|r| r.record_offset);
+        let mut cursor = 0;
+        for result in results {
             let planned = slot.plan.tensors.iter().find(|t| t.name == result.name);
             let Some(planned) = planned else {
                 return Err(StoreError::Invalid {
@@ -253,6 +265,34 @@ async fn prepare_assembly(
                     ),
                 });
             };
+            let record_end = result.record_offset.saturating_add(result.record_len);
+            if result.record_offset < cursor || record_end > part_size {
+                return Err(StoreError::Invalid {
+                    object: slot.plan.output_name.clone(),
+                    reason: format!(
+                        "record of {} at {}+{} overlaps another or runs past the part's {part_size} bytes",
+                        result.name, result.record_offset, result.record_len
+                    ),
+                });
+            }
+            let same_as = shared.get(&result.name).cloned();
+            let (record_at, record_len) = match &same_as {
+                Some(kept) => {
+                    ranges.push(PartRange {
+                        part,
+                        start: cursor,
+                        end: result.record_offset,
+                    });
+                    offset += result.record_offset - cursor;
+                    cursor = record_end;
+                    kept_at.get(kept.as_str()).copied().unwrap_or_default()
+                }
+                None => {
+                    let at = offset + (result.record_offset - cursor);
+                    kept_at.insert(&result.name, (at, result.record_len));
+                    (at, result.record_len)
+                }
+            };
             tensors.push(SpzTensor {
                 name: result.name.clone(),
                 file: file_names
@@ -262,16 +302,23 @@ async fn prepare_assembly(
                 shape: result.shape.clone(),
                 data_start: planned.data_start,
                 data_end: planned.data_end,
-                offset: offset + result.record_offset,
-                len: result.record_len,
+                offset: record_at,
+                len: record_len,
                 blake3: result.record_blake3.clone(),
                 plan: result.pass.clone(),
+                same_as,
             });
         }
+        ranges.push(PartRange {
+            part,
+            start: cursor,
+            end: part_size,
+        });
+        offset += part_size - cursor;
         parts.push(slot.plan.output_name.clone());
-        part_sizes.push(outcome.report.output_bytes);
-        offset += outcome.report.output_bytes;
+        part_sizes.push(part_size);
     }
+    ranges.retain(|r| r.end > r.start);
     let mut suffix = Vec::new();
     let mut companions = Vec::new();
     for name in COMPANION_FILES {
@@ -308,6 +355,7 @@ async fn prepare_assembly(
         part_sizes,
         prefix: spz::MAGIC.to_vec(),
         suffix,
+        ranges,
     };
     Ok((plan, assemble))
 }

@@ -12,6 +12,7 @@
 //! - [`service`]: the two gRPC services, thin: decode, delegate, encode;
 //! - [`finalize`]: reassembly, gates and the manifest;
 //! - [`report`]: the report's types and aggregation;
+//! - [`share`]: tensors stored once in an `.spz` archive because their records are identical;
 //! - [`error`]: the error enum and its one mapping to `tonic::Status`.
 
 pub mod error;
@@ -19,6 +20,7 @@ pub mod finalize;
 pub mod job;
 pub mod report;
 pub mod service;
+pub mod share;
 pub mod state;
 pub mod submit;
 

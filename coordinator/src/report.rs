@@ -9,6 +9,7 @@ use shardpress_core::recipe::{Gates, OutputFormat};
 use shardpress_proto::v1::TensorResult;
 
 use crate::job::{JobSpec, TaskSlot};
+use crate::share::identical_records;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -35,6 +36,8 @@ pub struct RecipeInfo {
 pub struct Summary {
     pub tensors: usize,
     pub tensors_compressed: usize,
+    /// `.spz` only: tensors stored as a reference to an identical earlier record.
+    pub tensors_shared: usize,
     pub params: u64,
     pub params_compressed: u64,
     pub input_bytes: u64,
@@ -119,6 +122,9 @@ pub struct TensorReport {
     pub max_abs_error: Option<f64>,
     pub note: String,
     pub output: String,
+    /// `.spz` only: the tensor whose identical record this one shares (stored once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_with: Option<String>,
 }
 
 impl TensorReport {
@@ -139,6 +145,7 @@ impl TensorReport {
             max_abs_error: metrics.map(|m| m.max_abs_error),
             note: result.note.clone(),
             output: output.to_string(),
+            shared_with: None,
         }
     }
 }
@@ -179,6 +186,15 @@ pub fn build_report(
             compute_seconds: r.compute_seconds,
             write_seconds: r.write_seconds,
         });
+    }
+    if spec.format == OutputFormat::Spz {
+        let shared = identical_records(tasks);
+        for t in &mut tensors {
+            if let Some(kept) = shared.get(&t.name) {
+                t.shared_with = Some(kept.clone());
+                t.stored_bits_per_weight = Some(0.0);
+            }
+        }
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     let gates = check_gates(&spec.recipe.gates, &tensors);
@@ -267,6 +283,7 @@ fn summarize(
     Summary {
         tensors: tensors.len(),
         tensors_compressed: compressed.len(),
+        tensors_shared: tensors.iter().filter(|t| t.shared_with.is_some()).count(),
         params: all.iter().map(|t| t.params).sum(),
         params_compressed: compressed.iter().map(|t| t.params).sum(),
         input_bytes,
@@ -405,6 +422,7 @@ mod tests {
             max_abs_error: Some(0.1),
             note: String::new(),
             output: "model-00001-of-00001.safetensors".into(),
+            shared_with: None,
         }
     }
 

@@ -70,6 +70,10 @@ pub struct SpzTensor {
     pub blake3: String,
     /// The plan applied, e.g. `"prune 2:4 + rtn int4 sym g64"` (empty: stored losslessly).
     pub plan: String,
+    /// Set when the record is another tensor's (identical values under the same plan,
+    /// stored once): that tensor's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub same_as: Option<String>,
 }
 
 /// A small file stored beside the weights (config, tokenizer), entropy-coded.
@@ -229,6 +233,7 @@ mod tests {
                 len: 30,
                 blake3: String::new(),
                 plan: String::new(),
+                same_as: None,
             }],
             companions: vec![],
         }

@@ -1,6 +1,7 @@
-//! The last task of an `.spz` job: stream the archive's prefix, every part the other tasks
-//! wrote (in order, in range-read pieces), and the coordinator's suffix (companion files,
-//! index, footer) into one multipart upload. The coordinator never touches tensor bytes, and
+//! The last task of an `.spz` job: stream the archive's prefix, the listed ranges of the parts
+//! the other tasks wrote (in order, in range-read pieces; records of tensors identical to an
+//! earlier one are left out), and the coordinator's suffix (companion files, index, footer)
+//! into one multipart upload. The coordinator never touches tensor bytes, and
 //! the archive appears only once complete. Each part's size is checked against what its task
 //! reported, so a stale or truncated part cannot slip into the archive.
 
@@ -35,6 +36,19 @@ pub async fn assemble(
         )));
     }
     let out = StoreLocation::open(&lease.out_url)?;
+    if let Some(bad) = spec.ranges.iter().find(|r| {
+        spec.part_sizes
+            .get(r.part as usize)
+            .is_none_or(|&size| r.start > r.end || r.end > size)
+    }) {
+        return Err(TaskError::BadLease(format!(
+            "assemble range {}..{} of part {} lies outside the {} parts' sizes",
+            bad.start,
+            bad.end,
+            bad.part,
+            spec.parts.len()
+        )));
+    }
     for (part, &expected) in spec.parts.iter().zip(&spec.part_sizes) {
         let size = out.size(part).await?;
         if size != expected {
@@ -62,13 +76,14 @@ pub async fn assemble(
     let (mut read_seconds, mut write_seconds) = (0f64, 0f64);
     writer.write(&spec.prefix);
     let copied = async {
-        for (part, &size) in spec.parts.iter().zip(&spec.part_sizes) {
-            let mut at = 0;
-            while at < size {
+        for range in &spec.ranges {
+            let part = &spec.parts[range.part as usize];
+            let mut at = range.start;
+            while at < range.end {
                 if ctx.cancelled.load(Ordering::Relaxed) {
                     return Err(TaskError::Cancelled("lease lost".into()));
                 }
-                let end = (at + READ_PIECE).min(size);
+                let end = (at + READ_PIECE).min(range.end);
                 let t = Instant::now();
                 let piece = out.get_range(part, at..end).await?;
                 read_seconds += t.elapsed().as_secs_f64();
