@@ -146,6 +146,12 @@ pub async fn watch(
                 String::new()
             }
         );
+        // While running, a job's message says which round it is in (global pruning).
+        let message = if status.state() == JobState::Running && !status.message.is_empty() {
+            format!("{message}; {}", status.message)
+        } else {
+            message
+        };
         if interactive {
             let bar = bar.get_or_insert_with(|| progress_bar(status.bytes_total));
             bar.set_position(status.bytes_done);

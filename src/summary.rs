@@ -51,6 +51,16 @@ pub fn print_summary(report: &Value) {
             );
         }
     }
+    if let Some(g) = report.get("global_prune").filter(|g| g.is_object()) {
+        println!(
+            "global prune {:.2}% of {:.2}M targeted weights below |w| {:.4e} (target {:.2}%; measuring round {:.1} s)",
+            100.0 * num(g, "sparsity"),
+            num(g, "params") / 1e6,
+            num(g, "threshold"),
+            100.0 * num(g, "target_sparsity"),
+            num(g, "measure_seconds")
+        );
+    }
     println!(
         "error        rel. Frobenius {:.5} (parameter-weighted), worst {}",
         num(s, "rel_fro_error_weighted"),

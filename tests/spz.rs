@@ -307,3 +307,85 @@ fn identical_tensors_in_different_files_are_stored_once() {
         }
     }
 }
+
+#[test]
+fn a_global_magnitude_target_is_cut_across_tensors_held_by_different_workers() {
+    let mut cluster = TestCluster::start(10.0);
+    cluster.add_worker("w1", &[]);
+    cluster.add_worker("w2", &[]);
+    let dir = cluster.dir.path();
+    let model = dir.join("model");
+    gen_model(&model, "6MB", "bf16", 2);
+    let recipe = dir.join("global.yaml");
+    std::fs::write(
+        &recipe,
+        "name: global50\npasses:\n  - prune: { method: magnitude, sparsity: 0.5, scope: global }\n    targets: ['re:.*_proj\\.weight']\n",
+    )
+    .unwrap();
+    let (st, spz, restored) = (dir.join("st"), dir.join("spz"), dir.join("restored"));
+    compress_format(
+        &cluster,
+        &model,
+        &st,
+        recipe.to_str().unwrap(),
+        "safetensors",
+    );
+    compress_format(&cluster, &model, &spz, recipe.to_str().unwrap(), "spz");
+    assert_success(
+        &decompress(&spz.join("model.spz"), &restored, &[]),
+        "decompress",
+    );
+    let (input, output) = (load_tensors(&model), load_tensors(&st));
+    assert!(
+        load_tensors(&restored) == output,
+        "spz and safetensors differ"
+    );
+
+    let (mut dropped_total, mut params) = (0usize, 0usize);
+    let (mut max_dropped, mut min_kept) = (0f32, f32::INFINITY);
+    let mut per_tensor = Vec::new();
+    for (name, (dtype, _, bytes)) in input.iter().filter(|(n, _)| n.ends_with("_proj.weight")) {
+        let before = decode(*dtype, bytes);
+        let after = decode(output[name].0, &output[name].2);
+        let mut dropped = 0;
+        for (x, y) in before.iter().zip(&after) {
+            if *y == 0.0 && *x != 0.0 {
+                dropped += 1;
+                max_dropped = max_dropped.max(x.abs());
+            } else {
+                assert_eq!(x, y, "{name}: a kept weight changed");
+                min_kept = min_kept.min(x.abs());
+            }
+        }
+        per_tensor.push((name.clone(), dropped as f64 / before.len() as f64));
+        dropped_total += dropped;
+        params += before.len();
+    }
+    let sparsity = dropped_total as f64 / params as f64;
+    assert!((sparsity - 0.5).abs() < 1e-3, "global sparsity {sparsity}");
+    // One magnitude order across every tensor and worker, not a per-tensor 50%.
+    assert!(
+        max_dropped <= min_kept,
+        "dropped {max_dropped} > kept {min_kept}"
+    );
+    let (lo, hi) = per_tensor
+        .iter()
+        .fold((1f64, 0f64), |(lo, hi), (_, s)| (lo.min(*s), hi.max(*s)));
+    assert!(hi - lo > 0.1, "per-tensor sparsities {per_tensor:?}");
+
+    let r = report(&st);
+    let g = &r["global_prune"];
+    assert!((g["sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-3, "{g}");
+    assert_eq!(g["params"].as_u64().unwrap(), params as u64);
+    let note = r["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == per_tensor[0].0.as_str())
+        .unwrap()["note"]
+        .clone();
+    assert!(
+        note.as_str().unwrap().contains("global magnitude cut"),
+        "{note}"
+    );
+}

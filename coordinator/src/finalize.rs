@@ -3,6 +3,10 @@
 //! A job whose gates fail keeps its report (the evidence) but gets no manifest.
 //! Tensor bytes are never read here: shard checksums come from the workers, sizes from HEAD.
 //!
+//! A recipe with a global magnitude prune first "finalizes" its measuring round: the tasks'
+//! magnitude histograms are merged into the global cut and every task runs again to
+//! compress with it.
+//!
 //! An `.spz` job finalizes twice: first the archive's index is built from the tasks' reports
 //! (record offsets within each part), the source headers and the companion files, and an
 //! assembly task is queued for a worker to concatenate prefix, parts and suffix into
@@ -21,11 +25,12 @@ use shardpress_store::{StoreError, StoreLocation, INDEX_NAME};
 use shardpress_core::entropy::{self, Layout};
 use shardpress_core::header::header_len_from_prefix;
 use shardpress_core::plan::PlannedTask;
+use shardpress_core::prune::{GlobalCut, MAGNITUDE_BINS};
 use shardpress_core::recipe::OutputFormat;
 use shardpress_core::spz::{self, SpzBlob, SpzFile, SpzIndex, SpzTensor};
 use shardpress_proto::v1::{AssembleSpz, PartRange};
 
-use crate::job::{JobSpec, TaskSlot};
+use crate::job::{JobSpec, Measured, TaskSlot};
 use crate::report::{build_report, Report};
 use crate::share::identical_records;
 use crate::Coordinator;
@@ -72,6 +77,13 @@ pub struct Manifest {
 pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
     let outcome = match coordinator.snapshot(&job_id) {
         Some((spec, tasks, started, retries)) => {
+            if spec.measuring() {
+                let (cut, measured) = merge_magnitudes(&spec, &tasks, started);
+                tracing::info!(job = %job_id, threshold = cut.threshold(), sparsity = measured.sparsity,
+                    "magnitudes measured; compressing with the global cut");
+                coordinator.start_compression(&job_id, cut, measured);
+                return;
+            }
             let wall = started.elapsed().as_secs_f64();
             let names = coordinator.worker_names();
             let report = build_report(&job_id, &spec, &tasks, wall, retries, &names);
@@ -204,6 +216,39 @@ async fn reassemble(
         ),
     };
     Ok((JobState::Succeeded, message, report_json))
+}
+
+/// The global magnitude cut from the measuring round: the tasks' histograms summed.
+fn merge_magnitudes(
+    spec: &JobSpec,
+    tasks: &[TaskSlot],
+    started: std::time::Instant,
+) -> (GlobalCut, Measured) {
+    let mut merged = vec![0u64; MAGNITUDE_BINS];
+    for outcome in tasks.iter().filter_map(|t| t.result.as_ref()) {
+        for (total, &count) in merged.iter_mut().zip(&outcome.report.magnitude_histogram) {
+            *total += count;
+        }
+    }
+    let target = spec.recipe.global_sparsity().unwrap_or_default();
+    // No targeted weights: nothing to cut (every bin is above bin 0 with no ties dropped).
+    let cut = GlobalCut::from_histogram(&merged, target).unwrap_or(GlobalCut {
+        bin: 0,
+        tie_fraction: 0.0,
+    });
+    let params: u64 = merged.iter().sum();
+    let below: u64 = merged[..cut.bin as usize].iter().sum();
+    let dropped = below as f64 + cut.tie_fraction * merged[cut.bin as usize] as f64;
+    let measured = Measured {
+        params,
+        sparsity: if params == 0 {
+            0.0
+        } else {
+            dropped / params as f64
+        },
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    (cut, measured)
 }
 
 /// Builds the archive's index from the finished tasks and returns the assembly task.

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use shardpress_core::plan::PlannedTask;
+use shardpress_core::prune::GlobalCut;
 use shardpress_core::recipe::{OutputFormat, Recipe};
 use shardpress_proto::v1::{AssembleSpz, CompleteTaskRequest, JobState, JobStatus};
 
@@ -15,6 +16,27 @@ pub struct JobSpec {
     pub recipe: Recipe,
     pub task_budget: u64,
     pub format: OutputFormat,
+    /// A recipe with a global magnitude prune runs every task twice: first measuring
+    /// magnitudes, then, with this cut of the merged histograms, compressing.
+    pub global_cut: Option<GlobalCut>,
+    /// What the measuring round found, for the report.
+    pub measured: Option<Measured>,
+}
+
+/// The measuring round of a global magnitude prune.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    pub params: u64,
+    /// Fraction of the targeted weights the cut drops.
+    pub sparsity: f64,
+    pub seconds: f64,
+}
+
+impl JobSpec {
+    /// True while the job's tasks only measure magnitudes (see [`JobSpec::global_cut`]).
+    pub fn measuring(&self) -> bool {
+        self.recipe.global_sparsity().is_some() && self.global_cut.is_none()
+    }
 }
 
 /// Where one task stands.
@@ -98,12 +120,17 @@ impl Job {
                 assemble: None,
             })
             .collect();
+        let message = if spec.measuring() {
+            "round 1 of 2: measuring magnitudes for the global prune target".to_string()
+        } else {
+            String::new()
+        };
         Self {
             id,
             spec,
             tasks,
             state: JobState::Running,
-            message: String::new(),
+            message,
             started: now,
             retries: 0,
             report_json: String::new(),
@@ -125,6 +152,25 @@ impl Job {
             result: None,
             assemble: Some(assemble),
         });
+        self.state = JobState::Running;
+    }
+
+    /// Ends the measuring round of a global magnitude prune: every task runs again, now
+    /// compressing with `cut` (attempt numbers go on, so a late report of the measuring
+    /// round is refused as stale).
+    pub fn start_compression(&mut self, cut: GlobalCut, measured: Measured) {
+        if self.state != JobState::Finalizing || !self.spec.measuring() {
+            return;
+        }
+        self.spec.global_cut = Some(cut);
+        self.spec.measured = Some(measured);
+        self.message = "round 2 of 2: compressing with the global cut".into();
+        for slot in &mut self.tasks {
+            slot.status = TaskStatus::Pending;
+            slot.failures = 0;
+            slot.progress_bytes = 0;
+            slot.result = None;
+        }
         self.state = JobState::Running;
     }
 
@@ -335,11 +381,73 @@ mod tests {
             recipe,
             task_budget: 1 << 20,
             format: OutputFormat::Safetensors,
+            global_cut: None,
+            measured: None,
         };
         Job::new("job-1".into(), spec, plan, Instant::now())
     }
 
     const TTL: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_global_prune_job_measures_first_then_compresses_every_task_again() {
+        let mut job = job_with_tasks(2);
+        job.spec.recipe = Recipe::from_yaml(
+            "passes:\n  - prune: { method: magnitude, sparsity: 0.5, scope: global }\n    targets: ['re:.*']\n",
+        )
+        .unwrap();
+        assert!(job.spec.measuring());
+        let t0 = Instant::now();
+        for i in 0..2 {
+            assert_eq!(job.lease_next("w1", TTL, t0), Some(i));
+        }
+        // The last measuring report moves the job to finalizing, as for any job.
+        assert_eq!(
+            job.complete(0, 1, "w1", CompleteTaskRequest::default()),
+            Ok(false)
+        );
+        assert_eq!(
+            job.complete(1, 1, "w1", CompleteTaskRequest::default()),
+            Ok(true)
+        );
+        job.finish(JobState::Finalizing, String::new());
+        let cut = GlobalCut {
+            bin: 7,
+            tie_fraction: 0.5,
+        };
+        let measured = Measured {
+            params: 10,
+            sparsity: 0.5,
+            seconds: 1.0,
+        };
+        job.start_compression(cut, measured.clone());
+        assert_eq!(job.state, JobState::Running);
+        assert!(!job.spec.measuring());
+        assert_eq!(job.spec.global_cut, Some(cut));
+        assert_eq!(job.tasks_done(), 0);
+        // A second call (a duplicate finalize) changes nothing.
+        job.start_compression(
+            GlobalCut {
+                bin: 1,
+                tie_fraction: 0.0,
+            },
+            measured,
+        );
+        assert_eq!(job.spec.global_cut, Some(cut));
+        // Round two leases are new attempts: a late round-one report is stale.
+        assert_eq!(job.lease_next("w2", TTL, t0), Some(0));
+        assert_eq!(
+            job.complete(0, 1, "w1", CompleteTaskRequest::default()),
+            Err(Rejection::StaleAttempt {
+                current: 2,
+                given: 1
+            })
+        );
+        assert_eq!(
+            job.complete(0, 2, "w2", CompleteTaskRequest::default()),
+            Ok(false)
+        );
+    }
 
     #[test]
     fn an_expired_lease_is_requeued_and_its_stale_result_rejected() {

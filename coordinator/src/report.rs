@@ -19,6 +19,9 @@ pub struct Report {
     pub recipe: RecipeInfo,
     pub output_format: &'static str,
     pub summary: Summary,
+    /// Recipes with a global magnitude prune: the cut the measuring round found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_prune: Option<GlobalPruneReport>,
     pub gates: GateVerdict,
     pub layers: Vec<LayerReport>,
     pub tasks: Vec<TaskReport>,
@@ -55,6 +58,19 @@ pub struct Summary {
     pub input_mb_per_second: f64,
     pub workers_used: usize,
     pub task_retries: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GlobalPruneReport {
+    pub target_sparsity: f64,
+    /// Fraction of the targeted weights below the cut (each tensor then rounds its share).
+    pub sparsity: f64,
+    /// Weights the global target covers.
+    pub params: u64,
+    /// Magnitudes below this are dropped everywhere (ties at it shared out evenly).
+    pub threshold: f32,
+    /// Wall time of the measuring round (every targeted tensor read once).
+    pub measure_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -224,6 +240,13 @@ pub fn build_report(
             OutputFormat::Spz => "spz (compact representations, entropy-coded)",
         },
         summary,
+        global_prune: spec.measured.as_ref().map(|m| GlobalPruneReport {
+            target_sparsity: spec.recipe.global_sparsity().unwrap_or_default(),
+            sparsity: m.sparsity,
+            params: m.params,
+            threshold: spec.global_cut.map(|c| c.threshold()).unwrap_or_default(),
+            measure_seconds: m.seconds,
+        }),
         gates,
         layers: layer_reports(&tensors),
         tasks: task_reports,

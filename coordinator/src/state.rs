@@ -6,13 +6,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shardpress_core::plan::PlannedTask;
+use shardpress_core::prune::GlobalCut;
 use shardpress_proto::v1::{
     AssembleSpz, CompleteTaskRequest, FailTaskRequest, JobState, JobStatus, TaskLease, TaskRef,
     TensorSlice,
 };
 use tokio::sync::{watch, Notify};
 
-use crate::job::{Job, JobSpec, Rejection, TaskSlot};
+use crate::job::{Job, JobSpec, Measured, Rejection, TaskSlot};
 use crate::{CoordinatorConfig, CoordinatorError};
 
 struct JobEntry {
@@ -286,6 +287,18 @@ impl Coordinator {
         self.task_ready.notify_waiters();
     }
 
+    /// Ends the measuring round of a global magnitude prune and requeues every task to
+    /// compress with `cut`.
+    pub fn start_compression(&self, job_id: &str, cut: GlobalCut, measured: Measured) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.jobs.get_mut(job_id) {
+            entry.job.start_compression(cut, measured);
+        }
+        inner.publish(job_id, self.config.lease_ttl);
+        drop(inner);
+        self.task_ready.notify_waiters();
+    }
+
     /// A copy of what finalization needs: the spec and every task's slot.
     pub fn snapshot(&self, job_id: &str) -> Option<(JobSpec, Vec<TaskSlot>, Instant, u32)> {
         let inner = self.lock();
@@ -355,5 +368,13 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
         tensors: slot.plan.tensors.iter().map(TensorSlice::from).collect(),
         format: job.spec.format.as_str().to_string(),
         assemble: slot.assemble.clone(),
+        measure_magnitudes: job.spec.measuring(),
+        global_cut: job
+            .spec
+            .global_cut
+            .map(|c| shardpress_proto::v1::GlobalCut {
+                bin: c.bin,
+                tie_fraction: c.tie_fraction,
+            }),
     }
 }

@@ -22,6 +22,7 @@
 
 use crate::dtype::{decode_to_f32, encode_from_f32, DType, DTypeError};
 use crate::entropy::{self, Layout};
+use crate::prune::GlobalCut;
 use crate::recipe::{PassKind, PruneConfig, RankRule, Recipe};
 use crate::{codebook, fp8, hashnet, hqq, lowrank, prune, quantize, sparse};
 use half::f16;
@@ -89,6 +90,9 @@ pub struct TensorPlan {
     pub values: Option<PassKind>,
     /// Why targeted passes were not applied (non-float dtype, 1-D tensor); empty otherwise.
     pub note: String,
+    /// For a global magnitude prune: the cut of the whole job's merged histogram, set by
+    /// the worker from its lease ([`TensorPlan::needs_global_cut`]).
+    pub global_cut: Option<GlobalCut>,
 }
 
 impl TensorPlan {
@@ -178,7 +182,16 @@ impl TensorPlan {
             structure: structure.map(|(_, s)| s),
             values: values.map(|(_, v)| v.clone()),
             note: String::new(),
+            global_cut: None,
         })
+    }
+
+    /// True for a magnitude prune against a global target, which needs [`Self::global_cut`].
+    pub fn needs_global_cut(&self) -> bool {
+        matches!(
+            self.structure,
+            Some(PruneConfig::Magnitude { global: true, .. })
+        )
     }
 
     /// True when the plan changes nothing (the tensor is stored as is).
@@ -617,7 +630,17 @@ pub fn encode_chunk(
             let out = encode_values(values_pass, dtype, original, row_len)?;
             (StructureMeta::Dense, Vec::new(), 0, out)
         }
-        Some(PruneConfig::Magnitude { sparsity }) => {
+        Some(PruneConfig::Magnitude { sparsity, global }) => {
+            let sparsity = match (global, &plan.global_cut) {
+                (false, _) => sparsity,
+                (true, Some(cut)) => cut.local_sparsity(&original),
+                (true, None) => {
+                    return Err(pass_err("prune")(
+                        "a global magnitude target needs the job's cut, which this plan lacks"
+                            .into(),
+                    ))
+                }
+            };
             let mask = prune::magnitude_mask(&original, sparsity);
             let kept = sparse::compact(&original, &mask);
             let kept_len = kept.len().max(1);

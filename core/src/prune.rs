@@ -217,6 +217,87 @@ pub fn global_threshold(tensors: &[&[f32]], sparsity: f64) -> f32 {
     f32::from_bits(select_key(tensors, drop as u64 - 1).0)
 }
 
+/// Bins of [`magnitude_histogram`]: the top 16 bits of `|w|` as f32 bits (sign dropped), so
+/// one bin per BF16 magnitude.
+pub const MAGNITUDE_BINS: usize = HI_BINS;
+
+/// Histogram of `|w|` over [`MAGNITUDE_BINS`] bins: what a worker reports so that a global
+/// magnitude target over tensors on many machines can be cut without moving the weights.
+pub fn magnitude_histogram(values: &[f32]) -> Vec<u64> {
+    values
+        .par_chunks(CHUNK)
+        .fold(
+            || vec![0u64; HI_BINS],
+            |mut h, c| {
+                for &x in c {
+                    h[(mag_key(x) >> 16) as usize] += 1;
+                }
+                h
+            },
+        )
+        .reduce(|| vec![0u64; HI_BINS], add_hist)
+}
+
+/// Where a global magnitude target cuts the merged histogram of every targeted tensor: all
+/// weights in bins below `bin` are dropped, and `tie_fraction` of those in `bin` (in each
+/// tensor, the smallest of them). Exact for BF16 weights up to one rounding per tensor; for
+/// F16/F32 the tie share is taken by magnitude inside the bin, so the total is as exact.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GlobalCut {
+    pub bin: u32,
+    pub tie_fraction: f64,
+}
+
+impl GlobalCut {
+    /// The cut dropping `round(sparsity * total)` weights of the merged histogram `hist`
+    /// ([`MAGNITUDE_BINS`] bins); `None` when the histogram is empty or has the wrong size.
+    pub fn from_histogram(hist: &[u64], sparsity: f64) -> Option<GlobalCut> {
+        let total: u64 = hist.iter().sum();
+        if total == 0 || hist.len() != HI_BINS {
+            return None;
+        }
+        let drop = drop_count(total as usize, sparsity) as u64;
+        if drop == 0 {
+            return Some(GlobalCut {
+                bin: 0,
+                tie_fraction: 0.0,
+            });
+        }
+        let (bin, below) = locate(hist, drop - 1);
+        Some(GlobalCut {
+            bin: bin as u32,
+            tie_fraction: (drop - below) as f64 / hist[bin] as f64,
+        })
+    }
+
+    /// Smallest `|w|` of the cut's bin: weights below it are all dropped.
+    pub fn threshold(&self) -> f32 {
+        f32::from_bits(self.bin << 16)
+    }
+
+    /// The fraction of `values` this cut drops: every weight below the bin plus
+    /// `round(tie_fraction * in_bin)`; [`magnitude_mask`] with it drops exactly those.
+    pub fn local_sparsity(&self, values: &[f32]) -> f64 {
+        if values.is_empty() {
+            return 0.0;
+        }
+        let (below, within) = values
+            .par_chunks(CHUNK)
+            .map(|c| {
+                c.iter().fold((0u64, 0u64), |(b, w), &x| {
+                    let bin = mag_key(x) >> 16;
+                    (
+                        b + u64::from(bin < self.bin),
+                        w + u64::from(bin == self.bin),
+                    )
+                })
+            })
+            .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let dropped = below + (self.tie_fraction * within as f64).round() as u64;
+        dropped as f64 / values.len() as f64
+    }
+}
+
 /// Checks that `len` values form whole rows of `row_len`; returns the row count.
 fn check_rows(len: usize, row_len: usize) -> Result<usize, PruneError> {
     if row_len == 0 {

@@ -68,8 +68,10 @@ pub enum RankRule {
 /// Which weights a pruning pass removes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PruneConfig {
-    /// Unstructured: the `sparsity` fraction of weights with the smallest magnitude, per tensor.
-    Magnitude { sparsity: f64 },
+    /// Unstructured: the `sparsity` fraction of weights with the smallest magnitude, per
+    /// tensor, or (`global`) over every tensor the pass targets together, cut from the
+    /// merged magnitude histograms of all workers before compression starts.
+    Magnitude { sparsity: f64, global: bool },
     /// In every run of `m` weights of a row, keep the `n` largest.
     NOfM { n: usize, m: usize },
     /// Whole rows (output channels) with the smallest norm ("model pruning").
@@ -241,7 +243,10 @@ impl PassKind {
                 format!("fp8-e4m3 {g}")
             }
             PassKind::Prune(p) => match p {
-                PruneConfig::Magnitude { sparsity } => format!("prune magnitude {sparsity}"),
+                PruneConfig::Magnitude { sparsity, global } => {
+                    let scope = if *global { " global" } else { "" };
+                    format!("prune magnitude {sparsity}{scope}")
+                }
                 PruneConfig::NOfM { n, m } => format!("prune {n}:{m}"),
                 PruneConfig::Rows { fraction, norm } => format!("prune rows {fraction} {norm:?}"),
                 PruneConfig::Columns { fraction, norm } => {
@@ -397,6 +402,26 @@ impl Recipe {
             .enumerate()
             .map(|(i, p)| passes::convert_pass(i, p))
             .collect::<Result<Vec<_>, _>>()?;
+        let global: Vec<usize> = passes
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                matches!(
+                    p.kind,
+                    PassKind::Prune(PruneConfig::Magnitude { global: true, .. })
+                )
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if global.len() > 1 {
+            return Err(invalid(
+                format!("passes[{}].prune.scope", global[1]),
+                format!(
+                    "only one global magnitude target per recipe (passes[{}] has one already)",
+                    global[0]
+                ),
+            ));
+        }
         let format = raw.format.unwrap_or_default();
         if passes.is_empty() && format != OutputFormat::Spz {
             return Err(invalid(
@@ -411,6 +436,18 @@ impl Recipe {
             passes,
             gates: convert_gates(raw.gates)?,
             source_yaml: yaml.to_owned(),
+        })
+    }
+
+    /// The sparsity of the recipe's global magnitude prune, if it has one: such a job first
+    /// measures every targeted tensor's magnitudes, then compresses.
+    pub fn global_sparsity(&self) -> Option<f64> {
+        self.passes.iter().find_map(|p| match p.kind {
+            PassKind::Prune(PruneConfig::Magnitude {
+                sparsity,
+                global: true,
+            }) => Some(sparsity),
+            _ => None,
         })
     }
 

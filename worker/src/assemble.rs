@@ -118,7 +118,7 @@ pub async fn assemble(
         tensors: Vec::new(),
         seconds: started.elapsed().as_secs_f64(),
         read_seconds,
-        compute_seconds: 0.0,
         write_seconds,
+        ..Default::default()
     })
 }

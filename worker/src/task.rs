@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use object_store::{ObjectStoreExt, WriteMultipart};
 use shardpress_core::codec::TensorPlan;
-use shardpress_core::dtype::DType;
+use shardpress_core::dtype::{decode_to_f32, DType, DTypeError};
 use shardpress_core::header::encode_header;
 use shardpress_core::metrics::ErrorAccumulator;
 use shardpress_core::pipeline::process_chunk;
 use shardpress_core::plan::PlannedTensor;
+use shardpress_core::prune::{magnitude_histogram, GlobalCut, MAGNITUDE_BINS};
 use shardpress_core::quantize::row_len_of;
 use shardpress_core::recipe::{OutputFormat, Recipe};
 use shardpress_proto::v1::{CompleteTaskRequest, TaskLease, TensorResult};
@@ -104,13 +105,27 @@ pub async fn execute(
         tensor: lease.output_name.clone(),
         reason: e.to_string(),
     })?;
-    let plans = tensors
+    let mut plans = tensors
         .iter()
         .map(|t| {
             TensorPlan::for_tensor(&recipe, &t.name, t.dtype, &t.shape)
                 .map_err(|e| TaskError::BadLease(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if lease.measure_magnitudes {
+        return measure_magnitudes(&model, &tensors, &plans, ctx, started).await;
+    }
+    for plan in plans.iter_mut().filter(|p| p.needs_global_cut()) {
+        let cut = lease.global_cut.as_ref().ok_or_else(|| {
+            TaskError::BadLease(
+                "a global magnitude prune needs the job's cut; the lease has none".into(),
+            )
+        })?;
+        plan.global_cut = Some(GlobalCut {
+            bin: cut.bin,
+            tie_fraction: cut.tie_fraction,
+        });
+    }
 
     let object = out.describe(&lease.output_name);
     let upload_err = |e: object_store::Error| TaskError::Upload {
@@ -161,6 +176,7 @@ pub async fn execute(
         read_seconds: timings.read.as_secs_f64(),
         compute_seconds: timings.compute.as_secs_f64(),
         write_seconds: timings.write.as_secs_f64(),
+        magnitude_histogram: Vec::new(),
     })
 }
 
@@ -176,6 +192,66 @@ impl ShardWriter {
         self.bytes += data.len() as u64;
         self.inner.write(data);
     }
+}
+
+/// The first round of a global magnitude prune: the summed magnitude histogram of the task's
+/// targeted tensors, read chunk by chunk; nothing is written.
+async fn measure_magnitudes(
+    model: &StoreLocation,
+    tensors: &[PlannedTensor],
+    plans: &[TensorPlan],
+    ctx: &TaskContext,
+    started: Instant,
+) -> Result<CompleteTaskRequest, TaskError> {
+    let mut timings = Timings::default();
+    let mut histogram = vec![0u64; MAGNITUDE_BINS];
+    for (tensor, _) in tensors
+        .iter()
+        .zip(plans)
+        .filter(|(_, p)| p.needs_global_cut())
+    {
+        let ranges = chunk_ranges(tensor, 1, ctx.chunk_bytes);
+        let mut chunks = read_ahead(model, tensor, ranges);
+        loop {
+            if ctx.cancelled.load(Ordering::Relaxed) {
+                return Err(TaskError::Cancelled("lease lost".into()));
+            }
+            let read_started = Instant::now();
+            let Some(input) = chunks.recv().await else {
+                break;
+            };
+            timings.read += read_started.elapsed();
+            let input = input?;
+            let compute_started = Instant::now();
+            let (dtype, len) = (tensor.dtype, input.len() as u64);
+            let counts = cpu::run(move || -> Result<Vec<u64>, DTypeError> {
+                let mut values = vec![0f32; input.len() / dtype.size_bytes().max(1)];
+                decode_to_f32(dtype, &input, &mut values)?;
+                Ok(magnitude_histogram(&values))
+            })
+            .await
+            .map_err(|message| TaskError::Compute {
+                tensor: tensor.name.clone(),
+                message,
+            })?
+            .map_err(|e| TaskError::BadTensor {
+                tensor: tensor.name.clone(),
+                reason: e.to_string(),
+            })?;
+            for (total, count) in histogram.iter_mut().zip(counts) {
+                *total += count;
+            }
+            timings.compute += compute_started.elapsed();
+            ctx.progress.fetch_add(len, Ordering::Relaxed);
+        }
+    }
+    Ok(CompleteTaskRequest {
+        seconds: started.elapsed().as_secs_f64(),
+        read_seconds: timings.read.as_secs_f64(),
+        compute_seconds: timings.compute.as_secs_f64(),
+        magnitude_histogram: histogram,
+        ..Default::default()
+    })
 }
 
 /// Row ranges of one tensor, each at most `chunk_bytes` (but at least one row).
@@ -304,6 +380,9 @@ async fn compress_tensor(
     }
     if !plan.is_identity() {
         result.set_metrics(&acc.finish());
+    }
+    if let Some(cut) = &plan.global_cut {
+        result.note = format!("global magnitude cut at |w| ~ {:.4e}", cut.threshold());
     }
     Ok(result)
 }

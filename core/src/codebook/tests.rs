@@ -214,32 +214,3 @@ fn nf4_odd_input_does_not_panic() {
         assert!(d[1] > 0.0 && d[1].is_finite());
     }
 }
-
-/// Release-mode speed check: `cargo test --release -p shardpress-core --lib
-/// codebook::tests::speed -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn speed() {
-    let x = sample("student-t3", 1 << 24, 0.02, 1);
-    let mb = x.len() as f64 * 2.0 / 1e6;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
-    let t = std::time::Instant::now();
-    let k = pool.install(|| kmeans_codes(4, &x, 30).unwrap());
-    let s = t.elapsed().as_secs_f64();
-    eprintln!(
-        "k-means 4 bits: {:.1} MB/s of BF16 per thread, rel err {:.5}",
-        mb / s,
-        rel_fro(&x, &dequant(&k))
-    );
-    let t = std::time::Instant::now();
-    let q = pool.install(|| nf4_codes(Granularity::Group(64), &x, 4096).unwrap());
-    let s = t.elapsed().as_secs_f64();
-    eprintln!(
-        "nf4 g64: {:.1} MB/s of BF16 per thread, rel err {:.5}",
-        mb / s,
-        rel_fro(&x, &dequant(&q))
-    );
-}

@@ -193,41 +193,6 @@ fn odd_input_does_not_panic() {
     }
 }
 
-/// Release-mode speed check: `cargo test --release -p shardpress-core --lib hqq::tests::speed
-/// -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn speed() {
-    let x = sample("gaussian", 1 << 24, 0.02, 1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
-    for (bits, group) in [(4u8, 64usize), (4, 128), (3, 64)] {
-        let cfg = HqqConfig::new(bits, Granularity::Group(group));
-        let t = std::time::Instant::now();
-        let h = pool.install(|| hqq_codes(&cfg, &x, 4096).unwrap());
-        let secs = t.elapsed().as_secs_f64();
-        let rtn_cfg = QuantizeConfig {
-            bits,
-            symmetric: false,
-            granularity: cfg.granularity,
-        };
-        let t = std::time::Instant::now();
-        let r = pool.install(|| rtn_codes(&rtn_cfg, &x, 4096).unwrap());
-        let rtn_secs = t.elapsed().as_secs_f64();
-        let mb = x.len() as f64 * 2.0 / 1e6;
-        eprintln!(
-            "int{bits} g{group}: hqq {:.1} MB/s of BF16 per thread (rtn codes {:.1} MB/s); \
-             rel err hqq {:.5} rtn {:.5}",
-            mb / secs,
-            mb / rtn_secs,
-            rel_fro(&x, &dequant(&h)),
-            rel_fro(&x, &dequant(&r)),
-        );
-    }
-}
-
 /// Compares solver settings (how the constants in `SOLVER` were chosen): `cargo test
 /// --release -p shardpress-core --lib hqq::tests::solver_variants -- --ignored --nocapture`.
 #[test]

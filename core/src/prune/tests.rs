@@ -95,6 +95,61 @@ fn global_threshold_matches_concatenation() {
     }
 }
 
+#[test]
+fn a_cut_from_merged_histograms_prunes_like_one_concatenated_tensor() {
+    // Three "workers" each histogram their own tensor; the merged cut, applied per tensor,
+    // drops the global target (up to one rounding per tensor) and never keeps a smaller |w|
+    // than one it drops, across tensors.
+    let bf16 = |v: Vec<f32>| -> Vec<f32> {
+        v.iter()
+            .map(|x| f32::from_bits(x.to_bits() & 0xffff_0000))
+            .collect()
+    };
+    let a = bf16(noise(70_000, 2));
+    let b = bf16(noise(30_001, 3).iter().map(|x| x * 3.0).collect());
+    let c = noise(20_000, 4)
+        .iter()
+        .map(|x| x * 0.1)
+        .collect::<Vec<f32>>(); // f32 precision
+    let tensors: [&[f32]; 3] = [&a, &b, &c];
+    let total: usize = tensors.iter().map(|t| t.len()).sum();
+    let mut merged = vec![0u64; MAGNITUDE_BINS];
+    for t in tensors {
+        for (m, h) in merged.iter_mut().zip(magnitude_histogram(t)) {
+            *m += h;
+        }
+    }
+    for s in [0.0, 0.3, 0.5, 0.97, 1.0] {
+        let cut = GlobalCut::from_histogram(&merged, s).unwrap();
+        let masks: Vec<Vec<bool>> = tensors
+            .iter()
+            .map(|t| magnitude_mask(t, cut.local_sparsity(t)))
+            .collect();
+        let dropped = masks.iter().flatten().filter(|&&k| !k).count();
+        let target = (s * total as f64).round() as usize;
+        assert!(
+            dropped.abs_diff(target) <= tensors.len(),
+            "{s}: {dropped} vs {target}"
+        );
+        let t = cut.threshold();
+        for (v, m) in tensors.iter().zip(&masks) {
+            for (x, &keep) in v.iter().zip(m) {
+                let bin = x.to_bits() & 0x7fff_0000;
+                if keep {
+                    assert!(bin >= t.to_bits(), "{s}: kept {x} below the cut's bin");
+                } else {
+                    assert!(bin <= t.to_bits(), "{s}: dropped {x} above the cut's bin");
+                }
+            }
+        }
+    }
+    // Per-tensor sparsities differ (b is 3x larger), which is the point of a global target.
+    let cut = GlobalCut::from_histogram(&merged, 0.5).unwrap();
+    assert!(cut.local_sparsity(&b) < 0.3 && cut.local_sparsity(&c) > 0.9);
+    assert_eq!(GlobalCut::from_histogram(&[0; MAGNITUDE_BINS], 0.5), None);
+    assert_eq!(GlobalCut::from_histogram(&[1, 2, 3], 0.5), None);
+}
+
 /// Asserts every m-block keeps exactly n, and no dropped |w| exceeds a kept one in its block.
 fn check_nm(v: &[f32], mask: &[bool], n: usize, m: usize) {
     for (b, k) in v.chunks(m).zip(mask.chunks(m)) {

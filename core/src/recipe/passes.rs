@@ -96,6 +96,13 @@ enum RawNorm {
     L2,
 }
 
+#[derive(Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum RawScope {
+    Tensor,
+    Global,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPrune {
@@ -105,6 +112,7 @@ struct RawPrune {
     m: Option<usize>,
     fraction: Option<f64>,
     norm: Option<RawNorm>,
+    scope: Option<RawScope>,
 }
 
 #[derive(Deserialize)]
@@ -289,9 +297,11 @@ fn convert_prune(field: &str, raw: RawPrune) -> Result<PassKind, RecipeError> {
             };
             PruneConfig::Magnitude {
                 sparsity: fraction_in(format!("{field}.sparsity"), s, 0.0, 1.0)?,
+                global: matches!(raw.scope, Some(RawScope::Global)),
             }
         }
         PruneMethod::Nm => {
+            only("scope", raw.scope.is_some())?;
             only("sparsity", raw.sparsity.is_some())?;
             only("fraction", raw.fraction.is_some())?;
             only("norm", raw.norm.is_some())?;
@@ -313,6 +323,7 @@ fn convert_prune(field: &str, raw: RawPrune) -> Result<PassKind, RecipeError> {
             PruneConfig::NOfM { n, m }
         }
         PruneMethod::Rows | PruneMethod::Columns => {
+            only("scope", raw.scope.is_some())?;
             only("sparsity", raw.sparsity.is_some())?;
             only("n", raw.n.is_some())?;
             only("m", raw.m.is_some())?;

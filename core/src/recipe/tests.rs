@@ -194,3 +194,32 @@ fn presets_parse_and_target_linear_weights() {
         "rtn int8 sym g128"
     );
 }
+
+#[test]
+fn magnitude_pruning_takes_a_per_tensor_or_one_global_scope() {
+    let prune = |extra: &str| {
+        format!("passes:\n  - prune: {{ method: magnitude, sparsity: 0.4{extra} }}\n    targets: ['re:.*']\n")
+    };
+    let tensor = Recipe::from_yaml(&prune("")).unwrap();
+    assert_eq!(tensor.global_sparsity(), None);
+    assert_eq!(
+        Recipe::from_yaml(&prune(", scope: tensor")).unwrap().passes[0].kind,
+        tensor.passes[0].kind
+    );
+    let global = Recipe::from_yaml(&prune(", scope: global")).unwrap();
+    assert_eq!(global.global_sparsity(), Some(0.4));
+    assert!(global.describe().contains("prune magnitude 0.4 global"));
+    assert!(err(&prune(", scope: layer")).to_string().contains("scope"));
+    let nm =
+        "passes:\n  - prune: { method: nm, n: 2, m: 4, scope: global }\n    targets: ['re:.*']\n";
+    assert!(err(nm).to_string().contains("does not apply"));
+    let two = format!(
+        "{}  - prune: {{ method: magnitude, sparsity: 0.2, scope: global }}\n    targets: [b]\n",
+        prune(", scope: global")
+    );
+    let e = err(&two).to_string();
+    assert!(
+        e.contains("passes[1]") && e.contains("only one global"),
+        "{e}"
+    );
+}
