@@ -44,12 +44,12 @@ pub fn print_summary(report: &Value) {
             out / 1e6,
             if out > 0.0 { input / out } else { 0.0 }
         );
-        let shared = num(s, "tensors_shared");
-        if shared > 0.0 {
-            println!(
-                "sharing      {shared} tensor(s) identical to an earlier one, stored once (see shared_with in report.json)"
-            );
-        }
+    }
+    let shared = num(s, "tensors_shared");
+    if shared > 0.0 {
+        println!(
+            "sharing      {shared} tensor(s) stored as another's compressed form (identical or near-identical; see shared_with in report.json)"
+        );
     }
     if let Some(g) = report.get("global_prune").filter(|g| g.is_object()) {
         println!(

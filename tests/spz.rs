@@ -389,3 +389,145 @@ fn a_global_magnitude_target_is_cut_across_tensors_held_by_different_workers() {
         "{note}"
     );
 }
+
+/// Writes an F32 safetensors model of the given tensors.
+fn write_model(dir: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .unwrap();
+            (name.to_string(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// Deterministic values in [-0.5, 0.5).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+#[test]
+fn near_identical_tensors_are_stored_once_after_an_exact_cosine_check() {
+    let mut cluster = TestCluster::start(10.0);
+    cluster.add_worker("w1", &[]);
+    cluster.add_worker("w2", &[]);
+    let dir = cluster.dir.path();
+    let shape = vec![128, 256];
+    let n = 128 * 256;
+    let base = noise(n, 1);
+    // layers.1 = layers.0 plus 1% noise (cosine ~0.99995); layers.2 is unrelated.
+    let near: Vec<f32> = base
+        .iter()
+        .zip(noise(n, 2))
+        .map(|(x, e)| x + 0.01 * e)
+        .collect();
+    let model = dir.join("model");
+    write_model(
+        &model,
+        &[
+            ("model.layers.0.mlp.up_proj.weight", shape.clone(), base),
+            ("model.layers.1.mlp.up_proj.weight", shape.clone(), near),
+            (
+                "model.layers.2.mlp.up_proj.weight",
+                shape.clone(),
+                noise(n, 3),
+            ),
+        ],
+    );
+    let recipe = |cosine: &str| {
+        let path = dir.join(format!("share-{cosine}.yaml"));
+        std::fs::write(
+            &path,
+            format!("passes:\n  - quantize: {{ bits: 8, granularity: channel }}\n    targets: ['re:.*']\nshare: {{ cosine: {cosine} }}\n"),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (l0, l1, l2) = (
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.2.mlp.up_proj.weight",
+    );
+    let share = recipe("0.999");
+    let (st, spz, restored) = (dir.join("st"), dir.join("spz"), dir.join("restored"));
+    compress_format(&cluster, &model, &st, &share, "safetensors");
+    compress_format(&cluster, &model, &spz, &share, "spz");
+    let out = load_tensors(&st);
+    assert!(
+        out[l1] == out[l0],
+        "layers.1 is stored as layers.0's int8 form"
+    );
+    assert!(out[l2] != out[l0]);
+    let tensor = |r: &serde_json::Value, name: &str| {
+        r["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    for r in [report(&st), report(&spz)] {
+        assert_eq!(r["summary"]["tensors_shared"], 1);
+        let t1 = tensor(&r, l1);
+        assert_eq!(t1["shared_with"], l0);
+        assert!(
+            t1["note"].as_str().unwrap().contains("cosine 0.9999"),
+            "{t1}"
+        );
+        // Its error is measured against what is stored for it: ~1% noise plus int8.
+        let err = t1["rel_fro_error"].as_f64().unwrap();
+        assert!(err > 0.01 && err < 0.05, "{err}");
+        assert!(tensor(&r, l2)["shared_with"].is_null());
+    }
+    let index = spz_index(&spz.join("model.spz"));
+    let entries = index["tensors"].as_array().unwrap();
+    let entry = |name: &str| entries.iter().find(|t| t["name"] == name).unwrap().clone();
+    assert_eq!(entry(l1)["offset"], entry(l0)["offset"]);
+    assert_success(
+        &decompress(&spz.join("model.spz"), &restored, &[]),
+        "decompress",
+    );
+    assert!(
+        load_tensors(&restored) == out,
+        "spz restores what safetensors wrote"
+    );
+
+    // Above the pair's real cosine the sketch still shortlists it, but the worker's exact
+    // check refuses: nothing is shared.
+    let strict = dir.join("strict");
+    compress_format(
+        &cluster,
+        &model,
+        &strict,
+        &recipe("0.9999999"),
+        "safetensors",
+    );
+    assert_eq!(report(&strict)["summary"]["tensors_shared"], 0);
+    assert!(load_tensors(&strict)[l1] != out[l0]);
+    let logs: String = ["w1", "w2"]
+        .iter()
+        .map(|w| std::fs::read_to_string(cluster.log_path(w)).unwrap())
+        .collect();
+    assert!(
+        logs.contains("near-identical candidate below the threshold"),
+        "the strict run must have checked (and refused) the candidate"
+    );
+}

@@ -3,9 +3,10 @@
 //! A job whose gates fail keeps its report (the evidence) but gets no manifest.
 //! Tensor bytes are never read here: shard checksums come from the workers, sizes from HEAD.
 //!
-//! A recipe with a global magnitude prune first "finalizes" its measuring round: the tasks'
-//! magnitude histograms are merged into the global cut and every task runs again to
-//! compress with it.
+//! A recipe with a global magnitude prune or near-identical sharing first "finalizes" its
+//! measuring round: the tasks' magnitude histograms are merged into the global cut, their
+//! tensor sketches shortlisted into candidate pairs, and every task runs again to compress
+//! with them.
 //!
 //! An `.spz` job finalizes twice: first the archive's index is built from the tasks' reports
 //! (record offsets within each part), the source headers and the companion files, and an
@@ -25,14 +26,16 @@ use shardpress_store::{StoreError, StoreLocation, INDEX_NAME};
 use shardpress_core::entropy::{self, Layout};
 use shardpress_core::header::header_len_from_prefix;
 use shardpress_core::plan::PlannedTask;
+use shardpress_core::plan::PlannedTensor;
 use shardpress_core::prune::{GlobalCut, MAGNITUDE_BINS};
 use shardpress_core::recipe::OutputFormat;
+use shardpress_core::similarity;
 use shardpress_core::spz::{self, SpzBlob, SpzFile, SpzIndex, SpzTensor};
-use shardpress_proto::v1::{AssembleSpz, PartRange};
+use shardpress_proto::v1::{AssembleSpz, CompleteTaskRequest, PartRange};
 
 use crate::job::{JobSpec, Measured, TaskSlot};
 use crate::report::{build_report, Report};
-use crate::share::identical_records;
+use crate::share::shared_tensors;
 use crate::Coordinator;
 
 pub const MANIFEST_NAME: &str = "manifest.json";
@@ -78,10 +81,10 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
     let outcome = match coordinator.snapshot(&job_id) {
         Some((spec, tasks, started, retries)) => {
             if spec.measuring() {
-                let (cut, measured) = merge_magnitudes(&spec, &tasks, started);
-                tracing::info!(job = %job_id, threshold = cut.threshold(), sparsity = measured.sparsity,
-                    "magnitudes measured; compressing with the global cut");
-                coordinator.start_compression(&job_id, cut, measured);
+                let measured = conclude_measuring(&spec, &tasks, started);
+                tracing::info!(job = %job_id, cut = ?measured.cut, sparsity = measured.pruned_fraction,
+                    share_candidates = measured.share_candidates.len(), "measured; compressing");
+                coordinator.start_compression(&job_id, measured);
                 return;
             }
             let wall = started.elapsed().as_secs_f64();
@@ -218,37 +221,60 @@ async fn reassemble(
     Ok((JobState::Succeeded, message, report_json))
 }
 
-/// The global magnitude cut from the measuring round: the tasks' histograms summed.
-fn merge_magnitudes(
-    spec: &JobSpec,
-    tasks: &[TaskSlot],
-    started: std::time::Instant,
-) -> (GlobalCut, Measured) {
-    let mut merged = vec![0u64; MAGNITUDE_BINS];
-    for outcome in tasks.iter().filter_map(|t| t.result.as_ref()) {
-        for (total, &count) in merged.iter_mut().zip(&outcome.report.magnitude_histogram) {
-            *total += count;
+/// What the measuring round's reports imply: the global cut of the summed magnitude
+/// histograms, and the shortlist of near-identical tensor pairs from their sketches.
+fn conclude_measuring(spec: &JobSpec, tasks: &[TaskSlot], started: std::time::Instant) -> Measured {
+    let reports: Vec<&CompleteTaskRequest> = tasks
+        .iter()
+        .filter_map(|t| t.result.as_ref().map(|r| &r.report))
+        .collect();
+    let mut measured = Measured {
+        seconds: started.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+    if let Some(target) = spec.recipe.global_sparsity() {
+        let mut merged = vec![0u64; MAGNITUDE_BINS];
+        for report in &reports {
+            for (total, &count) in merged.iter_mut().zip(&report.magnitude_histogram) {
+                *total += count;
+            }
         }
-    }
-    let target = spec.recipe.global_sparsity().unwrap_or_default();
-    // No targeted weights: nothing to cut (every bin is above bin 0 with no ties dropped).
-    let cut = GlobalCut::from_histogram(&merged, target).unwrap_or(GlobalCut {
-        bin: 0,
-        tie_fraction: 0.0,
-    });
-    let params: u64 = merged.iter().sum();
-    let below: u64 = merged[..cut.bin as usize].iter().sum();
-    let dropped = below as f64 + cut.tie_fraction * merged[cut.bin as usize] as f64;
-    let measured = Measured {
-        params,
-        sparsity: if params == 0 {
+        // No targeted weights: nothing to cut (bin 0 with no ties dropped drops nothing).
+        let cut = GlobalCut::from_histogram(&merged, target).unwrap_or(GlobalCut {
+            bin: 0,
+            tie_fraction: 0.0,
+        });
+        let params: u64 = merged.iter().sum();
+        let below: u64 = merged[..cut.bin as usize].iter().sum();
+        let dropped = below as f64 + cut.tie_fraction * merged[cut.bin as usize] as f64;
+        measured.cut = Some(cut);
+        measured.pruned_params = params;
+        measured.pruned_fraction = if params == 0 {
             0.0
         } else {
             dropped / params as f64
-        },
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    (cut, measured)
+        };
+    }
+    if let Some(threshold) = spec.recipe.share_cosine {
+        let planned: HashMap<&str, &PlannedTensor> = tasks
+            .iter()
+            .flat_map(|t| &t.plan.tensors)
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let sketched: Vec<(&PlannedTensor, &Vec<f32>)> = reports
+            .iter()
+            .flat_map(|r| &r.sketches)
+            .filter_map(|s| planned.get(s.name.as_str()).map(|&t| (t, &s.values)))
+            .collect();
+        let kinds: Vec<_> = sketched.iter().map(|(t, _)| (t.dtype, &t.shape)).collect();
+        let sketches: Vec<Vec<f32>> = sketched.iter().map(|(_, s)| s.to_vec()).collect();
+        for (b, a) in similarity::shortlist(&kinds, &sketches, threshold) {
+            measured
+                .share_candidates
+                .insert(sketched[b].0.name.clone(), sketched[a].0.clone());
+        }
+    }
+    measured
 }
 
 /// Builds the archive's index from the finished tasks and returns the assembly task.
@@ -283,76 +309,58 @@ async fn prepare_assembly(
             size,
         });
     }
-    // Records of tensors identical to an earlier one are left out of the archive; their
-    // index entries point at the earlier record.
-    let shared = identical_records(tasks);
-    let mut kept_at: HashMap<&str, (u64, u64)> = HashMap::new();
+    // Records of tensors identical to an earlier one are left out of the archive, and
+    // near-identical tensors have none; their index entries point at the record they share.
+    let shared = shared_tensors(tasks);
+    let mut located: HashMap<&str, (u64, u64, &str)> = HashMap::new();
     let mut offset = spz::MAGIC.len() as u64;
-    let (mut parts, mut part_sizes, mut ranges, mut tensors) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut parts, mut part_sizes, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
     for slot in tasks {
         let Some(outcome) = &slot.result else {
             continue;
         };
         let part = parts.len() as u32;
         let part_size = outcome.report.output_bytes;
-        let mut results: Vec<_> = outcome.report.tensors.iter().collect();
-        results.sort_by_key(|r| r.record_offset);
+        let mut records: Vec<_> = outcome
+            .report
+            .tensors
+            .iter()
+            .filter(|r| r.record_len > 0)
+            .collect();
+        records.sort_by_key(|r| r.record_offset);
         let mut cursor = 0;
-        for result in results {
-            let planned = slot.plan.tensors.iter().find(|t| t.name == result.name);
-            let Some(planned) = planned else {
-                return Err(StoreError::Invalid {
-                    object: slot.plan.output_name.clone(),
-                    reason: format!(
-                        "worker reported tensor {} that the task did not hold",
-                        result.name
-                    ),
-                });
-            };
-            let record_end = result.record_offset.saturating_add(result.record_len);
-            if result.record_offset < cursor || record_end > part_size {
+        for r in records {
+            let record_end = r.record_offset.saturating_add(r.record_len);
+            if r.record_offset < cursor || record_end > part_size {
                 return Err(StoreError::Invalid {
                     object: slot.plan.output_name.clone(),
                     reason: format!(
                         "record of {} at {}+{} overlaps another or runs past the part's {part_size} bytes",
-                        result.name, result.record_offset, result.record_len
+                        r.name, r.record_offset, r.record_len
                     ),
                 });
             }
-            let same_as = shared.get(&result.name).cloned();
-            let (record_at, record_len) = match &same_as {
-                Some(kept) => {
+            let location = match shared
+                .get(&r.name)
+                .and_then(|kept| located.get(kept.as_str()))
+            {
+                Some(&kept) => {
                     ranges.push(PartRange {
                         part,
                         start: cursor,
-                        end: result.record_offset,
+                        end: r.record_offset,
                     });
-                    offset += result.record_offset - cursor;
+                    offset += r.record_offset - cursor;
                     cursor = record_end;
-                    kept_at.get(kept.as_str()).copied().unwrap_or_default()
+                    kept
                 }
-                None => {
-                    let at = offset + (result.record_offset - cursor);
-                    kept_at.insert(&result.name, (at, result.record_len));
-                    (at, result.record_len)
-                }
+                None => (
+                    offset + (r.record_offset - cursor),
+                    r.record_len,
+                    r.record_blake3.as_str(),
+                ),
             };
-            tensors.push(SpzTensor {
-                name: result.name.clone(),
-                file: file_names
-                    .binary_search(&planned.source_file)
-                    .unwrap_or_default(),
-                dtype: result.dtype.clone(),
-                shape: result.shape.clone(),
-                data_start: planned.data_start,
-                data_end: planned.data_end,
-                offset: record_at,
-                len: record_len,
-                blake3: result.record_blake3.clone(),
-                plan: result.pass.clone(),
-                same_as,
-            });
+            located.insert(&r.name, location);
         }
         ranges.push(PartRange {
             part,
@@ -364,6 +372,50 @@ async fn prepare_assembly(
         part_sizes.push(part_size);
     }
     ranges.retain(|r| r.end > r.start);
+    let mut tensors = Vec::new();
+    for slot in tasks.iter().filter(|t| t.assemble.is_none()) {
+        let Some(outcome) = &slot.result else {
+            continue;
+        };
+        for result in &outcome.report.tensors {
+            let invalid = |reason: String| StoreError::Invalid {
+                object: slot.plan.output_name.clone(),
+                reason,
+            };
+            let planned = slot.plan.tensors.iter().find(|t| t.name == result.name);
+            let planned = planned.ok_or_else(|| {
+                invalid(format!(
+                    "worker reported tensor {} that the task did not hold",
+                    result.name
+                ))
+            })?;
+            let same_as = shared.get(&result.name);
+            let key = same_as
+                .filter(|_| result.record_len == 0)
+                .unwrap_or(&result.name);
+            let &(at, len, blake3) = located.get(key.as_str()).ok_or_else(|| {
+                invalid(format!(
+                    "tensor {} has no record to read it from",
+                    result.name
+                ))
+            })?;
+            tensors.push(SpzTensor {
+                name: result.name.clone(),
+                file: file_names
+                    .binary_search(&planned.source_file)
+                    .unwrap_or_default(),
+                dtype: result.dtype.clone(),
+                shape: result.shape.clone(),
+                data_start: planned.data_start,
+                data_end: planned.data_end,
+                offset: at,
+                len,
+                blake3: blake3.to_string(),
+                plan: result.pass.clone(),
+                same_as: same_as.cloned(),
+            });
+        }
+    }
     let mut suffix = Vec::new();
     let mut companions = Vec::new();
     for name in COMPANION_FILES {

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use shardpress_core::plan::PlannedTask;
+use std::collections::HashMap;
+
+use shardpress_core::plan::{PlannedTask, PlannedTensor};
 use shardpress_core::prune::GlobalCut;
 use shardpress_core::recipe::{OutputFormat, Recipe};
 use shardpress_proto::v1::{AssembleSpz, CompleteTaskRequest, JobState, JobStatus};
@@ -16,26 +18,32 @@ pub struct JobSpec {
     pub recipe: Recipe,
     pub task_budget: u64,
     pub format: OutputFormat,
-    /// A recipe with a global magnitude prune runs every task twice: first measuring
-    /// magnitudes, then, with this cut of the merged histograms, compressing.
-    pub global_cut: Option<GlobalCut>,
-    /// What the measuring round found, for the report.
+    /// A recipe with a global magnitude prune or near-identical sharing runs every task
+    /// twice: first measuring (magnitude histograms, sketches), then compressing with what
+    /// the coordinator concluded from the measurements, kept here.
     pub measured: Option<Measured>,
 }
 
-/// The measuring round of a global magnitude prune.
-#[derive(Debug, Clone)]
+/// What the measuring round concluded.
+#[derive(Debug, Clone, Default)]
 pub struct Measured {
-    pub params: u64,
-    /// Fraction of the targeted weights the cut drops.
-    pub sparsity: f64,
+    /// Wall time from the job's start to the end of the round.
     pub seconds: f64,
+    /// Global magnitude prune: the cut of the merged histograms, the weights it covers and
+    /// the fraction of them it drops.
+    pub cut: Option<GlobalCut>,
+    pub pruned_params: u64,
+    pub pruned_fraction: f64,
+    /// Near-identical sharing: tensor name -> the earlier tensor it may be stored as (its
+    /// worker checks the exact cosine).
+    pub share_candidates: HashMap<String, PlannedTensor>,
 }
 
 impl JobSpec {
-    /// True while the job's tasks only measure magnitudes (see [`JobSpec::global_cut`]).
+    /// True while the job's tasks only measure (see [`JobSpec::measured`]).
     pub fn measuring(&self) -> bool {
-        self.recipe.global_sparsity().is_some() && self.global_cut.is_none()
+        let needs = self.recipe.global_sparsity().is_some() || self.recipe.share_cosine.is_some();
+        needs && self.measured.is_none()
     }
 }
 
@@ -121,7 +129,7 @@ impl Job {
             })
             .collect();
         let message = if spec.measuring() {
-            "round 1 of 2: measuring magnitudes for the global prune target".to_string()
+            "round 1 of 2: measuring (magnitudes, sketches)".to_string()
         } else {
             String::new()
         };
@@ -155,16 +163,15 @@ impl Job {
         self.state = JobState::Running;
     }
 
-    /// Ends the measuring round of a global magnitude prune: every task runs again, now
-    /// compressing with `cut` (attempt numbers go on, so a late report of the measuring
-    /// round is refused as stale).
-    pub fn start_compression(&mut self, cut: GlobalCut, measured: Measured) {
+    /// Ends the measuring round: every task runs again, now compressing with what was
+    /// `measured` (attempt numbers go on, so a late report of the measuring round is
+    /// refused as stale).
+    pub fn start_compression(&mut self, measured: Measured) {
         if self.state != JobState::Finalizing || !self.spec.measuring() {
             return;
         }
-        self.spec.global_cut = Some(cut);
         self.spec.measured = Some(measured);
-        self.message = "round 2 of 2: compressing with the global cut".into();
+        self.message = "round 2 of 2: compressing".into();
         for slot in &mut self.tasks {
             slot.status = TaskStatus::Pending;
             slot.failures = 0;
@@ -381,7 +388,6 @@ mod tests {
             recipe,
             task_budget: 1 << 20,
             format: OutputFormat::Safetensors,
-            global_cut: None,
             measured: None,
         };
         Job::new("job-1".into(), spec, plan, Instant::now())
@@ -415,25 +421,22 @@ mod tests {
             bin: 7,
             tie_fraction: 0.5,
         };
-        let measured = Measured {
-            params: 10,
-            sparsity: 0.5,
-            seconds: 1.0,
+        let measured = |cut| Measured {
+            cut: Some(cut),
+            ..Default::default()
         };
-        job.start_compression(cut, measured.clone());
+        job.start_compression(measured(cut));
         assert_eq!(job.state, JobState::Running);
         assert!(!job.spec.measuring());
-        assert_eq!(job.spec.global_cut, Some(cut));
+        let cut_now = |job: &Job| job.spec.measured.as_ref().and_then(|m| m.cut);
+        assert_eq!(cut_now(&job), Some(cut));
         assert_eq!(job.tasks_done(), 0);
         // A second call (a duplicate finalize) changes nothing.
-        job.start_compression(
-            GlobalCut {
-                bin: 1,
-                tie_fraction: 0.0,
-            },
-            measured,
-        );
-        assert_eq!(job.spec.global_cut, Some(cut));
+        job.start_compression(measured(GlobalCut {
+            bin: 1,
+            tie_fraction: 0.0,
+        }));
+        assert_eq!(cut_now(&job), Some(cut));
         // Round two leases are new attempts: a late round-one report is stale.
         assert_eq!(job.lease_next("w2", TTL, t0), Some(0));
         assert_eq!(

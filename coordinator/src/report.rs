@@ -9,7 +9,7 @@ use shardpress_core::recipe::{Gates, OutputFormat};
 use shardpress_proto::v1::TensorResult;
 
 use crate::job::{JobSpec, TaskSlot};
-use crate::share::identical_records;
+use crate::share::shared_tensors;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -39,7 +39,7 @@ pub struct RecipeInfo {
 pub struct Summary {
     pub tensors: usize,
     pub tensors_compressed: usize,
-    /// `.spz` only: tensors stored as a reference to an identical earlier record.
+    /// Tensors stored as a reference to another tensor's compressed form.
     pub tensors_shared: usize,
     pub params: u64,
     pub params_compressed: u64,
@@ -138,7 +138,9 @@ pub struct TensorReport {
     pub max_abs_error: Option<f64>,
     pub note: String,
     pub output: String,
-    /// `.spz` only: the tensor whose identical record this one shares (stored once).
+    /// The tensor whose compressed form this one is stored as: near-identical (recipe
+    /// `share.cosine`, both formats; its errors are measured against that form) or, in
+    /// `.spz`, with an identical record.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_with: Option<String>,
 }
@@ -161,7 +163,7 @@ impl TensorReport {
             max_abs_error: metrics.map(|m| m.max_abs_error),
             note: result.note.clone(),
             output: output.to_string(),
-            shared_with: None,
+            shared_with: (!result.shared_with.is_empty()).then(|| result.shared_with.clone()),
         }
     }
 }
@@ -203,8 +205,10 @@ pub fn build_report(
             write_seconds: r.write_seconds,
         });
     }
+    // Near-identical tensors share in both formats (their results say so); exact
+    // duplicates only inside an archive.
     if spec.format == OutputFormat::Spz {
-        let shared = identical_records(tasks);
+        let shared = shared_tensors(tasks);
         for t in &mut tensors {
             if let Some(kept) = shared.get(&t.name) {
                 t.shared_with = Some(kept.clone());
@@ -240,12 +244,14 @@ pub fn build_report(
             OutputFormat::Spz => "spz (compact representations, entropy-coded)",
         },
         summary,
-        global_prune: spec.measured.as_ref().map(|m| GlobalPruneReport {
-            target_sparsity: spec.recipe.global_sparsity().unwrap_or_default(),
-            sparsity: m.sparsity,
-            params: m.params,
-            threshold: spec.global_cut.map(|c| c.threshold()).unwrap_or_default(),
-            measure_seconds: m.seconds,
+        global_prune: spec.measured.as_ref().and_then(|m| {
+            Some(GlobalPruneReport {
+                target_sparsity: spec.recipe.global_sparsity()?,
+                sparsity: m.pruned_fraction,
+                params: m.pruned_params,
+                threshold: m.cut?.threshold(),
+                measure_seconds: m.seconds,
+            })
         }),
         gates,
         layers: layer_reports(&tensors),

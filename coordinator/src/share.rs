@@ -2,15 +2,18 @@
 //! tensor's (same blake3 and length, same dtype, shape and plan) is stored once; its index
 //! entry points at the earlier record. Tied embeddings saved twice are the common real case.
 //! Records are deterministic functions of the tensor's bytes and its plan, so identical
-//! source tensors under the same plan always share.
+//! source tensors under the same plan always share. Tensors that a worker found
+//! near-identical to another (recipe `share.cosine`) come with no record and name the
+//! tensor whose record they use.
 
 use std::collections::HashMap;
 
 use crate::job::TaskSlot;
 
 /// For each tensor stored as a reference: the name of the tensor whose record it shares.
-/// The first tensor in archive order (task, then offset in its part) keeps the record.
-pub fn identical_records(tasks: &[TaskSlot]) -> HashMap<String, String> {
+/// Among identical records the first in archive order (task, then offset in its part)
+/// keeps it.
+pub fn shared_tensors(tasks: &[TaskSlot]) -> HashMap<String, String> {
     let mut first: HashMap<(&str, u64, &str, &[u64], &str), &str> = HashMap::new();
     let mut shared = HashMap::new();
     let results = tasks
@@ -23,6 +26,10 @@ pub fn identical_records(tasks: &[TaskSlot]) -> HashMap<String, String> {
             in_part
         });
     for r in results {
+        if !r.shared_with.is_empty() {
+            shared.insert(r.name.clone(), r.shared_with.clone());
+            continue;
+        }
         if r.record_len == 0 || r.record_blake3.is_empty() {
             continue;
         }
@@ -90,6 +97,16 @@ mod tests {
     }
 
     #[test]
+    fn near_identical_references_are_kept_as_reported() {
+        let mut near = result("b", "", &[4, 2], "shared");
+        near.record_len = 0;
+        near.shared_with = "a".into();
+        let shared = shared_tensors(&[slot(vec![result("a", "aa", &[4, 2], ""), near])]);
+        assert_eq!(shared.len(), 1);
+        assert_eq!(shared["b"], "a");
+    }
+
+    #[test]
     fn only_identical_records_of_the_same_kind_share_and_the_first_keeps_its_record() {
         let tasks = vec![
             slot(vec![
@@ -103,7 +120,7 @@ mod tests {
                 result("a2", "bb", &[4, 2], "rtn int4"),
             ]),
         ];
-        let shared = identical_records(&tasks);
+        let shared = shared_tensors(&tasks);
         assert_eq!(shared.len(), 2, "{shared:?}");
         assert_eq!(shared["lm_head"], "embed");
         assert_eq!(shared["a2"], "a");

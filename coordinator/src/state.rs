@@ -6,10 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shardpress_core::plan::PlannedTask;
-use shardpress_core::prune::GlobalCut;
 use shardpress_proto::v1::{
-    AssembleSpz, CompleteTaskRequest, FailTaskRequest, JobState, JobStatus, TaskLease, TaskRef,
-    TensorSlice,
+    AssembleSpz, CompleteTaskRequest, FailTaskRequest, GlobalCut, JobState, JobStatus, TaskLease,
+    TaskRef, TensorSlice,
 };
 use tokio::sync::{watch, Notify};
 
@@ -287,12 +286,11 @@ impl Coordinator {
         self.task_ready.notify_waiters();
     }
 
-    /// Ends the measuring round of a global magnitude prune and requeues every task to
-    /// compress with `cut`.
-    pub fn start_compression(&self, job_id: &str, cut: GlobalCut, measured: Measured) {
+    /// Ends the measuring round and requeues every task to compress with what was measured.
+    pub fn start_compression(&self, job_id: &str, measured: Measured) {
         let mut inner = self.lock();
         if let Some(entry) = inner.jobs.get_mut(job_id) {
-            entry.job.start_compression(cut, measured);
+            entry.job.start_compression(measured);
         }
         inner.publish(job_id, self.config.lease_ttl);
         drop(inner);
@@ -356,6 +354,11 @@ impl Coordinator {
 
 fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
     let slot = &job.tasks[index];
+    let (measuring, measured, recipe) = (
+        job.spec.measuring(),
+        job.spec.measured.as_ref(),
+        &job.spec.recipe,
+    );
     TaskLease {
         job_id: job.id.clone(),
         task_index: index as u32,
@@ -365,16 +368,26 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
         out_url: job.spec.out_url.clone(),
         recipe_yaml: job.spec.recipe.source_yaml.clone(),
         output_name: slot.plan.output_name.clone(),
-        tensors: slot.plan.tensors.iter().map(TensorSlice::from).collect(),
+        tensors: slot
+            .plan
+            .tensors
+            .iter()
+            .map(|t| {
+                let mut slice = TensorSlice::from(t);
+                slice.share_candidate = measured
+                    .and_then(|m| m.share_candidates.get(&t.name))
+                    .map(|a| Box::new(TensorSlice::from(a)));
+                slice
+            })
+            .collect(),
         format: job.spec.format.as_str().to_string(),
         assemble: slot.assemble.clone(),
-        measure_magnitudes: job.spec.measuring(),
-        global_cut: job
-            .spec
-            .global_cut
-            .map(|c| shardpress_proto::v1::GlobalCut {
-                bin: c.bin,
-                tie_fraction: c.tie_fraction,
-            }),
+        measure_magnitudes: measuring && recipe.global_sparsity().is_some(),
+        global_cut: measured.and_then(|m| m.cut).map(|c| GlobalCut {
+            bin: c.bin,
+            tie_fraction: c.tie_fraction,
+        }),
+        sketch_tensors: measuring && recipe.share_cosine.is_some(),
+        share_cosine: recipe.share_cosine.unwrap_or_default(),
     }
 }

@@ -92,7 +92,6 @@ pub async fn submit(
         recipe,
         task_budget: budget,
         format,
-        global_cut: None,
         measured: None,
     };
     tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,

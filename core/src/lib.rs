@@ -15,6 +15,7 @@
 //! - [`codec`]: a tensor's plan (structure + values stage) and its stored representation.
 //! - [`entropy`]: the lossless byte-plane entropy coder applied to every stored section.
 //! - [`spz`]: the single-file `.spz` archive format.
+//! - [`similarity`]: sketches and cosine for sharing near-identical tensors.
 
 pub mod codebook;
 pub mod codec;
@@ -32,5 +33,6 @@ pub mod plan;
 pub mod prune;
 pub mod quantize;
 pub mod recipe;
+pub mod similarity;
 pub mod sparse;
 pub mod spz;

@@ -17,6 +17,11 @@ pub struct Recipe {
     pub format: OutputFormat,
     pub passes: Vec<PassSpec>,
     pub gates: Gates,
+    /// Near-identical tensors stored once: a tensor whose cosine similarity with an earlier
+    /// tensor of the same dtype and shape reaches this threshold becomes a reference to that
+    /// tensor's compressed form (its error is measured against it). `None`: only exactly
+    /// identical records are shared (always, in `.spz`).
+    pub share_cosine: Option<f64>,
     /// The YAML this recipe was parsed from (shipped to workers verbatim).
     pub source_yaml: String,
 }
@@ -307,6 +312,14 @@ struct RawRecipe {
     passes: Vec<RawPass>,
     #[serde(default)]
     gates: Option<RawGates>,
+    #[serde(default)]
+    share: Option<RawShare>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShare {
+    cosine: f64,
 }
 
 #[derive(Deserialize)]
@@ -430,11 +443,21 @@ impl Recipe {
                  format: spz, where the lossless entropy stage still shrinks the model)",
             ));
         }
+        let share_cosine = match raw.share {
+            Some(RawShare { cosine }) if !(cosine > 0.0 && cosine <= 1.0) => {
+                return Err(invalid(
+                    "share.cosine",
+                    format!("{cosine} is outside (0, 1]; near-identical means e.g. 0.999"),
+                ))
+            }
+            share => share.map(|s| s.cosine),
+        };
         Ok(Recipe {
             name: raw.name.unwrap_or_else(|| "custom".to_owned()),
             format,
             passes,
             gates: convert_gates(raw.gates)?,
+            share_cosine,
             source_yaml: yaml.to_owned(),
         })
     }
@@ -481,6 +504,11 @@ impl Recipe {
             passes.join(", then ")
         };
         let mut line = format!("{}: {}", self.name, passes);
+        if let Some(c) = self.share_cosine {
+            line.push_str(&format!(
+                "; tensors with cosine >= {c} to an earlier one stored once"
+            ));
+        }
         if self.format == OutputFormat::Spz {
             line.push_str(" [spz]");
         }

@@ -28,6 +28,7 @@ impl From<&PlannedTensor> for TensorSlice {
             shape: t.shape.clone(),
             data_start: t.data_start,
             data_end: t.data_end,
+            share_candidate: None,
         }
     }
 }

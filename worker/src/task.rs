@@ -18,7 +18,10 @@ use shardpress_core::plan::PlannedTensor;
 use shardpress_core::prune::{magnitude_histogram, GlobalCut, MAGNITUDE_BINS};
 use shardpress_core::quantize::row_len_of;
 use shardpress_core::recipe::{OutputFormat, Recipe};
-use shardpress_proto::v1::{CompleteTaskRequest, TaskLease, TensorResult};
+use shardpress_core::similarity::{self, Sketcher};
+use shardpress_proto::v1::{
+    CompleteTaskRequest, TaskLease, TensorResult, TensorSketch, TensorSlice,
+};
 use shardpress_store::StoreLocation;
 use tokio::sync::mpsc;
 
@@ -112,8 +115,8 @@ pub async fn execute(
                 .map_err(|e| TaskError::BadLease(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if lease.measure_magnitudes {
-        return measure_magnitudes(&model, &tensors, &plans, ctx, started).await;
+    if lease.measure_magnitudes || lease.sketch_tensors {
+        return measure(lease, &model, &tensors, &plans, ctx, started).await;
     }
     for plan in plans.iter_mut().filter(|p| p.needs_global_cut()) {
         let cut = lease.global_cut.as_ref().ok_or_else(|| {
@@ -148,13 +151,34 @@ pub async fn execute(
 
     let mut timings = Timings::default();
     let mut results = Vec::with_capacity(tensors.len());
-    for (tensor, plan) in tensors.iter().zip(plans) {
-        let job = TensorJob {
-            tensor,
-            plan: Arc::new(plan),
-            format,
+    for ((tensor, plan), slice) in tensors.iter().zip(plans).zip(&lease.tensors) {
+        let shared = match slice.share_candidate.as_deref() {
+            Some(candidate) => {
+                let near = NearIdentical {
+                    recipe: &recipe,
+                    tensor,
+                    candidate,
+                    global_cut: lease.global_cut.as_ref(),
+                    threshold: lease.share_cosine,
+                    format,
+                };
+                share_tensor(&model, near, &mut writer, ctx, &mut timings).await
+            }
+            None => Ok(None),
         };
-        match compress_tensor(&model, job, &mut writer, ctx, &mut timings).await {
+        let result = match shared {
+            Ok(Some(result)) => Ok(result),
+            Ok(None) => {
+                let job = TensorJob {
+                    tensor,
+                    plan: Arc::new(plan),
+                    format,
+                };
+                compress_tensor(&model, job, &mut writer, ctx, &mut timings).await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(result) => results.push(result),
             Err(e) => {
                 writer.inner.abort().await.ok();
@@ -176,7 +200,7 @@ pub async fn execute(
         read_seconds: timings.read.as_secs_f64(),
         compute_seconds: timings.compute.as_secs_f64(),
         write_seconds: timings.write.as_secs_f64(),
-        magnitude_histogram: Vec::new(),
+        ..Default::default()
     })
 }
 
@@ -194,9 +218,11 @@ impl ShardWriter {
     }
 }
 
-/// The first round of a global magnitude prune: the summed magnitude histogram of the task's
-/// targeted tensors, read chunk by chunk; nothing is written.
-async fn measure_magnitudes(
+/// The measuring round (global magnitude prune, near-identical sharing): the summed
+/// magnitude histogram of the task's tensors under a global prune, and a sketch of each 2-D
+/// float tensor; read chunk by chunk, nothing written.
+async fn measure(
+    lease: &TaskLease,
     model: &StoreLocation,
     tensors: &[PlannedTensor],
     plans: &[TensorPlan],
@@ -205,11 +231,16 @@ async fn measure_magnitudes(
 ) -> Result<CompleteTaskRequest, TaskError> {
     let mut timings = Timings::default();
     let mut histogram = vec![0u64; MAGNITUDE_BINS];
-    for (tensor, _) in tensors
-        .iter()
-        .zip(plans)
-        .filter(|(_, p)| p.needs_global_cut())
-    {
+    let mut sketches = Vec::new();
+    for (tensor, plan) in tensors.iter().zip(plans) {
+        let with_histogram = lease.measure_magnitudes && plan.needs_global_cut();
+        let with_sketch =
+            lease.sketch_tensors && tensor.shape.len() >= 2 && tensor.dtype.is_decodable_float();
+        if !with_histogram && !with_sketch {
+            continue;
+        }
+        let elems = (tensor.data_end - tensor.data_start) / tensor.dtype.size_bytes() as u64;
+        let mut sketcher = Some(Sketcher::new(elems as usize));
         let ranges = chunk_ranges(tensor, 1, ctx.chunk_bytes);
         let mut chunks = read_ahead(model, tensor, ranges);
         loop {
@@ -224,10 +255,15 @@ async fn measure_magnitudes(
             let input = input?;
             let compute_started = Instant::now();
             let (dtype, len) = (tensor.dtype, input.len() as u64);
-            let counts = cpu::run(move || -> Result<Vec<u64>, DTypeError> {
+            let mut s = sketcher.take();
+            let (counts, s) = cpu::run(move || {
                 let mut values = vec![0f32; input.len() / dtype.size_bytes().max(1)];
                 decode_to_f32(dtype, &input, &mut values)?;
-                Ok(magnitude_histogram(&values))
+                if let Some(s) = s.as_mut().filter(|_| with_sketch) {
+                    s.feed(&values);
+                }
+                let counts = with_histogram.then(|| magnitude_histogram(&values));
+                Ok::<_, DTypeError>((counts, s))
             })
             .await
             .map_err(|message| TaskError::Compute {
@@ -238,20 +274,165 @@ async fn measure_magnitudes(
                 tensor: tensor.name.clone(),
                 reason: e.to_string(),
             })?;
-            for (total, count) in histogram.iter_mut().zip(counts) {
+            sketcher = s;
+            for (total, count) in histogram.iter_mut().zip(counts.unwrap_or_default()) {
                 *total += count;
             }
             timings.compute += compute_started.elapsed();
             ctx.progress.fetch_add(len, Ordering::Relaxed);
+        }
+        if let Some(s) = sketcher.filter(|_| with_sketch) {
+            sketches.push(TensorSketch {
+                name: tensor.name.clone(),
+                values: s.finish(),
+            });
         }
     }
     Ok(CompleteTaskRequest {
         seconds: started.elapsed().as_secs_f64(),
         read_seconds: timings.read.as_secs_f64(),
         compute_seconds: timings.compute.as_secs_f64(),
-        magnitude_histogram: histogram,
+        magnitude_histogram: if lease.measure_magnitudes {
+            histogram
+        } else {
+            Vec::new()
+        },
+        sketches,
         ..Default::default()
     })
+}
+
+/// A tensor with a near-identical candidate from the measuring round (recipe `share.cosine`).
+struct NearIdentical<'a> {
+    recipe: &'a Recipe,
+    tensor: &'a PlannedTensor,
+    candidate: &'a TensorSlice,
+    global_cut: Option<&'a shardpress_proto::v1::GlobalCut>,
+    threshold: f64,
+    format: OutputFormat,
+}
+
+/// When the exact cosine between the tensor and its candidate reaches the threshold, the
+/// tensor is stored as the candidate's compressed form: in safetensors its bytes are the
+/// candidate's reconstruction, in `.spz` it has no record of its own (the index points at
+/// the candidate's). Its errors are measured against that reconstruction. `None` (compress
+/// it normally) below the threshold.
+async fn share_tensor(
+    model: &StoreLocation,
+    near: NearIdentical<'_>,
+    writer: &mut ShardWriter,
+    ctx: &TaskContext,
+    timings: &mut Timings,
+) -> Result<Option<TensorResult>, TaskError> {
+    let tensor = near.tensor;
+    let candidate = PlannedTensor::try_from(near.candidate)?;
+    check_extent(&candidate)?;
+    if candidate.dtype != tensor.dtype || candidate.shape != tensor.shape {
+        return Err(TaskError::BadLease(format!(
+            "share candidate {} ({} {:?}) does not match {} ({} {:?})",
+            candidate.name,
+            candidate.dtype.as_safetensors(),
+            candidate.shape,
+            tensor.name,
+            tensor.dtype.as_safetensors(),
+            tensor.shape
+        )));
+    }
+    let mut plan = TensorPlan::for_tensor(
+        near.recipe,
+        &candidate.name,
+        candidate.dtype,
+        &candidate.shape,
+    )
+    .map_err(|e| TaskError::BadLease(e.to_string()))?;
+    if plan.needs_global_cut() {
+        let cut = near.global_cut.ok_or_else(|| {
+            TaskError::BadLease(
+                "a global magnitude prune needs the job's cut; the lease has none".into(),
+            )
+        })?;
+        plan.global_cut = Some(GlobalCut {
+            bin: cut.bin,
+            tie_fraction: cut.tie_fraction,
+        });
+    }
+    let read_started = Instant::now();
+    let own = model
+        .get_range(&tensor.source_file, tensor.data_start..tensor.data_end)
+        .await?;
+    let other = model
+        .get_range(
+            &candidate.source_file,
+            candidate.data_start..candidate.data_end,
+        )
+        .await?;
+    timings.read += read_started.elapsed();
+    let compute_started = Instant::now();
+    let (dtype, row_len, threshold) = (
+        tensor.dtype,
+        row_len_of(&tensor.shape).max(1) as usize,
+        near.threshold,
+    );
+    let pass = plan.describe();
+    let (cosine, shared) = cpu::run(move || -> Result<_, String> {
+        let decode = |bytes: &[u8]| -> Result<Vec<f32>, String> {
+            let mut values = vec![0f32; bytes.len() / dtype.size_bytes().max(1)];
+            decode_to_f32(dtype, bytes, &mut values).map_err(|e| e.to_string())?;
+            Ok(values)
+        };
+        let values = decode(&own)?;
+        let cosine = similarity::cosine(&values, &decode(&other)?);
+        if cosine < threshold {
+            return Ok((cosine, None));
+        }
+        let mut unused = ErrorAccumulator::new();
+        let row_len = if plan.is_identity() { 1 } else { row_len };
+        let stored = process_chunk(
+            &plan,
+            dtype,
+            row_len,
+            &other,
+            OutputFormat::Safetensors,
+            &mut unused,
+        )
+        .map_err(|e| e.to_string())?;
+        let mut acc = ErrorAccumulator::new();
+        acc.add(&values, &decode(&stored.bytes)?);
+        Ok((cosine, Some((stored.bytes, acc.finish()))))
+    })
+    .await
+    .and_then(|r| r)
+    .map_err(|message| TaskError::Compute {
+        tensor: tensor.name.clone(),
+        message,
+    })?;
+    timings.compute += compute_started.elapsed();
+    let Some((bytes, metrics)) = shared else {
+        tracing::info!(tensor = %tensor.name, candidate = %candidate.name, cosine,
+            "near-identical candidate below the threshold; compressing it on its own");
+        return Ok(None);
+    };
+    let record_offset = writer.bytes;
+    if near.format == OutputFormat::Safetensors {
+        writer.write(&bytes);
+    }
+    ctx.progress
+        .fetch_add(tensor.data_end - tensor.data_start, Ordering::Relaxed);
+    let mut result = TensorResult {
+        name: tensor.name.clone(),
+        dtype: tensor.dtype.as_safetensors().to_string(),
+        shape: tensor.shape.clone(),
+        pass: if pass.is_empty() { "shared".into() } else { format!("shared ({pass})") },
+        note: format!(
+            "near-identical to {}: cosine {cosine:.6} >= {threshold}; stored as its compressed form",
+            candidate.name
+        ),
+        shared_with: candidate.name.clone(),
+        record_offset,
+        ..Default::default()
+    };
+    result.set_metrics(&metrics);
+    Ok(Some(result))
 }
 
 /// Row ranges of one tensor, each at most `chunk_bytes` (but at least one row).

@@ -223,3 +223,19 @@ fn magnitude_pruning_takes_a_per_tensor_or_one_global_scope() {
         "{e}"
     );
 }
+
+#[test]
+fn sharing_near_identical_tensors_takes_a_cosine_threshold() {
+    let base = "passes:\n  - quantize: { bits: 8, granularity: channel }\n    targets: ['re:.*']\n";
+    assert_eq!(Recipe::from_yaml(base).unwrap().share_cosine, None);
+    let r = Recipe::from_yaml(&format!("{base}share: {{ cosine: 0.999 }}\n")).unwrap();
+    assert_eq!(r.share_cosine, Some(0.999));
+    assert!(r.describe().contains("cosine >= 0.999"));
+    for bad in ["0", "1.5", "-0.2", ".nan"] {
+        let e = err(&format!("{base}share: {{ cosine: {bad} }}\n")).to_string();
+        assert!(e.contains("share.cosine"), "{bad}: {e}");
+    }
+    assert!(err(&format!("{base}share: {{ cos: 0.9 }}\n"))
+        .to_string()
+        .contains("cos"));
+}
