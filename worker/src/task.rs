@@ -243,16 +243,7 @@ async fn measure(
         let mut sketcher = Some(Sketcher::new(elems as usize));
         let ranges = chunk_ranges(tensor, 1, ctx.chunk_bytes);
         let mut chunks = read_ahead(model, tensor, ranges);
-        loop {
-            if ctx.cancelled.load(Ordering::Relaxed) {
-                return Err(TaskError::Cancelled("lease lost".into()));
-            }
-            let read_started = Instant::now();
-            let Some(input) = chunks.recv().await else {
-                break;
-            };
-            timings.read += read_started.elapsed();
-            let input = input?;
+        while let Some(input) = next_chunk(&mut chunks, ctx, &mut timings).await? {
             let compute_started = Instant::now();
             let (dtype, len) = (tensor.dtype, input.len() as u64);
             let mut s = sketcher.take();
@@ -485,16 +476,7 @@ async fn compress_tensor(
     let record_offset = writer.bytes;
     let mut record_hash = blake3::Hasher::new();
     let mut repr_bits = 0u64;
-    loop {
-        if ctx.cancelled.load(Ordering::Relaxed) {
-            return Err(TaskError::Cancelled("lease lost".into()));
-        }
-        let read_started = Instant::now();
-        let Some(input) = chunks.recv().await else {
-            break;
-        };
-        timings.read += read_started.elapsed();
-        let input = input?;
+    while let Some(input) = next_chunk(&mut chunks, ctx, timings).await? {
         let compute_started = Instant::now();
         let (plan_c, dtype) = (plan.clone(), tensor.dtype);
         let (output, acc_out) = cpu::run(move || {
@@ -566,6 +548,21 @@ async fn compress_tensor(
         result.note = format!("global magnitude cut at |w| ~ {:.4e}", cut.threshold());
     }
     Ok(result)
+}
+
+/// The next chunk from [`read_ahead`], timing the wait; stops when the lease is lost.
+async fn next_chunk(
+    chunks: &mut mpsc::Receiver<Result<Bytes, TaskError>>,
+    ctx: &TaskContext,
+    timings: &mut Timings,
+) -> Result<Option<Bytes>, TaskError> {
+    if ctx.cancelled.load(Ordering::Relaxed) {
+        return Err(TaskError::Cancelled("lease lost".into()));
+    }
+    let read_started = Instant::now();
+    let chunk = chunks.recv().await.transpose();
+    timings.read += read_started.elapsed();
+    chunk
 }
 
 /// Spawns a reader that fetches the chunks in order, a few ahead of the consumer.
