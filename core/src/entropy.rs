@@ -211,9 +211,26 @@ pub fn decompress_into(encoded: &[u8], out: &mut Vec<u8>) -> Result<(), EntropyE
     let base = out.len();
     out.try_reserve_exact(len)
         .map_err(|_| EntropyError::OutOfMemory(header.len))?;
-    out.resize(base + len, 0);
     let elem = header.layout.element_size();
     let body_len = len / elem * elem;
+    if rayon::current_num_threads() == 1 || chunks.len() <= 1 {
+        // No parallelism to gain: grow the output chunk by chunk, so the zero fill of each
+        // chunk stays in cache just before it is overwritten.
+        let mut scratch = PlaneScratch::default();
+        for chunk in &chunks {
+            let at = out.len();
+            out.resize(at + chunk.elements * elem, 0);
+            let dst = &mut out[at..];
+            if let Err(err) = decode_chunk(header.layout, encoded, chunk, &mut scratch, dst) {
+                out.truncate(base);
+                return Err(err);
+            }
+        }
+        debug_assert_eq!(out.len(), base + body_len);
+        out.extend_from_slice(&encoded[encoded.len() - (len - body_len)..]);
+        return Ok(());
+    }
+    out.resize(base + len, 0);
     let (body, tail) = out[base..].split_at_mut(body_len);
     tail.copy_from_slice(&encoded[encoded.len() - tail.len()..]);
     let chunk_bytes = (1usize << header.chunk_log2) * elem;
@@ -347,21 +364,119 @@ fn ungroup16(p0: u8, p1: u8) -> u16 {
     ((p1 & 0x80) << 8) | (p0 << 7) | (p1 & 0x7f)
 }
 
-/// Appends the blocks of every plane of one chunk.
+/// Appends the blocks of every plane of one chunk. Each plane is first tested on a sample
+/// read straight from the chunk; a plane that goes raw is then regrouped straight into `out`
+/// (no scratch copy), the others into a scratch buffer that is then coded.
 fn encode_chunk(layout: Layout, chunk: &[u8], scratch: &mut PlaneScratch, out: &mut Vec<u8>) {
-    for plane in split_planes(layout, chunk, scratch) {
-        encode_block(plane, out);
+    if layout == Layout::Bytes {
+        encode_block(chunk, true, out);
+        return;
+    }
+    let n = chunk.len() / layout.element_size();
+    for p in 0..layout.planes() {
+        if n >= SAMPLE_MIN {
+            let hist = with_plane(layout, p, SampleHistogram { chunk });
+            if huffman::entropy_bits_per_symbol(&hist) > RAW_SAMPLE_ENTROPY {
+                out.push(MODE_RAW);
+                with_plane(layout, p, AppendPlane { chunk, dst: out });
+                continue;
+            }
+        }
+        let plane = &mut scratch.planes[0];
+        plane.clear();
+        with_plane(layout, p, AppendPlane { chunk, dst: plane });
+        encode_block(plane, false, out);
     }
 }
 
-/// Appends one block in the cheapest mode (see module docs). `plane` is non-empty.
-fn encode_block(plane: &[u8], out: &mut Vec<u8>) {
+/// An operation on one plane of a chunk of `E`-byte elements, given the function that maps
+/// an element to its plane byte (monomorphized per plane so the loops vectorize).
+trait PlaneOp {
+    type Output;
+    fn run<const E: usize>(self, f: impl Fn([u8; E]) -> u8 + Copy) -> Self::Output;
+}
+
+/// Runs `op` with plane `p` of `layout` (not `Bytes`; see module docs).
+#[inline(always)]
+fn with_plane<O: PlaneOp>(layout: Layout, p: usize, op: O) -> O::Output {
+    match (layout, p) {
+        (Layout::Bf16 | Layout::F16, 0) => op.run(|e: [u8; 2]| regroup16(u16::from_le_bytes(e)).0),
+        (Layout::Bf16 | Layout::F16, _) => op.run(|e: [u8; 2]| regroup16(u16::from_le_bytes(e)).1),
+        (Layout::F32, 0) => op.run(|e: [u8; 4]| regroup16(u16::from_le_bytes([e[2], e[3]])).0),
+        (Layout::F32, 1) => op.run(|e: [u8; 4]| regroup16(u16::from_le_bytes([e[2], e[3]])).1),
+        (Layout::F32, 2) => op.run(|e: [u8; 4]| e[1]),
+        (Layout::F32, _) => op.run(|e: [u8; 4]| e[0]),
+        (Layout::Bytes, _) => op.run(|e: [u8; 1]| e[0]),
+    }
+}
+
+/// Appends the plane of `chunk` (whole elements) to `dst`.
+struct AppendPlane<'a> {
+    chunk: &'a [u8],
+    dst: &'a mut Vec<u8>,
+}
+
+impl PlaneOp for AppendPlane<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<const E: usize>(self, f: impl Fn([u8; E]) -> u8 + Copy) {
+        let dst = self.dst;
+        dst.reserve(self.chunk.len() / E);
+        let mut src = self.chunk.chunks_exact(E * LANE);
+        for s in &mut src {
+            let mut lane = [0u8; LANE];
+            for (l, e) in lane.iter_mut().zip(s.chunks_exact(E)) {
+                *l = f(e.try_into().expect("chunks_exact(E)"));
+            }
+            dst.extend_from_slice(&lane);
+        }
+        for e in src.remainder().chunks_exact(E) {
+            dst.push(f(e.try_into().expect("chunks_exact(E)")));
+        }
+    }
+}
+
+/// Histogram of every [`SAMPLE_STRIDE`]-th symbol of the plane of `chunk`.
+struct SampleHistogram<'a> {
+    chunk: &'a [u8],
+}
+
+impl PlaneOp for SampleHistogram<'_> {
+    type Output = [u32; 256];
+
+    #[inline(always)]
+    fn run<const E: usize>(self, f: impl Fn([u8; E]) -> u8 + Copy) -> [u32; 256] {
+        // Two tables so that repeated symbols do not serialize on one counter.
+        let mut h = [[0u32; 256]; 2];
+        let mut rows = self.chunk.chunks_exact(2 * E * SAMPLE_STRIDE);
+        for r in &mut rows {
+            h[0][usize::from(f(r[..E].try_into().expect("E bytes")))] += 1;
+            let b = &r[E * SAMPLE_STRIDE..E * SAMPLE_STRIDE + E];
+            h[1][usize::from(f(b.try_into().expect("E bytes")))] += 1;
+        }
+        for e in rows.remainder().chunks(E * SAMPLE_STRIDE) {
+            if let Some(e) = e.get(..E) {
+                h[0][usize::from(f(e.try_into().expect("E bytes")))] += 1;
+            }
+        }
+        let mut total = h[0];
+        for (t, &c) in total.iter_mut().zip(&h[1]) {
+            *t += c;
+        }
+        total
+    }
+}
+
+/// Appends one block in the cheapest mode (see module docs). `plane` is non-empty. With
+/// `sample` the raw pre-test is done here; otherwise the caller has done it.
+fn encode_block(plane: &[u8], sample: bool, out: &mut Vec<u8>) {
     let n = plane.len();
     // Cheap pre-test on every SAMPLE_STRIDE-th symbol: a near-uniform plane goes raw without
     // a full histogram (the sample entropy underestimates by ~(k-1)/(2 m ln 2) bits).
-    if n >= SAMPLE_MIN {
-        let sample: Vec<u8> = plane.iter().step_by(SAMPLE_STRIDE).copied().collect();
-        let h = huffman::entropy_bits_per_symbol(&huffman::histogram(&sample));
+    if sample && n >= SAMPLE_MIN {
+        let hist = with_plane(Layout::Bytes, 0, SampleHistogram { chunk: plane });
+        let h = huffman::entropy_bits_per_symbol(&hist);
         if h > RAW_SAMPLE_ENTROPY {
             out.push(MODE_RAW);
             out.extend_from_slice(plane);

@@ -49,35 +49,54 @@ pub(super) fn histogram(data: &[u8]) -> [u32; 256] {
 /// Counts of each byte value in each of the four stream segments (see [`segment`]). The four
 /// independent tables also avoid store-to-load stalls when a symbol repeats.
 pub(super) fn segment_histograms(data: &[u8]) -> [[u32; 256]; STREAMS] {
-    let mut hists = [[0u32; 256]; STREAMS];
     let n = data.len();
     let seg = n.div_ceil(STREAMS);
     let full = n / seg.max(1);
     if full == STREAMS {
+        // Two tables per segment (even and odd positions): eight independent counters per
+        // step, so runs of one symbol do not serialize on a single counter.
+        let mut h = [[[0u32; 256]; 2]; STREAMS];
         let (s0, rest) = data.split_at(seg);
         let (s1, rest) = rest.split_at(seg);
         let (s2, s3) = rest.split_at(seg);
-        // s3 may be shorter: count the common prefix interleaved, then the rest.
-        let common = s3.len();
-        for (((&a, &b), &c), &d) in s0.iter().zip(s1).zip(s2).zip(s3) {
-            hists[0][a as usize] += 1;
-            hists[1][b as usize] += 1;
-            hists[2][c as usize] += 1;
-            hists[3][d as usize] += 1;
+        // s3 may be shorter: count the common even-length prefix interleaved, then the rest.
+        let common = s3.len() & !1;
+        for (((a, b), c), d) in s0[..common]
+            .chunks_exact(2)
+            .zip(s1[..common].chunks_exact(2))
+            .zip(s2[..common].chunks_exact(2))
+            .zip(s3[..common].chunks_exact(2))
+        {
+            h[0][0][a[0] as usize] += 1;
+            h[1][0][b[0] as usize] += 1;
+            h[2][0][c[0] as usize] += 1;
+            h[3][0][d[0] as usize] += 1;
+            h[0][1][a[1] as usize] += 1;
+            h[1][1][b[1] as usize] += 1;
+            h[2][1][c[1] as usize] += 1;
+            h[3][1][d[1] as usize] += 1;
         }
-        for (h, s) in hists.iter_mut().zip([s0, s1, s2]) {
+        for (h, s) in h.iter_mut().zip([s0, s1, s2, s3]) {
             for &x in &s[common..] {
-                h[x as usize] += 1;
+                h[0][x as usize] += 1;
             }
         }
+        h.map(|[even, odd]| {
+            let mut t = even;
+            for (t, &c) in t.iter_mut().zip(&odd) {
+                *t += c;
+            }
+            t
+        })
     } else {
+        let mut hists = [[0u32; 256]; STREAMS];
         for (s, h) in hists.iter_mut().enumerate() {
             for &x in &data[segment(n, s)] {
                 h[x as usize] += 1;
             }
         }
+        hists
     }
-    hists
 }
 
 /// Element-wise sum of the segment histograms.
@@ -229,6 +248,16 @@ impl BitWriter {
         self.nbits += len;
     }
 
+    /// [`Self::put`] of two packed codes, `first` then `second`.
+    #[inline(always)]
+    fn put2(&mut self, first: u32, second: u32) {
+        let len1 = second & 0xff;
+        let len = (first & 0xff) + len1;
+        let code = (u64::from(first >> 8) << len1) | u64::from(second >> 8);
+        self.acc = (self.acc << len) | code;
+        self.nbits += len;
+    }
+
     /// Writes the whole pending bytes. The 8-byte store may write zeros past them, which is
     /// harmless while `pos + 8 <= end` (this stream rewrites them later); near the end only
     /// the bytes inside the region are stored.
@@ -242,6 +271,18 @@ impl BitWriter {
             let room = self.end - self.pos;
             buf[self.pos..self.end].copy_from_slice(&word[..room]);
         }
+        let whole = self.nbits / 8;
+        self.pos += whole as usize;
+        self.nbits -= whole * 8;
+        self.acc &= (1u64 << self.nbits) - 1;
+    }
+
+    /// [`Self::flush`] when the caller knows that `pos + 8 <= end`.
+    #[inline(always)]
+    fn flush_unchecked_end(&mut self, buf: &mut [u8]) {
+        debug_assert!(self.pos + 8 <= self.end);
+        let word = (self.acc << (63 - self.nbits) << 1).to_be_bytes();
+        buf[self.pos..self.pos + 8].copy_from_slice(&word);
         let whole = self.nbits / 8;
         self.pos += whole as usize;
         self.nbits -= whole * 8;
@@ -301,37 +342,14 @@ pub(super) fn encode(
     });
     let n = data.len();
     let segs: [&[u8]; STREAMS] = std::array::from_fn(|s| &data[segment(n, s)]);
-    // Interleaved part: five symbols per stream per step, while every stream is at least
-    // 8 bytes from its end (so the fast 8-byte stores stay inside its region).
-    let steps = segs.iter().map(|s| s.len()).min().unwrap_or(0) / SYMS_PER_REFILL;
-    let mut done = 0;
+    // Interleaved part, two streams at a time (few enough live values to stay in
+    // registers): five symbols per stream per step, then tails one stream at a time.
     let [w0, w1, w2, w3] = &mut writers;
     let [s0, s1, s2, s3] = segs;
-    for _ in 0..steps {
-        if w0.pos + 8 > w0.end || w1.pos + 8 > w1.end || w2.pos + 8 > w2.end || w3.pos + 8 > w3.end
-        {
-            break;
-        }
-        // Symbol-by-symbol across the four streams: four independent dependency chains.
-        let g = done..done + SYMS_PER_REFILL;
-        for (((&a, &b), &c), &d) in s0[g.clone()]
-            .iter()
-            .zip(&s1[g.clone()])
-            .zip(&s2[g.clone()])
-            .zip(&s3[g])
-        {
-            w0.put(packed[a as usize]);
-            w1.put(packed[b as usize]);
-            w2.put(packed[c as usize]);
-            w3.put(packed[d as usize]);
-        }
-        w0.flush(buf);
-        w1.flush(buf);
-        w2.flush(buf);
-        w3.flush(buf);
-        done += SYMS_PER_REFILL;
-    }
-    for (w, s) in writers.iter_mut().zip(&segs) {
+    let done01 = encode_interleaved([w0, w1], [s0, s1], &packed, buf);
+    let done23 = encode_interleaved([w2, w3], [s2, s3], &packed, buf);
+    let done = [done01, done01, done23, done23];
+    for ((w, s), done) in writers.iter_mut().zip(&segs).zip(done) {
         for group in s[done..].chunks(SYMS_PER_REFILL) {
             for &x in group {
                 w.put(packed[x as usize]);
@@ -339,6 +357,48 @@ pub(super) fn encode(
             w.flush(buf);
         }
         w.finish(buf);
+    }
+}
+
+/// Codes the common prefix of `segs` in steps of [`SYMS_PER_REFILL`] symbols per stream,
+/// stopping before a stream could come within 8 bytes of its end; returns the symbols coded
+/// per stream. A step advances a writer by at most 7 bytes (`7 + 5 * 11 <= 63` pending
+/// bits), so the number of steps that stay clear of every end is computed up front and
+/// the inner loop runs without end checks.
+#[inline(always)]
+fn encode_interleaved(
+    [w0, w1]: [&mut BitWriter; 2],
+    [s0, s1]: [&[u8]; 2],
+    packed: &[u32; 256],
+    buf: &mut [u8],
+) -> usize {
+    let total = s0.len().min(s1.len()) / SYMS_PER_REFILL;
+    let safe_steps = |w: &BitWriter| match w.end.checked_sub(w.pos + 8) {
+        Some(room) => room / 7 + 1,
+        None => 0,
+    };
+    let mut step = 0;
+    loop {
+        let safe = safe_steps(w0).min(safe_steps(w1)).min(total - step);
+        if safe == 0 {
+            return step * SYMS_PER_REFILL;
+        }
+        let range = step * SYMS_PER_REFILL..(step + safe) * SYMS_PER_REFILL;
+        for (a, b) in s0[range.clone()]
+            .chunks_exact(SYMS_PER_REFILL)
+            .zip(s1[range].chunks_exact(SYMS_PER_REFILL))
+        {
+            // Pairs of codes are joined off the accumulator's dependency chain.
+            w0.put2(packed[a[0] as usize], packed[a[1] as usize]);
+            w1.put2(packed[b[0] as usize], packed[b[1] as usize]);
+            w0.put2(packed[a[2] as usize], packed[a[3] as usize]);
+            w1.put2(packed[b[2] as usize], packed[b[3] as usize]);
+            w0.put(packed[a[4] as usize]);
+            w1.put(packed[b[4] as usize]);
+            w0.flush_unchecked_end(buf);
+            w1.flush_unchecked_end(buf);
+        }
+        step += safe;
     }
 }
 

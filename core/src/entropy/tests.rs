@@ -222,6 +222,46 @@ fn decompress_into_appends_and_is_untouched_on_error() {
     assert_eq!(out, b"prefix");
 }
 
+/// The one-thread decoder (chunk by chunk into the output) and the parallel one agree on
+/// multi-chunk inputs, valid or corrupted, and both leave `out` untouched on error.
+#[test]
+fn sequential_and_parallel_decoding_agree() {
+    let pool = |n| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    };
+    let (one, four) = (pool(1), pool(4));
+    let decode = |enc: &[u8]| {
+        let mut out = b"prefix".to_vec();
+        match decompress_into(enc, &mut out) {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                assert_eq!(out, b"prefix");
+                Err(e)
+            }
+        }
+    };
+    let mut rng = Rng(11);
+    for (layout, data) in [
+        (Layout::Bf16, gaussian_bf16(150_001, 0.02, 9)),
+        (Layout::F32, gaussian_f32(140_000, 0.5, 10)),
+        (Layout::Bytes, (0..200_003).map(|i| (i % 7) as u8).collect()),
+    ] {
+        let enc = compress(layout, &data);
+        let want = [b"prefix".as_slice(), &data].concat();
+        assert_eq!(one.install(|| decode(&enc)).unwrap(), want);
+        assert_eq!(four.install(|| decode(&enc)).unwrap(), want);
+        for _ in 0..40 {
+            let mut bad = enc.clone();
+            let at = HEADER_LEN + rng.next_u64() as usize % (bad.len() - HEADER_LEN);
+            bad[at] ^= 1 << (rng.next_u64() % 8);
+            assert_eq!(one.install(|| decode(&bad)), four.install(|| decode(&bad)));
+        }
+    }
+}
+
 #[test]
 fn header_errors_are_reported() {
     let enc = compress(Layout::Bf16, &gaussian_bf16(100, 1.0, 1));
