@@ -458,13 +458,18 @@ fn encode_values(
             }
         }
         Some(PassKind::Quantize(_) | PassKind::Hqq(_)) => {
+            // RTN computes codes and their dequantized values in one pass (bit for bit what
+            // `dequantize_into` writes); HQQ dequantizes its optimized codes afterwards.
             let codes = match pass {
-                Some(PassKind::Quantize(cfg)) => quantize::rtn_codes(cfg, &values, row_len),
-                Some(PassKind::Hqq(cfg)) => hqq::hqq_codes(cfg, &values, row_len),
+                Some(PassKind::Quantize(cfg)) => {
+                    quantize::rtn_codes_dequantize(cfg, &mut values, row_len)
+                }
+                Some(PassKind::Hqq(cfg)) => hqq::hqq_codes(cfg, &values, row_len).inspect(|c| {
+                    c.dequantize_into(&mut values);
+                }),
                 _ => unreachable!("matched above"),
             }
             .map_err(|e| pass_err("quantize")(e.to_string()))?;
-            codes.dequantize_into(&mut values);
             let (scales, scale_bits) = scale_section("scales", &codes.scales);
             let (zeros, zero_bits) = scale_section("zeros", &codes.zeros);
             // RTN zero points are integer codes (`bits` each), all equal when symmetric (a

@@ -2,11 +2,13 @@
 //!
 //! Every pass works in f32. This module is the one place that knows how BF16, F16 and F32
 //! bytes (little-endian, as safetensors stores them) map to and from f32. Encoding rounds to
-//! nearest-even via the `half` crate. The loops work on fixed-size chunks staged in stack
-//! arrays so the compiler can vectorize them and no allocation happens per call.
+//! nearest-even exactly as the `half` crate does (F16 through its slice conversions, BF16
+//! through an equivalent branch-free bit formula). The loops are branch-free or work on
+//! fixed-size chunks staged in stack arrays, so the compiler vectorizes them and no
+//! allocation happens per call.
 
+use half::f16;
 use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
 
 /// Elements staged per inner loop iteration of the codecs.
 const CHUNK: usize = 512;
@@ -188,8 +190,24 @@ fn encode_f32(src: &[f32], out: &mut [u8]) {
 
 fn encode_bf16(src: &[f32], out: &mut [u8]) {
     for (x, b) in src.iter().zip(out.chunks_exact_mut(2)) {
-        b.copy_from_slice(&bf16::from_f32(*x).to_bits().to_le_bytes());
+        b.copy_from_slice(&f32_to_bf16_bits(*x).to_le_bytes());
     }
+}
+
+/// `bf16::from_f32(x).to_bits()` without branches, so [`encode_bf16`] vectorizes.
+///
+/// Round to nearest-even on the bits: adding `0x7FFF` plus the lowest kept bit carries into
+/// the kept half exactly when the dropped half is above `0x8000`, or equal to it with an odd
+/// kept half (the carry out of the mantissa correctly turns the largest finite values into
+/// infinity). A NaN keeps its sign and top payload bits and is made quiet (bit `0x0040`), as
+/// the `half` crate does.
+#[inline(always)]
+fn f32_to_bf16_bits(x: f32) -> u16 {
+    let x = x.to_bits();
+    let nan = (x & 0x7FFF_FFFF) > 0x7F80_0000;
+    let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
+    let quiet = (x >> 16) | 0x0040;
+    (if nan { quiet } else { rounded }) as u16
 }
 
 fn encode_f16(src: &[f32], out: &mut [u8]) {
@@ -206,6 +224,7 @@ fn encode_f16(src: &[f32], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
     use proptest::prelude::*;
 
     #[test]
@@ -257,6 +276,29 @@ mod tests {
         let mut bytes = [0u8; 4];
         encode_from_f32(DType::BF16, &[1.0, -2.0], &mut bytes).unwrap();
         assert_eq!(bytes, [0x80, 0x3F, 0x00, 0xC0]);
+    }
+
+    #[test]
+    fn branch_free_bf16_matches_half() {
+        // A stride through all bit patterns (NaNs, infinities, subnormals included), plus every
+        // rounding case (low half just below, at and above the tie, odd and even kept halves)
+        // around a spread of kept halves, and the largest finite values (which round to inf).
+        let strided = (0..=u32::MAX).step_by(65_521);
+        let kept = [
+            0u32, 1, 0x3F80, 0x3F81, 0x7F7F, 0x7F80, 0x7FC0, 0x8000, 0xFF7F, 0xFFFF,
+        ];
+        let low = [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF];
+        let edges = kept
+            .iter()
+            .flat_map(|k| low.iter().map(move |l| (k << 16) | l));
+        for bits in strided.chain(edges) {
+            let x = f32::from_bits(bits);
+            assert_eq!(
+                f32_to_bf16_bits(x),
+                bf16::from_f32(x).to_bits(),
+                "{bits:#010x}"
+            );
+        }
     }
 
     fn scalar_encode(dtype: DType, x: f32) -> Vec<u8> {

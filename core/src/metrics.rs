@@ -7,8 +7,11 @@
 //! `i % 8`), combines lanes in order, and adds the block partials to the accumulator in
 //! block order. Blocks may be summed on rayon threads; the combining order never changes,
 //! so the result depends only on the data and on how it was split into `add`/`merge` calls.
+//! [`ErrorAccumulator::add_encoded`] takes the two buffers still encoded (BF16/F16/F32) and
+//! decodes each block piecewise on the stack, with the same sums as decoding first.
 //! Quality gates from the recipe are checked with [`TensorMetrics::check_gates`].
 
+use crate::dtype::{decode_to_f32, DType, DTypeError};
 use crate::recipe::Gates;
 use rayon::prelude::*;
 
@@ -16,6 +19,10 @@ use rayon::prelude::*;
 const BLOCK: usize = 64 * 1024;
 /// Independent partial sums inside a block (lets the compiler vectorize).
 const LANES: usize = 8;
+/// Lanes summed together in one sweep (see [`LaneSums::add`]).
+const HALF: usize = LANES / 2;
+/// Pairs widened to f64 at a time in [`LaneSums::add`] (a multiple of `LANES`).
+const WIDE: usize = 256;
 /// SNR reported when the original is all zeros but the reconstruction is not.
 pub const SNR_FLOOR_DB: f64 = -1000.0;
 
@@ -79,6 +86,42 @@ impl ErrorAccumulator {
         }
     }
 
+    /// [`Self::add`] on two buffers of encoded `dtype` elements (BF16, F16 or F32), decoding
+    /// them block by block instead of whole: the same sums, without two f32 copies of the
+    /// data. Errors as [`decode_to_f32`] (non-float dtype, a partial element, or buffers of
+    /// different element counts); nothing is added then.
+    pub fn add_encoded(
+        &mut self,
+        dtype: DType,
+        original: &[u8],
+        reconstructed: &[u8],
+    ) -> Result<(), DTypeError> {
+        if !dtype.is_decodable_float() {
+            return Err(DTypeError::NotDecodable(dtype));
+        }
+        let size = dtype.size_bytes();
+        for len in [original.len(), reconstructed.len()] {
+            if len % size != 0 {
+                return Err(DTypeError::RaggedBytes { dtype, len });
+            }
+        }
+        if original.len() != reconstructed.len() {
+            return Err(DTypeError::LengthMismatch {
+                want: original.len() / size,
+                got: reconstructed.len() / size,
+            });
+        }
+        let partials: Vec<ErrorAccumulator> = original
+            .par_chunks(BLOCK * size)
+            .zip(reconstructed.par_chunks(BLOCK * size))
+            .map(|(a, b)| block_sums_encoded(dtype, a, b))
+            .collect::<Result<_, _>>()?;
+        for p in &partials {
+            self.merge(p);
+        }
+        Ok(())
+    }
+
     /// Adds another accumulator's sums (order matters only at f64 rounding level).
     pub fn merge(&mut self, other: &ErrorAccumulator) {
         self.sum_sq_orig += other.sum_sq_orig;
@@ -121,42 +164,133 @@ impl ErrorAccumulator {
     }
 }
 
+/// The per-lane running sums of one block: element `i` of the block goes to lane `i % LANES`.
+struct LaneSums {
+    oo: [f64; LANES],
+    ee: [f64; LANES],
+    rr: [f64; LANES],
+    dd: [f64; LANES],
+    mx: [f64; LANES],
+}
+
+impl LaneSums {
+    fn new() -> Self {
+        LaneSums {
+            oo: [0.0; LANES],
+            ee: [0.0; LANES],
+            rr: [0.0; LANES],
+            dd: [0.0; LANES],
+            mx: [0.0; LANES],
+        }
+    }
+
+    /// Adds the pairs of one piece of the block that starts at a multiple of `LANES` (only
+    /// the block's last piece may end with a partial group of lanes).
+    fn add(&mut self, x: &[f32], y: &[f32]) {
+        let n = x.len().min(y.len());
+        let full = n / LANES * LANES;
+        let (mut o, mut r) = ([0f64; WIDE], [0f64; WIDE]);
+        for (xs, ys) in x[..full].chunks(WIDE).zip(y[..full].chunks(WIDE)) {
+            // Widen first (a plain loop of conversions), so the lane sweeps below only see
+            // contiguous f64 and vectorize without shuffles.
+            let (o, r) = (&mut o[..xs.len()], &mut r[..xs.len()]);
+            for (d, &s) in o.iter_mut().zip(xs) {
+                *d = f64::from(s);
+            }
+            for (d, &s) in r.iter_mut().zip(ys) {
+                *d = f64::from(s);
+            }
+            // Lanes are independent, so they may be swept separately; each half keeps its
+            // 5 x 4 running sums in registers (all 8 lanes would not fit in SSE2's 16).
+            self.half_lanes::<0>(o, r);
+            self.half_lanes::<HALF>(o, r);
+        }
+        for (l, (&o, &r)) in x[full..n].iter().zip(&y[full..n]).enumerate() {
+            self.lane(l, f64::from(o), f64::from(r));
+        }
+    }
+
+    /// Adds lanes `OFF..OFF + HALF` of whole groups of `LANES` pairs.
+    #[inline(always)]
+    fn half_lanes<const OFF: usize>(&mut self, x: &[f64], y: &[f64]) {
+        let mut oo: [f64; HALF] = self.oo[OFF..OFF + HALF].try_into().expect("HALF lanes");
+        let mut ee: [f64; HALF] = self.ee[OFF..OFF + HALF].try_into().expect("HALF lanes");
+        let mut rr: [f64; HALF] = self.rr[OFF..OFF + HALF].try_into().expect("HALF lanes");
+        let mut dd: [f64; HALF] = self.dd[OFF..OFF + HALF].try_into().expect("HALF lanes");
+        let mut mx: [f64; HALF] = self.mx[OFF..OFF + HALF].try_into().expect("HALF lanes");
+        for (a, b) in x.chunks_exact(LANES).zip(y.chunks_exact(LANES)) {
+            let a: &[f64; HALF] = a[OFF..OFF + HALF].try_into().expect("HALF lanes");
+            let b: &[f64; HALF] = b[OFF..OFF + HALF].try_into().expect("HALF lanes");
+            for l in 0..HALF {
+                let (o, r) = (a[l], b[l]);
+                let e = o - r;
+                oo[l] += o * o;
+                ee[l] += e * e;
+                rr[l] += r * r;
+                dd[l] += o * r;
+                let ae = e.abs();
+                mx[l] = if ae > mx[l] { ae } else { mx[l] };
+            }
+        }
+        self.oo[OFF..OFF + HALF].copy_from_slice(&oo);
+        self.ee[OFF..OFF + HALF].copy_from_slice(&ee);
+        self.rr[OFF..OFF + HALF].copy_from_slice(&rr);
+        self.dd[OFF..OFF + HALF].copy_from_slice(&dd);
+        self.mx[OFF..OFF + HALF].copy_from_slice(&mx);
+    }
+
+    /// Adds the pair `(o, r)` to lane `l`.
+    fn lane(&mut self, l: usize, o: f64, r: f64) {
+        let e = o - r;
+        self.oo[l] += o * o;
+        self.ee[l] += e * e;
+        self.rr[l] += r * r;
+        self.dd[l] += o * r;
+        // `mx` is never NaN, so this is `mx.max(|e|)` (a NaN `e` keeps `mx`) as one `maxpd`.
+        let ae = e.abs();
+        self.mx[l] = if ae > self.mx[l] { ae } else { self.mx[l] };
+    }
+
+    /// Combines the lanes in order into the block's partial sums.
+    fn finish(&self, count: usize) -> ErrorAccumulator {
+        let mut acc = ErrorAccumulator {
+            count: count as u64,
+            ..ErrorAccumulator::default()
+        };
+        for l in 0..LANES {
+            acc.sum_sq_orig += self.oo[l];
+            acc.sum_sq_err += self.ee[l];
+            acc.sum_sq_recon += self.rr[l];
+            acc.dot += self.dd[l];
+            acc.max_abs_err = acc.max_abs_err.max(self.mx[l]);
+        }
+        acc
+    }
+}
+
 /// Sums one block sequentially in `LANES` fixed lanes, combined in lane order.
 fn block_sums(x: &[f32], y: &[f32]) -> ErrorAccumulator {
-    let mut oo = [0f64; LANES];
-    let mut ee = [0f64; LANES];
-    let mut rr = [0f64; LANES];
-    let mut dd = [0f64; LANES];
-    let mut mx = [0f64; LANES];
-    let mut step = |a: &[f32], b: &[f32]| {
-        for l in 0..a.len() {
-            let (o, r) = (f64::from(a[l]), f64::from(b[l]));
-            let e = o - r;
-            oo[l] += o * o;
-            ee[l] += e * e;
-            rr[l] += r * r;
-            dd[l] += o * r;
-            mx[l] = mx[l].max(e.abs());
-        }
-    };
-    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
-    let (xr, yr) = (xc.remainder(), yc.remainder());
-    for (a, b) in xc.zip(yc) {
-        step(a, b);
+    let mut sums = LaneSums::new();
+    sums.add(x, y);
+    sums.finish(x.len())
+}
+
+/// Elements decoded at a time by [`block_sums_encoded`] (a multiple of `LANES`).
+const PIECE: usize = 1024;
+
+/// [`block_sums`] of one block given as encoded bytes of `dtype` (already checked): decodes
+/// it piece by piece into stack buffers, so nothing is allocated.
+fn block_sums_encoded(dtype: DType, x: &[u8], y: &[u8]) -> Result<ErrorAccumulator, DTypeError> {
+    let size = dtype.size_bytes();
+    let mut sums = LaneSums::new();
+    let (mut a, mut b) = ([0f32; PIECE], [0f32; PIECE]);
+    for (xp, yp) in x.chunks(PIECE * size).zip(y.chunks(PIECE * size)) {
+        let n = xp.len() / size;
+        decode_to_f32(dtype, xp, &mut a[..n])?;
+        decode_to_f32(dtype, yp, &mut b[..n])?;
+        sums.add(&a[..n], &b[..n]);
     }
-    step(xr, yr);
-    let mut acc = ErrorAccumulator {
-        count: x.len() as u64,
-        ..ErrorAccumulator::default()
-    };
-    for l in 0..LANES {
-        acc.sum_sq_orig += oo[l];
-        acc.sum_sq_err += ee[l];
-        acc.sum_sq_recon += rr[l];
-        acc.dot += dd[l];
-        acc.max_abs_err = acc.max_abs_err.max(mx[l]);
-    }
-    acc
+    Ok(sums.finish(x.len() / size))
 }
 
 impl TensorMetrics {
@@ -288,6 +422,40 @@ mod tests {
         acc.add(&x[..BLOCK * 2], &y[..BLOCK * 2]);
         acc.add(&x[BLOCK * 2..], &y[BLOCK * 2..]);
         assert_eq!(acc.finish(), a);
+    }
+
+    #[test]
+    fn add_encoded_matches_decode_then_add() {
+        use crate::dtype::encode_from_f32;
+        // Several blocks, a partial last block and a ragged tail of lanes; NaN and infinity.
+        let mut x: Vec<f32> = (0..BLOCK * 2 + 1003)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        x[5] = f32::NAN;
+        x[BLOCK + 7] = f32::INFINITY;
+        let y: Vec<f32> = x.iter().map(|v| v + 1e-2 * (v * 13.0).cos()).collect();
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            for n in [0, 1, 13, 4096, x.len()] {
+                let size = dtype.size_bytes();
+                let (mut xb, mut yb) = (vec![0u8; n * size], vec![0u8; n * size]);
+                encode_from_f32(dtype, &x[..n], &mut xb).unwrap();
+                encode_from_f32(dtype, &y[..n], &mut yb).unwrap();
+                let (mut xd, mut yd) = (vec![0f32; n], vec![0f32; n]);
+                decode_to_f32(dtype, &xb, &mut xd).unwrap();
+                decode_to_f32(dtype, &yb, &mut yd).unwrap();
+                let mut want = ErrorAccumulator::new();
+                want.add(&xd, &yd);
+                let mut got = ErrorAccumulator::new();
+                got.add_encoded(dtype, &xb, &yb).unwrap();
+                // Bitwise (NaN sums included) via the Debug form of the f64 fields.
+                assert_eq!(format!("{got:?}"), format!("{want:?}"), "{dtype} n={n}");
+            }
+        }
+        let mut acc = ErrorAccumulator::new();
+        assert!(acc.add_encoded(DType::I8, &[0], &[0]).is_err());
+        assert!(acc.add_encoded(DType::BF16, &[0; 3], &[0; 3]).is_err());
+        assert!(acc.add_encoded(DType::BF16, &[0; 4], &[0; 2]).is_err());
+        assert_eq!(acc.count(), 0);
     }
 
     proptest! {

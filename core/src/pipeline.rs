@@ -9,7 +9,7 @@
 //! same result however the rows are chunked.
 
 use crate::codec::{encode_chunk, CodecError, TensorPlan};
-use crate::dtype::{decode_to_f32, DType};
+use crate::dtype::DType;
 use crate::metrics::ErrorAccumulator;
 use crate::recipe::OutputFormat;
 
@@ -39,21 +39,14 @@ pub fn process_chunk(
     }
     let encoded = encode_chunk(plan, dtype, row_len, input)?;
     if !plan.is_identity() {
-        let elems = input.len() / dtype.size_bytes();
-        let mut original = vec![0f32; elems];
-        let mut seen = vec![0f32; elems];
-        decode_to_f32(dtype, input, &mut original)?;
-        decode_to_f32(dtype, &encoded.reconstruction, &mut seen)?;
-        acc.add(&original, &seen);
+        acc.add_encoded(dtype, input, &encoded.reconstruction)?;
     }
+    let repr_bits = encoded.repr_bits;
     let bytes = match format {
-        OutputFormat::Safetensors => encoded.reconstruction.clone(),
+        OutputFormat::Safetensors => encoded.reconstruction,
         OutputFormat::Spz => encoded.frame(),
     };
-    Ok(ChunkOutput {
-        bytes,
-        repr_bits: encoded.repr_bits,
-    })
+    Ok(ChunkOutput { bytes, repr_bits })
 }
 
 #[cfg(test)]

@@ -29,7 +29,14 @@
 //! per-group `(scale, zero)`, dequantized as `(code - zero) * scale`. Symmetric codes are
 //! stored offset by `2^(b-1)` with zero `2^(b-1)`; the in-place path computes exactly
 //! `(code - zero) * scale` too (so a zero code gives `+0.0`), which makes the two bit-identical
-//! on finite input.
+//! on finite input. [`rtn_codes_dequantize`] computes the codes and overwrites the input with
+//! exactly what [`AffineCodes::dequantize_into`] would write, in one pass per group while it
+//! is in cache (this is what the codec runs).
+//!
+//! Speed: every per-element loop is branch-free f32 arithmetic (the group range is scanned in
+//! 8 independent min/max lanes, the code clamp is one `maxps`/`minps`, the code is turned
+//! into a byte through its mantissa bits instead of a saturating cast), so the loops
+//! auto-vectorize on baseline x86-64 with no `unsafe`.
 
 use crate::recipe::{Granularity, QuantizeConfig};
 use half::f16;
@@ -92,22 +99,58 @@ pub(crate) fn stored_scale(raw: f32) -> f32 {
     }
 }
 
+/// Independent accumulators in the range scans (lets the compiler vectorize them).
+const LANES: usize = 8;
+
 /// Min and max of `g`, ignoring NaN; (0, 0) for an empty group.
+///
+/// Lane `l` scans elements `i % LANES == l`; min and max are exact, so the lanes combine to
+/// the sequential result. `if x < lo { x } else { lo }` is one `minps` (NaN keeps `lo`).
 pub(crate) fn min_max(g: &[f32]) -> (f32, f32) {
-    let (mut lo, mut hi) = (0f32, 0f32);
-    for &x in g {
-        if x < lo {
-            lo = x;
-        }
-        if x > hi {
-            hi = x;
+    let (mut lo, mut hi) = ([0f32; LANES], [0f32; LANES]);
+    let chunks = g.chunks_exact(LANES);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            lo[l] = if c[l] < lo[l] { c[l] } else { lo[l] };
+            hi[l] = if c[l] > hi[l] { c[l] } else { hi[l] };
         }
     }
+    for (l, &x) in rem.iter().enumerate() {
+        lo[l] = if x < lo[l] { x } else { lo[l] };
+        hi[l] = if x > hi[l] { x } else { hi[l] };
+    }
+    let lo = lo.iter().fold(0f32, |a, &b| if b < a { b } else { a });
+    let hi = hi.iter().fold(0f32, |a, &b| if b > a { b } else { a });
     (lo, hi)
+}
+
+/// Largest `|x|` of `g` ignoring NaN (infinities included); 0 for an empty group. Equals
+/// `hi.max(-lo)` of [`min_max`] whenever that is non-zero, which is all symmetric RTN needs.
+fn abs_max(g: &[f32]) -> f32 {
+    let mut m = [0f32; LANES];
+    let chunks = g.chunks_exact(LANES);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            let a = c[l].abs();
+            m[l] = if a > m[l] { a } else { m[l] };
+        }
+    }
+    for (l, &x) in rem.iter().enumerate() {
+        let a = x.abs();
+        m[l] = if a > m[l] { a } else { m[l] };
+    }
+    m.iter().fold(0f32, |a, &b| if b > a { b } else { a })
 }
 
 /// The scale, zero point and code range for one group.
 fn group_params(cfg: &QuantizeConfig, g: &[f32]) -> GroupParams {
+    if cfg.symmetric {
+        // Symmetric RTN only uses `max(hi, -lo)`, the largest magnitude.
+        let m = abs_max(g);
+        return params_from_range(cfg, -m, m);
+    }
     // min_max starts at 0, so the range always contains 0 (as asymmetric requires).
     let (lo, hi) = min_max(g);
     params_from_range(cfg, lo, hi)
@@ -385,20 +428,95 @@ impl AffineCodes {
     }
 }
 
+/// The stored-code computation of one group, in the form the hot loops use.
+///
+/// The stored code of `x` is `round(clamp(x / scale, lo, hi)) + zero`, where `[lo, hi]` is
+/// the code range shifted by the stored zero point (so the stored code lies in `[0, 2^b)`)
+/// and `zero` is the stored zero point (`2^(b-1)` symmetric). This is [`code_of`] plus the
+/// symmetric offset, with one difference that only affects NaN: the clamp is written as
+/// `if y > lo { y } else { lo }` (one `maxps`), which sends NaN to `lo`, i.e. to stored code
+/// 0, exactly the code the saturating `NaN as u8` cast gives. Everything is plain f32
+/// arithmetic, so the loops over a group vectorize on baseline x86-64.
+#[derive(Debug, Clone, Copy)]
+struct CodeKernel {
+    /// The group's scale (non-zero).
+    scale: f32,
+    /// Bounds of `x / scale`, integer-valued.
+    lo: f32,
+    hi: f32,
+    /// The stored zero point (an integer in `[0, 2^b)`).
+    zero: f32,
+}
+
+impl CodeKernel {
+    fn new(cfg: &QuantizeConfig, p: &GroupParams) -> Self {
+        let offset = if cfg.symmetric { -p.lo } else { 0.0 };
+        CodeKernel {
+            scale: p.scale,
+            lo: p.lo - p.zero,
+            hi: p.hi - p.zero,
+            zero: p.zero + offset,
+        }
+    }
+
+    /// The stored code of `x` as an integer-valued f32 in `[0, 2^b)` (0 for NaN).
+    #[inline(always)]
+    fn code(&self, x: f32) -> f32 {
+        let y = x / self.scale;
+        let y = if y > self.lo { y } else { self.lo };
+        let y = if y < self.hi { y } else { self.hi };
+        round_half_away(y) + self.zero
+    }
+
+    /// `code` (from [`Self::code`]) as a byte: exact because `code` is an integer in
+    /// `[0, 256)`, so `code + 2^23` holds it in its low mantissa bits (no saturating cast).
+    #[inline(always)]
+    fn byte(code: f32) -> u8 {
+        (code + ROUND_MAGIC).to_bits() as u8
+    }
+
+    /// `(code - zero) * scale`, exactly as [`AffineCodes::dequantize_into`] computes it.
+    #[inline(always)]
+    fn dequantize(&self, code: f32) -> f32 {
+        (code - self.zero) * self.scale
+    }
+}
+
 /// Writes the RTN codes of `g` under `p` into `codes` (stored unsigned: symmetric codes are
 /// offset by `2^(b-1)`), returning the stored zero point.
 fn rtn_group_codes(cfg: &QuantizeConfig, p: &GroupParams, g: &[f32], codes: &mut [u8]) -> f32 {
-    let offset = if cfg.symmetric { -p.lo } else { 0.0 };
-    let zero = p.zero + offset;
+    let k = CodeKernel::new(cfg, p);
     if p.scale == 0.0 {
-        codes.fill(zero as u8);
-        return zero;
+        codes.fill(k.zero as u8);
+        return k.zero;
     }
     for (c, &x) in codes.iter_mut().zip(g) {
-        // In [0, 2^b) by the clamp in code_of; NaN casts to 0.
-        *c = (code_of(p, x) + offset) as u8;
+        *c = CodeKernel::byte(k.code(x));
     }
-    zero
+    k.zero
+}
+
+/// [`rtn_group_codes`], also overwriting `g` with the dequantized codes (what
+/// [`AffineCodes::dequantize_into`] writes for this group), in the same pass.
+fn rtn_group_codes_dequantize(
+    cfg: &QuantizeConfig,
+    p: &GroupParams,
+    g: &mut [f32],
+    codes: &mut [u8],
+) -> f32 {
+    let k = CodeKernel::new(cfg, p);
+    if p.scale == 0.0 {
+        codes.fill(k.zero as u8);
+        // (zero - zero) * 0.0 = +0.0
+        g.fill(0.0);
+        return k.zero;
+    }
+    for (c, x) in codes.iter_mut().zip(g.iter_mut()) {
+        let code = k.code(*x);
+        *c = CodeKernel::byte(code);
+        *x = k.dequantize(code);
+    }
+    k.zero
 }
 
 /// Largest `|x|` over the finite values of `x` (0 when there are none), in parallel for a
@@ -515,34 +633,22 @@ pub fn rtn_codes(
     values: &[f32],
     row_len: usize,
 ) -> Result<AffineCodes, QuantizeError> {
-    check_bits(cfg.bits)?;
-    check_rows(values.len(), row_len)?;
-    let (row_len, group_len) = layout(cfg.granularity, values.len(), row_len);
-    let mut out = AffineCodes {
-        bits: cfg.bits,
-        row_len,
-        group_len,
-        codes: vec![0; values.len()],
-        scales: Vec::new(),
-        zeros: Vec::new(),
-    };
+    let mut out = empty_codes(cfg, values.len(), row_len)?;
     if values.is_empty() {
         return Ok(out);
     }
-    let groups_per_row = out.groups_per_row();
-    let groups = values.len() / row_len * groups_per_row;
-    out.scales = vec![0.0; groups];
-    out.zeros = vec![0.0; groups];
+    let (row_len, group_len, groups_per_row) = (out.row_len, out.group_len, out.groups_per_row());
     if cfg.granularity == Granularity::Tensor {
         let (lo, hi) = min_max_par(values);
         let p = params_from_range(cfg, lo, hi);
-        let zeros: Vec<f32> = values
+        values
             .par_chunks(MIN_PAR_ELEMS)
             .zip(out.codes.par_chunks_mut(MIN_PAR_ELEMS))
-            .map(|(g, c)| rtn_group_codes(cfg, &p, g, c))
-            .collect();
+            .for_each(|(g, c)| {
+                rtn_group_codes(cfg, &p, g, c);
+            });
         out.scales[0] = p.scale;
-        out.zeros[0] = zeros[0];
+        out.zeros[0] = CodeKernel::new(cfg, &p).zero;
         return Ok(out);
     }
     let min_rows = (MIN_PAR_ELEMS / row_len).max(1);
@@ -560,6 +666,78 @@ pub fn rtn_codes(
                 zeros[i] = rtn_group_codes(cfg, &p, g, c);
             }
         });
+    Ok(out)
+}
+
+/// [`rtn_codes`] and [`AffineCodes::dequantize_into`] fused: returns the codes of `values`
+/// and overwrites `values` with their dequantized values, bit for bit what
+/// `rtn_codes(cfg, values, row_len)?.dequantize_into(values)` would leave there, but in one
+/// pass over the data while each group is in cache.
+///
+/// Errors: as [`rtn_codes`] (then `values` is unchanged).
+pub fn rtn_codes_dequantize(
+    cfg: &QuantizeConfig,
+    values: &mut [f32],
+    row_len: usize,
+) -> Result<AffineCodes, QuantizeError> {
+    let mut out = empty_codes(cfg, values.len(), row_len)?;
+    if values.is_empty() {
+        return Ok(out);
+    }
+    let (row_len, group_len, groups_per_row) = (out.row_len, out.group_len, out.groups_per_row());
+    if cfg.granularity == Granularity::Tensor {
+        let (lo, hi) = min_max_par(values);
+        let p = params_from_range(cfg, lo, hi);
+        values
+            .par_chunks_mut(MIN_PAR_ELEMS)
+            .zip(out.codes.par_chunks_mut(MIN_PAR_ELEMS))
+            .for_each(|(g, c)| {
+                rtn_group_codes_dequantize(cfg, &p, g, c);
+            });
+        out.scales[0] = p.scale;
+        out.zeros[0] = CodeKernel::new(cfg, &p).zero;
+        return Ok(out);
+    }
+    let min_rows = (MIN_PAR_ELEMS / row_len).max(1);
+    values
+        .par_chunks_mut(row_len)
+        .zip(out.codes.par_chunks_mut(row_len))
+        .zip(out.scales.par_chunks_mut(groups_per_row))
+        .zip(out.zeros.par_chunks_mut(groups_per_row))
+        .with_min_len(min_rows)
+        .for_each(|(((row, codes), scales), zeros)| {
+            let groups = row.chunks_mut(group_len).zip(codes.chunks_mut(group_len));
+            for (i, (g, c)) in groups.enumerate() {
+                let p = group_params(cfg, g);
+                scales[i] = p.scale;
+                zeros[i] = rtn_group_codes_dequantize(cfg, &p, g, c);
+            }
+        });
+    Ok(out)
+}
+
+/// Checks the arguments of [`rtn_codes`] and allocates its (zeroed) output for `len` values.
+fn empty_codes(
+    cfg: &QuantizeConfig,
+    len: usize,
+    row_len: usize,
+) -> Result<AffineCodes, QuantizeError> {
+    check_bits(cfg.bits)?;
+    check_rows(len, row_len)?;
+    let (row_len, group_len) = layout(cfg.granularity, len, row_len);
+    let mut out = AffineCodes {
+        bits: cfg.bits,
+        row_len,
+        group_len,
+        codes: vec![0; len],
+        scales: Vec::new(),
+        zeros: Vec::new(),
+    };
+    if len > 0 {
+        let groups = len / row_len * out.groups_per_row();
+        out.scales = vec![0.0; groups];
+        out.zeros = vec![0.0; groups];
+    }
     Ok(out)
 }
 

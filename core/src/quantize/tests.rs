@@ -289,6 +289,71 @@ proptest! {
     }
 }
 
+/// Heavy-tailed values mixed with NaN (with payloads), infinities, signed zeros, subnormals and
+/// values near `f32::MAX`.
+fn hostile() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        6 => heavy_tailed(),
+        1 => Just(f32::NAN),
+        1 => (any::<u32>()).prop_map(|b| f32::from_bits(b | 0x7F80_0001)),
+        1 => prop_oneof![Just(f32::INFINITY), Just(f32::NEG_INFINITY), Just(-0.0f32)],
+        1 => (any::<u32>()).prop_map(|b| f32::from_bits(b & 0x807F_FFFF)),
+        1 => (0.5f32..1.0).prop_map(|m| m * f32::MAX),
+    ]
+}
+
+proptest! {
+    /// The fused `rtn_codes_dequantize` gives exactly `rtn_codes` and what `dequantize_into`
+    /// writes from it, on any input (NaN, infinities and overflowing scales included).
+    #[test]
+    fn fused_codes_and_dequantize_match_the_two_steps(
+        (c, row_len, orig) in arb_case().prop_flat_map(|(c, row_len, orig)| {
+            let n = orig.len();
+            (Just(c), Just(row_len), prop::collection::vec(hostile(), n))
+        }),
+    ) {
+        let want = rtn_codes(&c, &orig, row_len).unwrap();
+        let mut want_values = vec![f32::NAN; orig.len()];
+        want.dequantize_into(&mut want_values);
+        let mut got_values = orig.clone();
+        let got = rtn_codes_dequantize(&c, &mut got_values, row_len).unwrap();
+        prop_assert_eq!(&got.codes, &want.codes);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got.scales), bits(&want.scales));
+        prop_assert_eq!(bits(&got.zeros), bits(&want.zeros));
+        prop_assert_eq!(bits(&got_values), bits(&want_values));
+    }
+}
+
+#[test]
+fn nan_gets_code_zero_in_a_scaled_group() {
+    // As the saturating `NaN as u8` of the scalar formula did; an all-NaN group has scale 0
+    // and gets the zero point's code like an all-zero group.
+    for sym in [true, false] {
+        let c = cfg(4, sym, Granularity::Channel);
+        let x = [f32::NAN, 1.0, -1.0, f32::NAN, f32::NAN, f32::NAN];
+        let codes = rtn_codes(&c, &x, 3).unwrap();
+        assert_eq!(codes.codes[0], 0, "sym={sym}");
+        assert_ne!(codes.scales[0], 0.0);
+        assert_eq!(codes.scales[1], 0.0);
+        let zero = codes.zeros[1] as u8;
+        assert_eq!(&codes.codes[3..], &[zero; 3]);
+    }
+}
+
+#[test]
+fn fused_codes_reject_bad_shapes_and_leave_values_alone() {
+    let c = cfg(4, true, Granularity::Channel);
+    let mut v = [1.0f32; 5];
+    assert_eq!(
+        rtn_codes_dequantize(&c, &mut v, 2),
+        Err(QuantizeError::RaggedRows { len: 5, row_len: 2 })
+    );
+    assert_eq!(v, [1.0; 5]);
+    let empty = rtn_codes_dequantize(&c, &mut [], 3).unwrap();
+    assert!(empty.codes.is_empty() && empty.scales.is_empty());
+}
+
 #[test]
 fn tensor_granularity_uses_one_scale_for_all_rows() {
     for sym in [true, false] {
