@@ -11,6 +11,9 @@ Subcommands (all paths explicit, results appended as JSON lines to --results):
   measure  --work DIR --results FILE --repeat N
       zstd -3 (libzstd through the `zstandard` package, in memory, one thread; and the zstd
       CLI, `-3 -T1`, file to /dev/null) and ZipNN (threads=1) on each .bin input.
+  gguf-error --quantized FILE --reference FILE
+      prints the relative Frobenius error, over all tensors, of a llama-quantize output
+      (dequantized with the gguf package) against the BF16 GGUF it was made from.
   report   --results FILE
       prints the markdown tables.
 
@@ -350,6 +353,21 @@ def rel(ours, theirs, digits=2):
     return f"{ours / theirs:.{digits}f}x"
 
 
+def gguf_error(args):
+    """Relative Frobenius error, over all tensors, of a quantized GGUF against the BF16 one."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    ref = {t.name: t for t in GGUFReader(args.reference).tensors}
+    err = norm = 0.0
+    for t in GGUFReader(args.quantized).tensors:
+        w = dequantize(ref[t.name].data, ref[t.name].tensor_type).astype(np.float64).ravel()
+        q = dequantize(t.data, t.tensor_type).astype(np.float64).ravel()
+        err += float(np.sum((q - w) ** 2))
+        norm += float(np.sum(w * w))
+    print(json.dumps({"rel_fro_error": (err / norm) ** 0.5 if norm else 0.0}))
+
+
 def report(args):
     rows = [json.loads(line) for line in open(args.results) if line.strip()]
     meta = next((r for r in rows if r["kind"] == "meta"), {})
@@ -404,18 +422,23 @@ def report(args):
         subset = next((r["bytes"] for r in quant if r["kind"] == "ours_pass"), None)
         print(f"### Quantizers (same BF16 projection matrices{f', {subset / 1e6:,.1f} MB' if subset else ''}; one thread)")
         print()
-        print("| quantizer | MB/s of BF16 input | output / BF16 input | vs llama-quantize Q4_0 speed | vs its llama.cpp counterpart |")
-        print("|---|---:|---:|---:|---:|")
+        print("| quantizer | MB/s of BF16 input | output / BF16 input | rel. Frobenius error | vs llama-quantize Q4_0 speed | vs its llama.cpp counterpart: speed | error |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         llama = {r["type"]: r for r in quant if r["kind"] == "llama"}
         q4_0 = llama.get("Q4_0", {}).get("mbps")
         for t, r in llama.items():
-            print(f"| llama-quantize {t} (1 thread; its own 'quantize time', incl. reading and writing the GGUF) | {fmt(r['mbps'])} | {r['ratio']:.4f} | {rel(r['mbps'], q4_0)} | |")
+            err = r.get("rel_fro_error")
+            print(f"| llama-quantize {t} (1 thread; its own 'quantize time', incl. reading and writing the GGUF) | {fmt(r['mbps'])} | {r['ratio']:.4f} | {'' if err is None else f'{err:.4f}'} | {rel(r['mbps'], q4_0)} | | |")
         counterpart = {"int8": "Q8_0", "int4-g128": "Q4_0", "hqq4": "Q4_K_M"}
         for r in (r for r in quant if r["kind"] == "ours_pass"):
-            peer = llama.get(counterpart.get(r["preset"], ""), {}).get("mbps")
             name = counterpart.get(r["preset"], "")
-            print(f"| shardpress {r['preset']}: encode_chunk (pass + reconstruction), in memory | {fmt(r['encode_mbps'])} | | {rel(r['encode_mbps'], q4_0)} | {rel(r['encode_mbps'], peer)} {name} |")
-            print(f"| shardpress {r['preset']}: encode_chunk + frame (entropy-coded .spz record) | {fmt(r['encode_frame_mbps'])} | {r['ratio']:.4f} | {rel(r['encode_frame_mbps'], q4_0)} | {rel(r['encode_frame_mbps'], peer)} {name} |")
+            peer = llama.get(name, {}).get("mbps")
+            peer_err = llama.get(name, {}).get("rel_fro_error")
+            err = r.get("rel_fro_error")
+            err_cmp = f"{rel(err, peer_err, 3)} {name}" if err is not None and peer_err else ""
+            err_txt = "" if err is None else f"{err:.4f}"
+            print(f"| shardpress {r['preset']}: encode_chunk (pass + reconstruction), in memory | {fmt(r['encode_mbps'])} | | {err_txt} | {rel(r['encode_mbps'], q4_0)} | {rel(r['encode_mbps'], peer)} {name} | {err_cmp} |")
+            print(f"| shardpress {r['preset']}: encode_chunk + frame (entropy-coded .spz record) | {fmt(r['encode_frame_mbps'])} | {r['ratio']:.4f} | {err_txt} | {rel(r['encode_frame_mbps'], q4_0)} | {rel(r['encode_frame_mbps'], peer)} {name} | {err_cmp} |")
     skipped = [r for r in rows if r["kind"] == "skipped"]
     for r in skipped:
         print(f"\nSKIPPED: {r['what']}: {r['why']}")
@@ -429,6 +452,9 @@ def main():
     a.add_argument("--minilm", required=True)
     a.add_argument("--work", required=True)
     a.add_argument("--subset-mb", type=float, default=400)
+    a = sub.add_parser("gguf-error")
+    a.add_argument("--quantized", required=True)
+    a.add_argument("--reference", required=True)
     a = sub.add_parser("measure")
     a.add_argument("--work", required=True)
     a.add_argument("--results", required=True)
@@ -436,7 +462,7 @@ def main():
     a = sub.add_parser("report")
     a.add_argument("--results", required=True)
     args = p.parse_args()
-    {"prepare": prepare, "measure": measure, "report": report}[args.cmd](args)
+    {"prepare": prepare, "gguf-error": gguf_error, "measure": measure, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":

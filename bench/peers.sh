@@ -206,10 +206,12 @@ if [ "$have_llama" = 1 ]; then
     done
     [ -n "$best" ] || continue
     out_bytes=$(stat -c %s "$work/out.gguf")
+    err=$("$py" bench/peers.py gguf-error --quantized "$work/out.gguf" --reference "$work/subset.gguf")
     python3 -c 'import json,sys
 i, o, ms, t = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-print(json.dumps({"kind":"llama","type":t,"bytes":i,"ratio":o/i,"seconds":ms/1e3,"mbps":i/1e6/(ms/1e3)}))' \
-      "$in_bytes" "$out_bytes" "$best" "$type" >> "$results"
+e = json.loads(sys.argv[5])["rel_fro_error"]
+print(json.dumps({"kind":"llama","type":t,"bytes":i,"ratio":o/i,"seconds":ms/1e3,"mbps":i/1e6/(ms/1e3),"rel_fro_error":e}))' \
+      "$in_bytes" "$out_bytes" "$best" "$type" "$err" >> "$results"
     rm -f "$work/out.gguf"
   done
 fi

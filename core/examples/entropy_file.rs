@@ -10,7 +10,8 @@
 //! given layout and [`entropy::decompress_into`] (checking the round trip), plus a memcpy of
 //! the same bytes. `passes` times, per preset, [`encode_chunk`] (the whole pass with the
 //! reconstruction) and then [`EncodedChunk::frame`] (entropy stage) on every tensor of the
-//! file that the preset compresses, one tensor at a time on one thread.
+//! file that the preset compresses, one tensor at a time on one thread, and reports the
+//! relative Frobenius error over all of them (`sqrt(sum err^2 / sum w^2)`).
 //!
 //! Each timing is the best of `--repeat` runs (default 3). Output: one JSON object per line;
 //! rates are in MB/s (10^6 bytes) of *input* bytes, `ratio` is compressed / original.
@@ -18,6 +19,7 @@
 use shardpress_core::codec::{encode_chunk, TensorPlan};
 use shardpress_core::entropy::{self, Layout};
 use shardpress_core::header::{header_len_from_prefix, parse_header};
+use shardpress_core::metrics::ErrorAccumulator;
 use shardpress_core::quantize::row_len_of;
 use shardpress_core::recipe::Recipe;
 use std::hint::black_box;
@@ -140,6 +142,7 @@ fn passes_mode(args: &Args, pool: &rayon::ThreadPool) -> Result<(), Error> {
     for preset in &args.presets {
         let recipe = Recipe::preset(preset).ok_or_else(|| format!("unknown preset {preset}"))?;
         let (mut input, mut stored, mut encode_s, mut frame_s) = (0usize, 0usize, 0.0, 0.0);
+        let mut error = ErrorAccumulator::new();
         for t in &header.tensors {
             let plan = TensorPlan::for_tensor(&recipe, &t.name, t.dtype, &t.shape)?;
             if plan.is_identity() {
@@ -149,6 +152,7 @@ fn passes_mode(args: &Args, pool: &rayon::ThreadPool) -> Result<(), Error> {
             let row_len = row_len_of(&t.shape) as usize;
             let encode = || encode_chunk(&plan, t.dtype, row_len, black_box(tensor));
             let encoded = pool.install(encode)?;
+            error.add_encoded(t.dtype, tensor, &encoded.reconstruction)?;
             encode_s += best_of(args.repeat, || pool.install(encode));
             frame_s += best_of(args.repeat, || pool.install(|| encoded.frame()));
             stored += encoded.frame().len();
@@ -166,6 +170,7 @@ fn passes_mode(args: &Args, pool: &rayon::ThreadPool) -> Result<(), Error> {
                 "ratio": stored as f64 / input as f64,
                 "encode_mbps": mb_per_s(input, encode_s),
                 "encode_frame_mbps": mb_per_s(input, encode_s + frame_s),
+                "rel_fro_error": error.finish().rel_fro_error,
             })
         );
     }
