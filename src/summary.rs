@@ -53,12 +53,11 @@ pub fn print_summary(report: &Value) {
     }
     if let Some(g) = report.get("global_prune").filter(|g| g.is_object()) {
         println!(
-            "global prune {:.2}% of {:.2}M targeted weights below |w| {:.4e} (target {:.2}%; measuring round {:.1} s)",
+            "global prune {:.2}% of {:.2}M targeted weights below |w| {:.4e} (target {:.2}%)",
             100.0 * num(g, "sparsity"),
             num(g, "params") / 1e6,
             num(g, "threshold"),
-            100.0 * num(g, "target_sparsity"),
-            num(g, "measure_seconds")
+            100.0 * num(g, "target_sparsity")
         );
     }
     println!(
@@ -106,6 +105,13 @@ pub fn print_summary(report: &Value) {
         num(s, "workers_used"),
         num(s, "task_retries")
     );
+    if let Some(measuring) = s.get("measuring_seconds").and_then(Value::as_f64) {
+        let candidates = match s.get("share_candidates").and_then(Value::as_u64) {
+            Some(n) => format!(", {n} near-identical candidate pair(s) checked"),
+            None => String::new(),
+        };
+        println!("             of which {measuring:.2} s measuring before compressing{candidates}");
+    }
     let gates = &report["gates"];
     let passed = gates["passed"].as_bool().unwrap_or(false);
     let violations = gates["violations"].as_array().map(Vec::len).unwrap_or(0);

@@ -486,6 +486,8 @@ fn near_identical_tensors_are_stored_once_after_an_exact_cosine_check() {
     };
     for r in [report(&st), report(&spz)] {
         assert_eq!(r["summary"]["tensors_shared"], 1);
+        assert_eq!(r["summary"]["share_candidates"], 1);
+        assert!(r["summary"]["measuring_seconds"].as_f64().unwrap() > 0.0);
         let t1 = tensor(&r, l1);
         assert_eq!(t1["shared_with"], l0);
         assert!(
@@ -520,7 +522,9 @@ fn near_identical_tensors_are_stored_once_after_an_exact_cosine_check() {
         &recipe("0.9999999"),
         "safetensors",
     );
-    assert_eq!(report(&strict)["summary"]["tensors_shared"], 0);
+    let strict_report = report(&strict);
+    assert_eq!(strict_report["summary"]["tensors_shared"], 0);
+    assert_eq!(strict_report["summary"]["share_candidates"], 1);
     assert!(load_tensors(&strict)[l1] != out[l0]);
     let logs: String = ["w1", "w2"]
         .iter()

@@ -58,6 +58,13 @@ pub struct Summary {
     pub input_mb_per_second: f64,
     pub workers_used: usize,
     pub task_retries: u32,
+    /// Jobs that measure first (global prune, near-identical sharing): the wall time of
+    /// that round (included in `wall_seconds`; `tasks` shows the compressing round).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measuring_seconds: Option<f64>,
+    /// Near-identical sharing: pairs shortlisted from the sketches (each then checked exactly).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_candidates: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -69,8 +76,6 @@ pub struct GlobalPruneReport {
     pub params: u64,
     /// Magnitudes below this are dropped everywhere (ties at it shared out evenly).
     pub threshold: f32,
-    /// Wall time of the measuring round (every targeted tensor read once).
-    pub measure_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -219,6 +224,10 @@ pub fn build_report(
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     let gates = check_gates(&spec.recipe.gates, &tensors);
     let mut summary = summarize(&tensors, &task_reports, wall_seconds, retries);
+    if let Some(m) = &spec.measured {
+        summary.measuring_seconds = Some(m.seconds);
+        summary.share_candidates = spec.recipe.share_cosine.map(|_| m.share_candidates.len());
+    }
     let archive = tasks
         .iter()
         .find(|t| t.assemble.is_some())
@@ -250,7 +259,6 @@ pub fn build_report(
                 sparsity: m.pruned_fraction,
                 params: m.pruned_params,
                 threshold: m.cut?.threshold(),
-                measure_seconds: m.seconds,
             })
         }),
         gates,
@@ -337,6 +345,8 @@ fn summarize(
         },
         workers_used: workers.len(),
         task_retries: retries,
+        measuring_seconds: None,
+        share_candidates: None,
     }
 }
 
