@@ -267,7 +267,7 @@ fn conclude_measuring(spec: &JobSpec, tasks: &[TaskSlot], started: std::time::In
             .filter_map(|s| planned.get(s.name.as_str()).map(|&t| (t, &s.values)))
             .collect();
         let kinds: Vec<_> = sketched.iter().map(|(t, _)| (t.dtype, &t.shape)).collect();
-        let sketches: Vec<Vec<f32>> = sketched.iter().map(|(_, s)| s.to_vec()).collect();
+        let sketches: Vec<&[f32]> = sketched.iter().map(|(_, s)| s.as_slice()).collect();
         for (b, a) in similarity::shortlist(&kinds, &sketches, threshold) {
             measured
                 .share_candidates

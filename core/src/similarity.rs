@@ -89,9 +89,9 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// shape), sketch cosine at least `threshold - SHORTLIST_MARGIN`, best first. A tensor that
 /// may share is never offered as someone else's source, so references never chain.
 /// `kinds[i]` groups comparable tensors; returns `(tensor, candidate source)` index pairs.
-pub fn shortlist<K: PartialEq>(
+pub fn shortlist<K: PartialEq, S: AsRef<[f32]>>(
     kinds: &[K],
-    sketches: &[Vec<f32>],
+    sketches: &[S],
     threshold: f64,
 ) -> Vec<(usize, usize)> {
     let floor = threshold - SHORTLIST_MARGIN;
@@ -101,7 +101,7 @@ pub fn shortlist<K: PartialEq>(
         let best = sources
             .iter()
             .filter(|&&j| kinds[j] == *kind)
-            .map(|&j| (j, cosine(s, &sketches[j])))
+            .map(|&j| (j, cosine(s.as_ref(), sketches[j].as_ref())))
             .filter(|&(_, c)| c >= floor)
             .max_by(|a, b| a.1.total_cmp(&b.1));
         match best {

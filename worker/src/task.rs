@@ -118,16 +118,8 @@ pub async fn execute(
     if lease.measure_magnitudes || lease.sketch_tensors {
         return measure(lease, &model, &tensors, &plans, ctx, started).await;
     }
-    for plan in plans.iter_mut().filter(|p| p.needs_global_cut()) {
-        let cut = lease.global_cut.as_ref().ok_or_else(|| {
-            TaskError::BadLease(
-                "a global magnitude prune needs the job's cut; the lease has none".into(),
-            )
-        })?;
-        plan.global_cut = Some(GlobalCut {
-            bin: cut.bin,
-            tie_fraction: cut.tie_fraction,
-        });
+    for plan in &mut plans {
+        set_global_cut(plan, lease.global_cut.as_ref())?;
     }
 
     let object = out.describe(&lease.output_name);
@@ -293,6 +285,26 @@ async fn measure(
     })
 }
 
+/// Gives a plan with a global magnitude prune the job's cut from the lease.
+fn set_global_cut(
+    plan: &mut TensorPlan,
+    cut: Option<&shardpress_proto::v1::GlobalCut>,
+) -> Result<(), TaskError> {
+    if !plan.needs_global_cut() {
+        return Ok(());
+    }
+    let cut = cut.ok_or_else(|| {
+        TaskError::BadLease(
+            "a global magnitude prune needs the job's cut; the lease has none".into(),
+        )
+    })?;
+    plan.global_cut = Some(GlobalCut {
+        bin: cut.bin,
+        tie_fraction: cut.tie_fraction,
+    });
+    Ok(())
+}
+
 /// A tensor with a near-identical candidate from the measuring round (recipe `share.cosine`).
 struct NearIdentical<'a> {
     recipe: &'a Recipe,
@@ -336,17 +348,7 @@ async fn share_tensor(
         &candidate.shape,
     )
     .map_err(|e| TaskError::BadLease(e.to_string()))?;
-    if plan.needs_global_cut() {
-        let cut = near.global_cut.ok_or_else(|| {
-            TaskError::BadLease(
-                "a global magnitude prune needs the job's cut; the lease has none".into(),
-            )
-        })?;
-        plan.global_cut = Some(GlobalCut {
-            bin: cut.bin,
-            tie_fraction: cut.tie_fraction,
-        });
-    }
+    set_global_cut(&mut plan, near.global_cut)?;
     let read_started = Instant::now();
     let own = model
         .get_range(&tensor.source_file, tensor.data_start..tensor.data_end)
