@@ -16,13 +16,23 @@
 //! `rtn/*` times [`rtn_codes`] alone on one thread, for int4 group 128 and int8 per channel,
 //! once on pre-decoded f32 values and once including the BF16 -> f32 decode.
 //!
+//! `rtn_chunk/*` times the whole RTN encode of a chunk on one thread for the same two
+//! configs, fused (what [`encode_chunk`] runs) against the general path it replaces
+//! ([`encode_chunk_general`]: decode all, quantize, encode all), each also with the error
+//! metrics as the pipeline computes them (`_measured`: [`encode_chunk_measured`], or the
+//! general path followed by [`ErrorAccumulator::add_encoded`]).
+//!
 //! The stored size of each preset (frame bytes / BF16 bytes) is printed once to stderr.
 //! Run: `cargo bench -p shardpress-core --bench passes` (about 3 minutes on 2 cores).
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use shardpress_core::codec::{encode_chunk, EncodedChunk, TensorPlan};
+use shardpress_core::codec::{
+    encode_chunk, encode_chunk_general, encode_chunk_measured, EncodedChunk, TensorPlan,
+};
 use shardpress_core::dtype::{decode_to_f32, DType};
+use shardpress_core::metrics::ErrorAccumulator;
 use shardpress_core::quantize::rtn_codes;
+use shardpress_core::recipe::PassKind;
 use shardpress_core::recipe::{Granularity, QuantizeConfig, Recipe};
 use std::hint::black_box;
 use std::time::Duration;
@@ -195,11 +205,60 @@ fn bench_rtn(c: &mut Criterion, pool: &rayon::ThreadPool, data: &[u8]) {
     group.finish();
 }
 
+fn bench_rtn_chunk(c: &mut Criterion, pool: &rayon::ThreadPool, data: &[u8]) {
+    let configs = [
+        ("int4_g128", 4, Granularity::Group(128)),
+        ("int8_channel", 8, Granularity::Channel),
+    ];
+    let mut group = c.benchmark_group("rtn_chunk");
+    configure(&mut group, data.len());
+    for (name, bits, granularity) in configs {
+        let plan = TensorPlan {
+            values: Some(PassKind::Quantize(QuantizeConfig {
+                bits,
+                symmetric: true,
+                granularity,
+            })),
+            ..TensorPlan::default()
+        };
+        let data = black_box(data);
+        group.bench_function(format!("{name}_general_1t"), |b| {
+            b.iter(|| pool.install(|| encode_chunk_general(&plan, DType::BF16, COLS, data)))
+        });
+        group.bench_function(format!("{name}_fused_1t"), |b| {
+            b.iter(|| pool.install(|| encode_chunk(&plan, DType::BF16, COLS, data)))
+        });
+        group.bench_function(format!("{name}_general_measured_1t"), |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let mut acc = ErrorAccumulator::new();
+                    let chunk =
+                        encode_chunk_general(&plan, DType::BF16, COLS, data).expect("encodes");
+                    acc.add_encoded(DType::BF16, data, &chunk.reconstruction)
+                        .expect("measures");
+                    (chunk, acc)
+                })
+            })
+        });
+        group.bench_function(format!("{name}_fused_measured_1t"), |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let mut acc = ErrorAccumulator::new();
+                    let chunk = encode_chunk_measured(&plan, DType::BF16, COLS, data, &mut acc);
+                    (chunk, acc)
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 fn passes_benches(c: &mut Criterion) {
     let data = weight_matrix(ROWS, COLS);
     let pool = one_thread_pool();
     bench_memcpy(c, &data);
     bench_rtn(c, &pool, &data);
+    bench_rtn_chunk(c, &pool, &data);
     for preset in PRESETS {
         bench_preset(c, &pool, preset, &data);
     }

@@ -19,12 +19,20 @@
 //! [`decode_frame`] reverses it. Anything stored in the tensor's dtype (kept values, factors,
 //! coefficients) is rounded to that dtype *before* the reconstruction is computed, so the
 //! reconstruction is exactly what decoding a frame yields.
+//!
+//! The general path decodes the whole chunk to f32, runs the stages on it and encodes the
+//! reconstruction back. Dense RTN plans (no structure pass, per-group or per-channel RTN)
+//! instead take a fused path that decodes, quantizes and encodes block by block in cache
+//! (with AVX2 when the CPU has it) and writes every output straight into place; it produces
+//! the same bytes, and [`encode_chunk_measured`] also yields the error metrics from the
+//! same pass. [`encode_chunk_general`] keeps the general path callable as the reference.
 
-use crate::dtype::{decode_to_f32, encode_from_f32, DType, DTypeError};
+use crate::dtype::{self, decode_to_f32, encode_from_f32, DType, DTypeError};
 use crate::entropy::{self, Layout};
+use crate::metrics::ErrorAccumulator;
 use crate::prune::GlobalCut;
 use crate::recipe::{PassKind, PruneConfig, RankRule, Recipe};
-use crate::{codebook, fp8, hashnet, hqq, lowrank, prune, quantize, sparse};
+use crate::{codebook, fp8, hashnet, hqq, lowrank, prune, quantize, rtn_fused, sparse};
 use half::f16;
 use serde::{Deserialize, Serialize};
 
@@ -379,13 +387,6 @@ fn round_to_dtype(dtype: DType, values: &mut [f32]) -> Result<Vec<u8>, CodecErro
     Ok(bytes)
 }
 
-fn f16_bytes(values: &[f32]) -> Vec<u8> {
-    values
-        .iter()
-        .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-        .collect()
-}
-
 fn f16_values(bytes: &[u8]) -> Vec<f32> {
     bytes
         .chunks_exact(2)
@@ -404,13 +405,6 @@ fn f32_values(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// True when every value survives a round trip through f16 (so it can be stored as f16).
-fn all_f16_exact(values: &[f32]) -> bool {
-    values
-        .iter()
-        .all(|v| f16::from_f32(*v).to_f32().to_bits() == v.to_bits() || v.is_nan())
-}
-
 /// Output of the values stage on a compacted matrix.
 struct ValuesOut {
     meta: ValuesMeta,
@@ -424,19 +418,54 @@ fn section(name: &str, layout: Layout, bytes: Vec<u8>) -> (String, Layout, Vec<u
     (name.to_owned(), layout, bytes)
 }
 
-/// Scales or zeros as f16 when exact, else f32; returns (section, bits).
+/// Scales or zeros as f16 when every value survives the round trip through f16 (NaN
+/// aside), else f32; returns (section, bits). The conversions are `half`'s slice ones (F16C
+/// when the CPU has it), which equal its scalar `f16::from_f32`/`to_f32`.
 fn scale_section(name: &str, values: &[f32]) -> ((String, Layout, Vec<u8>), u64) {
-    if all_f16_exact(values) {
-        (
-            section(name, Layout::F16, f16_bytes(values)),
-            values.len() as u64 * 16,
-        )
+    let mut halves = vec![0u8; values.len() * 2];
+    dtype::encode_f16(values, &mut halves);
+    let mut back = vec![0f32; values.len()];
+    dtype::decode_f16(&halves, &mut back);
+    let exact = values
+        .iter()
+        .zip(&back)
+        .all(|(v, b)| b.to_bits() == v.to_bits() || v.is_nan());
+    if exact {
+        (section(name, Layout::F16, halves), values.len() as u64 * 16)
     } else {
         (
             section(name, Layout::F32, f32_bytes(values)),
             values.len() as u64 * 32,
         )
     }
+}
+
+/// A section as written: (name, layout, raw bytes).
+type Section = (String, Layout, Vec<u8>);
+
+/// The stored form of affine codes (RTN or HQQ, per `pass`): meta, sections
+/// (`codes`, `scales`, `zeros`) and exact representation bits.
+fn affine_sections(
+    pass: Option<&PassKind>,
+    codes: quantize::AffineCodes,
+) -> (ValuesMeta, Vec<Section>, u64) {
+    let (scales, scale_bits) = scale_section("scales", &codes.scales);
+    let (zeros, zero_bits) = scale_section("zeros", &codes.zeros);
+    // RTN zero points are integer codes (`bits` each), all equal when symmetric (a
+    // constant, not counted); HQQ's are fractional f16 values.
+    let zero_bits = match pass {
+        Some(PassKind::Quantize(q)) if q.symmetric => 0,
+        Some(PassKind::Quantize(_)) => codes.zeros.len() as u64 * u64::from(codes.bits),
+        _ => zero_bits,
+    };
+    let meta = ValuesMeta::Affine {
+        bits: codes.bits,
+        row_len: codes.row_len,
+        group_len: codes.group_len,
+    };
+    let repr_bits = codes.codes.len() as u64 * u64::from(codes.bits) + scale_bits + zero_bits;
+    let sections = vec![section("codes", Layout::Bytes, codes.codes), scales, zeros];
+    (meta, sections, repr_bits)
 }
 
 fn encode_values(
@@ -470,23 +499,11 @@ fn encode_values(
                 _ => unreachable!("matched above"),
             }
             .map_err(|e| pass_err("quantize")(e.to_string()))?;
-            let (scales, scale_bits) = scale_section("scales", &codes.scales);
-            let (zeros, zero_bits) = scale_section("zeros", &codes.zeros);
-            // RTN zero points are integer codes (`bits` each), all equal when symmetric (a
-            // constant, not counted); HQQ's are fractional f16 values.
-            let zero_bits = match pass {
-                Some(PassKind::Quantize(q)) if q.symmetric => 0,
-                Some(PassKind::Quantize(_)) => codes.zeros.len() as u64 * u64::from(codes.bits),
-                _ => zero_bits,
-            };
+            let (meta, sections, repr_bits) = affine_sections(pass, codes);
             ValuesOut {
-                meta: ValuesMeta::Affine {
-                    bits: codes.bits,
-                    row_len: codes.row_len,
-                    group_len: codes.group_len,
-                },
-                repr_bits: code_bits(codes.bits) + scale_bits + zero_bits,
-                sections: vec![section("codes", Layout::Bytes, codes.codes), scales, zeros],
+                meta,
+                repr_bits,
+                sections,
                 recon: values,
             }
         }
@@ -606,13 +623,106 @@ fn encode_values(
 }
 
 /// Applies `plan` to a chunk of whole rows of `dtype` (row length `row_len`).
+///
+/// Dense RTN plans (no structure pass; per-group or per-channel quantization) run fused
+/// (decode, quantize, encode block by block in cache, with AVX2 when the CPU has it),
+/// everything else through the general path ([`encode_chunk_general`]); both give the same
+/// bytes.
 pub fn encode_chunk(
     plan: &TensorPlan,
     dtype: DType,
     row_len: usize,
     input: &[u8],
 ) -> Result<EncodedChunk, CodecError> {
+    encode_chunk_with(plan, dtype, row_len, input, None, true)
+}
+
+/// [`encode_chunk`] that also adds the reconstruction's error to `acc`, exactly (bit for bit)
+/// as `acc.add_encoded(dtype, input, &chunk.reconstruction)` would after it; nothing is added
+/// for an identity plan or on error. The fused RTN path computes the error while it encodes
+/// instead of decoding both buffers again.
+pub fn encode_chunk_measured(
+    plan: &TensorPlan,
+    dtype: DType,
+    row_len: usize,
+    input: &[u8],
+    acc: &mut ErrorAccumulator,
+) -> Result<EncodedChunk, CodecError> {
+    encode_chunk_with(plan, dtype, row_len, input, Some(acc), true)
+}
+
+/// [`encode_chunk`] without the fused RTN path: decode the whole chunk to f32, apply the
+/// stages, encode the reconstruction back. The reference the fused path is tested (and
+/// benchmarked) against; not meant for production use.
+#[doc(hidden)]
+pub fn encode_chunk_general(
+    plan: &TensorPlan,
+    dtype: DType,
+    row_len: usize,
+    input: &[u8],
+) -> Result<EncodedChunk, CodecError> {
+    encode_chunk_with(plan, dtype, row_len, input, None, false)
+}
+
+/// [`encode_chunk`] (`fused` allows the fused RTN path), adding the error to `acc` if given.
+fn encode_chunk_with(
+    plan: &TensorPlan,
+    dtype: DType,
+    row_len: usize,
+    input: &[u8],
+    acc: Option<&mut ErrorAccumulator>,
+    fused: bool,
+) -> Result<EncodedChunk, CodecError> {
     let rows = check_whole_rows(dtype, row_len, input.len())?;
+    if fused && plan.structure.is_none() {
+        if let Some(pass @ PassKind::Quantize(cfg)) = &plan.values {
+            if let Some(layout) =
+                rtn_fused::fused_layout(cfg, dtype, input.len() / dtype.size_bytes(), row_len)
+            {
+                let out = rtn_fused::encode(cfg, dtype, layout, input, acc.is_some());
+                if let Some(acc) = acc {
+                    for partial in &out.metrics {
+                        acc.merge(partial);
+                    }
+                }
+                let codes = quantize::AffineCodes {
+                    bits: cfg.bits,
+                    row_len: layout.0,
+                    group_len: layout.1,
+                    codes: out.codes,
+                    scales: out.scales,
+                    zeros: out.zeros,
+                };
+                let (values, sections, repr_bits) = affine_sections(Some(pass), codes);
+                return Ok(EncodedChunk {
+                    reconstruction: out.reconstruction,
+                    rows,
+                    row_len,
+                    structure: StructureMeta::Dense,
+                    values,
+                    sections,
+                    repr_bits,
+                });
+            }
+        }
+    }
+    let chunk = encode_chunk_general_impl(plan, dtype, row_len, input, rows)?;
+    if let Some(acc) = acc {
+        if !plan.is_identity() {
+            acc.add_encoded(dtype, input, &chunk.reconstruction)?;
+        }
+    }
+    Ok(chunk)
+}
+
+/// The general path of [`encode_chunk`] for a chunk of `rows` whole rows (already checked).
+fn encode_chunk_general_impl(
+    plan: &TensorPlan,
+    dtype: DType,
+    row_len: usize,
+    input: &[u8],
+    rows: usize,
+) -> Result<EncodedChunk, CodecError> {
     if plan.is_identity() {
         return Ok(EncodedChunk {
             reconstruction: input.to_vec(),

@@ -6,12 +6,100 @@
 //! through an equivalent branch-free bit formula). The loops are branch-free or work on
 //! fixed-size chunks staged in stack arrays, so the compiler vectorizes them and no
 //! allocation happens per call.
+//!
+//! It also holds the crate's runtime CPU dispatch ([`has_avx2`], [`avx2_dispatch!`]): a hot
+//! loop is written once as an `#[inline(always)]` body and compiled twice, for baseline
+//! x86-64 and inside an `#[target_feature(enable = "avx2,fma")]` wrapper that is called only
+//! when the running CPU has both. The two copies compute the same IEEE operations in the same
+//! order (Rust never contracts `a * b + c` into an FMA), so results are bit-identical; only
+//! the vector width changes. Other targets compile the baseline copy alone. The BF16 and F32
+//! codecs here go through it; F16 uses the `half` crate's slice conversions, which dispatch
+//! to F16C on their own.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 /// Elements staged per inner loop iteration of the codecs.
 const CHUNK: usize = 512;
+
+/// True when the running CPU has AVX2 and FMA (std caches the detection), so the
+/// `#[target_feature(enable = "avx2,fma")]` copies made by [`avx2_dispatch!`] may run.
+/// Always false off x86.
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(test)]
+    if FORCE_BASELINE.with(std::cell::Cell::get) {
+        return false;
+    }
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set on a test's own pool thread to run the baseline copies (see [`with_baseline`]).
+    static FORCE_BASELINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` on a fresh one-thread rayon pool whose thread takes the baseline copies of
+/// [`avx2_dispatch!`] functions, so tests on AVX2 machines cover both.
+#[cfg(test)]
+pub(crate) fn with_baseline<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("a one-thread pool");
+    pool.install(|| {
+        FORCE_BASELINE.with(|c| c.set(true));
+        f()
+    })
+}
+
+/// Defines a function `name` that runs `body` compiled twice: for baseline x86-64 and with
+/// AVX2+FMA enabled, picking the second at run time when [`has_avx2`] says the CPU has them
+/// (see the module docs for why the results are identical). `body` must be
+/// `#[inline(always)]` (and call only such helpers) so its loops land in both copies. With
+/// `=> body::<AVX2>`, `body` takes a `const AVX2: bool`, true in the AVX2 copy, to pick
+/// forms that are only fast there (FMA, wider registers). Arguments must be plain
+/// identifiers with types that need no named lifetimes or generics.
+macro_rules! avx2_dispatch {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?
+        => $body:ident::<AVX2>) => {
+        $crate::dtype::avx2_dispatch!(@def $(#[$attr])* $vis fn $name($($arg: $ty),*) $(-> $ret)?,
+            $body::<true>, $body::<false>);
+    };
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?
+        => $body:ident) => {
+        $crate::dtype::avx2_dispatch!(@def $(#[$attr])* $vis fn $name($($arg: $ty),*) $(-> $ret)?,
+            $body, $body);
+    };
+    (@def $(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?,
+        $fast:expr, $base:expr) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $fast($($arg),*)
+                }
+                if $crate::dtype::has_avx2() {
+                    // SAFETY: `avx2` only needs the AVX2 and FMA instructions, and `has_avx2`
+                    // has just confirmed the running CPU supports both.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $base($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_dispatch;
 
 /// A safetensors element type, spelled as in the safetensors format.
 #[allow(non_camel_case_types)]
@@ -141,8 +229,8 @@ fn check_lengths(dtype: DType, bytes_len: usize, elems: usize) -> Result<usize, 
 pub fn decode_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), DTypeError> {
     check_lengths(dtype, bytes.len(), out.len())?;
     match dtype {
-        DType::F32 => decode_f32(bytes, out),
-        DType::BF16 => decode_bf16(bytes, out),
+        DType::F32 => decode_f32_dispatch(bytes, out),
+        DType::BF16 => decode_bf16_dispatch(bytes, out),
         _ => decode_f16(bytes, out),
     }
     Ok(())
@@ -152,26 +240,58 @@ pub fn decode_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), 
 pub fn encode_from_f32(dtype: DType, src: &[f32], out: &mut [u8]) -> Result<(), DTypeError> {
     check_lengths(dtype, out.len(), src.len())?;
     match dtype {
-        DType::F32 => encode_f32(src, out),
-        DType::BF16 => encode_bf16(src, out),
+        DType::F32 => encode_f32_dispatch(src, out),
+        DType::BF16 => encode_bf16_dispatch(src, out),
         _ => encode_f16(src, out),
     }
     Ok(())
 }
 
-fn decode_f32(bytes: &[u8], out: &mut [f32]) {
+/// Decodes the common prefix of `bytes` (of a decodable float `dtype`, not checked) into
+/// `out`, inlined so it lands in the caller's dispatched copy.
+#[inline(always)]
+pub(crate) fn decode_prefix(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => decode_f32(bytes, out),
+        DType::BF16 => decode_bf16(bytes, out),
+        _ => decode_f16(bytes, out),
+    }
+}
+
+avx2_dispatch! {
+    fn decode_f32_dispatch(bytes: &[u8], out: &mut [f32]) => decode_f32
+}
+
+avx2_dispatch! {
+    fn decode_bf16_dispatch(bytes: &[u8], out: &mut [f32]) => decode_bf16
+}
+
+avx2_dispatch! {
+    fn encode_f32_dispatch(src: &[f32], out: &mut [u8]) => encode_f32
+}
+
+avx2_dispatch! {
+    fn encode_bf16_dispatch(src: &[f32], out: &mut [u8]) => encode_bf16
+}
+
+/// Decodes F32 bytes into `out` (the common prefix; lengths are the caller's to check).
+#[inline(always)]
+pub(crate) fn decode_f32(bytes: &[u8], out: &mut [f32]) {
     for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
         *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     }
 }
 
-fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
+/// Decodes BF16 bytes into `out` (the common prefix; lengths are the caller's to check).
+#[inline(always)]
+pub(crate) fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
     for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
         *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
     }
 }
 
-fn decode_f16(bytes: &[u8], out: &mut [f32]) {
+/// Decodes F16 bytes into `out` (`half`'s slice conversion, F16C when the CPU has it).
+pub(crate) fn decode_f16(bytes: &[u8], out: &mut [f32]) {
     let mut stage = [f16::ZERO; CHUNK];
     for (o, b) in out.chunks_mut(CHUNK).zip(bytes.chunks(CHUNK * 2)) {
         let s = &mut stage[..o.len()];
@@ -182,13 +302,17 @@ fn decode_f16(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-fn encode_f32(src: &[f32], out: &mut [u8]) {
+/// Encodes `src` as F32 bytes into `out` (the common prefix).
+#[inline(always)]
+pub(crate) fn encode_f32(src: &[f32], out: &mut [u8]) {
     for (x, b) in src.iter().zip(out.chunks_exact_mut(4)) {
         b.copy_from_slice(&x.to_le_bytes());
     }
 }
 
-fn encode_bf16(src: &[f32], out: &mut [u8]) {
+/// Encodes `src` as BF16 bytes into `out` (the common prefix), rounding to nearest-even.
+#[inline(always)]
+pub(crate) fn encode_bf16(src: &[f32], out: &mut [u8]) {
     for (x, b) in src.iter().zip(out.chunks_exact_mut(2)) {
         b.copy_from_slice(&f32_to_bf16_bits(*x).to_le_bytes());
     }
@@ -210,7 +334,8 @@ fn f32_to_bf16_bits(x: f32) -> u16 {
     (if nan { quiet } else { rounded }) as u16
 }
 
-fn encode_f16(src: &[f32], out: &mut [u8]) {
+/// Encodes `src` as F16 bytes into `out` (`half`'s slice conversion, F16C when available).
+pub(crate) fn encode_f16(src: &[f32], out: &mut [u8]) {
     let mut stage = [f16::ZERO; CHUNK];
     for (x, b) in src.chunks(CHUNK).zip(out.chunks_mut(CHUNK * 2)) {
         let s = &mut stage[..x.len()];
@@ -306,6 +431,23 @@ mod tests {
             DType::BF16 => bf16::from_f32(x).to_bits().to_le_bytes().to_vec(),
             DType::F16 => f16::from_f32(x).to_bits().to_le_bytes().to_vec(),
             _ => x.to_le_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn baseline_and_avx2_codecs_agree() {
+        let xs: Vec<f32> = (0..70_000u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(0x9e37_79b9)))
+            .collect();
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let run = || {
+                let mut bytes = vec![0u8; xs.len() * dtype.size_bytes()];
+                encode_from_f32(dtype, &xs, &mut bytes).unwrap();
+                let mut back = vec![0f32; xs.len()];
+                decode_to_f32(dtype, &bytes, &mut back).unwrap();
+                (bytes, back.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            };
+            assert!(run() == with_baseline(run), "{dtype}");
         }
     }
 

@@ -9,7 +9,7 @@
 //! - [`metrics`]: deterministic error accumulation (relative error, SNR, cosine).
 //! - [`plan`]: splitting a model's tensors into tasks under a byte budget.
 //! - [`pipeline`]: the per-chunk compute a worker runs (decode, plan, encode, metrics).
-//! - Passes: [`quantize`] (RTN), [`hqq`] (optimized affine), [`codebook`] (k-means, NF4),
+//! - Passes: [`quantize`] (RTN; dense RTN chunks run fused in `rtn_fused`), [`hqq`] (optimized affine), [`codebook`] (k-means, NF4),
 //!   [`fp8`], [`prune`] and [`sparse`] (masks and their storage), [`lowrank`] (randomized
 //!   SVD), [`dct`] (transform coding), [`hashnet`] (hashed weight sharing).
 //! - [`codec`]: a tensor's plan (structure + values stage) and its stored representation.
@@ -33,6 +33,7 @@ pub mod plan;
 pub mod prune;
 pub mod quantize;
 pub mod recipe;
+mod rtn_fused;
 pub mod similarity;
 pub mod sparse;
 pub mod spz;

@@ -8,7 +8,7 @@
 //! reconstruction, so BF16/F16 rounding is included in the error). Row-local passes give the
 //! same result however the rows are chunked.
 
-use crate::codec::{encode_chunk, CodecError, TensorPlan};
+use crate::codec::{encode_chunk_measured, CodecError, TensorPlan};
 use crate::dtype::DType;
 use crate::metrics::ErrorAccumulator;
 use crate::recipe::OutputFormat;
@@ -37,10 +37,9 @@ pub fn process_chunk(
             repr_bits: input.len() as u64 * 8,
         });
     }
-    let encoded = encode_chunk(plan, dtype, row_len, input)?;
-    if !plan.is_identity() {
-        acc.add_encoded(dtype, input, &encoded.reconstruction)?;
-    }
+    // Adds the error to `acc` (nothing for an identity plan); the fused RTN path measures it
+    // while it encodes.
+    let encoded = encode_chunk_measured(plan, dtype, row_len, input, acc)?;
     let repr_bits = encoded.repr_bits;
     let bytes = match format {
         OutputFormat::Safetensors => encoded.reconstruction,

@@ -17,7 +17,11 @@
 //! (f32 inputs within a few ulps of `f32::MAX` may still dequantize to infinity).
 //!
 //! Bit-exactness: the result must match an independent implementation, so the hot loop divides
-//! (`x / s`, never `x * (1/s)`) and rounds half away from zero exactly like `f32::round`. The
+//! (`x / s`, never `x * (1/s)`) and rounds half away from zero exactly like `f32::round`.
+//! (The fused codec path's kernel, [`rtn_group_codes_dequantize_to`], multiplies by `1/s` and
+//! rounds ties to even where that provably gives the same code, and falls back to the
+//! division for any 64 values where a quotient comes within `2^-12` of a rounding boundary;
+//! see `CodeKernel::code_fast`.) The
 //! rounding is written with a magic-number add (`round_half_away`) so it vectorizes on
 //! baseline x86-64; it equals `f32::round` on the clamped code range (values are clamped
 //! first, which commutes with rounding because the bounds are integers). A group containing
@@ -34,7 +38,7 @@
 //! is in cache (this is what the codec runs).
 //!
 //! Speed: every per-element loop is branch-free f32 arithmetic (the group range is scanned in
-//! 8 independent min/max lanes, the code clamp is one `maxps`/`minps`, the code is turned
+//! 16 independent min/max lanes, the code clamp is one `maxps`/`minps`, the code is turned
 //! into a byte through its mantissa bits instead of a saturating cast), so the loops
 //! auto-vectorize on baseline x86-64 with no `unsafe`.
 
@@ -47,9 +51,9 @@ const MIN_PAR_ELEMS: usize = 1 << 14;
 
 /// Scale and code range of one group.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct GroupParams {
+pub(crate) struct GroupParams {
     /// Stored scale (an f16 value unless that would overflow); 0 for an all-zero group.
-    scale: f32,
+    pub(crate) scale: f32,
     /// Zero point (0 for symmetric), an integer held as f32.
     zero: f32,
     /// Smallest and largest code, as f32 integers.
@@ -75,7 +79,40 @@ pub(crate) fn round_half_away(y: f32) -> f32 {
 
 /// The smallest f16 value `>= scale` (for positive finite `scale`), or `scale` itself when
 /// that would be infinite.
+///
+/// Positive scales are rounded up on the f16 grid with integer arithmetic (no conversion
+/// calls; this runs once per group): above `2^-14` by rounding the f32 bits up to a multiple
+/// of `2^13` (f16 keeps 10 of f32's 23 mantissa bits, and a carry moves to the next binade
+/// exactly as the f16 grid does), below it to a multiple of `2^-24` (the f16 subnormals).
+/// Other inputs (zero, negative, NaN) take the `half` round trip; the tests check the two
+/// agree.
+#[inline]
 pub(crate) fn f16_round_up(scale: f32) -> f32 {
+    /// Largest finite f16.
+    const F16_MAX: f32 = 65504.0;
+    /// Smallest normal f16, `2^-14`.
+    const F16_MIN_NORMAL: f32 = 1.0 / 16384.0;
+    /// `2^24`: f16 subnormals are the multiples of `2^-24`.
+    const SUBNORMAL_STEPS: f32 = 16_777_216.0;
+    if scale > F16_MAX {
+        return scale;
+    }
+    if scale >= F16_MIN_NORMAL {
+        return f32::from_bits((scale.to_bits() + 0x1FFF) & !0x1FFF);
+    }
+    if scale > 0.0 {
+        // ceil(scale * 2^24) (exact: below 2^10), then back: both scalings are exact.
+        let t = scale * SUBNORMAL_STEPS;
+        let r = (t + ROUND_MAGIC) - ROUND_MAGIC;
+        let r = if r < t { r + 1.0 } else { r };
+        return r / SUBNORMAL_STEPS;
+    }
+    f16_round_up_half(scale)
+}
+
+/// [`f16_round_up`] through `half`'s conversions (the definition; used for inputs outside
+/// the positive range and by the tests).
+pub(crate) fn f16_round_up_half(scale: f32) -> f32 {
     let h = f16::from_f32(scale);
     let mut v = h.to_f32();
     if v < scale {
@@ -99,53 +136,65 @@ pub(crate) fn stored_scale(raw: f32) -> f32 {
     }
 }
 
-/// Independent accumulators in the range scans (lets the compiler vectorize them).
-const LANES: usize = 8;
+/// Independent accumulators in the range scans (lets the compiler vectorize them: two AVX2
+/// registers, or four SSE ones, so consecutive `maxps` do not wait on each other).
+const LANES: usize = 16;
 
 /// Min and max of `g`, ignoring NaN; (0, 0) for an empty group.
 ///
-/// Lane `l` scans elements `i % LANES == l`; min and max are exact, so the lanes combine to
-/// the sequential result. `if x < lo { x } else { lo }` is one `minps` (NaN keeps `lo`).
+/// Lane `l` scans elements `i % LANES == l` of the whole chunks, then the lanes and the
+/// remainder are folded in; min and max are exact, so this is the sequential result.
+/// `if x < lo { x } else { lo }` is one `minps` (NaN keeps `lo`).
+#[inline(always)]
 pub(crate) fn min_max(g: &[f32]) -> (f32, f32) {
     let (mut lo, mut hi) = ([0f32; LANES], [0f32; LANES]);
     let chunks = g.chunks_exact(LANES);
     let rem = chunks.remainder();
     for c in chunks {
+        let c: &[f32; LANES] = c.try_into().expect("chunks_exact");
         for l in 0..LANES {
             lo[l] = if c[l] < lo[l] { c[l] } else { lo[l] };
             hi[l] = if c[l] > hi[l] { c[l] } else { hi[l] };
         }
     }
-    for (l, &x) in rem.iter().enumerate() {
-        lo[l] = if x < lo[l] { x } else { lo[l] };
-        hi[l] = if x > hi[l] { x } else { hi[l] };
-    }
-    let lo = lo.iter().fold(0f32, |a, &b| if b < a { b } else { a });
-    let hi = hi.iter().fold(0f32, |a, &b| if b > a { b } else { a });
+    let lo = lo
+        .iter()
+        .chain(rem)
+        .fold(0f32, |a, &b| if b < a { b } else { a });
+    let hi = hi
+        .iter()
+        .chain(rem)
+        .fold(0f32, |a, &b| if b > a { b } else { a });
     (lo, hi)
 }
 
 /// Largest `|x|` of `g` ignoring NaN (infinities included); 0 for an empty group. Equals
 /// `hi.max(-lo)` of [`min_max`] whenever that is non-zero, which is all symmetric RTN needs.
-fn abs_max(g: &[f32]) -> f32 {
+#[inline(always)]
+pub(crate) fn abs_max(g: &[f32]) -> f32 {
     let mut m = [0f32; LANES];
     let chunks = g.chunks_exact(LANES);
     let rem = chunks.remainder();
     for c in chunks {
+        let c: &[f32; LANES] = c.try_into().expect("chunks_exact");
         for l in 0..LANES {
             let a = c[l].abs();
             m[l] = if a > m[l] { a } else { m[l] };
         }
     }
-    for (l, &x) in rem.iter().enumerate() {
-        let a = x.abs();
-        m[l] = if a > m[l] { a } else { m[l] };
-    }
-    m.iter().fold(0f32, |a, &b| if b > a { b } else { a })
+    m.iter().chain(rem).fold(0f32, |a, &b| {
+        let b = b.abs();
+        if b > a {
+            b
+        } else {
+            a
+        }
+    })
 }
 
 /// The scale, zero point and code range for one group.
-fn group_params(cfg: &QuantizeConfig, g: &[f32]) -> GroupParams {
+#[inline(always)]
+pub(crate) fn group_params(cfg: &QuantizeConfig, g: &[f32]) -> GroupParams {
     if cfg.symmetric {
         // Symmetric RTN only uses `max(hi, -lo)`, the largest magnitude.
         let m = abs_max(g);
@@ -167,7 +216,7 @@ fn min_max_par(values: &[f32]) -> (f32, f32) {
 
 /// The scale, zero point and code range for a group whose NaN-free range is `[lo, hi]`
 /// with `lo <= 0 <= hi`.
-fn params_from_range(cfg: &QuantizeConfig, lo: f32, hi: f32) -> GroupParams {
+pub(crate) fn params_from_range(cfg: &QuantizeConfig, lo: f32, hi: f32) -> GroupParams {
     let bits = u32::from(cfg.bits.clamp(2, 8));
     if cfg.symmetric {
         let qmax = ((1u32 << (bits - 1)) - 1) as f32;
@@ -438,25 +487,71 @@ impl AffineCodes {
 /// 0, exactly the code the saturating `NaN as u8` cast gives. Everything is plain f32
 /// arithmetic, so the loops over a group vectorize on baseline x86-64.
 #[derive(Debug, Clone, Copy)]
-struct CodeKernel {
-    /// The group's scale (non-zero).
+pub(crate) struct CodeKernel {
+    /// The group's scale (0 for an all-zero group, whose codes are all `zero`).
     scale: f32,
     /// Bounds of `x / scale`, integer-valued.
     lo: f32,
     hi: f32,
     /// The stored zero point (an integer in `[0, 2^b)`).
-    zero: f32,
+    pub(crate) zero: f32,
+    /// `1 / scale` when that is a normal f32 (so [`Self::code_fast`] may be used), else 0.
+    inv: f32,
+    /// `1.5 * 2^23 + zero`: adding it to a quotient in `[-2^22, 2^22]` rounds it to an
+    /// integer and adds the zero point, exactly.
+    magic_zero: f32,
 }
 
+/// `1.5 * 2^23`: `y + ROUND_MAGIC_SIGNED` lies in `[2^23, 2^24)` (where f32 spacing is 1)
+/// for any `|y| <= 2^22`, so it rounds `y` to the nearest integer, ties to even.
+const ROUND_MAGIC_SIGNED: f32 = 12_582_912.0;
+
+/// How close (in code units) a quotient multiplied out by [`CodeKernel::code_fast`] may come
+/// to a rounding boundary before the division has to decide: `2^-12`, well above the at most
+/// `3 * 2^-24 * 257 < 2^-14` the product can differ from the quotient where it matters.
+const NEAR_TIE: f32 = 0.5 - 1.0 / 4096.0;
+
 impl CodeKernel {
-    fn new(cfg: &QuantizeConfig, p: &GroupParams) -> Self {
+    #[inline]
+    pub(crate) fn new(cfg: &QuantizeConfig, p: &GroupParams) -> Self {
         let offset = if cfg.symmetric { -p.lo } else { 0.0 };
+        let inv = 1.0 / p.scale;
         CodeKernel {
             scale: p.scale,
             lo: p.lo - p.zero,
             hi: p.hi - p.zero,
             zero: p.zero + offset,
+            inv: if inv.is_normal() { inv } else { 0.0 },
+            magic_zero: ROUND_MAGIC_SIGNED + (p.zero + offset),
         }
+    }
+
+    /// [`Self::code`] computed faster, and whether it may differ from it: when the flag is
+    /// false, `byte` is [`Self::byte`] of [`Self::code`] and `r * scale` is
+    /// [`Self::dequantize`] of it (`r = code - zero`), bit for bit. Needs `inv != 0`.
+    ///
+    /// Two shortcuts, both only wrong where the flag is raised:
+    /// - `x * (1 / scale)` for `x / scale`: with `inv` normal, `fl(x * fl(1/s))` and
+    ///   `fl(x / s)` are both within `2^-24` relative of `x / s` (plus one more rounding),
+    ///   so they differ by less than `3 * 2^-24 * |x / s|`. Past `|x / s| > 257` both clamp
+    ///   to the same integer bound (all bounds lie in `[-256, 255]`); below it they differ
+    ///   by less than `2^-14` code units. So unless the clamped product lies within `2^-12`
+    ///   of a half-integer (a rounding boundary: flagged), both round to the same integer.
+    /// - rounding ties to even (one add of [`ROUND_MAGIC_SIGNED`] plus the zero point)
+    ///   instead of away from zero: the two differ only on exact ties, which are flagged.
+    ///
+    /// NaN, infinities and signed zeros: `x * inv` and `x / s` agree on them (NaN clamps to
+    /// `lo`), and `r` is `+0.0` whenever it is zero, as `code - zero` is.
+    #[inline(always)]
+    fn code_fast(&self, x: f32) -> (u8, f32, bool) {
+        let y = x * self.inv;
+        let y = if y > self.lo { y } else { self.lo };
+        let y = if y < self.hi { y } else { self.hi };
+        // t = rne(y) + zero + 1.5 * 2^23, exactly; its low mantissa bits hold the code
+        // (2^22 is a multiple of 256).
+        let t = y + self.magic_zero;
+        let r = t - self.magic_zero;
+        ((t.to_bits() & 0xFF) as u8, r, (y - r).abs() >= NEAR_TIE)
     }
 
     /// The stored code of `x` as an integer-valued f32 in `[0, 2^b)` (0 for NaN).
@@ -517,6 +612,53 @@ fn rtn_group_codes_dequantize(
         *x = k.dequantize(code);
     }
     k.zero
+}
+
+/// Elements per piece of a group in [`rtn_group_codes_dequantize_to`]'s fast path: a piece
+/// with a quotient near a rounding boundary is redone with the division.
+const FAST_PIECE: usize = 64;
+
+/// [`rtn_group_codes_dequantize`] reading `g` and writing the dequantized codes to `out`
+/// instead of over `g` (for the fused encode, which still needs the original values). Same
+/// codes and values bit for bit, computed with [`CodeKernel::code_fast`] where it is exact.
+#[inline(always)]
+pub(crate) fn rtn_group_codes_dequantize_to(
+    k: &CodeKernel,
+    g: &[f32],
+    codes: &mut [u8],
+    out: &mut [f32],
+) {
+    if k.scale == 0.0 {
+        codes.fill(k.zero as u8);
+        out.fill(0.0);
+        return;
+    }
+    let pieces = g
+        .chunks(FAST_PIECE)
+        .zip(codes.chunks_mut(FAST_PIECE))
+        .zip(out.chunks_mut(FAST_PIECE));
+    for ((g, codes), out) in pieces {
+        if k.inv != 0.0 {
+            // Multiply instead of divide (a vector divide costs several multiplies), and
+            // redo the piece with the division below if any quotient came near a rounding
+            // boundary (about one piece in 32), so the codes are the same.
+            let mut near = false;
+            for ((c, o), &x) in codes.iter_mut().zip(out.iter_mut()).zip(g) {
+                let (byte, r, n) = k.code_fast(x);
+                near |= n;
+                *c = byte;
+                *o = r * k.scale;
+            }
+            if !near {
+                continue;
+            }
+        }
+        for ((c, o), &x) in codes.iter_mut().zip(out.iter_mut()).zip(g) {
+            let code = k.code(x);
+            *c = CodeKernel::byte(code);
+            *o = k.dequantize(code);
+        }
+    }
 }
 
 /// Largest `|x|` over the finite values of `x` (0 when there are none), in parallel for a
@@ -784,3 +926,144 @@ pub fn row_len_of(shape: &[u64]) -> u64 {
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+/// Tests of the fused encode's shortcuts against the definitions they replace.
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+
+    #[test]
+    fn f16_round_up_matches_the_half_round_trip() {
+        // A stride through every bit pattern (both signs, NaN, infinities, subnormals), plus
+        // the f16 grid's edges: every f16 value and its f32 neighbours.
+        let strided = (0..=u32::MAX).step_by(4099).map(f32::from_bits);
+        let edges = (0..=u16::MAX).flat_map(|h| {
+            let v = f16::from_bits(h).to_f32();
+            [
+                v,
+                f32::from_bits(v.to_bits().wrapping_add(1)),
+                f32::from_bits(v.to_bits().wrapping_sub(1)),
+            ]
+        });
+        let specials = [
+            0.0,
+            -0.0,
+            65504.0,
+            65504.5,
+            65520.0,
+            1e-45,
+            5.96e-8,
+            6.1035156e-5,
+        ];
+        for x in strided.chain(edges).chain(specials) {
+            let (got, want) = (f16_round_up(x), f16_round_up_half(x));
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{x:e} ({:#010x}): {got:e} vs {want:e}",
+                x.to_bits()
+            );
+        }
+    }
+
+    /// xorshift64* uniforms in [0, 1).
+    fn uniforms(seed: u64) -> impl FnMut() -> f64 {
+        let mut s = seed | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    #[test]
+    fn fast_codes_match_the_division_unless_flagged() {
+        let mut u = uniforms(42);
+        let mut flagged = 0usize;
+        let mut total = 0usize;
+        for case in 0..4000 {
+            let bits = 2 + (case % 7) as u8;
+            let symmetric = case % 2 == 0;
+            let cfg = QuantizeConfig {
+                bits,
+                symmetric,
+                granularity: Granularity::Channel,
+            };
+            // Scales across the whole f16 range and beyond (the f32 fallback).
+            let mag = 10f64.powf(u() * 16.0 - 9.0) as f32;
+            let (lo, hi) = if symmetric {
+                (-mag, mag)
+            } else {
+                (-(mag * u() as f32), mag * u() as f32)
+            };
+            let p = params_from_range(&cfg, lo, hi);
+            let k = CodeKernel::new(&cfg, &p);
+            if k.inv == 0.0 {
+                continue;
+            }
+            for i in 0..64 {
+                // Random values, exact ties (k + 1/2) * s, and their neighbours.
+                let x = match i % 4 {
+                    0 => (lo + (hi - lo) * u() as f32) * 1.1,
+                    _ => {
+                        let half = ((u() * 2f64.powi(i32::from(bits))
+                            - 2f64.powi(i32::from(bits) - 1))
+                        .floor()
+                            + 0.5) as f32;
+                        let t = half * p.scale;
+                        f32::from_bits(t.to_bits().wrapping_add(i % 4 - 2))
+                    }
+                };
+                for x in [x, -x] {
+                    total += 1;
+                    let (byte, r, near) = k.code_fast(x);
+                    if near {
+                        flagged += 1;
+                        continue;
+                    }
+                    let code = k.code(x);
+                    assert_eq!(
+                        byte,
+                        CodeKernel::byte(code),
+                        "{cfg:?} s={} x={x:e}",
+                        p.scale
+                    );
+                    let want = k.dequantize(code);
+                    assert_eq!((r * k.scale).to_bits(), want.to_bits(), "{cfg:?} x={x:e}");
+                }
+            }
+        }
+        // Ties and their neighbours are flagged; most random values are not.
+        assert!(
+            flagged > total / 4 && flagged < total * 4 / 5,
+            "{flagged} of {total}"
+        );
+    }
+
+    #[test]
+    fn specials_take_the_same_codes() {
+        let cfg = QuantizeConfig {
+            bits: 4,
+            symmetric: false,
+            granularity: Granularity::Channel,
+        };
+        let p = params_from_range(&cfg, -0.3, 1.7);
+        let k = CodeKernel::new(&cfg, &p);
+        for x in [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e-45,
+            -1e-45,
+            f32::MAX,
+        ] {
+            let (byte, r, near) = k.code_fast(x);
+            assert!(!near, "{x}");
+            let code = k.code(x);
+            assert_eq!(byte, CodeKernel::byte(code), "{x}");
+            assert_eq!((r * k.scale).to_bits(), k.dequantize(code).to_bits(), "{x}");
+        }
+    }
+}
