@@ -21,9 +21,9 @@
 //! to a byte. The encoder knows each stream's exact size from per-segment histograms, so it
 //! writes the four streams interleaved (four independent shift/or chains) straight into the
 //! output with 8-byte stores. The decoder also interleaves the four streams. Its table has
-//! 2^11 `u32` entries, each giving the code that prefixes the 11-bit window and, when it
-//! fits in the same 11 bits, the code after it, so one lookup yields up to two symbols
-//! (exponent planes average ~2.6 bits per symbol). A window is refilled with one unaligned
+//! 2^11 `u64` entries (16 KiB), each giving the run of up to four codes that fit entirely in
+//! the 11-bit window, so one lookup yields up to four symbols (exponent planes average ~2.6
+//! bits per symbol), stored with one 4-byte write. A window is refilled with one unaligned
 //! big-endian 8-byte load giving at least 57 valid bits, enough for 5 lookups of at most
 //! 11 bits. Reads past the payload see zero bits (never out of bounds); every lookup emits
 //! at least one symbol, so decoding always ends; and afterwards each stream must have
@@ -248,12 +248,9 @@ impl BitWriter {
         self.nbits += len;
     }
 
-    /// [`Self::put`] of two packed codes, `first` then `second`.
+    /// Appends `(code, len)` (at most 56 bits; see [`join5`]).
     #[inline(always)]
-    fn put2(&mut self, first: u32, second: u32) {
-        let len1 = second & 0xff;
-        let len = (first & 0xff) + len1;
-        let code = (u64::from(first >> 8) << len1) | u64::from(second >> 8);
+    fn put_joined(&mut self, (code, len): (u64, u32)) {
         self.acc = (self.acc << len) | code;
         self.nbits += len;
     }
@@ -360,6 +357,18 @@ pub(super) fn encode(
     }
 }
 
+/// The codes of five symbols (packed as `code << 8 | length`) joined into one
+/// `(code, length)`, the first symbol's code in the highest bits (at most 55 bits).
+#[inline(always)]
+fn join5(packed: &[u32; 256], s: &[u8]) -> (u64, u32) {
+    let p: [u32; 5] = std::array::from_fn(|i| packed[s[i] as usize]);
+    let join = |(c0, l0): (u64, u32), (c1, l1): (u64, u32)| ((c0 << l1) | c1, l0 + l1);
+    let unpack = |p: u32| (u64::from(p >> 8), p & 0xff);
+    let c01 = join(unpack(p[0]), unpack(p[1]));
+    let c23 = join(unpack(p[2]), unpack(p[3]));
+    join(join(c01, c23), unpack(p[4]))
+}
+
 /// Codes the common prefix of `segs` in steps of [`SYMS_PER_REFILL`] symbols per stream,
 /// stopping before a stream could come within 8 bytes of its end; returns the symbols coded
 /// per stream. A step advances a writer by at most 7 bytes (`7 + 5 * 11 <= 63` pending
@@ -388,13 +397,9 @@ fn encode_interleaved(
             .chunks_exact(SYMS_PER_REFILL)
             .zip(s1[range].chunks_exact(SYMS_PER_REFILL))
         {
-            // Pairs of codes are joined off the accumulator's dependency chain.
-            w0.put2(packed[a[0] as usize], packed[a[1] as usize]);
-            w1.put2(packed[b[0] as usize], packed[b[1] as usize]);
-            w0.put2(packed[a[2] as usize], packed[a[3] as usize]);
-            w1.put2(packed[b[2] as usize], packed[b[3] as usize]);
-            w0.put(packed[a[4] as usize]);
-            w1.put(packed[b[4] as usize]);
+            // The five codes are joined off the accumulator's dependency chain.
+            w0.put_joined(join5(packed, a));
+            w1.put_joined(join5(packed, b));
             w0.flush_unchecked_end(buf);
             w1.flush_unchecked_end(buf);
         }
@@ -474,37 +479,32 @@ pub(super) fn decode(payload: &[u8], out: &mut [u8]) -> Result<(), &'static str>
     let mut cur: [usize; STREAMS] = std::array::from_fn(|s| segment(n, s).start);
     let end: [usize; STREAMS] = std::array::from_fn(|s| segment(n, s).end);
     // Interleaved fast part: each step refills every window and does five lookups of up to
-    // two symbols each, so it needs room for ten symbols in every segment.
-    let room = 2 * SYMS_PER_REFILL;
+    // four symbols each (each lookup stores four bytes), so it needs room for twenty
+    // symbols in every segment.
+    let room = MAX_SYMS_PER_LOOKUP * SYMS_PER_REFILL;
     while (0..STREAMS).all(|s| cur[s] + room <= end[s]) {
         let mut window: [u64; STREAMS] =
             std::array::from_fn(|s| load_be(payload, pos[s] >> 3) << (pos[s] & 7));
         // Lookup-by-lookup across the streams: four independent dependency chains.
         for _ in 0..SYMS_PER_REFILL {
             for s in 0..STREAMS {
-                let e = table[(window[s] >> (64 - MAX_CODE_LEN)) as usize];
-                out[cur[s]..cur[s] + 2].copy_from_slice(&(e as u16).to_le_bytes());
-                let used = (e >> 16) & 0xf;
+                let e = table.multi[(window[s] >> (64 - MAX_CODE_LEN)) as usize];
+                out[cur[s]..cur[s] + 4].copy_from_slice(&(e as u32).to_le_bytes());
+                let used = (e >> 32) & 0xf;
                 window[s] <<= used;
                 pos[s] += used as usize;
-                cur[s] += (e >> 24) as usize;
+                cur[s] += (e >> 36) as usize;
             }
         }
     }
-    // Tails: one lookup at a time, taking the second symbol only if it is still needed.
+    // Tails: one symbol per lookup.
     for s in 0..STREAMS {
         while cur[s] < end[s] {
             let window = load_be(payload, pos[s] >> 3) << (pos[s] & 7);
-            let e = table[(window >> (64 - MAX_CODE_LEN)) as usize];
+            let e = table.single[(window >> (64 - MAX_CODE_LEN)) as usize];
             out[cur[s]] = e as u8;
-            if e >> 24 == 2 && cur[s] + 2 <= end[s] {
-                out[cur[s] + 1] = (e >> 8) as u8;
-                pos[s] += ((e >> 16) & 0xf) as usize;
-                cur[s] += 2;
-            } else {
-                pos[s] += ((e >> 20) & 0xf) as usize;
-                cur[s] += 1;
-            }
+            pos[s] += usize::from(e >> 8);
+            cur[s] += 1;
         }
         if pos[s].div_ceil(8) != bounds[s + 1] {
             return Err("Huffman stream length does not match its symbol count");
@@ -513,12 +513,23 @@ pub(super) fn decode(payload: &[u8], out: &mut [u8]) -> Result<(), &'static str>
     Ok(())
 }
 
-/// Two-symbol decode table indexed by the next 11 bits `w`: `sym0 | sym1 << 8 |
-/// bits << 16 | len0 << 20 | count << 24`, where `sym0` (length `len0`) is the code that
-/// prefixes `w`, `sym1` the code that follows it if it also fits in the 11 bits (`count` 2,
-/// `bits = len0 + len1`), else `count` 1 and `bits = len0`. Requires a complete code (Kraft
-/// sum exactly 1), so every 11-bit window starts with exactly one code.
-fn decode_table(lengths: &[u8; 256]) -> [u32; TABLE_SIZE] {
+/// Most symbols one lookup of [`DecodeTable::multi`] yields.
+const MAX_SYMS_PER_LOOKUP: usize = 4;
+
+/// Decode tables indexed by the next 11 bits `w` of a stream.
+struct DecodeTable {
+    /// `sym | len << 8`: the code that prefixes `w`.
+    single: [u16; TABLE_SIZE],
+    /// `syms | bits << 32 | count << 36`: the `count` (1 to 4) codes that follow one another
+    /// at the start of `w` and fit entirely in its 11 bits, their symbols packed into the low
+    /// bytes of `syms` (first symbol lowest; the unused high bytes are zero), `bits` their
+    /// total length.
+    multi: [u64; TABLE_SIZE],
+}
+
+/// The decode tables of `lengths`. Requires a complete code (Kraft sum exactly 1), so every
+/// 11-bit window starts with exactly one code.
+fn decode_table(lengths: &[u8; 256]) -> DecodeTable {
     let codes = canonical_codes(lengths);
     let mut single = [0u16; TABLE_SIZE];
     for (sym, (&l, &code)) in lengths.iter().zip(&codes).enumerate() {
@@ -531,18 +542,22 @@ fn decode_table(lengths: &[u8; 256]) -> [u32; TABLE_SIZE] {
         single[start..start + (1 << shift)].fill(entry);
     }
     let mask = TABLE_SIZE - 1;
-    let mut table = [0u32; TABLE_SIZE];
-    for (w, t) in table.iter_mut().enumerate() {
-        let first = single[w];
-        let len0 = u32::from(first >> 8);
-        let second = single[(w << len0) & mask];
-        let len1 = u32::from(second >> 8);
-        let sym0 = u32::from(first & 0xff);
-        *t = if len0 + len1 <= MAX_CODE_LEN {
-            sym0 | u32::from(second & 0xff) << 8 | (len0 + len1) << 16 | len0 << 20 | 2 << 24
-        } else {
-            sym0 | len0 << 16 | len0 << 20 | 1 << 24
-        };
+    let mut multi = [0u64; TABLE_SIZE];
+    for (w, t) in multi.iter_mut().enumerate() {
+        // Codes are read from `w` shifted left, so bits past the window read as zeros; a
+        // code is taken only if it ends inside the 11 bits.
+        let (mut syms, mut bits, mut count) = (0u64, 0u32, 0u64);
+        while count < MAX_SYMS_PER_LOOKUP as u64 {
+            let e = single[(w << bits) & mask];
+            let len = u32::from(e >> 8);
+            if bits + len > MAX_CODE_LEN {
+                break;
+            }
+            syms |= u64::from(e & 0xff) << (8 * count);
+            bits += len;
+            count += 1;
+        }
+        *t = syms | u64::from(bits) << 32 | count << 36;
     }
-    table
+    DecodeTable { single, multi }
 }
