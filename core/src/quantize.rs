@@ -1011,7 +1011,7 @@ mod fast_path_tests {
                         .floor()
                             + 0.5) as f32;
                         let t = half * p.scale;
-                        f32::from_bits(t.to_bits().wrapping_add(i % 4 - 2))
+                        f32::from_bits(t.to_bits().wrapping_add(i % 4).wrapping_sub(2))
                     }
                 };
                 for x in [x, -x] {
