@@ -1,7 +1,9 @@
 //! Single-thread throughput of the entropy coder against memcpy and zstd level 3, on ~16 MiB
 //! of generated Gaussian weights whose standard deviation changes every 1 MiB "tensor"
-//! (BF16 and F32). Throughput is in bytes of *input* (uncompressed) per second. The
-//! compression ratio of each codec is printed once to stderr.
+//! (BF16 and F32), and on ~16 MiB of int4 codes stored one per byte (symmetric round-to-nearest
+//! quantization of Gaussian weights, groups of 128 with their own absmax scale). Throughput is
+//! in bytes of *input* (uncompressed) per second. The compression ratio of each codec is
+//! printed once to stderr.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use shardpress_core::entropy::{compress, decompress, decompress_into, order0_bound, Layout};
@@ -50,8 +52,33 @@ fn weights(layout: Layout) -> Vec<u8> {
     out
 }
 
+/// Symmetric round-to-nearest int4 codes (0..=15, zero point 8) of Gaussian weights, one
+/// code per byte, with one absmax scale per group of 128 weights.
+fn int4_codes() -> Vec<u8> {
+    const GROUP: usize = 128;
+    let mut rng = Rng(7);
+    let mut out = Vec::with_capacity(TOTAL_BYTES);
+    let mut group = [0f64; GROUP];
+    for _ in 0..TOTAL_BYTES / GROUP {
+        for w in &mut group {
+            *w = rng.gaussian();
+        }
+        let absmax = group.iter().fold(0f64, |m, w| m.max(w.abs()));
+        let scale = absmax / 7.0;
+        out.extend(
+            group
+                .iter()
+                .map(|w| ((w / scale).round().clamp(-8.0, 7.0) + 8.0) as u8),
+        );
+    }
+    out
+}
+
 fn bench_layout(c: &mut Criterion, name: &str, layout: Layout) {
-    let data = weights(layout);
+    let data = match layout {
+        Layout::Bytes => int4_codes(),
+        _ => weights(layout),
+    };
     let ours = compress(layout, &data);
     assert_eq!(decompress(&ours).unwrap(), data);
     let zstd3 = zstd::bulk::compress(&data, 3).unwrap();
@@ -106,6 +133,7 @@ fn bench_layout(c: &mut Criterion, name: &str, layout: Layout) {
 fn entropy_benches(c: &mut Criterion) {
     bench_layout(c, "bf16", Layout::Bf16);
     bench_layout(c, "f32", Layout::F32);
+    bench_layout(c, "codes", Layout::Bytes);
 }
 
 criterion_group!(benches, entropy_benches);

@@ -1,5 +1,5 @@
 //! Lossless entropy coding of tensor bytes: byte-plane regrouping plus per-block order-0
-//! Huffman coding (the ZipNN approach).
+//! Huffman coding (the ZipNN approach), with rANS for blocks of 4-bit codes.
 //!
 //! **Planes.** Floating-point weights have a skewed exponent and a near-uniform mantissa, so
 //! each element (little-endian) is regrouped into byte planes that are each either skewed or
@@ -22,30 +22,43 @@
 //! block, coded independently with its own statistics so the coding adapts per tensor and
 //! region. A block is coded as the smallest of: *constant* (one distinct symbol: 1 byte),
 //! *Huffman* (canonical, length-limited to 11 bits, four interleaved streams; see
-//! `huffman`) when it saves at least 1/64 of the block, else *raw* (a copy). Blocks of at
-//! least 4 Ki symbols are first tested on every 8th symbol: a sample entropy above 7.8 bits
-//! per symbol (near-uniform mantissa bytes) sends the block raw at once, so such planes cost
-//! one strided pass and a copy. Otherwise the full histogram gives the order-0 entropy
-//! `H = sum_s c_s log2(n / c_s)` bits; a block with `H >= n * 8 * (1 - 1/64)` goes raw without
-//! building a code. Huffman's redundancy over `H` is below `p_max + 0.086` bits per symbol
-//! (Gallager), in practice ~0.04 bit on exponent planes.
+//! `huffman`) when it saves at least 1/64 of the block, *rANS* (see `rans`) on blocks whose
+//! symbols are all below 16, else *raw* (a copy). Blocks of at least 4 Ki symbols are first
+//! tested on every 8th symbol: a sample entropy above 7.8 bits per symbol (near-uniform
+//! mantissa bytes) sends the block raw at once, so such planes cost one strided pass and a
+//! copy. Otherwise the full histogram gives the order-0 entropy
+//! `H = sum_s c_s log2(n / c_s)` bits; a block with `H >= n * 8 * (1 - 1/64)` goes raw
+//! without building a code. Huffman's redundancy over `H` is below `p_max + 0.086` bits per
+//! symbol (Gallager), in practice ~0.04 bit on exponent planes.
 //!
-//! **Format** (all integers little-endian): `magic "SPEN"`, `version: u8 = 1`,
+//! **rANS for 4-bit codes.** Quantized int4 codes stored one per byte (values `0..16`) cost
+//! Huffman ~0.04 bit per code above `H` as well (~1% of the output). When every symbol of a
+//! block is below 16, the block is also sized as rANS on nibble pairs (two codes per step,
+//! frequencies at 12 bits from an order-0 product model, 8 interleaved 32-bit states): its
+//! size is estimated from the histogram (table + states + ideal cost, exact to a few bytes)
+//! and it replaces Huffman when that estimate plus 1/256 of it is still below Huffman's exact
+//! size. Other planes (BF16/F32 exponents and mantissas) keep Huffman.
+//!
+//! **Format** (all integers little-endian): `magic "SPEN"`, `version: u8 = 2`,
 //! `layout: u8`, `log2(chunk elements): u8`, `original length: u64`; then per chunk, per plane,
 //! a block `mode: u8` followed by `0 raw: n bytes` | `1 constant: 1 byte` |
-//! `2 Huffman: payload length u32, payload`; then the raw tail; nothing may follow.
+//! `2 Huffman: payload length u32, payload` | `3 rANS: payload length u32, payload`; then the
+//! raw tail; nothing may follow. Version 1 is the same without mode 3 and still decodes.
 //!
 //! **Hostile input.** Decoding first walks all block headers, checking every length against
 //! the bytes actually present (so the walk is bounded by the encoded size), caps the declared
 //! length at [`MAX_DECODED_LEN`], and only then reserves the output (fallibly). Huffman
 //! tables must form a complete prefix code and every stream must end exactly at its stored
-//! size. Decoding never panics; corrupt input yields an [`EntropyError`] (or, when the damage
-//! is undetectable without a checksum, different bytes of the declared length).
+//! size; rANS frequency tables must sum exactly to the precision, and every rANS stream must
+//! be consumed exactly and end with the states at their initial value. Decoding never
+//! panics; corrupt input yields an [`EntropyError`] (or, when the damage is undetectable
+//! without a checksum, different bytes of the declared length).
 //!
 //! **Parallelism and determinism.** Chunks are coded independently on rayon threads and
 //! concatenated in order, so the encoding depends only on the input bytes and layout.
 
 mod huffman;
+mod rans;
 #[cfg(test)]
 mod tests;
 
@@ -53,8 +66,8 @@ use rayon::prelude::*;
 
 /// File magic of an encoding.
 const MAGIC: [u8; 4] = *b"SPEN";
-/// Format version written and accepted.
-const VERSION: u8 = 1;
+/// Format version written; versions `1..=VERSION` are accepted (1 has no rANS blocks).
+const VERSION: u8 = 2;
 /// Bytes of the fixed header.
 const HEADER_LEN: usize = 4 + 1 + 1 + 1 + 8;
 /// log2 of the elements per chunk written by [`compress`].
@@ -67,8 +80,12 @@ pub const MAX_DECODED_LEN: u64 = 16 << 30;
 const MODE_RAW: u8 = 0;
 const MODE_CONST: u8 = 1;
 const MODE_HUFFMAN: u8 = 2;
+const MODE_RANS: u8 = 3;
 /// Huffman is used only if it saves at least `1 / MIN_SAVING_FRACTION` of a block.
 const MIN_SAVING_FRACTION: usize = 64;
+/// rANS replaces Huffman only if its estimated size plus `1 / RANS_MARGIN` of it is still
+/// below Huffman's exact size.
+const RANS_MARGIN: usize = 256;
 /// Stride of the symbol sample used to send near-uniform blocks straight to raw.
 const SAMPLE_STRIDE: usize = 8;
 /// Blocks shorter than this skip the sample test.
@@ -132,7 +149,7 @@ pub enum EntropyError {
     },
     #[error("bad magic: not an entropy-coded stream")]
     BadMagic,
-    #[error("unsupported format version {0} (expected {VERSION})")]
+    #[error("unsupported format version {0} (this build reads 1 to {VERSION})")]
     UnsupportedVersion(u8),
     #[error("unknown layout tag {0}")]
     UnknownLayout(u8),
@@ -153,10 +170,18 @@ pub enum EntropyError {
 /// Compresses `data` split into planes per `layout`. Self-describing (records the layout and
 /// length); [`decompress`] always returns the exact input. Never fails.
 pub fn compress(layout: Layout, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    compress_into(layout, data, &mut out);
+    out
+}
+
+/// [`compress`], appending the encoding to `out` (so a caller coding many inputs can reuse
+/// one buffer instead of faulting in fresh pages for each).
+pub fn compress_into(layout: Layout, data: &[u8], out: &mut Vec<u8>) {
     let elem = layout.element_size();
     let body_len = data.len() / elem * elem;
     let (body, tail) = data.split_at(body_len);
-    let mut out = Vec::with_capacity(HEADER_LEN);
+    out.reserve(HEADER_LEN);
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     out.push(layout.tag());
@@ -170,7 +195,7 @@ pub fn compress(layout: Layout, data: &[u8]) -> Vec<u8> {
         out.reserve(data.len() + 64);
         let mut scratch = PlaneScratch::default();
         for chunk in body.chunks(chunk_bytes) {
-            encode_chunk(layout, chunk, &mut scratch, &mut out);
+            encode_chunk(layout, chunk, &mut scratch, out);
         }
     } else {
         // A few groups of whole chunks per thread; each group is coded into its own buffer.
@@ -192,7 +217,6 @@ pub fn compress(layout: Layout, data: &[u8]) -> Vec<u8> {
         }
     }
     out.extend_from_slice(tail);
-    out
 }
 
 /// Decodes an encoding made by [`compress`].
@@ -495,6 +519,19 @@ fn encode_block(plane: &[u8], sample: bool, out: &mut Vec<u8>) {
     if huffman::entropy_bits_per_symbol(&hist) * n as f64 / 8.0 < budget as f64 {
         let lengths = huffman::code_lengths(&hist);
         let size = huffman::encoded_size(&seg_hists, &lengths);
+        if hist[16..].iter().all(|&c| c == 0) {
+            // 4-bit codes: rANS on nibble pairs, if it clearly beats Huffman.
+            let model = rans::Model::new(rans::Kind::Pairs, &hist);
+            let est = model.estimated_size(&hist, n);
+            if est + est / RANS_MARGIN < size && est + 4 < budget {
+                out.push(MODE_RANS);
+                let len_at = out.len();
+                out.extend_from_slice(&[0; 4]);
+                let len = rans::encode(plane, &model, out);
+                out[len_at..len_at + 4].copy_from_slice(&(len as u32).to_le_bytes());
+                return;
+            }
+        }
         if size + 4 < budget {
             out.push(MODE_HUFFMAN);
             out.extend_from_slice(&(size as u32).to_le_bytes());
@@ -510,6 +547,7 @@ fn encode_block(plane: &[u8], sample: bool, out: &mut Vec<u8>) {
 
 /// The fixed header, validated.
 struct Header {
+    version: u8,
     layout: Layout,
     chunk_log2: u8,
     len: u64,
@@ -529,7 +567,7 @@ fn parse_header(encoded: &[u8]) -> Result<Header, EntropyError> {
     if encoded[..4] != MAGIC {
         return Err(EntropyError::BadMagic);
     }
-    if encoded[4] != VERSION {
+    if !(1..=VERSION).contains(&encoded[4]) {
         return Err(EntropyError::UnsupportedVersion(encoded[4]));
     }
     let layout = Layout::from_tag(encoded[5]).ok_or(EntropyError::UnknownLayout(encoded[5]))?;
@@ -544,6 +582,7 @@ fn parse_header(encoded: &[u8]) -> Result<Header, EntropyError> {
         return Err(EntropyError::TooLarge(len));
     }
     Ok(Header {
+        version: encoded[4],
         layout,
         chunk_log2,
         len,
@@ -603,9 +642,9 @@ fn scan_chunks(encoded: &[u8], header: &Header) -> Result<Vec<ChunkRef>, Entropy
             let payload_len = match mode {
                 MODE_RAW => n,
                 MODE_CONST => 1,
-                MODE_HUFFMAN => {
+                MODE_HUFFMAN | MODE_RANS if mode == MODE_HUFFMAN || header.version >= 2 => {
                     need(pos, 4)?;
-                    let l = huffman_len(encoded, pos);
+                    let l = payload_len(encoded, pos);
                     pos += 4;
                     l
                 }
@@ -638,7 +677,7 @@ fn scan_chunks(encoded: &[u8], header: &Header) -> Result<Vec<ChunkRef>, Entropy
     Ok(chunks)
 }
 
-fn huffman_len(encoded: &[u8], at: usize) -> usize {
+fn payload_len(encoded: &[u8], at: usize) -> usize {
     u32::from_le_bytes([
         encoded[at],
         encoded[at + 1],
@@ -735,13 +774,15 @@ fn decode_chunk(
 /// Decodes one block into `dst` (its length is the block's symbol count).
 fn decode_block(encoded: &[u8], block: &BlockRef, dst: &mut [u8]) -> Result<(), EntropyError> {
     let payload = &encoded[block.start..block.end];
+    let bad = |reason| EntropyError::BadBlock {
+        offset: block.start,
+        reason,
+    };
     match block.mode {
         MODE_RAW => dst.copy_from_slice(payload),
         MODE_CONST => dst.fill(payload[0]),
-        _ => huffman::decode(payload, dst).map_err(|reason| EntropyError::BadBlock {
-            offset: block.start,
-            reason,
-        })?,
+        MODE_HUFFMAN => huffman::decode(payload, dst).map_err(bad)?,
+        _ => rans::decode(payload, dst).map_err(bad)?,
     }
     Ok(())
 }

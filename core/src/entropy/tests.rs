@@ -424,3 +424,212 @@ proptest! {
         }
     }
 }
+
+/// Symmetric round-to-nearest int4 codes (0..=15, zero point 8) of Gaussian weights, one
+/// per byte, with an absmax scale per group of 128 (like real quantized checkpoints).
+fn int4_group_codes(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let group: Vec<f64> = (0..128).map(|_| rng.gaussian()).collect();
+        let scale = group.iter().fold(0f64, |m, w| m.max(w.abs())) / 7.0;
+        out.extend(
+            group
+                .iter()
+                .map(|w| ((w / scale).round().clamp(-8.0, 7.0) + 8.0) as u8),
+        );
+    }
+    out.truncate(n);
+    out
+}
+
+/// Encodes one block directly with the rANS coder and decodes it back.
+fn rans_round_trip(kind: rans::Kind, data: &[u8]) -> Vec<u8> {
+    let model = rans::Model::new(kind, &huffman::histogram(data));
+    let mut payload = Vec::new();
+    let len = rans::encode(data, &model, &mut payload);
+    assert_eq!(len, payload.len());
+    let mut out = vec![0u8; data.len()];
+    rans::decode(&payload, &mut out).expect("valid rANS payload decodes");
+    assert!(
+        out == data,
+        "{kind:?} len {} did not round-trip",
+        data.len()
+    );
+    payload
+}
+
+#[test]
+fn rans_blocks_round_trip() {
+    let mut rng = Rng(31);
+    for len in [
+        2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 100, 1001, 65_535, 65_536,
+    ] {
+        let skewed: Vec<u8> = (0..len)
+            .map(|_| (rng.gaussian() * 1.5 + 8.0).round().clamp(0.0, 15.0) as u8)
+            .collect();
+        let uniform: Vec<u8> = (0..len).map(|_| (rng.next_u64() % 16) as u8).collect();
+        let two: Vec<u8> = (0..len).map(|i| [3, 12][(i % 3 == 0) as usize]).collect();
+        for data in [skewed, uniform, two] {
+            if data.iter().any(|&b| b != data[0]) {
+                rans_round_trip(rans::Kind::Pairs, &data);
+                rans_round_trip(rans::Kind::Bytes, &data);
+            }
+        }
+        let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        if bytes.iter().any(|&b| b != bytes[0]) {
+            rans_round_trip(rans::Kind::Bytes, &bytes);
+        }
+    }
+    // Very skewed: one dominant symbol and a rare one (frequency 1 at the precision).
+    let mut data = vec![5u8; 100_000];
+    data[77] = 6;
+    data[99_999] = 0;
+    rans_round_trip(rans::Kind::Pairs, &data);
+    rans_round_trip(rans::Kind::Bytes, &data);
+}
+
+#[test]
+fn rans_rejects_hostile_payloads() {
+    let data = int4_group_codes(5001, 3);
+    let payload = rans_round_trip(rans::Kind::Pairs, &data);
+    let decode = |p: &[u8]| rans::decode(p, &mut vec![0u8; data.len()]);
+    // Every truncation fails (the stream must be consumed exactly and end in the initial
+    // states), as does any appended byte.
+    for cut in 0..payload.len() {
+        assert!(decode(&payload[..cut]).is_err(), "truncated to {cut}");
+    }
+    assert!(decode(&[payload.as_slice(), &[0, 0]].concat()).is_err());
+    // Bad headers and frequency tables.
+    let mut p = payload.clone();
+    p[0] = 7; // unknown kind
+    assert!(decode(&p).is_err());
+    let mut p = payload.clone();
+    p[1] = 13; // precision above the decoder's table
+    assert!(decode(&p).is_err());
+    let mut p = payload.clone();
+    p[1] = 7;
+    assert!(decode(&p).is_err());
+    let mut p = payload.clone();
+    (p[2], p[3]) = (p[3], p[2].wrapping_sub(1)); // reversed symbol range
+    assert!(decode(&p).is_err());
+    let mut p = payload.clone();
+    p[3] = 16; // a nibble above 15
+    assert!(decode(&p).is_err());
+    let mut p = payload.clone();
+    p[4] ^= 1; // frequencies no longer sum to 2^12
+    assert!(decode(&p).is_err());
+    // A table with a single symbol holding every slot.
+    let mut p = vec![1, 12, 8, 8, 0x80, 0x20];
+    p.extend_from_slice(&[0; 64]);
+    assert!(decode(&p).is_err());
+    // Initial states out of range: the states (u64) start after the kind, precision, range,
+    // the one-byte nibble frequencies (or two bytes from 128 on) and the raw tail of
+    // 5001 % 4 = 1 byte.
+    let mut at = 4;
+    for _ in payload[2]..=payload[3] {
+        at += if payload[at] < 0x80 { 1 } else { 2 };
+    }
+    at += 1;
+    for bad in [0x7fff_ffffu64, 1 << 63] {
+        let mut p = payload.clone();
+        p[at..at + 8].copy_from_slice(&bad.to_le_bytes());
+        assert_eq!(decode(&p), Err("rANS state out of range"));
+    }
+    // Flipping any single bit never panics.
+    for i in 0..payload.len() {
+        for bit in [0, 3, 7] {
+            let mut p = payload.clone();
+            p[i] ^= 1 << bit;
+            let _ = decode(&p);
+        }
+    }
+}
+
+#[test]
+fn int4_codes_use_rans_near_the_entropy() {
+    let data = int4_group_codes(1 << 18, 9);
+    let enc = round_trip(Layout::Bytes, &data);
+    // Every block of the chunked encoding is a rANS block.
+    let mut pos = HEADER_LEN;
+    while pos < enc.len() {
+        assert_eq!(enc[pos], MODE_RANS, "block at {pos}");
+        pos += 5 + payload_len(&enc, pos + 1);
+    }
+    let (r, bound) = (ratio(&enc, &data), order0_bound(Layout::Bytes, &data));
+    assert!(r < bound * 1.005, "ratio {r} vs bound {bound}");
+    // And clearly below Huffman's redundancy on the same codes.
+    let hist = huffman::histogram(&data);
+    let lengths = huffman::code_lengths(&hist);
+    let huff_bits: u64 = hist
+        .iter()
+        .zip(&lengths)
+        .map(|(&c, &l)| u64::from(c) * u64::from(l))
+        .sum();
+    assert!((enc.len() as f64) < huff_bits as f64 / 8.0 * 0.995);
+}
+
+/// A version-1 encoding (Huffman exponent block, raw mantissa block, raw tail) and a
+/// version-1 constant block, both written by the coder before rANS existed.
+#[test]
+fn version_1_encodings_still_decode() {
+    let hex = |s: &str| -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let v1 = hex(concat!(
+        "5350454e01011091010000000000000254000000717a0656342332100000001000000010000000c60168a903",
+        "52a2e04c362d63f3d1994069517b8319f55302d9ee7170aa9ea3950033dd534da285eaad2aadfd8889ac304b",
+        "6f6303e10636dd39e5f25911b155ad40003ed9ad24a5e886fb6dbbd721486994ca54a5171630e17b1cee9698",
+        "be8482a64116ca16274a81cbc65fae65795dbcdb885ab024916f353760ae8a09fb988bf2ff405e26ab903743",
+        "bf3e2088add87c8f820a8c127712e20c75c10ce47144e98e7e2b2c0092ab04903047e15a9310f1b4d8226518",
+        "2383b48aa56a0fdbad1e8e8810a2b3bfad80816941d32e3437417b39cf8cea8b8dda8f08c7dda173368be167",
+        "80df2defa672b6cf1185db44c4bf0b078b5683708210f31c18370c4033a964c4de0384a49f9f2b19ddab",
+    ));
+    assert_eq!((v1[4], v1[HEADER_LEN]), (1, MODE_HUFFMAN));
+    let mut want = gaussian_bf16(200, 0.02, 21);
+    want.push(0xab);
+    assert_eq!(decompress(&v1).unwrap(), want);
+    let v1 = hex("5350454e01001028000000000000000107");
+    assert_eq!(decompress(&v1).unwrap(), vec![7u8; 40]);
+    // Version 1 has no rANS blocks.
+    let mut forged = compress(Layout::Bytes, &int4_group_codes(20_000, 1));
+    assert_eq!(forged[HEADER_LEN], MODE_RANS);
+    forged[4] = 1;
+    assert!(matches!(
+        decompress(&forged),
+        Err(EntropyError::BadBlockMode { .. })
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// 4-bit codes (rANS blocks) round-trip, and corrupting or truncating their encoding
+    /// yields an error or bytes of the declared length, never a panic.
+    #[test]
+    fn rans_encodings_round_trip_and_never_panic_when_corrupted(
+        seed in any::<u64>(),
+        len in 0usize..70_000,
+        edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+        cut in any::<usize>(),
+        truncate in any::<bool>(),
+    ) {
+        let data = int4_group_codes(len, seed);
+        let mut enc = compress(Layout::Bytes, &data);
+        prop_assert_eq!(&decompress(&enc).unwrap(), &data);
+        for (at, byte) in edits {
+            let i = at % enc.len();
+            enc[i] = byte;
+        }
+        if truncate {
+            enc.truncate(cut % (enc.len() + 1));
+        }
+        if let Ok(out) = decompress(&enc) {
+            let declared = u64::from_le_bytes(enc[7..15].try_into().unwrap());
+            prop_assert_eq!(out.len() as u64, declared);
+        }
+    }
+}
