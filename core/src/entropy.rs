@@ -26,7 +26,7 @@
 //! symbols are all below 16, else *raw* (a copy). Blocks of at least 4 Ki symbols are first
 //! tested on every 8th symbol: a sample entropy above 7.8 bits per symbol (near-uniform
 //! mantissa bytes) sends the block raw at once, so such planes cost one strided pass and a
-//! copy. Otherwise the full histogram gives the order-0 entropy
+//! copy (float exponent planes skip this test: they are skewed in real weights). Otherwise the full histogram gives the order-0 entropy
 //! `H = sum_s c_s log2(n / c_s)` bits; a block with `H >= n * 8 * (1 - 1/64)` goes raw
 //! without building a code. Huffman's redundancy over `H` is below `p_max + 0.086` bits per
 //! symbol (Gallager), in practice ~0.04 bit on exponent planes.
@@ -388,9 +388,11 @@ fn ungroup16(p0: u8, p1: u8) -> u16 {
     ((p1 & 0x80) << 8) | (p0 << 7) | (p1 & 0x7f)
 }
 
-/// Appends the blocks of every plane of one chunk. Each plane is first tested on a sample
-/// read straight from the chunk; a plane that goes raw is then regrouped straight into `out`
-/// (no scratch copy), the others into a scratch buffer that is then coded.
+/// Appends the blocks of every plane of one chunk. Each mantissa plane is first tested on a
+/// sample read straight from the chunk; a plane that goes raw is then regrouped straight
+/// into `out` (no scratch copy), the others into a scratch buffer that is then coded. The
+/// exponent plane (plane 0) skips the sample: it is skewed in any real weights, and the
+/// full histogram still sends a near-uniform one to raw.
 fn encode_chunk(layout: Layout, chunk: &[u8], scratch: &mut PlaneScratch, out: &mut Vec<u8>) {
     if layout == Layout::Bytes {
         encode_block(chunk, true, out);
@@ -398,7 +400,7 @@ fn encode_chunk(layout: Layout, chunk: &[u8], scratch: &mut PlaneScratch, out: &
     }
     let n = chunk.len() / layout.element_size();
     for p in 0..layout.planes() {
-        if n >= SAMPLE_MIN {
+        if p > 0 && n >= SAMPLE_MIN {
             let hist = with_plane(layout, p, SampleHistogram { chunk });
             if huffman::entropy_bits_per_symbol(&hist) > RAW_SAMPLE_ENTROPY {
                 out.push(MODE_RAW);

@@ -121,48 +121,57 @@ pub(super) fn entropy_bits_per_symbol(hist: &[u32; 256]) -> f64 {
 }
 
 /// Optimal code lengths limited to [`MAX_CODE_LEN`] (package-merge); 0 for absent symbols.
-/// Needs at least two symbols with a non-zero count.
+/// Needs at least two symbols with a non-zero count. Works in fixed arrays (no allocation):
+/// a level list holds at most `k + (2k - 1) / 2 < 2 * 256` items, and only the previous
+/// level's weights and every level's leaf flags are kept.
 pub(super) fn code_lengths(hist: &[u32; 256]) -> [u8; 256] {
-    let mut leaves: Vec<(u64, u8)> = hist
-        .iter()
-        .enumerate()
-        .filter(|(_, &c)| c > 0)
-        .map(|(s, &c)| (u64::from(c), s as u8))
-        .collect();
+    const MAX_ITEMS: usize = 512;
+    const LEVELS: usize = MAX_CODE_LEN as usize;
+    let mut leaves = [(0u64, 0u8); 256];
+    let mut k = 0;
+    for (s, &c) in hist.iter().enumerate().filter(|(_, &c)| c > 0) {
+        leaves[k] = (u64::from(c), s as u8);
+        k += 1;
+    }
+    let leaves = &mut leaves[..k];
     leaves.sort_unstable();
-    let k = leaves.len();
     debug_assert!(k >= 2);
-    // Each level list holds (weight, is_leaf) in ascending weight order.
-    let mut levels: Vec<Vec<(u64, bool)>> = Vec::with_capacity(MAX_CODE_LEN as usize);
-    levels.push(leaves.iter().map(|&(w, _)| (w, true)).collect());
-    for _ in 1..MAX_CODE_LEN {
-        let prev = &levels[levels.len() - 1];
-        let mut packages = prev.chunks_exact(2).map(|p| p[0].0 + p[1].0).peekable();
-        let mut merged = Vec::with_capacity(k + prev.len() / 2);
-        let mut next_leaf = leaves.iter().map(|&(w, _)| w).peekable();
-        loop {
-            match (next_leaf.peek(), packages.peek()) {
-                (Some(&lw), Some(&pw)) if lw <= pw => {
-                    merged.push((lw, true));
-                    next_leaf.next();
+    // Per level: item count and whether each item is a leaf; `weights` holds the previous
+    // level's weights (ascending), `next` the level being built.
+    let mut len = [0usize; LEVELS];
+    let mut is_leaf = [[false; MAX_ITEMS]; LEVELS];
+    let mut weights = [0u64; MAX_ITEMS];
+    let mut next = [0u64; MAX_ITEMS];
+    for (i, &(w, _)) in leaves.iter().enumerate() {
+        weights[i] = w;
+        is_leaf[0][i] = true;
+    }
+    len[0] = k;
+    for level in 1..LEVELS {
+        let packages = len[level - 1] / 2;
+        let (mut li, mut pi, mut n) = (0, 0, 0);
+        while li < k || pi < packages {
+            let package = (pi < packages).then(|| weights[2 * pi] + weights[2 * pi + 1]);
+            match package {
+                Some(pw) if li >= k || pw < leaves[li].0 => {
+                    next[n] = pw;
+                    pi += 1;
                 }
-                (_, Some(&pw)) => {
-                    merged.push((pw, false));
-                    packages.next();
+                _ => {
+                    next[n] = leaves[li].0;
+                    is_leaf[level][n] = true;
+                    li += 1;
                 }
-                (Some(&lw), None) => {
-                    merged.push((lw, true));
-                    next_leaf.next();
-                }
-                (None, None) => break,
             }
+            n += 1;
         }
-        levels.push(merged);
+        len[level] = n;
+        weights[..n].copy_from_slice(&next[..n]);
     }
     let mut lengths = [0u8; 256];
     let mut selected = 2 * k - 2;
-    for level in levels.iter().rev() {
-        let n_leaves = level[..selected].iter().filter(|item| item.1).count();
+    for level in (0..LEVELS).rev() {
+        let n_leaves = is_leaf[level][..selected].iter().filter(|&&l| l).count();
         for &(_, sym) in &leaves[..n_leaves] {
             lengths[sym as usize] += 1;
         }

@@ -90,6 +90,18 @@ fn empty_and_tiny_inputs_round_trip() {
 }
 
 #[test]
+fn compress_into_appends_and_reuses_the_buffer() {
+    let data = gaussian_bf16(70_000, 0.02, 3);
+    let mut out = b"prefix".to_vec();
+    compress_into(Layout::Bf16, &data, &mut out);
+    assert_eq!(&out[..6], b"prefix");
+    assert_eq!(out[6..], compress(Layout::Bf16, &data)[..]);
+    out.clear();
+    compress_into(Layout::Bf16, &data, &mut out);
+    assert_eq!(decompress(&out).unwrap(), data);
+}
+
+#[test]
 fn odd_lengths_across_chunk_boundaries_round_trip() {
     let mut rng = Rng(7);
     for layout in LAYOUTS {
