@@ -368,6 +368,28 @@ def gguf_error(args):
     print(json.dumps({"rel_fro_error": (err / norm) ** 0.5 if norm else 0.0}))
 
 
+def mix_recipes(args):
+    """hqq4-g32.yaml, and hqq4-g32-mix.yaml (6 bits on the tensors llama-quantize's Q4_K_M
+    promoted to Q6_K, given by their GGUF names) when there are any."""
+    ours = {v: k for k, v in GGUF_NAMES.items()}
+    promoted = []
+    for name in args.promoted.split():
+        m = re.fullmatch(r"blk\.(\d+)\.(.*)", name)
+        if not m or m.group(2) not in ours:
+            raise SystemExit(f"mix-recipes: unexpected GGUF tensor name {name!r}")
+        promoted.append(f"model.layers.{m.group(1)}.{ours[m.group(2)]}")
+    weights = "    targets: ['re:.*\\.weight$']\n    ignore: ['re:(?i).*(embed|lm_head|norm).*'"
+    hqq = "  - quantize: {{ method: hqq, bits: {}, granularity: group, group_size: 32 }}\n"
+    with open(os.path.join(args.work, "hqq4-g32.yaml"), "w") as f:
+        f.write("name: hqq4-g32\npasses:\n" + hqq.format(4) + weights + "]\n")
+    if promoted:
+        exact = ", ".join(f"'re:{re.escape(n)}'" for n in promoted)
+        with open(os.path.join(args.work, "hqq4-g32-mix.yaml"), "w") as f:
+            f.write("name: hqq4-g32-mix\npasses:\n" + hqq.format(4) + weights + f", {exact}]\n")
+            f.write(hqq.format(6) + f"    targets: [{exact}]\n")
+    log(f"mix-recipes: {len(promoted)} tensors at 6 bits in hqq4-g32-mix")
+
+
 def report(args):
     rows = [json.loads(line) for line in open(args.results) if line.strip()]
     meta = next((r for r in rows if r["kind"] == "meta"), {})
@@ -429,7 +451,7 @@ def report(args):
         for t, r in llama.items():
             err = r.get("rel_fro_error")
             print(f"| llama-quantize {t} (1 thread; its own 'quantize time', incl. reading and writing the GGUF) | {fmt(r['mbps'])} | {r['ratio']:.4f} | {'' if err is None else f'{err:.4f}'} | {rel(r['mbps'], q4_0)} | | |")
-        counterpart = {"int8": "Q8_0", "int4-g128": "Q4_0", "hqq4": "Q4_K_M"}
+        counterpart = {"int8": "Q8_0", "int4-g128": "Q4_0", "hqq4": "Q4_K_M", "hqq4-g32": "Q4_K (--pure)", "hqq4-g32-mix": "Q4_K_M"}
         for r in (r for r in quant if r["kind"] == "ours_pass"):
             name = counterpart.get(r["preset"], "")
             peer = llama.get(name, {}).get("mbps")
@@ -438,6 +460,8 @@ def report(args):
             err_cmp = f"{rel(err, peer_err, 3)} {name}" if err is not None and peer_err else ""
             err_txt = "" if err is None else f"{err:.4f}"
             print(f"| shardpress {r['preset']}: encode_chunk (pass + reconstruction), in memory | {fmt(r['encode_mbps'])} | | {err_txt} | {rel(r['encode_mbps'], q4_0)} | {rel(r['encode_mbps'], peer)} {name} | {err_cmp} |")
+            if "encode_metrics_mbps" in r:
+                print(f"| shardpress {r['preset']}: encode_chunk_measured (pass + reconstruction + error metrics, as a worker runs it) | {fmt(r['encode_metrics_mbps'])} | | {err_txt} | {rel(r['encode_metrics_mbps'], q4_0)} | {rel(r['encode_metrics_mbps'], peer)} {name} | {err_cmp} |")
             print(f"| shardpress {r['preset']}: encode_chunk + frame (entropy-coded .spz record) | {fmt(r['encode_frame_mbps'])} | {r['ratio']:.4f} | {err_txt} | {rel(r['encode_frame_mbps'], q4_0)} | {rel(r['encode_frame_mbps'], peer)} {name} | {err_cmp} |")
     skipped = [r for r in rows if r["kind"] == "skipped"]
     for r in skipped:
@@ -459,10 +483,13 @@ def main():
     a.add_argument("--work", required=True)
     a.add_argument("--results", required=True)
     a.add_argument("--repeat", type=int, default=3)
+    a = sub.add_parser("mix-recipes")
+    a.add_argument("--work", required=True)
+    a.add_argument("--promoted", default="", help="GGUF names of the tensors Q4_K_M made Q6_K")
     a = sub.add_parser("report")
     a.add_argument("--results", required=True)
     args = p.parse_args()
-    {"prepare": prepare, "gguf-error": gguf_error, "measure": measure, "report": report}[args.cmd](args)
+    {"prepare": prepare, "gguf-error": gguf_error, "measure": measure, "mix-recipes": mix_recipes, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":

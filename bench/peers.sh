@@ -7,9 +7,10 @@
 #   lossless: our entropy stage (core/examples/entropy_file.rs, one thread, in memory) against
 #           memcpy, zstd -3 (libzstd in memory and the CLI) and ZipNN (threads=1); plus the CLI
 #           end to end (`shardpress run --recipe lossless --format spz`, `shardpress decompress`)
-#   quantizers: llama.cpp's llama-quantize Q8_0 / Q4_0 / Q4_K_M (1 thread) against our int8 /
-#           int4-g128 / hqq4 passes on the same BF16 matrices (the first layers of (a), up to
-#           400 MB; --quick: 60 MB, but the 100MB model has a single layer, ~13 MB).
+#   quantizers: llama.cpp's llama-quantize Q8_0 / Q4_0 / Q4_K_M / Q4_K --pure (1 thread) against
+#           our int8 / int4-g128 / hqq4 passes and hqq at group 32 (alone, and with 6 bits on
+#           the tensors Q4_K_M promotes to Q6_K) on the same BF16 matrices (the first layers
+#           of (a), up to 400 MB; --quick: 60 MB, but the 100MB model has a single layer, ~13 MB).
 #   llama-quantize is built from the llama-cpp-python sdist (pinned below) with the system
 #   cmake; ZipNN imports torch, and without torch a stub stands in (see the venv step).
 # Prints markdown tables at the end. A peer that cannot be set up is skipped with a WARNING
@@ -181,40 +182,54 @@ say "zstd -3 and ZipNN (1 thread)"
 "$py" bench/peers.py measure --work "$work" --results "$results" --repeat "$repeat"
 
 # ---------------------------------------------------------------- quantizers
-say "shardpress int8 / int4-g128 / hqq4 on the subset (1 thread)"
-"$ex" passes --presets int8,int4-g128,hqq4 --repeat "$repeat" "$work/subset.safetensors" |
-  "$py" -c 'import json,sys
-for line in sys.stdin:
-    r = json.loads(line); r["kind"] = "ours_pass"; print(json.dumps(r))' >> "$results"
-
+# llama.cpp first: the tensors its Q4_K_M mix promotes to Q6_K are read from its log and given
+# 6 bits in our like-for-like mix (hqq4-g32-mix below).
+promoted=""
 if [ "$have_llama" = 1 ]; then
-  say "llama-quantize Q8_0 / Q4_0 / Q4_K_M (1 thread)"
+  say "llama-quantize Q8_0 / Q4_0 / Q4_K_M / Q4_K --pure (1 thread)"
   quantize=$cache/llama-build/bin/llama-quantize
   in_bytes=$(cat "$work/subset.bytes")   # BF16 tensor bytes (the GGUF minus its header)
   cat "$work/subset.gguf" > /dev/null
-  for type in Q8_0 Q4_0 Q4_K_M; do
+  # label:extra flags:type (--pure: every tensor in the one type, no k-quant mix)
+  for spec in "Q8_0::Q8_0" "Q4_0::Q4_0" "Q4_K_M::Q4_K_M" "Q4_K (--pure):--pure:Q4_K_M"; do
+    IFS=: read -r label flags type <<< "$spec"
     best=""
     for _ in $(seq "$repeat"); do
-      if ! "$quantize" "$work/subset.gguf" "$work/out.gguf" "$type" 1 > "$work/quantize.log" 2>&1; then
+      # shellcheck disable=SC2086 # $flags is empty or one flag
+      if ! "$quantize" $flags "$work/subset.gguf" "$work/out.gguf" "$type" 1 > "$work/quantize.log" 2>&1; then
         tail -20 "$work/quantize.log" >&2
-        skipped "llama-quantize $type" "llama-quantize failed on the synthetic GGUF (log above)"
+        skipped "llama-quantize $label" "llama-quantize failed on the synthetic GGUF (log above)"
         best=""; break
       fi
       ms=$(sed -n 's/.*quantize time = *\([0-9.]*\) ms.*/\1/p' "$work/quantize.log" | head -1)
-      [ -n "$ms" ] || { skipped "llama-quantize $type" "no 'quantize time' in its output"; best=""; break; }
+      [ -n "$ms" ] || { skipped "llama-quantize $label" "no 'quantize time' in its output"; best=""; break; }
       best=$(awk -v a="${best:-1e18}" -v b="$ms" 'BEGIN { print (b < a) ? b : a }')
     done
     [ -n "$best" ] || continue
+    if [ "$label" = Q4_K_M ]; then
+      # e.g. "blk.2.ffn_down.weight ... converting to q6_K": GGUF names of the promoted tensors
+      promoted=$(sed -n 's/.* \(blk\.[0-9]*\.[a-z_]*\.weight\) .*converting to q6_K.*/\1/p' "$work/quantize.log" | tr '\n' ' ')
+    fi
     out_bytes=$(stat -c %s "$work/out.gguf")
     err=$("$py" bench/peers.py gguf-error --quantized "$work/out.gguf" --reference "$work/subset.gguf")
     python3 -c 'import json,sys
 i, o, ms, t = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 e = json.loads(sys.argv[5])["rel_fro_error"]
 print(json.dumps({"kind":"llama","type":t,"bytes":i,"ratio":o/i,"seconds":ms/1e3,"mbps":i/1e6/(ms/1e3),"rel_fro_error":e}))' \
-      "$in_bytes" "$out_bytes" "$best" "$type" "$err" >> "$results"
+      "$in_bytes" "$out_bytes" "$best" "$label" "$err" >> "$results"
     rm -f "$work/out.gguf"
   done
 fi
+
+# hqq at group 32 (Q4_K's sub-block size), alone and with 6 bits where Q4_K_M uses Q6_K.
+"$py" bench/peers.py mix-recipes --work "$work" --promoted "$promoted"
+recipes=$work/hqq4-g32.yaml
+[ -f "$work/hqq4-g32-mix.yaml" ] && recipes=$recipes,$work/hqq4-g32-mix.yaml
+say "shardpress int8 / int4-g128 / hqq4 / hqq4-g32(-mix) on the subset (1 thread)"
+"$ex" passes --presets "int8,int4-g128,hqq4,$recipes" --repeat "$repeat" "$work/subset.safetensors" |
+  "$py" -c 'import json,sys
+for line in sys.stdin:
+    r = json.loads(line); r["kind"] = "ours_pass"; print(json.dumps(r))' >> "$results"
 
 say "results ($results)"
 "$py" bench/peers.py report --results "$results"
