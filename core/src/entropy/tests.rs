@@ -383,6 +383,29 @@ fn fibonacci_counts_force_the_length_limit() {
     assert_eq!(lengths.iter().copied().max(), Some(11));
 }
 
+/// Overwrites the bytes of `enc` named by `edits` (positions modulo its length), truncates
+/// it at `cut` if `truncate`, and decodes it: the result must be an error or bytes of the
+/// declared length, never a panic.
+fn corrupted_decodes_safely(
+    mut enc: Vec<u8>,
+    edits: Vec<(usize, u8)>,
+    cut: usize,
+    truncate: bool,
+) -> Result<(), TestCaseError> {
+    for (at, byte) in edits {
+        let i = at % enc.len();
+        enc[i] = byte;
+    }
+    if truncate {
+        enc.truncate(cut % (enc.len() + 1));
+    }
+    if let Ok(out) = decompress(&enc) {
+        let declared = u64::from_le_bytes(enc[7..15].try_into().unwrap());
+        prop_assert_eq!(out.len() as u64, declared);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -421,19 +444,8 @@ proptest! {
         let mut rng = Rng(seed);
         let len = (seed % 5000) as usize;
         let data: Vec<u8> = (0..len).map(|_| (rng.next_u64() % 9) as u8 * 17).collect();
-        let mut enc = compress(layout, &data);
-        for (at, byte) in edits {
-            let i = at % enc.len();
-            enc[i] = byte;
-        }
-        if truncate {
-            enc.truncate(cut % (enc.len() + 1));
-        }
-        // Only Ok or Err; when Ok, the output has the declared length.
-        if let Ok(out) = decompress(&enc) {
-            let declared = u64::from_le_bytes(enc[7..15].try_into().unwrap());
-            prop_assert_eq!(out.len() as u64, declared);
-        }
+        let enc = compress(layout, &data);
+        corrupted_decodes_safely(enc, edits, cut, truncate)?;
     }
 }
 
@@ -630,18 +642,8 @@ proptest! {
         truncate in any::<bool>(),
     ) {
         let data = int4_group_codes(len, seed);
-        let mut enc = compress(Layout::Bytes, &data);
+        let enc = compress(Layout::Bytes, &data);
         prop_assert_eq!(&decompress(&enc).unwrap(), &data);
-        for (at, byte) in edits {
-            let i = at % enc.len();
-            enc[i] = byte;
-        }
-        if truncate {
-            enc.truncate(cut % (enc.len() + 1));
-        }
-        if let Ok(out) = decompress(&enc) {
-            let declared = u64::from_le_bytes(enc[7..15].try_into().unwrap());
-            prop_assert_eq!(out.len() as u64, declared);
-        }
+        corrupted_decodes_safely(enc, edits, cut, truncate)?;
     }
 }
