@@ -5,7 +5,8 @@
 //! with its original header verbatim and each tensor at its original offset (dequantized into
 //! its original dtype), plus the companion files; for a lossless recipe the files are
 //! byte-identical to the input. Files are written under a `.partial` name and renamed when
-//! complete, so an interrupted restore never leaves a file that looks finished.
+//! complete, so an interrupted restore never leaves a file that looks finished; a restore that
+//! fails (a corrupt record, say) removes its `.partial` file.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -173,22 +174,17 @@ async fn restore_all(archive: &Archive, out: &Path) -> anyhow::Result<(usize, u6
     for (file_index, file) in index.files.iter().enumerate() {
         let path = safe_join(out, &file.name)?;
         let partial = partial_name(&path);
-        let handle = std::fs::File::create(&partial)
-            .with_context(|| format!("cannot create {}", partial.display()))?;
-        handle.set_len(file.size)?;
-        let header = file.header.as_bytes();
-        handle.write_all_at(&(header.len() as u64).to_le_bytes(), 0)?;
-        handle.write_all_at(header, 8)?;
-        for tensor in index.tensors.iter().filter(|t| t.file == file_index) {
-            let data = restore_tensor(archive, tensor).await?;
-            handle
-                .write_all_at(&data, tensor.data_start)
-                .with_context(|| format!("writing {}", partial.display()))?;
-            tensors += 1;
-            bytes += data.len() as u64;
-        }
-        handle.sync_all()?;
+        // A restore that fails part-way leaves nothing behind: not even the `.partial` file.
+        let restored = match restore_file(archive, file_index, &partial).await {
+            Ok(restored) => restored,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
         std::fs::rename(&partial, &path)?;
+        tensors += restored.0;
+        bytes += restored.1;
         eprintln!("  {} ({:.1} MB)", path.display(), file.size as f64 / 1e6);
     }
     if index.files.len() > 1 {
@@ -223,6 +219,38 @@ async fn restore_all(archive: &Archive, out: &Path) -> anyhow::Result<(usize, u6
             .with_context(|| format!("companion file {} in the archive", blob.name))?;
         std::fs::write(&path, data).with_context(|| format!("writing {}", path.display()))?;
     }
+    Ok((tensors, bytes))
+}
+
+/// Writes file `file_index` of the archive's index, complete and synced, to `partial`;
+/// returns its tensor count and tensor bytes.
+async fn restore_file(
+    archive: &Archive,
+    file_index: usize,
+    partial: &Path,
+) -> anyhow::Result<(usize, u64)> {
+    let file = &archive.index.files[file_index];
+    let handle = std::fs::File::create(partial)
+        .with_context(|| format!("cannot create {}", partial.display()))?;
+    handle.set_len(file.size)?;
+    let header = file.header.as_bytes();
+    handle.write_all_at(&(header.len() as u64).to_le_bytes(), 0)?;
+    handle.write_all_at(header, 8)?;
+    let (mut tensors, mut bytes) = (0, 0);
+    for tensor in archive
+        .index
+        .tensors
+        .iter()
+        .filter(|t| t.file == file_index)
+    {
+        let data = restore_tensor(archive, tensor).await?;
+        handle
+            .write_all_at(&data, tensor.data_start)
+            .with_context(|| format!("writing {}", partial.display()))?;
+        tensors += 1;
+        bytes += data.len() as u64;
+    }
+    handle.sync_all()?;
     Ok((tensors, bytes))
 }
 
