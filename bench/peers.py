@@ -429,15 +429,18 @@ def report(args):
         print()
         print("### The distributed pipeline (2 local worker processes, 1 thread each, gRPC over loopback, local object store)")
         print()
-        print("Seconds summed over tasks, from report.json; 'outside tasks' = 2 x wall - task seconds (coordination, planning, finalizing, idle worker). "
-              "Compute share = compute / (2 x wall).")
+        print("Seconds summed over tasks, from report.json. Read, compute and write are measured by the worker inside a task; "
+              "'round trips' = the time from the coordinator's lease to its acceptance of the result, less the worker's own task time "
+              "(lease and result RPCs, task start-up); 'idle' = 2 x wall - the lease-to-result spans (before a worker's first lease and after "
+              "its last result: start-up and the uneven tail). Compute share = compute / (2 x wall).")
         print()
-        print("| recipe | format | MB | wall s | MB/s | tasks | read s | compute s | write s | outside tasks s | compute share |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| recipe | format | MB | wall s | MB/s | tasks | read s | compute s | write s | round trips s | idle s | compute share |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in pipes:
             slots = 2 * r["wall_s"]
             print(f"| {r['recipe']} | {r['format']} | {r['bytes'] / 1e6:,.1f} | {r['wall_s']:.2f} | {fmt(r['bytes'] / 1e6 / r['wall_s'])} | {r['tasks']} | "
-                  f"{r['read_s']:.2f} | {r['compute_s']:.2f} | {r['write_s']:.2f} | {max(slots - r['task_s'], 0):.2f} | {r['compute_s'] / slots:.0%} |")
+                  f"{r['read_s']:.2f} | {r['compute_s']:.2f} | {r['write_s']:.2f} | {max(r['span_s'] - r['task_s'], 0):.2f} | "
+                  f"{max(slots - r['span_s'], 0):.2f} | {r['compute_s'] / slots:.0%} |")
     quant = [r for r in rows if r["kind"] in ("llama", "ours_pass")]
     if quant:
         print()

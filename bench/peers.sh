@@ -172,7 +172,7 @@ for spec in int4-g128:safetensors hqq4:spz lossless:spz; do
   python3 -c 'import json,sys
 r = json.load(open(sys.argv[1])); s = r["summary"]; t = r["tasks"]
 total = lambda k: sum(x[k] for x in t)
-print(json.dumps({"kind":"pipeline","recipe":sys.argv[2],"format":sys.argv[3],"bytes":s["input_bytes"],"wall_s":s["wall_seconds"],"workers":s["workers_used"],"tasks":len(t),"task_s":total("seconds"),"read_s":total("read_seconds"),"compute_s":total("compute_seconds"),"write_s":total("write_seconds"),"output_bytes":s["output_bytes"]}))' \
+print(json.dumps({"kind":"pipeline","recipe":sys.argv[2],"format":sys.argv[3],"bytes":s["input_bytes"],"wall_s":s["wall_seconds"],"workers":s["workers_used"],"tasks":len(t),"task_s":total("seconds"),"span_s":sum(x["completed_at_seconds"]-x["leased_at_seconds"] for x in t),"read_s":total("read_seconds"),"compute_s":total("compute_seconds"),"write_s":total("write_seconds"),"output_bytes":s["output_bytes"]}))' \
     "$work/pipe/report.json" "$recipe" "$format" >> "$results"
   rm -rf "$work/pipe"
 done

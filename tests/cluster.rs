@@ -129,6 +129,18 @@ fn three_worker_processes_compress_a_sharded_model_matching_an_independent_dequa
         workers.len() >= 2,
         "tasks should spread over workers, got {workers:?}"
     );
+    // The timeline: each task's lease comes before its result, both within the job's wall
+    // time, and the span holds the worker's own measured time.
+    let wall = summary["wall_seconds"].as_f64().unwrap();
+    for task in report["tasks"].as_array().unwrap() {
+        let leased = task["leased_at_seconds"].as_f64().unwrap();
+        let completed = task["completed_at_seconds"].as_f64().unwrap();
+        let own = task["seconds"].as_f64().unwrap();
+        assert!(
+            0.0 <= leased && leased + own <= completed && completed <= wall,
+            "task timeline out of order: {task}"
+        );
+    }
     assert_success(&shardpress(&["verify", out.to_str().unwrap()]), "verify");
 }
 

@@ -64,6 +64,8 @@ pub struct TaskSlot {
     /// Leases lost or failed so far.
     pub failures: u32,
     pub progress_bytes: u64,
+    /// When the latest attempt was leased, in seconds since the job started.
+    pub leased_at_seconds: f64,
     pub result: Option<TaskOutcome>,
     /// Set on the final task of an `.spz` job, which concatenates the other tasks' parts.
     pub assemble: Option<AssembleSpz>,
@@ -74,6 +76,8 @@ pub struct TaskSlot {
 pub struct TaskOutcome {
     pub worker: String,
     pub attempt: u32,
+    /// When the coordinator accepted the result, in seconds since the job started.
+    pub completed_at_seconds: f64,
     pub report: CompleteTaskRequest,
 }
 
@@ -124,6 +128,7 @@ impl Job {
                 attempt: 0,
                 failures: 0,
                 progress_bytes: 0,
+                leased_at_seconds: 0.0,
                 result: None,
                 assemble: None,
             })
@@ -157,6 +162,7 @@ impl Job {
             attempt: 0,
             failures: 0,
             progress_bytes: 0,
+            leased_at_seconds: 0.0,
             result: None,
             assemble: Some(assemble),
         });
@@ -198,6 +204,7 @@ impl Job {
         let slot = &mut self.tasks[index];
         slot.attempt += 1;
         slot.progress_bytes = 0;
+        slot.leased_at_seconds = now.saturating_duration_since(self.started).as_secs_f64();
         slot.status = TaskStatus::Leased {
             worker: worker.to_string(),
             deadline: now + ttl,
@@ -251,13 +258,16 @@ impl Job {
         attempt: u32,
         worker: &str,
         report: CompleteTaskRequest,
+        now: Instant,
     ) -> Result<bool, Rejection> {
+        let started = self.started;
         let slot = self.leased_slot(index, attempt)?;
         slot.status = TaskStatus::Done;
         slot.progress_bytes = slot.plan.input_bytes;
         slot.result = Some(TaskOutcome {
             worker: worker.to_string(),
             attempt,
+            completed_at_seconds: now.saturating_duration_since(started).as_secs_f64(),
             report,
         });
         Ok(self.tasks_done() == self.tasks.len())
@@ -409,11 +419,11 @@ mod tests {
         }
         // The last measuring report moves the job to finalizing, as for any job.
         assert_eq!(
-            job.complete(0, 1, "w1", CompleteTaskRequest::default()),
+            job.complete(0, 1, "w1", CompleteTaskRequest::default(), Instant::now()),
             Ok(false)
         );
         assert_eq!(
-            job.complete(1, 1, "w1", CompleteTaskRequest::default()),
+            job.complete(1, 1, "w1", CompleteTaskRequest::default(), Instant::now()),
             Ok(true)
         );
         job.finish(JobState::Finalizing, String::new());
@@ -440,14 +450,14 @@ mod tests {
         // Round two leases are new attempts: a late round-one report is stale.
         assert_eq!(job.lease_next("w2", TTL, t0), Some(0));
         assert_eq!(
-            job.complete(0, 1, "w1", CompleteTaskRequest::default()),
+            job.complete(0, 1, "w1", CompleteTaskRequest::default(), Instant::now()),
             Err(Rejection::StaleAttempt {
                 current: 2,
                 given: 1
             })
         );
         assert_eq!(
-            job.complete(0, 2, "w2", CompleteTaskRequest::default()),
+            job.complete(0, 2, "w2", CompleteTaskRequest::default(), Instant::now()),
             Ok(false)
         );
     }
@@ -459,7 +469,7 @@ mod tests {
         assert_eq!(job.lease_next("w1", TTL, t0), Some(0));
         assert!(job.expire_leases(t0 + TTL, 5));
         assert_eq!(job.lease_next("w2", TTL, t0 + TTL), Some(0));
-        let stale = job.complete(0, 1, "w1", CompleteTaskRequest::default());
+        let stale = job.complete(0, 1, "w1", CompleteTaskRequest::default(), Instant::now());
         assert_eq!(
             stale,
             Err(Rejection::StaleAttempt {
@@ -468,7 +478,7 @@ mod tests {
             })
         );
         assert_eq!(
-            job.complete(0, 2, "w2", CompleteTaskRequest::default()),
+            job.complete(0, 2, "w2", CompleteTaskRequest::default(), Instant::now()),
             Ok(true)
         );
         assert_eq!(job.retries, 1);
@@ -512,11 +522,17 @@ mod tests {
         assert_eq!(job.lease_next("a", TTL, now), Some(0));
         assert_eq!(job.lease_next("b", TTL, now), Some(1));
         assert_eq!(job.lease_next("c", TTL, now), None);
-        assert_eq!(job.complete(1, 1, "b", Default::default()), Ok(false));
         assert_eq!(
-            job.complete(1, 1, "b", Default::default()),
+            job.complete(1, 1, "b", Default::default(), Instant::now()),
+            Ok(false)
+        );
+        assert_eq!(
+            job.complete(1, 1, "b", Default::default(), Instant::now()),
             Err(Rejection::AlreadyDone)
         );
-        assert_eq!(job.complete(0, 1, "a", Default::default()), Ok(true));
+        assert_eq!(
+            job.complete(0, 1, "a", Default::default(), Instant::now()),
+            Ok(true)
+        );
     }
 }

@@ -31,6 +31,7 @@ use std::time::Duration;
 use shardpress_proto::{JobServiceServer, WorkerServiceServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 pub use error::CoordinatorError;
 pub use state::Coordinator;
@@ -68,6 +69,14 @@ pub async fn serve(
         .set_serving::<JobServiceServer<service::JobApi>>()
         .await;
     let reaper = coordinator.clone().spawn_lease_reaper();
+    // TCP_NODELAY on every accepted connection: with Nagle's algorithm, HTTP/2's separate
+    // small writes of one response wait for the peer's delayed ACK (~40 ms per task round
+    // trip on Linux loopback, measured in the per-task timeline of report.json).
+    let incoming = TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(stream)
+    });
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(JobServiceServer::new(service::JobApi::new(
@@ -76,7 +85,7 @@ pub async fn serve(
         .add_service(WorkerServiceServer::new(service::WorkerApi::new(
             coordinator,
         )))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reaper.abort();
     result

@@ -121,6 +121,11 @@ pub struct TaskReport {
     pub attempt: u32,
     pub input_bytes: u64,
     pub output_bytes: u64,
+    /// When the coordinator leased the task and when it accepted the result, in seconds
+    /// since the job started: with `seconds` (the worker's own time), the gaps show
+    /// start-up, the round trips between tasks and workers left idle at the end.
+    pub leased_at_seconds: f64,
+    pub completed_at_seconds: f64,
     pub seconds: f64,
     pub read_seconds: f64,
     pub compute_seconds: f64,
@@ -204,6 +209,8 @@ pub fn build_report(
             attempt: outcome.attempt,
             input_bytes: slot.plan.input_bytes,
             output_bytes: r.output_bytes,
+            leased_at_seconds: slot.leased_at_seconds,
+            completed_at_seconds: outcome.completed_at_seconds,
             seconds: r.seconds,
             read_seconds: r.read_seconds,
             compute_seconds: r.compute_seconds,

@@ -84,9 +84,11 @@ mod tests {
             attempt: 1,
             failures: 0,
             progress_bytes: 0,
+            leased_at_seconds: 0.0,
             result: Some(TaskOutcome {
                 worker: "w".into(),
                 attempt: 1,
+                completed_at_seconds: 0.0,
                 report: CompleteTaskRequest {
                     tensors: results,
                     ..Default::default()

@@ -194,9 +194,13 @@ impl Coordinator {
         let Some(entry) = inner.jobs.get_mut(&task.job_id) else {
             return Completion::Rejected(Rejection::NoSuchTask);
         };
-        let result = entry
-            .job
-            .complete(task.task_index, task.attempt, &task.worker_id, report);
+        let result = entry.job.complete(
+            task.task_index,
+            task.attempt,
+            &task.worker_id,
+            report,
+            Instant::now(),
+        );
         let completion = match result {
             Ok(true) => {
                 entry.job.finish(JobState::Finalizing, String::new());
