@@ -105,27 +105,27 @@ pub fn print_summary(report: &Value) {
         num(s, "workers_used"),
         num(s, "task_retries")
     );
-    if let Some(tasks) = report["tasks"].as_array().filter(|t| !t.is_empty()) {
+    // Both rounds' tasks of a job that measured first, so that idle time is not overstated.
+    let tasks: Vec<&Value> = ["measuring_tasks", "tasks"]
+        .iter()
+        .filter_map(|key| report.get(*key).and_then(Value::as_array))
+        .flatten()
+        .collect();
+    if !tasks.is_empty() {
         let total = |key: &str| tasks.iter().map(|t| num(t, key)).sum::<f64>();
         let spans: f64 = tasks
             .iter()
             .map(|t| num(t, "completed_at_seconds") - num(t, "leased_at_seconds"))
             .sum();
-        // The task list shows the compressing round only, so idle time is left out after a
-        // measuring round.
-        let idle = if s.get("measuring_seconds").is_some_and(|m| !m.is_null()) {
-            String::new()
-        } else {
-            let slots = num(s, "workers_used") * num(s, "wall_seconds");
-            format!("; workers idle {:.2} s", (slots - spans).max(0.0))
-        };
+        let slots = num(s, "workers_used") * num(s, "wall_seconds");
         println!(
-            "             tasks: read {:.2} s, compute {:.2} s, write {:.2} s, round trips {:.2} s (summed over {}){idle}",
+            "             tasks: read {:.2} s, compute {:.2} s, write {:.2} s, round trips {:.2} s (summed over {}); workers idle {:.2} s",
             total("read_seconds"),
             total("compute_seconds"),
             total("write_seconds"),
             (spans - total("seconds")).max(0.0),
-            tasks.len()
+            tasks.len(),
+            (slots - spans).max(0.0)
         );
     }
     if let Some(measuring) = s.get("measuring_seconds").and_then(Value::as_f64) {

@@ -378,6 +378,20 @@ fn a_global_magnitude_target_is_cut_across_tensors_held_by_different_workers() {
     let g = &r["global_prune"];
     assert!((g["sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-3, "{g}");
     assert_eq!(g["params"].as_u64().unwrap(), params as u64);
+    // Both rounds' tasks are listed; the measuring round wrote nothing and ended first.
+    let (measuring, compressing) = (
+        r["measuring_tasks"].as_array().unwrap(),
+        r["tasks"].as_array().unwrap(),
+    );
+    assert_eq!(measuring.len(), compressing.len());
+    let measured_by = r["summary"]["measuring_seconds"].as_f64().unwrap();
+    for t in measuring {
+        assert_eq!(t["output_bytes"], 0, "{t}");
+        assert!(
+            t["completed_at_seconds"].as_f64().unwrap() <= measured_by,
+            "{t}"
+        );
+    }
     let note = r["tensors"]
         .as_array()
         .unwrap()

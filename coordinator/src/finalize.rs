@@ -34,7 +34,7 @@ use shardpress_core::spz::{self, SpzBlob, SpzFile, SpzIndex, SpzTensor};
 use shardpress_proto::v1::{AssembleSpz, CompleteTaskRequest, PartRange};
 
 use crate::job::{JobSpec, Measured, TaskSlot};
-use crate::report::{build_report, Report};
+use crate::report::{build_report, Report, TaskReport};
 use crate::share::shared_tensors;
 use crate::Coordinator;
 
@@ -81,7 +81,8 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
     let outcome = match coordinator.snapshot(&job_id) {
         Some((spec, tasks, started, retries)) => {
             if spec.measuring() {
-                let measured = conclude_measuring(&spec, &tasks, started);
+                let names = coordinator.worker_names();
+                let measured = conclude_measuring(&spec, &tasks, started, &names);
                 tracing::info!(job = %job_id, cut = ?measured.cut, sparsity = measured.pruned_fraction,
                     share_candidates = measured.share_candidates.len(), "measured; compressing");
                 coordinator.start_compression(&job_id, measured);
@@ -223,13 +224,22 @@ async fn reassemble(
 
 /// What the measuring round's reports imply: the global cut of the summed magnitude
 /// histograms, and the shortlist of near-identical tensor pairs from their sketches.
-fn conclude_measuring(spec: &JobSpec, tasks: &[TaskSlot], started: std::time::Instant) -> Measured {
+fn conclude_measuring(
+    spec: &JobSpec,
+    tasks: &[TaskSlot],
+    started: std::time::Instant,
+    worker_names: &HashMap<String, String>,
+) -> Measured {
     let reports: Vec<&CompleteTaskRequest> = tasks
         .iter()
         .filter_map(|t| t.result.as_ref().map(|r| &r.report))
         .collect();
     let mut measured = Measured {
         seconds: started.elapsed().as_secs_f64(),
+        tasks: tasks
+            .iter()
+            .filter_map(|t| Some(TaskReport::new(t, t.result.as_ref()?, worker_names)))
+            .collect(),
         ..Default::default()
     };
     if let Some(target) = spec.recipe.global_sparsity() {

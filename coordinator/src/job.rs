@@ -37,6 +37,8 @@ pub struct Measured {
     /// Near-identical sharing: tensor name -> the earlier tensor it may be stored as (its
     /// worker checks the exact cosine).
     pub share_candidates: HashMap<String, PlannedTensor>,
+    /// The round's tasks as the report lists them (the compressing round reuses the slots).
+    pub tasks: Vec<crate::report::TaskReport>,
 }
 
 impl JobSpec {

@@ -8,7 +8,7 @@ use shardpress_core::plan::layer_index;
 use shardpress_core::recipe::{Gates, OutputFormat};
 use shardpress_proto::v1::TensorResult;
 
-use crate::job::{JobSpec, TaskSlot};
+use crate::job::{JobSpec, TaskOutcome, TaskSlot};
 use crate::share::shared_tensors;
 
 #[derive(Debug, Serialize)]
@@ -24,6 +24,9 @@ pub struct Report {
     pub global_prune: Option<GlobalPruneReport>,
     pub gates: GateVerdict,
     pub layers: Vec<LayerReport>,
+    /// Jobs that measure first: that round's tasks (`tasks` lists the compressing round).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub measuring_tasks: Vec<TaskReport>,
     pub tasks: Vec<TaskReport>,
     pub tensors: Vec<TensorReport>,
 }
@@ -113,7 +116,7 @@ pub struct LayerReport {
     pub min_cosine: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TaskReport {
     pub index: u32,
     pub output: String,
@@ -130,6 +133,34 @@ pub struct TaskReport {
     pub read_seconds: f64,
     pub compute_seconds: f64,
     pub write_seconds: f64,
+}
+
+impl TaskReport {
+    /// The report line of a finished task; `worker_names` maps worker ids to names.
+    pub fn new(
+        slot: &TaskSlot,
+        outcome: &TaskOutcome,
+        worker_names: &HashMap<String, String>,
+    ) -> Self {
+        let r = &outcome.report;
+        TaskReport {
+            index: slot.plan.index,
+            output: slot.plan.output_name.clone(),
+            worker: worker_names
+                .get(&outcome.worker)
+                .cloned()
+                .unwrap_or_else(|| outcome.worker.clone()),
+            attempt: outcome.attempt,
+            input_bytes: slot.plan.input_bytes,
+            output_bytes: r.output_bytes,
+            leased_at_seconds: slot.leased_at_seconds,
+            completed_at_seconds: outcome.completed_at_seconds,
+            seconds: r.seconds,
+            read_seconds: r.read_seconds,
+            compute_seconds: r.compute_seconds,
+            write_seconds: r.write_seconds,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -199,23 +230,7 @@ pub fn build_report(
                 .iter()
                 .map(|t| TensorReport::from_result(t, &slot.plan.output_name)),
         );
-        task_reports.push(TaskReport {
-            index: slot.plan.index,
-            output: slot.plan.output_name.clone(),
-            worker: worker_names
-                .get(&outcome.worker)
-                .cloned()
-                .unwrap_or_else(|| outcome.worker.clone()),
-            attempt: outcome.attempt,
-            input_bytes: slot.plan.input_bytes,
-            output_bytes: r.output_bytes,
-            leased_at_seconds: slot.leased_at_seconds,
-            completed_at_seconds: outcome.completed_at_seconds,
-            seconds: r.seconds,
-            read_seconds: r.read_seconds,
-            compute_seconds: r.compute_seconds,
-            write_seconds: r.write_seconds,
-        });
+        task_reports.push(TaskReport::new(slot, outcome, worker_names));
     }
     // Near-identical tensors share in both formats (their results say so); exact
     // duplicates only inside an archive.
@@ -270,6 +285,11 @@ pub fn build_report(
         }),
         gates,
         layers: layer_reports(&tensors),
+        measuring_tasks: spec
+            .measured
+            .as_ref()
+            .map(|m| m.tasks.clone())
+            .unwrap_or_default(),
         tasks: task_reports,
         tensors,
     }
