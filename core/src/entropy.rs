@@ -34,16 +34,19 @@
 //! **rANS for 4-bit codes.** Quantized int4 codes stored one per byte (values `0..16`) cost
 //! Huffman ~0.04 bit per code above `H` as well (~1% of the output). When every symbol of a
 //! block is below 16, the block is also sized as rANS on nibble pairs (two codes per step,
-//! frequencies at 12 bits from an order-0 product model, 8 interleaved 32-bit states): its
+//! frequencies at 12 bits from an order-0 product model, 32 interleaved 31-bit states sharing
+//! one stream of 16-bit words, decoded with AVX2 where available; see `rans_lanes`): its
 //! size is estimated from the histogram (table + states + ideal cost, exact to a few bytes)
 //! and it replaces Huffman when that estimate plus 1/256 of it is still below Huffman's exact
 //! size. Other planes (BF16/F32 exponents and mantissas) keep Huffman.
 //!
-//! **Format** (all integers little-endian): `magic "SPEN"`, `version: u8 = 2`,
+//! **Format** (all integers little-endian): `magic "SPEN"`, `version: u8 = 3`,
 //! `layout: u8`, `log2(chunk elements): u8`, `original length: u64`; then per chunk, per plane,
 //! a block `mode: u8` followed by `0 raw: n bytes` | `1 constant: 1 byte` |
 //! `2 Huffman: payload length u32, payload` | `3 rANS: payload length u32, payload`; then the
-//! raw tail; nothing may follow. Version 1 is the same without mode 3 and still decodes.
+//! raw tail; nothing may follow. Version 3 writes rANS payload kind 2; version 2 (rANS
+//! payload kind 1) and version 1 (no mode 3) still decode, as does any rANS kind in a
+//! version-2 or -3 block.
 //!
 //! **Hostile input.** Decoding first walks all block headers, checking every length against
 //! the bytes actually present (so the walk is bounded by the encoded size), caps the declared
@@ -59,6 +62,8 @@
 
 mod huffman;
 mod rans;
+mod rans_lanes;
+mod rans_lanes_avx2;
 #[cfg(test)]
 mod tests;
 
@@ -66,8 +71,9 @@ use rayon::prelude::*;
 
 /// File magic of an encoding.
 const MAGIC: [u8; 4] = *b"SPEN";
-/// Format version written; versions `1..=VERSION` are accepted (1 has no rANS blocks).
-const VERSION: u8 = 2;
+/// Format version written; versions `1..=VERSION` are accepted (1 has no rANS blocks, 2
+/// writes rANS payload kind 1, 3 kind 2).
+const VERSION: u8 = 3;
 /// Bytes of the fixed header.
 const HEADER_LEN: usize = 4 + 1 + 1 + 1 + 8;
 /// log2 of the elements per chunk written by [`compress`].
@@ -302,10 +308,11 @@ pub fn order0_bound(layout: Layout, data: &[u8]) -> f64 {
     (plane_bits + 8.0 * (data.len() - body_len) as f64) / (8.0 * data.len() as f64)
 }
 
-/// Per-thread buffers holding the planes of one chunk.
+/// Per-thread buffers holding the planes of one chunk, and the rANS encoder's words.
 #[derive(Default)]
 struct PlaneScratch {
     planes: [Vec<u8>; 4],
+    rans: rans::EncodeScratch,
 }
 
 /// Splits a chunk of whole elements into planes (see module docs). For `Bytes` the chunk
@@ -395,7 +402,7 @@ fn ungroup16(p0: u8, p1: u8) -> u16 {
 /// full histogram still sends a near-uniform one to raw.
 fn encode_chunk(layout: Layout, chunk: &[u8], scratch: &mut PlaneScratch, out: &mut Vec<u8>) {
     if layout == Layout::Bytes {
-        encode_block(chunk, true, out);
+        encode_block(chunk, true, &mut scratch.rans, out);
         return;
     }
     let n = chunk.len() / layout.element_size();
@@ -411,7 +418,7 @@ fn encode_chunk(layout: Layout, chunk: &[u8], scratch: &mut PlaneScratch, out: &
         let plane = &mut scratch.planes[0];
         plane.clear();
         with_plane(layout, p, AppendPlane { chunk, dst: plane });
-        encode_block(plane, false, out);
+        encode_block(plane, false, &mut scratch.rans, out);
     }
 }
 
@@ -496,7 +503,12 @@ impl PlaneOp for SampleHistogram<'_> {
 
 /// Appends one block in the cheapest mode (see module docs). `plane` is non-empty. With
 /// `sample` the raw pre-test is done here; otherwise the caller has done it.
-fn encode_block(plane: &[u8], sample: bool, out: &mut Vec<u8>) {
+fn encode_block(
+    plane: &[u8],
+    sample: bool,
+    rans_scratch: &mut rans::EncodeScratch,
+    out: &mut Vec<u8>,
+) {
     let n = plane.len();
     // Cheap pre-test on every SAMPLE_STRIDE-th symbol: a near-uniform plane goes raw without
     // a full histogram (the sample entropy underestimates by ~(k-1)/(2 m ln 2) bits).
@@ -523,13 +535,13 @@ fn encode_block(plane: &[u8], sample: bool, out: &mut Vec<u8>) {
         let size = huffman::encoded_size(&seg_hists, &lengths);
         if hist[16..].iter().all(|&c| c == 0) {
             // 4-bit codes: rANS on nibble pairs, if it clearly beats Huffman.
-            let model = rans::Model::new(rans::Kind::Pairs, &hist);
+            let model = rans::Model::new(rans::Kind::PairLanes, &hist);
             let est = model.estimated_size(&hist, n);
             if est + est / RANS_MARGIN < size && est + 4 < budget {
                 out.push(MODE_RANS);
                 let len_at = out.len();
                 out.extend_from_slice(&[0; 4]);
-                let len = rans::encode(plane, &model, out);
+                let len = rans::encode_with(plane, &model, rans_scratch, out);
                 out[len_at..len_at + 4].copy_from_slice(&(len as u32).to_le_bytes());
                 return;
             }

@@ -2,6 +2,13 @@
 //! symbols, either one byte per coding step or, when every byte is below 16, one *nibble
 //! pair* (two 4-bit codes) per step.
 //!
+//! Three payload kinds share a header and the frequency model: kind 0 (bytes) and kind 1
+//! (nibble pairs), coded here by 4 states of 64 bits with one stream each, and kind 2
+//! (nibble pairs), 32 states of 31 bits sharing one stream of 16-bit words, laid out for an
+//! AVX2 decoder (see `rans_lanes`). The encoder writes kind 2 for every rANS block; kinds 0
+//! and 1 are still decoded (kind 1 is what format version 2 wrote) and written only by
+//! tests. The rest of this documentation describes kinds 0 and 1 and the shared parts.
+//!
 //! **rANS.** With symbol frequencies `f_s` summing to `M = 2^P` and cumulative starts `c_s`, a
 //! state `x` codes symbol `s` as `C(s, x) = (x / f_s) * M + x % f_s + c_s`; the decoder
 //! recovers `s` from the slot `x' % M` (the `s` with `c_s <= slot < c_s + f_s`) and sets
@@ -63,12 +70,13 @@
 //! shift, a multiply, an add and one store.
 //!
 //! **Payload layout** (`n` = the block's symbol count, known to the caller):
-//! `kind: u8` (0 bytes, 1 nibble pairs), `precision P: u8`, `first: u8, last: u8`, one
+//! `kind: u8` (0 bytes, 1 or 2 nibble pairs), `precision P: u8`, `first: u8, last: u8`, one
 //! LEB128 frequency (at most 2 bytes) per symbol `first..=last` (0 = absent; the nibble
-//! frequencies for pairs), the raw tail (`n % 2` bytes for bytes, `n % 4` for pairs), the 4
-//! final encoder states (`u64` LE, state 0 first), the sizes of streams 0 to 2 in words
-//! (LEB128, at most 5 bytes each), then streams 0 to 3 (`u32` LE words, each in decoding
-//! order); stream 3 is the rest of the payload.
+//! frequencies for pairs), the raw tail (`n % 2` bytes for bytes, `n % 4` for kind 1, `n %
+//! 2` for kind 2), then for kinds 0 and 1 the 4 final encoder states (`u64` LE, state 0
+//! first), the sizes of streams 0 to 2 in words (LEB128, at most 5 bytes each), then streams
+//! 0 to 3 (`u32` LE words, each in decoding order); stream 3 is the rest of the payload. Kind
+//! 2 continues as `rans_lanes` describes (packed states, one word stream), with `P = 12`.
 //!
 //! **Hostile input.** The decoder accepts only `P` in `8..=12`, tables whose frequencies sum
 //! exactly to `M` (`2^NIBBLE_PREC` for nibbles, and nibbles below 16) with at least two
@@ -80,6 +88,9 @@
 //! windows via `get`, else per word), and at the end every state must be back at `L` (the
 //! encoder's initial value) and every stream consumed exactly. Corruption that survives
 //! these checks yields wrong bytes of the right length, never a panic. No `unsafe`.
+
+use super::rans_lanes;
+pub(super) use super::rans_lanes::EncodeScratch;
 
 /// Interleaved states, each with its own word stream.
 pub(super) const STATES: usize = 4;
@@ -100,16 +111,22 @@ const WIN: usize = 4 * CHUNK;
 /// Payload kinds.
 const KIND_BYTES: u8 = 0;
 const KIND_PAIRS: u8 = 1;
+const KIND_PAIR_LANES: u8 = 2;
 
-/// Which alphabet a block is coded with.
+/// Which alphabet and stream layout a block is coded with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
-    /// One byte per step. Decoded, but written only by tests: on BF16/F32 planes it has not
-    /// been measured against Huffman's speed, so the encoder uses `Pairs` only.
+    /// One byte per step (kind 0). Decoded, but written only by tests: on BF16/F32 planes it
+    /// has not been measured against Huffman's speed, so the encoder uses `PairLanes` only.
     #[cfg_attr(not(test), allow(dead_code))]
     Bytes,
-    /// Two nibbles per step (every byte of the block is below 16).
+    /// Two nibbles per step, 4 states of 64 bits (kind 1, written by format version 2).
+    /// Decoded, but written only by tests since `PairLanes` replaced it.
+    #[cfg_attr(not(test), allow(dead_code))]
     Pairs,
+    /// Two nibbles per step, 32 states of 31 bits sharing one stream (kind 2; see
+    /// `rans_lanes`). Every byte of the block is below 16.
+    PairLanes,
 }
 
 impl Kind {
@@ -117,7 +134,15 @@ impl Kind {
     fn width(self) -> usize {
         match self {
             Kind::Bytes => 1,
-            Kind::Pairs => 2,
+            Kind::Pairs | Kind::PairLanes => 2,
+        }
+    }
+
+    /// Bytes of a coded unit; the `n % unit` bytes after the last whole unit are stored raw.
+    fn unit(self) -> usize {
+        match self {
+            Kind::Bytes | Kind::Pairs => 2 * self.width(),
+            Kind::PairLanes => 2,
         }
     }
 }
@@ -147,7 +172,7 @@ impl Model {
                     freqs,
                 }
             }
-            Kind::Pairs => {
+            Kind::Pairs | Kind::PairLanes => {
                 debug_assert!(hist[16..].iter().all(|&c| c == 0));
                 let stored = normalize(hist, NIBBLE_PREC);
                 let mut nib = [0u32; 16];
@@ -174,7 +199,7 @@ impl Model {
                 .filter(|(&c, _)| c > 0)
                 .map(|(&c, &f)| f64::from(c) * (m / f64::from(f)).log2())
                 .sum::<f64>(),
-            Kind::Pairs => {
+            Kind::Pairs | Kind::PairLanes => {
                 let total = n as f64;
                 let steps = (n / 2) as f64;
                 let mut bits = 0.0;
@@ -190,6 +215,18 @@ impl Model {
                 bits
             }
         };
+        if self.kind == Kind::PairLanes {
+            // The stream carries the bits of the coded steps plus those of the initial states
+            // (log2 L = 15, about 16.3 with two seed pairs), less those held by the final
+            // states (15 to 31 bits, ~23 on average).
+            let pairs = n / 2;
+            let seeded = rans_lanes::seeded(pairs);
+            let coded_bits = bits * (pairs - seeded) as f64 / pairs.max(1) as f64;
+            let initial = if seeded > 0 { 16.3 } else { 15.0 };
+            let lanes = rans_lanes::LANES as f64;
+            let stream = ((coded_bits + lanes * (initial - 23.0)) / 16.0).max(0.0);
+            return self.table_len(n) + rans_lanes::STATES_LEN + 2 * stream.round() as usize;
+        }
         // Each stream carries its share of the bits plus the 31 of the initial state L, less
         // those held by its final state (31 to 63 bits, ~47 on average).
         let per_stream = ((bits / STATES as f64 - 16.0) / 32.0).max(0.0).round() as usize;
@@ -204,7 +241,7 @@ impl Model {
             .iter()
             .map(|&f| if f < 128 { 1 } else { 2 })
             .sum();
-        4 + varints + n % (2 * self.kind.width())
+        4 + varints + n % self.kind.unit()
     }
 }
 
@@ -423,14 +460,26 @@ fn unit_syms<const W: usize>(d: &[u8]) -> (usize, usize) {
     }
 }
 
-/// Appends the payload coding `data` (non-empty; at least two distinct symbols, all with a
-/// non-zero frequency in `model`) to `out`; returns its size.
+/// [`encode_with`] with a fresh scratch buffer.
+#[cfg(test)]
 pub(super) fn encode(data: &[u8], model: &Model, out: &mut Vec<u8>) -> usize {
+    encode_with(data, model, &mut EncodeScratch::default(), out)
+}
+
+/// Appends the payload coding `data` (non-empty; at least two distinct symbols, all with a
+/// non-zero frequency in `model`) to `out`, using `scratch`; returns its size.
+pub(super) fn encode_with(
+    data: &[u8],
+    model: &Model,
+    scratch: &mut EncodeScratch,
+    out: &mut Vec<u8>,
+) -> usize {
     assert_eq!(model.prec, PREC, "the encoder codes at PREC");
     let base = out.len();
     out.push(match model.kind {
         Kind::Bytes => KIND_BYTES,
         Kind::Pairs => KIND_PAIRS,
+        Kind::PairLanes => KIND_PAIR_LANES,
     });
     out.push(model.prec as u8);
     let (first, last) = range(&model.stored);
@@ -444,13 +493,14 @@ pub(super) fn encode(data: &[u8], model: &Model, out: &mut Vec<u8>) -> usize {
             out.push((f >> 7) as u8);
         }
     }
-    let table = enc_table(&model.freqs, model.prec);
-    let unit = 2 * model.kind.width();
+    let unit = model.kind.unit();
     let coded = data.len() / unit * unit;
     out.extend_from_slice(&data[coded..]);
+    let data = &data[..coded];
     match model.kind {
-        Kind::Bytes => encode_streams::<1>(&data[..coded], &table, out),
-        Kind::Pairs => encode_streams::<2>(&data[..coded], &table, out),
+        Kind::Bytes => encode_streams::<1>(data, &enc_table(&model.freqs, model.prec), out),
+        Kind::Pairs => encode_streams::<2>(data, &enc_table(&model.freqs, model.prec), out),
+        Kind::PairLanes => rans_lanes::encode(data, &model.freqs, scratch, out),
     }
     out.len() - base
 }
@@ -597,18 +647,24 @@ pub(super) fn decode(payload: &[u8], out: &mut [u8]) -> Result<(), &'static str>
             check_freqs(&stored, prec)?;
             (stored, Kind::Bytes)
         }
-        KIND_PAIRS => {
+        KIND_PAIRS | KIND_PAIR_LANES => {
             if last >= 16 {
                 return Err("rANS nibble out of range");
             }
             check_freqs(&stored, NIBBLE_PREC)?;
             let mut nib = [0u32; 16];
             nib.copy_from_slice(&stored[..16]);
-            (pair_freqs(&nib, prec), Kind::Pairs)
+            if kind == KIND_PAIRS {
+                (pair_freqs(&nib, prec), Kind::Pairs)
+            } else if prec == rans_lanes::PREC {
+                (pair_freqs(&nib, prec), Kind::PairLanes)
+            } else {
+                return Err("rANS precision out of range");
+            }
         }
         _ => return Err("unknown rANS kind"),
     };
-    let unit = 2 * kind.width();
+    let unit = kind.unit();
     let coded = out.len() / unit * unit;
     let tail = payload
         .get(at..at + out.len() - coded)
@@ -631,6 +687,7 @@ pub(super) fn decode(payload: &[u8], out: &mut [u8]) -> Result<(), &'static str>
     match kind {
         Kind::Bytes => dispatch!(1),
         Kind::Pairs => dispatch!(2),
+        Kind::PairLanes => rans_lanes::decode(payload, &freqs, out),
     }
 }
 

@@ -647,3 +647,153 @@ proptest! {
         corrupted_decodes_safely(enc, edits, cut, truncate)?;
     }
 }
+
+/// Kind-2 test blocks of `len` nibble bytes: skewed, uniform, two symbols, and one
+/// dominant symbol with rare ones (frequency 1 at the precision); each with at least two
+/// distinct symbols.
+fn nibble_blocks(len: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
+    let skewed: Vec<u8> = (0..len)
+        .map(|_| (rng.gaussian() * 1.5 + 8.0).round().clamp(0.0, 15.0) as u8)
+        .collect();
+    let uniform: Vec<u8> = (0..len).map(|_| (rng.next_u64() % 16) as u8).collect();
+    let two: Vec<u8> = (0..len).map(|i| [3, 12][(i % 3 == 0) as usize]).collect();
+    let mut rare = vec![5u8; len];
+    rare[len / 3] = 6;
+    rare[len - 1] = 0;
+    [skewed, uniform, two, rare]
+        .into_iter()
+        .filter(|d| d.iter().any(|&b| b != d[0]))
+        .collect()
+}
+
+/// Lengths around the kind-2 boundaries: tiny, one lane short or over, exact rounds (64
+/// bytes), the seeds (128 bytes), odd tails, and whole 64 KiB blocks.
+const LANE_LENGTHS: [usize; 24] = [
+    2, 3, 4, 5, 63, 64, 65, 127, 128, 129, 130, 131, 191, 192, 193, 255, 256, 257, 1000, 1001,
+    4096, 40_003, 65_535, 65_536,
+];
+
+#[test]
+fn rans_lane_blocks_round_trip() {
+    let mut rng = Rng(41);
+    for len in LANE_LENGTHS {
+        for data in nibble_blocks(len, &mut rng) {
+            rans_round_trip(rans::Kind::PairLanes, &data);
+        }
+    }
+}
+
+#[test]
+fn int4_codes_over_several_blocks_use_rans_lanes() {
+    // The last block is shorter but large enough for the 124 bytes of states to pay off.
+    let data = int4_group_codes(3 * 65_536 + 30_001, 17);
+    let enc = round_trip(Layout::Bytes, &data);
+    let mut pos = HEADER_LEN;
+    while pos < enc.len() {
+        assert_eq!(enc[pos], MODE_RANS, "block at {pos}");
+        assert_eq!(enc[pos + 5], 2, "rANS payload kind at {pos}");
+        pos += 5 + payload_len(&enc, pos + 1);
+    }
+}
+
+/// Encodes and decodes `data` as kind 2 on the AVX2 path (where the CPU has it) and on
+/// the forced scalar path: payloads and outputs must be identical.
+fn lanes_paths_agree(data: &[u8]) {
+    let run = || {
+        let payload = rans_round_trip(rans::Kind::PairLanes, data);
+        let mut out = vec![0u8; data.len()];
+        rans::decode(&payload, &mut out).unwrap();
+        (payload, out)
+    };
+    assert!(
+        run() == crate::dtype::with_baseline(run),
+        "len {}",
+        data.len()
+    );
+}
+
+#[test]
+fn rans_lanes_avx2_and_scalar_paths_agree() {
+    let mut rng = Rng(43);
+    for len in LANE_LENGTHS {
+        for data in nibble_blocks(len, &mut rng) {
+            lanes_paths_agree(&data);
+        }
+    }
+}
+
+#[test]
+fn rans_lanes_reject_hostile_payloads() {
+    let data = int4_group_codes(5001, 5);
+    let payload = rans_round_trip(rans::Kind::PairLanes, &data);
+    assert_eq!(payload[0], 2);
+    let decode = |p: &[u8]| rans::decode(p, &mut vec![0u8; data.len()]);
+    for cut in 0..payload.len() {
+        assert!(decode(&payload[..cut]).is_err(), "truncated to {cut}");
+    }
+    assert!(decode(&[payload.as_slice(), &[0]].concat()).is_err());
+    assert!(decode(&[payload.as_slice(), &[0, 0]].concat()).is_err());
+    let mut p = payload.clone();
+    p[1] = 11; // kind 2 is coded at P = 12 only
+    assert_eq!(decode(&p), Err("rANS precision out of range"));
+    let mut p = payload.clone();
+    p[3] = 16; // a nibble above 15
+    assert!(decode(&p).is_err());
+    // The packed states start after the header, the nibble frequencies and the raw tail
+    // of 5001 % 2 = 1 byte; state 0 is the low 31 bits. Below L it is rejected.
+    let mut at = 4;
+    for _ in payload[2]..=payload[3] {
+        at += if payload[at] < 0x80 { 1 } else { 2 };
+    }
+    at += 1;
+    let mut p = payload.clone();
+    let state0 = u32::from_le_bytes(p[at..at + 4].try_into().unwrap());
+    p[at..at + 4].copy_from_slice(&(state0 & !0x7fff_ffff).to_le_bytes());
+    assert_eq!(decode(&p), Err("rANS state out of range"));
+    // Flipping any single bit never panics, and both paths agree on the outcome.
+    for i in 0..payload.len() {
+        for bit in [0, 4, 7] {
+            let mut p = payload.clone();
+            p[i] ^= 1 << bit;
+            let run = || {
+                let mut out = vec![0u8; data.len()];
+                rans::decode(&p, &mut out).map(|()| out)
+            };
+            assert_eq!(
+                run(),
+                crate::dtype::with_baseline(run),
+                "byte {i} bit {bit}"
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Kind-2 payloads of random nibble data: the AVX2 and scalar paths write the same
+    /// payload and decode it (and any corruption of it) to the same result.
+    #[test]
+    fn rans_lanes_paths_agree_on_valid_and_corrupted_payloads(
+        seed in any::<u64>(),
+        len in 2usize..20_000,
+        spread in 1u64..16,
+        edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+    ) {
+        let mut rng = Rng(seed);
+        let mut data: Vec<u8> = (0..len).map(|_| (rng.next_u64() % (spread + 1)) as u8).collect();
+        data[0] = 0;
+        data[len - 1] = spread as u8;
+        lanes_paths_agree(&data);
+        let mut payload = rans_round_trip(rans::Kind::PairLanes, &data);
+        for (at, byte) in edits {
+            let i = at % payload.len();
+            payload[i] = byte;
+        }
+        let run = || {
+            let mut out = vec![0u8; len];
+            rans::decode(&payload, &mut out).map(|()| out)
+        };
+        prop_assert_eq!(run(), crate::dtype::with_baseline(run));
+    }
+}
