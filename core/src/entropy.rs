@@ -510,9 +510,13 @@ fn encode_block(
     out: &mut Vec<u8>,
 ) {
     let n = plane.len();
+    // Blocks that start with 4-bit values are probably quantized codes (one per byte).
+    let nibbles = plane.iter().take(64).all(|&b| b < 16);
     // Cheap pre-test on every SAMPLE_STRIDE-th symbol: a near-uniform plane goes raw without
-    // a full histogram (the sample entropy underestimates by ~(k-1)/(2 m ln 2) bits).
-    if sample && n >= SAMPLE_MIN {
+    // a full histogram (the sample entropy underestimates by ~(k-1)/(2 m ln 2) bits). Codes
+    // skip it: they are rarely near-uniform, and the full histogram still sends one that is
+    // to raw.
+    if sample && n >= SAMPLE_MIN && !nibbles {
         let hist = with_plane(Layout::Bytes, 0, SampleHistogram { chunk: plane });
         let h = huffman::entropy_bits_per_symbol(&hist);
         if h > RAW_SAMPLE_ENTROPY {
@@ -521,7 +525,11 @@ fn encode_block(
             return;
         }
     }
-    let seg_hists = huffman::segment_histograms(plane);
+    // Codes are counted with vector compares (if every byte is below 16).
+    let seg_hists = nibbles
+        .then(|| nibble_segment_histograms(plane))
+        .flatten()
+        .unwrap_or_else(|| huffman::segment_histograms(plane));
     let hist = huffman::sum_histograms(&seg_hists);
     let distinct = hist.iter().filter(|&&c| c > 0).count();
     if distinct == 1 {
@@ -557,6 +565,57 @@ fn encode_block(
     }
     out.push(MODE_RAW);
     out.extend_from_slice(plane);
+}
+
+/// [`huffman::segment_histograms`] of a block whose bytes are all below 16, else `None`.
+fn nibble_segment_histograms(data: &[u8]) -> Option<[[u32; 256]; huffman::STREAMS]> {
+    let n = data.len();
+    let mut hists = [[0u32; 256]; huffman::STREAMS];
+    for (s, h) in hists.iter_mut().enumerate() {
+        h[..16].copy_from_slice(&nibble_counts(&data[huffman::segment(n, s)])?);
+    }
+    Some(hists)
+}
+
+/// Bytes per group of [`nibble_counts`]: each 8-bit counter sees at most 255 of them.
+const NIBBLE_GROUP: usize = 255 * 32;
+
+crate::dtype::avx2_dispatch! {
+    /// Counts of each value `0..16` in `data`, or `None` if a byte is 16 or more.
+    fn nibble_counts(data: &[u8]) -> Option<[u32; 16]> => nibble_counts_body
+}
+
+/// Per 32 bytes, one compare and one subtract per value in 8-bit lanes (vectorized by the
+/// compiler), summed into `u32` counts after every [`NIBBLE_GROUP`] bytes.
+#[inline(always)]
+fn nibble_counts_body(data: &[u8]) -> Option<[u32; 16]> {
+    let mut counts = [0u32; 16];
+    let mut high = 0u8;
+    for group in data.chunks(NIBBLE_GROUP) {
+        let mut lanes = [[0u8; 32]; 16];
+        let mut or = [0u8; 32];
+        let mut blocks = group.chunks_exact(32);
+        for block in &mut blocks {
+            let block: &[u8; 32] = block.try_into().expect("32-byte chunk");
+            for (o, &b) in or.iter_mut().zip(block) {
+                *o |= b;
+            }
+            for (v, lane) in lanes.iter_mut().enumerate() {
+                for (c, &b) in lane.iter_mut().zip(block) {
+                    *c = c.wrapping_add(u8::from(b == v as u8));
+                }
+            }
+        }
+        high |= or.iter().fold(0, |a, &b| a | b);
+        for (count, lane) in counts.iter_mut().zip(&lanes) {
+            *count += lane.iter().map(|&c| u32::from(c)).sum::<u32>();
+        }
+        for &b in blocks.remainder() {
+            high |= b;
+            counts[usize::from(b & 15)] += 1;
+        }
+    }
+    (high < 16).then_some(counts)
 }
 
 /// The fixed header, validated.

@@ -37,7 +37,7 @@ pub(super) const MAX_CODE_LEN: u32 = 11;
 /// Entries of the single-level decode table.
 const TABLE_SIZE: usize = 1 << MAX_CODE_LEN;
 /// Independent bit streams per block.
-const STREAMS: usize = 4;
+pub(super) const STREAMS: usize = 4;
 /// Symbols decoded per window refill (`5 * 11 <= 57`).
 const SYMS_PER_REFILL: usize = 5;
 
@@ -235,7 +235,7 @@ fn symbol_range(lengths: &[u8; 256]) -> (usize, usize) {
 }
 
 /// Bounds of segment `s` of a block of `n` symbols.
-fn segment(n: usize, s: usize) -> std::ops::Range<usize> {
+pub(super) fn segment(n: usize, s: usize) -> std::ops::Range<usize> {
     let seg = n.div_ceil(STREAMS);
     (s * seg).min(n)..((s + 1) * seg).min(n)
 }

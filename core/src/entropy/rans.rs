@@ -266,10 +266,12 @@ fn normalize(hist: &[u32; 256], prec: u32) -> [u32; 256] {
             sum += u64::from(*f);
         }
     }
+    // The present symbols (only they change) lie in `first..=last`.
+    let (first, last) = range(hist);
     // Largest ratio c / f first: gains most from +1.
     while sum < m {
         let mut best = usize::MAX;
-        for s in 0..256 {
+        for s in first..=last {
             if hist[s] > 0
                 && (best == usize::MAX
                     || u64::from(hist[s]) * u64::from(f[best])
@@ -284,7 +286,7 @@ fn normalize(hist: &[u32; 256], prec: u32) -> [u32; 256] {
     // Smallest ratio c / (f - 1) first: loses least from -1.
     while sum > m {
         let mut best = usize::MAX;
-        for s in 0..256 {
+        for s in first..=last {
             if f[s] > 1
                 && (best == usize::MAX
                     || u64::from(hist[s]) * u64::from(f[best] - 1)
@@ -329,6 +331,29 @@ fn pair_freqs(g: &[u32; 16], prec: u32) -> [u32; 256] {
             }
         }
         let order = &mut keys[..count];
+        // Usually only the first pass's first |diff| pairs change, each by one unit: they are
+        // the |diff| smallest keys, found without sorting. Decrements need them all above 1,
+        // which holds when at least |diff| pairs are (those come first in the order).
+        let k = diff.unsigned_abs() as usize;
+        let eligible = if diff > 0 {
+            count
+        } else {
+            order
+                .iter()
+                .filter(|&&key| (1 << 13) - (key >> 8) > 1)
+                .count()
+        };
+        if k <= eligible {
+            if k < count {
+                order.select_nth_unstable(k - 1);
+            }
+            let step = if diff > 0 { 1 } else { u32::MAX };
+            for &key in &order[..k] {
+                let i = (key & 0xff) as usize;
+                f[i] = f[i].wrapping_add(step);
+            }
+            return f;
+        }
         order.sort_unstable();
         while diff != 0 {
             for &key in order.iter() {
@@ -856,4 +881,77 @@ fn decode_streams<const PREC: u32, const W: usize>(
         return Err("rANS stream does not end in the initial state");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `pair_freqs` as first written: every present pair sorted, then whole passes.
+    fn pair_freqs_by_full_sort(g: &[u32; 16], prec: u32) -> [u32; 256] {
+        let shift = 2 * NIBBLE_PREC - prec;
+        let mut f = [0u32; 256];
+        let mut sum = 0i64;
+        for a in 0..16 {
+            for b in 0..16 {
+                if g[a] * g[b] > 0 {
+                    f[a | b << 4] = ((g[a] * g[b] + (1 << (shift - 1))) >> shift).max(1);
+                    sum += i64::from(f[a | b << 4]);
+                }
+            }
+        }
+        let mut diff = (1i64 << prec) - sum;
+        let mut order: Vec<u32> = (0..256)
+            .filter(|&i| f[i] > 0)
+            .map(|i| ((1 << 13) - f[i]) << 8 | i as u32)
+            .collect();
+        order.sort_unstable();
+        while diff != 0 {
+            for &key in &order {
+                let i = (key & 0xff) as usize;
+                if diff > 0 {
+                    f[i] += 1;
+                    diff -= 1;
+                } else if diff < 0 && f[i] > 1 {
+                    f[i] -= 1;
+                    diff += 1;
+                }
+                if diff == 0 {
+                    break;
+                }
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn pair_frequencies_match_the_full_sort() {
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) as u32
+        };
+        for case in 0..3000 {
+            // Skewed, flat and sparse nibble histograms, 2 to 16 symbols present.
+            let present = 2 + case % 15;
+            let mut hist = [0u32; 256];
+            for _ in 0..present {
+                let scale = [1, 30, 1000, 100_000][next() as usize % 4];
+                hist[next() as usize % 16] += 1 + next() % scale;
+            }
+            if hist.iter().filter(|&&c| c > 0).count() < 2 {
+                continue;
+            }
+            let stored = normalize(&hist, NIBBLE_PREC);
+            let mut g = [0u32; 16];
+            g.copy_from_slice(&stored[..16]);
+            for prec in 8..=12 {
+                let fast = pair_freqs(&g, prec);
+                assert_eq!(fast, pair_freqs_by_full_sort(&g, prec), "g {g:?}, P {prec}");
+                assert_eq!(fast.iter().sum::<u32>(), 1 << prec);
+            }
+        }
+    }
 }

@@ -107,8 +107,8 @@ mod avx2 {
         packs
     }
 
-    /// Codes one step of the 8 states `x` (pair values `p`), first storing the words they
-    /// emit just below `*pos`.
+    /// Codes one step of the 8 states `x` (pairs: the 16 nibble bytes `d`), first storing
+    /// the words they emit just below `*pos`.
     ///
     /// # Safety
     /// AVX2 and POPCNT must be available.
@@ -116,20 +116,23 @@ mod avx2 {
     #[target_feature(enable = "avx2,popcnt")]
     unsafe fn enc_step8(
         x: &mut __m256i,
-        p: __m256i,
+        d: &[u8; 16],
         table: &EncTable,
         words: &mut [u8],
         pos: &mut usize,
     ) {
-        // SAFETY: the stores of `p` and `x` go to local arrays of their size; the 16-byte
-        // store goes to `words[*pos - 16..*pos]`, a checked slice; the pack table is indexed
-        // by an 8-bit movemask. The rest is register arithmetic and checked indexing.
+        // SAFETY: the 16-byte store goes to `words[*pos - 16..*pos]`, a checked slice; the
+        // pack table is indexed by an 8-bit movemask. The rest is register arithmetic and
+        // checked indexing.
         unsafe {
-            // Scalar lookups (faster than gathers here; they are off the state's dependency
-            // chain), then the `f | c << 16` and `1 / f` halves split into two vectors.
-            let mut idx = [0u32; 8];
-            _mm256_storeu_si256(idx.as_mut_ptr().cast::<__m256i>(), p);
-            let e = |i: usize| table.vector[idx[i] as usize & 0xff] as i64;
+            // Scalar lookups, with the pair values computed by scalar code straight from the
+            // data (faster than gathers, or than indices moved out of a vector; all of it is
+            // off the states' dependency chain), then the `f | c << 16` and `1 / f` halves
+            // split into two vectors.
+            let e = |i: usize| {
+                let w = u16::from_le_bytes([d[2 * i], d[2 * i + 1]]);
+                table.vector[usize::from((w | w >> 4) as u8)] as i64
+            };
             let lo4 = _mm256_castsi256_ps(_mm256_set_epi64x(e(3), e(2), e(1), e(0)));
             let hi4 = _mm256_castsi256_ps(_mm256_set_epi64x(e(7), e(6), e(5), e(4)));
             let fc = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_castps_si256(
@@ -188,8 +191,7 @@ mod avx2 {
     ) {
         const V: usize = LANES / 8;
         // SAFETY: the loads and stores of the states are of the `u32` of `x` (32-byte
-        // eighths); the data loads read 16 bytes at `16 v` of a `ROUND_OUT = 16 V`-byte
-        // round; `enc_step8` bounds-checks its stores.
+        // eighths); `enc_step8` bounds-checks its stores.
         unsafe {
             let mut xs = [_mm256_setzero_si256(); V];
             for (v, xv) in xs.iter_mut().enumerate() {
@@ -197,15 +199,8 @@ mod avx2 {
             }
             for round in data.rchunks_exact(ROUND_OUT) {
                 for v in (0..V).rev() {
-                    // Lane i: bytes 2i, 2i + 1 as `a | b << 8`, then the pair `a | b << 4`.
-                    let t = _mm256_cvtepu16_epi32(_mm_loadu_si128(
-                        round.as_ptr().add(16 * v).cast::<__m128i>(),
-                    ));
-                    let p = _mm256_and_si256(
-                        _mm256_or_si256(t, _mm256_srli_epi32::<4>(t)),
-                        _mm256_set1_epi32(0xff),
-                    );
-                    enc_step8(&mut xs[v], p, table, words, pos);
+                    let d = round[16 * v..16 * v + 16].try_into().expect("16 bytes");
+                    enc_step8(&mut xs[v], d, table, words, pos);
                 }
             }
             for (v, xv) in xs.iter().enumerate() {

@@ -797,3 +797,37 @@ proptest! {
         prop_assert_eq!(run(), crate::dtype::with_baseline(run));
     }
 }
+
+#[test]
+fn nibble_histograms_match_plain_counting() {
+    let mut rng = Rng(11);
+    let plain = |data: &[u8]| {
+        let mut hists = [[0u32; 256]; huffman::STREAMS];
+        let seg = data.len().div_ceil(huffman::STREAMS);
+        for (s, h) in hists.iter_mut().enumerate() {
+            for &b in &data[(s * seg).min(data.len())..((s + 1) * seg).min(data.len())] {
+                h[usize::from(b)] += 1;
+            }
+        }
+        hists
+    };
+    // Lengths around the 32-byte vectors and the 8-bit counter groups; one value so
+    // frequent that its counters would wrap without the groups.
+    for n in [1, 31, 32, 33, 255 * 32 * 4 + 7, 65_536, 200_001] {
+        let mut data: Vec<u8> = rng.bytes(n).iter().map(|&b| b & 15).collect();
+        for b in data.iter_mut().step_by(3) {
+            *b = 7;
+        }
+        let expected = plain(&data);
+        assert_eq!(huffman::segment_histograms(&data), expected, "n = {n}");
+        assert_eq!(nibble_segment_histograms(&data), Some(expected), "n = {n}");
+        let base = crate::dtype::with_baseline(|| nibble_segment_histograms(&data));
+        assert_eq!(base, Some(expected), "baseline, n = {n}");
+        // One byte of 16 or more anywhere refuses the nibble path.
+        for at in [0, n / 2, n - 1] {
+            let mut high = data.clone();
+            high[at] = 16 + (at % 200) as u8;
+            assert_eq!(nibble_segment_histograms(&high), None, "n = {n}, at {at}");
+        }
+    }
+}
