@@ -18,7 +18,9 @@
 //! plane (quantized codes or anything else). A length that is not a multiple of the element
 //! size keeps its tail bytes, stored raw.
 //!
-//! **Blocks.** Elements are cut into chunks of `2^16` elements; each plane of a chunk is one
+//! **Blocks.** Elements are cut into chunks of `2^16` elements (`2^18` for `Bytes`, where
+//! the blocks are usually quantized codes: fewer tables and per-block setups, measured
+//! ~9% faster both ways and slightly smaller on int4 codes); each plane of a chunk is one
 //! block, coded independently with its own statistics so the coding adapts per tensor and
 //! region. A block is coded as the smallest of: *constant* (one distinct symbol: 1 byte),
 //! *Huffman* (canonical, length-limited to 11 bits, four interleaved streams; see
@@ -76,8 +78,13 @@ const MAGIC: [u8; 4] = *b"SPEN";
 const VERSION: u8 = 3;
 /// Bytes of the fixed header.
 const HEADER_LEN: usize = 4 + 1 + 1 + 1 + 8;
-/// log2 of the elements per chunk written by [`compress`].
-const CHUNK_LOG2: u8 = 16;
+/// log2 of the elements per chunk written by [`compress`] (see module docs).
+fn chunk_log2(layout: Layout) -> u8 {
+    match layout {
+        Layout::Bytes => 18,
+        Layout::Bf16 | Layout::F16 | Layout::F32 => 16,
+    }
+}
 /// Accepted range of the chunk-size exponent when decoding.
 const CHUNK_LOG2_RANGE: std::ops::RangeInclusive<u8> = 8..=24;
 /// Largest decoded length accepted (16 GiB), so a forged header cannot demand more.
@@ -191,9 +198,10 @@ pub fn compress_into(layout: Layout, data: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     out.push(layout.tag());
-    out.push(CHUNK_LOG2);
+    let chunk_log2 = chunk_log2(layout);
+    out.push(chunk_log2);
     out.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    let chunk_bytes = (1usize << CHUNK_LOG2) * elem;
+    let chunk_bytes = (1usize << chunk_log2) * elem;
     let n_chunks = body.len().div_ceil(chunk_bytes);
     let threads = rayon::current_num_threads();
     if threads == 1 || n_chunks <= 1 {
@@ -289,7 +297,7 @@ pub fn order0_bound(layout: Layout, data: &[u8]) -> f64 {
     let body_len = data.len() / elem * elem;
     let mut hists = vec![[0u64; 256]; layout.planes()];
     let mut scratch = PlaneScratch::default();
-    for chunk in data[..body_len].chunks((1 << CHUNK_LOG2) * elem) {
+    for chunk in data[..body_len].chunks((1 << chunk_log2(layout)) * elem) {
         let planes = split_planes(layout, chunk, &mut scratch);
         for (plane, total) in planes.iter().zip(hists.iter_mut()) {
             let h = huffman::histogram(plane);

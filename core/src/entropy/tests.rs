@@ -74,7 +74,7 @@ fn ratio(enc: &[u8], data: &[u8]) -> f64 {
 /// Upper bound on the size of an encoding whose blocks are all raw.
 fn raw_size(layout: Layout, len: usize) -> usize {
     let elem = layout.element_size();
-    let chunks = (len / elem).div_ceil(1 << CHUNK_LOG2);
+    let chunks = (len / elem).div_ceil(1 << chunk_log2(layout));
     HEADER_LEN + len + chunks * layout.planes()
 }
 
@@ -106,7 +106,7 @@ fn odd_lengths_across_chunk_boundaries_round_trip() {
     let mut rng = Rng(7);
     for layout in LAYOUTS {
         let elem = layout.element_size();
-        let chunk = (1 << CHUNK_LOG2) * elem;
+        let chunk = (1 << chunk_log2(layout)) * elem;
         for len in [chunk - 1, chunk, chunk + 1, chunk + elem + 1, 2 * chunk + 3] {
             // Skewed bytes so Huffman blocks appear, with a tail that is not a whole element.
             let data: Vec<u8> = (0..len)
@@ -122,7 +122,7 @@ fn all_equal_input_becomes_constant_blocks() {
     for layout in LAYOUTS {
         let data = vec![0x3cu8; 300_001];
         let enc = round_trip(layout, &data);
-        let chunks = (data.len() / layout.element_size()).div_ceil(1 << CHUNK_LOG2);
+        let chunks = (data.len() / layout.element_size()).div_ceil(1 << chunk_log2(layout));
         // Header, 2 bytes per block, and at most 3 tail bytes.
         assert!(enc.len() <= HEADER_LEN + 2 * chunks * layout.planes() + 3);
         assert_eq!(order0_bound(layout, &data[..300_000]), 0.0);
@@ -686,7 +686,7 @@ fn rans_lane_blocks_round_trip() {
 #[test]
 fn int4_codes_over_several_blocks_use_rans_lanes() {
     // The last block is shorter but large enough for the 124 bytes of states to pay off.
-    let data = int4_group_codes(3 * 65_536 + 30_001, 17);
+    let data = int4_group_codes(3 * (1 << chunk_log2(Layout::Bytes)) + 30_001, 17);
     let enc = round_trip(Layout::Bytes, &data);
     let mut pos = HEADER_LEN;
     while pos < enc.len() {
