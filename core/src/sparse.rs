@@ -84,12 +84,17 @@ pub fn unpack_bitmask(bits: &[u8], n: usize) -> Result<Vec<bool>, SparseError> {
 
 /// The values whose flag is `true`, in order (pairs beyond the shorter slice are ignored).
 pub fn compact(values: &[f32], mask: &[bool]) -> Vec<f32> {
-    values
-        .iter()
-        .zip(mask)
-        .filter(|(_, &k)| k)
-        .map(|(&x, _)| x)
-        .collect()
+    // Branch-free: every value is written at the next slot, which only a kept one claims
+    // (a filter's branch mispredicts on irregular masks such as 2:4).
+    let kept = values.iter().zip(mask).filter(|(_, &k)| k).count();
+    let mut out = vec![0f32; kept + 1];
+    let mut next = 0;
+    for (&x, &k) in values.iter().zip(mask) {
+        out[next] = x;
+        next += usize::from(k);
+    }
+    out.truncate(kept);
+    out
 }
 
 /// Inverse of [`compact`]: writes the kept values at the `true` positions of `mask` and
@@ -101,9 +106,14 @@ pub fn scatter(kept: &[f32], mask: &[bool], out: &mut [f32]) -> Result<(), Spars
         mask.iter().filter(|&&k| k).count(),
         kept.len(),
     )?;
-    let mut next = kept.iter();
+    // Branch-free, as in `compact`.
+    let mut next = 0;
     for (o, &k) in out.iter_mut().zip(mask) {
-        *o = if k { *next.next().unwrap_or(&0.0) } else { 0.0 };
+        // The value's bits, or those of +0.0: a mask, which the compiler cannot turn back
+        // into a branch as it does with an `if`.
+        let bits = kept.get(next).map_or(0, |v| v.to_bits());
+        *o = f32::from_bits(bits & 0u32.wrapping_sub(u32::from(k)));
+        next += usize::from(k);
     }
     Ok(())
 }
@@ -173,10 +183,22 @@ pub fn nm_pack_positions(mask: &[bool], m: usize) -> Result<Vec<u8>, SparseError
     };
     for (block, b) in mask.chunks_exact(m).enumerate() {
         let mut kept = 0;
-        for (pos, _) in b.iter().enumerate().filter(|(_, &k)| k) {
-            w.put(pos as u64, bits);
-            kept += 1;
+        if m <= 8 {
+            // The block's positions as one value (at most 8 of 3 bits), gathered
+            // branch-free.
+            let mut value = 0u64;
+            for (pos, &k) in b.iter().enumerate() {
+                value |= (pos as u64 & 0u64.wrapping_sub(u64::from(k))) << (bits * kept);
+                kept += u32::from(k);
+            }
+            w.put(value, bits * kept);
+        } else {
+            for (pos, _) in b.iter().enumerate().filter(|(_, &k)| k) {
+                w.put(pos as u64, bits);
+                kept += 1;
+            }
         }
+        let kept = kept as usize;
         if kept != first {
             return Err(SparseError::UnevenBlocks { block, kept, first });
         }

@@ -39,6 +39,29 @@ proptest! {
 }
 
 #[test]
+fn compact_and_scatter_keep_exact_bits() {
+    // NaN payloads, infinities and -0.0 pass through bit for bit; dropped slots are +0.0.
+    let values = [
+        f32::from_bits(0x7fc0_1234),
+        -0.0,
+        f32::INFINITY,
+        1.5,
+        -7.25,
+        f32::MIN,
+    ];
+    let mask = [true, true, false, true, false, true];
+    let kept = compact(&values, &mask);
+    let kept_bits: Vec<u32> = kept.iter().map(|v| v.to_bits()).collect();
+    let expected = [values[0], values[1], values[3], values[5]].map(f32::to_bits);
+    assert_eq!(kept_bits, expected);
+    let mut out = [f32::NAN; 6];
+    scatter(&kept, &mask, &mut out).unwrap();
+    for ((o, v), k) in out.iter().zip(&values).zip(&mask) {
+        assert_eq!(o.to_bits(), if *k { v.to_bits() } else { 0 });
+    }
+}
+
+#[test]
 fn nm_metadata_sizes() {
     // 2:4 costs 2 bits per kept weight, i.e. 1 bit per weight; 4:8 costs 12 bits per 8.
     assert_eq!(nm_metadata_bytes(4096, 2, 4), 512);
