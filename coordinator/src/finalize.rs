@@ -36,6 +36,7 @@ use shardpress_proto::v1::{AssembleSpz, CompleteTaskRequest, PartRange};
 use crate::job::{JobSpec, Measured, TaskSlot};
 use crate::report::{build_report, Report, TaskReport};
 use crate::share::shared_tensors;
+use crate::submit::SPZ_PARTS_DIR;
 use crate::Coordinator;
 
 pub const MANIFEST_NAME: &str = "manifest.json";
@@ -155,6 +156,7 @@ async fn reassemble(
         for slot in tasks.iter().filter(|t| t.assemble.is_none()) {
             out.delete(&slot.plan.output_name).await?;
         }
+        out.remove_empty_dir(SPZ_PARTS_DIR);
         let archive: Vec<TaskSlot> = tasks
             .iter()
             .filter(|t| t.assemble.is_some())

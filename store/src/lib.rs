@@ -216,6 +216,20 @@ impl StoreLocation {
         }
     }
 
+    /// On a local filesystem store, removes the directory `name` under the root if it is
+    /// empty: deleting its objects leaves it behind there, while object stores have no
+    /// directories (nothing to do). Best effort: a directory still in use stays.
+    pub fn remove_empty_dir(&self, name: &str) {
+        let Ok(url) = url::Url::parse(&self.url) else {
+            return;
+        };
+        if url.scheme() == "file" {
+            if let Ok(root) = url.to_file_path() {
+                let _ = std::fs::remove_dir(root.join(name));
+            }
+        }
+    }
+
     /// Objects directly under the root (no recursion): (name, size), sorted by name.
     pub async fn list_top_level(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let listing = self
