@@ -400,6 +400,18 @@ struct EncSym {
     freq: u32,
 }
 
+/// The division-free quotient by `f >= 2` (see module docs): `(rcp, shift)` such that `x / f
+/// = mulhi64(x, rcp) >> shift` for every `x < 2^63`. With `s = ceil(log2 f)`, `rcp =
+/// ceil(2^(s + 63) / f)` by two 64-bit divisions (`2^(s + 63) = 2^(s + 31) * 2^32`) and
+/// `shift = s - 1`.
+pub(super) fn reciprocal(f: u32) -> (u64, u32) {
+    let s = 32 - (f - 1).leading_zeros();
+    let f64 = u64::from(f);
+    let hi = 1u64 << (s + 31);
+    let lo = ((hi % f64) << 32).div_ceil(f64);
+    (lo + ((hi / f64) << 32), s - 1)
+}
+
 fn enc_table(freqs: &[u32; 256], prec: u32) -> [EncSym; 256] {
     let m = 1u32 << prec;
     let mut t = [EncSym::default(); 256];
@@ -414,17 +426,12 @@ fn enc_table(freqs: &[u32; 256], prec: u32) -> [EncSym; 256] {
                 freq: 1,
             };
         } else if f > 1 {
-            // `shift = ceil(log2 f)`, `rcp = ceil(2^(shift + 63) / f)`, by two 64-bit
-            // divisions: `2^(shift + 63) = 2^(shift + 31) * 2^32`.
-            let shift = 32 - (f - 1).leading_zeros();
-            let f64 = u64::from(f);
-            let hi = 1u64 << (shift + 31);
-            let lo = ((hi % f64) << 32).div_ceil(f64);
+            let (rcp, shift) = reciprocal(f);
             *e = EncSym {
-                rcp: lo + ((hi / f64) << 32),
+                rcp,
                 bias: u64::from(cum),
                 cmpl: m - f,
-                shift: shift - 1,
+                shift,
                 freq: f,
             };
         }

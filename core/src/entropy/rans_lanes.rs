@@ -129,15 +129,10 @@ fn scalar_syms(freqs: &[u32; 256]) -> [EncSym; 256] {
                 cmpl: (1 << PREC) - 1,
             };
         } else if f > 1 {
-            // Alverson: `shift = ceil(log2 f)`, `rcp = ceil(2^(shift + 63) / f)`, exact
-            // for `x < 2^63`.
-            let shift = 32 - (f - 1).leading_zeros();
-            let f64 = u64::from(f);
-            let hi = 1u64 << (shift + 31);
-            let lo = ((hi % f64) << 32).div_ceil(f64);
+            let (rcp, shift) = super::rans::reciprocal(f);
             *e = EncSym {
-                rcp: lo + ((hi / f64) << 32),
-                shift: shift - 1,
+                rcp,
+                shift,
                 x_max,
                 bias: cum,
                 cmpl: (1 << PREC) - f,
