@@ -28,7 +28,9 @@
 //! symbols are all below 16, else *raw* (a copy). Blocks of at least 4 Ki symbols are first
 //! tested on every 8th symbol: a sample entropy above 7.8 bits per symbol (near-uniform
 //! mantissa bytes) sends the block raw at once, so such planes cost one strided pass and a
-//! copy (float exponent planes skip this test: they are skewed in real weights). Otherwise the full histogram gives the order-0 entropy
+//! copy (float exponent planes skip this test: they are skewed in real weights; so do blocks
+//! that start with 4-bit values, i.e. quantized codes, which are then counted with vector
+//! compares). Otherwise the full histogram gives the order-0 entropy
 //! `H = sum_s c_s log2(n / c_s)` bits; a block with `H >= n * 8 * (1 - 1/64)` goes raw
 //! without building a code. Huffman's redundancy over `H` is below `p_max + 0.086` bits per
 //! symbol (Gallager), in practice ~0.04 bit on exponent planes.
