@@ -18,6 +18,13 @@
 
 use super::rans_lanes::{EncTable, LANES, L_BITS, PREC, ROUND_OUT, ROUND_READ};
 
+/// Whether the AVX2 coders may run: the CPU has AVX2 (and tests have not forced the
+/// baseline, see `dtype::has_avx2`) and POPCNT.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_popcnt() -> bool {
+    crate::dtype::has_avx2() && std::arch::is_x86_feature_detected!("popcnt")
+}
+
 /// Decodes whole rounds into `out` while at least [`ROUND_READ`] stream bytes remain;
 /// returns the output bytes done (see `rans_lanes::decode_rounds`).
 pub(super) fn decode_rounds(
@@ -28,7 +35,7 @@ pub(super) fn decode_rounds(
     out: &mut [u8],
 ) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if crate::dtype::has_avx2() && std::arch::is_x86_feature_detected!("popcnt") {
+    if has_avx2_popcnt() {
         // SAFETY: `avx2::decode_rounds` needs AVX2 and POPCNT, both just detected.
         return unsafe { avx2::decode_rounds(x, table, stream, pos, out) };
     }
@@ -45,7 +52,7 @@ pub(super) fn encode_rounds(
     pos: &mut usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::dtype::has_avx2() && std::arch::is_x86_feature_detected!("popcnt") {
+    if has_avx2_popcnt() {
         // SAFETY: `avx2::encode_rounds` needs AVX2 and POPCNT, both just detected.
         return unsafe { avx2::encode_rounds(x, table, data, words, pos) };
     }
