@@ -2,10 +2,21 @@
 //!
 //! A safetensors file is an 8-byte little-endian length `n`, `n` bytes of JSON describing
 //! each tensor (`dtype`, `shape`, `data_offsets` relative to the data section), then the data.
-//! Following the spirit of huggingface `safetensors/src/tensor.rs`, every size is capped and
-//! checked with checked arithmetic before anything is allocated or indexed, and each failure
-//! is its own [`HeaderError`] variant naming the tensor and the rule it broke. Duplicate JSON
-//! keys are rejected (see the private `json` module), which `serde_json` maps would hide.
+//!
+//! Every file the reference loader (huggingface `safetensors/src/tensor.rs`,
+//! `SafeTensors::read_metadata` and `Metadata::validate`, which Python's `safetensors` runs)
+//! rejects is rejected here too: `n <= 100_000_000` and `8 + n <= file size`; the JSON is UTF-8
+//! (leading and trailing JSON whitespace allowed, so no `{`-first rule, as in the reference);
+//! sorted by offsets, the tensors' data is contiguous from offset 0 with no gap or overlap
+//! (zero-size tensors included), each tensor spans exactly `shape * dtype` bytes, and the last
+//! one ends exactly at the end of the file. Every size is checked with checked arithmetic
+//! before anything is allocated or indexed, and each failure is its own [`HeaderError`]
+//! variant naming the tensor and the rule it broke.
+//!
+//! Deliberately stricter than the reference, which silently accepts these: duplicate JSON keys
+//! at any depth (see the private `json` module; the reference keeps the last one), unknown
+//! fields in a tensor entry, `"__metadata__": null`, and dtypes this crate does not model
+//! (`F4`, `F6_*`, `F8_E8M0`, `C64`).
 
 mod json;
 
@@ -13,8 +24,8 @@ use crate::dtype::DType;
 use json::Json;
 use std::collections::{BTreeMap, HashSet};
 
-/// Largest JSON header we accept (same cap as the safetensors crate).
-pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+/// Largest JSON header we accept: the reference's `MAX_HEADER_SIZE` (decimal, not 100 MiB).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// The reserved top-level key holding string metadata.
 const METADATA_KEY: &str = "__metadata__";
@@ -74,6 +85,8 @@ pub enum HeaderError {
     HeaderTooLarge { len: u64, max: u64 },
     #[error("header length is zero")]
     EmptyHeader,
+    #[error("header is not valid UTF-8 (first invalid byte at {valid_up_to})")]
+    InvalidUtf8 { valid_up_to: u64 },
     #[error("header is not valid JSON: {0}")]
     InvalidJson(String),
     #[error("header JSON is {found}, expected an object")]
@@ -102,6 +115,33 @@ pub enum HeaderError {
     },
     #[error("tensors {first:?} and {second:?} overlap")]
     Overlap { first: String, second: String },
+    #[error(
+        "tensor {tensor:?}: data begins at {begin}, leaving a gap after offset {expected} \
+         (tensor data must be contiguous from offset 0)"
+    )]
+    Gap {
+        tensor: String,
+        begin: u64,
+        expected: u64,
+    },
+    #[error(
+        "tensor data ends at {covered}{}, but the data section has {data_len} bytes \
+         (the last tensor must end at the end of the file)",
+        after_tensor(.last)
+    )]
+    DataNotCovered {
+        /// The last tensor (by offset), if any.
+        last: Option<String>,
+        covered: u64,
+        data_len: u64,
+    },
+}
+
+fn after_tensor(last: &Option<String>) -> String {
+    match last {
+        Some(name) => format!(" (end of tensor {name:?})"),
+        None => " (no tensors)".to_owned(),
+    }
 }
 
 /// Reads the 8-byte little-endian prefix; checks `0 < n <= MAX_HEADER_BYTES` and `8 + n <= file_size`.
@@ -142,6 +182,9 @@ pub fn parse_header(json: &[u8], file_size: u64) -> Result<SafetensorsHeader, He
     let header_len = json.len() as u64;
     check_header_len(header_len, file_size)?;
     let data_len = file_size - 8 - header_len;
+    std::str::from_utf8(json).map_err(|e| HeaderError::InvalidUtf8 {
+        valid_up_to: e.valid_up_to() as u64,
+    })?;
     let root = json::parse(json).map_err(|e| HeaderError::InvalidJson(e.to_string()))?;
     let Json::Obj(entries) = root else {
         return Err(HeaderError::NotAnObject { found: root.kind() });
@@ -160,7 +203,14 @@ pub fn parse_header(json: &[u8], file_size: u64) -> Result<SafetensorsHeader, He
         }
     }
     tensors.sort_by(|a, b| (a.data_offsets, &a.name).cmp(&(b.data_offsets, &b.name)));
-    check_overlaps(&tensors)?;
+    let covered = check_contiguous(&tensors)?;
+    if covered != data_len {
+        return Err(HeaderError::DataNotCovered {
+            last: tensors.last().map(|t| t.name.clone()),
+            covered,
+            data_len,
+        });
+    }
     Ok(SafetensorsHeader {
         header_len,
         tensors,
@@ -324,21 +374,31 @@ fn parse_tensor(name: String, value: Json, data_len: u64) -> Result<TensorInfo, 
     })
 }
 
-/// `tensors` is sorted by begin; empty tensors never overlap anything.
-fn check_overlaps(tensors: &[TensorInfo]) -> Result<(), HeaderError> {
+/// `tensors` is sorted by offsets. Like the reference's `InvalidOffset` rule, each tensor,
+/// zero-size ones included, must begin exactly where the previous one ends and the first at 0;
+/// returns where the last one ends (0 without tensors).
+fn check_contiguous(tensors: &[TensorInfo]) -> Result<u64, HeaderError> {
+    let mut cursor = 0u64;
     let mut prev: Option<&TensorInfo> = None;
-    for t in tensors.iter().filter(|t| t.byte_len() > 0) {
-        if let Some(p) = prev {
-            if t.data_offsets.0 < p.data_offsets.1 {
-                return Err(HeaderError::Overlap {
-                    first: p.name.clone(),
-                    second: t.name.clone(),
-                });
-            }
+    for t in tensors {
+        let begin = t.data_offsets.0;
+        if begin > cursor {
+            return Err(HeaderError::Gap {
+                tensor: t.name.clone(),
+                begin,
+                expected: cursor,
+            });
         }
+        if let (true, Some(p)) = (begin < cursor, prev) {
+            return Err(HeaderError::Overlap {
+                first: p.name.clone(),
+                second: t.name.clone(),
+            });
+        }
+        cursor = t.data_offsets.1;
         prev = Some(t);
     }
-    Ok(())
+    Ok(cursor)
 }
 
 /// The file prefix bytes (length + padded JSON) and each tensor's data offsets.

@@ -106,7 +106,7 @@ fn rejects_out_of_bounds_offsets() {
 }
 
 #[test]
-fn rejects_overlap_but_allows_empty_tensors_anywhere() {
+fn rejects_overlap_and_allows_empty_tensors_only_at_tensor_boundaries() {
     let json = format!(
         r#"{{"a":{},"b":{}}}"#,
         entry("U8", "[10]", "[0,10]"),
@@ -119,12 +119,217 @@ fn rejects_overlap_but_allows_empty_tensors_anywhere() {
             second: "b".into()
         })
     );
+    // Same offsets twice: the second one overlaps the first.
+    let json = format!(
+        r#"{{"a":{},"b":{}}}"#,
+        entry("U8", "[4]", "[0,4]"),
+        entry("U8", "[4]", "[0,4]")
+    );
+    assert!(matches!(
+        parse_str(&json, 4),
+        Err(HeaderError::Overlap { .. })
+    ));
+    // An empty tensor inside another's data breaks contiguity (reference: InvalidOffset).
     let json = format!(
         r#"{{"a":{},"e":{}}}"#,
         entry("U8", "[10]", "[0,10]"),
         entry("U8", "[0]", "[5,5]")
     );
-    assert!(parse_str(&json, 10).is_ok());
+    assert_eq!(
+        parse_str(&json, 10),
+        Err(HeaderError::Overlap {
+            first: "a".into(),
+            second: "e".into()
+        })
+    );
+    // At a boundary (start, between two tensors, end), empty tensors are fine.
+    let json = format!(
+        r#"{{"a":{},"e0":{},"b":{},"e1":{},"e2":{}}}"#,
+        entry("U8", "[4]", "[0,4]"),
+        entry("U8", "[0]", "[0,0]"),
+        entry("U8", "[6]", "[4,10]"),
+        entry("F32", "[2,0]", "[4,4]"),
+        entry("U8", "[0]", "[10,10]")
+    );
+    let h = parse_str(&json, 10).unwrap();
+    let names: Vec<_> = h.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["e0", "a", "e1", "b", "e2"]);
+}
+
+#[test]
+fn rejects_gaps_between_tensors_and_a_nonzero_start() {
+    let json = format!(
+        r#"{{"a":{},"b":{}}}"#,
+        entry("U8", "[2]", "[0,2]"),
+        entry("U8", "[2]", "[4,6]")
+    );
+    assert_eq!(
+        parse_str(&json, 6),
+        Err(HeaderError::Gap {
+            tensor: "b".into(),
+            begin: 4,
+            expected: 2
+        })
+    );
+    let json = format!(r#"{{"a":{}}}"#, entry("U8", "[2]", "[2,4]"));
+    assert_eq!(
+        parse_str(&json, 4),
+        Err(HeaderError::Gap {
+            tensor: "a".into(),
+            begin: 2,
+            expected: 0
+        })
+    );
+    // A lone empty tensor must sit at 0 too.
+    let json = format!(r#"{{"e":{}}}"#, entry("F16", "[0]", "[3,3]"));
+    assert!(matches!(
+        parse_str(&json, 3),
+        Err(HeaderError::Gap { tensor, begin: 3, expected: 0 }) if tensor == "e"
+    ));
+    let msg = parse_str(&json, 3).unwrap_err().to_string();
+    assert!(msg.contains("\"e\"") && msg.contains("contiguous"), "{msg}");
+}
+
+#[test]
+fn offsets_in_any_json_order_are_fine_when_contiguous() {
+    let json = format!(
+        r#"{{"c":{},"a":{},"b":{}}}"#,
+        entry("U8", "[1]", "[3,4]"),
+        entry("U8", "[1]", "[0,1]"),
+        entry("U16", "[1]", "[1,3]")
+    );
+    let h = parse_str(&json, 4).unwrap();
+    let names: Vec<_> = h.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+}
+
+#[test]
+fn rejects_data_not_exactly_covered_by_the_tensors() {
+    // One byte after the last tensor (reference: MetadataIncompleteBuffer).
+    let json = format!(r#"{{"a":{}}}"#, entry("U8", "[4]", "[0,4]"));
+    assert_eq!(
+        parse_str(&json, 5),
+        Err(HeaderError::DataNotCovered {
+            last: Some("a".into()),
+            covered: 4,
+            data_len: 5
+        })
+    );
+    let msg = parse_str(&json, 5).unwrap_err().to_string();
+    assert!(
+        msg.contains("\"a\"") && msg.contains("end of the file"),
+        "{msg}"
+    );
+    // No tensors at all, but data bytes.
+    assert_eq!(
+        parse_str("{}", 1),
+        Err(HeaderError::DataNotCovered {
+            last: None,
+            covered: 0,
+            data_len: 1
+        })
+    );
+    assert!(parse_str("{}", 0).unwrap().tensors.is_empty());
+    assert!(parse_str(&json, 4).is_ok());
+}
+
+#[test]
+fn a_header_length_one_byte_off_is_rejected_not_shifted() {
+    // The JSON is padded, so it still parses when `n` is one short; every tensor would then
+    // read its data one byte early.
+    let json = format!(r#"{{"a":{}}}  "#, entry("U8", "[4]", "[0,4]"));
+    let (mut file, size) = file_with(&json, 4);
+    file[..8].copy_from_slice(&(json.len() as u64 - 1).to_le_bytes());
+    let n = header_len_from_prefix(&file, size).unwrap();
+    assert_eq!(
+        parse_header(&file[8..8 + n as usize], size),
+        Err(HeaderError::DataNotCovered {
+            last: Some("a".into()),
+            covered: 4,
+            data_len: 5
+        })
+    );
+    // One long: the JSON takes the first data byte (here whitespace) and the data is short.
+    let (mut file, size) = file_with(&json, 4);
+    file[8 + json.len()] = b' ';
+    file[..8].copy_from_slice(&(json.len() as u64 + 1).to_le_bytes());
+    let n = header_len_from_prefix(&file, size).unwrap();
+    assert!(matches!(
+        parse_header(&file[8..8 + n as usize], size),
+        Err(HeaderError::OffsetsOutOfBounds {
+            end: 4,
+            data_len: 3,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn header_cap_is_the_references_decimal_100_mb() {
+    assert_eq!(MAX_HEADER_BYTES, 100_000_000);
+    let big = 200_000_000;
+    assert_eq!(
+        header_len_from_prefix(&100_000_000u64.to_le_bytes(), big),
+        Ok(100_000_000)
+    );
+    for n in [100_000_001u64, 100 * 1024 * 1024] {
+        assert_eq!(
+            header_len_from_prefix(&n.to_le_bytes(), big),
+            Err(HeaderError::HeaderTooLarge {
+                len: n,
+                max: 100_000_000
+            })
+        );
+    }
+}
+
+#[test]
+fn rejects_invalid_utf8_and_accepts_json_whitespace_around_the_object() {
+    let json = b"{\"\xff\":{}}";
+    assert_eq!(
+        parse_header(json, 8 + json.len() as u64),
+        Err(HeaderError::InvalidUtf8 { valid_up_to: 2 })
+    );
+    let e = entry("U8", "[1]", "[0,1]");
+    // Like the reference, no `{`-first rule; JSON whitespace either side is allowed.
+    for json in [format!(" \n{{\"t\":{e}}}"), format!("{{\"t\":{e}}}\t\r\n ")] {
+        assert!(parse_str(&json, 1).is_ok(), "{json:?}");
+    }
+    for json in [format!("{{\"t\":{e}}}\0"), format!("\u{feff}{{\"t\":{e}}}")] {
+        assert!(
+            matches!(parse_str(&json, 1), Err(HeaderError::InvalidJson(_))),
+            "{json:?}"
+        );
+    }
+}
+
+#[test]
+fn stricter_than_the_reference_on_purpose() {
+    // The reference accepts all of these (null metadata, last duplicate wins, unknown fields
+    // ignored); a header that can mean two things is rejected here.
+    let e = entry("U8", "[1]", "[0,1]");
+    assert!(matches!(
+        parse_str(&format!(r#"{{"__metadata__":null,"t":{e}}}"#), 1),
+        Err(HeaderError::InvalidMetadata { .. })
+    ));
+    assert!(matches!(
+        parse_str(&format!(r#"{{"t":{e},"t":{e}}}"#), 1),
+        Err(HeaderError::DuplicateTensor { .. })
+    ));
+    assert!(matches!(
+        parse_str(
+            r#"{"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":0}}"#,
+            1
+        ),
+        Err(HeaderError::InvalidEntry { .. })
+    ));
+    assert!(matches!(
+        parse_str(
+            r#"{"t":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}"#,
+            1
+        ),
+        Err(HeaderError::UnknownDtype { .. })
+    ));
 }
 
 #[test]
@@ -345,5 +550,172 @@ proptest! {
     #[test]
     fn random_json_like_text_never_panics(text in "[\\{\\}\\[\\]\",:0-9a-z_ -]{0,120}", size in 0u64..1000) {
         let _ = parse_header(text.as_bytes(), size);
+    }
+}
+
+/// One way to damage a valid file, as a hostile or broken writer would.
+#[derive(Debug, Clone)]
+enum Mutation {
+    /// Adds the delta to the 8-byte header length, leaving the bytes alone.
+    Length(i64),
+    /// Overwrites the header byte at `pos % n`.
+    HeaderByte(usize, u8),
+    /// Replaces the `index % count`-th number of the JSON text (shapes, offsets).
+    Number(usize, &'static str),
+    /// Drops the JSON's trailing padding but keeps the length (shifting the data).
+    TrimPadding,
+    /// Appends zero bytes to the file.
+    Append(usize),
+    /// Cuts bytes off the end of the file.
+    Truncate(usize),
+}
+
+fn arb_mutation() -> impl Strategy<Value = Mutation> {
+    let byte = prop::sample::select(vec![
+        b' ', b'{', b'}', b'"', b'0', b'1', b',', b'-', 0xff, 0,
+    ]);
+    let number = prop::sample::select(vec![
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+        "6",
+        "8",
+        "12",
+        "24",
+        "28",
+        "44",
+        "-1",
+        "1.0",
+        "1e1",
+        "-0",
+        "9223372036854775807",
+        "4294967296",
+        "18446744073709551616",
+    ]);
+    prop_oneof![
+        (-3i64..=3).prop_map(Mutation::Length),
+        (any::<usize>(), byte).prop_map(|(p, b)| Mutation::HeaderByte(p, b)),
+        (any::<usize>(), number).prop_map(|(i, t)| Mutation::Number(i, t)),
+        Just(Mutation::TrimPadding),
+        (1usize..9).prop_map(Mutation::Append),
+        (1usize..9).prop_map(Mutation::Truncate),
+    ]
+}
+
+/// Byte ranges of the JSON numbers that follow `[` or `,` (shape and offset entries).
+fn number_runs(json: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < json.len() {
+        let start = i;
+        while i < json.len() && json[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i > start && start > 0 && matches!(json[start - 1], b'[' | b',') {
+            runs.push(start..i);
+        }
+        i = i.max(start + 1);
+    }
+    runs
+}
+
+fn mutate(file: &[u8], m: &Mutation) -> Vec<u8> {
+    let Some(n) = file
+        .get(..8)
+        .map(|p| u64::from_le_bytes(p.try_into().unwrap()))
+    else {
+        return file.to_vec();
+    };
+    let Some(json) = file.get(8..).and_then(|rest| rest.get(..n as usize)) else {
+        return file.to_vec();
+    };
+    let data = &file[8 + json.len()..];
+    let rebuild = |json: &[u8], len: u64| {
+        let mut out = len.to_le_bytes().to_vec();
+        out.extend_from_slice(json);
+        out.extend_from_slice(data);
+        out
+    };
+    match m {
+        Mutation::Length(d) => rebuild(json, n.saturating_add_signed(*d)),
+        Mutation::HeaderByte(pos, b) if !json.is_empty() => {
+            let mut json = json.to_vec();
+            let i = pos % json.len();
+            json[i] = *b;
+            rebuild(&json, n)
+        }
+        Mutation::Number(index, text) => {
+            let runs = number_runs(json);
+            if runs.is_empty() {
+                return file.to_vec();
+            }
+            let r = runs[index % runs.len()].clone();
+            let mut edited = json[..r.start].to_vec();
+            edited.extend_from_slice(text.as_bytes());
+            edited.extend_from_slice(&json[r.end..]);
+            rebuild(&edited, edited.len() as u64)
+        }
+        Mutation::TrimPadding => {
+            let mut out = n.to_le_bytes().to_vec();
+            out.extend_from_slice(json.trim_ascii_end());
+            out.extend_from_slice(data);
+            out
+        }
+        Mutation::Append(k) => {
+            let mut out = file.to_vec();
+            out.extend(std::iter::repeat_n(0u8, *k));
+            out
+        }
+        Mutation::Truncate(k) => file[..file.len().saturating_sub(*k)].to_vec(),
+        Mutation::HeaderByte(..) => file.to_vec(),
+    }
+}
+
+fn ours(file: &[u8]) -> Result<SafetensorsHeader, HeaderError> {
+    let size = file.len() as u64;
+    let n = header_len_from_prefix(file, size)?;
+    parse_header(&file[8..8 + n as usize], size)
+}
+
+/// Our rules that are deliberately stricter than the reference's.
+fn stricter_than_reference(e: &HeaderError) -> bool {
+    match e {
+        HeaderError::DuplicateTensor { .. }
+        | HeaderError::InvalidMetadata { .. }
+        | HeaderError::UnknownDtype { .. } => true,
+        HeaderError::InvalidEntry { reason, .. } => reason.starts_with("unknown field"),
+        _ => false,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// Differential test against the reference loader (the `safetensors` crate): whatever it
+    /// rejects we reject, and where only we reject it is one of our deliberately stricter rules.
+    #[test]
+    fn rejects_exactly_what_the_reference_rejects(
+        tensors in arb_tensors(),
+        meta in prop::collection::btree_map("[a-z]{0,3}", "[ -~]{0,4}", 0..2),
+        mutations in prop::collection::vec(arb_mutation(), 1..3),
+    ) {
+        let (mut file, offsets) = encode_header(&tensors, &meta).unwrap();
+        let data_len = offsets.last().map_or(0, |o| o.1) as usize;
+        file.extend((0..data_len).map(|i| i as u8));
+        prop_assert!(ours(&file).is_ok());
+        prop_assert!(safetensors::SafeTensors::read_metadata(&file).is_ok());
+        for m in &mutations {
+            file = mutate(&file, m);
+        }
+        match (ours(&file), safetensors::SafeTensors::read_metadata(&file)) {
+            (Ok(h), Err(e)) => prop_assert!(false, "reference rejects ({e}), we accept {h:?}"),
+            (Err(e), Ok(_)) => prop_assert!(
+                stricter_than_reference(&e),
+                "we reject ({e}) a file the reference accepts"
+            ),
+            _ => {}
+        }
     }
 }
