@@ -4,11 +4,13 @@
 #   - `cp -r` of the model directory (the baseline: reading and writing the same bytes),
 #   - `shardpress run` (local coordinator + N worker processes) with 1 and 2 workers,
 #   - peak RSS of a standalone coordinator and of one worker process (GNU time).
-# Usage: bash bench/e2e.sh [SIZE] [RECIPE]      (builds the release binary first)
+# Usage: bash bench/e2e.sh [SIZE] [RECIPE] [FORMAT]   (builds the release binary first; FORMAT
+# is safetensors, compressed-tensors or spz, default safetensors; the output size is printed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${1:-1GB}
 recipe=${2:-int4-g128}
+format=${3:-safetensors}
 cargo build --release --bin shardpress >&2
 bin=$PWD/target/release/shardpress
 work=$(mktemp -d /tmp/shardpress-bench.XXXXXX)
@@ -28,7 +30,8 @@ rm -rf "$work/copy"
 declare -A run_s
 for workers in 1 2; do
   t0=$(now)
-  "$bin" run --workers "$workers" --model "$work/model" --out "$work/out-$workers" --recipe "$recipe" > "$work/run-$workers.txt"
+  "$bin" run --workers "$workers" --model "$work/model" --out "$work/out-$workers" --recipe "$recipe" \
+    --format "$format" > "$work/run-$workers.txt"
   sync; t1=$(now)
   run_s[$workers]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
 done
@@ -42,14 +45,16 @@ url="http://$(awk '{ print $NF }' "$work/coord.out")"
 w1=$!
 /usr/bin/time -f "%M" -o "$work/w2.rss" "$bin" worker --coordinator "$url" --threads 1 2> /dev/null &
 w2=$!
-"$bin" compress --coordinator "$url" --model "$work/model" --out "$work/out-rss" --recipe "$recipe" > /dev/null
+"$bin" compress --coordinator "$url" --model "$work/model" --out "$work/out-rss" --recipe "$recipe" \
+  --format "$format" > /dev/null
 pkill -TERM -P "$w1" -f "shardpress worker" || true
 pkill -TERM -P "$w2" -f "shardpress worker" || true
 pkill -TERM -P "$coord" -f "shardpress coordinator" || true
 wait "$w1" "$w2" "$coord" || true
 biggest=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(max(int(t['params'])*2 for t in r['tensors']))" "$work/out-rss/report.json")
 
-echo "model: $mb MB ($size, BF16), recipe $recipe, $(nproc) cores, $(date -u +%Y-%m-%d)"
+echo "model: $mb MB ($size, BF16), recipe $recipe, --format $format, $(nproc) cores, $(date -u +%Y-%m-%d)"
+echo "output on disk:              $(du -sb "$work/out-2" | awk '{ printf "%.1f MB", $1 / 1e6 }')"
 echo "cp -r model:                 $(rate "$cp_s")"
 echo "shardpress run, 1 worker:    $(rate "${run_s[1]}")  = $(awk -v c="$cp_s" -v r="${run_s[1]}" 'BEGIN { printf "%.2f", c / r }') x cp speed"
 echo "shardpress run, 2 workers:   $(rate "${run_s[2]}")  = $(awk -v c="$cp_s" -v r="${run_s[2]}" 'BEGIN { printf "%.2f", c / r }') x cp speed"

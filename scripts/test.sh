@@ -2,12 +2,15 @@
 # The whole test suite, runnable on a fresh machine:
 #   1. a Python venv (target/test-venv) with the real readers our outputs must satisfy;
 #   2. Rust unit tests and whole-system tests (real coordinator and worker processes on loopback);
-#   3. Python interop tests: Python's `safetensors` loads what the cluster wrote.
+#   3. Python interop tests: Python's `safetensors` loads what the cluster wrote, and a numpy
+#      reader of compressed-tensors unpacks its packed shards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=target/test-venv
-if [ ! -x "$venv/bin/python" ]; then
+# (Re)create it when missing or broken, e.g. by an interrupted earlier run.
+if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+  rm -rf "$venv"
   python3 -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)

@@ -124,8 +124,10 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
                 }
             }
             println!(
-                "\nOutput formats: --format safetensors (dequantized, any loader reads it) or \
-                 --format spz (compact codes, entropy-coded; `shardpress decompress` restores)."
+                "\nOutput formats: --format safetensors (dequantized, any loader reads it), \
+                 --format compressed-tensors (w4a16, w4a16-asym, w8a16, int8, int8-g128, fp8: \
+                 packed codes that vLLM and transformers load) or --format spz (compact codes, \
+                 entropy-coded; `shardpress decompress` restores)."
             );
             Ok(())
         }

@@ -30,9 +30,11 @@ pub struct JobArgs {
     /// Task size budget in MB of input (0 = the coordinator's default).
     #[arg(long, default_value_t = 0)]
     pub task_budget_mb: u64,
-    /// Output format: safetensors (dequantized shards) or spz (one compact archive; restore
-    /// with `shardpress decompress`). Default: the recipe's (safetensors unless it says spz).
-    #[arg(long, value_parser = ["safetensors", "spz"])]
+    /// Output format: safetensors (dequantized shards, any loader), compressed-tensors
+    /// (packed int4/int8 or FP8 shards that vLLM and transformers load) or spz (one compact
+    /// archive; restore with `shardpress decompress`). Default: the recipe's (safetensors
+    /// unless it says otherwise).
+    #[arg(long, value_parser = ["safetensors", "compressed-tensors", "spz"])]
     pub format: Option<String>,
 }
 

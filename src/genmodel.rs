@@ -107,7 +107,9 @@ impl Shape {
     fn for_size(bytes: u64, dtype_size: u64) -> Self {
         let params = bytes / dtype_size;
         let (hidden, intermediate, vocab, heads, kv_heads) = match params {
-            p if p < 25_000_000 => (256, 688, 2048, 4, 2),
+            // Every width a multiple of 256, as real models are: 4-bit groups of 128 and
+            // llama.cpp's 256-weight K-quant blocks then divide every row.
+            p if p < 25_000_000 => (256, 768, 2048, 4, 2),
             p if p < 250_000_000 => (768, 2048, 32000, 12, 4),
             _ => (2048, 5632, 32000, 16, 4),
         };

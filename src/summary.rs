@@ -30,18 +30,19 @@ pub fn print_summary(report: &Value) {
     let input = num(s, "input_bytes");
     let packed = num(s, "packed_size_bytes");
     println!(
-        "bits/weight  {:.3} on compressed tensors, {:.3} overall -> packed {:.1} MB of {:.1} MB input ({:.2}x smaller)",
+        "bits/weight  {:.3} on compressed tensors, {:.3} overall (the representation: {:.1} MB if packed exactly)",
         num(s, "bits_per_weight_compressed"),
         num(s, "bits_per_weight"),
         packed / 1e6,
-        input / 1e6,
-        if packed > 0.0 { input / packed } else { 0.0 }
     );
     if let Some(stored) = s.get("stored_bits_per_weight").and_then(Value::as_f64) {
         let out = num(s, "output_bytes");
+        let format = report["format"].as_str().unwrap_or("?");
+        let what = if format == "spz" { "archive" } else { "shards" };
         println!(
-            "archive      {:.1} MB .spz = {stored:.3} bits/weight stored after entropy coding ({:.2}x smaller than the input)",
+            "written      {:.1} MB of {format} {what} for {:.1} MB of input = {stored:.3} bits/weight on disk ({:.2}x smaller)",
             out / 1e6,
+            input / 1e6,
             if out > 0.0 { input / out } else { 0.0 }
         );
     }

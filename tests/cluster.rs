@@ -43,7 +43,7 @@ fn check_against_reference(model: &Path, out: &Path) {
         let mut differing = 0;
         for (row, got_row) in original.chunks(row_len).zip(got.chunks(row_len)) {
             for (group, got_group) in row.chunks(128).zip(got_row.chunks(128)) {
-                let expected = reference_rtn(group, 4, true);
+                let expected = reference_rtn(*dtype, group, 4, true);
                 for (e, g) in expected.iter().zip(got_group) {
                     if encode_like(*dtype, *e) != *g {
                         differing += 1;

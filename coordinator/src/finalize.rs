@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use shardpress_proto::v1::JobState;
 use shardpress_store::{StoreError, StoreLocation, INDEX_NAME};
 
+use shardpress_core::codec::TensorPlan;
 use shardpress_core::entropy::{self, Layout};
+use shardpress_core::format::{spz::PARTS_DIR, FinishPlan, FinishedTask, TensorDesc};
 use shardpress_core::header::header_len_from_prefix;
 use shardpress_core::plan::PlannedTask;
 use shardpress_core::plan::PlannedTensor;
@@ -36,16 +38,16 @@ use shardpress_proto::v1::{AssembleSpz, CompleteTaskRequest, PartRange};
 use crate::job::{JobSpec, Measured, TaskSlot};
 use crate::report::{build_report, Report, TaskReport};
 use crate::share::shared_tensors;
-use crate::submit::SPZ_PARTS_DIR;
 use crate::Coordinator;
 
 pub const MANIFEST_NAME: &str = "manifest.json";
 pub const REPORT_NAME: &str = "report.json";
 pub const MANIFEST_FORMAT: &str = "shardpress-manifest-v1";
 /// Object name of the archive of an `.spz` job.
-pub const SPZ_NAME: &str = "model.spz";
+pub const SPZ_NAME: &str = shardpress_core::format::spz::ARCHIVE_NAME;
 
-/// Files next to the weights that a loader needs; copied unchanged when present.
+/// Files next to the weights that a loader needs; copied when present (with every `*.py`,
+/// a model's custom code), `config.json` with the format's changes.
 const COMPANION_FILES: &[&str] = &[
     "config.json",
     "generation_config.json",
@@ -58,7 +60,69 @@ const COMPANION_FILES: &[&str] = &[
     "vocab.json",
     "merges.txt",
     "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
 ];
+
+/// The companion files present in the model's folder, sorted.
+async fn companion_names(model: &StoreLocation) -> Result<Vec<String>, StoreError> {
+    let mut names: Vec<String> = model
+        .list_top_level()
+        .await?
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| COMPANION_FILES.contains(&name.as_str()) || name.ends_with(".py"))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The job's tensors with their plans as the workers ran them, per task (in task order).
+fn task_plans(spec: &JobSpec, tasks: &[TaskSlot]) -> Result<Vec<Vec<TensorPlan>>, StoreError> {
+    tasks
+        .iter()
+        .filter(|t| t.assemble.is_none())
+        .map(|t| {
+            t.plan
+                .tensors
+                .iter()
+                .map(|x| {
+                    TensorPlan::for_output(&spec.recipe, spec.format, &x.name, x.dtype, &x.shape)
+                        .map_err(|e| StoreError::Invalid {
+                            object: x.name.clone(),
+                            reason: e.to_string(),
+                        })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The format's finishing step for this job.
+fn finish_plan(spec: &JobSpec, tasks: &[TaskSlot]) -> Result<FinishPlan, StoreError> {
+    let plans = task_plans(spec, tasks)?;
+    let finished: Vec<FinishedTask<'_>> = tasks
+        .iter()
+        .filter(|t| t.assemble.is_none())
+        .zip(&plans)
+        .map(|(t, plans)| FinishedTask {
+            output_name: &t.plan.output_name,
+            tensors: t
+                .plan
+                .tensors
+                .iter()
+                .map(|x| TensorDesc {
+                    name: &x.name,
+                    dtype: x.dtype,
+                    shape: &x.shape,
+                })
+                .zip(plans)
+                .collect(),
+        })
+        .collect();
+    Ok(spec.format.spec().finish_plan(&finished))
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ManifestEntry {
@@ -92,7 +156,15 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
             let wall = started.elapsed().as_secs_f64();
             let names = coordinator.worker_names();
             let report = build_report(&job_id, &spec, &tasks, wall, retries, &names);
-            let needs_assembly = spec.format == OutputFormat::Spz
+            let finish = match finish_plan(&spec, &tasks) {
+                Ok(finish) => finish,
+                Err(e) => {
+                    let message = format!("finalizing failed: {e}");
+                    coordinator.set_outcome(&job_id, JobState::Failed, message, String::new());
+                    return;
+                }
+            };
+            let needs_assembly = finish.assemble
                 && report.gates.passed
                 && !tasks.iter().any(|t| t.assemble.is_some());
             if needs_assembly {
@@ -105,7 +177,7 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
                     Err(e) => Err(e),
                 }
             } else {
-                reassemble(&spec, &tasks, report, &job_id).await
+                reassemble(&spec, &tasks, &finish, report, &job_id).await
             }
         }
         None => return,
@@ -145,18 +217,19 @@ fn json_bytes(value: &impl Serialize) -> Vec<u8> {
 async fn reassemble(
     spec: &JobSpec,
     tasks: &[TaskSlot],
+    finish: &FinishPlan,
     report: Report,
     job_id: &str,
 ) -> Result<(JobState, String, String), StoreError> {
     let out = StoreLocation::open(&spec.out_url)?;
     let model = StoreLocation::open(&spec.model_url)?;
     let mut objects = Vec::new();
-    if spec.format == OutputFormat::Spz {
+    if finish.assemble {
         // The parts are inside the archive now (or, when a gate failed, not needed).
         for slot in tasks.iter().filter(|t| t.assemble.is_none()) {
             out.delete(&slot.plan.output_name).await?;
         }
-        out.remove_empty_dir(SPZ_PARTS_DIR);
+        out.remove_empty_dir(PARTS_DIR);
         let archive: Vec<TaskSlot> = tasks
             .iter()
             .filter(|t| t.assemble.is_some())
@@ -165,11 +238,20 @@ async fn reassemble(
         objects.extend(shard_entries(&out, &archive).await?);
     } else {
         objects.extend(shard_entries(&out, tasks).await?);
-        objects.push(put_json(&out, INDEX_NAME, json_bytes(&shard_index(tasks))).await?);
-        for name in COMPANION_FILES {
-            if model.exists(name).await? {
-                let bytes = model.get(name).await?;
-                objects.push(put_json(&out, name, bytes.to_vec()).await?);
+        if let Some(index) = &finish.index {
+            let index = ShardIndex {
+                metadata: BTreeMap::from([("total_size", index.total_size)]),
+                weight_map: &index.weight_map,
+            };
+            objects.push(put_json(&out, INDEX_NAME, json_bytes(&index)).await?);
+        }
+        if finish.copy_companions {
+            for name in companion_names(&model).await? {
+                let mut bytes = model.get(&name).await?.to_vec();
+                if let (true, Some(q)) = (name == "config.json", &finish.quantization_config) {
+                    bytes = with_quantization_config(&model.describe(&name), &bytes, q)?;
+                }
+                objects.push(put_json(&out, &name, bytes).await?);
             }
         }
     }
@@ -208,10 +290,11 @@ async fn reassemble(
     };
     put_json(&out, MANIFEST_NAME, json_bytes(&manifest)).await?;
     let message = match spec.format {
-        OutputFormat::Safetensors => format!(
-            "compressed {} tensors in {} shards to {}",
+        OutputFormat::Safetensors | OutputFormat::CompressedTensors => format!(
+            "compressed {} tensors in {} {} shards to {}",
             report.summary.tensors,
             tasks.len(),
+            spec.format.as_str(),
             out.url()
         ),
         OutputFormat::Spz => format!(
@@ -430,16 +513,14 @@ async fn prepare_assembly(
     }
     let mut suffix = Vec::new();
     let mut companions = Vec::new();
-    for name in COMPANION_FILES {
-        if model.exists(name).await? {
-            let coded = entropy::compress(Layout::Bytes, &model.get(name).await?);
-            companions.push(SpzBlob {
-                name: name.to_string(),
-                offset: offset + suffix.len() as u64,
-                len: coded.len() as u64,
-            });
-            suffix.extend_from_slice(&coded);
-        }
+    for name in companion_names(&model).await? {
+        let coded = entropy::compress(Layout::Bytes, &model.get(&name).await?);
+        companions.push(SpzBlob {
+            name,
+            offset: offset + suffix.len() as u64,
+            len: coded.len() as u64,
+        });
+        suffix.extend_from_slice(&coded);
     }
     let index_offset = offset + suffix.len() as u64;
     let index = SpzIndex {
@@ -497,25 +578,32 @@ async fn shard_entries(
     Ok(entries)
 }
 
+/// `model.safetensors.index.json` as Hugging Face writes it.
 #[derive(Serialize)]
-struct ShardIndex {
+struct ShardIndex<'a> {
     metadata: BTreeMap<&'static str, u64>,
-    weight_map: BTreeMap<String, String>,
+    weight_map: &'a BTreeMap<String, String>,
 }
 
-fn shard_index(tasks: &[TaskSlot]) -> ShardIndex {
-    let mut weight_map = BTreeMap::new();
-    let mut total = 0;
-    for slot in tasks {
-        for tensor in &slot.plan.tensors {
-            total += tensor.data_end - tensor.data_start;
-            weight_map.insert(tensor.name.clone(), slot.plan.output_name.clone());
-        }
-    }
-    ShardIndex {
-        metadata: BTreeMap::from([("total_size", total)]),
-        weight_map,
-    }
+/// `config.json` with `quantization_config` set (an existing one is replaced).
+fn with_quantization_config(
+    object: &str,
+    bytes: &[u8],
+    quantization_config: &serde_json::Value,
+) -> Result<Vec<u8>, StoreError> {
+    let mut config: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Invalid {
+            object: object.to_owned(),
+            reason: format!("not valid JSON, so its quantization_config cannot be set: {e}"),
+        })?;
+    let Some(fields) = config.as_object_mut() else {
+        return Err(StoreError::Invalid {
+            object: object.to_owned(),
+            reason: "not a JSON object, so its quantization_config cannot be set".into(),
+        });
+    };
+    fields.insert("quantization_config".into(), quantization_config.clone());
+    Ok(json_bytes(&config))
 }
 
 /// Re-hashes every object the manifest at `out` lists; returns the problems found.

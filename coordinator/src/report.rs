@@ -17,6 +17,8 @@ pub struct Report {
     pub model_url: String,
     pub out_url: String,
     pub recipe: RecipeInfo,
+    /// The format's name (`--format`).
+    pub format: &'static str,
     pub output_format: &'static str,
     pub summary: Summary,
     /// Recipes with a global magnitude prune: the cut the measuring round found.
@@ -52,7 +54,7 @@ pub struct Summary {
     pub packed_size_bytes: u64,
     pub bits_per_weight: f64,
     pub bits_per_weight_compressed: f64,
-    /// `.spz` only: bits per weight the archive really takes (entropy-coded, all overheads).
+    /// Bits per weight the output really takes on disk (shards or archive, all overheads).
     pub stored_bits_per_weight: Option<f64>,
     pub rel_fro_error_weighted: f64,
     pub worst_rel_fro_error: Option<Worst>,
@@ -254,12 +256,13 @@ pub fn build_report(
         .iter()
         .find(|t| t.assemble.is_some())
         .and_then(|t| t.result.as_ref());
+    // What is on disk: the archive for `.spz` (its parts are deleted), else the shards.
     if let (OutputFormat::Spz, Some(archive)) = (spec.format, archive) {
         summary.output_bytes = archive.report.output_bytes;
-        if summary.params > 0 {
-            summary.stored_bits_per_weight =
-                Some(summary.output_bytes as f64 * 8.0 / summary.params as f64);
-        }
+    }
+    if summary.params > 0 {
+        summary.stored_bits_per_weight =
+            Some(summary.output_bytes as f64 * 8.0 / summary.params as f64);
     }
     Report {
         job_id: job_id.to_string(),
@@ -270,10 +273,8 @@ pub fn build_report(
             description: spec.recipe.describe(),
             yaml: spec.recipe.source_yaml.clone(),
         },
-        output_format: match spec.format {
-            OutputFormat::Safetensors => "safetensors (dequantized, input dtype)",
-            OutputFormat::Spz => "spz (compact representations, entropy-coded)",
-        },
+        format: spec.format.as_str(),
+        output_format: spec.format.spec().describe(),
         summary,
         global_prune: spec.measured.as_ref().and_then(|m| {
             Some(GlobalPruneReport {

@@ -38,16 +38,15 @@ pub async fn submit(
         "" => recipe.format,
         other => OutputFormat::parse(other).ok_or_else(|| {
             CoordinatorError::InvalidRequest(format!(
-                "unknown output format {other:?}: use safetensors or spz"
+                "unknown output format {other:?}: use one of {}",
+                OutputFormat::names()
             ))
         })?,
     };
-    if recipe.passes.is_empty() && format != OutputFormat::Spz {
-        return Err(CoordinatorError::InvalidRequest(format!(
-            "recipe {} has no lossy pass; it needs --format spz (safetensors output would be a plain copy)",
-            recipe.name
-        )));
-    }
+    format
+        .spec()
+        .check_recipe(&recipe)
+        .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
     let model = resolve_model(&request.model_url).await?;
     let files: Vec<_> = futures::stream::iter(model.files.clone())
         .map(|name| {
@@ -61,19 +60,18 @@ pub async fn submit(
         0 => coordinator.config().default_task_budget,
         budget => budget,
     };
-    // Every tensor's pass combination is checked now, not mid-job.
+    // Every tensor's pass combination, and whether the format can store it, is checked
+    // now, not mid-job.
     for file in &files {
         for t in &file.header.tensors {
-            TensorPlan::for_tensor(&recipe, &t.name, t.dtype, &t.shape)
+            TensorPlan::for_output(&recipe, format, &t.name, t.dtype, &t.shape)
                 .map_err(|e| CoordinatorError::InvalidRequest(format!("{}: {e}", file.name)))?;
         }
     }
     let mut plan = plan_tasks(&files, budget)?;
-    if format == OutputFormat::Spz {
-        let total = plan.len();
-        for task in &mut plan {
-            task.output_name = spz_part_name(task.index as usize, total);
-        }
+    let total = plan.len();
+    for task in &mut plan {
+        task.output_name = format.spec().task_output_name(task.index as usize, total);
     }
     let out = StoreLocation::open(&request.out_url)?;
     if out.url() == model.root.url() {
@@ -102,12 +100,4 @@ pub async fn submit(
         task_count,
         total_bytes,
     })
-}
-
-/// Folder (under the output) where the tasks of an `.spz` job write their parts.
-pub const SPZ_PARTS_DIR: &str = ".spz-parts";
-
-/// Object name of task `index`'s part.
-pub fn spz_part_name(index: usize, total: usize) -> String {
-    format!("{SPZ_PARTS_DIR}/part-{:05}-of-{total:05}.bin", index + 1)
 }

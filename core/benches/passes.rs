@@ -175,6 +175,7 @@ fn bench_rtn(c: &mut Criterion, pool: &rayon::ThreadPool, data: &[u8]) {
                 bits: 4,
                 symmetric: true,
                 granularity: Granularity::Group(128),
+                scale_dtype: shardpress_core::recipe::ScaleDtype::F16,
             },
         ),
         (
@@ -183,6 +184,7 @@ fn bench_rtn(c: &mut Criterion, pool: &rayon::ThreadPool, data: &[u8]) {
                 bits: 8,
                 symmetric: true,
                 granularity: Granularity::Channel,
+                scale_dtype: shardpress_core::recipe::ScaleDtype::F16,
             },
         ),
     ];
@@ -218,6 +220,7 @@ fn bench_rtn_chunk(c: &mut Criterion, pool: &rayon::ThreadPool, data: &[u8]) {
                 bits,
                 symmetric: true,
                 granularity,
+                scale_dtype: shardpress_core::recipe::ScaleDtype::F16,
             })),
             ..TensorPlan::default()
         };

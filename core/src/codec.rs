@@ -60,6 +60,8 @@ pub enum PlanError {
     },
     #[error("tensor {tensor}: {reason}")]
     Incompatible { tensor: String, reason: String },
+    #[error(transparent)]
+    Format(#[from] crate::format::FormatError),
 }
 
 /// Why a chunk could not be encoded or a frame decoded.
@@ -194,6 +196,21 @@ impl TensorPlan {
         })
     }
 
+    /// [`Self::for_tensor`], checked against and adapted to the output `format` (which may
+    /// refuse a pass it cannot store, or fix the dtype of stored scales).
+    pub fn for_output(
+        recipe: &Recipe,
+        format: crate::format::OutputFormat,
+        name: &str,
+        dtype: DType,
+        shape: &[u64],
+    ) -> Result<TensorPlan, PlanError> {
+        let mut plan = TensorPlan::for_tensor(recipe, name, dtype, shape)?;
+        let tensor = crate::format::TensorDesc { name, dtype, shape };
+        format.spec().adapt_plan(tensor, &mut plan)?;
+        Ok(plan)
+    }
+
     /// True for a magnitude prune against a global target, which needs [`Self::global_cut`].
     pub fn needs_global_cut(&self) -> bool {
         matches!(
@@ -223,7 +240,7 @@ impl TensorPlan {
             Some(PassKind::Quantize(q)) => q.granularity == Tensor,
             Some(PassKind::Hqq(h)) => h.granularity == Tensor,
             Some(PassKind::Nf4 { granularity }) => *granularity == Tensor,
-            Some(PassKind::Fp8 { per_channel }) => !per_channel,
+            Some(PassKind::Fp8 { per_channel, .. }) => !per_channel,
             Some(PassKind::Kmeans { .. } | PassKind::LowRank { .. } | PassKind::Hashed { .. }) => {
                 true
             }
@@ -359,10 +376,57 @@ pub struct EncodedChunk {
     pub row_len: usize,
     pub structure: StructureMeta,
     pub values: ValuesMeta,
-    /// (name, layout, raw bytes) of each section.
+    /// (name, layout, raw bytes) of each section held as bytes: the structure stage's, then
+    /// the values stage's unless it is [`Self::typed`]; [`Self::sections`] lists them all.
     pub sections: Vec<(String, Layout, Vec<u8>)>,
+    /// The values stage's codes when it produced affine or FP8 codes, which output formats
+    /// write in their own layouts (the sections are derived from them on demand).
+    pub typed: Option<TypedValues>,
     /// Exact bits of the representation before entropy coding (codes at their bit width).
     pub repr_bits: u64,
+}
+
+/// A values stage's representation as typed codes.
+#[derive(Debug, Clone)]
+pub enum TypedValues {
+    /// RTN or HQQ codes (one code per byte), scales and zero points.
+    Affine(quantize::AffineCodes),
+    /// FP8 E4M3 bytes and their f32 scales.
+    Fp8(fp8::Fp8Codes),
+}
+
+impl TypedValues {
+    /// The frame sections this representation is stored as.
+    fn sections(&self) -> Vec<(String, Layout, std::borrow::Cow<'_, [u8]>)> {
+        use std::borrow::Cow;
+        match self {
+            TypedValues::Affine(codes) => {
+                let (scales, _) = scale_section("scales", &codes.scales);
+                let (zeros, _) = scale_section("zeros", &codes.zeros);
+                vec![
+                    (
+                        "codes".to_owned(),
+                        Layout::Bytes,
+                        Cow::Borrowed(&codes.codes[..]),
+                    ),
+                    (scales.0, scales.1, Cow::Owned(scales.2)),
+                    (zeros.0, zeros.1, Cow::Owned(zeros.2)),
+                ]
+            }
+            TypedValues::Fp8(codes) => vec![
+                (
+                    "scales".to_owned(),
+                    Layout::F32,
+                    Cow::Owned(f32_bytes(&codes.scales)),
+                ),
+                (
+                    "bytes".to_owned(),
+                    Layout::Bytes,
+                    Cow::Borrowed(&codes.bytes[..]),
+                ),
+            ],
+        }
+    }
 }
 
 fn check_whole_rows(dtype: DType, row_len: usize, len: usize) -> Result<usize, CodecError> {
@@ -409,6 +473,7 @@ fn f32_values(bytes: &[u8]) -> Vec<f32> {
 struct ValuesOut {
     meta: ValuesMeta,
     sections: Vec<(String, Layout, Vec<u8>)>,
+    typed: Option<TypedValues>,
     repr_bits: u64,
     /// The compacted matrix as a reader reconstructs it.
     recon: Vec<f32>,
@@ -440,17 +505,10 @@ fn scale_section(name: &str, values: &[f32]) -> ((String, Layout, Vec<u8>), u64)
     }
 }
 
-/// A section as written: (name, layout, raw bytes).
-type Section = (String, Layout, Vec<u8>);
-
-/// The stored form of affine codes (RTN or HQQ, per `pass`): meta, sections
-/// (`codes`, `scales`, `zeros`) and exact representation bits.
-fn affine_sections(
-    pass: Option<&PassKind>,
-    codes: quantize::AffineCodes,
-) -> (ValuesMeta, Vec<Section>, u64) {
-    let (scales, scale_bits) = scale_section("scales", &codes.scales);
-    let (zeros, zero_bits) = scale_section("zeros", &codes.zeros);
+/// The frame metadata and exact representation bits of affine codes (RTN or HQQ, per `pass`).
+fn affine_meta(pass: Option<&PassKind>, codes: &quantize::AffineCodes) -> (ValuesMeta, u64) {
+    let (_, scale_bits) = scale_section("scales", &codes.scales);
+    let (_, zero_bits) = scale_section("zeros", &codes.zeros);
     // RTN zero points are integer codes (`bits` each), all equal when symmetric (a
     // constant, not counted); HQQ's are fractional f16 values.
     let zero_bits = match pass {
@@ -464,8 +522,7 @@ fn affine_sections(
         group_len: codes.group_len,
     };
     let repr_bits = codes.codes.len() as u64 * u64::from(codes.bits) + scale_bits + zero_bits;
-    let sections = vec![section("codes", Layout::Bytes, codes.codes), scales, zeros];
-    (meta, sections, repr_bits)
+    (meta, repr_bits)
 }
 
 fn encode_values(
@@ -483,6 +540,7 @@ fn encode_values(
                 meta: ValuesMeta::Raw,
                 repr_bits: bytes.len() as u64 * 8,
                 sections: vec![section("values", layout_of(dtype), bytes)],
+                typed: None,
                 recon: values,
             }
         }
@@ -499,11 +557,12 @@ fn encode_values(
                 _ => unreachable!("matched above"),
             }
             .map_err(|e| pass_err("quantize")(e.to_string()))?;
-            let (meta, sections, repr_bits) = affine_sections(pass, codes);
+            let (meta, repr_bits) = affine_meta(pass, &codes);
             ValuesOut {
                 meta,
                 repr_bits,
-                sections,
+                sections: Vec::new(),
+                typed: Some(TypedValues::Affine(codes)),
                 recon: values,
             }
         }
@@ -529,11 +588,15 @@ fn encode_values(
                 },
                 repr_bits: code_bits(codes.bits) + book_bits + scale_bits,
                 sections: vec![book, scales, section("codes", Layout::Bytes, codes.codes)],
+                typed: None,
                 recon: values,
             }
         }
-        Some(PassKind::Fp8 { per_channel }) => {
-            let codes = fp8::fp8_e4m3_codes(*per_channel, &values, row_len)
+        Some(PassKind::Fp8 {
+            per_channel,
+            scale_dtype,
+        }) => {
+            let codes = fp8::fp8_e4m3_codes_on(*scale_dtype, *per_channel, &values, row_len)
                 .map_err(|e| pass_err("fp8")(e.to_string()))?;
             codes.dequantize_into(&mut values);
             ValuesOut {
@@ -542,10 +605,8 @@ fn encode_values(
                     per_channel: codes.per_channel,
                 },
                 repr_bits: n * 8 + codes.scales.len() as u64 * 32,
-                sections: vec![
-                    section("scales", Layout::F32, f32_bytes(&codes.scales)),
-                    section("bytes", Layout::Bytes, codes.bytes),
-                ],
+                sections: Vec::new(),
+                typed: Some(TypedValues::Fp8(codes)),
                 recon: values,
             }
         }
@@ -571,6 +632,7 @@ fn encode_values(
                     section("left", layout_of(dtype), left),
                     section("right", layout_of(dtype), right),
                 ],
+                typed: None,
                 recon: values,
             }
         }
@@ -600,6 +662,7 @@ fn encode_values(
                     section("positions", Layout::Bytes, positions),
                     section("coeffs", layout_of(dtype), coeffs),
                 ],
+                typed: None,
                 recon: values,
             }
         }
@@ -616,6 +679,7 @@ fn encode_values(
                 },
                 repr_bits: bytes.len() as u64 * 8,
                 sections: vec![section("buckets", layout_of(dtype), bytes)],
+                typed: None,
                 recon: values,
             }
         }
@@ -693,14 +757,15 @@ fn encode_chunk_with(
                     scales: out.scales,
                     zeros: out.zeros,
                 };
-                let (values, sections, repr_bits) = affine_sections(Some(pass), codes);
+                let (values, repr_bits) = affine_meta(Some(pass), &codes);
                 return Ok(EncodedChunk {
                     reconstruction: out.reconstruction,
                     rows,
                     row_len,
                     structure: StructureMeta::Dense,
                     values,
-                    sections,
+                    sections: Vec::new(),
+                    typed: Some(TypedValues::Affine(codes)),
                     repr_bits,
                 });
             }
@@ -731,6 +796,7 @@ fn encode_chunk_general_impl(
             structure: StructureMeta::Dense,
             values: ValuesMeta::Raw,
             sections: vec![section("values", layout_of(dtype), input.to_vec())],
+            typed: None,
             repr_bits: input.len() as u64 * 8,
         });
     }
@@ -837,6 +903,7 @@ fn encode_chunk_general_impl(
         structure,
         values: out.meta,
         sections,
+        typed: out.typed,
         repr_bits: structure_bits + out.repr_bits,
     })
 }
@@ -852,10 +919,30 @@ fn scatter(kept: &[f32], mask: &[bool], len: usize) -> Result<Vec<f32>, CodecErr
 }
 
 impl EncodedChunk {
+    /// Every section of the frame, in order: structure, then values (derived from
+    /// [`Self::typed`] when the values stage produced typed codes).
+    pub fn sections(&self) -> Vec<(String, Layout, std::borrow::Cow<'_, [u8]>)> {
+        let mut all: Vec<_> = self
+            .sections
+            .iter()
+            .map(|(name, layout, bytes)| {
+                (
+                    name.clone(),
+                    *layout,
+                    std::borrow::Cow::Borrowed(&bytes[..]),
+                )
+            })
+            .collect();
+        if let Some(typed) = &self.typed {
+            all.extend(typed.sections());
+        }
+        all
+    }
+
     /// The entropy-coded frame: `u32` LE header length, JSON [`FrameMeta`], then sections.
     pub fn frame(&self) -> Vec<u8> {
-        let coded: Vec<Vec<u8>> = self
-            .sections
+        let sections = self.sections();
+        let coded: Vec<Vec<u8>> = sections
             .iter()
             .map(|(_, layout, bytes)| entropy::compress(*layout, bytes))
             .collect();
@@ -864,8 +951,7 @@ impl EncodedChunk {
             row_len: self.row_len,
             structure: self.structure,
             values: self.values.clone(),
-            sections: self
-                .sections
+            sections: sections
                 .iter()
                 .zip(&coded)
                 .map(|((name, layout, raw), c)| SectionMeta {

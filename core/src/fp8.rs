@@ -20,6 +20,7 @@
 //! the absmax is exact, so the parallel split does not change the bytes.
 
 use crate::quantize::{check_rows, finite_absmax, par_group_pieces, QuantizeError};
+use crate::recipe::ScaleDtype;
 use rayon::prelude::*;
 
 /// Largest finite E4M3FN magnitude.
@@ -111,11 +112,11 @@ impl Fp8Codes {
     }
 }
 
-/// The stored scale for a slice whose finite absmax is `absmax`.
-fn scale_for(absmax: f32) -> f32 {
+/// The stored scale for a slice whose finite absmax is `absmax`, rounded up onto `grid`.
+fn scale_for(grid: ScaleDtype, absmax: f32) -> f32 {
     if absmax > 0.0 {
         // A tiny subnormal absmax could underflow to 0; values then saturate instead.
-        (absmax / E4M3_MAX).max(f32::from_bits(1))
+        grid.round_up((absmax / E4M3_MAX).max(f32::from_bits(1)))
     } else {
         0.0
     }
@@ -132,16 +133,27 @@ pub fn fp8_e4m3_codes(
     values: &[f32],
     row_len: usize,
 ) -> Result<Fp8Codes, QuantizeError> {
+    fp8_e4m3_codes_on(ScaleDtype::F32, per_channel, values, row_len)
+}
+
+/// [`fp8_e4m3_codes`] with each scale rounded up onto `grid` (so it is exact in that dtype
+/// and `x / scale` still stays within ±448).
+pub fn fp8_e4m3_codes_on(
+    grid: ScaleDtype,
+    per_channel: bool,
+    values: &[f32],
+    row_len: usize,
+) -> Result<Fp8Codes, QuantizeError> {
     check_rows(values.len(), row_len)?;
     let scales: Vec<f32> = if values.is_empty() {
         Vec::new()
     } else if per_channel {
         values
             .par_chunks(row_len)
-            .map(|row| scale_for(finite_absmax(row)))
+            .map(|row| scale_for(grid, finite_absmax(row)))
             .collect()
     } else {
-        vec![scale_for(finite_absmax(values))]
+        vec![scale_for(grid, finite_absmax(values))]
     };
     let mut bytes = vec![0u8; values.len()];
     let group_len = if per_channel { row_len } else { values.len() };

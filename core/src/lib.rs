@@ -8,7 +8,8 @@
 //! - [`recipe`]: the YAML compression recipe (passes, targets, quality gates) and presets.
 //! - [`metrics`]: deterministic error accumulation (relative error, SNR, cosine).
 //! - [`plan`]: splitting a model's tensors into tasks under a byte budget.
-//! - [`pipeline`]: the per-chunk compute a worker runs (decode, plan, encode, metrics).
+//! - [`format`]: output formats (dequantized safetensors, compressed-tensors, `.spz`): one
+//!   trait, one module each; turns a chunk's representation into the bytes a reader loads.
 //! - Passes: [`quantize`] (RTN; dense RTN chunks run fused in `rtn_fused`), [`hqq`] (optimized affine), [`codebook`] (k-means, NF4),
 //!   [`fp8`], [`prune`] and [`sparse`] (masks and their storage), [`lowrank`] (randomized
 //!   SVD), [`dct`] (transform coding), [`hashnet`] (hashed weight sharing).
@@ -22,13 +23,13 @@ pub mod codec;
 pub mod dct;
 pub mod dtype;
 pub mod entropy;
+pub mod format;
 pub mod fp8;
 pub mod hashnet;
 pub mod header;
 pub mod hqq;
 pub mod lowrank;
 pub mod metrics;
-pub mod pipeline;
 pub mod plan;
 pub mod prune;
 pub mod quantize;

@@ -5,11 +5,15 @@
 //! granularity, or the whole slice is one group for per-tensor granularity. Each group gets
 //! one scale, stored as f16 rounded *up* so no value clips:
 //!
-//! - symmetric: `qmax = 2^(b-1)-1`, `s = f16_up(absmax/qmax)`, `q = clamp(round(x/s), -qmax-1, qmax)`,
-//!   dequantized as `q*s`;
+//! - symmetric: `qmax = 2^(b-1)-1`, `s = f16_up(absmax/(qmax+1/2))`, `q = clamp(round(x/s), -qmax-1, qmax)`,
+//!   dequantized as `q*s` (compressed-tensors' rule: the largest magnitude maps to 7.5 for
+//!   4 bits, so both ends of the code range are used);
 //! - asymmetric: the range `[min(min,0), max(max,0)]`, `qmax = 2^b-1`, `s = f16_up((max-min)/qmax)`,
 //!   `zero = clamp(round(-min/s), 0, qmax)`, `q = clamp(round(x/s)+zero, 0, qmax)`, dequantized
 //!   as `(q-zero)*s`.
+//!
+//! `f16_up` rounds up onto the f16 grid; a config's `scale_dtype` picks the bf16 grid or
+//! exact f32 scales instead (the output format decides, see [`crate::format`]).
 //!
 //! Every element then satisfies `|x - dequant| <= s/2` up to f32 rounding of `x/s` and `q*s`.
 //! A group whose values are all zero gets scale 0 and dequantizes to zeros. If `f16_up` would
@@ -125,13 +129,36 @@ pub(crate) fn f16_round_up_half(scale: f32) -> f32 {
     }
 }
 
-/// Turns a raw positive scale into the stored one (never 0 when the group is non-zero).
+/// The smallest bf16 value `>= scale` for positive finite `scale` (`scale` itself where that
+/// would be infinite): the f32 bits rounded up to a multiple of `2^16`, which carries into the
+/// exponent exactly as the bf16 grid does (bf16 keeps f32's exponent range).
+#[inline]
+pub(crate) fn bf16_round_up(scale: f32) -> f32 {
+    if scale.is_nan() || scale <= 0.0 || scale.is_infinite() {
+        return scale;
+    }
+    let up = f32::from_bits((scale.to_bits() + 0xFFFF) & !0xFFFF);
+    if up.is_finite() {
+        up
+    } else {
+        scale
+    }
+}
+
+/// Turns a raw positive scale into the stored one on the F16 grid (never 0 when the group
+/// is non-zero).
 pub(crate) fn stored_scale(raw: f32) -> f32 {
-    let s = f16_round_up(raw);
+    stored_scale_on(crate::recipe::ScaleDtype::F16, raw)
+}
+
+/// [`stored_scale`] on `grid`.
+pub(crate) fn stored_scale_on(grid: crate::recipe::ScaleDtype, raw: f32) -> f32 {
+    let s = grid.round_up(raw);
     if s > 0.0 {
         s
     } else {
-        // raw underflowed to 0 for a subnormal-only group; the smallest f16 still covers it.
+        // raw underflowed to 0 for a subnormal-only group; the smallest f16 still covers it
+        // (and is exact in bf16 and f32 too).
         f16::from_bits(1).to_f32()
     }
 }
@@ -221,8 +248,11 @@ pub(crate) fn params_from_range(cfg: &QuantizeConfig, lo: f32, hi: f32) -> Group
     if cfg.symmetric {
         let qmax = ((1u32 << (bits - 1)) - 1) as f32;
         let absmax = hi.max(-lo);
+        // The largest magnitude maps to qmax + 1/2 (7.5 for 4 bits), as compressed-tensors
+        // does: the code -2^(b-1) is used and the grid is finer than absmax/qmax, while
+        // +absmax (rounding to qmax + 1, clamped to qmax) still errs by at most half a step.
         let scale = if absmax > 0.0 {
-            stored_scale(absmax / qmax)
+            stored_scale_on(cfg.scale_dtype, absmax / (qmax + 0.5))
         } else {
             0.0
         };
@@ -242,7 +272,7 @@ pub(crate) fn params_from_range(cfg: &QuantizeConfig, lo: f32, hi: f32) -> Group
             } else {
                 hi / qmax - lo / qmax
             };
-            let scale = stored_scale(raw);
+            let scale = stored_scale_on(cfg.scale_dtype, raw);
             // -lo / scale is inf / inf = NaN when lo is -inf; any zero then does.
             let zero = (-lo / scale).round();
             let zero = if zero.is_nan() {
@@ -715,6 +745,7 @@ impl RtnAsym {
             bits,
             symmetric: false,
             granularity: Granularity::Channel,
+            scale_dtype: crate::recipe::ScaleDtype::F16,
         };
         let params = params_from_range(&cfg, lo, hi);
         RtnAsym {
@@ -748,6 +779,7 @@ pub(crate) fn rtn_asym_group_codes(bits: u8, g: &[f32], codes: &mut [u8]) -> (f3
         bits,
         symmetric: false,
         granularity: Granularity::Channel,
+        scale_dtype: crate::recipe::ScaleDtype::F16,
     };
     if g.len() <= MIN_PAR_ELEMS {
         let p = group_params(&cfg, g);
@@ -988,6 +1020,7 @@ mod fast_path_tests {
                 bits,
                 symmetric,
                 granularity: Granularity::Channel,
+                scale_dtype: crate::recipe::ScaleDtype::F16,
             };
             // Scales across the whole f16 range and beyond (the f32 fallback).
             let mag = 10f64.powf(u() * 16.0 - 9.0) as f32;
@@ -1046,6 +1079,7 @@ mod fast_path_tests {
             bits: 4,
             symmetric: false,
             granularity: Granularity::Channel,
+            scale_dtype: crate::recipe::ScaleDtype::F16,
         };
         let p = params_from_range(&cfg, -0.3, 1.7);
         let k = CodeKernel::new(&cfg, &p);

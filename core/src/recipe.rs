@@ -48,7 +48,10 @@ pub enum PassKind {
     /// NormalFloat-4 codebook with an absmax scale per group.
     Nf4 { granularity: Granularity },
     /// FP8 E4M3 with a per-channel or per-tensor scale.
-    Fp8 { per_channel: bool },
+    Fp8 {
+        per_channel: bool,
+        scale_dtype: ScaleDtype,
+    },
     /// Magnitude, N:M or structured pruning.
     Prune(PruneConfig),
     /// Truncated SVD into two factors.
@@ -91,35 +94,7 @@ pub enum PruneConfig {
     },
 }
 
-/// Where the compressed model is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutputFormat {
-    /// Dequantized safetensors shards, readable by any safetensors loader.
-    #[default]
-    Safetensors,
-    /// One `.spz` archive holding every pass's compact representation, entropy-coded.
-    Spz,
-}
-
-impl OutputFormat {
-    /// Parses `safetensors` or `spz`.
-    pub fn parse(s: &str) -> Option<OutputFormat> {
-        match s {
-            "safetensors" => Some(OutputFormat::Safetensors),
-            "spz" => Some(OutputFormat::Spz),
-            _ => None,
-        }
-    }
-
-    /// The name used on the command line and in recipes.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutputFormat::Safetensors => "safetensors",
-            OutputFormat::Spz => "spz",
-        }
-    }
-}
+pub use crate::format::OutputFormat;
 
 /// Round-to-nearest quantization settings.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -127,6 +102,40 @@ pub struct QuantizeConfig {
     pub bits: u8,
     pub symmetric: bool,
     pub granularity: Granularity,
+    /// The grid scales are rounded up to (set per tensor by the output format).
+    pub scale_dtype: ScaleDtype,
+}
+
+/// The grid a pass's scales are rounded *up* onto (no value clips), so that they are exact in
+/// the dtype they are stored in; the output format sets it per tensor
+/// (`crate::format::set_scale_grid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum ScaleDtype {
+    #[default]
+    F16,
+    Bf16,
+    F32,
+}
+
+impl ScaleDtype {
+    /// The scale dtype matching a tensor's dtype (F32 for anything but BF16/F16).
+    pub fn of(dtype: crate::dtype::DType) -> ScaleDtype {
+        match dtype {
+            crate::dtype::DType::BF16 => ScaleDtype::Bf16,
+            crate::dtype::DType::F16 => ScaleDtype::F16,
+            _ => ScaleDtype::F32,
+        }
+    }
+
+    /// The smallest value of this grid `>= raw` for positive finite `raw` (`raw` itself
+    /// where that would overflow); see [`crate::quantize`] for f16.
+    pub fn round_up(self, raw: f32) -> f32 {
+        match self {
+            ScaleDtype::F16 => crate::quantize::f16_round_up(raw),
+            ScaleDtype::Bf16 => crate::quantize::bf16_round_up(raw),
+            ScaleDtype::F32 => raw,
+        }
+    }
 }
 
 /// How many weights share one scale.
@@ -239,7 +248,7 @@ impl PassKind {
             PassKind::Hqq(h) => format!("hqq int{} {}", h.bits, h.granularity.describe()),
             PassKind::Kmeans { bits, .. } => format!("kmeans {bits}-bit"),
             PassKind::Nf4 { granularity } => format!("nf4 {}", granularity.describe()),
-            PassKind::Fp8 { per_channel } => {
+            PassKind::Fp8 { per_channel, .. } => {
                 let g = if *per_channel {
                     "per-channel"
                 } else {
@@ -381,11 +390,14 @@ macro_rules! weights {
 }
 
 /// The built-in recipes: (name, YAML).
-const PRESETS: [(&str, &str); 14] = [
+const PRESETS: [(&str, &str); 17] = [
     ("int8", concat!("name: int8\npasses:\n  - quantize: { bits: 8, granularity: channel }\n", weights!())),
     ("int8-g128", concat!("name: int8-g128\npasses:\n  - quantize: { bits: 8, granularity: group, group_size: 128 }\n", weights!())),
     ("int4-g128", concat!("name: int4-g128\npasses:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n", weights!())),
     ("int4-g128-asym", concat!("name: int4-g128-asym\npasses:\n  - quantize: { bits: 4, symmetric: false, granularity: group, group_size: 128 }\n", weights!())),
+    ("w4a16", concat!("name: w4a16\npasses:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n", weights!())),
+    ("w4a16-asym", concat!("name: w4a16-asym\npasses:\n  - quantize: { bits: 4, symmetric: false, granularity: group, group_size: 128 }\n", weights!())),
+    ("w8a16", concat!("name: w8a16\npasses:\n  - quantize: { bits: 8, granularity: channel }\n", weights!())),
     ("hqq4", concat!("name: hqq4\npasses:\n  - quantize: { method: hqq, bits: 4, granularity: group, group_size: 64 }\n", weights!())),
     ("hqq3", concat!("name: hqq3\npasses:\n  - quantize: { method: hqq, bits: 3, granularity: group, group_size: 64 }\n", weights!())),
     ("nf4", concat!("name: nf4\npasses:\n  - codebook: { method: nf4, granularity: group, group_size: 64 }\n", weights!())),
@@ -509,8 +521,8 @@ impl Recipe {
                 "; tensors with cosine >= {c} to an earlier one stored once"
             ));
         }
-        if self.format == OutputFormat::Spz {
-            line.push_str(" [spz]");
+        if self.format != OutputFormat::default() {
+            line.push_str(&format!(" [{}]", self.format.as_str()));
         }
         let gates = self.gates.describe();
         if !gates.is_empty() {

@@ -572,7 +572,7 @@ mod tests {
                 (g, w) => panic!("{what}: {:?} vs {:?}", g.is_ok(), w.is_ok()),
             };
             assert!(got.reconstruction == want.reconstruction, "{what}");
-            assert_eq!(got.sections, want.sections, "{what}");
+            assert_eq!(got.sections(), want.sections(), "{what}");
             assert_eq!(got.values, want.values, "{what}");
             assert_eq!(got.structure, want.structure, "{what}");
             assert_eq!(
@@ -590,6 +590,7 @@ mod tests {
             bits,
             symmetric,
             granularity,
+            scale_dtype: crate::recipe::ScaleDtype::F16,
         }
     }
 

@@ -251,14 +251,26 @@ fn f16_scale_up(scale: f32) -> f32 {
 }
 
 /// Independent reference: round-to-nearest fake quantization of one group.
-pub fn reference_rtn(group: &[f32], bits: u32, symmetric: bool) -> Vec<f32> {
+pub fn reference_rtn(
+    dtype: safetensors::Dtype,
+    group: &[f32],
+    bits: u32,
+    symmetric: bool,
+) -> Vec<f32> {
+    // Scales are rounded up onto a grid exact in the tensor's dtype (compressed-tensors
+    // stores them there): bf16 for BF16 tensors, f16 otherwise.
+    let scale_up = |raw: f32| match dtype {
+        safetensors::Dtype::BF16 => f32::from_bits((raw.to_bits() + 0xFFFF) & !0xFFFF),
+        _ => f16_scale_up(raw),
+    };
     if symmetric {
         let qmax = ((1i32 << (bits - 1)) - 1) as f32;
         let absmax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
         if absmax == 0.0 {
             return vec![0.0; group.len()];
         }
-        let s = f16_scale_up(absmax / qmax);
+        // compressed-tensors' rule: the largest magnitude maps to qmax + 1/2.
+        let s = scale_up(absmax / (qmax + 0.5));
         group
             .iter()
             .map(|&x| (x / s).round().clamp(-qmax - 1.0, qmax) * s)
@@ -270,7 +282,7 @@ pub fn reference_rtn(group: &[f32], bits: u32, symmetric: bool) -> Vec<f32> {
         if max == min {
             return vec![0.0; group.len()];
         }
-        let s = f16_scale_up((max - min) / qmax);
+        let s = scale_up((max - min) / qmax);
         let zero = (-min / s).round().clamp(0.0, qmax);
         group
             .iter()

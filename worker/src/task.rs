@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use object_store::{ObjectStoreExt, WriteMultipart};
 use shardpress_core::codec::TensorPlan;
-use shardpress_core::dtype::{decode_to_f32, DType, DTypeError};
-use shardpress_core::header::encode_header;
+use shardpress_core::dtype::{decode_to_f32, DTypeError};
+use shardpress_core::format::{task_prefix, TensorDesc, TensorWriter};
 use shardpress_core::metrics::ErrorAccumulator;
-use shardpress_core::pipeline::process_chunk;
 use shardpress_core::plan::PlannedTensor;
 use shardpress_core::prune::{magnitude_histogram, GlobalCut, MAGNITUDE_BINS};
 use shardpress_core::quantize::row_len_of;
@@ -85,7 +84,8 @@ pub async fn execute(
         "" => OutputFormat::Safetensors,
         other => OutputFormat::parse(other).ok_or_else(|| {
             TaskError::BadLease(format!(
-                "unknown output format {other:?} (this worker writes safetensors or spz)"
+                "unknown output format {other:?} (this worker writes {})",
+                OutputFormat::names()
             ))
         })?,
     };
@@ -99,19 +99,10 @@ pub async fn execute(
     for tensor in &tensors {
         check_extent(tensor)?;
     }
-    let layout: Vec<(String, DType, Vec<u64>)> = tensors
-        .iter()
-        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
-        .collect();
-    let metadata = [("format".to_string(), "pt".to_string())].into();
-    let (prefix, _) = encode_header(&layout, &metadata).map_err(|e| TaskError::BadTensor {
-        tensor: lease.output_name.clone(),
-        reason: e.to_string(),
-    })?;
     let mut plans = tensors
         .iter()
         .map(|t| {
-            TensorPlan::for_tensor(&recipe, &t.name, t.dtype, &t.shape)
+            TensorPlan::for_output(&recipe, format, &t.name, t.dtype, &t.shape)
                 .map_err(|e| TaskError::BadLease(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -121,6 +112,12 @@ pub async fn execute(
     for plan in &mut plans {
         set_global_cut(plan, lease.global_cut.as_ref())?;
     }
+    let described: Vec<(TensorDesc<'_>, &TensorPlan)> =
+        tensors.iter().map(describe).zip(&plans).collect();
+    let prefix = task_prefix(format.spec(), &described).map_err(|e| TaskError::BadTensor {
+        tensor: lease.output_name.clone(),
+        reason: e.to_string(),
+    })?;
 
     let object = out.describe(&lease.output_name);
     let upload_err = |e: object_store::Error| TaskError::Upload {
@@ -137,9 +134,7 @@ pub async fn execute(
         hasher: blake3::Hasher::new(),
         bytes: 0,
     };
-    if format == OutputFormat::Safetensors {
-        writer.write(&prefix);
-    }
+    writer.write(&prefix);
 
     let mut timings = Timings::default();
     let mut results = Vec::with_capacity(tensors.len());
@@ -194,6 +189,14 @@ pub async fn execute(
         write_seconds: timings.write.as_secs_f64(),
         ..Default::default()
     })
+}
+
+fn describe(tensor: &PlannedTensor) -> TensorDesc<'_> {
+    TensorDesc {
+        name: &tensor.name,
+        dtype: tensor.dtype,
+        shape: &tensor.shape,
+    }
 }
 
 pub(crate) struct ShardWriter {
@@ -341,8 +344,9 @@ async fn share_tensor(
             tensor.shape
         )));
     }
-    let mut plan = TensorPlan::for_tensor(
+    let mut plan = TensorPlan::for_output(
         near.recipe,
+        near.format,
         &candidate.name,
         candidate.dtype,
         &candidate.shape,
@@ -380,15 +384,9 @@ async fn share_tensor(
         }
         let mut unused = ErrorAccumulator::new();
         let row_len = if plan.is_identity() { 1 } else { row_len };
-        let stored = process_chunk(
-            &plan,
-            dtype,
-            row_len,
-            &other,
-            OutputFormat::Safetensors,
-            &mut unused,
-        )
-        .map_err(|e| e.to_string())?;
+        let stored = TensorWriter::Reconstruction
+            .chunk(&plan, dtype, row_len, &other, &mut unused)
+            .map_err(|e| e.to_string())?;
         let mut acc = ErrorAccumulator::new();
         acc.add(&values, &decode(&stored.bytes)?);
         Ok((cosine, Some((stored.bytes, acc.finish()))))
@@ -406,8 +404,15 @@ async fn share_tensor(
         return Ok(None);
     };
     let record_offset = writer.bytes;
-    if near.format == OutputFormat::Safetensors {
-        writer.write(&bytes);
+    match near.format {
+        OutputFormat::Safetensors => writer.write(&bytes),
+        // The index points at the candidate's record.
+        OutputFormat::Spz => {}
+        OutputFormat::CompressedTensors => {
+            return Err(TaskError::BadLease(
+                "compressed-tensors output cannot share tensors (refused at submit)".into(),
+            ))
+        }
     }
     ctx.progress
         .fetch_add(tensor.data_end - tensor.data_start, Ordering::Relaxed);
@@ -478,12 +483,19 @@ async fn compress_tensor(
     let record_offset = writer.bytes;
     let mut record_hash = blake3::Hasher::new();
     let mut repr_bits = 0u64;
+    let mut tensor_writer = format.spec().tensor_writer(describe(tensor), &plan);
+    // `.spz` parts hold records that the archive's index points at, checksum included.
+    let records = match format {
+        OutputFormat::Spz => true,
+        OutputFormat::Safetensors | OutputFormat::CompressedTensors => false,
+    };
     while let Some(input) = next_chunk(&mut chunks, ctx, timings).await? {
         let compute_started = Instant::now();
         let (plan_c, dtype) = (plan.clone(), tensor.dtype);
-        let (output, acc_out) = cpu::run(move || {
-            let result = process_chunk(&plan_c, dtype, chunk_row_len, &input, format, &mut acc);
-            result.map(|out| (out, acc))
+        let input_len = input.len() as u64;
+        let (output, acc_out, writer_out) = cpu::run(move || {
+            let result = tensor_writer.chunk(&plan_c, dtype, chunk_row_len, &input, &mut acc);
+            result.map(|out| (out, acc, tensor_writer))
         })
         .await
         .map_err(|message| TaskError::Compute {
@@ -495,14 +507,12 @@ async fn compress_tensor(
             source,
         })?;
         acc = acc_out;
+        tensor_writer = writer_out;
         repr_bits += output.repr_bits;
         timings.compute += compute_started.elapsed();
         let write_started = Instant::now();
-        if format == OutputFormat::Spz {
-            let len = (output.bytes.len() as u64).to_le_bytes();
-            record_hash.update(&len);
+        if records {
             record_hash.update(&output.bytes);
-            writer.write(&len);
         }
         writer.write(&output.bytes);
         writer
@@ -514,12 +524,19 @@ async fn compress_tensor(
                 message: e.to_string(),
             })?;
         timings.write += write_started.elapsed();
-        ctx.progress
-            .fetch_add(output.bytes.len() as u64, Ordering::Relaxed);
+        // Progress counts input bytes, whatever the format writes.
+        ctx.progress.fetch_add(input_len, Ordering::Relaxed);
         if !ctx.delay_per_chunk.is_zero() {
             tokio::time::sleep(ctx.delay_per_chunk).await;
         }
     }
+    let tail = tensor_writer
+        .finish()
+        .map_err(|source| TaskError::Pipeline {
+            tensor: tensor.name.clone(),
+            source,
+        })?;
+    writer.write(&tail);
     let elems = (tensor.data_end - tensor.data_start) / tensor.dtype.size_bytes().max(1) as u64;
     let per_weight = |bits: u64| {
         if elems == 0 {
@@ -537,7 +554,7 @@ async fn compress_tensor(
         note: plan.note.clone(),
         ..Default::default()
     };
-    if format == OutputFormat::Spz {
+    if records {
         result.record_offset = record_offset;
         result.record_len = writer.bytes - record_offset;
         result.stored_bits_per_weight = per_weight(result.record_len * 8);

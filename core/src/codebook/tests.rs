@@ -27,6 +27,7 @@ fn kmeans_beats_per_tensor_rtn_on_heavy_tailed_data() {
                 bits,
                 symmetric: false,
                 granularity: Granularity::Tensor,
+                scale_dtype: crate::recipe::ScaleDtype::F16,
             };
             quantize_dequantize_rows(&cfg, &mut r, x.len());
             let e_rtn = rel_fro(&x, &r);
@@ -179,6 +180,7 @@ fn nf4_levels_and_layout() {
         bits: 4,
         symmetric: true,
         granularity: Granularity::Group(64),
+        scale_dtype: crate::recipe::ScaleDtype::F16,
     };
     quantize_dequantize_rows(&cfg, &mut r, 130);
     let e_rtn = rel_fro(&x, &r);

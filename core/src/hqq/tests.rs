@@ -19,6 +19,7 @@ fn rtn(bits: u8, symmetric: bool, granularity: Granularity, x: &[f32], row_len: 
         bits,
         symmetric,
         granularity,
+        scale_dtype: crate::recipe::ScaleDtype::F16,
     };
     quantize_dequantize_rows(&cfg, &mut y, row_len);
     y
@@ -59,6 +60,7 @@ fn never_worse_than_asymmetric_rtn_in_any_group() {
             bits,
             symmetric: false,
             granularity: gran,
+            scale_dtype: crate::recipe::ScaleDtype::F16,
         };
         let r = rtn_codes(&rtn_cfg, &x, 256).unwrap();
         let (dh, dr) = (dequant(&h), dequant(&r));

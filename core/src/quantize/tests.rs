@@ -9,6 +9,7 @@ fn cfg(bits: u8, symmetric: bool, granularity: Granularity) -> QuantizeConfig {
         bits,
         symmetric,
         granularity,
+        scale_dtype: crate::recipe::ScaleDtype::F16,
     }
 }
 
@@ -36,7 +37,8 @@ fn reference_group(cfg: &QuantizeConfig, g: &[f32]) -> (f32, Vec<f32>) {
         if absmax == 0.0 {
             return (0.0, vec![0.0; g.len()]);
         }
-        let s = up(absmax / qmax);
+        // compressed-tensors' rule: absmax maps to qmax + 1/2.
+        let s = up(absmax / (qmax + 0.5));
         let out = g
             .iter()
             // `+ 0.0`: codes are stored offset by 2^(b-1), so a zero code is +0.0, not -0.0.

@@ -8,6 +8,7 @@
 use super::RecipeError;
 use super::{
     invalid, Granularity, Matcher, PassKind, PassSpec, PruneConfig, QuantizeConfig, RankRule,
+    ScaleDtype,
 };
 use crate::hqq::HqqConfig;
 use crate::prune::Norm;
@@ -196,6 +197,7 @@ fn convert_quantize(field: &str, raw: RawQuantize) -> Result<PassKind, RecipeErr
                 bits: raw.bits,
                 symmetric: raw.symmetric.unwrap_or(true),
                 granularity,
+                scale_dtype: ScaleDtype::F16,
             }))
         }
         QuantizeMethod::Hqq => {
@@ -266,8 +268,14 @@ fn convert_codebook(field: &str, raw: RawCodebook) -> Result<PassKind, RecipeErr
 
 fn convert_fp8(field: &str, raw: RawFp8) -> Result<PassKind, RecipeError> {
     match raw.granularity {
-        RawGranularity::Channel => Ok(PassKind::Fp8 { per_channel: true }),
-        RawGranularity::Tensor => Ok(PassKind::Fp8 { per_channel: false }),
+        RawGranularity::Channel => Ok(PassKind::Fp8 {
+            per_channel: true,
+            scale_dtype: ScaleDtype::F32,
+        }),
+        RawGranularity::Tensor => Ok(PassKind::Fp8 {
+            per_channel: false,
+            scale_dtype: ScaleDtype::F32,
+        }),
         RawGranularity::Group => Err(invalid(
             format!("{field}.granularity"),
             "fp8 supports channel or tensor scales",

@@ -28,7 +28,8 @@ fn parses_the_documented_example() {
         PassKind::Quantize(QuantizeConfig {
             bits: 4,
             symmetric: true,
-            granularity: Granularity::Group(128)
+            granularity: Granularity::Group(128),
+            scale_dtype: crate::recipe::ScaleDtype::F16,
         })
     );
     assert_eq!(

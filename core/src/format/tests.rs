@@ -1,0 +1,332 @@
+//! Tests for the format layer: each format's writer against the dequantized reconstruction,
+//! the compressed-tensors layout, plan checks and `quantization_config`.
+
+use super::compressed_tensors::{dequantize_packed, quantization_config};
+use super::*;
+use crate::codec::decode_frame;
+use crate::dtype::{decode_to_f32, encode_from_f32};
+use crate::fp8::e4m3_to_f32;
+use crate::recipe::Recipe;
+
+fn bf16_bytes(xs: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; xs.len() * 2];
+    encode_from_f32(DType::BF16, xs, &mut out).unwrap();
+    out
+}
+
+fn sample(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013 + ((i * 7) % 13) as f32 * 1e-3)
+        .collect()
+}
+
+const UP: &str = "model.layers.0.mlp.up_proj.weight";
+
+fn plan(recipe: &str, format: OutputFormat, name: &str, shape: &[u64]) -> TensorPlan {
+    let r = Recipe::preset(recipe).unwrap();
+    TensorPlan::for_output(&r, format, name, DType::BF16, shape).unwrap()
+}
+
+/// Writes one tensor through `format`'s writer in chunks of `chunk_rows` rows.
+fn write(
+    format: OutputFormat,
+    plan: &TensorPlan,
+    shape: &[u64],
+    input: &[u8],
+    chunk_rows: usize,
+) -> (Vec<u8>, ErrorAccumulator) {
+    let tensor = TensorDesc {
+        name: UP,
+        dtype: DType::BF16,
+        shape,
+    };
+    let mut writer = format.spec().tensor_writer(tensor, plan);
+    let row_bytes = shape[1] as usize * 2;
+    let mut acc = ErrorAccumulator::new();
+    let mut out = Vec::new();
+    for chunk in input.chunks(chunk_rows * row_bytes) {
+        let o = writer
+            .chunk(plan, DType::BF16, shape[1] as usize, chunk, &mut acc)
+            .unwrap();
+        out.extend(o.bytes);
+    }
+    out.extend(writer.finish().unwrap());
+    (out, acc)
+}
+
+/// Splits a tensor's output bytes into its output tensors (as the header lays them out).
+fn split<'a>(outputs: &[OutputTensor], mut bytes: &'a [u8]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::new();
+    for o in outputs {
+        let len = o.shape.iter().product::<u64>() as usize * o.dtype.size_bytes();
+        parts.push(&bytes[..len]);
+        bytes = &bytes[len..];
+    }
+    assert!(bytes.is_empty(), "{} bytes left over", bytes.len());
+    parts
+}
+
+fn decoded_bf16(bytes: &[u8]) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / 2];
+    decode_to_f32(DType::BF16, bytes, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn identity_is_a_byte_copy_except_in_spz() {
+    let input = vec![1u8, 2, 3];
+    for format in [OutputFormat::Safetensors, OutputFormat::CompressedTensors] {
+        let mut acc = ErrorAccumulator::new();
+        let tensor = TensorDesc {
+            name: "x",
+            dtype: DType::I8,
+            shape: &[3],
+        };
+        let plan = TensorPlan::default();
+        let mut writer = format.spec().tensor_writer(tensor, &plan);
+        let out = writer.chunk(&plan, DType::I8, 3, &input, &mut acc).unwrap();
+        assert_eq!(out.bytes, input);
+        assert_eq!(acc.count(), 0);
+    }
+}
+
+#[test]
+fn safetensors_and_spz_measure_the_same_reconstruction() {
+    let shape = [64u64, 64];
+    let input = bf16_bytes(&sample(64 * 64));
+    // A BF16 tensor gets the same plan (bf16 scales) in both formats.
+    let plan = plan("int4-g128", OutputFormat::Spz, UP, &shape);
+    assert_eq!(
+        plan,
+        self::plan("int4-g128", OutputFormat::Safetensors, UP, &shape)
+    );
+    let (st, acc_st) = write(OutputFormat::Safetensors, &plan, &shape, &input, 64);
+    let (spz, acc_spz) = write(OutputFormat::Spz, &plan, &shape, &input, 64);
+    assert_eq!(st.len(), input.len());
+    let len = u64::from_le_bytes(spz[..8].try_into().unwrap()) as usize;
+    assert_eq!(len + 8, spz.len());
+    let mut decoded = Vec::new();
+    decode_frame(&spz[8..], DType::BF16, 64 * 64, &mut decoded).unwrap();
+    assert_eq!(decoded, st);
+    assert_eq!(acc_st.finish(), acc_spz.finish());
+    assert!(spz.len() < input.len() / 2, "{} bytes", spz.len());
+    let m = acc_st.finish();
+    assert!(m.rel_fro_error > 0.0 && m.rel_fro_error < 0.2, "{m:?}");
+}
+
+#[test]
+fn ragged_input_is_an_error() {
+    let mut acc = ErrorAccumulator::new();
+    let shape = [4u64, 64];
+    let plan = plan("int4-g128", OutputFormat::Safetensors, UP, &shape);
+    let mut writer = TensorWriter::Reconstruction;
+    for (row_len, len) in [(3, 4), (0, 4), (usize::MAX, 4)] {
+        assert!(writer
+            .chunk(&plan, DType::BF16, row_len, &vec![0; len], &mut acc)
+            .is_err());
+    }
+    assert!(writer
+        .chunk(&plan, DType::I32, 1, &[0; 4], &mut acc)
+        .is_err());
+}
+
+/// Every integer scheme: the compressed-tensors bytes, unpacked from the specification,
+/// equal the dequantized safetensors output of the same plan exactly.
+#[test]
+fn pack_quantized_dequantizes_to_the_safetensors_output() {
+    let shape = [16u64, 256];
+    let mut xs = sample(16 * 256);
+    xs[5] = 3.0; // an outlier
+    xs[300..556].fill(0.0); // an all-zero row part
+    let input = bf16_bytes(&xs);
+    for (yaml, bits, group, symmetric) in [
+        ("w4a16", 4, Some(128), true),
+        ("w4a16-asym", 4, Some(128), false),
+        ("w8a16", 8, None, true),
+        ("int8-g128", 8, Some(128), true),
+    ] {
+        let ct = plan(yaml, OutputFormat::CompressedTensors, UP, &shape);
+        let st = plan(yaml, OutputFormat::Safetensors, UP, &shape);
+        assert_eq!(ct, st, "{yaml}: both formats run the same plan");
+        let (reference, _) = write(OutputFormat::Safetensors, &st, &shape, &input, 16);
+        let tensor = TensorDesc {
+            name: UP,
+            dtype: DType::BF16,
+            shape: &shape,
+        };
+        let outputs = OutputFormat::CompressedTensors
+            .spec()
+            .output_tensors(tensor, &ct);
+        let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+        let mut want = vec!["weight_packed", "weight_scale"];
+        if !symmetric {
+            want.push("weight_zero_point");
+        }
+        want.push("weight_shape");
+        let want: Vec<String> = want
+            .iter()
+            .map(|w| format!("model.layers.0.mlp.up_proj.{w}"))
+            .collect();
+        assert_eq!(names, want, "{yaml}");
+        for chunk_rows in [16, 3] {
+            let (bytes, _) = write(
+                OutputFormat::CompressedTensors,
+                &ct,
+                &shape,
+                &input,
+                chunk_rows,
+            );
+            let parts = split(&outputs, &bytes);
+            let zeros = (!symmetric).then(|| parts[2]);
+            let values = dequantize_packed(
+                parts[0],
+                parts[1],
+                DType::BF16,
+                zeros,
+                [16, 256],
+                bits,
+                group,
+            )
+            .unwrap();
+            let mut recon = vec![0u8; values.len() * 2];
+            encode_from_f32(DType::BF16, &values, &mut recon).unwrap();
+            assert!(recon == reference, "{yaml} chunks of {chunk_rows}");
+            let shape_bytes = parts[parts.len() - 1];
+            assert_eq!(shape_bytes[..8], 16i64.to_le_bytes());
+            assert_eq!(shape_bytes[8..], 256i64.to_le_bytes());
+        }
+    }
+}
+
+#[test]
+fn packing_order_is_low_bits_first() {
+    // Codes 0..8 in one row of 8 (w4a16 channel-free check through the writer): a row whose
+    // values are -8..7 times a power of two quantizes exactly.
+    let shape = [8u64, 128];
+    let row: Vec<f32> = (0..128).map(|i| ((i % 16) as f32 - 8.0) * 0.25).collect();
+    let xs: Vec<f32> = (0..8).flat_map(|_| row.clone()).collect();
+    let input = bf16_bytes(&xs);
+    let ct = plan("w4a16", OutputFormat::CompressedTensors, UP, &shape);
+    let (bytes, acc) = write(OutputFormat::CompressedTensors, &ct, &shape, &input, 8);
+    // absmax 2.0 maps to 7.5: scale 2/7.5 rounded up onto bf16; codes round(x/s)+8.
+    let first = u32::from_le_bytes(bytes[..4].try_into().unwrap());
+    let s = crate::quantize::bf16_round_up(2.0 / 7.5);
+    let code = |x: f32| ((x / s).round().clamp(-8.0, 7.0) + 8.0) as u32;
+    let want = (0..8).fold(0u32, |w, i| w | code(row[i]) << (4 * i));
+    assert_eq!(first, want, "{first:08x} vs {want:08x}");
+    assert!(acc.finish().rel_fro_error < 0.1);
+}
+
+#[test]
+fn float_quantized_stores_e4m3_and_scales_in_the_tensor_dtype() {
+    let shape = [8u64, 64];
+    let input = bf16_bytes(&sample(8 * 64));
+    let ct = plan("fp8", OutputFormat::CompressedTensors, UP, &shape);
+    let st = plan("fp8", OutputFormat::Safetensors, UP, &shape);
+    let (reference, _) = write(OutputFormat::Safetensors, &st, &shape, &input, 8);
+    let (bytes, _) = write(OutputFormat::CompressedTensors, &ct, &shape, &input, 3);
+    let tensor = TensorDesc {
+        name: UP,
+        dtype: DType::BF16,
+        shape: &shape,
+    };
+    let outputs = OutputFormat::CompressedTensors
+        .spec()
+        .output_tensors(tensor, &ct);
+    assert_eq!(outputs[0].dtype, DType::F8_E4M3);
+    assert_eq!(outputs[1].dtype, DType::BF16);
+    assert_eq!(outputs[1].shape, vec![8, 1]);
+    let parts = split(&outputs, &bytes);
+    let scales = decoded_bf16(parts[1]);
+    let values: Vec<f32> = parts[0]
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| e4m3_to_f32(b) * scales[i / 64])
+        .collect();
+    assert_eq!(bf16_bytes(&values), reference);
+}
+
+#[test]
+fn compressed_tensors_refuses_what_it_cannot_hold() {
+    let r = |yaml: &str| Recipe::from_yaml(yaml).unwrap();
+    let ct = OutputFormat::CompressedTensors;
+    let check = |recipe: &Recipe, name: &str, shape: &[u64]| {
+        TensorPlan::for_output(recipe, ct, name, DType::BF16, shape)
+    };
+    let refused = [
+        ("hqq4", UP, vec![16, 256], "HQQ"),
+        ("2of4", UP, vec![16, 256], "pruned"),
+        ("kmeans4", UP, vec![16, 256], "compressed-tensors layout"),
+        ("svd50", UP, vec![16, 256], "compressed-tensors layout"),
+        ("w4a16", UP, vec![16, 200], "does not divide"),
+        ("w4a16-asym", UP, vec![12, 256], "multiple"),
+        ("int4-g128", UP, vec![16, 256], ""),
+    ];
+    for (preset, name, shape, reason) in refused {
+        let result = check(&Recipe::preset(preset).unwrap(), name, &shape);
+        if reason.is_empty() {
+            assert!(result.is_ok(), "{preset}: {result:?}");
+            continue;
+        }
+        let err = result.expect_err(preset).to_string();
+        assert!(
+            err.contains(reason) && err.contains(name),
+            "{preset}: {err}"
+        );
+    }
+    let three =
+        r("passes:\n  - quantize: { bits: 3, granularity: channel }\n    targets: ['re:.*']\n");
+    let err = check(&three, UP, &[16, 256]).unwrap_err().to_string();
+    assert!(err.contains("4- or 8-bit"), "{err}");
+    let all = r("passes:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n    targets: ['re:.*']\n");
+    let err = check(&all, "model.embed_tokens.weight", &[32, 256])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Linear"), "{err}");
+}
+
+#[test]
+fn quantization_config_targets_linear_and_ignores_the_rest() {
+    let layers = [
+        ("model.embed_tokens.weight", vec![32u64, 256]),
+        ("model.layers.0.mlp.up_proj.weight", vec![64, 256]),
+        ("model.layers.0.self_attn.q_proj.weight", vec![256, 256]),
+        ("model.layers.0.input_layernorm.weight", vec![256]),
+        ("lm_head.weight", vec![32, 256]),
+    ];
+    let recipe = Recipe::preset("w4a16").unwrap();
+    let plans: Vec<TensorPlan> = layers
+        .iter()
+        .map(|(n, s)| {
+            TensorPlan::for_output(&recipe, OutputFormat::CompressedTensors, n, DType::BF16, s)
+                .unwrap()
+        })
+        .collect();
+    let tensors: Vec<(TensorDesc<'_>, &TensorPlan)> = layers
+        .iter()
+        .zip(&plans)
+        .map(|((name, shape), plan)| {
+            (
+                TensorDesc {
+                    name,
+                    dtype: DType::BF16,
+                    shape,
+                },
+                plan,
+            )
+        })
+        .collect();
+    let q = quantization_config(&tensors);
+    assert_eq!(q["quant_method"], "compressed-tensors");
+    assert_eq!(q["format"], "pack-quantized");
+    assert_eq!(q["quantization_status"], "compressed");
+    assert_eq!(q["ignore"], serde_json::json!(["lm_head"]));
+    let group = &q["config_groups"]["group_0"];
+    assert_eq!(group["targets"], serde_json::json!(["Linear"]));
+    assert_eq!(group["weights"]["num_bits"], 4);
+    assert_eq!(group["weights"]["group_size"], 128);
+    assert_eq!(group["weights"]["strategy"], "group");
+    assert_eq!(group["weights"]["symmetric"], true);
+    assert_eq!(group["weights"]["type"], "int");
+    assert!(q["config_groups"].get("group_1").is_none());
+}
