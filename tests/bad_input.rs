@@ -229,3 +229,27 @@ fn an_unreachable_coordinator_is_a_clear_error() {
         stderr(&result)
     );
 }
+
+#[test]
+fn a_non_finite_weight_fails_the_job_naming_the_tensor() {
+    let mut cluster = TestCluster::start(5.0);
+    cluster.add_worker("w1", &[]);
+    let model = cluster.dir.path().join("inf");
+    let file = model.join("model.safetensors");
+    let header = r#"{"model.layers.0.mlp.up_proj.weight":{"dtype":"F32","shape":[2,128],"data_offsets":[0,1024]}}"#;
+    write_raw(&file, header, 1024);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = 8 + header.len() + 4 * 130;
+    bytes[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    std::fs::write(&file, bytes).unwrap();
+    expect_rejected(
+        &cluster,
+        &model,
+        "w4a16",
+        &[
+            "model.layers.0.mlp.up_proj.weight",
+            "1 non-finite",
+            "is inf",
+        ],
+    );
+}

@@ -77,6 +77,12 @@ pub enum CodecError {
     },
     #[error("{pass} failed: {message}")]
     Pass { pass: &'static str, message: String },
+    #[error("{count} non-finite weight(s) in a chunk (the first, its element {first}, is {value}); a quantizer would spread them over their group, so the tensor is refused: fix the checkpoint or add the tensor to the recipe's ignore list")]
+    NonFinite {
+        count: usize,
+        first: usize,
+        value: f32,
+    },
     #[error("corrupt frame: {0}")]
     Corrupt(String),
     #[error(transparent)]
@@ -738,6 +744,9 @@ fn encode_chunk_with(
     fused: bool,
 ) -> Result<EncodedChunk, CodecError> {
     let rows = check_whole_rows(dtype, row_len, input.len())?;
+    if !plan.is_identity() {
+        check_finite(dtype, input)?;
+    }
     if fused && plan.structure.is_none() {
         if let Some(pass @ PassKind::Quantize(cfg)) = &plan.values {
             if let Some(layout) =
@@ -778,6 +787,42 @@ fn encode_chunk_with(
         }
     }
     Ok(chunk)
+}
+
+/// Refuses a chunk holding an infinity or NaN: one +Inf turns the other values of its group
+/// into NaN under any scaled quantizer, and metrics could not measure it honestly. The scan
+/// only tests exponent bits, so it vectorizes and costs little next to the passes.
+fn check_finite(dtype: DType, input: &[u8]) -> Result<(), CodecError> {
+    let (size, mask): (usize, u32) = match dtype {
+        DType::BF16 => (2, 0x7F80),
+        DType::F16 => (2, 0x7C00),
+        DType::F32 => (4, 0x7F80_0000),
+        _ => return Ok(()),
+    };
+    let bits = |b: &[u8]| -> u32 {
+        match size {
+            2 => u32::from(u16::from_le_bytes([b[0], b[1]])),
+            _ => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        }
+    };
+    let count = input
+        .chunks_exact(size)
+        .filter(|b| bits(b) & mask == mask)
+        .count();
+    if count == 0 {
+        return Ok(());
+    }
+    let first = input
+        .chunks_exact(size)
+        .position(|b| bits(b) & mask == mask)
+        .unwrap_or(0);
+    let mut value = [0f32];
+    decode_to_f32(dtype, &input[first * size..(first + 1) * size], &mut value)?;
+    Err(CodecError::NonFinite {
+        count,
+        first,
+        value: value[0],
+    })
 }
 
 /// The general path of [`encode_chunk`] for a chunk of `rows` whole rows (already checked).

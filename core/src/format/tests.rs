@@ -330,3 +330,38 @@ fn quantization_config_targets_linear_and_ignores_the_rest() {
     assert_eq!(group["weights"]["type"], "int");
     assert!(q["config_groups"].get("group_1").is_none());
 }
+
+#[test]
+fn non_finite_weights_are_refused_not_spread_over_their_group() {
+    let shape = [2u64, 128];
+    let plan = plan("w4a16", OutputFormat::Safetensors, UP, &shape);
+    for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+        let mut xs = sample(256);
+        xs[130] = bad;
+        let input = bf16_bytes(&xs);
+        let mut acc = ErrorAccumulator::new();
+        let err = TensorWriter::Reconstruction
+            .chunk(&plan, DType::BF16, 128, &input, &mut acc)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("1 non-finite") && err.contains("element 130"),
+            "{err}"
+        );
+        assert_eq!(acc.count(), 0);
+    }
+    // An unchanged tensor is copied as it is, non-finite values included.
+    let mut xs = sample(256);
+    xs[0] = f32::INFINITY;
+    let input = bf16_bytes(&xs);
+    let out = TensorWriter::Reconstruction
+        .chunk(
+            &TensorPlan::default(),
+            DType::BF16,
+            128,
+            &input,
+            &mut ErrorAccumulator::new(),
+        )
+        .unwrap();
+    assert_eq!(out.bytes, input);
+}
