@@ -2,8 +2,9 @@
 # The whole test suite, runnable on a fresh machine:
 #   1. a Python venv (target/test-venv) with the real readers our outputs must satisfy;
 #   2. Rust unit tests and whole-system tests (real coordinator and worker processes on loopback);
-#   3. Python interop tests: Python's `safetensors` loads what the cluster wrote, and a numpy
-#      reader of compressed-tensors unpacks its packed shards.
+#   3. Python interop tests: Python's `safetensors` loads what the cluster wrote, a numpy reader
+#      of compressed-tensors unpacks its packed shards, `gguf` reads our GGUF blocks, and
+#      hostile headers get the reference loader's verdict.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,9 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --no-deps -r tests/python/requirements-nodeps.txt
 
 cargo build --bin shardpress
+cargo build -p shardpress-core --example gguf_fixture
 cargo test --workspace
 
-SHARDPRESS_BIN="$PWD/target/debug/shardpress" "$venv/bin/python" -m pytest -q tests/python
+SHARDPRESS_BIN="$PWD/target/debug/shardpress" \
+  SHARDPRESS_GGUF_FIXTURE="$PWD/target/debug/examples/gguf_fixture" \
+  "$venv/bin/python" -m pytest -q tests/python

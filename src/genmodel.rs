@@ -1,7 +1,8 @@
-//! `gen-model`: a synthetic Llama-shaped model (safetensors + config.json) with realistic weight
-//! statistics: per-output-channel scales that vary log-normally, a heavy tail of outliers, and
-//! norm weights around 1. Deterministic for a given seed; written tensor by tensor, so memory
-//! stays bounded by one tensor.
+//! `gen-model`: a synthetic Llama-shaped model (safetensors + config.json + a byte-level BPE
+//! tokenizer.json/tokenizer_config.json) with realistic weight statistics: per-output-channel
+//! scales that vary log-normally, a heavy tail of outliers, and norm weights around 1.
+//! Deterministic for a given seed; written tensor by tensor, so memory stays bounded by one
+//! tensor.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -94,6 +95,9 @@ pub fn parse_size(text: &str) -> anyhow::Result<u64> {
     Ok((value * scale) as u64)
 }
 
+/// `rope_theta` of the generated config (Llama 3's).
+const ROPE_THETA: f64 = 500000.0;
+
 struct Shape {
     hidden: u64,
     intermediate: u64,
@@ -166,8 +170,12 @@ impl Shape {
             "num_attention_heads": self.heads,
             "num_key_value_heads": self.kv_heads,
             "vocab_size": self.vocab,
+            "head_dim": self.hidden / self.heads,
             "max_position_embeddings": 2048,
             "rms_norm_eps": 1e-5,
+            "rope_theta": ROPE_THETA,
+            "bos_token_id": self.vocab - 2,
+            "eos_token_id": self.vocab - 1,
             "hidden_act": "silu",
             "tie_word_embeddings": tie_embeddings,
             "torch_dtype": match dtype { DType::F16 => "float16", DType::F32 => "float32", _ => "bfloat16" },
@@ -250,6 +258,15 @@ pub fn generate(args: &GenModelArgs) -> anyhow::Result<Generated> {
         args.out.join("config.json"),
         serde_json::to_vec_pretty(&shape.config_json(dtype, args.tie_embeddings))?,
     )?;
+    let (tokenizer, tokenizer_config) = bpe_tokenizer(shape.vocab as usize)?;
+    std::fs::write(
+        args.out.join("tokenizer.json"),
+        serde_json::to_vec_pretty(&tokenizer)?,
+    )?;
+    std::fs::write(
+        args.out.join("tokenizer_config.json"),
+        serde_json::to_vec_pretty(&tokenizer_config)?,
+    )?;
     Ok(Generated {
         tensors: tensors.len(),
         bytes: total,
@@ -319,6 +336,262 @@ fn write_shard(
     Ok(data_bytes)
 }
 
+// ----------------------------------------------------------------------------------------
+// Tokenizer: a small byte-level BPE in the shape of Llama 3's tokenizer.json.
+
+/// Beginning- and end-of-text special tokens, the last two ids of the vocabulary.
+const BOS_TOKEN: &str = "<|begin_of_text|>";
+const EOS_TOKEN: &str = "<|end_of_text|>";
+
+/// Llama 3's pre-tokenizer split regex.
+const LLAMA3_PRE_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Text the BPE merges are learned from.
+const BPE_CORPUS: &str = "\
+The model is split into layers, and each layer is compressed on its own by a worker. \
+A worker reads the tensors of its task from object storage, quantizes them, measures the error \
+against the original weights, and writes the finished shard back. The coordinator keeps a \
+journal of every task, so a restarted job resumes where it stopped instead of starting again. \
+When the last task is done, the coordinator writes the index, the configuration and the report, \
+and then the manifest, which is the commit point of the whole output. \
+Weights are stored in bfloat16 or float16; the compressed output may use four or eight bits per \
+weight, with a scale for every group of thirty-two or one hundred and twenty-eight values. \
+The error of each tensor is reported as a signal to noise ratio, a cosine similarity and a \
+relative norm, and the accuracy gates of the recipe decide whether the job passes or fails. \
+In the beginning there was the word, and the word was with the text, and the text was long. \
+She said that they would come back in the morning, when the weather was better and the roads \
+were open again. He thought about it for a while and then he wrote a letter to his brother, \
+who lived in another country, far away from the sea. There are many ways to tell a story, but \
+the best ones are simple: someone wants something, something stands in the way, and in the end \
+they either get it or learn why they should not have wanted it at all. \
+Numbers such as 1, 2, 3, 10, 42, 100, 256, 1024 and 2048 appear in code and in prose alike. \
+for i in range(10): print(i) # a loop in Python; fn main() { println!(\"hello, world\"); } \
+";
+
+/// GPT-2's reversible byte-to-unicode table, in GPT-2 id order: (byte, char).
+fn byte_level_alphabet() -> Vec<(u8, char)> {
+    let mut bytes: Vec<u32> = (u32::from(b'!')..=u32::from(b'~'))
+        .chain(0xa1..=0xac)
+        .chain(0xae..=0xff)
+        .collect();
+    let mut chars = bytes.clone();
+    let mut extra = 0;
+    for b in 0..256u32 {
+        if !bytes.contains(&b) {
+            bytes.push(b);
+            chars.push(256 + extra);
+            extra += 1;
+        }
+    }
+    bytes
+        .into_iter()
+        .zip(chars)
+        .map(|(b, c)| (b as u8, char::from_u32(c).expect("valid char")))
+        .collect()
+}
+
+/// A rough Llama 3 pre-tokenization: a letter run with one optional leading non-letter,
+/// up to three digits, an optional space plus a punctuation run, or whitespace.
+fn pre_tokenize(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut words = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let start = i;
+        let c = chars[i];
+        let letter_follows = |j: usize| chars.get(j).is_some_and(|c| c.is_alphabetic());
+        if c.is_alphabetic() || (!c.is_alphanumeric() && c != '\n' && letter_follows(i + 1)) {
+            i += 1;
+            while letter_follows(i) {
+                i += 1;
+            }
+        } else if c.is_numeric() {
+            while i < chars.len() && chars[i].is_numeric() && i - start < 3 {
+                i += 1;
+            }
+        } else if c.is_whitespace()
+            && !chars
+                .get(i + 1)
+                .is_some_and(|c| !c.is_whitespace() && !c.is_alphanumeric())
+        {
+            while i < chars.len() && chars[i].is_whitespace() {
+                i += 1;
+            }
+        } else {
+            if c == ' ' {
+                i += 1;
+            }
+            while i < chars.len() && !chars[i].is_whitespace() && !chars[i].is_alphanumeric() {
+                i += 1;
+            }
+            i = i.max(start + 1);
+        }
+        words.push(chars[start..i].iter().collect());
+    }
+    words
+}
+
+/// A byte-level BPE tokenizer with exactly `vocab` ids: the 256 byte tokens (GPT-2 order),
+/// merges learned from [`BPE_CORPUS`] and then extended deterministically, and the two special
+/// tokens at the end. Returns (tokenizer.json, tokenizer_config.json).
+fn bpe_tokenizer(vocab: usize) -> anyhow::Result<(serde_json::Value, serde_json::Value)> {
+    use serde_json::json;
+    use std::collections::{BTreeMap, HashSet};
+    if vocab < 258 {
+        bail!("a byte-level BPE vocabulary needs at least 258 ids, not {vocab}");
+    }
+    let n_merges = vocab - 258;
+    let alphabet = byte_level_alphabet();
+    let mut to_char = ['\0'; 256];
+    for &(b, c) in &alphabet {
+        to_char[b as usize] = c;
+    }
+    let mut tokens: Vec<String> = alphabet.iter().map(|(_, c)| c.to_string()).collect();
+    let mut known: HashSet<String> = tokens.iter().cloned().collect();
+    let mut merges: Vec<(String, String)> = Vec::new();
+
+    // Learn merges: most frequent adjacent pair first, ties broken by the pair's text.
+    let mut words: BTreeMap<Vec<String>, u64> = BTreeMap::new();
+    for word in pre_tokenize(BPE_CORPUS) {
+        let symbols: Vec<String> = word
+            .bytes()
+            .map(|b| to_char[b as usize].to_string())
+            .collect();
+        *words.entry(symbols).or_default() += 1;
+    }
+    while merges.len() < n_merges {
+        let mut pairs: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for (symbols, count) in &words {
+            for w in symbols.windows(2) {
+                *pairs.entry((w[0].as_str(), w[1].as_str())).or_default() += count;
+            }
+        }
+        let Some(((a, b), count)) = pairs
+            .into_iter()
+            .max_by(|x, y| x.1.cmp(&y.1).then_with(|| y.0.cmp(&x.0)))
+        else {
+            break;
+        };
+        if count < 2 {
+            break;
+        }
+        let (a, b) = (a.to_string(), b.to_string());
+        let merged = format!("{a}{b}");
+        words = words
+            .into_iter()
+            .map(|(symbols, count)| {
+                let mut out = Vec::with_capacity(symbols.len());
+                let mut i = 0;
+                while i < symbols.len() {
+                    if i + 1 < symbols.len() && symbols[i] == a && symbols[i + 1] == b {
+                        out.push(merged.clone());
+                        i += 2;
+                    } else {
+                        out.push(symbols[i].clone());
+                        i += 1;
+                    }
+                }
+                (out, count)
+            })
+            .fold(BTreeMap::new(), |mut acc, (symbols, count)| {
+                *acc.entry(symbols).or_default() += count;
+                acc
+            });
+        if known.insert(merged.clone()) {
+            tokens.push(merged);
+            merges.push((a, b));
+        }
+    }
+    // Extend to the vocabulary size: learned tokens, then letters and the space, each grown
+    // by one common letter at a time.
+    let letters: Vec<String> = "etaoinshrdlcumwfgypbvkjxqz"
+        .chars()
+        .map(|c| c.to_string())
+        .collect();
+    let space = to_char[b' ' as usize].to_string();
+    let mut stems: Vec<String> = tokens[256..].to_vec();
+    stems.extend(letters.iter().cloned());
+    stems.push(space);
+    let mut next = 0;
+    while merges.len() < n_merges {
+        let stem = stems[next].clone();
+        next += 1;
+        for letter in &letters {
+            if merges.len() == n_merges {
+                break;
+            }
+            let merged = format!("{stem}{letter}");
+            if known.insert(merged.clone()) {
+                tokens.push(merged.clone());
+                stems.push(merged);
+                merges.push((stem.clone(), letter.clone()));
+            }
+        }
+    }
+
+    let bos_id = vocab - 2;
+    let eos_id = vocab - 1;
+    let vocab_map: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), json!(id)))
+        .collect();
+    let added = |id: usize, content: &str| {
+        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+               "rstrip": false, "normalized": false, "special": true})
+    };
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [added(bos_id, BOS_TOKEN), added(eos_id, EOS_TOKEN)],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PRE_REGEX},
+             "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+             "use_regex": false}
+        ]},
+        "post_processor": {"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false,
+             "use_regex": true},
+            {"type": "TemplateProcessing",
+             "single": [{"SpecialToken": {"id": BOS_TOKEN, "type_id": 0}},
+                        {"Sequence": {"id": "A", "type_id": 0}}],
+             "pair": [{"SpecialToken": {"id": BOS_TOKEN, "type_id": 0}},
+                      {"Sequence": {"id": "A", "type_id": 0}},
+                      {"SpecialToken": {"id": BOS_TOKEN, "type_id": 1}},
+                      {"Sequence": {"id": "B", "type_id": 1}}],
+             "special_tokens": {BOS_TOKEN: {"id": BOS_TOKEN, "ids": [bos_id],
+                                            "tokens": [BOS_TOKEN]}}}
+        ]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                    "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": true,
+                  "vocab": vocab_map,
+                  "merges": merges.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()}
+    });
+    let decoder_entry = |content: &str| {
+        json!({"content": content, "lstrip": false, "normalized": false, "rstrip": false,
+               "single_word": false, "special": true})
+    };
+    let config = json!({
+        "added_tokens_decoder": {
+            bos_id.to_string(): decoder_entry(BOS_TOKEN),
+            eos_id.to_string(): decoder_entry(EOS_TOKEN),
+        },
+        "bos_token": BOS_TOKEN,
+        "clean_up_tokenization_spaces": false,
+        "eos_token": EOS_TOKEN,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 2048,
+        "tokenizer_class": "PreTrainedTokenizerFast"
+    });
+    Ok((tokenizer, config))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +601,38 @@ mod tests {
         assert_eq!(parse_size("200MB").unwrap(), 200_000_000);
         assert_eq!(parse_size("1.5gb").unwrap(), 1_500_000_000);
         assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn the_tokenizer_has_exactly_the_model_vocab_and_valid_merges() {
+        for vocab in [2048usize, 32000] {
+            let (tokenizer, config) = bpe_tokenizer(vocab).unwrap();
+            let model = &tokenizer["model"];
+            let ids = model["vocab"].as_object().unwrap();
+            let added = tokenizer["added_tokens"].as_array().unwrap();
+            assert_eq!(ids.len() + added.len(), vocab);
+            let mut seen: Vec<u64> = ids.values().map(|v| v.as_u64().unwrap()).collect();
+            seen.extend(added.iter().map(|t| t["id"].as_u64().unwrap()));
+            seen.sort_unstable();
+            assert_eq!(seen, (0..vocab as u64).collect::<Vec<_>>());
+            // Every merge joins two known tokens into a token with the next id.
+            let merges = model["merges"].as_array().unwrap();
+            assert_eq!(merges.len(), vocab - 258);
+            for (i, m) in merges.iter().enumerate() {
+                let (a, b) = (m[0].as_str().unwrap(), m[1].as_str().unwrap());
+                assert!(ids[a].as_u64().unwrap() < 256 + i as u64, "{a}");
+                assert!(ids[b].as_u64().unwrap() < 256 + i as u64, "{b}");
+                assert_eq!(ids[&format!("{a}{b}")].as_u64().unwrap(), 256 + i as u64);
+            }
+            assert_eq!(ids["!"], 0);
+            assert_eq!(ids["Ġ"], 220);
+            assert!(ids.contains_key("Ġthe"));
+            assert_eq!(config["bos_token"], BOS_TOKEN);
+            assert_eq!(added[0]["id"], vocab - 2);
+            // Deterministic.
+            assert_eq!(bpe_tokenizer(vocab).unwrap().0, tokenizer);
+        }
+        assert!(bpe_tokenizer(100).is_err());
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - [`codec`]: a tensor's plan (structure + values stage) and its stored representation.
 //! - [`entropy`]: the lossless byte-plane entropy coder applied to every stored section.
 //! - [`spz`]: the single-file `.spz` archive format.
+//! - [`gguf`]: llama.cpp's GGUF format: bit-compatible block quantizers (Q8_0, Q4_0, Q4_K,
+//!   Q5_K, Q6_K) and the file layout computed from shapes before any data exists.
 //! - [`similarity`]: sketches and cosine for sharing near-identical tensors.
 
 pub mod codebook;
@@ -25,6 +27,7 @@ pub mod dtype;
 pub mod entropy;
 pub mod format;
 pub mod fp8;
+pub mod gguf;
 pub mod hashnet;
 pub mod header;
 pub mod hqq;

@@ -1,0 +1,855 @@
+//! ggml element types and their block quantizers, ported from llama.cpp's reference code.
+//!
+//! Each block type packs `block_size()` consecutive values of a row into `type_size()` bytes,
+//! laid out exactly like ggml's `block_*` structs (all scales little-endian f16):
+//!
+//! | type | values | bytes | layout |
+//! |------|--------|-------|--------|
+//! | Q8_0 | 32  | 34  | `d`, `qs[32]` (i8), value `qs*d` |
+//! | Q4_0 | 32  | 18  | `d`, `qs[16]` (value `j` in the low nibble of byte `j`, `j+16` in the high nibble), value `(q-8)*d` |
+//! | Q4_K | 256 | 144 | `d`, `dmin`, `scales[12]` (8 six-bit scales and mins), `qs[128]` |
+//! | Q5_K | 256 | 176 | `d`, `dmin`, `scales[12]`, `qh[32]` (fifth bits), `qs[128]` |
+//! | Q6_K | 256 | 210 | `ql[128]`, `qh[64]`, `scales[16]` (i8), `d` |
+//!
+//! F32, F16 and BF16 are one value per "block" (little-endian, F16/BF16 rounded to
+//! nearest-even by [`crate::dtype`], as ggml's `GGML_FP32_TO_FP16` / `GGML_FP32_TO_BF16` do).
+//!
+//! The quantizers are faithful ports of `quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`,
+//! `quantize_row_q4_K_ref` (with `make_qkx2_quants`), `quantize_row_q5_K_ref` and
+//! `quantize_row_q6_K_ref` (with `make_qx_quants`) from `ggml/src/ggml-quants.c`, and the
+//! dequantizers of the `dequantize_row_*` functions: every f32 operation is the C one, in the
+//! C evaluation order (int operands converted to f32 where C converts them), rounding through
+//! ggml's `nearest_int` (the `+ 1.5*2^23` bit trick: ties to even) where the C uses it and
+//! `roundf` (ties away from zero, [`f32::round`]) where the C uses that, and `d` stored as f16
+//! rounded to nearest-even. Rust never fuses `a*b + c` into an FMA, so the bytes equal those of
+//! llama.cpp's `ggml-base` as it is built for x86-64 (no FMA available, so no contraction);
+//! this was checked on 10^6 values of assorted distributions against the `ggml-quants.c`
+//! vendored by llama-cpp-python 0.3.36 (pinned in the tests). A build that contracts
+//! multiply-adds (`-march=native`, or GCC on aarch64) evaluates the K-quant scale search with
+//! different rounding and may store a different, equally good scale in a few blocks (seen in
+//! about 1 block in 16 with gcc 12 `-march=native`; Q4_0 and Q8_0 still matched there). These
+//! are the quantizers `llama-quantize` runs when no importance matrix is given.
+//!
+//! Like ggml, the super-block scale is an f16, so K-quant blocks whose values are all below
+//! about `1e-5` may store all-zero scales (Q6_K) or lose precision (f16 subnormals).
+//!
+//! Inputs are whole rows (their length a multiple of the block size), so blocks never cross a
+//! row; each block is independent, and large inputs are split over rayon by blocks, which
+//! cannot change the result.
+
+use super::GgufError;
+use crate::dtype::{self, DType};
+use half::f16;
+use rayon::prelude::*;
+use std::fmt;
+
+/// Values per Q8_0 block.
+pub const QK8_0: usize = 32;
+/// Values per Q4_0 block.
+pub const QK4_0: usize = 32;
+/// Values per K-quant super-block (Q4_K, Q5_K, Q6_K).
+pub const QK_K: usize = 256;
+/// Bytes of the packed 6-bit scales and mins of Q4_K and Q5_K.
+const K_SCALE_SIZE: usize = 12;
+/// ggml's `GROUP_MAX_EPS`: a group whose largest magnitude is below this is all zero.
+const GROUP_MAX_EPS: f32 = 1e-15;
+/// Values per rayon task (whole blocks), so short inputs stay on the calling thread.
+const PAR_MIN_VALUES: usize = 1 << 15;
+
+/// A ggml tensor element type this crate can write, with its ggml type id as discriminant
+/// (`enum ggml_type` in `ggml.h`; the ids are what a GGUF tensor info stores).
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum GgmlType {
+    F32 = 0,
+    F16 = 1,
+    Q4_0 = 2,
+    Q8_0 = 8,
+    Q4_K = 12,
+    Q5_K = 13,
+    Q6_K = 14,
+    BF16 = 30,
+}
+
+impl GgmlType {
+    /// Every supported type, in id order.
+    pub const ALL: [GgmlType; 8] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::BF16,
+    ];
+
+    /// The ggml type id (as stored in a GGUF tensor info).
+    pub fn id(self) -> u32 {
+        self as u32
+    }
+
+    /// The type with ggml id `id`, if this crate supports it.
+    pub fn from_id(id: u32) -> Option<GgmlType> {
+        Self::ALL.iter().copied().find(|t| t.id() == id)
+    }
+
+    /// The type's name as gguf-py and `llama-quantize` spell it (`"Q4_K"`, `"BF16"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q4_K => "Q4_K",
+            GgmlType::Q5_K => "Q5_K",
+            GgmlType::Q6_K => "Q6_K",
+            GgmlType::BF16 => "BF16",
+        }
+    }
+
+    /// Parses a type name, ignoring ASCII case (`"q4_k"`, `"Q4_K"`).
+    pub fn from_name(name: &str) -> Result<GgmlType, GgufError> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| GgufError::UnknownTypeName(name.to_string()))
+    }
+
+    /// Values per block (1 for the float types).
+    pub fn block_size(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q4_0 => QK4_0,
+            GgmlType::Q8_0 => QK8_0,
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => QK_K,
+        }
+    }
+
+    /// Bytes per block (`ggml_type_size`).
+    pub fn type_size(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 => 2 + QK4_0 / 2,
+            GgmlType::Q8_0 => 2 + QK8_0,
+            GgmlType::Q4_K => 4 + K_SCALE_SIZE + QK_K / 2,
+            GgmlType::Q5_K => 4 + K_SCALE_SIZE + QK_K / 8 + QK_K / 2,
+            GgmlType::Q6_K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
+        }
+    }
+
+    /// Bytes of a row of `n` values (`ggml_row_size`); an error unless `n` is a multiple of
+    /// the block size, or on overflow.
+    pub fn row_bytes(self, n: u64) -> Result<u64, GgufError> {
+        let block = self.block_size() as u64;
+        if n % block != 0 {
+            return Err(GgufError::RaggedRow {
+                ty: self,
+                row: n,
+                block,
+            });
+        }
+        (n / block)
+            .checked_mul(self.type_size() as u64)
+            .ok_or(GgufError::Overflow)
+    }
+
+    /// Quantizes `values` (whole blocks) and appends the blocks to `out`.
+    pub fn quantize(self, values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError> {
+        match self {
+            GgmlType::F32 => quantize_f32(values, out),
+            GgmlType::F16 => quantize_f16(values, out),
+            GgmlType::BF16 => quantize_bf16(values, out),
+            GgmlType::Q8_0 => quantize_q8_0(values, out),
+            GgmlType::Q4_0 => quantize_q4_0(values, out),
+            GgmlType::Q4_K => quantize_q4_k(values, out),
+            GgmlType::Q5_K => quantize_q5_k(values, out),
+            GgmlType::Q6_K => quantize_q6_k(values, out),
+        }
+    }
+
+    /// Dequantizes `bytes` (exactly the blocks of `out.len()` values) into `out`.
+    pub fn dequantize(self, bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+        match self {
+            GgmlType::F32 => dequantize_f32(bytes, out),
+            GgmlType::F16 => dequantize_f16(bytes, out),
+            GgmlType::BF16 => dequantize_bf16(bytes, out),
+            GgmlType::Q8_0 => dequantize_q8_0(bytes, out),
+            GgmlType::Q4_0 => dequantize_q4_0(bytes, out),
+            GgmlType::Q4_K => dequantize_q4_k(bytes, out),
+            GgmlType::Q5_K => dequantize_q5_k(bytes, out),
+            GgmlType::Q6_K => dequantize_q6_k(bytes, out),
+        }
+    }
+}
+
+impl fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// Shared plumbing: length checks and the block loop.
+
+/// Checks `len` is whole blocks of `ty`; returns the block count.
+fn blocks_of(ty: GgmlType, len: usize) -> Result<usize, GgufError> {
+    let block = ty.block_size();
+    if len % block != 0 {
+        return Err(GgufError::RaggedValues { ty, len, block });
+    }
+    Ok(len / block)
+}
+
+/// Checks `bytes_len` holds exactly the blocks of `values` values of `ty`.
+fn check_bytes(ty: GgmlType, values: usize, bytes_len: usize) -> Result<(), GgufError> {
+    let want = blocks_of(ty, values)? * ty.type_size();
+    if bytes_len != want {
+        return Err(GgufError::ByteLength {
+            ty,
+            values,
+            want,
+            got: bytes_len,
+        });
+    }
+    Ok(())
+}
+
+/// Appends the blocks of `values` to `out`, each written by `block(values, bytes)`.
+fn quantize_blocks(
+    ty: GgmlType,
+    values: &[f32],
+    out: &mut Vec<u8>,
+    block: fn(&[f32], &mut [u8]),
+) -> Result<(), GgufError> {
+    let (bs, ts) = (ty.block_size(), ty.type_size());
+    let n_blocks = blocks_of(ty, values.len())?;
+    let start = out.len();
+    out.resize(start + n_blocks * ts, 0);
+    let dst = &mut out[start..];
+    let per_task = (PAR_MIN_VALUES / bs).max(1);
+    if n_blocks > per_task {
+        dst.par_chunks_mut(per_task * ts)
+            .zip(values.par_chunks(per_task * bs))
+            .for_each(|(d, v)| {
+                for (db, vb) in d.chunks_exact_mut(ts).zip(v.chunks_exact(bs)) {
+                    block(vb, db);
+                }
+            });
+    } else {
+        for (db, vb) in dst.chunks_exact_mut(ts).zip(values.chunks_exact(bs)) {
+            block(vb, db);
+        }
+    }
+    Ok(())
+}
+
+/// Dequantizes the blocks in `bytes` into `out`, each by `block(bytes, values)`.
+fn dequantize_blocks(
+    ty: GgmlType,
+    bytes: &[u8],
+    out: &mut [f32],
+    block: fn(&[u8], &mut [f32]),
+) -> Result<(), GgufError> {
+    check_bytes(ty, out.len(), bytes.len())?;
+    let (bs, ts) = (ty.block_size(), ty.type_size());
+    let per_task = (PAR_MIN_VALUES / bs).max(1);
+    if out.len() > PAR_MIN_VALUES {
+        out.par_chunks_mut(per_task * bs)
+            .zip(bytes.par_chunks(per_task * ts))
+            .for_each(|(v, d)| {
+                for (vb, db) in v.chunks_exact_mut(bs).zip(d.chunks_exact(ts)) {
+                    block(db, vb);
+                }
+            });
+    } else {
+        for (vb, db) in out.chunks_exact_mut(bs).zip(bytes.chunks_exact(ts)) {
+            block(db, vb);
+        }
+    }
+    Ok(())
+}
+
+/// Little-endian bytes of `x` rounded to f16 (nearest-even, as `GGML_FP32_TO_FP16`).
+#[inline]
+fn f16_bytes(x: f32) -> [u8; 2] {
+    f16::from_f32(x).to_bits().to_le_bytes()
+}
+
+/// The f32 value of the little-endian f16 at `b[at..at + 2]` (`GGML_FP16_TO_FP32`).
+#[inline]
+fn read_f16(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// ggml's `nearest_int`: rounds to nearest, ties to even, by adding `1.5 * 2^23` and reading
+/// the mantissa bits (valid for `|x| <= 2^22 - 1`; outside that range it returns the same
+/// garbage as the C, bit for bit).
+#[inline]
+fn nearest_int(fval: f32) -> i32 {
+    let val = fval + 12_582_912.0;
+    (val.to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
+}
+
+// ----------------------------------------------------------------------------------------
+// F32 / F16 / BF16 passthrough.
+
+/// Dtype codec for a float passthrough type, and the byte offset to append at.
+fn float_encode(ty: GgmlType, dt: DType, values: &[f32], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + values.len() * ty.type_size(), 0);
+    // Lengths match by construction, so the codec cannot fail.
+    let _ = dtype::encode_from_f32(dt, values, &mut out[start..]);
+}
+
+fn float_decode(ty: GgmlType, dt: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    check_bytes(ty, out.len(), bytes.len())?;
+    let _ = dtype::decode_to_f32(dt, bytes, out);
+    Ok(())
+}
+
+/// Appends `values` as little-endian f32.
+pub fn quantize_f32(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError> {
+    float_encode(GgmlType::F32, DType::F32, values, out);
+    Ok(())
+}
+
+/// Appends `values` as little-endian f16 (round to nearest-even).
+pub fn quantize_f16(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError> {
+    float_encode(GgmlType::F16, DType::F16, values, out);
+    Ok(())
+}
+
+/// Appends `values` as little-endian bf16 (round to nearest-even, NaN kept quiet).
+pub fn quantize_bf16(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError> {
+    float_encode(GgmlType::BF16, DType::BF16, values, out);
+    Ok(())
+}
+
+/// Decodes little-endian f32 `bytes` into `out`.
+pub fn dequantize_f32(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    float_decode(GgmlType::F32, DType::F32, bytes, out)
+}
+
+/// Decodes little-endian f16 `bytes` into `out`.
+pub fn dequantize_f16(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    float_decode(GgmlType::F16, DType::F16, bytes, out)
+}
+
+/// Decodes little-endian bf16 `bytes` into `out`.
+pub fn dequantize_bf16(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    float_decode(GgmlType::BF16, DType::BF16, bytes, out)
+}
+
+// ----------------------------------------------------------------------------------------
+// Q8_0 and Q4_0.
+
+/// Appends the Q8_0 blocks of `values` (`quantize_row_q8_0_ref`).
+pub fn quantize_q8_0(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError> {
+    quantize_blocks(GgmlType::Q8_0, values, out, q8_0_block)
+}
+
+fn q8_0_block(x: &[f32], y: &mut [u8]) {
+    let mut amax = 0.0f32;
+    for &v in x {
+        // MAX(amax, fabsf(v)) is `a > b ? a : b`.
+        let a = v.abs();
+        amax = if amax > a { amax } else { a };
+    }
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[..2].copy_from_slice(&f16_bytes(d));
+    for (q, &v) in y[2..].iter_mut().zip(x) {
+        *q = (v * id).round() as i8 as u8;
+    }
+}
+
+/// Decodes Q8_0 `bytes` into `out` (`dequantize_row_q8_0`).
+pub fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    dequantize_blocks(GgmlType::Q8_0, bytes, out, |b, y| {
+        let d = read_f16(b, 0);
+        for (v, &q) in y.iter_mut().zip(&b[2..]) {
+            *v = f32::from(q as i8) * d;
+        }
+    })
+}
+
+/// Appends the Q4_0 blocks of `values` (`quantize_row_q4_0_ref`).
+pub fn quantize_q4_0(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError> {
+    quantize_blocks(GgmlType::Q4_0, values, out, q4_0_block)
+}
+
+fn q4_0_block(x: &[f32], y: &mut [u8]) {
+    // The signed value of largest magnitude (the first one on ties).
+    let mut amax = 0.0f32;
+    let mut max = 0.0f32;
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[..2].copy_from_slice(&f16_bytes(d));
+    let half = QK4_0 / 2;
+    for j in 0..half {
+        let x0 = x[j] * id;
+        let x1 = x[half + j] * id;
+        // MIN(15, (int8_t)(x + 8.5f)): truncation toward zero.
+        let xi0 = ((x0 + 8.5) as i8).min(15) as u8;
+        let xi1 = ((x1 + 8.5) as i8).min(15) as u8;
+        y[2 + j] = xi0 | (xi1 << 4);
+    }
+}
+
+/// Decodes Q4_0 `bytes` into `out` (`dequantize_row_q4_0`).
+pub fn dequantize_q4_0(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    dequantize_blocks(GgmlType::Q4_0, bytes, out, |b, y| {
+        let d = read_f16(b, 0);
+        let half = QK4_0 / 2;
+        for j in 0..half {
+            let q = b[2 + j];
+            y[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
+            y[j + half] = ((q >> 4) as i32 - 8) as f32 * d;
+        }
+    })
+}
+
+// ----------------------------------------------------------------------------------------
+// K-quant helpers.
+
+/// ggml's `make_qkx2_quants`: the asymmetric `nmax`-level codes `l[i]` of `x` with weights `w`,
+/// searching `nstep + 1` candidate scales; returns `(scale, the_min)` with
+/// `x ~= scale * l - the_min` (`the_min >= 0`).
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    l_out: &mut [u8],
+    l_aux: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+) -> (f32, f32) {
+    let n = x.len();
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l_out[..n].fill(0);
+        return (0.0, -min);
+    }
+    let nmax_f = nmax as f32;
+    let mut iscale = nmax_f / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0.0f32;
+    for i in 0..n {
+        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l_out[i] = l as u8;
+        let mut diff = scale * l as f32 + min - x[i];
+        diff = if use_mad { diff.abs() } else { diff * diff };
+        best_error += weights[i] * diff;
+    }
+    if nstep < 1 {
+        return (scale, -min);
+    }
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax_f) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
+        for i in 0..n {
+            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            l_aux[i] = l as u8;
+            let w = weights[i];
+            let lf = l as f32;
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0.0f32;
+            for i in 0..n {
+                let mut diff = this_scale * l_aux[i] as f32 + this_min - x[i];
+                diff = if use_mad { diff.abs() } else { diff * diff };
+                cur_error += weights[i] * diff;
+            }
+            if cur_error < best_error {
+                l_out[..n].copy_from_slice(&l_aux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights (the weights are
+/// `x^2`): symmetric codes `l[i] + nmax` in `[0, 2*nmax)`; returns the scale.
+fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [u8]) -> f32 {
+    let n = x.len();
+    let mut max = 0.0f32;
+    let mut amax = 0.0f32;
+    for &v in x {
+        let ax = v.abs();
+        if ax > amax {
+            amax = ax;
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l_out[..n].fill(0);
+        return 0.0;
+    }
+    let nmax_f = nmax as f32;
+    let code = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+    let iscale = -nmax_f / max;
+    let mut sumlx = 0.0f32;
+    let mut suml2 = 0.0f32;
+    for i in 0..n {
+        let l = code(iscale, x[i]);
+        l_out[i] = (l + nmax) as u8;
+        let w = x[i] * x[i];
+        let lf = l as f32;
+        sumlx += w * x[i] * lf;
+        suml2 += w * lf * lf;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        let iscale = -(nmax_f + 0.1 * is as f32) / max;
+        sumlx = 0.0;
+        suml2 = 0.0;
+        for &v in x {
+            let lf = code(iscale, v) as f32;
+            let w = v * v;
+            sumlx += w * v * lf;
+            suml2 += w * lf * lf;
+        }
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for i in 0..n {
+                l_out[i] = (code(iscale, x[i]) + nmax) as u8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` from the 12 packed bytes.
+#[inline]
+fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The shared first half of `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref`: fits each
+/// 32-value sub-block with `make_qkx2_quants`, packs the 6-bit scales and mins into
+/// `y[4..16]` and `d`/`dmin` into `y[0..4]`, then requantizes into `l` (codes `0..=nmax`)
+/// against the stored scales.
+fn k_scales_and_codes(
+    x: &[f32],
+    y: &mut [u8],
+    l: &mut [u8; QK_K],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+) {
+    let mut l_aux = [0u8; 32];
+    let mut weights = [0.0f32; 32];
+    let mut mins = [0.0f32; QK_K / 32];
+    let mut scales = [0.0f32; QK_K / 32];
+    let mut max_scale = 0.0f32;
+    let mut max_min = 0.0f32;
+    for j in 0..QK_K / 32 {
+        let xs = &x[32 * j..32 * j + 32];
+        let mut sum_x2 = 0.0f32;
+        for &v in xs {
+            sum_x2 += v * v;
+        }
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, &v) in weights.iter_mut().zip(xs) {
+            *w = av_x + v.abs();
+        }
+        let (scale, min) = make_qkx2_quants(
+            nmax,
+            xs,
+            &weights,
+            &mut l[32 * j..32 * j + 32],
+            &mut l_aux,
+            rmin,
+            0.1,
+            nstep,
+            false,
+        );
+        scales[j] = scale;
+        mins[j] = min;
+        if scale > max_scale {
+            max_scale = scale;
+        }
+        if min > max_min {
+            max_min = min;
+        }
+    }
+
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let sc = &mut y[4..4 + K_SCALE_SIZE];
+    for j in 0..QK_K / 32 {
+        // `uint8_t ls = nearest_int(...)` truncates to 8 bits before the MIN.
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            sc[j] = ls;
+            sc[j + 4] = lm;
+        } else {
+            sc[j + 4] = (ls & 0x0f) | ((lm & 0x0f) << 4);
+            sc[j - 4] |= (ls >> 4) << 6;
+            sc[j] |= (lm >> 4) << 6;
+        }
+    }
+    y[0..2].copy_from_slice(&f16_bytes(max_scale / 63.0));
+    y[2..4].copy_from_slice(&f16_bytes(max_min / 63.0));
+
+    let d_all = read_f16(y, 0);
+    let dmin_all = read_f16(y, 2);
+    for j in 0..QK_K / 32 {
+        let (sc, m) = get_scale_min_k4(j, &y[4..4 + K_SCALE_SIZE]);
+        let d = d_all * sc as f32;
+        if d == 0.0 {
+            continue;
+        }
+        let dm = dmin_all * m as f32;
+        for ii in 0..32 {
+            let q = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax);
+            l[32 * j + ii] = q as u8;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// Q4_K.
+
+/// Appends the Q4_K blocks of `values` (`quantize_row_q4_K_ref`).
+pub fn quantize_q4_k(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError> {
+    quantize_blocks(GgmlType::Q4_K, values, out, q4_k_block)
+}
+
+fn q4_k_block(x: &[f32], y: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    k_scales_and_codes(x, y, &mut l, 15, -1.0, 20);
+    let qs = &mut y[4 + K_SCALE_SIZE..];
+    for (chunk, q) in l.chunks_exact(64).zip(qs.chunks_exact_mut(32)) {
+        for i in 0..32 {
+            q[i] = chunk[i] | (chunk[i + 32] << 4);
+        }
+    }
+}
+
+/// Decodes Q4_K `bytes` into `out` (`dequantize_row_q4_K`).
+pub fn dequantize_q4_k(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    dequantize_blocks(GgmlType::Q4_K, bytes, out, |b, y| {
+        let d = read_f16(b, 0);
+        let min = read_f16(b, 2);
+        let scales = &b[4..4 + K_SCALE_SIZE];
+        let qs = &b[4 + K_SCALE_SIZE..];
+        for (n, (ys, q)) in y.chunks_exact_mut(64).zip(qs.chunks_exact(32)).enumerate() {
+            let (sc1, m1) = get_scale_min_k4(2 * n, scales);
+            let (sc2, m2) = get_scale_min_k4(2 * n + 1, scales);
+            let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
+            let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
+            for i in 0..32 {
+                ys[i] = d1 * (q[i] & 0x0f) as f32 - m1;
+                ys[i + 32] = d2 * (q[i] >> 4) as f32 - m2;
+            }
+        }
+    })
+}
+
+// ----------------------------------------------------------------------------------------
+// Q5_K.
+
+/// Appends the Q5_K blocks of `values` (`quantize_row_q5_K_ref`).
+pub fn quantize_q5_k(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError> {
+    quantize_blocks(GgmlType::Q5_K, values, out, q5_k_block)
+}
+
+fn q5_k_block(x: &[f32], y: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    k_scales_and_codes(x, y, &mut l, 31, -0.5, 15);
+    let (qh, ql) = y[4 + K_SCALE_SIZE..].split_at_mut(QK_K / 8);
+    qh.fill(0);
+    let (mut m1, mut m2) = (1u8, 2u8);
+    for (chunk, q) in l.chunks_exact(64).zip(ql.chunks_exact_mut(32)) {
+        for j in 0..32 {
+            let mut l1 = chunk[j];
+            if l1 > 15 {
+                l1 -= 16;
+                qh[j] |= m1;
+            }
+            let mut l2 = chunk[j + 32];
+            if l2 > 15 {
+                l2 -= 16;
+                qh[j] |= m2;
+            }
+            q[j] = l1 | (l2 << 4);
+        }
+        m1 = m1.wrapping_shl(2);
+        m2 = m2.wrapping_shl(2);
+    }
+}
+
+/// Decodes Q5_K `bytes` into `out` (`dequantize_row_q5_K`).
+pub fn dequantize_q5_k(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    dequantize_blocks(GgmlType::Q5_K, bytes, out, |b, y| {
+        let d = read_f16(b, 0);
+        let min = read_f16(b, 2);
+        let scales = &b[4..4 + K_SCALE_SIZE];
+        let (qh, ql) = b[4 + K_SCALE_SIZE..].split_at(QK_K / 8);
+        for (n, (ys, q)) in y.chunks_exact_mut(64).zip(ql.chunks_exact(32)).enumerate() {
+            let (sc1, m1) = get_scale_min_k4(2 * n, scales);
+            let (sc2, m2) = get_scale_min_k4(2 * n + 1, scales);
+            let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
+            let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
+            let (u1, u2) = (1u8 << (2 * n), 2u8 << (2 * n));
+            for i in 0..32 {
+                let h1 = if qh[i] & u1 != 0 { 16 } else { 0 };
+                let h2 = if qh[i] & u2 != 0 { 16 } else { 0 };
+                ys[i] = d1 * ((q[i] & 0x0f) as i32 + h1) as f32 - m1;
+                ys[i + 32] = d2 * ((q[i] >> 4) as i32 + h2) as f32 - m2;
+            }
+        }
+    })
+}
+
+// ----------------------------------------------------------------------------------------
+// Q6_K.
+
+/// Appends the Q6_K blocks of `values` (`quantize_row_q6_K_ref`).
+pub fn quantize_q6_k(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError> {
+    quantize_blocks(GgmlType::Q6_K, values, out, q6_k_block)
+}
+
+/// Byte offsets inside a Q6_K block.
+const Q6K_QH: usize = QK_K / 2;
+const Q6K_SCALES: usize = Q6K_QH + QK_K / 4;
+const Q6K_D: usize = Q6K_SCALES + QK_K / 16;
+
+fn q6_k_block(x: &[f32], y: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    let mut scales = [0.0f32; QK_K / 16];
+    let mut max_scale = 0.0f32;
+    let mut max_abs_scale = 0.0f32;
+    for ib in 0..QK_K / 16 {
+        let scale = make_qx_quants_rmse1(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..]);
+        scales[ib] = scale;
+        let abs_scale = scale.abs();
+        if abs_scale > max_abs_scale {
+            max_abs_scale = abs_scale;
+            max_scale = scale;
+        }
+    }
+    if max_abs_scale < GROUP_MAX_EPS {
+        y.fill(0);
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    y[Q6K_D..Q6K_D + 2].copy_from_slice(&f16_bytes(1.0 / iscale));
+    for ib in 0..QK_K / 16 {
+        // MIN(127, nearest_int(...)) stored into an int8_t.
+        y[Q6K_SCALES + ib] = nearest_int(iscale * scales[ib]).min(127) as i8 as u8;
+    }
+    let d_all = read_f16(y, Q6K_D);
+    for j in 0..QK_K / 16 {
+        let d = d_all * f32::from(y[Q6K_SCALES + j] as i8);
+        if d == 0.0 {
+            continue;
+        }
+        for ii in 0..16 {
+            let q = nearest_int(x[16 * j + ii] / d).clamp(-32, 31);
+            l[16 * j + ii] = (q + 32) as u8;
+        }
+    }
+    let (ql, rest) = y.split_at_mut(Q6K_QH);
+    let qh = &mut rest[..QK_K / 4];
+    for ((chunk, ql), qh) in l
+        .chunks_exact(128)
+        .zip(ql.chunks_exact_mut(64))
+        .zip(qh.chunks_exact_mut(32))
+    {
+        for i in 0..32 {
+            let (l1, l2, l3, l4) = (chunk[i], chunk[i + 32], chunk[i + 64], chunk[i + 96]);
+            ql[i] = (l1 & 0x0f) | ((l3 & 0x0f) << 4);
+            ql[i + 32] = (l2 & 0x0f) | ((l4 & 0x0f) << 4);
+            qh[i] = (l1 >> 4) | ((l2 >> 4) << 2) | ((l3 >> 4) << 4) | ((l4 >> 4) << 6);
+        }
+    }
+}
+
+/// Decodes Q6_K `bytes` into `out` (`dequantize_row_q6_K`).
+pub fn dequantize_q6_k(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    dequantize_blocks(GgmlType::Q6_K, bytes, out, |b, y| {
+        let d = read_f16(b, Q6K_D);
+        let ql_all = &b[..Q6K_QH];
+        let qh_all = &b[Q6K_QH..Q6K_SCALES];
+        let sc_all = &b[Q6K_SCALES..Q6K_D];
+        for (n, ys) in y.chunks_exact_mut(128).enumerate() {
+            let ql = &ql_all[64 * n..64 * n + 64];
+            let qh = &qh_all[32 * n..32 * n + 32];
+            let sc = &sc_all[8 * n..8 * n + 8];
+            for i in 0..32 {
+                let is = i / 16;
+                let q1 = ((ql[i] & 0x0f) | ((qh[i] & 3) << 4)) as i32 - 32;
+                let q2 = ((ql[i + 32] & 0x0f) | (((qh[i] >> 2) & 3) << 4)) as i32 - 32;
+                let q3 = ((ql[i] >> 4) | (((qh[i] >> 4) & 3) << 4)) as i32 - 32;
+                let q4 = ((ql[i + 32] >> 4) | (((qh[i] >> 6) & 3) << 4)) as i32 - 32;
+                let s = |k: usize| f32::from(sc[is + k] as i8);
+                ys[i] = d * s(0) * q1 as f32;
+                ys[i + 32] = d * s(2) * q2 as f32;
+                ys[i + 64] = d * s(4) * q3 as f32;
+                ys[i + 96] = d * s(6) * q4 as f32;
+            }
+        }
+    })
+}
