@@ -40,10 +40,10 @@ pub fn print_summary(report: &Value) {
         let format = report["format"].as_str().unwrap_or("?");
         let what = if format == "spz" { "archive" } else { "shards" };
         println!(
-            "written      {:.1} MB of {format} {what} for {:.1} MB of input = {stored:.3} bits/weight on disk ({:.2}x smaller)",
+            "written      {:.1} MB of {format} {what} for {:.1} MB of input = {stored:.3} bits/weight on disk ({:.3} of the input)",
             out / 1e6,
             input / 1e6,
-            if out > 0.0 { input / out } else { 0.0 }
+            if input > 0.0 { out / input } else { 0.0 }
         );
     }
     let shared = num(s, "tensors_shared");
