@@ -8,7 +8,7 @@
 //! (32 or 256) into a fixed number of bytes.
 //!
 //! - [`quants`]: the ggml types this crate writes ([`GgmlType`]: F32, F16, BF16, Q8_0, Q4_0,
-//!   Q4_K, Q5_K, Q6_K) and their quantizers/dequantizers, ported from the reference code of
+//!   Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) and their quantizers/dequantizers, ported from the reference code of
 //!   llama.cpp's `ggml/src/ggml-quants.c` (`quantize_row_*_ref`, `dequantize_row_*`) with the
 //!   same f32 operations in the same order, so the bytes match llama.cpp (built without FMA
 //!   contraction) and the dequantized values match gguf-py's bit for bit.
@@ -31,14 +31,13 @@ pub mod tokenizer;
 pub mod writer;
 
 #[cfg(test)]
-mod llama_tests;
+pub(crate) mod llama_tests;
 #[cfg(test)]
 mod tests;
 
 pub use llama::{
-    architecture, extra_tensors, map_tensor, metadata, permute_rows, reference_tensor_type,
-    row_permutation, tensor_name, tensor_type, tensor_type_in, Arch, FileType, HParams,
-    ReferenceType, TypeContext,
+    architecture, extra_tensors, map_tensor, metadata, permute_rows, row_permutation, tensor_name,
+    tensor_type, tensor_type_in, Arch, FileType, HParams, TypeContext,
 };
 pub use quants::GgmlType;
 pub use tokenizer::{detect_pre_tokenizer, tokenizer_metadata, TokenizerFiles};

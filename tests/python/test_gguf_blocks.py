@@ -1,7 +1,7 @@
 """gguf-py (llama.cpp's own Python GGUF library) reads the GGUF file shardpress writes: metadata,
 tensor names, types and shapes match, gguf-py's dequantization of every tensor equals
 shardpress's bit for bit, and where gguf-py has a reference quantizer (F32, F16, BF16, Q8_0,
-Q4_0) its bytes equal shardpress's.
+Q4_0, Q5_0, Q5_1) its bytes equal shardpress's.
 
 The file comes from the `gguf_fixture` example of shardpress-core; point SHARDPRESS_GGUF_FIXTURE
 at the built executable:
@@ -29,6 +29,8 @@ TENSORS = {
     "blk.0.f32.weight": (T.F32, (8, 512), 0.0),
     "blk.0.f16.weight": (T.F16, (8, 512), 1e-4),
     "blk.0.q4_0.weight": (T.Q4_0, (8, 512), 0.05),
+    "blk.0.q5_0.weight": (T.Q5_0, (8, 512), 0.04),
+    "blk.0.q5_1.weight": (T.Q5_1, (8, 512), 0.05),
     "blk.0.q8_0.weight": (T.Q8_0, (8, 512), 0.02),
     "blk.0.q4_k.weight": (T.Q4_K, (8, 512), 0.05),
     "blk.0.q5_k.weight": (T.Q5_K, (8, 512), 0.04),
@@ -39,7 +41,7 @@ TENSORS = {
 }
 
 # Types for which gguf-py has a numpy reference quantizer that is bit-exact with ggml's.
-REFERENCE_QUANTIZERS = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0}
+REFERENCE_QUANTIZERS = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1}
 
 
 @pytest.fixture(scope="module")

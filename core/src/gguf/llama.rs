@@ -47,7 +47,7 @@ const MOE_ARCHITECTURES: &[&str] = &[
 ];
 
 /// A GGUF model architecture (llama.cpp's `MODEL_ARCH`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Arch {
     /// `llama` (also Mistral): Q/K rows are permuted, `vocab_size` and `rope.dimension_count`
     /// are written.
@@ -868,7 +868,7 @@ pub fn row_permutation(
 // Tensor types.
 
 /// What the model looks like to `llama-quantize`'s type selection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TypeContext {
     /// `block_count`.
     pub n_layers: u64,
@@ -910,53 +910,6 @@ impl TypeContext {
     }
 }
 
-/// A tensor type as llama.cpp chooses it: one this crate writes, or one of the two fallbacks
-/// of `tensor_type_fallback` that it does not (Q4_K → Q5_0 and Q5_K → Q5_1 for rows that are
-/// not a multiple of 256).
-#[allow(non_camel_case_types)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReferenceType {
-    Ggml(GgmlType),
-    Q5_0,
-    Q5_1,
-}
-
-impl ReferenceType {
-    /// The name as gguf-py spells it (`"Q5_0"`).
-    pub fn name(self) -> &'static str {
-        match self {
-            ReferenceType::Ggml(t) => t.name(),
-            ReferenceType::Q5_0 => "Q5_0",
-            ReferenceType::Q5_1 => "Q5_1",
-        }
-    }
-
-    /// The ggml type id.
-    pub fn id(self) -> u32 {
-        match self {
-            ReferenceType::Ggml(t) => t.id(),
-            ReferenceType::Q5_0 => 6,
-            ReferenceType::Q5_1 => 7,
-        }
-    }
-
-    /// The type written: Q5_0 and Q5_1 (32-value blocks, 5.5/6 bits) become Q8_0, the nearest
-    /// 32-block type this crate writes with at least as many bits.
-    pub fn writable(self) -> GgmlType {
-        match self {
-            ReferenceType::Ggml(t) => t,
-            ReferenceType::Q5_0 | ReferenceType::Q5_1 => GgmlType::Q8_0,
-        }
-    }
-
-    fn block_size(self) -> u64 {
-        match self {
-            ReferenceType::Ggml(t) => t.block_size() as u64,
-            ReferenceType::Q5_0 | ReferenceType::Q5_1 => 32,
-        }
-    }
-}
-
 /// `use_more_bits` of `llama_tensor_get_type_impl`.
 fn use_more_bits(i_layer: i64, n_layers: i64) -> bool {
     i_layer < n_layers / 8 || i_layer >= 7 * n_layers / 8 || (i_layer - n_layers / 8) % 3 == 2
@@ -983,31 +936,27 @@ fn layer_of(name: &str) -> Option<i64> {
 ///   Q5_K in 70B models). Then `tensor_type_fallback`: a row not a multiple of the type's block
 ///   gives Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0 (32-value types stay), and F16 if the row is
 ///   not a multiple of 32 either.
-///
-/// The result may be Q5_0/Q5_1, which this crate does not write: see
-/// [`ReferenceType::writable`] and [`tensor_type_in`].
-pub fn reference_tensor_type(
+pub fn tensor_type_in(
     file_type: FileType,
     gguf_name: &str,
     shape: &[u64],
     ctx: &TypeContext,
-) -> ReferenceType {
+) -> GgmlType {
     use GgmlType as G;
-    use ReferenceType::Ggml;
     let ncols = shape.last().copied().unwrap_or(0);
     let keeps_f32 = shape.len() < 2
         || gguf_name.contains("_norm.weight")
         || !gguf_name.ends_with("weight")
         || gguf_name.contains("ffn_gate_inp.weight");
     if keeps_f32 {
-        return Ggml(G::F32);
+        return G::F32;
     }
     match file_type {
-        FileType::F32 => return Ggml(G::F32),
-        FileType::F16 => return Ggml(G::F16),
-        FileType::BF16 => return Ggml(G::BF16),
+        FileType::F32 => return G::F32,
+        FileType::F16 => return G::F16,
+        FileType::BF16 => return G::BF16,
         FileType::Q8_0 => {
-            return Ggml(if ncols % 32 == 0 { G::Q8_0 } else { G::F16 });
+            return if ncols % 32 == 0 { G::Q8_0 } else { G::F16 };
         }
         FileType::Q4_0 | FileType::Q4_K_M | FileType::Q6_K => {}
     }
@@ -1038,29 +987,19 @@ pub fn reference_tensor_type(
         }
     }
     // tensor_type_fallback
-    let mut out = Ggml(ty);
+    let mut out = ty;
     if ncols % ty.block_size() as u64 != 0 {
         out = match ty {
-            G::Q4_K => ReferenceType::Q5_0,
-            G::Q5_K => ReferenceType::Q5_1,
-            G::Q6_K => Ggml(G::Q8_0),
-            other => Ggml(other),
+            G::Q4_K => G::Q5_0,
+            G::Q5_K => G::Q5_1,
+            G::Q6_K => G::Q8_0,
+            other => other,
         };
-        if ncols % out.block_size() != 0 {
-            out = Ggml(G::F16);
+        if ncols % out.block_size() as u64 != 0 {
+            out = G::F16;
         }
     }
     out
-}
-
-/// The type to write a tensor in (see [`reference_tensor_type`]; Q5_0/Q5_1 become Q8_0).
-pub fn tensor_type_in(
-    file_type: FileType,
-    gguf_name: &str,
-    shape: &[u64],
-    ctx: &TypeContext,
-) -> GgmlType {
-    reference_tensor_type(file_type, gguf_name, shape, ctx).writable()
 }
 
 /// [`tensor_type_in`] for a model with `n_layers` layers, a separate `output.weight` and not a

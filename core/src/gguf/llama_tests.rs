@@ -774,16 +774,12 @@ fn q4_k_m_mixture_is_llama_quantizes() {
         GgmlType::Q8_0
     );
     assert_eq!(
-        reference_tensor_type(ft, "blk.1.attn_q.weight", &[896, 896], &tied),
-        ReferenceType::Q5_0
-    );
-    assert_eq!(
         tensor_type_in(ft, "blk.1.attn_q.weight", &[896, 896], &tied),
-        GgmlType::Q8_0
+        GgmlType::Q5_0
     );
     assert_eq!(
-        reference_tensor_type(ft, "blk.0.attn_v.weight", &[128, 896], &tied),
-        ReferenceType::Ggml(GgmlType::Q8_0)
+        tensor_type_in(ft, "blk.0.attn_v.weight", &[128, 896], &tied),
+        GgmlType::Q8_0
     );
     // ffn_down's row is 4864 = 19 x 256: no fallback.
     assert_eq!(
@@ -814,8 +810,8 @@ fn q4_k_m_mixture_is_llama_quantizes() {
         GgmlType::Q6_K
     );
     assert_eq!(
-        reference_tensor_type(ft, "blk.40.attn_v.weight", &[1024, 8000], &big),
-        ReferenceType::Q5_1
+        tensor_type_in(ft, "blk.40.attn_v.weight", &[1024, 8000], &big),
+        GgmlType::Q5_1
     );
 }
 
@@ -901,7 +897,7 @@ fn byte_chars() -> Vec<char> {
 }
 
 /// A Llama-3-shaped tokenizer.json: 256 byte tokens, merges, two special tokens at 300, 301.
-fn llama3_tokenizer(string_merges: bool) -> Value {
+pub(crate) fn llama3_tokenizer(string_merges: bool) -> Value {
     let chars = byte_chars();
     let mut vocab = serde_json::Map::new();
     for (b, c) in chars.iter().enumerate() {
@@ -956,7 +952,7 @@ fn llama3_tokenizer(string_merges: bool) -> Value {
     })
 }
 
-fn llama3_tokenizer_config() -> Value {
+pub(crate) fn llama3_tokenizer_config() -> Value {
     json!({
         "bos_token": "<|begin_of_text|>",
         "eos_token": "<|end_of_text|>",
@@ -1229,7 +1225,7 @@ fn unsupported_or_missing_tokenizers_are_typed_errors() {
 // Against llama.cpp itself (run by hand; see the test's doc).
 
 /// Compares [`metadata`], [`tokenizer_metadata`], [`map_tensor`], [`extra_tensors`],
-/// [`reference_tensor_type`] and [`row_permutation`] with GGUF files written by llama.cpp's own
+/// [`tensor_type_in`] and [`row_permutation`] with GGUF files written by llama.cpp's own
 /// `convert_hf_to_gguf.py` (`--outtype f32/f16/bf16/q8_0`) and `llama-quantize`
 /// (Q4_0/Q4_K_M/Q6_K from the f16 file).
 ///
@@ -1339,7 +1335,7 @@ fn matches_llama_cpp_reference_files() {
                     continue;
                 };
                 let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
-                let ty = reference_tensor_type(ft, &g, &shape, &ctx).id();
+                let ty = tensor_type_in(ft, &g, &shape, &ctx).id();
                 expected.push((g, shape, ty));
             }
             let mut actual: Vec<(String, Vec<u64>, u32)> = reference

@@ -7,6 +7,8 @@
 //! |------|--------|-------|--------|
 //! | Q8_0 | 32  | 34  | `d`, `qs[32]` (i8), value `qs*d` |
 //! | Q4_0 | 32  | 18  | `d`, `qs[16]` (value `j` in the low nibble of byte `j`, `j+16` in the high nibble), value `(q-8)*d` |
+//! | Q5_0 | 32  | 22  | `d`, `qh[4]` (bit `j`: the fifth bit of value `j`), `qs[16]` as Q4_0, value `(q-16)*d` |
+//! | Q5_1 | 32  | 24  | `d`, `m`, `qh[4]`, `qs[16]`, value `q*d + m` |
 //! | Q4_K | 256 | 144 | `d`, `dmin`, `scales[12]` (8 six-bit scales and mins), `qs[128]` |
 //! | Q5_K | 256 | 176 | `d`, `dmin`, `scales[12]`, `qh[32]` (fifth bits), `qs[128]` |
 //! | Q6_K | 256 | 210 | `ql[128]`, `qh[64]`, `scales[16]` (i8), `d` |
@@ -15,6 +17,7 @@
 //! nearest-even by [`crate::dtype`], as ggml's `GGML_FP32_TO_FP16` / `GGML_FP32_TO_BF16` do).
 //!
 //! The quantizers are faithful ports of `quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`,
+//! `quantize_row_q5_0_ref`, `quantize_row_q5_1_ref`,
 //! `quantize_row_q4_K_ref` (with `make_qkx2_quants`), `quantize_row_q5_K_ref` and
 //! `quantize_row_q6_K_ref` (with `make_qx_quants`) from `ggml/src/ggml-quants.c`, and the
 //! dequantizers of the `dequantize_row_*` functions: every f32 operation is the C one, in the
@@ -47,6 +50,8 @@ use std::fmt;
 pub const QK8_0: usize = 32;
 /// Values per Q4_0 block.
 pub const QK4_0: usize = 32;
+/// Values per Q5_0 and Q5_1 block.
+pub const QK5_0: usize = 32;
 /// Values per K-quant super-block (Q4_K, Q5_K, Q6_K).
 pub const QK_K: usize = 256;
 /// Bytes of the packed 6-bit scales and mins of Q4_K and Q5_K.
@@ -65,6 +70,8 @@ pub enum GgmlType {
     F32 = 0,
     F16 = 1,
     Q4_0 = 2,
+    Q5_0 = 6,
+    Q5_1 = 7,
     Q8_0 = 8,
     Q4_K = 12,
     Q5_K = 13,
@@ -74,10 +81,12 @@ pub enum GgmlType {
 
 impl GgmlType {
     /// Every supported type, in id order.
-    pub const ALL: [GgmlType; 8] = [
+    pub const ALL: [GgmlType; 10] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q4_K,
         GgmlType::Q5_K,
@@ -101,6 +110,8 @@ impl GgmlType {
             GgmlType::F32 => "F32",
             GgmlType::F16 => "F16",
             GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
             GgmlType::Q8_0 => "Q8_0",
             GgmlType::Q4_K => "Q4_K",
             GgmlType::Q5_K => "Q5_K",
@@ -123,6 +134,7 @@ impl GgmlType {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
             GgmlType::Q4_0 => QK4_0,
+            GgmlType::Q5_0 | GgmlType::Q5_1 => QK5_0,
             GgmlType::Q8_0 => QK8_0,
             GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => QK_K,
         }
@@ -134,6 +146,8 @@ impl GgmlType {
             GgmlType::F32 => 4,
             GgmlType::F16 | GgmlType::BF16 => 2,
             GgmlType::Q4_0 => 2 + QK4_0 / 2,
+            GgmlType::Q5_0 => 2 + 4 + QK5_0 / 2,
+            GgmlType::Q5_1 => 2 + 2 + 4 + QK5_0 / 2,
             GgmlType::Q8_0 => 2 + QK8_0,
             GgmlType::Q4_K => 4 + K_SCALE_SIZE + QK_K / 2,
             GgmlType::Q5_K => 4 + K_SCALE_SIZE + QK_K / 8 + QK_K / 2,
@@ -165,6 +179,8 @@ impl GgmlType {
             GgmlType::BF16 => quantize_bf16(values, out),
             GgmlType::Q8_0 => quantize_q8_0(values, out),
             GgmlType::Q4_0 => quantize_q4_0(values, out),
+            GgmlType::Q5_0 => quantize_q5_0(values, out),
+            GgmlType::Q5_1 => quantize_q5_1(values, out),
             GgmlType::Q4_K => quantize_q4_k(values, out),
             GgmlType::Q5_K => quantize_q5_k(values, out),
             GgmlType::Q6_K => quantize_q6_k(values, out),
@@ -179,6 +195,8 @@ impl GgmlType {
             GgmlType::BF16 => dequantize_bf16(bytes, out),
             GgmlType::Q8_0 => dequantize_q8_0(bytes, out),
             GgmlType::Q4_0 => dequantize_q4_0(bytes, out),
+            GgmlType::Q5_0 => dequantize_q5_0(bytes, out),
+            GgmlType::Q5_1 => dequantize_q5_1(bytes, out),
             GgmlType::Q4_K => dequantize_q4_k(bytes, out),
             GgmlType::Q5_K => dequantize_q5_k(bytes, out),
             GgmlType::Q6_K => dequantize_q6_k(bytes, out),
@@ -415,6 +433,114 @@ pub fn dequantize_q4_0(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
             let q = b[2 + j];
             y[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
             y[j + half] = ((q >> 4) as i32 - 8) as f32 * d;
+        }
+    })
+}
+
+// ----------------------------------------------------------------------------------------
+// Q5_0 and Q5_1 (llama-quantize's fallbacks for Q4_K and Q5_K rows that are not whole
+// 256-value super-blocks).
+
+/// The 16 low nibbles (value `j` low, `j+16` high) and the 32 fifth bits (`qh` bit `j` for
+/// value `j`) of 32 five-bit codes.
+fn pack_5bit(codes: &[u8; 32], qh_out: &mut [u8], qs_out: &mut [u8]) {
+    let half = 16;
+    let mut qh = 0u32;
+    for j in 0..half {
+        let (xi0, xi1) = (codes[j], codes[half + j]);
+        qs_out[j] = (xi0 & 0x0f) | ((xi1 & 0x0f) << 4);
+        qh |= u32::from((xi0 & 0x10) >> 4) << j;
+        qh |= u32::from((xi1 & 0x10) >> 4) << (j + half);
+    }
+    qh_out.copy_from_slice(&qh.to_le_bytes());
+}
+
+/// The 32 five-bit codes of a block's `qh` and `qs` (`dequantize_row_q5_*`).
+fn unpack_5bit(qh: &[u8], qs: &[u8]) -> [u8; 32] {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let mut codes = [0u8; 32];
+    for j in 0..16 {
+        let xh_0 = (((qh >> j) << 4) & 0x10) as u8;
+        let xh_1 = ((qh >> (j + 12)) & 0x10) as u8;
+        codes[j] = (qs[j] & 0x0f) | xh_0;
+        codes[j + 16] = (qs[j] >> 4) | xh_1;
+    }
+    codes
+}
+
+/// Appends the Q5_0 blocks of `values` (`quantize_row_q5_0_ref`).
+pub fn quantize_q5_0(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError> {
+    quantize_blocks(GgmlType::Q5_0, values, out, q5_0_block)
+}
+
+fn q5_0_block(x: &[f32], y: &mut [u8]) {
+    // The signed value of largest magnitude (the first one on ties).
+    let mut amax = 0.0f32;
+    let mut max = 0.0f32;
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -16.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[..2].copy_from_slice(&f16_bytes(d));
+    let mut codes = [0u8; 32];
+    for (c, &v) in codes.iter_mut().zip(x) {
+        // MIN(31, (int8_t)(x*id + 16.5f)): truncation toward zero.
+        *c = ((v * id + 16.5) as i8).min(31) as u8;
+    }
+    let (qh, qs) = y[2..].split_at_mut(4);
+    pack_5bit(&codes, qh, qs);
+}
+
+/// Decodes Q5_0 `bytes` into `out` (`dequantize_row_q5_0`).
+pub fn dequantize_q5_0(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    dequantize_blocks(GgmlType::Q5_0, bytes, out, |b, y| {
+        let d = read_f16(b, 0);
+        for (v, &q) in y.iter_mut().zip(&unpack_5bit(&b[2..6], &b[6..])) {
+            *v = (q as i32 - 16) as f32 * d;
+        }
+    })
+}
+
+/// Appends the Q5_1 blocks of `values` (`quantize_row_q5_1_ref`).
+pub fn quantize_q5_1(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError> {
+    quantize_blocks(GgmlType::Q5_1, values, out, q5_1_block)
+}
+
+fn q5_1_block(x: &[f32], y: &mut [u8]) {
+    let mut min = f32::MAX;
+    let mut max = -f32::MAX;
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    let d = (max - min) / 31.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[..2].copy_from_slice(&f16_bytes(d));
+    y[2..4].copy_from_slice(&f16_bytes(min));
+    let mut codes = [0u8; 32];
+    for (c, &v) in codes.iter_mut().zip(x) {
+        // (uint8_t)((x - min)*id + 0.5f): truncation.
+        *c = ((v - min) * id + 0.5) as u8;
+    }
+    let (qh, qs) = y[4..].split_at_mut(4);
+    pack_5bit(&codes, qh, qs);
+}
+
+/// Decodes Q5_1 `bytes` into `out` (`dequantize_row_q5_1`).
+pub fn dequantize_q5_1(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    dequantize_blocks(GgmlType::Q5_1, bytes, out, |b, y| {
+        let d = read_f16(b, 0);
+        let m = read_f16(b, 2);
+        for (v, &q) in y.iter_mut().zip(&unpack_5bit(&b[4..8], &b[8..])) {
+            *v = f32::from(q) * d + m;
         }
     })
 }

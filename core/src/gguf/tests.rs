@@ -53,9 +53,11 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-const BLOCK_TYPES: [GgmlType; 5] = [
+const BLOCK_TYPES: [GgmlType; 7] = [
     GgmlType::Q8_0,
     GgmlType::Q4_0,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,
@@ -67,6 +69,8 @@ fn type_table_matches_ggml() {
         (GgmlType::F32, 0, 1, 4, "F32"),
         (GgmlType::F16, 1, 1, 2, "F16"),
         (GgmlType::Q4_0, 2, 32, 18, "Q4_0"),
+        (GgmlType::Q5_0, 6, 32, 22, "Q5_0"),
+        (GgmlType::Q5_1, 7, 32, 24, "Q5_1"),
         (GgmlType::Q8_0, 8, 32, 34, "Q8_0"),
         (GgmlType::Q4_K, 12, 256, 144, "Q4_K"),
         (GgmlType::Q5_K, 13, 256, 176, "Q5_K"),
@@ -199,6 +203,14 @@ fn zero_blocks_encode_to_zero_scales_and_decode_to_zero() {
                     assert!(b[2..].iter().all(|&q| q == 0x88));
                 }
             }
+            // d = -0.0; every code is the zero point 16: low nibbles 0, fifth bits 1.
+            GgmlType::Q5_0 => {
+                for b in bytes.chunks(22) {
+                    assert_eq!(b[..2], [0x00, 0x80]);
+                    assert!(b[2..6].iter().all(|&q| q == 0xff));
+                    assert!(b[6..].iter().all(|&q| q == 0));
+                }
+            }
             _ => assert!(bytes.iter().all(|&b| b == 0), "{ty}"),
         }
     }
@@ -209,6 +221,10 @@ fn constant_and_tiny_blocks_stay_close() {
     for c in [0.5f32, -3.0, 1e-3, 7e4] {
         let x = vec![c; 512];
         for ty in BLOCK_TYPES {
+            if ty == GgmlType::Q5_1 && c.abs() > 65504.0 {
+                // Its minimum is an f16, which cannot hold 7e4 (in ggml neither).
+                continue;
+            }
             let (_, y) = roundtrip(ty, &x);
             // At 1e-3 the K-quant super-block scale `d` is an f16 subnormal (ggml stores it
             // so), which costs a few percent.
@@ -304,9 +320,14 @@ fn quantizer_bytes_are_pinned() {
     assert_eq!(got, want.to_vec(), "{got:#x?}");
 }
 
-const PINNED: [(GgmlType, u64); 5] = [
+const PINNED: [(GgmlType, u64); 7] = [
     (GgmlType::Q8_0, 0xfac6_c2e1_5d03_1dfd),
     (GgmlType::Q4_0, 0x36b1_b75f_4b86_079e),
+    // Q5_0 and Q5_1 came later: their bytes equal gguf-py's reference quantizers
+    // (tests/python/test_gguf_blocks.py), and Q5_0's equal llama-quantize's Q4_K_M fallback
+    // tensors (BENCHMARKS.md, GGUF).
+    (GgmlType::Q5_0, 0xc7a6_108a_ad08_31b8),
+    (GgmlType::Q5_1, 0x91aa_9afa_8409_703a),
     (GgmlType::Q4_K, 0x2e75_d600_46da_e2e7),
     (GgmlType::Q5_K, 0x0f3a_44d9_8e1a_5032),
     (GgmlType::Q6_K, 0xec11_56cf_b5e8_ce07),
