@@ -3,8 +3,9 @@
 #   1. a Python venv (target/test-venv) with the real readers our outputs must satisfy;
 #   2. Rust unit tests and whole-system tests (real coordinator and worker processes on loopback);
 #   3. Python interop tests: Python's `safetensors` loads what the cluster wrote, a numpy reader
-#      of compressed-tensors unpacks its packed shards, `gguf` reads our GGUF blocks, and
-#      hostile headers get the reference loader's verdict.
+#      of compressed-tensors unpacks its packed shards, `gguf` reads our GGUF files, llama.cpp
+#      (llama-cpp-python, built from its sdist on the first run) runs them, and hostile headers
+#      get the reference loader's verdict.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

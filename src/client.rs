@@ -31,10 +31,11 @@ pub struct JobArgs {
     #[arg(long, default_value_t = 0)]
     pub task_budget_mb: u64,
     /// Output format: safetensors (dequantized shards, any loader), compressed-tensors
-    /// (packed int4/int8 or FP8 shards that vLLM and transformers load) or spz (one compact
-    /// archive; restore with `shardpress decompress`). Default: the recipe's (safetensors
-    /// unless it says otherwise).
-    #[arg(long, value_parser = ["safetensors", "compressed-tensors", "spz"])]
+    /// (packed int4/int8 or FP8 shards that vLLM and transformers load), gguf (one
+    /// model.gguf of llama.cpp block types for llama.cpp and ollama; recipes q8_0, q4_0,
+    /// q4_k_m, q6_k; llama, mistral, qwen2, qwen3) or spz (one compact archive; restore with
+    /// `shardpress decompress`). Default: the recipe's (safetensors unless it says otherwise).
+    #[arg(long, value_parser = ["safetensors", "compressed-tensors", "gguf", "spz"])]
     pub format: Option<String>,
 }
 

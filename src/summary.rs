@@ -38,7 +38,11 @@ pub fn print_summary(report: &Value) {
     if let Some(stored) = s.get("stored_bits_per_weight").and_then(Value::as_f64) {
         let out = num(s, "output_bytes");
         let format = report["format"].as_str().unwrap_or("?");
-        let what = if format == "spz" { "archive" } else { "shards" };
+        let what = match format {
+            "spz" => "archive",
+            "gguf" => "file",
+            _ => "shards",
+        };
         println!(
             "written      {:.1} MB of {format} {what} for {:.1} MB of input = {stored:.3} bits/weight on disk ({:.3} of the input)",
             out / 1e6,

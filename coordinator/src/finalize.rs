@@ -25,7 +25,8 @@ use shardpress_store::{StoreError, StoreLocation, INDEX_NAME};
 
 use shardpress_core::codec::TensorPlan;
 use shardpress_core::entropy::{self, Layout};
-use shardpress_core::format::{spz::PARTS_DIR, FinishPlan, FinishedTask, TensorDesc};
+use shardpress_core::format::gguf::{self as gguf_format, GgufAssembly};
+use shardpress_core::format::{spz::PARTS_DIR, Assembly, FinishPlan, FinishedTask, TensorDesc};
 use shardpress_core::header::header_len_from_prefix;
 use shardpress_core::plan::PlannedTask;
 use shardpress_core::plan::PlannedTensor;
@@ -79,37 +80,52 @@ async fn companion_names(model: &StoreLocation) -> Result<Vec<String>, StoreErro
 }
 
 /// The job's tensors with their plans as the workers ran them, per task (in task order).
-fn task_plans(spec: &JobSpec, tasks: &[TaskSlot]) -> Result<Vec<Vec<TensorPlan>>, StoreError> {
+fn task_plans(spec: &JobSpec, tasks: &[&PlannedTask]) -> Result<Vec<Vec<TensorPlan>>, StoreError> {
     tasks
         .iter()
-        .filter(|t| t.assemble.is_none())
         .map(|t| {
-            t.plan
-                .tensors
+            t.tensors
                 .iter()
                 .map(|x| {
-                    TensorPlan::for_output(&spec.recipe, spec.format, &x.name, x.dtype, &x.shape)
-                        .map_err(|e| StoreError::Invalid {
-                            object: x.name.clone(),
-                            reason: e.to_string(),
-                        })
+                    TensorPlan::for_output(
+                        &spec.recipe,
+                        spec.format,
+                        &spec.facts,
+                        &x.name,
+                        x.dtype,
+                        &x.shape,
+                    )
+                    .map_err(|e| StoreError::Invalid {
+                        object: x.name.clone(),
+                        reason: e.to_string(),
+                    })
                 })
                 .collect()
         })
         .collect()
 }
 
-/// The format's finishing step for this job.
-fn finish_plan(spec: &JobSpec, tasks: &[TaskSlot]) -> Result<FinishPlan, StoreError> {
+/// The compressing tasks of a job (not its assembly task), in order.
+fn compressing(tasks: &[TaskSlot]) -> Vec<&PlannedTask> {
+    tasks
+        .iter()
+        .filter(|t| t.assemble.is_none())
+        .map(|t| &t.plan)
+        .collect()
+}
+
+/// The format's finishing step for a job of these (compressing) tasks.
+pub(crate) fn finish_plan(
+    spec: &JobSpec,
+    tasks: &[&PlannedTask],
+) -> Result<FinishPlan, StoreError> {
     let plans = task_plans(spec, tasks)?;
     let finished: Vec<FinishedTask<'_>> = tasks
         .iter()
-        .filter(|t| t.assemble.is_none())
         .zip(&plans)
         .map(|(t, plans)| FinishedTask {
-            output_name: &t.plan.output_name,
+            output_name: &t.output_name,
             tensors: t
-                .plan
                 .tensors
                 .iter()
                 .map(|x| TensorDesc {
@@ -156,7 +172,7 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
             let wall = started.elapsed().as_secs_f64();
             let names = coordinator.worker_names();
             let report = build_report(&job_id, &spec, &tasks, wall, retries, &names);
-            let finish = match finish_plan(&spec, &tasks) {
+            let finish = match finish_plan(&spec, &compressing(&tasks)) {
                 Ok(finish) => finish,
                 Err(e) => {
                     let message = format!("finalizing failed: {e}");
@@ -164,13 +180,17 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
                     return;
                 }
             };
-            let needs_assembly = finish.assemble
+            let needs_assembly = finish.assembly.is_some()
                 && report.gates.passed
                 && !tasks.iter().any(|t| t.assemble.is_some());
-            if needs_assembly {
-                match prepare_assembly(&spec, &tasks).await {
+            if let (true, Some(assembly)) = (needs_assembly, &finish.assembly) {
+                let prepared = match assembly {
+                    Assembly::Spz => prepare_assembly(&spec, &tasks).await,
+                    Assembly::Gguf(gguf) => prepare_gguf_assembly(&spec, &tasks, gguf).await,
+                };
+                match prepared {
                     Ok((plan, assemble)) => {
-                        tracing::info!(job = %job_id, parts = assemble.parts.len(), "queueing .spz assembly");
+                        tracing::info!(job = %job_id, parts = assemble.parts.len(), "queueing the assembly of {}", plan.output_name);
                         coordinator.add_assemble_task(&job_id, plan, assemble);
                         return;
                     }
@@ -224,12 +244,19 @@ async fn reassemble(
     let out = StoreLocation::open(&spec.out_url)?;
     let model = StoreLocation::open(&spec.model_url)?;
     let mut objects = Vec::new();
-    if finish.assemble {
-        // The parts are inside the archive now (or, when a gate failed, not needed).
+    if let Some(assembly) = &finish.assembly {
+        // The parts are inside the assembled file now (or, when a gate failed, not needed).
         for slot in tasks.iter().filter(|t| t.assemble.is_none()) {
             out.delete(&slot.plan.output_name).await?;
         }
-        out.remove_empty_dir(PARTS_DIR);
+        let parts_dir = match assembly {
+            Assembly::Spz => PARTS_DIR,
+            Assembly::Gguf(_) => {
+                out.delete(gguf_format::HEAD_NAME).await?;
+                gguf_format::PARTS_DIR
+            }
+        };
+        out.remove_empty_dir(parts_dir);
         let archive: Vec<TaskSlot> = tasks
             .iter()
             .filter(|t| t.assemble.is_some())
@@ -297,11 +324,11 @@ async fn reassemble(
             spec.format.as_str(),
             out.url()
         ),
-        OutputFormat::Spz => format!(
+        OutputFormat::Spz | OutputFormat::Gguf => format!(
             "compressed {} tensors from {} parts into {}",
             report.summary.tensors,
             tasks.len() - 1,
-            out.describe(SPZ_NAME)
+            out.describe(&tasks[tasks.len() - 1].plan.output_name)
         ),
     };
     Ok((JobState::Succeeded, message, report_json))
@@ -545,6 +572,72 @@ async fn prepare_assembly(
         part_sizes,
         prefix: spz::MAGIC.to_vec(),
         suffix,
+        ranges,
+    };
+    Ok((plan, assemble))
+}
+
+/// Writes the GGUF file's head (header, metadata, tokenizer) next to the parts and returns
+/// the task that concatenates head and parts into `model.gguf`, after checking that every
+/// part has exactly the size the layout gives it.
+async fn prepare_gguf_assembly(
+    spec: &JobSpec,
+    tasks: &[TaskSlot],
+    assembly: &GgufAssembly,
+) -> Result<(PlannedTask, AssembleSpz), StoreError> {
+    let model = StoreLocation::open(&spec.model_url)?;
+    let out = StoreLocation::open(&spec.out_url)?;
+    let head = crate::gguf::build_head(&model, &spec.facts, assembly).await?;
+    let slots: Vec<&TaskSlot> = tasks.iter().filter(|t| t.assemble.is_none()).collect();
+    if slots.len() != head.part_sizes.len() {
+        return Err(StoreError::Invalid {
+            object: out.url().to_string(),
+            reason: format!(
+                "{} tasks but the GGUF layout has {} parts",
+                slots.len(),
+                head.part_sizes.len()
+            ),
+        });
+    }
+    let mut parts = vec![gguf_format::HEAD_NAME.to_string()];
+    let mut part_sizes = vec![head.bytes.len() as u64];
+    for (slot, &expected) in slots.iter().zip(&head.part_sizes) {
+        let written = slot.result.as_ref().map_or(0, |r| r.report.output_bytes);
+        if written != expected {
+            return Err(StoreError::Invalid {
+                object: out.describe(&slot.plan.output_name),
+                reason: format!(
+                    "its worker wrote {written} bytes, the GGUF layout gives this part {expected}"
+                ),
+            });
+        }
+        parts.push(slot.plan.output_name.clone());
+        part_sizes.push(expected);
+    }
+    out.put(gguf_format::HEAD_NAME, Bytes::from(head.bytes))
+        .await?;
+    let ranges = part_sizes
+        .iter()
+        .enumerate()
+        .filter(|(_, &size)| size > 0)
+        .map(|(part, &size)| PartRange {
+            part: part as u32,
+            start: 0,
+            end: size,
+        })
+        .collect();
+    let plan = PlannedTask {
+        index: tasks.len() as u32,
+        group: "assemble".into(),
+        tensors: Vec::new(),
+        output_name: gguf_format::FILE_NAME.into(),
+        input_bytes: 0,
+    };
+    let assemble = AssembleSpz {
+        parts,
+        part_sizes,
+        prefix: Vec::new(),
+        suffix: Vec::new(),
         ranges,
     };
     Ok((plan, assemble))

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
 
+use shardpress_core::format::ModelFacts;
 use shardpress_core::plan::{PlannedTask, PlannedTensor};
 use shardpress_core::prune::GlobalCut;
 use shardpress_core::recipe::{OutputFormat, Recipe};
@@ -18,6 +19,8 @@ pub struct JobSpec {
     pub recipe: Recipe,
     pub task_budget: u64,
     pub format: OutputFormat,
+    /// What plans need to know about the whole model (sent to workers with every lease).
+    pub facts: ModelFacts,
     /// A recipe with a global magnitude prune or near-identical sharing runs every task
     /// twice: first measuring (magnitude histograms, sketches), then compressing with what
     /// the coordinator concluded from the measurements, kept here.
@@ -400,6 +403,7 @@ mod tests {
             recipe,
             task_budget: 1 << 20,
             format: OutputFormat::Safetensors,
+            facts: ModelFacts::default(),
             measured: None,
         };
         Job::new("job-1".into(), spec, plan, Instant::now())

@@ -11,12 +11,14 @@
 //! - [`submit`]: recipe validation and planning from headers;
 //! - [`service`]: the two gRPC services, thin: decode, delegate, encode;
 //! - [`finalize`]: reassembly, gates and the manifest;
+//! - [`gguf`]: reading the config and tokenizer a GGUF file's head is made from;
 //! - [`report`]: the report's types and aggregation;
 //! - [`share`]: tensors stored once in an `.spz` archive because their records are identical;
 //! - [`error`]: the error enum and its one mapping to `tonic::Status`.
 
 pub mod error;
 pub mod finalize;
+pub mod gguf;
 pub mod job;
 pub mod report;
 pub mod service;

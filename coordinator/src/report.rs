@@ -256,8 +256,9 @@ pub fn build_report(
         .iter()
         .find(|t| t.assemble.is_some())
         .and_then(|t| t.result.as_ref());
-    // What is on disk: the archive for `.spz` (its parts are deleted), else the shards.
-    if let (OutputFormat::Spz, Some(archive)) = (spec.format, archive) {
+    // What is on disk: the assembled file for `.spz` and GGUF (its parts are deleted), else
+    // the shards.
+    if let Some(archive) = archive {
         summary.output_bytes = archive.report.output_bytes;
     }
     if summary.params > 0 {

@@ -393,5 +393,6 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
         }),
         sketch_tensors: measuring && recipe.share_cosine.is_some(),
         share_cosine: recipe.share_cosine.unwrap_or_default(),
+        model_facts: job.spec.facts.to_json(),
     }
 }

@@ -4,8 +4,9 @@
 
 use futures::{StreamExt, TryStreamExt};
 use shardpress_core::codec::TensorPlan;
-use shardpress_core::plan::plan_tasks;
-use shardpress_core::recipe::{OutputFormat, Recipe};
+use shardpress_core::format::{Assembly, ModelFacts};
+use shardpress_core::plan::{plan_tasks, PlannedTask};
+use shardpress_core::recipe::{OutputFormat, PassKind, Recipe};
 use shardpress_proto::v1::SubmitJobRequest;
 use shardpress_store::{read_source_file, resolve_model, StoreLocation};
 
@@ -60,11 +61,27 @@ pub async fn submit(
         0 => coordinator.config().default_task_budget,
         budget => budget,
     };
+    // A GGUF file or a gguf pass depends on the whole model (architecture, layer count).
+    let needs_model = format == OutputFormat::Gguf
+        || recipe
+            .passes
+            .iter()
+            .any(|p| matches!(p.kind, PassKind::Ggml { .. }));
+    let facts = if needs_model {
+        let has_lm_head = files
+            .iter()
+            .any(|f| f.header.tensors.iter().any(|t| t.name == "lm_head.weight"));
+        crate::gguf::model_facts(&model.root, has_lm_head)
+            .await
+            .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?
+    } else {
+        ModelFacts::default()
+    };
     // Every tensor's pass combination, and whether the format can store it, is checked
     // now, not mid-job.
     for file in &files {
         for t in &file.header.tensors {
-            TensorPlan::for_output(&recipe, format, &t.name, t.dtype, &t.shape)
+            TensorPlan::for_output(&recipe, format, &facts, &t.name, t.dtype, &t.shape)
                 .map_err(|e| CoordinatorError::InvalidRequest(format!("{}: {e}", file.name)))?;
         }
     }
@@ -90,8 +107,19 @@ pub async fn submit(
         recipe,
         task_budget: budget,
         format,
+        facts,
         measured: None,
     };
+    // The finishing step is planned once now, so that what it reads (a GGUF file's tokenizer)
+    // is refused before any work starts.
+    let planned: Vec<&PlannedTask> = plan.iter().collect();
+    let finish = crate::finalize::finish_plan(&spec, &planned)
+        .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
+    if let Some(Assembly::Gguf(gguf)) = &finish.assembly {
+        crate::gguf::build_head(&model.root, &spec.facts, gguf)
+            .await
+            .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
+    }
     tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,
         bytes = total_bytes, recipe = %spec.recipe.describe(), "job planned");
     let job_id = coordinator.insert_job(spec, plan);

@@ -109,6 +109,9 @@ pub struct TensorPlan {
     /// For a global magnitude prune: the cut of the whole job's merged histogram, set by
     /// the worker from its lease ([`TensorPlan::needs_global_cut`]).
     pub global_cut: Option<GlobalCut>,
+    /// Where the tensor goes in a GGUF file (its name there, type, row permutation); set by
+    /// the gguf format's `adapt_plan`.
+    pub gguf: Option<crate::format::gguf::GgufTensor>,
 }
 
 impl TensorPlan {
@@ -187,6 +190,12 @@ impl TensorPlan {
                 v,
                 PassKind::LowRank { .. } | PassKind::Dct { .. } | PassKind::Hashed { .. }
             );
+            if let PassKind::Ggml { .. } = v {
+                return Err(incompatible(format!(
+                    "passes[{j}] ({}) stores dense rows of llama.cpp blocks, which cannot hold passes[{i}]'s pruning; drop one of them",
+                    v.describe()
+                )));
+            }
             if unstructured && needs_matrix {
                 return Err(incompatible(format!(
                     "passes[{j}] ({}) needs a dense matrix, but passes[{i}] (unstructured pruning) leaves scattered weights; use row/column pruning or drop one of them",
@@ -199,21 +208,29 @@ impl TensorPlan {
             values: values.map(|(_, v)| v.clone()),
             note: String::new(),
             global_cut: None,
+            gguf: None,
         })
     }
 
-    /// [`Self::for_tensor`], checked against and adapted to the output `format` (which may
-    /// refuse a pass it cannot store, or fix the dtype of stored scales).
+    /// [`Self::for_tensor`] with what depends on the whole model resolved from `model` (a
+    /// `gguf` pass's per-tensor type), checked against and adapted to the output `format`
+    /// (which may refuse a pass it cannot store, or fix the dtype of stored scales).
     pub fn for_output(
         recipe: &Recipe,
         format: crate::format::OutputFormat,
+        model: &crate::format::ModelFacts,
         name: &str,
         dtype: DType,
         shape: &[u64],
     ) -> Result<TensorPlan, PlanError> {
         let mut plan = TensorPlan::for_tensor(recipe, name, dtype, shape)?;
+        if let Some(PassKind::Ggml { file_type, ty }) = plan.values.as_mut() {
+            *ty = Some(crate::format::gguf::resolve_type(
+                model, *file_type, name, shape,
+            )?);
+        }
         let tensor = crate::format::TensorDesc { name, dtype, shape };
-        format.spec().adapt_plan(tensor, &mut plan)?;
+        format.spec().adapt_plan(tensor, &mut plan, model)?;
         Ok(plan)
     }
 
@@ -250,7 +267,7 @@ impl TensorPlan {
             Some(PassKind::Kmeans { .. } | PassKind::LowRank { .. } | PassKind::Hashed { .. }) => {
                 true
             }
-            Some(PassKind::Dct { .. } | PassKind::Prune(_)) | None => false,
+            Some(PassKind::Dct { .. } | PassKind::Prune(_) | PassKind::Ggml { .. }) | None => false,
         };
         structure || values
     }
@@ -332,6 +349,8 @@ pub enum ValuesMeta {
     Dct { row_len: usize, block: usize },
     /// Section `buckets` in the tensor's dtype.
     Hashed { len: usize, seed: u64 },
+    /// Section `blocks`: whole rows of the ggml type with this id (llama.cpp's layout).
+    Ggml { ty: u32 },
 }
 
 /// Which weights of the chunk are stored.
@@ -399,6 +418,11 @@ pub enum TypedValues {
     Affine(quantize::AffineCodes),
     /// FP8 E4M3 bytes and their f32 scales.
     Fp8(fp8::Fp8Codes),
+    /// llama.cpp blocks of `ty`, whole rows, exactly as a GGUF file stores them.
+    Ggml {
+        ty: crate::gguf::GgmlType,
+        blocks: Vec<u8>,
+    },
 }
 
 impl TypedValues {
@@ -431,6 +455,13 @@ impl TypedValues {
                     Cow::Borrowed(&codes.bytes[..]),
                 ),
             ],
+            TypedValues::Ggml { blocks, .. } => {
+                vec![(
+                    "blocks".to_owned(),
+                    Layout::Bytes,
+                    Cow::Borrowed(&blocks[..]),
+                )]
+            }
         }
     }
 }
@@ -613,6 +644,30 @@ fn encode_values(
                 repr_bits: n * 8 + codes.scales.len() as u64 * 32,
                 sections: Vec::new(),
                 typed: Some(TypedValues::Fp8(codes)),
+                recon: values,
+            }
+        }
+        Some(PassKind::Ggml { ty, .. }) => {
+            let ty = ty.ok_or_else(|| {
+                pass_err("gguf")(
+                    "the tensor's ggml type was not resolved from the model's config".into(),
+                )
+            })?;
+            if row_len % ty.block_size() != 0 {
+                return Err(pass_err("gguf")(format!(
+                    "rows of {row_len} values are not whole {ty} blocks of {}",
+                    ty.block_size()
+                )));
+            }
+            let mut blocks = Vec::new();
+            ty.quantize(&values, &mut blocks)
+                .and_then(|()| ty.dequantize(&blocks, &mut values))
+                .map_err(|e| pass_err("gguf")(e.to_string()))?;
+            ValuesOut {
+                meta: ValuesMeta::Ggml { ty: ty.id() },
+                repr_bits: blocks.len() as u64 * 8,
+                sections: Vec::new(),
+                typed: Some(TypedValues::Ggml { ty, blocks }),
                 recon: values,
             }
         }
@@ -1262,6 +1317,13 @@ fn decode_values(
                 bytes,
             };
             f.dequantize_into(&mut out);
+        }
+        ValuesMeta::Ggml { ty } => {
+            let ty = crate::gguf::GgmlType::from_id(*ty)
+                .ok_or_else(|| corrupt(format!("unknown ggml type id {ty}")))?;
+            let blocks = sections.take("blocks")?;
+            ty.dequantize(&blocks, &mut out)
+                .map_err(|e| corrupt(e.to_string()))?;
         }
         ValuesMeta::LowRank { rows, cols, rank } => {
             if rows.checked_mul(*cols) != Some(count) {

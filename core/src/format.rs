@@ -20,6 +20,7 @@
 //! exhaustive `match` from the enum to the implementations.
 
 pub mod compressed_tensors;
+pub mod gguf;
 pub mod safetensors;
 pub mod spz;
 
@@ -41,17 +42,20 @@ pub enum OutputFormat {
     /// Hugging Face shards in the compressed-tensors layout (`pack-quantized`,
     /// `float-quantized`), which vLLM and transformers load.
     CompressedTensors,
+    /// One GGUF file of llama.cpp block types, which llama.cpp and ollama load.
+    Gguf,
 }
 
 impl OutputFormat {
     /// Every format, in the order the CLI lists them.
-    pub const ALL: [OutputFormat; 3] = [
+    pub const ALL: [OutputFormat; 4] = [
         OutputFormat::Safetensors,
         OutputFormat::CompressedTensors,
+        OutputFormat::Gguf,
         OutputFormat::Spz,
     ];
 
-    /// Parses a format's name (`safetensors`, `spz`, `compressed-tensors`).
+    /// Parses a format's name (`safetensors`, `spz`, `compressed-tensors`, `gguf`).
     pub fn parse(s: &str) -> Option<OutputFormat> {
         OutputFormat::ALL.into_iter().find(|f| f.as_str() == s)
     }
@@ -61,7 +65,7 @@ impl OutputFormat {
         self.spec().name()
     }
 
-    /// `"safetensors, compressed-tensors, spz"`, for messages.
+    /// `"safetensors, compressed-tensors, gguf, spz"`, for messages.
     pub fn names() -> String {
         let names: Vec<&str> = OutputFormat::ALL.iter().map(|f| f.as_str()).collect();
         names.join(", ")
@@ -73,7 +77,33 @@ impl OutputFormat {
             OutputFormat::Safetensors => &safetensors::Safetensors,
             OutputFormat::Spz => &spz::Spz,
             OutputFormat::CompressedTensors => &compressed_tensors::CompressedTensors,
+            OutputFormat::Gguf => &gguf::Gguf,
         }
+    }
+}
+
+/// What plans and formats need to know about the whole model, beyond one tensor: found once
+/// when a job is submitted (from `config.json` and the tensor list) and sent to every worker
+/// with its lease, so that all of them make the same plans.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelFacts {
+    /// The llama-family model a GGUF file or a `gguf` pass is made for.
+    pub gguf: Option<gguf::GgufModel>,
+}
+
+impl ModelFacts {
+    /// The facts as sent in a lease.
+    pub fn to_json(&self) -> String {
+        // Plain data always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses [`Self::to_json`]'s output; empty text is "no facts".
+    pub fn from_json(text: &str) -> Result<ModelFacts, String> {
+        if text.is_empty() {
+            return Ok(ModelFacts::default());
+        }
+        serde_json::from_str(text).map_err(|e| format!("model facts: {e}"))
     }
 }
 
@@ -121,6 +151,11 @@ pub enum FormatError {
     },
     #[error("tensor {tensor}: {reason}")]
     Layout { tensor: String, reason: String },
+    #[error("--format {format}: {reason}")]
+    Model {
+        format: &'static str,
+        reason: String,
+    },
 }
 
 /// What the coordinator does once every task is done (besides report and manifest).
@@ -131,10 +166,20 @@ pub struct FinishPlan {
     /// The `quantization_config` to set in the output's `config.json`.
     pub quantization_config: Option<serde_json::Value>,
     /// Companion files (config, tokenizer...) are copied next to the shards; otherwise the
-    /// format embeds them (`.spz`).
+    /// format embeds them (`.spz`, GGUF).
     pub copy_companions: bool,
-    /// A worker assembles the task outputs into one object (`.spz`).
-    pub assemble: bool,
+    /// A worker assembles the task outputs into one object.
+    pub assembly: Option<Assembly>,
+}
+
+/// How the task outputs become one object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Assembly {
+    /// `.spz`: the parts' records, then companion files, index and footer.
+    Spz,
+    /// GGUF: the header (and synthesized tensors), then the parts, each task's tensors in
+    /// order, every one padded to the alignment.
+    Gguf(gguf::GgufAssembly),
 }
 
 /// The content of `model.safetensors.index.json`.
@@ -165,9 +210,14 @@ pub trait Format: Sync {
     fn check_recipe(&self, recipe: &crate::recipe::Recipe) -> Result<(), FormatError>;
 
     /// Refuses a plan this format cannot store, and adapts the plan to what the format
-    /// dictates (e.g. the dtype of stored scales). Called at submit and by every worker, so
-    /// both run the same plan.
-    fn adapt_plan(&self, tensor: TensorDesc<'_>, plan: &mut TensorPlan) -> Result<(), FormatError>;
+    /// dictates (e.g. the dtype of stored scales, a tensor's place in a GGUF file). Called at
+    /// submit and by every worker, so both run the same plan.
+    fn adapt_plan(
+        &self,
+        tensor: TensorDesc<'_>,
+        plan: &mut TensorPlan,
+        model: &ModelFacts,
+    ) -> Result<(), FormatError>;
 
     /// Object name of task `index`'s output (of `total` tasks).
     fn task_output_name(&self, index: usize, total: usize) -> String;
@@ -267,6 +317,8 @@ pub enum TensorWriter {
     PackQuantized(compressed_tensors::PackState),
     /// compressed-tensors `float-quantized`: FP8 bytes now, the scales at the end.
     FloatQuantized(compressed_tensors::FloatState),
+    /// GGUF: the tensor's bytes in its ggml type, padded to the file's alignment.
+    Gguf(gguf::GgufState),
 }
 
 impl TensorWriter {
@@ -280,11 +332,18 @@ impl TensorWriter {
         input: &[u8],
         acc: &mut ErrorAccumulator,
     ) -> Result<ChunkOutput, CodecError> {
-        if plan.is_identity() && !matches!(self, TensorWriter::Frames) {
-            return Ok(ChunkOutput {
-                bytes: input.to_vec(),
-                repr_bits: input.len() as u64 * 8,
-            });
+        if plan.is_identity() {
+            match self {
+                // `.spz` records every tensor as a frame.
+                TensorWriter::Frames => {}
+                TensorWriter::Gguf(state) => return state.unchanged(dtype, input),
+                _ => {
+                    return Ok(ChunkOutput {
+                        bytes: input.to_vec(),
+                        repr_bits: input.len() as u64 * 8,
+                    })
+                }
+            }
         }
         let encoded = encode_chunk_measured(plan, dtype, row_len, input, acc)?;
         let repr_bits = encoded.repr_bits;
@@ -299,6 +358,7 @@ impl TensorWriter {
             }
             TensorWriter::PackQuantized(state) => state.chunk(encoded)?,
             TensorWriter::FloatQuantized(state) => state.chunk(encoded)?,
+            TensorWriter::Gguf(state) => state.chunk(encoded)?,
         };
         Ok(ChunkOutput { bytes, repr_bits })
     }
@@ -309,9 +369,12 @@ impl TensorWriter {
             TensorWriter::Reconstruction | TensorWriter::Frames => Ok(Vec::new()),
             TensorWriter::PackQuantized(state) => state.finish(),
             TensorWriter::FloatQuantized(state) => state.finish(),
+            TensorWriter::Gguf(state) => state.finish(),
         }
     }
 }
 
+#[cfg(test)]
+mod gguf_tests;
 #[cfg(test)]
 mod tests;

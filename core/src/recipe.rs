@@ -60,6 +60,14 @@ pub enum PassKind {
     Dct { block: usize, keep: f64 },
     /// HashedNets bucket sharing: `fraction` of the weights' count as shared buckets.
     Hashed { fraction: f64 },
+    /// llama.cpp block quantization: each tensor gets the ggml type `llama-quantize` would
+    /// give it in a file of `file_type` (Q4_K_M: Q6_K for the tensors it promotes, Q4_K for
+    /// the rest). `ty` is that type, resolved from the model's config when a tensor's plan
+    /// is made ([`crate::codec::TensorPlan::for_output`]); `None` in a recipe.
+    Ggml {
+        file_type: crate::gguf::FileType,
+        ty: Option<crate::gguf::GgmlType>,
+    },
 }
 
 /// How a low-rank pass picks its rank.
@@ -274,6 +282,10 @@ impl PassKind {
             },
             PassKind::Dct { block, keep } => format!("dct b{block} keep {keep}"),
             PassKind::Hashed { fraction } => format!("hashed {fraction}"),
+            PassKind::Ggml { file_type, ty } => match ty {
+                Some(ty) => format!("gguf {}", ty.name()),
+                None => format!("gguf {file_type}"),
+            },
         }
     }
 
@@ -292,6 +304,7 @@ impl PassKind {
             PassKind::LowRank { .. } => "lowrank",
             PassKind::Dct { .. } => "dct",
             PassKind::Hashed { .. } => "hashed",
+            PassKind::Ggml { .. } => "gguf",
         }
     }
 
@@ -389,8 +402,16 @@ macro_rules! weights {
     };
 }
 
+/// Tensors the GGUF presets quantize: every `.weight` (the embeddings and output too, as
+/// `llama-quantize` does; 1-D norms stay F32).
+macro_rules! gguf_weights {
+    () => {
+        "    targets: ['re:.*\\.weight$']\n"
+    };
+}
+
 /// The built-in recipes: (name, YAML).
-const PRESETS: [(&str, &str); 17] = [
+const PRESETS: [(&str, &str); 21] = [
     ("int8", concat!("name: int8\npasses:\n  - quantize: { bits: 8, granularity: channel }\n", weights!())),
     ("int8-g128", concat!("name: int8-g128\npasses:\n  - quantize: { bits: 8, granularity: group, group_size: 128 }\n", weights!())),
     ("int4-g128", concat!("name: int4-g128\npasses:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n", weights!())),
@@ -407,6 +428,10 @@ const PRESETS: [(&str, &str); 17] = [
     ("2of4-int4", concat!("name: 2of4-int4\npasses:\n  - prune: { method: nm, n: 2, m: 4 }\n", weights!(), "  - quantize: { bits: 4, granularity: group, group_size: 64 }\n", weights!())),
     ("svd50", concat!("name: svd50\npasses:\n  - lowrank: { storage: 0.5 }\n", weights!())),
     ("dct25", concat!("name: dct25\npasses:\n  - dct: { block: 64, keep: 0.25 }\n", weights!())),
+    ("q8_0", concat!("name: q8_0\nformat: gguf\npasses:\n  - gguf: { type: q8_0 }\n", gguf_weights!())),
+    ("q4_0", concat!("name: q4_0\nformat: gguf\npasses:\n  - gguf: { type: q4_0 }\n", gguf_weights!())),
+    ("q4_k_m", concat!("name: q4_k_m\nformat: gguf\npasses:\n  - gguf: { type: q4_k_m }\n", gguf_weights!())),
+    ("q6_k", concat!("name: q6_k\nformat: gguf\npasses:\n  - gguf: { type: q6_k }\n", gguf_weights!())),
     ("lossless", "name: lossless\nformat: spz\npasses: []\n"),
 ];
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use object_store::{ObjectStoreExt, WriteMultipart};
 use shardpress_core::codec::TensorPlan;
 use shardpress_core::dtype::{decode_to_f32, DTypeError};
-use shardpress_core::format::{task_prefix, TensorDesc, TensorWriter};
+use shardpress_core::format::{task_prefix, ModelFacts, TensorDesc, TensorWriter};
 use shardpress_core::metrics::ErrorAccumulator;
 use shardpress_core::plan::PlannedTensor;
 use shardpress_core::prune::{magnitude_histogram, GlobalCut, MAGNITUDE_BINS};
@@ -89,6 +89,7 @@ pub async fn execute(
             ))
         })?,
     };
+    let facts = ModelFacts::from_json(&lease.model_facts).map_err(TaskError::BadLease)?;
     let model = StoreLocation::open(&lease.model_url)?;
     let out = StoreLocation::open(&lease.out_url)?;
     let tensors = lease
@@ -102,7 +103,7 @@ pub async fn execute(
     let mut plans = tensors
         .iter()
         .map(|t| {
-            TensorPlan::for_output(&recipe, format, &t.name, t.dtype, &t.shape)
+            TensorPlan::for_output(&recipe, format, &facts, &t.name, t.dtype, &t.shape)
                 .map_err(|e| TaskError::BadLease(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -148,6 +149,7 @@ pub async fn execute(
                     global_cut: lease.global_cut.as_ref(),
                     threshold: lease.share_cosine,
                     format,
+                    facts: &facts,
                 };
                 share_tensor(&model, near, &mut writer, ctx, &mut timings).await
             }
@@ -316,6 +318,7 @@ struct NearIdentical<'a> {
     global_cut: Option<&'a shardpress_proto::v1::GlobalCut>,
     threshold: f64,
     format: OutputFormat,
+    facts: &'a ModelFacts,
 }
 
 /// When the exact cosine between the tensor and its candidate reaches the threshold, the
@@ -347,6 +350,7 @@ async fn share_tensor(
     let mut plan = TensorPlan::for_output(
         near.recipe,
         near.format,
+        near.facts,
         &candidate.name,
         candidate.dtype,
         &candidate.shape,
@@ -408,10 +412,11 @@ async fn share_tensor(
         OutputFormat::Safetensors => writer.write(&bytes),
         // The index points at the candidate's record.
         OutputFormat::Spz => {}
-        OutputFormat::CompressedTensors => {
-            return Err(TaskError::BadLease(
-                "compressed-tensors output cannot share tensors (refused at submit)".into(),
-            ))
+        OutputFormat::CompressedTensors | OutputFormat::Gguf => {
+            return Err(TaskError::BadLease(format!(
+                "{} output cannot share tensors (refused at submit)",
+                near.format.as_str()
+            )))
         }
     }
     ctx.progress
@@ -487,7 +492,7 @@ async fn compress_tensor(
     // `.spz` parts hold records that the archive's index points at, checksum included.
     let records = match format {
         OutputFormat::Spz => true,
-        OutputFormat::Safetensors | OutputFormat::CompressedTensors => false,
+        OutputFormat::Safetensors | OutputFormat::CompressedTensors | OutputFormat::Gguf => false,
     };
     while let Some(input) = next_chunk(&mut chunks, ctx, timings).await? {
         let compute_started = Instant::now();

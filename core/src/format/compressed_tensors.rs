@@ -28,8 +28,8 @@
 use serde_json::{json, Value};
 
 use super::{
-    shard_index, FinishPlan, FinishedTask, Format, FormatError, OutputTensor, TensorDesc,
-    TensorWriter,
+    shard_index, FinishPlan, FinishedTask, Format, FormatError, ModelFacts, OutputTensor,
+    TensorDesc, TensorWriter,
 };
 use crate::codec::{CodecError, EncodedChunk, TensorPlan, TypedValues};
 use crate::dtype::{decode_to_f32, encode_from_f32, DType};
@@ -107,6 +107,15 @@ impl Format for CompressedTensors {
                 "needs a quantize or fp8 pass (a recipe without lossy passes only makes sense with --format spz)",
             ));
         }
+        if recipe
+            .passes
+            .iter()
+            .any(|p| matches!(p.kind, PassKind::Ggml { .. }))
+        {
+            return Err(refuse(
+                "cannot hold a gguf pass's llama.cpp blocks; write them with --format gguf",
+            ));
+        }
         if recipe.share_cosine.is_some() {
             return Err(refuse(
                 "cannot store near-identical tensors as one (share:); drop share: or use --format safetensors / spz",
@@ -115,7 +124,12 @@ impl Format for CompressedTensors {
         Ok(())
     }
 
-    fn adapt_plan(&self, tensor: TensorDesc<'_>, plan: &mut TensorPlan) -> Result<(), FormatError> {
+    fn adapt_plan(
+        &self,
+        tensor: TensorDesc<'_>,
+        plan: &mut TensorPlan,
+        _model: &ModelFacts,
+    ) -> Result<(), FormatError> {
         if plan.is_identity() {
             return Ok(());
         }
@@ -272,7 +286,7 @@ impl Format for CompressedTensors {
             index: Some(shard_index(self, tasks)),
             quantization_config: Some(quantization_config(&tensors)),
             copy_companions: true,
-            assemble: false,
+            assembly: None,
         }
     }
 }

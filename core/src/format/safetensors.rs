@@ -3,8 +3,8 @@
 //! compressed form would compute. Any safetensors loader reads it; it is as large as the input.
 
 use super::{
-    shard_index, FinishPlan, FinishedTask, Format, FormatError, OutputTensor, TensorDesc,
-    TensorWriter,
+    shard_index, FinishPlan, FinishedTask, Format, FormatError, ModelFacts, OutputTensor,
+    TensorDesc, TensorWriter,
 };
 use crate::codec::TensorPlan;
 use crate::recipe::Recipe;
@@ -37,7 +37,12 @@ impl Format for Safetensors {
         Ok(())
     }
 
-    fn adapt_plan(&self, tensor: TensorDesc<'_>, plan: &mut TensorPlan) -> Result<(), FormatError> {
+    fn adapt_plan(
+        &self,
+        tensor: TensorDesc<'_>,
+        plan: &mut TensorPlan,
+        _model: &ModelFacts,
+    ) -> Result<(), FormatError> {
         super::set_scale_grid(tensor.dtype, plan);
         Ok(())
     }
@@ -63,7 +68,7 @@ impl Format for Safetensors {
             index: Some(shard_index(self, tasks)),
             quantization_config: None,
             copy_companions: true,
-            assemble: false,
+            assembly: None,
         }
     }
 }

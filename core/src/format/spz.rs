@@ -5,7 +5,8 @@
 //! (`set_scale_grid`), so the archive restores exactly what `--format safetensors` writes.
 
 use super::{
-    FinishPlan, FinishedTask, Format, FormatError, OutputTensor, TensorDesc, TensorWriter,
+    Assembly, FinishPlan, FinishedTask, Format, FormatError, ModelFacts, OutputTensor, TensorDesc,
+    TensorWriter,
 };
 use crate::codec::TensorPlan;
 use crate::recipe::Recipe;
@@ -32,7 +33,12 @@ impl Format for Spz {
         Ok(())
     }
 
-    fn adapt_plan(&self, tensor: TensorDesc<'_>, plan: &mut TensorPlan) -> Result<(), FormatError> {
+    fn adapt_plan(
+        &self,
+        tensor: TensorDesc<'_>,
+        plan: &mut TensorPlan,
+        _model: &ModelFacts,
+    ) -> Result<(), FormatError> {
         super::set_scale_grid(tensor.dtype, plan);
         Ok(())
     }
@@ -54,7 +60,7 @@ impl Format for Spz {
             index: None,
             quantization_config: None,
             copy_companions: false,
-            assemble: true,
+            assembly: Some(Assembly::Spz),
         }
     }
 }

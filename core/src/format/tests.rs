@@ -24,7 +24,7 @@ const UP: &str = "model.layers.0.mlp.up_proj.weight";
 
 fn plan(recipe: &str, format: OutputFormat, name: &str, shape: &[u64]) -> TensorPlan {
     let r = Recipe::preset(recipe).unwrap();
-    TensorPlan::for_output(&r, format, name, DType::BF16, shape).unwrap()
+    TensorPlan::for_output(&r, format, &ModelFacts::default(), name, DType::BF16, shape).unwrap()
 }
 
 /// Writes one tensor through `format`'s writer in chunks of `chunk_rows` rows.
@@ -251,7 +251,7 @@ fn compressed_tensors_refuses_what_it_cannot_hold() {
     let r = |yaml: &str| Recipe::from_yaml(yaml).unwrap();
     let ct = OutputFormat::CompressedTensors;
     let check = |recipe: &Recipe, name: &str, shape: &[u64]| {
-        TensorPlan::for_output(recipe, ct, name, DType::BF16, shape)
+        TensorPlan::for_output(recipe, ct, &ModelFacts::default(), name, DType::BF16, shape)
     };
     let refused = [
         ("hqq4", UP, vec![16, 256], "HQQ"),
@@ -298,8 +298,15 @@ fn quantization_config_targets_linear_and_ignores_the_rest() {
     let plans: Vec<TensorPlan> = layers
         .iter()
         .map(|(n, s)| {
-            TensorPlan::for_output(&recipe, OutputFormat::CompressedTensors, n, DType::BF16, s)
-                .unwrap()
+            TensorPlan::for_output(
+                &recipe,
+                OutputFormat::CompressedTensors,
+                &ModelFacts::default(),
+                n,
+                DType::BF16,
+                s,
+            )
+            .unwrap()
         })
         .collect();
     let tensors: Vec<(TensorDesc<'_>, &TensorPlan)> = layers

@@ -1,7 +1,7 @@
 //! The YAML form of each pass and its validation into [`PassKind`].
 //!
 //! Every pass is one mapping with exactly one kind key (`quantize`, `codebook`, `fp8`, `prune`,
-//! `lowrank`, `dct`, `hashed`) plus `targets` and `ignore`. Each kind's settings are a struct
+//! `lowrank`, `dct`, `hashed`, `gguf`) plus `targets` and `ignore`. Each kind's settings are a struct
 //! with `deny_unknown_fields`; ranges are checked here so a bad value is rejected with the
 //! field's path (`passes[1].prune.n`) when the recipe is submitted, never mid-job.
 
@@ -10,6 +10,7 @@ use super::{
     invalid, Granularity, Matcher, PassKind, PassSpec, PruneConfig, QuantizeConfig, RankRule,
     ScaleDtype,
 };
+use crate::gguf::FileType;
 use crate::hqq::HqqConfig;
 use crate::prune::Norm;
 use serde::Deserialize;
@@ -24,6 +25,7 @@ pub(super) struct RawPass {
     lowrank: Option<RawLowRank>,
     dct: Option<RawDct>,
     hashed: Option<RawHashed>,
+    gguf: Option<RawGguf>,
     #[serde(default)]
     targets: Vec<String>,
     #[serde(default)]
@@ -79,6 +81,14 @@ struct RawCodebook {
 #[serde(deny_unknown_fields)]
 struct RawFp8 {
     granularity: RawGranularity,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGguf {
+    /// A `llama-quantize` file type name (`q4_k_m`).
+    #[serde(rename = "type")]
+    file_type: String,
 }
 
 #[derive(Deserialize)]
@@ -283,6 +293,27 @@ fn convert_fp8(field: &str, raw: RawFp8) -> Result<PassKind, RecipeError> {
     }
 }
 
+fn convert_gguf(field: &str, raw: RawGguf) -> Result<PassKind, RecipeError> {
+    let file_type = FileType::from_name(&raw.file_type).map_err(|_| {
+        let names: Vec<String> = FileType::ALL
+            .iter()
+            .map(|t| t.name().to_ascii_lowercase())
+            .collect();
+        invalid(
+            format!("{field}.type"),
+            format!(
+                "{:?} is not a GGUF file type; use one of {}",
+                raw.file_type,
+                names.join(", ")
+            ),
+        )
+    })?;
+    Ok(PassKind::Ggml {
+        file_type,
+        ty: None,
+    })
+}
+
 fn convert_prune(field: &str, raw: RawPrune) -> Result<PassKind, RecipeError> {
     let only = |name: &str, present: bool| -> Result<(), RecipeError> {
         if present {
@@ -434,25 +465,27 @@ pub(super) fn convert_pass(index: usize, raw: RawPass) -> Result<PassSpec, Recip
     if let Some(h) = raw.hashed {
         kinds.push(convert_hashed(&format!("{field}.hashed"), h)?);
     }
-    let kind = match kinds.len() {
-        1 => kinds.remove(0),
-        0 => {
-            return Err(invalid(
+    if let Some(g) = raw.gguf {
+        kinds.push(convert_gguf(&format!("{field}.gguf"), g)?);
+    }
+    let kind =
+        match kinds.len() {
+            1 => kinds.remove(0),
+            0 => return Err(invalid(
                 &field,
-                "a pass needs a kind: quantize, codebook, fp8, prune, lowrank, dct or hashed",
-            ))
-        }
-        _ => {
-            let keys: Vec<&str> = kinds.iter().map(PassKind::key).collect();
-            return Err(invalid(
-                &field,
-                format!(
-                    "one kind per pass, found {}; list them as separate passes",
-                    keys.join(" and ")
-                ),
-            ));
-        }
-    };
+                "a pass needs a kind: quantize, codebook, fp8, prune, lowrank, dct, hashed or gguf",
+            )),
+            _ => {
+                let keys: Vec<&str> = kinds.iter().map(PassKind::key).collect();
+                return Err(invalid(
+                    &field,
+                    format!(
+                        "one kind per pass, found {}; list them as separate passes",
+                        keys.join(" and ")
+                    ),
+                ));
+            }
+        };
     if raw.targets.is_empty() {
         return Err(invalid(
             format!("{field}.targets"),

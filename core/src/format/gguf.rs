@@ -1,0 +1,484 @@
+//! GGUF output (`--format gguf`): one file that llama.cpp and ollama load, written by the
+//! whole cluster ([`crate::gguf`] holds the block quantizers and the file layout).
+//!
+//! Every tensor's size in the file follows from its shape and ggml type, so the file is laid
+//! out before any data exists:
+//!
+//! - at submit, [`Format::adapt_plan`] gives each tensor its GGUF name, its ggml type (the
+//!   `gguf` pass's type, as `llama-quantize` chooses it; F32 for 1-D tensors; the input dtype
+//!   for tensors the recipe leaves alone) and, for llama's Q/K projections, the converter's
+//!   row permutation; a tensor, architecture or pass GGUF cannot hold is refused there;
+//! - each task writes a *part*: its tensors' bytes in task order, each padded to the file's
+//!   alignment (rows are quantized independently, so the permutation is applied to whole
+//!   output rows, buffering only a Q/K projection);
+//! - the coordinator builds the *head* ([`head`]: header, metadata, tokenizer and the
+//!   synthesized tensors) from the plan alone and a worker concatenates head and parts into
+//!   `model.gguf`, every tensor landing at the offset the header names.
+//!
+//! The same `gguf` pass under `--format safetensors` or `spz` stores the same blocks'
+//! dequantized values, which is how the tests compare a GGUF reader's values with ours.
+
+use serde_json::Value;
+
+use super::{
+    Assembly, ChunkOutput, FinishPlan, FinishedTask, Format, FormatError, ModelFacts, OutputTensor,
+    TensorDesc, TensorWriter,
+};
+use crate::codec::{CodecError, EncodedChunk, PlanError, TensorPlan, TypedValues};
+use crate::dtype::{decode_to_f32, DType};
+use crate::gguf::writer::DEFAULT_ALIGNMENT;
+use crate::gguf::{
+    architecture, extra_tensors, layout, map_tensor, metadata, permute_rows, tensor_type_in,
+    tokenizer_metadata, Arch, FileType, GgmlType, GgufError, HParams, TokenizerFiles, TypeContext,
+};
+use crate::recipe::{PassKind, Recipe};
+
+/// The GGUF format; see the module docs.
+pub struct Gguf;
+
+/// Folder (under the output) where the tasks write their parts and the coordinator the head.
+pub const PARTS_DIR: &str = ".gguf-parts";
+
+/// Object name of the head (header and synthesized tensors).
+pub const HEAD_NAME: &str = ".gguf-parts/head.bin";
+
+/// Object name of the assembled file.
+pub const FILE_NAME: &str = "model.gguf";
+
+/// The data alignment of the files written (GGUF's default, so no metadata key is needed).
+pub const ALIGNMENT: u64 = DEFAULT_ALIGNMENT;
+
+/// The built-in recipes with a `gguf` pass, for messages.
+const GGUF_RECIPES: &str = "q8_0, q4_0, q4_k_m, q6_k";
+
+/// The llama-family model a GGUF file is made for, from its `config.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GgufModel {
+    pub arch: Arch,
+    pub n_head: u64,
+    pub n_head_kv: u64,
+    pub head_dim: u64,
+    /// What `llama-quantize`'s per-tensor type choice depends on.
+    pub types: TypeContext,
+}
+
+impl GgufModel {
+    /// The model of `config`; `has_output_weight`: the checkpoint has `lm_head.weight`.
+    pub fn from_config(config: &Value, has_output_weight: bool) -> Result<GgufModel, GgufError> {
+        let arch = architecture(config)?;
+        let hp = HParams::from_config(arch, config)?;
+        Ok(GgufModel {
+            arch,
+            n_head: hp.n_head,
+            n_head_kv: hp.n_head_kv,
+            head_dim: hp.head_dim,
+            types: TypeContext::from_config(arch, config, has_output_weight)?,
+        })
+    }
+
+    /// For a tensor the converter permutes (llama's `q_proj`/`k_proj` weights and biases),
+    /// the number of heads its rows are permuted in.
+    fn permuted_heads(&self, hf_name: &str) -> Option<u64> {
+        if !self.arch.permutes_qk() {
+            return None;
+        }
+        let is = |module: &str| {
+            hf_name.ends_with(&format!("{module}.weight"))
+                || hf_name.ends_with(&format!("{module}.bias"))
+        };
+        if is("q_proj") {
+            Some(self.n_head)
+        } else if is("k_proj") {
+            Some(self.n_head_kv)
+        } else {
+            None
+        }
+    }
+}
+
+/// Where one tensor goes in a GGUF file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufTensor {
+    /// Its name in the file; `None` for a tensor the converter drops (`rotary_emb.inv_freq`).
+    pub name: Option<String>,
+    pub ty: GgmlType,
+    /// The rows are permuted as llama.cpp's converter permutes Q/K, in this many heads.
+    pub permute_heads: Option<u64>,
+}
+
+/// The ggml type a `gguf` pass of `file_type` gives tensor `name`, as `llama-quantize` would.
+pub fn resolve_type(
+    model: &ModelFacts,
+    file_type: FileType,
+    name: &str,
+    shape: &[u64],
+) -> Result<GgmlType, PlanError> {
+    let incompatible = |reason: String| PlanError::Incompatible {
+        tensor: name.to_owned(),
+        reason,
+    };
+    let model = model.gguf.as_ref().ok_or_else(|| {
+        incompatible(
+            "a gguf pass chooses each tensor's type from the model's config.json, which this job has not read"
+                .into(),
+        )
+    })?;
+    let gguf_name = map_tensor(model.arch, name)
+        .map_err(|e| incompatible(format!("a gguf pass cannot quantize it: {e}")))?
+        .ok_or_else(|| {
+            incompatible(
+                "llama.cpp's converter drops this tensor, so a gguf pass has no type for it".into(),
+            )
+        })?;
+    Ok(tensor_type_in(file_type, &gguf_name, shape, &model.types))
+}
+
+impl Format for Gguf {
+    fn name(&self) -> &'static str {
+        "gguf"
+    }
+
+    fn describe(&self) -> &'static str {
+        "gguf (llama.cpp block types, one file)"
+    }
+
+    fn check_recipe(&self, recipe: &Recipe) -> Result<(), FormatError> {
+        let refuse = |reason: String| FormatError::Recipe {
+            format: "gguf",
+            recipe: recipe.name.clone(),
+            reason,
+        };
+        if let Some(pass) = recipe
+            .passes
+            .iter()
+            .find(|p| !matches!(p.kind, PassKind::Ggml { .. }))
+        {
+            return Err(refuse(format!(
+                "stores llama.cpp block types, not {}: use a `gguf:` pass (built-in recipes {GGUF_RECIPES})",
+                pass.kind.describe()
+            )));
+        }
+        if recipe.passes.is_empty() {
+            return Err(refuse(format!(
+                "needs a `gguf:` pass choosing the file type (built-in recipes {GGUF_RECIPES})"
+            )));
+        }
+        if recipe.share_cosine.is_some() {
+            return Err(refuse(
+                "cannot share near-identical tensors: a GGUF file stores every tensor".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn adapt_plan(
+        &self,
+        tensor: TensorDesc<'_>,
+        plan: &mut TensorPlan,
+        model: &ModelFacts,
+    ) -> Result<(), FormatError> {
+        let model = model.gguf.as_ref().ok_or_else(|| FormatError::Model {
+            format: "gguf",
+            reason: "the model's config.json was not read (a GGUF file needs a llama-family config.json)".into(),
+        })?;
+        let layout_err = |reason: String| FormatError::Layout {
+            tensor: tensor.name.to_owned(),
+            reason,
+        };
+        let unsupported = |reason: String| FormatError::Unsupported {
+            format: "gguf",
+            tensor: tensor.name.to_owned(),
+            pass: plan.describe(),
+            reason,
+        };
+        if plan.structure.is_some() {
+            return Err(unsupported(
+                "llama.cpp stores dense tensors, so pruning cannot be written".into(),
+            ));
+        }
+        let name = map_tensor(model.arch, tensor.name).map_err(|e| layout_err(e.to_string()))?;
+        let ty = match &plan.values {
+            Some(PassKind::Ggml { ty: Some(ty), .. }) => *ty,
+            Some(PassKind::Ggml { ty: None, .. }) => {
+                return Err(layout_err(
+                    "the gguf pass's type was not resolved from the model".into(),
+                ))
+            }
+            Some(_) => {
+                return Err(unsupported(format!(
+                    "GGUF stores llama.cpp block types: use a `gguf:` pass (built-in recipes {GGUF_RECIPES})"
+                )))
+            }
+            None => match tensor.dtype {
+                DType::F32 | DType::F16 | DType::BF16 if tensor.shape.len() < 2 => GgmlType::F32,
+                DType::F32 => GgmlType::F32,
+                DType::F16 => GgmlType::F16,
+                DType::BF16 => GgmlType::BF16,
+                other => {
+                    return Err(layout_err(format!(
+                        "dtype {} has no GGUF type (F32, F16, BF16 or a llama.cpp block type)",
+                        other.as_safetensors()
+                    )))
+                }
+            },
+        };
+        let (_, row_len) = tensor.matrix();
+        if name.is_some() {
+            ty.row_bytes(row_len)
+                .map_err(|e| layout_err(e.to_string()))?;
+        }
+        let permute_heads = name.as_ref().and(model.permuted_heads(tensor.name));
+        if let Some(heads) = permute_heads {
+            let rows = tensor.shape.first().copied().unwrap_or(0);
+            if rows != heads * model.head_dim {
+                return Err(layout_err(format!(
+                    "{rows} rows, but config.json gives {heads} heads of {} rows",
+                    model.head_dim
+                )));
+            }
+            permute_rows(rows, heads).map_err(|e| layout_err(e.to_string()))?;
+        }
+        plan.gguf = Some(GgufTensor {
+            name,
+            ty,
+            permute_heads,
+        });
+        Ok(())
+    }
+
+    fn task_output_name(&self, index: usize, total: usize) -> String {
+        format!("{PARTS_DIR}/part-{:05}-of-{total:05}.bin", index + 1)
+    }
+
+    fn output_tensors(&self, _tensor: TensorDesc<'_>, _plan: &TensorPlan) -> Vec<OutputTensor> {
+        Vec::new()
+    }
+
+    fn tensor_writer(&self, tensor: TensorDesc<'_>, plan: &TensorPlan) -> TensorWriter {
+        TensorWriter::Gguf(GgufState {
+            tensor: plan.gguf.clone(),
+            rows: tensor.shape.first().copied().unwrap_or(1),
+            buffer: None,
+            written: 0,
+        })
+    }
+
+    fn finish_plan(&self, tasks: &[FinishedTask<'_>]) -> FinishPlan {
+        let mut assembly = GgufAssembly::default();
+        for task in tasks {
+            let mut part = Vec::new();
+            for (tensor, plan) in &task.tensors {
+                if let Some(PassKind::Ggml { file_type, .. }) = plan.values {
+                    assembly.file_type.get_or_insert(file_type);
+                }
+                if let Some(GgufTensor {
+                    name: Some(name),
+                    ty,
+                    ..
+                }) = &plan.gguf
+                {
+                    part.push((name.clone(), tensor.shape.to_vec(), *ty));
+                }
+            }
+            assembly.parts.push(part);
+        }
+        FinishPlan {
+            index: None,
+            quantization_config: None,
+            copy_companions: false,
+            assembly: Some(Assembly::Gguf(assembly)),
+        }
+    }
+}
+
+/// What the coordinator needs to build a GGUF file's head.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GgufAssembly {
+    /// The file type of the job's `gguf` pass (`None` when it quantized no tensor).
+    pub file_type: Option<FileType>,
+    /// Per task, in order, its tensors as written: (GGUF name, row-major shape, type).
+    pub parts: Vec<Vec<(String, Vec<u64>, GgmlType)>>,
+}
+
+/// The first object of a GGUF file and what the parts after it must hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufHead {
+    /// Header (metadata, tokenizer, tensor infos, padding) and the synthesized tensors.
+    pub bytes: Vec<u8>,
+    /// The exact size of each task's part.
+    pub part_sizes: Vec<u64>,
+    /// The size of the whole file.
+    pub file_size: u64,
+    /// Tensors in the file.
+    pub tensors: usize,
+}
+
+/// The model files a GGUF head is made from.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadSources<'a> {
+    pub config: &'a Value,
+    pub tokenizer: TokenizerFiles<'a>,
+    /// `general.name`.
+    pub name: &'a str,
+}
+
+/// Lays out the whole file: metadata from `config.json` and the tokenizer files, the
+/// synthesized tensors first (llama3 `rope_freqs`), then every task's tensors in task order.
+pub fn head(
+    model: &GgufModel,
+    assembly: &GgufAssembly,
+    sources: HeadSources<'_>,
+) -> Result<GgufHead, GgufError> {
+    let file_type = assembly.file_type.ok_or_else(|| {
+        GgufError::Invalid(
+            "the recipe's gguf pass matched no tensor, so the file type is unknown".into(),
+        )
+    })?;
+    let hp = HParams::from_config(model.arch, sources.config)?;
+    let mut meta = metadata(model.arch, sources.config, file_type, sources.name)?;
+    meta.extend(tokenizer_metadata(
+        &sources.tokenizer,
+        model.arch,
+        hp.vocab_size,
+    )?);
+    let extras = extra_tensors(model.arch, sources.config)?;
+    let mut tensors: Vec<(String, Vec<u64>, GgmlType)> = extras
+        .iter()
+        .map(|(name, shape, _)| (name.clone(), shape.clone(), GgmlType::F32))
+        .collect();
+    tensors.extend(assembly.parts.iter().flatten().cloned());
+    let laid = layout(&meta, &tensors, ALIGNMENT)?;
+    let mut bytes = laid.header;
+    for ((_, _, values), placed) in extras.iter().zip(&laid.tensors) {
+        crate::gguf::quants::quantize_f32(values, &mut bytes)?;
+        bytes.resize((placed.start + placed.padded_len) as usize, 0);
+    }
+    let mut placed = laid.tensors[extras.len()..].iter();
+    let part_sizes = assembly
+        .parts
+        .iter()
+        .map(|part| placed.by_ref().take(part.len()).map(|t| t.padded_len).sum())
+        .collect();
+    Ok(GgufHead {
+        bytes,
+        part_sizes,
+        file_size: laid.file_size,
+        tensors: tensors.len(),
+    })
+}
+
+/// Writes one tensor of a part: its bytes in the planned ggml type, rows permuted where the
+/// converter permutes them, zeros up to the alignment.
+#[derive(Debug)]
+pub struct GgufState {
+    /// `None` when the plan was not adapted to GGUF (an error on first use).
+    tensor: Option<GgufTensor>,
+    /// The tensor's first dimension (what a permutation reorders).
+    rows: u64,
+    /// The whole tensor's bytes, when its rows are permuted at the end.
+    buffer: Option<Vec<u8>>,
+    written: u64,
+}
+
+fn gguf_err(message: String) -> CodecError {
+    CodecError::Pass {
+        pass: "gguf",
+        message,
+    }
+}
+
+impl GgufState {
+    fn planned(&self) -> Result<&GgufTensor, CodecError> {
+        self.tensor
+            .as_ref()
+            .ok_or_else(|| gguf_err("the tensor's plan has no place in the GGUF file".into()))
+    }
+
+    /// A tensor the recipe leaves alone: its values in the planned float type.
+    pub fn unchanged(&mut self, dtype: DType, input: &[u8]) -> Result<ChunkOutput, CodecError> {
+        let ty = self.planned()?.ty;
+        let same = matches!(
+            (dtype, ty),
+            (DType::F32, GgmlType::F32)
+                | (DType::F16, GgmlType::F16)
+                | (DType::BF16, GgmlType::BF16)
+        );
+        let bytes = if same {
+            input.to_vec()
+        } else {
+            let mut values = vec![0f32; input.len() / dtype.size_bytes().max(1)];
+            decode_to_f32(dtype, input, &mut values)?;
+            let mut bytes = Vec::new();
+            ty.quantize(&values, &mut bytes)
+                .map_err(|e| gguf_err(e.to_string()))?;
+            bytes
+        };
+        let repr_bits = bytes.len() as u64 * 8;
+        Ok(ChunkOutput {
+            bytes: self.emit(bytes)?,
+            repr_bits,
+        })
+    }
+
+    /// A chunk the `gguf` pass quantized.
+    pub fn chunk(&mut self, encoded: EncodedChunk) -> Result<Vec<u8>, CodecError> {
+        let planned = self.planned()?.ty;
+        match encoded.typed {
+            Some(TypedValues::Ggml { ty, blocks }) if ty == planned => self.emit(blocks),
+            _ => Err(gguf_err(format!(
+                "the pass did not produce {planned} blocks, the tensor's planned type"
+            ))),
+        }
+    }
+
+    /// The bytes to write now (none for a dropped or buffered tensor).
+    fn emit(&mut self, bytes: Vec<u8>) -> Result<Vec<u8>, CodecError> {
+        let planned = self.planned()?;
+        let (dropped, permuted) = (planned.name.is_none(), planned.permute_heads.is_some());
+        if dropped {
+            return Ok(Vec::new());
+        }
+        self.written += bytes.len() as u64;
+        if permuted {
+            self.buffer.get_or_insert_with(Vec::new).extend(bytes);
+            return Ok(Vec::new());
+        }
+        Ok(bytes)
+    }
+
+    /// The permuted rows (if buffered) and the padding.
+    pub fn finish(self) -> Result<Vec<u8>, CodecError> {
+        let mut out = match (&self.tensor, self.buffer) {
+            (
+                Some(GgufTensor {
+                    permute_heads: Some(heads),
+                    ..
+                }),
+                Some(buffer),
+            ) => permuted(&buffer, self.rows, *heads)?,
+            (_, buffer) => buffer.unwrap_or_default(),
+        };
+        let padded = self.written.div_ceil(ALIGNMENT) * ALIGNMENT;
+        out.resize(out.len() + (padded - self.written) as usize, 0);
+        Ok(out)
+    }
+}
+
+/// `bytes` of `rows` equal rows, reordered by the converter's Q/K permutation.
+fn permuted(bytes: &[u8], rows: u64, heads: u64) -> Result<Vec<u8>, CodecError> {
+    let perm = permute_rows(rows, heads).map_err(|e| gguf_err(e.to_string()))?;
+    let rows = rows as usize;
+    if rows == 0 || bytes.len() % rows != 0 {
+        return Err(gguf_err(format!(
+            "{} bytes are not {rows} equal rows",
+            bytes.len()
+        )));
+    }
+    let row_bytes = bytes.len() / rows;
+    let mut out = Vec::with_capacity(bytes.len());
+    for &source in &perm {
+        let start = source as usize * row_bytes;
+        out.extend_from_slice(&bytes[start..start + row_bytes]);
+    }
+    Ok(out)
+}

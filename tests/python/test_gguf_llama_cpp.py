@@ -1,0 +1,183 @@
+"""llama.cpp itself (llama-cpp-python, built from its PyPI sdist) loads the GGUF files the cluster
+writes and runs them, and its logits equal an independent reference: a Llama forward pass written
+here in numpy from the Hugging Face definition, on the Hugging Face checkpoint's weights.
+
+The F32 file holds exactly the input's values, so llama.cpp must agree with the reference to
+float rounding: this checks what a runtime depends on beyond the tensor bytes (tensor names,
+the Q/K row permutation against llama.cpp's rotary embedding, head counts, rope theta, norm
+epsilon). The quantized files are compared with the same forward pass on the weights gguf-py
+dequantizes from them (llama.cpp also quantizes activations to 8 bits inside its quantized
+matrix products, hence the looser bound)."""
+
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+
+BIN = os.environ.get("SHARDPRESS_BIN", "target/debug/shardpress")
+TOKENS = [5, 17, 300, 42, 1000, 7, 7, 256, 1999, 64, 3, 128]
+
+F32_RECIPE = """name: gguf-f32
+format: gguf
+passes:
+  - gguf: { type: f32 }
+    targets: ['re:.*\\.weight$']
+"""
+
+
+def shardpress(*args):
+    result = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True)
+    assert result.returncode == 0, f"shardpress {args} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def read_bf16_model(directory: Path):
+    """Every tensor of the folder's safetensors files as f32 (the format read by hand)."""
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        data = path.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            assert info["dtype"] == "BF16", name
+            begin, end = info["data_offsets"]
+            raw = np.frombuffer(data[8 + n + begin:8 + n + end], dtype=np.uint16)
+            out[name] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+    return out
+
+
+def unpermute(w, n_head):
+    """Inverse of convert_hf_to_gguf's LlamaModel.permute on the rows."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def read_gguf_as_hf(path: Path, config):
+    """The weights llama.cpp computes with, under Hugging Face names and row order."""
+    names = {"token_embd.weight": "model.embed_tokens.weight",
+             "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+    modules = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+               "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    out = {}
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name in names:
+            hf = names[t.name]
+        else:
+            _, layer, module, suffix = t.name.split(".")
+            hf = f"model.layers.{layer}.{modules[module]}.{suffix}"
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)])
+        if hf.endswith("q_proj.weight"):
+            w = unpermute(w, config["num_attention_heads"])
+        elif hf.endswith("k_proj.weight"):
+            w = unpermute(w, config["num_key_value_heads"])
+        out[hf] = w
+    return out
+
+
+def rms_norm(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def llama_logits(w, config, tokens):
+    """transformers' LlamaForCausalLM forward (eager attention, causal), in float64."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or config["hidden_size"] // n_head
+    eps, theta = config["rms_norm_eps"], config["rope_theta"]
+    t = len(tokens)
+    inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    freqs = np.outer(np.arange(t), inv_freq)
+    cos, sin = np.cos(np.concatenate([freqs, freqs], -1)), np.sin(np.concatenate([freqs, freqs], -1))
+
+    def rope(x):  # x: [heads, t, hd]
+        rotated = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+        return x * cos + rotated * sin
+
+    h = w["model.embed_tokens.weight"][tokens]
+    mask = np.triu(np.full((t, t), -np.inf), 1)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = rms_norm(h, w[p + "input_layernorm.weight"], eps)
+        q = (x @ w[p + "self_attn.q_proj.weight"].T).reshape(t, n_head, hd).transpose(1, 0, 2)
+        k = (x @ w[p + "self_attn.k_proj.weight"].T).reshape(t, n_kv, hd).transpose(1, 0, 2)
+        v = (x @ w[p + "self_attn.v_proj.weight"].T).reshape(t, n_kv, hd).transpose(1, 0, 2)
+        q, k = rope(q), rope(k)
+        k, v = np.repeat(k, n_head // n_kv, axis=0), np.repeat(v, n_head // n_kv, axis=0)
+        scores = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        attn = (scores / scores.sum(-1, keepdims=True)) @ v
+        h = h + attn.transpose(1, 0, 2).reshape(t, n_head * hd) @ w[p + "self_attn.o_proj.weight"].T
+        x = rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
+        gate = x @ w[p + "mlp.gate_proj.weight"].T
+        up = x @ w[p + "mlp.up_proj.weight"].T
+        h = h + (gate / (1 + np.exp(-gate)) * up) @ w[p + "mlp.down_proj.weight"].T
+    h = rms_norm(h, w["model.norm.weight"], eps)
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    return h @ head.T
+
+
+def llama_cpp_logits(path: Path, tokens):
+    # An F32 KV cache, so that only the weights' and activations' arithmetic differ.
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                          verbose=False)
+    llm.eval(tokens)
+    return np.array(llm.scores[:len(tokens)], dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama-cpp")
+    shardpress("gen-model", "--out", root / "model", "--size", "6MB", "--max-shard-mb", "2")
+    return root
+
+
+def run_gguf(model, recipe):
+    out = model / f"out-{Path(recipe).stem}"
+    shardpress("run", "--workers", "2", "--model", model / "model", "--out", out,
+               "--recipe", recipe, "--format", "gguf")
+    return out / "model.gguf"
+
+
+def test_llama_cpp_runs_the_f32_file_exactly_as_the_reference_forward_pass(model):
+    (model / "f32.yaml").write_text(F32_RECIPE)
+    path = run_gguf(model, model / "f32.yaml")
+    config = json.loads((model / "model" / "config.json").read_text())
+    weights = read_bf16_model(model / "model")
+    # The file holds the input's values, rows permuted as the converter does.
+    stored = read_gguf_as_hf(path, config)
+    assert stored.keys() == weights.keys()
+    for name, w in weights.items():
+        assert np.array_equal(stored[name], w), name
+    want = llama_logits(weights, config, TOKENS)
+    got = llama_cpp_logits(path, TOKENS)
+    assert got.shape == want.shape
+    assert np.all(np.isfinite(got))
+    # f32 arithmetic in another order: agreement to float rounding (measured ~6e-7 of the
+    # largest logit; Q rows left unpermuted give ~1.1), and the same argmax.
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-4 * scale, np.abs(got - want).max() / scale
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("recipe", ["q8_0", "q4_k_m"])
+def test_llama_cpp_runs_the_quantized_files_like_the_reference_on_their_weights(model, recipe):
+    path = run_gguf(model, recipe)
+    config = json.loads((model / "model" / "config.json").read_text())
+    want = llama_logits(read_gguf_as_hf(path, config), config, TOKENS)
+    got = llama_cpp_logits(path, TOKENS)
+    assert np.all(np.isfinite(got))
+    cosine = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    # Measured: 0.9997 (q8_0), 0.9991 (q4_k_m); unpermuted Q rows give far less.
+    assert cosine.min() > 0.998, cosine
