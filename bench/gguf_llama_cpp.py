@@ -1,6 +1,9 @@
 """llama.cpp's own GGUF pipeline, for bench/gguf-vs-llama-cpp.sh (run with the real-readers venv:
 torch, transformers, gguf, llama-cpp-python; see ../shared/tools/real-readers-venv).
 
+  python gguf_llama_cpp.py fetch VERSION DIR
+      downloads and unpacks the llama-cpp-python VERSION sdist from PyPI into DIR and prints the
+      path of the llama.cpp tree it vendors (convert_hf_to_gguf.py and its gguf-py).
   python gguf_llama_cpp.py convert VENDOR MODEL_DIR OUTTYPE OUTFILE PRE
       runs llama.cpp's convert_hf_to_gguf.py from VENDOR (the llama.cpp tree vendored in the
       llama-cpp-python sdist). A generated tokenizer's pre-tokenizer hash is unknown to the
@@ -12,6 +15,23 @@ torch, transformers, gguf, llama-cpp-python; see ../shared/tools/real-readers-ve
       tensor by tensor: names, types, shapes and bytes; exit 1 on any difference.
 """
 import sys
+
+
+def fetch(version, directory):
+    import hashlib
+    import io
+    import re
+    import tarfile
+    import urllib.request
+    page = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/").read().decode()
+    sdist = f"llama_cpp_python-{version}.tar.gz"
+    url = next(u for u in re.findall(r'href="([^"]+)"', page) if f"/{sdist}#" in u)
+    url, sha256 = url.split("#sha256=")
+    data = urllib.request.urlopen(url).read()
+    assert hashlib.sha256(data).hexdigest() == sha256, f"{sdist}: sha256 mismatch"
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(directory, filter="data")
+    print(f"{directory}/llama_cpp_python-{version}/vendor/llama.cpp")
 
 
 def convert(vendor, model, outtype, outfile, pre):
@@ -57,4 +77,5 @@ def compare(ours, ref):
 
 
 if __name__ == "__main__":
-    {"convert": convert, "quantize": quantize, "compare": compare}[sys.argv[1]](*sys.argv[2:])
+    commands = {"fetch": fetch, "convert": convert, "quantize": quantize, "compare": compare}
+    commands[sys.argv[1]](*sys.argv[2:])

@@ -73,9 +73,11 @@ async fn open_archive(archive: &str) -> anyhow::Result<Archive> {
     let tail = location
         .get_range(&name, size - spz::FOOTER_LEN as u64..size)
         .await?;
-    let (offset, len) = spz::parse_footer(&tail, size).with_context(|| object.clone())?;
-    let bytes = location.get_range(&name, offset..offset + len).await?;
-    let index = SpzIndex::parse(&bytes, offset).with_context(|| object.clone())?;
+    let footer = spz::parse_footer(&tail, size).with_context(|| object.clone())?;
+    let bytes = location
+        .get_range(&name, footer.offset..footer.offset + footer.len)
+        .await?;
+    let index = SpzIndex::parse(&bytes, &footer).with_context(|| object.clone())?;
     Ok(Archive {
         location,
         name,
@@ -215,6 +217,15 @@ async fn restore_all(archive: &Archive, out: &Path) -> anyhow::Result<(usize, u6
             .location
             .get_range(&archive.name, blob.offset..blob.offset + blob.len)
             .await?;
+        let hash = blake3::hash(&coded).to_hex();
+        if hash.as_str() != blob.blake3 {
+            bail!(
+                "{}: companion file {} is corrupt (blake3 {hash}, index says {})",
+                archive.location.describe(&archive.name),
+                blob.name,
+                blob.blake3
+            );
+        }
         let data = entropy::decompress(&coded)
             .with_context(|| format!("companion file {} in the archive", blob.name))?;
         std::fs::write(&path, data).with_context(|| format!("writing {}", path.display()))?;

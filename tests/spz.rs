@@ -197,7 +197,7 @@ fn invalid_pass_combinations_are_rejected_at_submit() {
 
 fn spz_index(archive: &Path) -> serde_json::Value {
     let bytes = std::fs::read(archive).unwrap();
-    let footer = &bytes[bytes.len() - 24..];
+    let footer = &bytes[bytes.len() - 56..];
     let offset = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
     let len = u64::from_le_bytes(footer[8..16].try_into().unwrap()) as usize;
     serde_json::from_slice(&bytes[offset..offset + len]).unwrap()
@@ -547,5 +547,162 @@ fn near_identical_tensors_are_stored_once_after_an_exact_cosine_check() {
     assert!(
         logs.contains("near-identical candidate below the threshold"),
         "the strict run must have checked (and refused) the candidate"
+    );
+}
+
+/// The files of a restored folder (name -> bytes), `.partial` leftovers included.
+fn restored_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| {
+                    let path = e.unwrap().path();
+                    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                    (name, std::fs::read(&path).unwrap())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An archive with its index replaced by `index` (and a footer whose checksum matches it, as a
+/// forger who knows the format would write).
+fn with_index(archive: &[u8], index: &serde_json::Value) -> Vec<u8> {
+    let tail = &archive[archive.len() - 56..];
+    let offset = u64::from_le_bytes(tail[..8].try_into().unwrap());
+    let json = serde_json::to_vec(index).unwrap();
+    let mut out = archive[..offset as usize].to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(blake3::hash(&json).as_bytes());
+    out.extend_from_slice(b"SPZINDX2");
+    out
+}
+
+/// Damaged archives never restore into wrong files: for each of 240 seeded corruptions (single
+/// bit flips anywhere, runs of overwritten bytes, index fields edited with the checksum
+/// recomputed), `decompress` either fails cleanly (no panic, no `.partial` file) or restores
+/// exactly the undamaged archive's files.
+#[test]
+fn damaged_archives_are_refused_or_restore_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "2MB", "bf16", 1);
+    let out = dir.path().join("out");
+    assert_success(
+        &shardpress(&[
+            "run",
+            "--workers",
+            "1",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--recipe",
+            "int4-g128",
+            "--format",
+            "spz",
+        ]),
+        "run --format spz",
+    );
+    let archive = std::fs::read(out.join("model.spz")).unwrap();
+    let clean = dir.path().join("clean");
+    assert_success(
+        &decompress(&out.join("model.spz"), &clean, &[]),
+        "decompress",
+    );
+    let want = restored_files(&clean);
+    let index = spz_index(&out.join("model.spz"));
+    let tail = &archive[archive.len() - 56..];
+    let index_offset = u64::from_le_bytes(tail[..8].try_into().unwrap()) as usize;
+
+    let mut state = 0x5eed_u64;
+    let mut next = move |below: usize| {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % below as u64) as usize
+    };
+    let fields = [
+        ("tensors", "data_start"),
+        ("tensors", "data_end"),
+        ("tensors", "offset"),
+        ("tensors", "len"),
+        ("tensors", "file"),
+        ("files", "size"),
+        ("companions", "offset"),
+        ("companions", "len"),
+    ];
+    let (mut refused, mut identical) = (0, 0);
+    for case in 0..240 {
+        let damaged = match case % 3 {
+            0 => {
+                let mut bytes = archive.clone();
+                let bit = next(bytes.len() * 8);
+                bytes[bit / 8] ^= 1 << (bit % 8);
+                bytes
+            }
+            1 => {
+                let mut bytes = archive.clone();
+                // Half the runs land in the index, where the damage is most dangerous.
+                let start = if case % 2 == 0 {
+                    index_offset + next(archive.len() - index_offset - 8)
+                } else {
+                    next(bytes.len() - 8)
+                };
+                for b in &mut bytes[start..start + 8] {
+                    *b = next(256) as u8;
+                }
+                bytes
+            }
+            _ => {
+                let (list, field) = fields[next(fields.len())];
+                let mut edited = index.clone();
+                let entries = edited[list].as_array_mut().unwrap();
+                let i = next(entries.len());
+                let value = entries[i][field].as_u64().unwrap();
+                let delta = [1, 2, 8, 4096, 1 << 40][next(5)];
+                let value = if next(2) == 0 {
+                    value.saturating_add(delta)
+                } else {
+                    value.saturating_sub(delta)
+                };
+                entries[i][field] = serde_json::json!(value);
+                with_index(&archive, &edited)
+            }
+        };
+        let path = dir.path().join("damaged.spz");
+        std::fs::write(&path, &damaged).unwrap();
+        let restore = dir.path().join(format!("restore-{case}"));
+        let result = decompress(&path, &restore, &[]);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!stderr.contains("panicked"), "case {case}: {stderr}");
+        let got = restored_files(&restore);
+        if result.status.success() {
+            assert!(
+                got == want,
+                "case {case}: restored with exit 0, but different files"
+            );
+            identical += 1;
+        } else {
+            assert!(
+                got.keys().all(|n| !n.ends_with(".partial")),
+                "case {case}: left {:?}",
+                got.keys()
+            );
+            // What a failed restore did finish is right.
+            for (name, bytes) in &got {
+                assert!(want.get(name) == Some(bytes), "case {case}: {name} differs");
+            }
+            refused += 1;
+        }
+        let _ = std::fs::remove_dir_all(&restore);
+    }
+    eprintln!("{refused} damaged archives refused, {identical} restored identically");
+    assert!(
+        refused > 150,
+        "only {refused} of 240 damaged archives refused ({identical} identical)"
     );
 }

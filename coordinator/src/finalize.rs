@@ -546,6 +546,7 @@ async fn prepare_assembly(
             name,
             offset: offset + suffix.len() as u64,
             len: coded.len() as u64,
+            blake3: blake3::hash(&coded).to_hex().to_string(),
         });
         suffix.extend_from_slice(&coded);
     }
@@ -559,7 +560,7 @@ async fn prepare_assembly(
     }
     .to_json();
     suffix.extend_from_slice(&index);
-    suffix.extend_from_slice(&spz::footer(index_offset, index.len() as u64));
+    suffix.extend_from_slice(&spz::footer(index_offset, &index));
     let plan = PlannedTask {
         index: tasks.len() as u32,
         group: "assemble".into(),

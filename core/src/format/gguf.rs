@@ -9,8 +9,9 @@
 //!   for tensors the recipe leaves alone) and, for llama's Q/K projections, the converter's
 //!   row permutation; a tensor, architecture or pass GGUF cannot hold is refused there;
 //! - each task writes a *part*: its tensors' bytes in task order, each padded to the file's
-//!   alignment (rows are quantized independently, so the permutation is applied to whole
-//!   output rows, buffering only a Q/K projection);
+//!   alignment (rows are quantized independently and the converter's Q/K permutation never
+//!   moves a row out of its head, so it is applied to whole output rows, head by head, as
+//!   they stream);
 //! - the coordinator builds the *head* ([`head`]: header, metadata, tokenizer and the
 //!   synthesized tensors) from the plan alone and a worker concatenates head and parts into
 //!   `model.gguf`, every tensor landing at the offset the header names.
@@ -255,10 +256,18 @@ impl Format for Gguf {
     }
 
     fn tensor_writer(&self, tensor: TensorDesc<'_>, plan: &TensorPlan) -> TensorWriter {
+        let heads = match &plan.gguf {
+            Some(GgufTensor {
+                permute_heads: Some(heads),
+                ty,
+                ..
+            }) => head_permutation(tensor, *ty, *heads).map(Some),
+            _ => Ok(None),
+        };
         TensorWriter::Gguf(GgufState {
             tensor: plan.gguf.clone(),
-            rows: tensor.shape.first().copied().unwrap_or(1),
-            buffer: None,
+            heads,
+            pending: Vec::new(),
             written: 0,
         })
     }
@@ -373,11 +382,45 @@ pub fn head(
 pub struct GgufState {
     /// `None` when the plan was not adapted to GGUF (an error on first use).
     tensor: Option<GgufTensor>,
-    /// The tensor's first dimension (what a permutation reorders).
-    rows: u64,
-    /// The whole tensor's bytes, when its rows are permuted at the end.
-    buffer: Option<Vec<u8>>,
+    /// For a permuted tensor, one head's bytes and its row permutation.
+    heads: Result<Option<HeadPermutation>, String>,
+    /// Rows received of a head not yet complete.
+    pending: Vec<u8>,
     written: u64,
+}
+
+/// The converter's Q/K permutation of one head's rows (the same in every head).
+#[derive(Debug)]
+struct HeadPermutation {
+    head_bytes: usize,
+    row_bytes: usize,
+    /// `out[r] = in[perm[r]]` within a head.
+    perm: Vec<u32>,
+}
+
+/// The permutation of `tensor`'s rows, `heads` heads, once stored as `ty`.
+fn head_permutation(
+    tensor: TensorDesc<'_>,
+    ty: GgmlType,
+    heads: u64,
+) -> Result<HeadPermutation, String> {
+    let rows = tensor.shape.first().copied().unwrap_or(0);
+    let (matrix_rows, row_len) = tensor.matrix();
+    let total = ty
+        .row_bytes(row_len)
+        .ok()
+        .and_then(|b| b.checked_mul(matrix_rows))
+        .ok_or_else(|| format!("{ty} cannot hold rows of {row_len} values"))?;
+    if heads == 0 || rows % heads != 0 || total % rows.max(1) != 0 {
+        return Err(format!("{rows} rows are not {heads} equal heads"));
+    }
+    let head_rows = rows / heads;
+    let row_bytes = (total / rows) as usize;
+    Ok(HeadPermutation {
+        head_bytes: head_rows as usize * row_bytes,
+        row_bytes,
+        perm: permute_rows(head_rows, 1).map_err(|e| e.to_string())?,
+    })
 }
 
 fn gguf_err(message: String) -> CodecError {
@@ -431,54 +474,41 @@ impl GgufState {
         }
     }
 
-    /// The bytes to write now (none for a dropped or buffered tensor).
+    /// The bytes to write now: none for a dropped tensor; for a permuted one, its complete
+    /// heads, permuted.
     fn emit(&mut self, bytes: Vec<u8>) -> Result<Vec<u8>, CodecError> {
-        let planned = self.planned()?;
-        let (dropped, permuted) = (planned.name.is_none(), planned.permute_heads.is_some());
-        if dropped {
+        if self.planned()?.name.is_none() {
             return Ok(Vec::new());
         }
         self.written += bytes.len() as u64;
-        if permuted {
-            self.buffer.get_or_insert_with(Vec::new).extend(bytes);
-            return Ok(Vec::new());
-        }
-        Ok(bytes)
-    }
-
-    /// The permuted rows (if buffered) and the padding.
-    pub fn finish(self) -> Result<Vec<u8>, CodecError> {
-        let mut out = match (&self.tensor, self.buffer) {
-            (
-                Some(GgufTensor {
-                    permute_heads: Some(heads),
-                    ..
-                }),
-                Some(buffer),
-            ) => permuted(&buffer, self.rows, *heads)?,
-            (_, buffer) => buffer.unwrap_or_default(),
+        let heads = match &self.heads {
+            Ok(None) => return Ok(bytes),
+            Ok(Some(heads)) => heads,
+            Err(reason) => return Err(gguf_err(reason.clone())),
         };
-        let padded = self.written.div_ceil(ALIGNMENT) * ALIGNMENT;
-        out.resize(out.len() + (padded - self.written) as usize, 0);
+        self.pending.extend(bytes);
+        let whole = self.pending.len() / heads.head_bytes * heads.head_bytes;
+        let mut out = Vec::with_capacity(whole);
+        for head in self.pending[..whole].chunks_exact(heads.head_bytes) {
+            for &source in &heads.perm {
+                out.extend_from_slice(
+                    &head[source as usize * heads.row_bytes..][..heads.row_bytes],
+                );
+            }
+        }
+        self.pending.drain(..whole);
         Ok(out)
     }
-}
 
-/// `bytes` of `rows` equal rows, reordered by the converter's Q/K permutation.
-fn permuted(bytes: &[u8], rows: u64, heads: u64) -> Result<Vec<u8>, CodecError> {
-    let perm = permute_rows(rows, heads).map_err(|e| gguf_err(e.to_string()))?;
-    let rows = rows as usize;
-    if rows == 0 || bytes.len() % rows != 0 {
-        return Err(gguf_err(format!(
-            "{} bytes are not {rows} equal rows",
-            bytes.len()
-        )));
+    /// The padding after the tensor.
+    pub fn finish(self) -> Result<Vec<u8>, CodecError> {
+        if !self.pending.is_empty() {
+            return Err(gguf_err(format!(
+                "the tensor ends {} bytes into a head",
+                self.pending.len()
+            )));
+        }
+        let padded = self.written.div_ceil(ALIGNMENT) * ALIGNMENT;
+        Ok(vec![0; (padded - self.written) as usize])
     }
-    let row_bytes = bytes.len() / rows;
-    let mut out = Vec::with_capacity(bytes.len());
-    for &source in &perm {
-        let start = source as usize * row_bytes;
-        out.extend_from_slice(&bytes[start..start + row_bytes]);
-    }
-    Ok(out)
 }
