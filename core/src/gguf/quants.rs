@@ -306,7 +306,7 @@ fn read_f16(b: &[u8], at: usize) -> f32 {
 /// ggml's `nearest_int`: rounds to nearest, ties to even, by adding `1.5 * 2^23` and reading
 /// the mantissa bits (valid for `|x| <= 2^22 - 1`; outside that range it returns the same
 /// garbage as the C, bit for bit).
-#[inline]
+#[inline(always)]
 fn nearest_int(fval: f32) -> i32 {
     let val = fval + 12_582_912.0;
     (val.to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
@@ -550,9 +550,11 @@ pub fn dequantize_q5_1(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
 
 /// ggml's `make_qkx2_quants`: the asymmetric `nmax`-level codes `l[i]` of `x` with weights `w`,
 /// searching `nstep + 1` candidate scales; returns `(scale, the_min)` with
-/// `x ~= scale * l - the_min` (`the_min >= 0`).
+/// `x ~= scale * l - the_min` (`the_min >= 0`). The line-by-line port, kept as the reference
+/// that [`make_qkx2_quants_x8`] must equal.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+pub(super) fn make_qkx2_quants(
     nmax: i32,
     x: &[f32],
     weights: &[f32],
@@ -639,7 +641,8 @@ fn make_qkx2_quants(
 
 /// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights (the weights are
 /// `x^2`): symmetric codes `l[i] + nmax` in `[0, 2*nmax)`; returns the scale.
-fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [u8]) -> f32 {
+#[cfg(test)]
+pub(super) fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [u8]) -> f32 {
     let n = x.len();
     let mut max = 0.0f32;
     let mut amax = 0.0f32;
@@ -693,6 +696,307 @@ fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [u8]) -> f32 {
     scale
 }
 
+/// Sub-blocks fitted at once by the lane-parallel searches below.
+pub(super) const LANES: usize = 8;
+
+/// [`make_qkx2_quants`] (with `use_mad` false) on `LANES` sub-blocks of 32 values at once:
+/// sub-block `k` is `x[32k..32k + 32]` with weights `weights[i][k]`, and its codes go to
+/// `l_out[32k..32k + 32]`. Every lane performs exactly the scalar function's f32 operations in
+/// the same order (branches become per-lane selects; a lane whose branch was not taken
+/// computes values that are then discarded), so the results are bit-identical; the lanes are
+/// what lets the compiler keep eight sub-blocks in one vector register. Returns each lane's
+/// `(scale, the_min)`.
+#[inline(always)]
+pub(super) fn make_qkx2_quants_x8<const AVX2: bool>(
+    nmax: i32,
+    x: &[f32],
+    weights: &[[f32; LANES]; 32],
+    l_out: &mut [u8],
+    rmin: f32,
+    nstep: i32,
+) -> ([f32; LANES], [f32; LANES]) {
+    const N: usize = 32;
+    let rdelta = 0.1f32;
+    let mut xt = [[0f32; LANES]; N];
+    for k in 0..LANES {
+        for i in 0..N {
+            xt[i][k] = x[N * k + i];
+        }
+    }
+    let mut min = xt[0];
+    let mut max = xt[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = mul::<AVX2>(sum_w, xt[0]);
+    for i in 1..N {
+        let v = xt[i];
+        for k in 0..LANES {
+            min[k] = if v[k] < min[k] { v[k] } else { min[k] };
+            max[k] = if v[k] > max[k] { v[k] } else { max[k] };
+        }
+        sum_w = add::<AVX2>(sum_w, weights[i]);
+        sum_x = add::<AVX2>(sum_x, mul::<AVX2>(weights[i], v));
+    }
+    for m in &mut min {
+        *m = if *m > 0.0 { 0.0 } else { *m };
+    }
+    let flat_min = min;
+    let nmax_f = nmax as f32;
+    let range = sub::<AVX2>(max, min);
+    let mut iscale = [0f32; LANES];
+    let mut scale = [0f32; LANES];
+    for k in 0..LANES {
+        iscale[k] = nmax_f / range[k];
+        scale[k] = 1.0 / iscale[k];
+    }
+    // Codes are kept as f32 (small integers, exact).
+    let mut best = [[0f32; LANES]; N];
+    let mut best_error = [0f32; LANES];
+    for i in 0..N {
+        let l = codes::<AVX2>(iscale, sub::<AVX2>(xt[i], min), 0, nmax);
+        best[i] = l;
+        let diff = sub::<AVX2>(add::<AVX2>(mul::<AVX2>(scale, l), min), xt[i]);
+        best_error = add::<AVX2>(best_error, mul::<AVX2>(weights[i], mul::<AVX2>(diff, diff)));
+    }
+    let mut aux = [[0f32; LANES]; N];
+    for is in 0..=nstep {
+        let step = rmin + rdelta * is as f32 + nmax_f;
+        let range = sub::<AVX2>(max, min);
+        for k in 0..LANES {
+            iscale[k] = step / range[k];
+        }
+        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        for i in 0..N {
+            let lf = codes::<AVX2>(iscale, sub::<AVX2>(xt[i], min), 0, nmax);
+            aux[i] = lf;
+            let wl = mul::<AVX2>(weights[i], lf);
+            sum_l = add::<AVX2>(sum_l, wl);
+            sum_l2 = add::<AVX2>(sum_l2, mul::<AVX2>(wl, lf));
+            sum_xl = add::<AVX2>(sum_xl, mul::<AVX2>(wl, xt[i]));
+        }
+        let det = sub::<AVX2>(mul::<AVX2>(sum_w, sum_l2), mul::<AVX2>(sum_l, sum_l));
+        let s = div::<AVX2>(
+            sub::<AVX2>(mul::<AVX2>(sum_w, sum_xl), mul::<AVX2>(sum_x, sum_l)),
+            det,
+        );
+        let m = div::<AVX2>(
+            sub::<AVX2>(mul::<AVX2>(sum_l2, sum_x), mul::<AVX2>(sum_l, sum_xl)),
+            det,
+        );
+        let fallback = div::<AVX2>(sum_xl, sum_l2);
+        let (mut this_scale, mut this_min) = ([0f32; LANES], [0f32; LANES]);
+        for k in 0..LANES {
+            let positive = m[k] > 0.0;
+            this_min[k] = if positive { 0.0 } else { m[k] };
+            this_scale[k] = if positive { fallback[k] } else { s[k] };
+        }
+        let mut cur_error = [0f32; LANES];
+        for i in 0..N {
+            let diff = sub::<AVX2>(
+                add::<AVX2>(mul::<AVX2>(this_scale, aux[i]), this_min),
+                xt[i],
+            );
+            cur_error = add::<AVX2>(cur_error, mul::<AVX2>(weights[i], mul::<AVX2>(diff, diff)));
+        }
+        let mut better = [false; LANES];
+        for k in 0..LANES {
+            better[k] = det[k] > 0.0 && cur_error[k] < best_error[k];
+            best_error[k] = if better[k] {
+                cur_error[k]
+            } else {
+                best_error[k]
+            };
+            scale[k] = if better[k] { this_scale[k] } else { scale[k] };
+            min[k] = if better[k] { this_min[k] } else { min[k] };
+        }
+        for i in 0..N {
+            for k in 0..LANES {
+                best[i][k] = if better[k] { aux[i][k] } else { best[i][k] };
+            }
+        }
+    }
+    let mut the_min = [0f32; LANES];
+    for k in 0..LANES {
+        let flat = max[k] == flat_min[k];
+        for i in 0..N {
+            l_out[N * k + i] = if flat { 0 } else { best[i][k] as u8 };
+        }
+        scale[k] = if flat { 0.0 } else { scale[k] };
+        the_min[k] = if flat { -flat_min[k] } else { -min[k] };
+    }
+    (scale, the_min)
+}
+
+/// Lane-wise arithmetic for the searches above: with `AVX2` (the copy compiled for CPUs that
+/// have it) one 256-bit instruction per operation, otherwise a loop over the lanes; the same
+/// IEEE operation per lane either way.
+macro_rules! lane_op {
+    ($name:ident, $op:tt, $intrinsic:ident) => {
+        #[inline(always)]
+        fn $name<const AVX2: bool>(a: [f32; LANES], b: [f32; LANES]) -> [f32; LANES] {
+            let mut o = [0f32; LANES];
+            #[cfg(target_arch = "x86_64")]
+            if AVX2 {
+                use std::arch::x86_64::*;
+                // SAFETY: the AVX2 copy runs only on CPUs with AVX2 (`avx2_dispatch!`); the
+                // unaligned loads and store touch exactly the three 8-lane arrays.
+                unsafe {
+                    let v = $intrinsic(_mm256_loadu_ps(a.as_ptr()), _mm256_loadu_ps(b.as_ptr()));
+                    _mm256_storeu_ps(o.as_mut_ptr(), v);
+                }
+                return o;
+            }
+            for k in 0..LANES {
+                o[k] = a[k] $op b[k];
+            }
+            o
+        }
+    };
+}
+lane_op!(mul, *, _mm256_mul_ps);
+lane_op!(add, +, _mm256_add_ps);
+lane_op!(sub, -, _mm256_sub_ps);
+lane_op!(div, /, _mm256_div_ps);
+
+/// Lane-wise `nearest_int(iscale * v).clamp(lo, hi)` as f32.
+#[inline(always)]
+fn codes<const AVX2: bool>(
+    iscale: [f32; LANES],
+    v: [f32; LANES],
+    lo: i32,
+    hi: i32,
+) -> [f32; LANES] {
+    let scaled = mul::<AVX2>(iscale, v);
+    let mut o = [0f32; LANES];
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        use std::arch::x86_64::*;
+        // SAFETY: as in `lane_op!`.
+        unsafe {
+            let val = _mm256_add_ps(
+                _mm256_loadu_ps(scaled.as_ptr()),
+                _mm256_set1_ps(12_582_912.0),
+            );
+            let bits = _mm256_and_si256(_mm256_castps_si256(val), _mm256_set1_epi32(0x007f_ffff));
+            let int = _mm256_sub_epi32(bits, _mm256_set1_epi32(0x0040_0000));
+            let clamped = _mm256_min_epi32(
+                _mm256_max_epi32(int, _mm256_set1_epi32(lo)),
+                _mm256_set1_epi32(hi),
+            );
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtepi32_ps(clamped));
+        }
+        return o;
+    }
+    for k in 0..LANES {
+        o[k] = nearest_int(scaled[k]).clamp(lo, hi) as f32;
+    }
+    o
+}
+
+/// [`make_qx_quants_rmse1`] on `LANES` sub-blocks of 16 values at once (sub-block `k` is
+/// `x[16k..16k + 16]`, its codes `l_out[16k..16k + 16]`), each lane performing the scalar
+/// function's operations in its order (see [`make_qkx2_quants_x8`]). Returns each scale.
+#[inline(always)]
+pub(super) fn make_qx_quants_rmse1_x8<const AVX2: bool>(
+    nmax: i32,
+    x: &[f32],
+    l_out: &mut [u8],
+) -> [f32; LANES] {
+    const N: usize = 16;
+    let mut xt = [[0f32; LANES]; N];
+    for k in 0..LANES {
+        for i in 0..N {
+            xt[i][k] = x[N * k + i];
+        }
+    }
+    let (mut max, mut amax) = ([0f32; LANES], [0f32; LANES]);
+    for row in &xt {
+        for k in 0..LANES {
+            let ax = row[k].abs();
+            let larger = ax > amax[k];
+            amax[k] = if larger { ax } else { amax[k] };
+            max[k] = if larger { row[k] } else { max[k] };
+        }
+    }
+    let nmax_f = nmax as f32;
+    // w * v, per value: the weight times the value, the same in every candidate.
+    let mut wx = [[0f32; LANES]; N];
+    for i in 0..N {
+        wx[i] = mul::<AVX2>(mul::<AVX2>(xt[i], xt[i]), xt[i]);
+    }
+    let mut iscale = [0f32; LANES];
+    for k in 0..LANES {
+        iscale[k] = -nmax_f / max[k];
+    }
+    let mut best_l = [[0f32; LANES]; N];
+    let (mut sumlx, mut suml2) = ([0f32; LANES], [0f32; LANES]);
+    for i in 0..N {
+        let lf = codes::<AVX2>(iscale, xt[i], -nmax, nmax - 1);
+        best_l[i] = lf;
+        sumlx = add::<AVX2>(sumlx, mul::<AVX2>(wx[i], lf));
+        suml2 = add::<AVX2>(
+            suml2,
+            mul::<AVX2>(mul::<AVX2>(mul::<AVX2>(xt[i], xt[i]), lf), lf),
+        );
+    }
+    let (mut scale, mut best) = ([0f32; LANES], [0f32; LANES]);
+    for k in 0..LANES {
+        scale[k] = if suml2[k] != 0.0 {
+            sumlx[k] / suml2[k]
+        } else {
+            0.0
+        };
+        best[k] = scale[k] * sumlx[k];
+    }
+    let mut aux = [[0f32; LANES]; N];
+    for is in -9i32..=9 {
+        if is == 0 {
+            continue;
+        }
+        let step = -(nmax_f + 0.1 * is as f32);
+        for k in 0..LANES {
+            iscale[k] = step / max[k];
+        }
+        let (mut sumlx, mut suml2) = ([0f32; LANES], [0f32; LANES]);
+        for i in 0..N {
+            let lf = codes::<AVX2>(iscale, xt[i], -nmax, nmax - 1);
+            aux[i] = lf;
+            sumlx = add::<AVX2>(sumlx, mul::<AVX2>(wx[i], lf));
+            suml2 = add::<AVX2>(
+                suml2,
+                mul::<AVX2>(mul::<AVX2>(mul::<AVX2>(xt[i], xt[i]), lf), lf),
+            );
+        }
+        let mut better = [false; LANES];
+        let ratio = div::<AVX2>(sumlx, suml2);
+        for k in 0..LANES {
+            better[k] = suml2[k] > 0.0 && sumlx[k] * sumlx[k] > best[k] * suml2[k];
+            scale[k] = if better[k] { ratio[k] } else { scale[k] };
+            best[k] = if better[k] {
+                scale[k] * sumlx[k]
+            } else {
+                best[k]
+            };
+        }
+        for i in 0..N {
+            for k in 0..LANES {
+                best_l[i][k] = if better[k] { aux[i][k] } else { best_l[i][k] };
+            }
+        }
+    }
+    for k in 0..LANES {
+        let flat = amax[k] < GROUP_MAX_EPS;
+        for i in 0..N {
+            l_out[N * k + i] = if flat {
+                0
+            } else {
+                (best_l[i][k] as i32 + nmax) as u8
+            };
+        }
+        scale[k] = if flat { 0.0 } else { scale[k] };
+    }
+    scale
+}
+
 /// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` from the 12 packed bytes.
 #[inline]
 fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
@@ -710,7 +1014,8 @@ fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 /// 32-value sub-block with `make_qkx2_quants`, packs the 6-bit scales and mins into
 /// `y[4..16]` and `d`/`dmin` into `y[0..4]`, then requantizes into `l` (codes `0..=nmax`)
 /// against the stored scales.
-fn k_scales_and_codes(
+#[inline(always)]
+fn k_scales_and_codes<const AVX2: bool>(
     x: &[f32],
     y: &mut [u8],
     l: &mut [u8; QK_K],
@@ -718,12 +1023,7 @@ fn k_scales_and_codes(
     rmin: f32,
     nstep: i32,
 ) {
-    let mut l_aux = [0u8; 32];
-    let mut weights = [0.0f32; 32];
-    let mut mins = [0.0f32; QK_K / 32];
-    let mut scales = [0.0f32; QK_K / 32];
-    let mut max_scale = 0.0f32;
-    let mut max_min = 0.0f32;
+    let mut weights = [[0.0f32; LANES]; 32];
     for j in 0..QK_K / 32 {
         let xs = &x[32 * j..32 * j + 32];
         let mut sum_x2 = 0.0f32;
@@ -732,26 +1032,18 @@ fn k_scales_and_codes(
         }
         let av_x = (sum_x2 / 32.0).sqrt();
         for (w, &v) in weights.iter_mut().zip(xs) {
-            *w = av_x + v.abs();
+            w[j] = av_x + v.abs();
         }
-        let (scale, min) = make_qkx2_quants(
-            nmax,
-            xs,
-            &weights,
-            &mut l[32 * j..32 * j + 32],
-            &mut l_aux,
-            rmin,
-            0.1,
-            nstep,
-            false,
-        );
-        scales[j] = scale;
-        mins[j] = min;
-        if scale > max_scale {
-            max_scale = scale;
+    }
+    let (scales, mins) = make_qkx2_quants_x8::<AVX2>(nmax, x, &weights, &mut l[..], rmin, nstep);
+    let mut max_scale = 0.0f32;
+    let mut max_min = 0.0f32;
+    for j in 0..QK_K / 32 {
+        if scales[j] > max_scale {
+            max_scale = scales[j];
         }
-        if min > max_min {
-            max_min = min;
+        if mins[j] > max_min {
+            max_min = mins[j];
         }
     }
 
@@ -802,9 +1094,12 @@ pub fn quantize_q4_k(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError>
     quantize_blocks(GgmlType::Q4_K, values, out, q4_k_block)
 }
 
-fn q4_k_block(x: &[f32], y: &mut [u8]) {
+dtype::avx2_dispatch!(fn q4_k_block(x: &[f32], y: &mut [u8]) => q4_k_block_body::<AVX2>);
+
+#[inline(always)]
+fn q4_k_block_body<const AVX2: bool>(x: &[f32], y: &mut [u8]) {
     let mut l = [0u8; QK_K];
-    k_scales_and_codes(x, y, &mut l, 15, -1.0, 20);
+    k_scales_and_codes::<AVX2>(x, y, &mut l, 15, -1.0, 20);
     let qs = &mut y[4 + K_SCALE_SIZE..];
     for (chunk, q) in l.chunks_exact(64).zip(qs.chunks_exact_mut(32)) {
         for i in 0..32 {
@@ -841,9 +1136,12 @@ pub fn quantize_q5_k(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError>
     quantize_blocks(GgmlType::Q5_K, values, out, q5_k_block)
 }
 
-fn q5_k_block(x: &[f32], y: &mut [u8]) {
+dtype::avx2_dispatch!(fn q5_k_block(x: &[f32], y: &mut [u8]) => q5_k_block_body::<AVX2>);
+
+#[inline(always)]
+fn q5_k_block_body<const AVX2: bool>(x: &[f32], y: &mut [u8]) {
     let mut l = [0u8; QK_K];
-    k_scales_and_codes(x, y, &mut l, 31, -0.5, 15);
+    k_scales_and_codes::<AVX2>(x, y, &mut l, 31, -0.5, 15);
     let (qh, ql) = y[4 + K_SCALE_SIZE..].split_at_mut(QK_K / 8);
     qh.fill(0);
     let (mut m1, mut m2) = (1u8, 2u8);
@@ -902,14 +1200,20 @@ const Q6K_QH: usize = QK_K / 2;
 const Q6K_SCALES: usize = Q6K_QH + QK_K / 4;
 const Q6K_D: usize = Q6K_SCALES + QK_K / 16;
 
-fn q6_k_block(x: &[f32], y: &mut [u8]) {
+dtype::avx2_dispatch!(fn q6_k_block(x: &[f32], y: &mut [u8]) => q6_k_block_body::<AVX2>);
+
+#[inline(always)]
+fn q6_k_block_body<const AVX2: bool>(x: &[f32], y: &mut [u8]) {
     let mut l = [0u8; QK_K];
     let mut scales = [0.0f32; QK_K / 16];
     let mut max_scale = 0.0f32;
     let mut max_abs_scale = 0.0f32;
-    for ib in 0..QK_K / 16 {
-        let scale = make_qx_quants_rmse1(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..]);
-        scales[ib] = scale;
+    for half in 0..2 {
+        let at = half * 16 * LANES;
+        let found = make_qx_quants_rmse1_x8::<AVX2>(32, &x[at..at + 16 * LANES], &mut l[at..]);
+        scales[half * LANES..(half + 1) * LANES].copy_from_slice(&found);
+    }
+    for &scale in &scales {
         let abs_scale = scale.abs();
         if abs_scale > max_abs_scale {
             max_abs_scale = abs_scale;

@@ -308,16 +308,21 @@ fn quantizer_bytes_are_pinned() {
     x[700] = -2.25;
     x[1024..1280].fill(0.0);
     x[1280..1536].iter_mut().for_each(|v| *v = v.abs());
-    let got: Vec<(GgmlType, u64)> = BLOCK_TYPES
-        .iter()
-        .map(|&ty| {
-            let mut b = Vec::new();
-            ty.quantize(&x, &mut b).unwrap();
-            (ty, fnv1a(&b))
-        })
-        .collect();
+    let hashes = |x: &[f32]| -> Vec<(GgmlType, u64)> {
+        BLOCK_TYPES
+            .iter()
+            .map(|&ty| {
+                let mut b = Vec::new();
+                ty.quantize(x, &mut b).unwrap();
+                (ty, fnv1a(&b))
+            })
+            .collect()
+    };
+    let got = hashes(&x);
     let want = PINNED;
     assert_eq!(got, want.to_vec(), "{got:#x?}");
+    // The baseline copies of the AVX2-dispatched K-quant blocks give the same bytes.
+    assert_eq!(crate::dtype::with_baseline(|| hashes(&x)), got);
 }
 
 const PINNED: [(GgmlType, u64); 7] = [
@@ -683,4 +688,95 @@ fn parse_header_rejects_every_truncation_and_hostile_counts() {
         parse_header(&bad),
         Err(GgufError::BadTensor { .. })
     ));
+}
+
+/// Eight sub-blocks of `n` values, each of a kind chosen by `seed`: normal, constant (the flat
+/// case), all zero, tiny (scales near f16's floor), one strong outlier, all positive.
+fn mixed_lanes(rng: &mut Rng, n: usize) -> Vec<f32> {
+    let mut x = Vec::with_capacity(n * quants::LANES);
+    for _ in 0..quants::LANES {
+        let kind = rng.next_u64() % 6;
+        let mut block = rng.normals(n, 0.02);
+        match kind {
+            1 => {
+                let c = block[0];
+                block.fill(c)
+            }
+            2 => block.fill(0.0),
+            3 => block.iter_mut().for_each(|v| *v *= 1e-6),
+            4 => block[(rng.next_u64() % n as u64) as usize] = 3.0,
+            5 => block.iter_mut().for_each(|v| *v = v.abs()),
+            _ => {}
+        }
+        x.extend(block);
+    }
+    x
+}
+
+#[test]
+fn lane_parallel_searches_equal_the_scalar_reference_bit_for_bit() {
+    use quants::{
+        make_qkx2_quants, make_qkx2_quants_x8, make_qx_quants_rmse1, make_qx_quants_rmse1_x8, LANES,
+    };
+    let mut rng = Rng(11);
+    for _ in 0..300 {
+        // Q4_K (15 levels, 21 candidate scales) and Q5_K (31, 16) on 32-value sub-blocks.
+        let x = mixed_lanes(&mut rng, 32);
+        for (nmax, rmin, nstep) in [(15, -1.0f32, 20), (31, -0.5, 15)] {
+            let mut weights = [[0f32; LANES]; 32];
+            for k in 0..LANES {
+                let xs = &x[32 * k..32 * k + 32];
+                let av_x = (xs.iter().fold(0f32, |a, v| a + v * v) / 32.0).sqrt();
+                for i in 0..32 {
+                    weights[i][k] = av_x + xs[i].abs();
+                }
+            }
+            let mut l8 = [0u8; 32 * LANES];
+            let (scales, mins) =
+                make_qkx2_quants_x8::<false>(nmax, &x, &weights, &mut l8, rmin, nstep);
+            if crate::dtype::has_avx2() {
+                let mut wide = [0u8; 32 * LANES];
+                let found = make_qkx2_quants_x8::<true>(nmax, &x, &weights, &mut wide, rmin, nstep);
+                assert_eq!((found, wide), ((scales, mins), l8));
+            }
+            for k in 0..LANES {
+                let w: Vec<f32> = (0..32).map(|i| weights[i][k]).collect();
+                let (mut l, mut aux) = ([0u8; 32], [0u8; 32]);
+                let (scale, min) = make_qkx2_quants(
+                    nmax,
+                    &x[32 * k..32 * k + 32],
+                    &w,
+                    &mut l,
+                    &mut aux,
+                    rmin,
+                    0.1,
+                    nstep,
+                    false,
+                );
+                assert_eq!(
+                    (scales[k].to_bits(), mins[k].to_bits()),
+                    (scale.to_bits(), min.to_bits()),
+                    "lane {k}"
+                );
+                assert_eq!(l8[32 * k..32 * k + 32], l, "lane {k}");
+            }
+        }
+        // Q6_K's search on 16-value sub-blocks.
+        let x = mixed_lanes(&mut rng, 16);
+        let mut l8 = [0u8; 16 * LANES];
+        let scales = make_qx_quants_rmse1_x8::<false>(32, &x, &mut l8);
+        if crate::dtype::has_avx2() {
+            let mut wide = [0u8; 16 * LANES];
+            assert_eq!(
+                (make_qx_quants_rmse1_x8::<true>(32, &x, &mut wide), wide),
+                (scales, l8)
+            );
+        }
+        for k in 0..LANES {
+            let mut l = [0u8; 16];
+            let scale = make_qx_quants_rmse1(32, &x[16 * k..16 * k + 16], &mut l);
+            assert_eq!(scales[k].to_bits(), scale.to_bits(), "lane {k}");
+            assert_eq!(l8[16 * k..16 * k + 16], l, "lane {k}");
+        }
+    }
 }
