@@ -37,6 +37,11 @@ pub struct JobArgs {
     /// `shardpress decompress`). Default: the recipe's (safetensors unless it says otherwise).
     #[arg(long, value_parser = ["safetensors", "compressed-tensors", "gguf", "spz"])]
     pub format: Option<String>,
+    /// GGUF: split the output into llama.cpp's `model-0000k-of-0000n.gguf` files of at most
+    /// this many MB of tensors each (llama.cpp loads them from the first file's name; Hugging
+    /// Face takes files up to 50 GB). Default: one `model.gguf`.
+    #[arg(long)]
+    pub max_file_mb: Option<u64>,
 }
 
 #[derive(Args)]
@@ -92,6 +97,7 @@ pub async fn submit(
         recipe_yaml: load_recipe(&job.recipe)?,
         task_budget_bytes: job.task_budget_mb * 1024 * 1024,
         format: job.format.clone().unwrap_or_default(),
+        max_file_bytes: job.max_file_mb.map_or(0, |mb| mb.saturating_mul(1_000_000)),
     };
     let response = client
         .submit_job(request)

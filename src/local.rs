@@ -194,6 +194,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             out: out_dir.display().to_string(),
             task_budget_mb: 0,
             format: None,
+            max_file_mb: None,
         },
         workers: args.workers,
         threads: 0,

@@ -185,13 +185,15 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
                 && !tasks.iter().any(|t| t.assemble.is_some());
             if let (true, Some(assembly)) = (needs_assembly, &finish.assembly) {
                 let prepared = match assembly {
-                    Assembly::Spz => prepare_assembly(&spec, &tasks).await,
+                    Assembly::Spz => prepare_assembly(&spec, &tasks).await.map(|t| vec![t]),
                     Assembly::Gguf(gguf) => prepare_gguf_assembly(&spec, &tasks, gguf).await,
                 };
                 match prepared {
-                    Ok((plan, assemble)) => {
-                        tracing::info!(job = %job_id, parts = assemble.parts.len(), "queueing the assembly of {}", plan.output_name);
-                        coordinator.add_assemble_task(&job_id, plan, assemble);
+                    Ok(assembly_tasks) => {
+                        for (plan, assemble) in &assembly_tasks {
+                            tracing::info!(job = %job_id, parts = assemble.parts.len(), "queueing the assembly of {}", plan.output_name);
+                        }
+                        coordinator.add_assemble_tasks(&job_id, assembly_tasks);
                         return;
                     }
                     Err(e) => Err(e),
@@ -252,7 +254,13 @@ async fn reassemble(
         let parts_dir = match assembly {
             Assembly::Spz => PARTS_DIR,
             Assembly::Gguf(_) => {
-                out.delete(gguf_format::HEAD_NAME).await?;
+                // Each file's first part is the head the coordinator wrote.
+                let heads = tasks
+                    .iter()
+                    .filter_map(|t| t.assemble.as_ref()?.parts.first());
+                for head in heads {
+                    out.delete(head).await?;
+                }
                 gguf_format::PARTS_DIR
             }
         };
@@ -324,12 +332,23 @@ async fn reassemble(
             spec.format.as_str(),
             out.url()
         ),
-        OutputFormat::Spz | OutputFormat::Gguf => format!(
-            "compressed {} tensors from {} parts into {}",
-            report.summary.tensors,
-            tasks.len() - 1,
-            out.describe(&tasks[tasks.len() - 1].plan.output_name)
-        ),
+        OutputFormat::Spz | OutputFormat::Gguf => {
+            let files: Vec<&str> = tasks
+                .iter()
+                .filter(|t| t.assemble.is_some())
+                .map(|t| t.plan.output_name.as_str())
+                .collect();
+            format!(
+                "compressed {} tensors from {} parts into {}{}",
+                report.summary.tensors,
+                tasks.len() - files.len(),
+                out.describe(files.first().copied().unwrap_or_default()),
+                match files.len() {
+                    1 => String::new(),
+                    n => format!(" and {} more split files", n - 1),
+                }
+            )
+        }
     };
     Ok((JobState::Succeeded, message, report_json))
 }
@@ -578,70 +597,75 @@ async fn prepare_assembly(
     Ok((plan, assemble))
 }
 
-/// Writes the GGUF file's head (header, metadata, tokenizer) next to the parts and returns
-/// the task that concatenates head and parts into `model.gguf`, after checking that every
-/// part has exactly the size the layout gives it.
+/// Writes each GGUF file's head (header, metadata, tokenizer) next to the parts and returns
+/// the tasks that concatenate head and parts into the files (one per file, run in parallel),
+/// after checking that every part has exactly the size the layout gives it.
 async fn prepare_gguf_assembly(
     spec: &JobSpec,
     tasks: &[TaskSlot],
     assembly: &GgufAssembly,
-) -> Result<(PlannedTask, AssembleSpz), StoreError> {
+) -> Result<Vec<(PlannedTask, AssembleSpz)>, StoreError> {
     let model = StoreLocation::open(&spec.model_url)?;
     let out = StoreLocation::open(&spec.out_url)?;
-    let head = crate::gguf::build_head(&model, &spec.facts, assembly).await?;
+    let files =
+        crate::gguf::build_files(&model, &spec.facts, assembly, spec.max_file_bytes).await?;
     let slots: Vec<&TaskSlot> = tasks.iter().filter(|t| t.assemble.is_none()).collect();
-    if slots.len() != head.part_sizes.len() {
+    let laid_out: usize = files.iter().map(|f| f.tasks.len()).sum();
+    if slots.len() != laid_out {
         return Err(StoreError::Invalid {
             object: out.url().to_string(),
             reason: format!(
-                "{} tasks but the GGUF layout has {} parts",
-                slots.len(),
-                head.part_sizes.len()
+                "{} tasks but the GGUF layout has {laid_out} parts",
+                slots.len()
             ),
         });
     }
-    let mut parts = vec![gguf_format::HEAD_NAME.to_string()];
-    let mut part_sizes = vec![head.bytes.len() as u64];
-    for (slot, &expected) in slots.iter().zip(&head.part_sizes) {
-        let written = slot.result.as_ref().map_or(0, |r| r.report.output_bytes);
-        if written != expected {
-            return Err(StoreError::Invalid {
-                object: out.describe(&slot.plan.output_name),
-                reason: format!(
-                    "its worker wrote {written} bytes, the GGUF layout gives this part {expected}"
-                ),
-            });
+    let mut assembly_tasks = Vec::with_capacity(files.len());
+    for (i, file) in files.into_iter().enumerate() {
+        let head_name = format!("{}/head-{:05}.bin", gguf_format::PARTS_DIR, i + 1);
+        let mut parts = vec![head_name.clone()];
+        let mut part_sizes = vec![file.head.len() as u64];
+        for (slot, &expected) in slots[file.tasks.clone()].iter().zip(&file.part_sizes) {
+            let written = slot.result.as_ref().map_or(0, |r| r.report.output_bytes);
+            if written != expected {
+                return Err(StoreError::Invalid {
+                    object: out.describe(&slot.plan.output_name),
+                    reason: format!(
+                        "its worker wrote {written} bytes, the GGUF layout gives this part {expected}"
+                    ),
+                });
+            }
+            parts.push(slot.plan.output_name.clone());
+            part_sizes.push(expected);
         }
-        parts.push(slot.plan.output_name.clone());
-        part_sizes.push(expected);
+        out.put(&head_name, Bytes::from(file.head)).await?;
+        let ranges = part_sizes
+            .iter()
+            .enumerate()
+            .filter(|(_, &size)| size > 0)
+            .map(|(part, &size)| PartRange {
+                part: part as u32,
+                start: 0,
+                end: size,
+            })
+            .collect();
+        let plan = PlannedTask {
+            index: (tasks.len() + i) as u32,
+            group: "assemble".into(),
+            tensors: Vec::new(),
+            output_name: file.name,
+            input_bytes: 0,
+        };
+        let assemble = AssembleSpz {
+            parts,
+            part_sizes,
+            prefix: Vec::new(),
+            suffix: Vec::new(),
+            ranges,
+        };
+        assembly_tasks.push((plan, assemble));
     }
-    out.put(gguf_format::HEAD_NAME, Bytes::from(head.bytes))
-        .await?;
-    let ranges = part_sizes
-        .iter()
-        .enumerate()
-        .filter(|(_, &size)| size > 0)
-        .map(|(part, &size)| PartRange {
-            part: part as u32,
-            start: 0,
-            end: size,
-        })
-        .collect();
-    let plan = PlannedTask {
-        index: tasks.len() as u32,
-        group: "assemble".into(),
-        tensors: Vec::new(),
-        output_name: gguf_format::FILE_NAME.into(),
-        input_bytes: 0,
-    };
-    let assemble = AssembleSpz {
-        parts,
-        part_sizes,
-        prefix: Vec::new(),
-        suffix: Vec::new(),
-        ranges,
-    };
-    Ok((plan, assemble))
+    Ok(assembly_tasks)
 }
 
 /// Manifest entries of the shards, checking each object's size against what its worker said.

@@ -1,10 +1,10 @@
 //! The I/O around a GGUF job's pure parts ([`shardpress_core::format::gguf`]): reading the
 //! model's `config.json` into [`ModelFacts`] at submit, and the config and tokenizer files
-//! into the file's head when the tasks are done (and at submit, so a missing or unsupported
+//! into the files' heads when the tasks are done (and at submit, so a missing or unsupported
 //! tokenizer is refused before any work starts).
 
 use serde_json::Value;
-use shardpress_core::format::gguf::{head, GgufAssembly, GgufHead, GgufModel, HeadSources};
+use shardpress_core::format::gguf::{files, GgufAssembly, GgufFile, GgufModel, HeadSources};
 use shardpress_core::format::ModelFacts;
 use shardpress_core::gguf::TokenizerFiles;
 use shardpress_store::{StoreError, StoreLocation};
@@ -42,12 +42,14 @@ pub async fn model_facts(
     Ok(ModelFacts { gguf: Some(gguf) })
 }
 
-/// The file's head from the model's config and tokenizer files.
-pub async fn build_head(
+/// The output's files (one, or llama.cpp's split files above `max_file_bytes`) with their
+/// heads, from the model's config and tokenizer files.
+pub async fn build_files(
     model: &StoreLocation,
     facts: &ModelFacts,
     assembly: &GgufAssembly,
-) -> Result<GgufHead, StoreError> {
+    max_file_bytes: Option<u64>,
+) -> Result<Vec<GgufFile>, StoreError> {
     let invalid = |reason: String| StoreError::Invalid {
         object: model.url().to_string(),
         reason,
@@ -92,5 +94,6 @@ pub async fn build_head(
         },
         name: &name,
     };
-    head(gguf, assembly, sources).map_err(|e| invalid(format!("cannot lay out the GGUF file: {e}")))
+    files(gguf, assembly, sources, max_file_bytes)
+        .map_err(|e| invalid(format!("cannot lay out the GGUF file: {e}")))
 }

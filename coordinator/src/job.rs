@@ -21,6 +21,9 @@ pub struct JobSpec {
     pub format: OutputFormat,
     /// What plans need to know about the whole model (sent to workers with every lease).
     pub facts: ModelFacts,
+    /// GGUF: the largest file written before the output is split into llama.cpp's
+    /// `-0000k-of-0000n` files (`None`: one file).
+    pub max_file_bytes: Option<u64>,
     /// A recipe with a global magnitude prune or near-identical sharing runs every task
     /// twice: first measuring (magnitude histograms, sketches), then compressing with what
     /// the coordinator concluded from the measurements, kept here.
@@ -155,22 +158,24 @@ impl Job {
         }
     }
 
-    /// Appends the assembly task of an `.spz` job (after its other tasks are done) and puts
-    /// a finalizing job back to running so a worker picks it up.
-    pub fn add_assemble_task(&mut self, plan: PlannedTask, assemble: AssembleSpz) {
+    /// Appends the assembly tasks of an `.spz` or GGUF job (after its other tasks are done;
+    /// one per output file) and puts a finalizing job back to running so workers pick them up.
+    pub fn add_assemble_tasks(&mut self, tasks: Vec<(PlannedTask, AssembleSpz)>) {
         if self.state != JobState::Finalizing {
             return;
         }
-        self.tasks.push(TaskSlot {
-            plan,
-            status: TaskStatus::Pending,
-            attempt: 0,
-            failures: 0,
-            progress_bytes: 0,
-            leased_at_seconds: 0.0,
-            result: None,
-            assemble: Some(assemble),
-        });
+        for (plan, assemble) in tasks {
+            self.tasks.push(TaskSlot {
+                plan,
+                status: TaskStatus::Pending,
+                attempt: 0,
+                failures: 0,
+                progress_bytes: 0,
+                leased_at_seconds: 0.0,
+                result: None,
+                assemble: Some(assemble),
+            });
+        }
         self.state = JobState::Running;
     }
 
@@ -404,6 +409,7 @@ mod tests {
             task_budget: 1 << 20,
             format: OutputFormat::Safetensors,
             facts: ModelFacts::default(),
+            max_file_bytes: None,
             measured: None,
         };
         Job::new("job-1".into(), spec, plan, Instant::now())

@@ -252,14 +252,15 @@ pub fn build_report(
         summary.measuring_seconds = Some(m.seconds);
         summary.share_candidates = spec.recipe.share_cosine.map(|_| m.share_candidates.len());
     }
-    let archive = tasks
+    let assembled: Vec<u64> = tasks
         .iter()
-        .find(|t| t.assemble.is_some())
-        .and_then(|t| t.result.as_ref());
-    // What is on disk: the assembled file for `.spz` and GGUF (its parts are deleted), else
-    // the shards.
-    if let Some(archive) = archive {
-        summary.output_bytes = archive.report.output_bytes;
+        .filter(|t| t.assemble.is_some())
+        .filter_map(|t| t.result.as_ref().map(|r| r.report.output_bytes))
+        .collect();
+    // What is on disk: the assembled files for `.spz` and GGUF (their parts are deleted),
+    // else the shards.
+    if !assembled.is_empty() {
+        summary.output_bytes = assembled.iter().sum();
     }
     if summary.params > 0 {
         summary.stored_bits_per_weight =

@@ -279,11 +279,11 @@ impl Coordinator {
         self.status(job_id)
     }
 
-    /// Queues the assembly task of a finalizing `.spz` job.
-    pub fn add_assemble_task(&self, job_id: &str, plan: PlannedTask, assemble: AssembleSpz) {
+    /// Queues the assembly tasks of a finalizing `.spz` or GGUF job.
+    pub fn add_assemble_tasks(&self, job_id: &str, tasks: Vec<(PlannedTask, AssembleSpz)>) {
         let mut inner = self.lock();
         if let Some(entry) = inner.jobs.get_mut(job_id) {
-            entry.job.add_assemble_task(plan, assemble);
+            entry.job.add_assemble_tasks(tasks);
         }
         inner.publish(job_id, self.config.lease_ttl);
         drop(inner);

@@ -108,6 +108,7 @@ pub async fn submit(
         task_budget: budget,
         format,
         facts,
+        max_file_bytes: (request.max_file_bytes > 0).then_some(request.max_file_bytes),
         measured: None,
     };
     // The finishing step is planned once now, so that what it reads (a GGUF file's tokenizer)
@@ -116,7 +117,7 @@ pub async fn submit(
     let finish = crate::finalize::finish_plan(&spec, &planned)
         .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
     if let Some(Assembly::Gguf(gguf)) = &finish.assembly {
-        crate::gguf::build_head(&model.root, &spec.facts, gguf)
+        crate::gguf::build_files(&model.root, &spec.facts, gguf, spec.max_file_bytes)
             .await
             .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
     }

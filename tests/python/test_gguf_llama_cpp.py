@@ -181,3 +181,21 @@ def test_llama_cpp_runs_the_quantized_files_like_the_reference_on_their_weights(
     cosine = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
     # Measured: 0.9997 (q8_0), 0.9991 (q4_k_m); unpermuted Q rows give far less.
     assert cosine.min() > 0.998, cosine
+
+
+def test_llama_cpp_loads_split_files_like_the_single_file(model):
+    single = run_gguf(model, "q8_0")
+    out = model / "out-split"
+    shardpress("run", "--workers", "2", "--model", model / "model", "--out", out,
+               "--recipe", "q8_0", "--format", "gguf", "--max-file-mb", "1")
+    files = sorted(out.glob("model-*-of-*.gguf"))
+    assert len(files) >= 2, files
+    assert not (out / "model.gguf").exists()
+    assert [f.name for f in files] == [f"model-{i:05d}-of-{len(files):05d}.gguf"
+                                       for i in range(1, len(files) + 1)]
+    # Together the split files hold exactly the single file's tensors, byte for byte.
+    whole = {t.name: t.data.tobytes() for t in gguf.GGUFReader(single).tensors}
+    parts = {t.name: t.data.tobytes() for f in files for t in gguf.GGUFReader(f).tensors}
+    assert parts == whole
+    # llama.cpp opens the first file, finds the others by name and computes the same logits.
+    assert np.array_equal(llama_cpp_logits(files[0], TOKENS), llama_cpp_logits(single, TOKENS))

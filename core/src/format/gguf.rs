@@ -12,9 +12,10 @@
 //!   alignment (rows are quantized independently and the converter's Q/K permutation never
 //!   moves a row out of its head, so it is applied to whole output rows, head by head, as
 //!   they stream);
-//! - the coordinator builds the *head* ([`head`]: header, metadata, tokenizer and the
+//! - the coordinator builds the *head* ([`files`]: header, metadata, tokenizer and the
 //!   synthesized tensors) from the plan alone and a worker concatenates head and parts into
-//!   `model.gguf`, every tensor landing at the offset the header names.
+//!   `model.gguf`, every tensor landing at the offset the header names; above a size limit the
+//!   output is llama.cpp's split files instead, each with its own head, assembled in parallel.
 //!
 //! The same `gguf` pass under `--format safetensors` or `spz` stores the same blocks'
 //! dequantized values, which is how the tests compare a GGUF reader's values with ours.
@@ -28,6 +29,7 @@ use super::{
 use crate::codec::{CodecError, EncodedChunk, PlanError, TensorPlan, TypedValues};
 use crate::dtype::{decode_to_f32, DType};
 use crate::gguf::writer::DEFAULT_ALIGNMENT;
+use crate::gguf::MetaValue;
 use crate::gguf::{
     architecture, extra_tensors, layout, map_tensor, metadata, permute_rows, tensor_type_in,
     tokenizer_metadata, Arch, FileType, GgmlType, GgufError, HParams, TokenizerFiles, TypeContext,
@@ -309,12 +311,17 @@ pub struct GgufAssembly {
     pub parts: Vec<Vec<(String, Vec<u64>, GgmlType)>>,
 }
 
-/// The first object of a GGUF file and what the parts after it must hold.
+/// One file of a GGUF output and what the parts after its head must hold.
 #[derive(Debug, Clone, PartialEq)]
-pub struct GgufHead {
-    /// Header (metadata, tokenizer, tensor infos, padding) and the synthesized tensors.
-    pub bytes: Vec<u8>,
-    /// The exact size of each task's part.
+pub struct GgufFile {
+    /// `model.gguf`, or llama.cpp's split name `model-0000k-of-0000n.gguf`.
+    pub name: String,
+    /// Header (metadata, tokenizer, tensor infos, padding) and, in the first file, the
+    /// synthesized tensors.
+    pub head: Vec<u8>,
+    /// The tasks (indices into [`GgufAssembly::parts`]) whose parts follow the head, in order.
+    pub tasks: std::ops::Range<usize>,
+    /// The exact size of each of those parts.
     pub part_sizes: Vec<u64>,
     /// The size of the whole file.
     pub file_size: u64,
@@ -331,13 +338,19 @@ pub struct HeadSources<'a> {
     pub name: &'a str,
 }
 
-/// Lays out the whole file: metadata from `config.json` and the tokenizer files, the
-/// synthesized tensors first (llama3 `rope_freqs`), then every task's tensors in task order.
-pub fn head(
+/// Lays out the output: metadata from `config.json` and the tokenizer files, the synthesized
+/// tensors first (llama3 `rope_freqs`), then every task's tensors in task order. One
+/// `model.gguf`, or, when `max_file_bytes` is set and the tensors exceed it, llama.cpp's split
+/// files (as `gguf-split` writes them: consecutive tasks per file, each file a complete GGUF,
+/// the first with every metadata key, all with `split.no`, `split.count` and
+/// `split.tensors.count`; llama.cpp loads them from the first file's name). A task's part
+/// never spans two files.
+pub fn files(
     model: &GgufModel,
     assembly: &GgufAssembly,
     sources: HeadSources<'_>,
-) -> Result<GgufHead, GgufError> {
+    max_file_bytes: Option<u64>,
+) -> Result<Vec<GgufFile>, GgufError> {
     let file_type = assembly.file_type.ok_or_else(|| {
         GgufError::Invalid(
             "the recipe's gguf pass matched no tensor, so the file type is unknown".into(),
@@ -351,29 +364,84 @@ pub fn head(
         hp.vocab_size,
     )?);
     let extras = extra_tensors(model.arch, sources.config)?;
-    let mut tensors: Vec<(String, Vec<u64>, GgmlType)> = extras
+    let extra_layout: Vec<(String, Vec<u64>, GgmlType)> = extras
         .iter()
         .map(|(name, shape, _)| (name.clone(), shape.clone(), GgmlType::F32))
         .collect();
-    tensors.extend(assembly.parts.iter().flatten().cloned());
-    let laid = layout(&meta, &tensors, ALIGNMENT)?;
-    let mut bytes = laid.header;
-    for ((_, _, values), placed) in extras.iter().zip(&laid.tensors) {
-        crate::gguf::quants::quantize_f32(values, &mut bytes)?;
-        bytes.resize((placed.start + placed.padded_len) as usize, 0);
-    }
+    // Every part's size, from one layout of all tensors (padding does not depend on the file).
+    let all: Vec<_> = extra_layout
+        .iter()
+        .chain(assembly.parts.iter().flatten())
+        .cloned()
+        .collect();
+    let total_tensors = all.len();
+    let laid = layout(&meta, &all, ALIGNMENT)?;
     let mut placed = laid.tensors[extras.len()..].iter();
-    let part_sizes = assembly
+    let part_sizes: Vec<u64> = assembly
         .parts
         .iter()
         .map(|part| placed.by_ref().take(part.len()).map(|t| t.padded_len).sum())
         .collect();
-    Ok(GgufHead {
-        bytes,
-        part_sizes,
-        file_size: laid.file_size,
-        tensors: tensors.len(),
-    })
+    let extras_size: u64 = laid.tensors[..extras.len()]
+        .iter()
+        .map(|t| t.padded_len)
+        .sum();
+    // Consecutive tasks per file, a new file when the next part would pass the limit.
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+    let (mut start, mut size) = (0, extras_size);
+    for (i, &part) in part_sizes.iter().enumerate() {
+        if max_file_bytes.is_some_and(|max| i > start && size + part > max) {
+            groups.push(start..i);
+            (start, size) = (i, 0);
+        }
+        size += part;
+    }
+    groups.push(start..part_sizes.len());
+    let count = u16::try_from(groups.len())
+        .map_err(|_| GgufError::Invalid(format!("{} split files (at most 65535)", groups.len())))?;
+    let tensors_count = i32::try_from(total_tensors).map_err(|_| GgufError::Overflow)?;
+    let mut out = Vec::with_capacity(groups.len());
+    for (no, tasks) in groups.into_iter().enumerate() {
+        let first = no == 0;
+        let mut tensors: Vec<(String, Vec<u64>, GgmlType)> = if first {
+            extra_layout.clone()
+        } else {
+            Vec::new()
+        };
+        tensors.extend(assembly.parts[tasks.clone()].iter().flatten().cloned());
+        let mut file_meta = if first { meta.clone() } else { Vec::new() };
+        let name = if count == 1 {
+            FILE_NAME.to_string()
+        } else {
+            file_meta.push(("split.no".into(), MetaValue::U16(no as u16)));
+            file_meta.push(("split.count".into(), MetaValue::U16(count)));
+            file_meta.push(("split.tensors.count".into(), MetaValue::I32(tensors_count)));
+            split_name(no, count)
+        };
+        let laid = layout(&file_meta, &tensors, ALIGNMENT)?;
+        let mut head = laid.header;
+        if first {
+            for ((_, _, values), placed) in extras.iter().zip(&laid.tensors) {
+                crate::gguf::quants::quantize_f32(values, &mut head)?;
+                head.resize((placed.start + placed.padded_len) as usize, 0);
+            }
+        }
+        out.push(GgufFile {
+            name,
+            head,
+            part_sizes: part_sizes[tasks.clone()].to_vec(),
+            tasks,
+            file_size: laid.file_size,
+            tensors: tensors.len(),
+        });
+    }
+    Ok(out)
+}
+
+/// llama.cpp's name of split file `no` (from 0) of `count`: `model-00001-of-00003.gguf`.
+pub fn split_name(no: usize, count: u16) -> String {
+    let stem = FILE_NAME.trim_end_matches(".gguf");
+    format!("{stem}-{:05}-of-{count:05}.gguf", no + 1)
 }
 
 /// Writes one tensor of a part: its bytes in the planned ggml type, rows permuted where the

@@ -1,7 +1,7 @@
 //! Tests for GGUF output: per-tensor types from the model, refusals, the writer's bytes
 //! (quantized rows, Q/K permutation, padding) and the head laid out from the plan alone.
 
-use super::gguf::{head, GgufModel, GgufTensor, HeadSources, ALIGNMENT};
+use super::gguf::{files, GgufModel, GgufTensor, HeadSources, ALIGNMENT};
 use super::*;
 use crate::codec::TensorPlan;
 use crate::dtype::{decode_to_f32, encode_from_f32};
@@ -338,7 +338,13 @@ fn the_head_lays_out_every_part_where_the_header_places_its_tensors() {
         },
         name: "tiny",
     };
-    let head = head(facts().gguf.as_ref().unwrap(), assembly, sources).unwrap();
+    let one = files(facts().gguf.as_ref().unwrap(), assembly, sources, None).unwrap();
+    assert_eq!(one.len(), 1);
+    let head = &one[0];
+    assert_eq!(
+        (head.name.as_str(), head.tasks.clone()),
+        ("model.gguf", 0..2)
+    );
     // Each part holds its tensors padded, in order; the file is head ++ parts.
     let written: Vec<u64> = tasks
         .iter()
@@ -362,10 +368,10 @@ fn the_head_lays_out_every_part_where_the_header_places_its_tensors() {
         .collect();
     assert_eq!(head.part_sizes, written);
     assert_eq!(
-        head.bytes.len() as u64 + written.iter().sum::<u64>(),
+        head.head.len() as u64 + written.iter().sum::<u64>(),
         head.file_size
     );
-    let parsed = parse_header(&head.bytes).unwrap();
+    let parsed = parse_header(&head.head).unwrap();
     let names: Vec<&str> = parsed.tensors.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(
         names,
@@ -405,10 +411,59 @@ fn the_head_lays_out_every_part_where_the_header_places_its_tensors() {
         "{}",
         head_err(assembly, untokenized)
     );
+    // Split files, as llama.cpp's gguf-split writes them: a part never spans two files, the
+    // first file has every key, each has the split keys and only its own tensors.
+    let split = files(facts().gguf.as_ref().unwrap(), assembly, sources, Some(1)).unwrap();
+    let names: Vec<&str> = split.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["model-00001-of-00002.gguf", "model-00002-of-00002.gguf"]
+    );
+    assert_eq!(
+        (split[0].tasks.clone(), split[1].tasks.clone()),
+        (0..1, 1..2)
+    );
+    assert_eq!(split[0].part_sizes, written[..1]);
+    assert_eq!(split[1].part_sizes, written[1..]);
+    let (a, b) = (
+        parse_header(&split[0].head).unwrap(),
+        parse_header(&split[1].head).unwrap(),
+    );
+    let tensor_names = |p: &crate::gguf::ParsedGguf| -> Vec<String> {
+        p.tensors.iter().map(|t| t.name.clone()).collect()
+    };
+    assert_eq!(
+        tensor_names(&a),
+        [
+            "token_embd.weight",
+            "blk.0.attn_norm.weight",
+            "blk.0.attn_q.weight"
+        ]
+    );
+    assert_eq!(tensor_names(&b), ["output_norm.weight", "output.weight"]);
+    use crate::gguf::MetaValue::{I32, U16};
+    for (no, p) in [&a, &b].into_iter().enumerate() {
+        assert_eq!(p.get("split.no"), Some(&U16(no as u16)));
+        assert_eq!(p.get("split.count"), Some(&U16(2)));
+        assert_eq!(p.get("split.tensors.count"), Some(&I32(5)));
+        assert_eq!(
+            p.tensors[0].offset, 0,
+            "each file's data starts at its own offset 0"
+        );
+    }
+    assert!(a.get("general.architecture").is_some() && a.get("tokenizer.ggml.tokens").is_some());
+    assert_eq!(b.metadata.len(), 3, "later files carry only the split keys");
+    assert_eq!(
+        split
+            .iter()
+            .map(|f| f.head.len() as u64 + f.part_sizes.iter().sum::<u64>())
+            .collect::<Vec<_>>(),
+        split.iter().map(|f| f.file_size).collect::<Vec<_>>()
+    );
 }
 
 fn head_err(assembly: &super::gguf::GgufAssembly, sources: HeadSources<'_>) -> String {
-    head(facts().gguf.as_ref().unwrap(), assembly, sources)
+    files(facts().gguf.as_ref().unwrap(), assembly, sources, None)
         .unwrap_err()
         .to_string()
 }
