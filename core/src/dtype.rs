@@ -335,11 +335,22 @@ fn f32_to_bf16_bits(x: f32) -> u16 {
 }
 
 /// Encodes `src` as F16 bytes into `out` (`half`'s slice conversion, F16C when available).
+/// Finite values beyond F16's range saturate to ±65504 instead of becoming infinite: a
+/// reconstruction a little past the largest F16 (an int4 group whose largest weight is
+/// -65504 decodes the -8 code to -1.07 x 65504) stays finite. Infinities and NaN pass as they
+/// are.
 pub(crate) fn encode_f16(src: &[f32], out: &mut [u8]) {
+    const MAX: f32 = 65504.0;
+    let mut clamped = [0f32; CHUNK];
     let mut stage = [f16::ZERO; CHUNK];
     for (x, b) in src.chunks(CHUNK).zip(out.chunks_mut(CHUNK * 2)) {
+        let c = &mut clamped[..x.len()];
+        for (c, &v) in c.iter_mut().zip(x) {
+            // Branch-free; `clamp` keeps NaN, and an infinity is not finite.
+            *c = if v.is_finite() { v.clamp(-MAX, MAX) } else { v };
+        }
         let s = &mut stage[..x.len()];
-        s.convert_from_f32_slice(x);
+        s.convert_from_f32_slice(c);
         for (h, pair) in s.iter().zip(b.chunks_exact_mut(2)) {
             pair.copy_from_slice(&h.to_bits().to_le_bytes());
         }
@@ -429,9 +440,42 @@ mod tests {
     fn scalar_encode(dtype: DType, x: f32) -> Vec<u8> {
         match dtype {
             DType::BF16 => bf16::from_f32(x).to_bits().to_le_bytes().to_vec(),
-            DType::F16 => f16::from_f32(x).to_bits().to_le_bytes().to_vec(),
+            // Finite values saturate at F16's largest (see `encode_f16`).
+            DType::F16 => {
+                let x = if x.is_finite() {
+                    x.clamp(-65504.0, 65504.0)
+                } else {
+                    x
+                };
+                f16::from_f32(x).to_bits().to_le_bytes().to_vec()
+            }
             _ => x.to_le_bytes().to_vec(),
         }
+    }
+
+    #[test]
+    fn f16_saturates_finite_values_and_keeps_infinities_and_nan() {
+        let xs = [
+            70_000.0f32,
+            -1e30,
+            65_519.0,
+            65_520.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1.5,
+        ];
+        let mut bytes = vec![0u8; xs.len() * 2];
+        encode_from_f32(DType::F16, &xs, &mut bytes).unwrap();
+        let mut back = vec![0f32; xs.len()];
+        decode_to_f32(DType::F16, &bytes, &mut back).unwrap();
+        let big = 65504.0;
+        assert_eq!(
+            back,
+            [big, -big, big, big, f32::INFINITY, f32::NEG_INFINITY, 1.5]
+        );
+        encode_from_f32(DType::F16, &[f32::NAN], &mut bytes[..2]).unwrap();
+        decode_to_f32(DType::F16, &bytes[..2], &mut back[..1]).unwrap();
+        assert!(back[0].is_nan());
     }
 
     #[test]

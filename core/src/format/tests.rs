@@ -372,3 +372,53 @@ fn non_finite_weights_are_refused_not_spread_over_their_group() {
         .unwrap();
     assert_eq!(out.bytes, input);
 }
+
+#[test]
+fn f16_weights_at_the_edge_of_the_range_reconstruct_finitely() {
+    // Groups whose largest magnitude is F16's largest: whatever a quantizer's codes decode
+    // to, the stored F16 values stay finite (the encoder saturates) and so do the metrics.
+    let shape = [2u64, 128];
+    let mut xs: Vec<f32> = sample(256).iter().map(|v| v * 1000.0).collect();
+    xs[3] = -65504.0;
+    xs[200] = 65504.0;
+    xs[201] = -65504.0;
+    let mut input = vec![0u8; 512];
+    encode_from_f32(DType::F16, &xs, &mut input).unwrap();
+    for preset in [
+        "w4a16",
+        "w4a16-asym",
+        "int8",
+        "hqq4",
+        "nf4",
+        "kmeans4",
+        "fp8",
+    ] {
+        let r = Recipe::preset(preset).unwrap();
+        let facts = ModelFacts::default();
+        let plan = TensorPlan::for_output(
+            &r,
+            OutputFormat::Safetensors,
+            &facts,
+            UP,
+            DType::F16,
+            &shape,
+        )
+        .unwrap();
+        let mut acc = ErrorAccumulator::new();
+        let out = TensorWriter::Reconstruction
+            .chunk(&plan, DType::F16, 128, &input, &mut acc)
+            .unwrap();
+        let mut back = vec![0f32; 256];
+        decode_to_f32(DType::F16, &out.bytes, &mut back).unwrap();
+        assert!(
+            back.iter().all(|v| v.is_finite()),
+            "{preset}: {:?}",
+            &back[..8]
+        );
+        let m = acc.finish();
+        assert!(
+            m.rel_fro_error.is_finite() && m.rel_fro_error < 0.5,
+            "{preset}: {m:?}"
+        );
+    }
+}
