@@ -434,9 +434,9 @@ async fn prepare_assembly(
     for name in &file_names {
         let size = model.size(name).await?;
         let prefix = model.get_range(name, 0..size.min(8)).await?;
-        let header_err = |source| StoreError::Header {
+        let header_err = |cause| StoreError::Header {
             object: model.describe(name),
-            source,
+            cause,
         };
         let len = header_len_from_prefix(&prefix, size).map_err(header_err)?;
         let header = model.get_range(name, 8..8 + len).await?;

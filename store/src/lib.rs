@@ -26,18 +26,15 @@ pub enum StoreError {
     InvalidUrl { url: String, reason: String },
     #[error("object not found: {object}")]
     NotFound { object: String },
-    #[error("storage error on {object}: {source}")]
+    // The causes are part of the message, not also error sources, so that a chain printer
+    // (anyhow's `{:#}`) does not print them twice.
+    #[error("storage error on {object}: {cause}")]
     Io {
         object: String,
-        #[source]
-        source: object_store::Error,
+        cause: object_store::Error,
     },
-    #[error("{object} is not a valid safetensors file: {source}")]
-    Header {
-        object: String,
-        #[source]
-        source: HeaderError,
-    },
+    #[error("{object} is not a valid safetensors file: {cause}")]
+    Header { object: String, cause: HeaderError },
     #[error("{object}: {reason}")]
     Invalid { object: String, reason: String },
 }
@@ -147,9 +144,9 @@ impl StoreLocation {
             object_store::Error::NotFound { .. } => StoreError::NotFound {
                 object: self.describe(name),
             },
-            source => StoreError::Io {
+            cause => StoreError::Io {
                 object: self.describe(name),
-                source,
+                cause,
             },
         }
     }
@@ -272,9 +269,9 @@ pub async fn read_source_file(
     location: &StoreLocation,
     name: &str,
 ) -> Result<SourceFile, StoreError> {
-    let header_err = |source| StoreError::Header {
+    let header_err = |cause| StoreError::Header {
         object: location.describe(name),
-        source,
+        cause,
     };
     let size = location.size(name).await?;
     let prefix_len = size.min(8);
