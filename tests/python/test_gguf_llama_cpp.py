@@ -10,9 +10,6 @@ dequantizes from them (llama.cpp also quantizes activations to 8 bits inside its
 matrix products, hence the looser bound)."""
 
 import json
-import os
-import struct
-import subprocess
 from pathlib import Path
 
 import gguf
@@ -20,7 +17,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
-BIN = os.environ.get("SHARDPRESS_BIN", "target/debug/shardpress")
+from shardpress_helpers import read_dir, shardpress, to_f32
+
 TOKENS = [5, 17, 300, 42, 1000, 7, 7, 256, 1999, 64, 3, 128]
 
 F32_RECIPE = """name: gguf-f32
@@ -31,25 +29,12 @@ passes:
 """
 
 
-def shardpress(*args):
-    result = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True)
-    assert result.returncode == 0, f"shardpress {args} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 def read_bf16_model(directory: Path):
-    """Every tensor of the folder's safetensors files as f32 (the format read by hand)."""
+    """Every tensor of the folder's safetensors files as f32."""
     out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        data = path.read_bytes()
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + n])
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            assert info["dtype"] == "BF16", name
-            begin, end = info["data_offsets"]
-            raw = np.frombuffer(data[8 + n + begin:8 + n + end], dtype=np.uint16)
-            out[name] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+    for name, (dtype, raw) in read_dir(directory).items():
+        assert dtype == "BF16", name
+        out[name] = to_f32(dtype, raw).reshape(raw.shape)
     return out
 
 

@@ -39,11 +39,9 @@ use crate::recipe::{PassKind, Recipe};
 /// The GGUF format; see the module docs.
 pub struct Gguf;
 
-/// Folder (under the output) where the tasks write their parts and the coordinator the head.
+/// Folder (under the output) where the tasks write their parts and the coordinator the
+/// files' heads.
 pub const PARTS_DIR: &str = ".gguf-parts";
-
-/// Object name of the head (header and synthesized tensors).
-pub const HEAD_NAME: &str = ".gguf-parts/head.bin";
 
 /// Object name of the assembled file.
 pub const FILE_NAME: &str = "model.gguf";

@@ -400,8 +400,8 @@ pub fn quantize_q4_0(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError>
     quantize_blocks(GgmlType::Q4_0, values, out, q4_0_block)
 }
 
-fn q4_0_block(x: &[f32], y: &mut [u8]) {
-    // The signed value of largest magnitude (the first one on ties).
+/// The signed value of largest magnitude (the first one on ties), as Q4_0 and Q5_0 find it.
+fn signed_absmax(x: &[f32]) -> f32 {
     let mut amax = 0.0f32;
     let mut max = 0.0f32;
     for &v in x {
@@ -410,7 +410,11 @@ fn q4_0_block(x: &[f32], y: &mut [u8]) {
             max = v;
         }
     }
-    let d = max / -8.0;
+    max
+}
+
+fn q4_0_block(x: &[f32], y: &mut [u8]) {
+    let d = signed_absmax(x) / -8.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     y[..2].copy_from_slice(&f16_bytes(d));
     let half = QK4_0 / 2;
@@ -474,16 +478,7 @@ pub fn quantize_q5_0(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError>
 }
 
 fn q5_0_block(x: &[f32], y: &mut [u8]) {
-    // The signed value of largest magnitude (the first one on ties).
-    let mut amax = 0.0f32;
-    let mut max = 0.0f32;
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    let d = max / -16.0;
+    let d = signed_absmax(x) / -16.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     y[..2].copy_from_slice(&f16_bytes(d));
     let mut codes = [0u8; 32];
