@@ -212,12 +212,17 @@ pub trait Format: Sync {
     /// Refuses a plan this format cannot store, and adapts the plan to what the format
     /// dictates (e.g. the dtype of stored scales, a tensor's place in a GGUF file). Called at
     /// submit and by every worker, so both run the same plan.
+    /// The default puts the plan's scales on the grid every format shares
+    /// ([`set_scale_grid`]) and refuses nothing.
     fn adapt_plan(
         &self,
         tensor: TensorDesc<'_>,
         plan: &mut TensorPlan,
-        model: &ModelFacts,
-    ) -> Result<(), FormatError>;
+        _model: &ModelFacts,
+    ) -> Result<(), FormatError> {
+        set_scale_grid(tensor.dtype, plan);
+        Ok(())
+    }
 
     /// Object name of task `index`'s output (of `total` tasks).
     fn task_output_name(&self, index: usize, total: usize) -> String;

@@ -56,3 +56,18 @@ def from_f32(dtype, values):
         bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
     return values.astype(DTYPES[dtype])
+
+
+def field_value(field):
+    """A gguf-py metadata field as Python data (strings decoded, arrays as lists)."""
+    from gguf import GGUFValueType as V
+
+    types = list(field.types)
+    if types[0] == V.ARRAY:
+        if types[-1] == V.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    part = field.parts[field.data[0]]
+    if types[0] == V.STRING:
+        return bytes(part).decode("utf-8")
+    return part.tolist()[0]

@@ -20,6 +20,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
+from shardpress_helpers import field_value
+
 FIXTURE = os.environ.get("SHARDPRESS_GGUF_FIXTURE")
 
 # name -> (type, row-major shape, largest relative Frobenius error vs the original values).
@@ -67,19 +69,6 @@ def reader(fixture_dir):
 
 def f32_file(path):
     return np.fromfile(path, dtype="<f4")
-
-
-def field_value(field):
-    """A metadata value as Python data (strings decoded, arrays as lists)."""
-    types = list(field.types)
-    if types[0] == V.ARRAY:
-        if types[-1] == V.STRING:
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    part = field.parts[field.data[0]]
-    if types[0] == V.STRING:
-        return bytes(part).decode("utf-8")
-    return part.tolist()[0]
 
 
 def test_metadata_keys_and_values(reader):

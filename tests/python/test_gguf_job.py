@@ -19,20 +19,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
-from shardpress_helpers import from_f32, read_dir, shardpress, to_f32
-
-
-def field_value(field):
-    """A metadata value as Python data (strings decoded, arrays as lists)."""
-    types = list(field.types)
-    if types[0] == V.ARRAY:
-        if types[-1] == V.STRING:
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    part = field.parts[field.data[0]]
-    if types[0] == V.STRING:
-        return bytes(part).decode("utf-8")
-    return part.tolist()[0]
+from shardpress_helpers import field_value, from_f32, read_dir, shardpress, to_f32
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 //! compressed form would compute. Any safetensors loader reads it; it is as large as the input.
 
 use super::{
-    shard_index, FinishPlan, FinishedTask, Format, FormatError, ModelFacts, OutputTensor,
-    TensorDesc, TensorWriter,
+    shard_index, FinishPlan, FinishedTask, Format, FormatError, OutputTensor, TensorDesc,
+    TensorWriter,
 };
 use crate::codec::TensorPlan;
 use crate::recipe::Recipe;
@@ -34,16 +34,6 @@ impl Format for Safetensors {
                 reason: "would be a plain copy: the recipe has no lossy pass (use --format spz for lossless compression)".into(),
             });
         }
-        Ok(())
-    }
-
-    fn adapt_plan(
-        &self,
-        tensor: TensorDesc<'_>,
-        plan: &mut TensorPlan,
-        _model: &ModelFacts,
-    ) -> Result<(), FormatError> {
-        super::set_scale_grid(tensor.dtype, plan);
         Ok(())
     }
 

@@ -5,8 +5,7 @@
 //! (`set_scale_grid`), so the archive restores exactly what `--format safetensors` writes.
 
 use super::{
-    Assembly, FinishPlan, FinishedTask, Format, FormatError, ModelFacts, OutputTensor, TensorDesc,
-    TensorWriter,
+    Assembly, FinishPlan, FinishedTask, Format, FormatError, OutputTensor, TensorDesc, TensorWriter,
 };
 use crate::codec::TensorPlan;
 use crate::recipe::Recipe;
@@ -30,16 +29,6 @@ impl Format for Spz {
     }
 
     fn check_recipe(&self, _recipe: &Recipe) -> Result<(), FormatError> {
-        Ok(())
-    }
-
-    fn adapt_plan(
-        &self,
-        tensor: TensorDesc<'_>,
-        plan: &mut TensorPlan,
-        _model: &ModelFacts,
-    ) -> Result<(), FormatError> {
-        super::set_scale_grid(tensor.dtype, plan);
         Ok(())
     }
 
