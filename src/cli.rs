@@ -125,8 +125,8 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             println!(
                 "\nOutput formats: --format safetensors (dequantized, any loader reads it), \
-                 --format compressed-tensors (w4a16, w4a16-asym, w8a16, int8, int8-g128, fp8: \
-                 packed codes that vLLM and transformers load), --format gguf (q8_0, q4_0, q4_k_m, \
+                 --format compressed-tensors (w4a16, w4a16-asym, w4a16-hqq, 2of4-w4a16, w8a16, \
+                 int8, int8-g128, fp8: packed codes that vLLM and transformers load), --format gguf (q8_0, q4_0, q4_k_m, \
                  q6_k: one model.gguf that llama.cpp and ollama load; llama-family models) \
                  or --format spz (compact codes, \
                  entropy-coded; `shardpress decompress` restores)."

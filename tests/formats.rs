@@ -155,6 +155,7 @@ fn every_format_reads_back_to_the_dequantized_output_of_the_same_job() {
     for (format, recipe) in [
         ("safetensors", "int4-g128"),
         ("compressed-tensors", "w4a16-asym"),
+        ("compressed-tensors", "2of4-w4a16"),
         ("gguf", "q4_k_m"),
         ("spz", "q6_k"),
         ("spz", "int4-g128"),

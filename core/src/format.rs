@@ -241,12 +241,18 @@ pub trait Format: Sync {
 /// Sets the grid a plan's scales are rounded up to, the same in every format so that their
 /// outputs dequantize identically: a BF16 tensor's affine scales on the bf16 grid, any other
 /// tensor's on the f16 grid (exact in F16 and F32 alike); FP8 scales on the tensor dtype's
-/// grid (exact f32 for F32). Runtimes load scales into the tensor's dtype, so a scale must
-/// be exact there.
+/// grid (exact f32 for F32); HQQ's integer-zero scales rounded to nearest on the affine grid.
+/// Runtimes load scales into the tensor's dtype, so a scale must be exact there.
 pub(crate) fn set_scale_grid(dtype: DType, plan: &mut TensorPlan) {
     use crate::recipe::{PassKind, ScaleDtype};
     match plan.values.as_mut() {
         Some(PassKind::Quantize(cfg)) => {
+            cfg.scale_dtype = match dtype {
+                DType::BF16 => ScaleDtype::Bf16,
+                _ => ScaleDtype::F16,
+            }
+        }
+        Some(PassKind::Hqq(cfg)) => {
             cfg.scale_dtype = match dtype {
                 DType::BF16 => ScaleDtype::Bf16,
                 _ => ScaleDtype::F16,

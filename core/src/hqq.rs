@@ -35,12 +35,18 @@
 //!
 //! Groups containing NaN or infinities, constant groups and groups whose `(s, z)` do not fit
 //! f16 use the RTN result (whose scale may then be an f32, as in [`crate::quantize`]).
+//!
+//! **Integer zero points** ([`HqqConfig::integer_zero`], what compressed-tensors and vLLM's
+//! kernels store): step 3 then rounds the zero to an integer in `[0, qmax]` and refits the
+//! scale alone for it (`s = sum (q - z) x / sum (q - z)^2`), rounding it to nearest on the
+//! tensor's scale grid ([`HqqConfig::scale_dtype`]); the RTN candidate of step 4 is the
+//! asymmetric RTN of that grid. The half-quadratic zero of step 2 is the starting point.
 //! Loops are branch-free, with 8 independent f32 accumulator lanes, so they vectorize; groups
 //! (and, for one huge group, fixed 16Ki-element blocks summed in a fixed order) run on rayon,
 //! so results do not depend on the thread count.
 
 use crate::quantize::{check_bits, check_rows, layout, AffineCodes, QuantizeError};
-use crate::recipe::Granularity;
+use crate::recipe::{Granularity, ScaleDtype};
 use half::f16;
 use rayon::prelude::*;
 
@@ -53,6 +59,13 @@ pub struct HqqConfig {
     pub granularity: Granularity,
     /// Half-quadratic iterations (the reference default is 20; 0 skips to the refit).
     pub iterations: usize,
+    /// Store integer zero points in `[0, 2^bits)` with scales on [`Self::scale_dtype`]'s grid
+    /// (compressed-tensors' layout) instead of real f16 zeros and f16 scales.
+    #[serde(default)]
+    pub integer_zero: bool,
+    /// The grid integer-zero scales are rounded to (set per tensor by the output format).
+    #[serde(default)]
+    pub scale_dtype: ScaleDtype,
 }
 
 impl HqqConfig {
@@ -65,6 +78,8 @@ impl HqqConfig {
             bits,
             granularity,
             iterations: Self::DEFAULT_ITERATIONS,
+            integer_zero: false,
+            scale_dtype: ScaleDtype::F16,
         }
     }
 }
@@ -261,6 +276,74 @@ fn to_f16_pair(scale: f64, zero: f64) -> Option<(f32, f32)> {
     (s > 0.0 && s.is_finite() && z.is_finite()).then_some((s, z))
 }
 
+/// How a group's `(scale, zero)` are stored: real f16 pairs, or integer zeros with scales on
+/// a grid.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Storage {
+    F16Pair,
+    IntegerZero(ScaleDtype),
+}
+
+impl Storage {
+    pub(crate) fn of(cfg: &HqqConfig) -> Storage {
+        if cfg.integer_zero {
+            Storage::IntegerZero(cfg.scale_dtype)
+        } else {
+            Storage::F16Pair
+        }
+    }
+
+    /// The stored pair nearest the real `(scale, zero)` (for integer zeros: the zero rounded
+    /// into `[0, qmax]`), or `None` if the scale rounds to 0 or either overflows.
+    fn store(self, scale: f64, zero: f64, qmax: f32) -> Option<(f32, f32)> {
+        match self {
+            Storage::F16Pair => to_f16_pair(scale, zero),
+            Storage::IntegerZero(grid) => {
+                let s = grid.round_nearest(scale as f32);
+                let z = (zero as f32).round().clamp(0.0, qmax);
+                (s > 0.0 && s.is_finite() && z.is_finite()).then_some((s, z))
+            }
+        }
+    }
+
+    /// The least-squares pair for fixed codes with sums `ls` (see [`refit`]), stored; for
+    /// integer zeros the fitted zero is rounded and the scale refitted for it alone.
+    fn refit(self, n: f64, ls: [f64; 4], qmax: f32) -> Option<(f32, f32)> {
+        let (a, zero) = refit(n, ls)?;
+        match self {
+            Storage::F16Pair => to_f16_pair(a, zero),
+            Storage::IntegerZero(_) => {
+                // For fixed codes and zero z the best scale is s = sum (q-z) x / sum (q-z)^2,
+                // which lowers the squared error by (sum (q-z) x)^2 / sum (q-z)^2: of the two
+                // integers around the fitted zero, keep the one that lowers it most.
+                let [sq, sqq, sx, sqx] = ls;
+                let fit = |z: f64| {
+                    let den = sqq - 2.0 * z * sq + n * z * z;
+                    let num = sqx - z * sx;
+                    let scale = num / den;
+                    (den > 0.0 && scale > 0.0 && scale.is_finite())
+                        .then(|| (num * num / den, scale, z))
+                };
+                let lo = zero.floor().clamp(0.0, f64::from(qmax));
+                let hi = zero.ceil().clamp(0.0, f64::from(qmax));
+                let best = match (fit(lo), fit(hi)) {
+                    (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
+                    (a, b) => a.or(b),
+                };
+                best.and_then(|(_, scale, z)| self.store(scale, z, qmax))
+            }
+        }
+    }
+
+    /// The grid of the RTN candidate's scale.
+    fn rtn_grid(self) -> ScaleDtype {
+        match self {
+            Storage::F16Pair => ScaleDtype::F16,
+            Storage::IntegerZero(grid) => grid,
+        }
+    }
+}
+
 /// Min and max of `x` (NaN ignored), and whether `x` holds a NaN.
 fn scan(x: &[f32]) -> (f32, f32, bool) {
     let part = |x: &[f32]| {
@@ -316,6 +399,7 @@ pub(crate) fn hqq_group(
     bits: u8,
     iterations: usize,
     solver: &Solver,
+    storage: Storage,
     x: &[f32],
     codes: &mut [u8],
 ) -> (f32, f32) {
@@ -323,10 +407,10 @@ pub(crate) fn hqq_group(
     let range = hi - lo;
     if has_nan || !(range.is_finite() && lo.is_finite() && hi.is_finite()) {
         // NaN, infinities or a range beyond f32: plain RTN (which copes with all of them).
-        return crate::quantize::rtn_asym_group_codes(bits, x, codes);
+        return crate::quantize::rtn_asym_group_codes(bits, storage.rtn_grid(), x, codes);
     }
     // The RTN candidate: exactly the asymmetric path of `quantize` (its range includes 0).
-    let rtn = crate::quantize::RtnAsym::new(bits, lo.min(0.0), hi.max(0.0));
+    let rtn = crate::quantize::RtnAsym::new(bits, storage.rtn_grid(), lo.min(0.0), hi.max(0.0));
     let [rtn_sse] = sums(x, x, |xv, _| {
         let d = xv - rtn.dequantize(rtn.code(xv));
         [d * d]
@@ -338,14 +422,14 @@ pub(crate) fn hqq_group(
         let inv = qmax / range;
         let zero = optimize_zero(x, inv, -lo * inv, qmax, iterations, solver);
         let n = x.len() as f64;
-        let mut current = to_f16_pair(f64::from(scale), f64::from(zero));
+        let mut current = storage.store(f64::from(scale), f64::from(zero), qmax);
         for _ in 0..=solver.refit_rounds {
             let Some((s, z)) = current else { break };
             let (sse, ls) = score(x, s, z, qmax);
             if sse < best.map_or(rtn_sse, |b| b.0) {
                 best = Some((sse, s, z));
             }
-            current = refit(n, ls).and_then(|(a, b)| to_f16_pair(a, b));
+            current = storage.refit(n, ls, qmax);
             if current == Some((s, z)) {
                 break;
             }
@@ -391,6 +475,7 @@ pub(crate) fn hqq_codes_with(
     out.scales = vec![0.0; groups];
     out.zeros = vec![0.0; groups];
     let min_rows = (MIN_PAR_ELEMS / row_len).max(1);
+    let storage = Storage::of(cfg);
     values
         .par_chunks(row_len)
         .zip(out.codes.par_chunks_mut(row_len))
@@ -400,7 +485,7 @@ pub(crate) fn hqq_codes_with(
         .for_each(|(((row, codes), scales), zeros)| {
             let groups = row.chunks(group_len).zip(codes.chunks_mut(group_len));
             for (i, (g, c)) in groups.enumerate() {
-                (scales[i], zeros[i]) = hqq_group(cfg.bits, cfg.iterations, solver, g, c);
+                (scales[i], zeros[i]) = hqq_group(cfg.bits, cfg.iterations, solver, storage, g, c);
             }
         });
     Ok(out)

@@ -740,12 +740,13 @@ pub(crate) struct RtnAsym {
 }
 
 impl RtnAsym {
-    pub(crate) fn new(bits: u8, lo: f32, hi: f32) -> Self {
+    /// Asymmetric RTN of the range `[lo, hi]`, its scale on `grid`.
+    pub(crate) fn new(bits: u8, grid: crate::recipe::ScaleDtype, lo: f32, hi: f32) -> Self {
         let cfg = QuantizeConfig {
             bits,
             symmetric: false,
             granularity: Granularity::Channel,
-            scale_dtype: crate::recipe::ScaleDtype::F16,
+            scale_dtype: grid,
         };
         let params = params_from_range(&cfg, lo, hi);
         RtnAsym {
@@ -773,13 +774,19 @@ impl RtnAsym {
 }
 
 /// Asymmetric min-max RTN of one group of any size (a long group runs in parallel): writes
-/// the codes into `codes` and returns `(scale, zero)`, exactly as [`rtn_codes`] would.
-pub(crate) fn rtn_asym_group_codes(bits: u8, g: &[f32], codes: &mut [u8]) -> (f32, f32) {
+/// the codes into `codes` and returns `(scale, zero)`, exactly as [`rtn_codes`] would with
+/// scales on `grid`.
+pub(crate) fn rtn_asym_group_codes(
+    bits: u8,
+    grid: crate::recipe::ScaleDtype,
+    g: &[f32],
+    codes: &mut [u8],
+) -> (f32, f32) {
     let cfg = QuantizeConfig {
         bits,
         symmetric: false,
         granularity: Granularity::Channel,
-        scale_dtype: crate::recipe::ScaleDtype::F16,
+        scale_dtype: grid,
     };
     if g.len() <= MIN_PAR_ELEMS {
         let p = group_params(&cfg, g);

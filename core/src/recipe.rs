@@ -144,6 +144,15 @@ impl ScaleDtype {
             ScaleDtype::F32 => raw,
         }
     }
+
+    /// The value of this grid nearest `raw` (ties to even; overflow gives an infinity).
+    pub fn round_nearest(self, raw: f32) -> f32 {
+        match self {
+            ScaleDtype::F16 => half::f16::from_f32(raw).to_f32(),
+            ScaleDtype::Bf16 => half::bf16::from_f32(raw).to_f32(),
+            ScaleDtype::F32 => raw,
+        }
+    }
 }
 
 /// How many weights share one scale.
@@ -253,7 +262,12 @@ impl PassKind {
                 let sym = if q.symmetric { "sym" } else { "asym" };
                 format!("rtn int{} {sym} {}", q.bits, q.granularity.describe())
             }
-            PassKind::Hqq(h) => format!("hqq int{} {}", h.bits, h.granularity.describe()),
+            PassKind::Hqq(h) => format!(
+                "hqq int{} {}{}",
+                h.bits,
+                h.granularity.describe(),
+                if h.integer_zero { " int-zero" } else { "" }
+            ),
             PassKind::Kmeans { bits, .. } => format!("kmeans {bits}-bit"),
             PassKind::Nf4 { granularity } => format!("nf4 {}", granularity.describe()),
             PassKind::Fp8 { per_channel, .. } => {
@@ -411,7 +425,7 @@ macro_rules! gguf_weights {
 }
 
 /// The built-in recipes: (name, YAML).
-const PRESETS: [(&str, &str); 21] = [
+const PRESETS: [(&str, &str); 23] = [
     ("int8", concat!("name: int8\npasses:\n  - quantize: { bits: 8, granularity: channel }\n", weights!())),
     ("int8-g128", concat!("name: int8-g128\npasses:\n  - quantize: { bits: 8, granularity: group, group_size: 128 }\n", weights!())),
     ("int4-g128", concat!("name: int4-g128\npasses:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n", weights!())),
@@ -419,6 +433,7 @@ const PRESETS: [(&str, &str); 21] = [
     ("w4a16", concat!("name: w4a16\npasses:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n", weights!())),
     ("w4a16-asym", concat!("name: w4a16-asym\npasses:\n  - quantize: { bits: 4, symmetric: false, granularity: group, group_size: 128 }\n", weights!())),
     ("w8a16", concat!("name: w8a16\npasses:\n  - quantize: { bits: 8, granularity: channel }\n", weights!())),
+    ("w4a16-hqq", concat!("name: w4a16-hqq\npasses:\n  - quantize: { method: hqq, bits: 4, granularity: group, group_size: 128, zero_point: integer }\n", weights!())),
     ("hqq4", concat!("name: hqq4\npasses:\n  - quantize: { method: hqq, bits: 4, granularity: group, group_size: 64 }\n", weights!())),
     ("hqq3", concat!("name: hqq3\npasses:\n  - quantize: { method: hqq, bits: 3, granularity: group, group_size: 64 }\n", weights!())),
     ("nf4", concat!("name: nf4\npasses:\n  - codebook: { method: nf4, granularity: group, group_size: 64 }\n", weights!())),
@@ -426,6 +441,8 @@ const PRESETS: [(&str, &str); 21] = [
     ("fp8", concat!("name: fp8\npasses:\n  - fp8: { granularity: channel }\n", weights!())),
     ("2of4", concat!("name: 2of4\npasses:\n  - prune: { method: nm, n: 2, m: 4 }\n", weights!())),
     ("2of4-int4", concat!("name: 2of4-int4\npasses:\n  - prune: { method: nm, n: 2, m: 4 }\n", weights!(), "  - quantize: { bits: 4, granularity: group, group_size: 64 }\n", weights!())),
+    // Groups of 64 kept values are the groups of 128 columns of the dense row.
+    ("2of4-w4a16", concat!("name: 2of4-w4a16\npasses:\n  - prune: { method: nm, n: 2, m: 4 }\n", weights!(), "  - quantize: { bits: 4, granularity: group, group_size: 64 }\n", weights!())),
     ("svd50", concat!("name: svd50\npasses:\n  - lowrank: { storage: 0.5 }\n", weights!())),
     ("dct25", concat!("name: dct25\npasses:\n  - dct: { block: 64, keep: 0.25 }\n", weights!())),
     ("q8_0", concat!("name: q8_0\nformat: gguf\npasses:\n  - gguf: { type: q8_0 }\n", gguf_weights!())),

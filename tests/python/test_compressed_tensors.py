@@ -74,6 +74,8 @@ def model(tmp_path_factory):
 SCHEMES = {
     "w4a16": dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128),
     "w4a16-asym": dict(num_bits=4, type="int", symmetric=False, strategy="group", group_size=128),
+    "w4a16-hqq": dict(num_bits=4, type="int", symmetric=False, strategy="group", group_size=128),
+    "2of4-w4a16": dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128),
     "w8a16": dict(num_bits=8, type="int", symmetric=True, strategy="channel", group_size=None),
     "fp8": dict(num_bits=8, type="float", symmetric=True, strategy="channel", group_size=None),
 }
@@ -131,7 +133,8 @@ def test_every_scheme_unpacks_to_the_dequantized_output_of_the_same_job(model, r
 
 
 @pytest.mark.parametrize("recipe, reason", [
-    ("hqq4", "HQQ"), ("kmeans4", "compressed-tensors layout"), ("2of4", "pruned")])
+    ("hqq3", "4- or 8-bit"), ("kmeans4", "compressed-tensors layout"),
+    ("2of4", "2:4 pruning alone")])
 def test_a_recipe_the_format_cannot_hold_is_refused_at_submit_with_no_output(model, recipe, reason):
     out = model / f"refused-{recipe}"
     result = shardpress("run", "--workers", "1", "--model", model / "model", "--out", out,

@@ -13,6 +13,18 @@
 //! - `float-quantized` (FP8 E4M3 weights): `M.weight` F8_E4M3 `[rows, cols]` and
 //!   `M.weight_scale` in the tensor's dtype, `[rows, 1]` per channel or `[1]` per tensor.
 //!
+//! HQQ is written as `pack-quantized` with integer zero points: a plan's HQQ pass is converted
+//! to [`HqqConfig::integer_zero`] (HQQ-optimised scales for rounded zeros), which the
+//! `w4a16-hqq` recipe asks for in every format.
+//!
+//! 2:4-pruned weights (`2of4-w4a16`, or 2:4 with FP8) are written as the dense layouts above
+//! with the pruned positions holding the code of 0 (the group's zero point; FP8 `0x00`), so
+//! they dequantize to exactly 0. This is what llm-compressor 0.14 writes: compressed-tensors
+//! 0.19 removed its sparse storage (`sparse-24-bitmask` is a legacy format that its
+//! `ModelCompressor` no longer reads: "sparsity is removed for now"), so a sparse layout
+//! would be a file no current loader opens. The N:M quantization groups count kept values,
+//! so a group of `g` kept values is a group of `g * m / n` columns here.
+//!
 //! Scales are stored in the tensor's dtype, because runtimes load them into parameters of that
 //! dtype, and computed on a grid exact there (bf16 for BF16, f16 for F16 and F32; see
 //! `set_scale_grid`): a scale rounded on loading would no longer be the one the codes were
@@ -33,7 +45,9 @@ use super::{
 };
 use crate::codec::{CodecError, EncodedChunk, TensorPlan, TypedValues};
 use crate::dtype::{decode_to_f32, encode_from_f32, DType};
-use crate::recipe::{Granularity, PassKind, QuantizeConfig, Recipe};
+use crate::hqq::HqqConfig;
+use crate::recipe::{Granularity, PassKind, PruneConfig, QuantizeConfig, Recipe};
+use crate::sparse;
 
 /// The compressed-tensors format; see the module docs.
 pub struct CompressedTensors;
@@ -48,17 +62,56 @@ pub const SPEC_VERSION: &str = "0.12.2";
 enum Scheme {
     /// Unchanged, under its own name.
     Dense,
-    /// `pack-quantized` integer codes.
-    Int(QuantizeConfig),
+    /// `pack-quantized` integer codes; `cfg.granularity` counts columns of the dense row.
+    Int {
+        cfg: QuantizeConfig,
+        pruned: Option<NOfM>,
+    },
     /// `float-quantized` FP8 E4M3.
-    Fp8 { per_channel: bool },
+    Fp8 {
+        per_channel: bool,
+        pruned: Option<NOfM>,
+    },
+}
+
+/// An N:M prune before the values pass: `n` of every `m` weights are kept (and coded).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct NOfM {
+    n: usize,
+    m: usize,
 }
 
 fn scheme(plan: &TensorPlan) -> Scheme {
-    match (&plan.structure, &plan.values) {
-        (None, Some(PassKind::Quantize(cfg))) => Scheme::Int(*cfg),
-        (None, Some(PassKind::Fp8 { per_channel, .. })) => Scheme::Fp8 {
+    let pruned = match plan.structure {
+        None => None,
+        Some(PruneConfig::NOfM { n, m }) => Some(NOfM { n, m }),
+        Some(_) => return Scheme::Dense,
+    };
+    // The pass's groups count kept values; the format's count columns of the dense row.
+    let dense = |granularity: Granularity| match (granularity, pruned) {
+        (Granularity::Group(g), Some(NOfM { n, m })) => Granularity::Group(g / n.max(1) * m),
+        _ => granularity,
+    };
+    match &plan.values {
+        Some(PassKind::Quantize(cfg)) => Scheme::Int {
+            cfg: QuantizeConfig {
+                granularity: dense(cfg.granularity),
+                ..*cfg
+            },
+            pruned,
+        },
+        Some(PassKind::Hqq(h)) if h.integer_zero => Scheme::Int {
+            cfg: QuantizeConfig {
+                bits: h.bits,
+                symmetric: false,
+                granularity: dense(h.granularity),
+                scale_dtype: h.scale_dtype,
+            },
+            pruned,
+        },
+        Some(PassKind::Fp8 { per_channel, .. }) => Scheme::Fp8 {
             per_channel: *per_channel,
+            pruned,
         },
         _ => Scheme::Dense,
     }
@@ -93,7 +146,7 @@ impl Format for CompressedTensors {
     }
 
     fn describe(&self) -> &'static str {
-        "compressed-tensors (pack-quantized / float-quantized; vLLM and transformers load it)"
+        "compressed-tensors (pack-quantized / float-quantized, 2:4 stored dense; vLLM and transformers load it)"
     }
 
     fn check_recipe(&self, recipe: &Recipe) -> Result<(), FormatError> {
@@ -140,25 +193,49 @@ impl Format for CompressedTensors {
             pass: pass.clone(),
             reason,
         };
-        if plan.structure.is_some() {
-            return Err(refuse(
-                "pruned tensors (sparse-24-bitmask) are not written yet; use --format safetensors or spz"
-                    .into(),
-            ));
+        match (plan.structure, plan.values.as_ref()) {
+            (None, _) => {}
+            (Some(PruneConfig::NOfM { .. }), Some(PassKind::Quantize(_) | PassKind::Hqq(_) | PassKind::Fp8 { .. })) => {}
+            (Some(PruneConfig::NOfM { .. }), None) => {
+                return Err(refuse(
+                    "2:4 pruning alone gives dense weights here (compressed-tensors 0.19 has no sparse storage); add a quantize or fp8 pass (2of4-w4a16) or use --format safetensors".into(),
+                ))
+            }
+            (Some(_), _) => {
+                return Err(refuse(
+                    "only N:M pruning followed by a quantize or fp8 pass is written (compressed-tensors 0.19 has no sparse storage for other masks); use --format safetensors or spz".into(),
+                ))
+            }
         }
         if !is_linear_weight(tensor.name, tensor.shape) {
             return Err(refuse(
                 "only the 2-D weights of Linear modules (`*.weight`, not embeddings) are quantized in this format; add the tensor to the pass's ignore list".into(),
             ));
         }
-        let cols = tensor.shape[1];
-        match plan.values.as_mut() {
-            Some(PassKind::Quantize(cfg)) => {
+        if let Some(PassKind::Hqq(h)) = plan.values.as_mut() {
+            // HQQ-optimised scales for integer zero points: what this format can hold.
+            h.integer_zero = true;
+        }
+        let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
+        match scheme(plan) {
+            Scheme::Int { cfg, pruned } => {
                 if cfg.bits != 4 && cfg.bits != 8 {
                     return Err(refuse(format!(
                         "pack-quantized holds 4- or 8-bit codes (vLLM's kernels), not {}-bit",
                         cfg.bits
                     )));
+                }
+                let kept_group = match plan.values.as_ref() {
+                    Some(PassKind::Quantize(QuantizeConfig { granularity, .. }))
+                    | Some(PassKind::Hqq(HqqConfig { granularity, .. })) => *granularity,
+                    _ => Granularity::Channel,
+                };
+                if let (Granularity::Group(g), Some(NOfM { n, m })) = (kept_group, pruned) {
+                    if g % n != 0 {
+                        return Err(refuse(format!(
+                            "a group of {g} kept values is not whole {n}:{m} blocks of columns; use a multiple of {n}"
+                        )));
+                    }
                 }
                 match cfg.granularity {
                     Granularity::Tensor => {
@@ -173,7 +250,6 @@ impl Format for CompressedTensors {
                     }
                     _ => {}
                 }
-                let rows = tensor.shape[0];
                 if !cfg.symmetric && rows % pack_factor(cfg.bits) != 0 {
                     return Err(refuse(format!(
                         "asymmetric zero points are packed {} rows per int32, and {rows} rows are not a multiple",
@@ -181,19 +257,15 @@ impl Format for CompressedTensors {
                     )));
                 }
             }
-            Some(PassKind::Fp8 { .. }) => {}
-            Some(PassKind::Hqq(_)) => {
-                return Err(refuse(
-                    "HQQ's zero points are fractional, and compressed-tensors stores integer ones; use quantize method: rtn (w4a16, w4a16-asym)".into(),
-                ))
+            Scheme::Fp8 { .. } => {}
+            Scheme::Dense => {
+                if let Some(other) = &plan.values {
+                    return Err(refuse(format!(
+                        "{} has no compressed-tensors layout that runtimes execute (it holds integer codes and FP8); use --format safetensors or spz",
+                        other.describe()
+                    )));
+                }
             }
-            Some(other) => {
-                return Err(refuse(format!(
-                    "{} has no compressed-tensors layout that runtimes execute (it holds integer codes and FP8); use --format safetensors or spz",
-                    other.describe()
-                )))
-            }
-            None => {}
         }
         super::set_scale_grid(tensor.dtype, plan);
         Ok(())
@@ -221,7 +293,7 @@ impl Format for CompressedTensors {
                 tensor.dtype,
                 tensor.shape.to_vec(),
             )],
-            Scheme::Int(cfg) => {
+            Scheme::Int { cfg, .. } => {
                 let pf = pack_factor(cfg.bits);
                 let groups = groups_per_row(&cfg, cols);
                 let mut tensors = vec![
@@ -246,7 +318,7 @@ impl Format for CompressedTensors {
                 tensors.push(out(format!("{module}.weight_shape"), DType::I64, vec![2]));
                 tensors
             }
-            Scheme::Fp8 { per_channel } => vec![
+            Scheme::Fp8 { per_channel, .. } => vec![
                 out(tensor.name.to_owned(), DType::F8_E4M3, vec![rows, cols]),
                 out(
                     format!("{module}.weight_scale"),
@@ -261,8 +333,9 @@ impl Format for CompressedTensors {
         let (rows, cols) = tensor.matrix();
         match scheme(plan) {
             Scheme::Dense => TensorWriter::Reconstruction,
-            Scheme::Int(cfg) => TensorWriter::PackQuantized(PackState {
+            Scheme::Int { cfg, pruned } => TensorWriter::PackQuantized(PackState {
                 cfg,
+                pruned,
                 scale_dtype: tensor.dtype,
                 rows,
                 cols,
@@ -270,7 +343,8 @@ impl Format for CompressedTensors {
                 scales: Vec::new(),
                 zeros: Vec::new(),
             }),
-            Scheme::Fp8 { .. } => TensorWriter::FloatQuantized(FloatState {
+            Scheme::Fp8 { pruned, .. } => TensorWriter::FloatQuantized(FloatState {
+                pruned,
                 scale_dtype: tensor.dtype,
                 scales: Vec::new(),
             }),
@@ -307,7 +381,10 @@ fn not_typed(what: &str) -> CodecError {
 /// Streaming state of a `pack-quantized` tensor.
 #[derive(Debug)]
 pub struct PackState {
+    /// The scheme, its groups counted in columns of the dense row.
     cfg: QuantizeConfig,
+    /// The N:M prune whose kept values the codes are, if any.
+    pruned: Option<NOfM>,
     /// The tensor's dtype, which scales are stored in (exact: they are on its grid).
     scale_dtype: DType,
     rows: u64,
@@ -321,12 +398,39 @@ pub struct PackState {
 
 impl PackState {
     pub(super) fn chunk(&mut self, encoded: EncodedChunk) -> Result<Vec<u8>, CodecError> {
-        let Some(TypedValues::Affine(codes)) = encoded.typed else {
+        let mask = nm_mask(&encoded, self.pruned)?;
+        let Some(TypedValues::Affine(mut codes)) = encoded.typed else {
             return Err(not_typed("affine"));
         };
         let cols = self.cols as usize;
-        let rows = codes.codes.len() / cols.max(1);
         let groups = groups_per_row(&self.cfg, self.cols) as usize;
+        if let Some(mask) = mask {
+            // Pruned positions get their group's zero point: the code of exactly 0.
+            let group_cols = cols.div_ceil(groups.max(1)).max(1);
+            let kept = codes.codes.len();
+            let zero_code = |i: usize| -> u8 {
+                let (r, c) = (i / cols, i % cols);
+                match codes.zeros.get(r * groups + c / group_cols) {
+                    Some(&z) => z as u8,
+                    None => 1 << (self.cfg.bits - 1),
+                }
+            };
+            let mut kept_codes = codes.codes.iter();
+            let dense: Vec<u8> = (0..mask.len())
+                .map(|i| match mask[i] {
+                    true => kept_codes.next().copied().unwrap_or(0),
+                    false => zero_code(i),
+                })
+                .collect();
+            if mask.iter().filter(|&&k| k).count() != kept {
+                return Err(CodecError::Corrupt(format!(
+                    "{kept} codes for a mask keeping {} weights",
+                    mask.iter().filter(|&&k| k).count()
+                )));
+            }
+            codes.codes = dense;
+        }
+        let rows = codes.codes.len() / cols.max(1);
         if codes.codes.len() != rows * cols || codes.scales.len() != rows * groups {
             return Err(CodecError::Corrupt(format!(
                 "chunk of {} codes and {} scales does not fill rows of {cols} with {groups} groups",
@@ -382,6 +486,22 @@ impl PackState {
     }
 }
 
+/// The keep mask of a chunk pruned `pruned` (from its `positions` section), or `None` when
+/// it was not pruned.
+fn nm_mask(encoded: &EncodedChunk, pruned: Option<NOfM>) -> Result<Option<Vec<bool>>, CodecError> {
+    let Some(NOfM { n, m }) = pruned else {
+        return Ok(None);
+    };
+    let positions = encoded
+        .sections
+        .iter()
+        .find(|(name, _, _)| name == "positions")
+        .ok_or_else(|| CodecError::Corrupt("a 2:4 chunk without its positions".into()))?;
+    sparse::nm_unpack_positions(&positions.2, encoded.rows * encoded.row_len, n, m)
+        .map(Some)
+        .map_err(|e| CodecError::Corrupt(format!("N:M positions: {e}")))
+}
+
 /// Packs up to `32 / bits` unsigned codes into one word, the first in the lowest bits.
 fn pack_word(codes: &[u8], bits: u8) -> u32 {
     codes.iter().enumerate().fold(0u32, |word, (i, &c)| {
@@ -392,6 +512,8 @@ fn pack_word(codes: &[u8], bits: u8) -> u32 {
 /// Streaming state of a `float-quantized` tensor.
 #[derive(Debug)]
 pub struct FloatState {
+    /// The N:M prune whose kept values the bytes are, if any.
+    pruned: Option<NOfM>,
     /// The tensor's dtype, which scales are stored in.
     scale_dtype: DType,
     scales: Vec<f32>,
@@ -399,11 +521,28 @@ pub struct FloatState {
 
 impl FloatState {
     pub(super) fn chunk(&mut self, encoded: EncodedChunk) -> Result<Vec<u8>, CodecError> {
+        let mask = nm_mask(&encoded, self.pruned)?;
         let Some(TypedValues::Fp8(codes)) = encoded.typed else {
             return Err(not_typed("FP8"));
         };
         self.scales.extend_from_slice(&codes.scales);
-        Ok(codes.bytes)
+        let Some(mask) = mask else {
+            return Ok(codes.bytes);
+        };
+        // Pruned positions hold FP8 +0.
+        let mut dense = vec![0u8; mask.len()];
+        let mut kept = codes.bytes.iter();
+        for (out, _) in dense.iter_mut().zip(&mask).filter(|(_, &keep)| keep) {
+            *out = *kept
+                .next()
+                .ok_or_else(|| CodecError::Corrupt("fewer FP8 bytes than kept weights".into()))?;
+        }
+        if kept.next().is_some() {
+            return Err(CodecError::Corrupt(
+                "more FP8 bytes than kept weights".into(),
+            ));
+        }
+        Ok(dense)
     }
 
     pub(super) fn finish(self) -> Result<Vec<u8>, CodecError> {
@@ -431,7 +570,7 @@ fn weight_args(scheme: Scheme) -> Option<(Value, &'static str)> {
     };
     match scheme {
         Scheme::Dense => None,
-        Scheme::Int(cfg) => {
+        Scheme::Int { cfg, .. } => {
             let (strategy, group) = match cfg.granularity {
                 Granularity::Group(g) => ("group", json!(g)),
                 Granularity::Channel | Granularity::Tensor => ("channel", Value::Null),

@@ -6,7 +6,7 @@ use super::*;
 use crate::codec::decode_frame;
 use crate::dtype::{decode_to_f32, encode_from_f32};
 use crate::fp8::e4m3_to_f32;
-use crate::recipe::Recipe;
+use crate::recipe::{PassKind, Recipe};
 
 fn bf16_bytes(xs: &[f32]) -> Vec<u8> {
     let mut out = vec![0u8; xs.len() * 2];
@@ -144,6 +144,8 @@ fn pack_quantized_dequantizes_to_the_safetensors_output() {
         ("w4a16-asym", 4, Some(128), false),
         ("w8a16", 8, None, true),
         ("int8-g128", 8, Some(128), true),
+        ("w4a16-hqq", 4, Some(128), false),
+        ("2of4-w4a16", 4, Some(128), true),
     ] {
         let ct = plan(yaml, OutputFormat::CompressedTensors, UP, &shape);
         let st = plan(yaml, OutputFormat::Safetensors, UP, &shape);
@@ -191,6 +193,11 @@ fn pack_quantized_dequantizes_to_the_safetensors_output() {
             let mut recon = vec![0u8; values.len() * 2];
             encode_from_f32(DType::BF16, &values, &mut recon).unwrap();
             assert!(recon == reference, "{yaml} chunks of {chunk_rows}");
+            if yaml.starts_with("2of4") {
+                // Pruned weights are stored as the code of exactly 0.
+                let zeros = values.iter().filter(|v| **v == 0.0).count();
+                assert!(zeros >= values.len() / 2, "{yaml}: {zeros} zeros");
+            }
             let shape_bytes = parts[parts.len() - 1];
             assert_eq!(shape_bytes[..8], 16i64.to_le_bytes());
             assert_eq!(shape_bytes[8..], 256i64.to_le_bytes());
@@ -246,6 +253,87 @@ fn float_quantized_stores_e4m3_and_scales_in_the_tensor_dtype() {
     assert_eq!(bf16_bytes(&values), reference);
 }
 
+/// HQQ with real zeros is converted to integer zeros (what pack-quantized holds); the
+/// other formats keep the recipe's real zeros.
+#[test]
+fn compressed_tensors_converts_hqq_to_integer_zeros() {
+    let shape = [16u64, 256];
+    let ct = plan("hqq4", OutputFormat::CompressedTensors, UP, &shape);
+    let st = plan("hqq4", OutputFormat::Safetensors, UP, &shape);
+    let (Some(PassKind::Hqq(c)), Some(PassKind::Hqq(s))) = (&ct.values, &st.values) else {
+        panic!("{ct:?}");
+    };
+    assert!(c.integer_zero && !s.integer_zero);
+    assert_eq!(c.scale_dtype, crate::recipe::ScaleDtype::Bf16);
+    let input = bf16_bytes(&sample(16 * 256));
+    let (bytes, acc) = write(OutputFormat::CompressedTensors, &ct, &shape, &input, 5);
+    let tensor = TensorDesc {
+        name: UP,
+        dtype: DType::BF16,
+        shape: &shape,
+    };
+    let outputs = OutputFormat::CompressedTensors
+        .spec()
+        .output_tensors(tensor, &ct);
+    let parts = split(&outputs, &bytes);
+    let values = dequantize_packed(
+        parts[0],
+        parts[1],
+        DType::BF16,
+        Some(parts[2]),
+        [16, 256],
+        4,
+        Some(64),
+    )
+    .unwrap();
+    let (reference, _) = write(OutputFormat::Safetensors, &ct, &shape, &input, 16);
+    assert!(bf16_bytes(&values) == reference);
+    assert!(acc.finish().rel_fro_error < 0.1);
+}
+
+/// 2:4 pruning before FP8: float-quantized bytes with +0 at the pruned positions.
+#[test]
+fn two_of_four_fp8_is_float_quantized_with_zeros() {
+    let shape = [8u64, 64];
+    let input = bf16_bytes(&sample(8 * 64));
+    let recipe = Recipe::from_yaml("passes:\n  - prune: { method: nm, n: 2, m: 4 }\n    targets: ['re:.*']\n  - fp8: { granularity: channel }\n    targets: ['re:.*']\n").unwrap();
+    let facts = ModelFacts::default();
+    let ct = TensorPlan::for_output(
+        &recipe,
+        OutputFormat::CompressedTensors,
+        &facts,
+        UP,
+        DType::BF16,
+        &shape,
+    )
+    .unwrap();
+    let (reference, _) = write(OutputFormat::Safetensors, &ct, &shape, &input, 8);
+    let (bytes, _) = write(OutputFormat::CompressedTensors, &ct, &shape, &input, 3);
+    let parts = split(
+        &[
+            OutputTensor {
+                name: "w".into(),
+                dtype: DType::F8_E4M3,
+                shape: vec![8, 64],
+            },
+            OutputTensor {
+                name: "s".into(),
+                dtype: DType::BF16,
+                shape: vec![8, 1],
+            },
+        ],
+        &bytes,
+    );
+    let scales = decoded_bf16(parts[1]);
+    let values: Vec<f32> = parts[0]
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| e4m3_to_f32(b) * scales[i / 64])
+        .collect();
+    assert_eq!(bf16_bytes(&values), reference);
+    assert_eq!(parts[0].iter().filter(|&&b| b == 0).count(), 8 * 64 / 2);
+}
+
 #[test]
 fn compressed_tensors_refuses_what_it_cannot_hold() {
     let r = |yaml: &str| Recipe::from_yaml(yaml).unwrap();
@@ -254,8 +342,7 @@ fn compressed_tensors_refuses_what_it_cannot_hold() {
         TensorPlan::for_output(recipe, ct, &ModelFacts::default(), name, DType::BF16, shape)
     };
     let refused = [
-        ("hqq4", UP, vec![16, 256], "HQQ"),
-        ("2of4", UP, vec![16, 256], "pruned"),
+        ("2of4", UP, vec![16, 256], "2:4 pruning alone"),
         ("kmeans4", UP, vec![16, 256], "compressed-tensors layout"),
         ("svd50", UP, vec![16, 256], "compressed-tensors layout"),
         ("w4a16", UP, vec![16, 200], "does not divide"),
@@ -274,6 +361,12 @@ fn compressed_tensors_refuses_what_it_cannot_hold() {
             "{preset}: {err}"
         );
     }
+    let odd_group = r("passes:\n  - prune: { method: nm, n: 2, m: 4 }\n    targets: ['re:.*']\n  - quantize: { bits: 4, granularity: group, group_size: 63 }\n    targets: ['re:.*']\n");
+    let err = check(&odd_group, UP, &[16, 256]).unwrap_err().to_string();
+    assert!(err.contains("multiple of 2"), "{err}");
+    let magnitude = r("passes:\n  - prune: { method: magnitude, sparsity: 0.5 }\n    targets: ['re:.*']\n  - quantize: { bits: 4, granularity: group, group_size: 64 }\n    targets: ['re:.*']\n");
+    let err = check(&magnitude, UP, &[16, 256]).unwrap_err().to_string();
+    assert!(err.contains("only N:M pruning"), "{err}");
     let three =
         r("passes:\n  - quantize: { bits: 3, granularity: channel }\n    targets: ['re:.*']\n");
     let err = check(&three, UP, &[16, 256]).unwrap_err().to_string();

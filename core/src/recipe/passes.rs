@@ -58,6 +58,17 @@ struct RawQuantize {
     granularity: RawGranularity,
     group_size: Option<usize>,
     iterations: Option<usize>,
+    zero_point: Option<ZeroPoint>,
+}
+
+/// How an HQQ pass stores zero points.
+#[derive(Deserialize, PartialEq, Clone, Copy)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum ZeroPoint {
+    /// Real f16 zeros (HQQ's own layout; the default).
+    Float,
+    /// Integers in `[0, 2^bits)`, as compressed-tensors stores them.
+    Integer,
 }
 
 #[derive(Deserialize)]
@@ -203,6 +214,12 @@ fn convert_quantize(field: &str, raw: RawQuantize) -> Result<PassKind, RecipeErr
                     "only allowed with method: hqq",
                 ));
             }
+            if raw.zero_point.is_some() {
+                return Err(invalid(
+                    format!("{field}.zero_point"),
+                    "only allowed with method: hqq (rtn's asymmetric zero points are integers)",
+                ));
+            }
             Ok(PassKind::Quantize(QuantizeConfig {
                 bits: raw.bits,
                 symmetric: raw.symmetric.unwrap_or(true),
@@ -228,6 +245,8 @@ fn convert_quantize(field: &str, raw: RawQuantize) -> Result<PassKind, RecipeErr
                 bits: raw.bits,
                 granularity,
                 iterations,
+                integer_zero: raw.zero_point == Some(ZeroPoint::Integer),
+                scale_dtype: ScaleDtype::F16,
             }))
         }
     }

@@ -146,7 +146,7 @@ fn presets_parse_and_target_linear_weights() {
         assert_eq!(&r.name, name);
         let expected = match name {
             "lossless" => 0,
-            "2of4-int4" => 2,
+            "2of4-int4" | "2of4-w4a16" => 2,
             _ => 1,
         };
         assert_eq!(
