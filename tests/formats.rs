@@ -213,3 +213,144 @@ fn a_gguf_file_is_byte_identical_whatever_the_number_of_workers() {
     names.sort();
     assert_eq!(names, ["manifest.json", "model.gguf", "report.json"]);
 }
+
+/// Writes `tensors` (name, dtype, shape, bytes) as one safetensors file.
+fn write_safetensors(path: &Path, tensors: &[(String, DType, Vec<u64>, Vec<u8>)]) {
+    let spec: Vec<(String, DType, Vec<u64>)> = tensors
+        .iter()
+        .map(|(n, d, s, _)| (n.clone(), *d, s.clone()))
+        .collect();
+    let (mut bytes, _) =
+        shardpress_core::header::encode_header(&spec, &Default::default()).unwrap();
+    for (_, _, _, data) in tensors {
+        bytes.extend_from_slice(data);
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// FP8 inputs with scales (DeepSeek-V3's 128x128 `weight_scale_inv`, and compressed-tensors'
+/// per-channel `weight_scale` on one weight) are decoded to BF16 and compressed: the output
+/// is exactly what the same recipe gives on the decoded BF16 model, holds no scale tensors,
+/// and its config.json drops the input's FP8 quantization_config. `.spz`, which restores
+/// original files, refuses such a model at submit.
+#[test]
+fn fp8_inputs_with_scales_are_decoded_then_compressed() {
+    use shardpress_core::fp8::{e4m3_from_f32, e4m3_to_f32};
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    gen_model(&source, "6MB", "bf16", 100);
+    let (fp8, decoded) = (dir.path().join("fp8"), dir.path().join("decoded"));
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(source.join("config.json")).unwrap()).unwrap();
+    for target in [&fp8, &decoded] {
+        std::fs::create_dir_all(target).unwrap();
+        for entry in std::fs::read_dir(&source).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if !name.contains("safetensors") && name != "config.json" {
+                std::fs::copy(&path, target.join(&name)).unwrap();
+            }
+        }
+    }
+    std::fs::write(decoded.join("config.json"), config.to_string()).unwrap();
+    config["quantization_config"] = serde_json::json!({
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128]
+    });
+    std::fs::write(fp8.join("config.json"), config.to_string()).unwrap();
+
+    let (mut fp8_tensors, mut bf16_tensors) = (Vec::new(), Vec::new());
+    let mut per_channel_done = false;
+    for (name, (dtype, shape, bytes)) in load_tensors(&source) {
+        assert_eq!(dtype, safetensors::Dtype::BF16);
+        let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        if !(name.contains("layers.") && name.ends_with("_proj.weight")) {
+            fp8_tensors.push((name.clone(), DType::BF16, dims.clone(), bytes.clone()));
+            bf16_tensors.push((name, DType::BF16, dims, bytes));
+            continue;
+        }
+        let values = common::decode(dtype, &bytes);
+        let (rows, cols) = (shape[0], shape[1]);
+        // One weight per channel (compressed-tensors' layout), the rest in 128x128 blocks.
+        let (block_rows, block_cols, suffix) = if per_channel_done {
+            (128, 128, "_scale_inv")
+        } else {
+            per_channel_done = true;
+            (1, cols, "_scale")
+        };
+        let grid = (rows.div_ceil(block_rows), cols.div_ceil(block_cols));
+        let mut scales = vec![0f32; grid.0 * grid.1];
+        for (i, v) in values.iter().enumerate() {
+            let b = (i / cols / block_rows) * grid.1 + (i % cols) / block_cols;
+            scales[b] = scales[b].max(v.abs() / 448.0);
+        }
+        let scale_of =
+            |i: usize| scales[(i / cols / block_rows) * grid.1 + (i % cols) / block_cols];
+        let codes: Vec<u8> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| e4m3_from_f32(v / scale_of(i).max(f32::MIN_POSITIVE)))
+            .collect();
+        let real: Vec<f32> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| e4m3_to_f32(c) * scale_of(i))
+            .collect();
+        let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let scale_shape = if block_rows == 1 {
+            vec![rows as u64, 1]
+        } else {
+            vec![grid.0 as u64, grid.1 as u64]
+        };
+        fp8_tensors.push((name.clone(), DType::F8_E4M3, dims.clone(), codes));
+        fp8_tensors.push((
+            format!("{name}{suffix}"),
+            DType::F32,
+            scale_shape,
+            scale_bytes,
+        ));
+        bf16_tensors.push((name, DType::BF16, dims, bf16(&real)));
+    }
+    write_safetensors(&fp8.join("model.safetensors"), &fp8_tensors);
+    write_safetensors(&decoded.join("model.safetensors"), &bf16_tensors);
+
+    for (recipe, format) in [
+        ("int4-g128", "safetensors"),
+        ("w4a16", "compressed-tensors"),
+    ] {
+        let (a, b) = (
+            dir.path().join(format!("fp8-{format}")),
+            dir.path().join(format!("decoded-{format}")),
+        );
+        run(&fp8, &a, recipe, format, 2);
+        run(&decoded, &b, recipe, format, 2);
+        let (got, want) = (safetensors_dir(&a), safetensors_dir(&b));
+        assert!(got.keys().all(|k| !k.contains("_scale_inv")), "{format}");
+        assert_same(format, &got, &want);
+        let out_config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(a.join("config.json")).unwrap()).unwrap();
+        let q = &out_config["quantization_config"];
+        match format {
+            "safetensors" => assert!(q.is_null(), "{q}"),
+            _ => assert_eq!(q["quant_method"], "compressed-tensors"),
+        }
+    }
+    let refused = dir.path().join("fp8-spz");
+    let output = shardpress(&[
+        "run",
+        "--workers",
+        "1",
+        "--model",
+        fp8.to_str().unwrap(),
+        "--out",
+        refused.to_str().unwrap(),
+        "--recipe",
+        "int4-g128",
+        "--format",
+        "spz",
+    ]);
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(message.contains("FP8 with scales"), "{message}");
+    assert!(!refused.join("model.spz").exists());
+}

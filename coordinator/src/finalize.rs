@@ -281,10 +281,16 @@ async fn reassemble(
             objects.push(put_json(&out, INDEX_NAME, json_bytes(&index)).await?);
         }
         if finish.copy_companions {
+            // FP8 weights decoded from their scales are no longer what the input's own
+            // quantization_config (e.g. DeepSeek's `quant_method: fp8`) describes.
+            let decoded = tasks
+                .iter()
+                .any(|t| t.plan.tensors.iter().any(|x| x.scales.is_some()));
             for name in companion_names(&model).await? {
                 let mut bytes = model.get(&name).await?.to_vec();
-                if let (true, Some(q)) = (name == "config.json", &finish.quantization_config) {
-                    bytes = with_quantization_config(&model.describe(&name), &bytes, q)?;
+                let config = finish.quantization_config.as_ref();
+                if name == "config.json" && (config.is_some() || decoded) {
+                    bytes = with_quantization_config(&model.describe(&name), &bytes, config)?;
                 }
                 objects.push(put_json(&out, &name, bytes).await?);
             }
@@ -703,11 +709,11 @@ struct ShardIndex<'a> {
     weight_map: &'a BTreeMap<String, String>,
 }
 
-/// `config.json` with `quantization_config` set (an existing one is replaced).
+/// `config.json` with `quantization_config` set (an existing one is replaced), or removed.
 fn with_quantization_config(
     object: &str,
     bytes: &[u8],
-    quantization_config: &serde_json::Value,
+    quantization_config: Option<&serde_json::Value>,
 ) -> Result<Vec<u8>, StoreError> {
     let mut config: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| StoreError::Invalid {
@@ -720,7 +726,10 @@ fn with_quantization_config(
             reason: "not a JSON object, so its quantization_config cannot be set".into(),
         });
     };
-    fields.insert("quantization_config".into(), quantization_config.clone());
+    match quantization_config {
+        Some(q) => fields.insert("quantization_config".into(), q.clone()),
+        None => fields.remove("quantization_config"),
+    };
     Ok(json_bytes(&config))
 }
 

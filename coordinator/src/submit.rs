@@ -77,15 +77,19 @@ pub async fn submit(
     } else {
         ModelFacts::default()
     };
+    let mut plan = plan_tasks(&files, budget)?;
     // Every tensor's pass combination, and whether the format can store it, is checked
-    // now, not mid-job.
-    for file in &files {
-        for t in &file.header.tensors {
-            TensorPlan::for_output(&recipe, format, &facts, &t.name, t.dtype, &t.shape)
-                .map_err(|e| CoordinatorError::InvalidRequest(format!("{}: {e}", file.name)))?;
+    // now, not mid-job (FP8 weights with scales as the BF16 tensors they are decoded to).
+    for t in plan.iter().flat_map(|task| &task.tensors) {
+        TensorPlan::for_output(&recipe, format, &facts, &t.name, t.dtype, &t.shape)
+            .map_err(|e| CoordinatorError::InvalidRequest(format!("{}: {e}", t.source_file)))?;
+        if let (OutputFormat::Spz, Some(scales)) = (format, &t.scales) {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "{}: {} is FP8 with scales ({}), which this job decodes to BF16, and .spz restores the original files; use --format safetensors, compressed-tensors or gguf",
+                t.source_file, t.name, scales.name
+            )));
         }
     }
-    let mut plan = plan_tasks(&files, budget)?;
     let total = plan.len();
     for task in &mut plan {
         task.output_name = format.spec().task_output_name(task.index as usize, total);

@@ -173,5 +173,53 @@ pub fn fp8_e4m3_codes_on(
     })
 }
 
+/// Decodes whole rows of an FP8 E4M3 weight stored with scales, starting at weight row
+/// `first_row`: `out[i] = decode(raw[i]) * scale` of the element's block, where `scales` is
+/// the row-major grid of `[ceil(rows / block[0]), scale_cols]` scales and `cols` the
+/// weight's row length (DeepSeek-V3's `weight_scale_inv` multiplies the same way). Errors
+/// when `raw` is not whole rows or a block has no scale.
+pub fn decode_scaled_rows(
+    raw: &[u8],
+    first_row: u64,
+    cols: usize,
+    scales: &[f32],
+    scale_cols: usize,
+    block: [u64; 2],
+    out: &mut [f32],
+) -> Result<(), String> {
+    if cols == 0 || raw.len() % cols != 0 || out.len() != raw.len() {
+        return Err(format!(
+            "{} FP8 bytes are not whole rows of {cols} (output of {})",
+            raw.len(),
+            out.len()
+        ));
+    }
+    let (block_rows, block_cols) = (block[0].max(1), block[1].max(1) as usize);
+    let last_row = first_row + (raw.len() / cols) as u64;
+    let needed = (last_row.div_ceil(block_rows) as usize) * scale_cols;
+    if cols.div_ceil(block_cols) > scale_cols || scales.len() < needed {
+        return Err(format!(
+            "{} scales with {scale_cols} columns do not cover rows ..{last_row} of {cols} columns in {block_rows}x{block_cols} blocks",
+            scales.len()
+        ));
+    }
+    raw.par_chunks(cols)
+        .zip(out.par_chunks_mut(cols))
+        .enumerate()
+        .for_each(|(r, (bytes, values))| {
+            let scale_row = &scales[((first_row + r as u64) / block_rows) as usize * scale_cols..];
+            for ((bytes, values), &scale) in bytes
+                .chunks(block_cols)
+                .zip(values.chunks_mut(block_cols))
+                .zip(scale_row)
+            {
+                for (v, &b) in values.iter_mut().zip(bytes) {
+                    *v = E4M3_TABLE[usize::from(b)] * scale;
+                }
+            }
+        });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;

@@ -7,6 +7,12 @@
 //! into tasks of at most `budget_bytes`; a tensor larger than the budget gets a task of its
 //! own and is never split (workers stream it in row chunks). Each task becomes one output
 //! file, `model-00001-of-000NN.safetensors`.
+//!
+//! FP8 weights stored with scales (DeepSeek-V3/R1's `W.weight` F8_E4M3 with
+//! `W.weight_scale_inv`, 128x128 blocks; compressed-tensors' `W.weight` with `W.weight_scale`
+//! per channel or per tensor) are planned as one BF16 tensor: the scale tensor travels with
+//! its weight ([`BlockScales`]), workers decode `fp8 * scale` to BF16 as they read, and the
+//! scale tensor is not an output of its own. Passes, formats and reports see a BF16 weight.
 
 use crate::dtype::DType;
 use crate::header::SafetensorsHeader;
@@ -28,20 +34,64 @@ pub struct SourceFile {
 pub struct PlannedTensor {
     pub name: String,
     pub source_file: String,
+    /// The dtype of the values passes see: the stored dtype, or BF16 for FP8 with scales.
     pub dtype: DType,
     pub shape: Vec<u64>,
     /// Absolute offset of the first data byte in the source file.
     pub data_start: u64,
     /// Absolute offset one past the last data byte.
     pub data_end: u64,
+    /// The scales of FP8 values decoded on reading (see the module docs).
+    pub scales: Option<BlockScales>,
 }
 
 impl PlannedTensor {
+    /// Data length in bytes (as stored, scales included).
+    pub fn byte_len(&self) -> u64 {
+        let own = self.data_end.saturating_sub(self.data_start);
+        own.saturating_add(self.scales.as_ref().map_or(0, |s| s.byte_len()))
+    }
+
+    /// The dtype of the stored bytes (`dtype` unless decoded from FP8).
+    pub fn stored_dtype(&self) -> DType {
+        match &self.scales {
+            Some(_) => DType::F8_E4M3,
+            None => self.dtype,
+        }
+    }
+}
+
+/// The scale tensor of an FP8 weight: `value = fp8 * scale` of the weight's block
+/// (`block` rows by columns; `[1, cols]` is per channel, `[rows, cols]` per tensor).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BlockScales {
+    pub name: String,
+    pub source_file: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub data_start: u64,
+    pub data_end: u64,
+    pub block: [u64; 2],
+}
+
+impl BlockScales {
     /// Data length in bytes.
     pub fn byte_len(&self) -> u64 {
         self.data_end.saturating_sub(self.data_start)
     }
+
+    /// Scale columns (blocks per weight row).
+    pub fn cols(&self) -> u64 {
+        self.shape.get(1).copied().unwrap_or(1)
+    }
 }
+
+/// The block edge DeepSeek-V3/R1 (and every FP8 block checkpoint we know) use; a scale grid
+/// that fits it is read with it, whatever other edge would also fit.
+pub const FP8_BLOCK: u64 = 128;
+
+/// The suffixes a weight's FP8 scale tensor has: DeepSeek's and compressed-tensors'.
+const SCALE_SUFFIXES: [&str; 2] = ["_scale_inv", "_scale"];
 
 /// One unit of work: a set of tensors written to one output file.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -75,6 +125,12 @@ pub enum PlanError {
     OffsetOverflow { tensor: String, file: String },
     #[error("plan would have {count} tasks, more than u32 can index")]
     TooManyTasks { count: usize },
+    #[error("FP8 weight {weight:?} has scales {scales:?} that do not fit it: {reason}")]
+    BadScales {
+        weight: String,
+        scales: String,
+        reason: String,
+    },
 }
 
 static LAYER_RE: LazyLock<Regex> = LazyLock::new(|| {
@@ -168,10 +224,102 @@ fn gather(files: &[SourceFile]) -> Result<Vec<PlannedTensor>, PlanError> {
                 shape: t.shape.clone(),
                 data_start: base.checked_add(t.data_offsets.0).ok_or_else(overflow)?,
                 data_end: base.checked_add(t.data_offsets.1).ok_or_else(overflow)?,
+                scales: None,
             });
         }
     }
-    Ok(out)
+    attach_fp8_scales(out)
+}
+
+/// Moves each FP8 weight's scale tensor (`<weight>_scale_inv` or `<weight>_scale`, a float
+/// tensor) into the weight (see the module docs); other tensors are left as they are.
+fn attach_fp8_scales(tensors: Vec<PlannedTensor>) -> Result<Vec<PlannedTensor>, PlanError> {
+    let index: HashMap<&str, usize> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let mut pairs: Vec<(usize, usize)> = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        if t.dtype != DType::F8_E4M3 || t.shape.len() != 2 {
+            continue;
+        }
+        let found = SCALE_SUFFIXES
+            .iter()
+            .filter_map(|suffix| index.get(format!("{}{suffix}", t.name).as_str()))
+            .find(|&&j| tensors[j].dtype.is_decodable_float());
+        if let Some(&j) = found {
+            pairs.push((i, j));
+        }
+    }
+    let mut scales: HashMap<usize, BlockScales> = HashMap::new();
+    for &(i, j) in &pairs {
+        let (weight, s) = (&tensors[i], &tensors[j]);
+        let block =
+            scale_block(&weight.shape, &s.shape).map_err(|reason| PlanError::BadScales {
+                weight: weight.name.clone(),
+                scales: s.name.clone(),
+                reason,
+            })?;
+        scales.insert(
+            i,
+            BlockScales {
+                name: s.name.clone(),
+                source_file: s.source_file.clone(),
+                dtype: s.dtype,
+                shape: vec![
+                    weight.shape[0].div_ceil(block[0]),
+                    weight.shape[1].div_ceil(block[1]),
+                ],
+                data_start: s.data_start,
+                data_end: s.data_end,
+                block,
+            },
+        );
+    }
+    let consumed: std::collections::HashSet<usize> = pairs.iter().map(|p| p.1).collect();
+    Ok(tensors
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !consumed.contains(i))
+        .map(|(i, mut t)| {
+            if let Some(s) = scales.remove(&i) {
+                t.dtype = DType::BF16;
+                t.scales = Some(s);
+            }
+            t
+        })
+        .collect())
+}
+
+/// The block `[rows, cols]` a scale tensor of shape `scale` covers in a weight of shape
+/// `weight` (`[rows, cols]`): one scale per tensor (`[]`, `[1]`, `[1, 1]`), per row
+/// (`[rows]`, `[rows, 1]`), or a grid of `[ceil(rows/b), ceil(cols/b)]` square blocks, `b`
+/// being [`FP8_BLOCK`] when it fits and otherwise an edge the grid implies.
+fn scale_block(weight: &[u64], scale: &[u64]) -> Result<[u64; 2], String> {
+    let (rows, cols) = (weight[0], weight[1]);
+    let elems: u64 = scale.iter().product();
+    if elems == 1 {
+        return Ok([rows.max(1), cols.max(1)]);
+    }
+    let grid = match scale {
+        [r] | [r, 1] if *r == rows => return Ok([1, cols.max(1)]),
+        [r, c] if *r > 0 && *c > 0 => [*r, *c],
+        _ => {
+            return Err(format!(
+                "scale shape {scale:?} is not a per-tensor, per-row or 2-D block grid"
+            ))
+        }
+    };
+    let fits = |b: u64| b > 0 && rows.div_ceil(b) == grid[0] && cols.div_ceil(b) == grid[1];
+    let candidates = [FP8_BLOCK, rows.div_ceil(grid[0]), cols.div_ceil(grid[1])];
+    if let Some(&b) = candidates.iter().find(|&&b| fits(b)) {
+        return Ok([b, b]);
+    }
+    Err(format!(
+        "a {rows}x{cols} weight has no square block size giving a {}x{} grid",
+        grid[0], grid[1]
+    ))
 }
 
 /// Greedy packing in the given order; an over-budget tensor is alone in its chunk.

@@ -2,15 +2,17 @@
 
 use shardpress_core::dtype::DType;
 use shardpress_core::metrics::TensorMetrics;
-use shardpress_core::plan::PlannedTensor;
+use shardpress_core::plan::{BlockScales, PlannedTensor};
 
-use crate::v1::{JobState, JobStatus, TensorResult, TensorSlice};
+use crate::v1::{self, JobState, JobStatus, TensorResult, TensorSlice};
 
 /// A wire message that does not decode to a valid core value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     #[error("tensor {tensor:?}: unknown dtype {dtype:?}")]
     UnknownDtype { tensor: String, dtype: String },
+    #[error("tensor {tensor:?}: bad FP8 scales: {reason}")]
+    BadScales { tensor: String, reason: String },
     #[error("tensor {tensor:?}: data range {start}..{end} is reversed")]
     BadRange {
         tensor: String,
@@ -29,8 +31,55 @@ impl From<&PlannedTensor> for TensorSlice {
             data_start: t.data_start,
             data_end: t.data_end,
             share_candidate: None,
+            scales: t.scales.as_ref().map(|s| v1::BlockScales {
+                name: s.name.clone(),
+                source_file: s.source_file.clone(),
+                dtype: s.dtype.as_safetensors().to_string(),
+                shape: s.shape.clone(),
+                data_start: s.data_start,
+                data_end: s.data_end,
+                block: s.block.to_vec(),
+            }),
         }
     }
+}
+
+fn block_scales(tensor: &str, s: &v1::BlockScales) -> Result<BlockScales, ConvertError> {
+    let bad = |reason: String| ConvertError::BadScales {
+        tensor: tensor.to_owned(),
+        reason,
+    };
+    let dtype = DType::from_safetensors(&s.dtype)
+        .filter(|d| d.is_decodable_float())
+        .ok_or_else(|| bad(format!("scale dtype {:?} is not a float dtype", s.dtype)))?;
+    let block: [u64; 2] = s
+        .block
+        .as_slice()
+        .try_into()
+        .map_err(|_| bad(format!("block {:?} is not [rows, cols]", s.block)))?;
+    let elems = match s.shape.as_slice() {
+        [r, c] => r.checked_mul(*c),
+        _ => None,
+    };
+    let expected = elems.and_then(|e| e.checked_mul(dtype.size_bytes() as u64));
+    if block.contains(&0)
+        || s.data_end < s.data_start
+        || expected != Some(s.data_end - s.data_start)
+    {
+        return Err(bad(format!(
+            "shape {:?}, block {block:?} and bytes {}..{} do not agree",
+            s.shape, s.data_start, s.data_end
+        )));
+    }
+    Ok(BlockScales {
+        name: s.name.clone(),
+        source_file: s.source_file.clone(),
+        dtype,
+        shape: s.shape.clone(),
+        data_start: s.data_start,
+        data_end: s.data_end,
+        block,
+    })
 }
 
 impl TryFrom<&TensorSlice> for PlannedTensor {
@@ -56,6 +105,11 @@ impl TryFrom<&TensorSlice> for PlannedTensor {
             shape: t.shape.clone(),
             data_start: t.data_start,
             data_end: t.data_end,
+            scales: t
+                .scales
+                .as_ref()
+                .map(|s| block_scales(&t.name, s))
+                .transpose()?,
         })
     }
 }

@@ -49,19 +49,18 @@ struct Timings {
 }
 
 fn check_extent(tensor: &PlannedTensor) -> Result<(), TaskError> {
+    let stored = tensor.stored_dtype();
     let expected = tensor
         .shape
         .iter()
-        .try_fold(tensor.dtype.size_bytes() as u64, |acc, &d| {
-            acc.checked_mul(d)
-        });
+        .try_fold(stored.size_bytes() as u64, |acc, &d| acc.checked_mul(d));
     if expected != Some(tensor.data_end - tensor.data_start) {
         return Err(TaskError::BadTensor {
             tensor: tensor.name.clone(),
             reason: format!(
                 "shape {:?} of {} does not fill bytes {}..{}",
                 tensor.shape,
-                tensor.dtype.as_safetensors(),
+                stored.as_safetensors(),
                 tensor.data_start,
                 tensor.data_end
             ),
@@ -236,13 +235,16 @@ async fn measure(
         if !with_histogram && !with_sketch {
             continue;
         }
-        let elems = (tensor.data_end - tensor.data_start) / tensor.dtype.size_bytes() as u64;
-        let mut sketcher = Some(Sketcher::new(elems as usize));
+        let mut sketcher = Some(Sketcher::new(elements(tensor) as usize));
         let ranges = chunk_ranges(tensor, 1, ctx.chunk_bytes);
         let mut chunks = read_ahead(model, tensor, ranges);
-        while let Some(input) = next_chunk(&mut chunks, ctx, &mut timings).await? {
+        while let Some(Chunk {
+            values: input,
+            stored_len: len,
+        }) = next_chunk(&mut chunks, ctx, &mut timings).await?
+        {
             let compute_started = Instant::now();
-            let (dtype, len) = (tensor.dtype, input.len() as u64);
+            let dtype = tensor.dtype;
             let mut s = sketcher.take();
             let (counts, s) = cpu::run(move || {
                 let mut values = vec![0f32; input.len() / dtype.size_bytes().max(1)];
@@ -358,15 +360,8 @@ async fn share_tensor(
     .map_err(|e| TaskError::BadLease(e.to_string()))?;
     set_global_cut(&mut plan, near.global_cut)?;
     let read_started = Instant::now();
-    let own = model
-        .get_range(&tensor.source_file, tensor.data_start..tensor.data_end)
-        .await?;
-    let other = model
-        .get_range(
-            &candidate.source_file,
-            candidate.data_start..candidate.data_end,
-        )
-        .await?;
+    let own = read_whole(model, tensor).await?;
+    let other = read_whole(model, &candidate).await?;
     timings.read += read_started.elapsed();
     let compute_started = Instant::now();
     let (dtype, row_len, threshold) = (
@@ -419,8 +414,7 @@ async fn share_tensor(
             )))
         }
     }
-    ctx.progress
-        .fetch_add(tensor.data_end - tensor.data_start, Ordering::Relaxed);
+    ctx.progress.fetch_add(tensor.byte_len(), Ordering::Relaxed);
     let mut result = TensorResult {
         name: tensor.name.clone(),
         dtype: tensor.dtype.as_safetensors().to_string(),
@@ -438,14 +432,24 @@ async fn share_tensor(
     Ok(Some(result))
 }
 
-/// Row ranges of one tensor, each at most `chunk_bytes` (but at least one row).
+/// The tensor's element count.
+fn elements(tensor: &PlannedTensor) -> u64 {
+    tensor.shape.iter().product()
+}
+
+/// Byte ranges of one stored tensor, each of whole rows of `row_len` elements (of the
+/// weight's rows for FP8 decoded with scales), at most `chunk_bytes` (but at least one row).
 fn chunk_ranges(
     tensor: &PlannedTensor,
     row_len: u64,
     chunk_bytes: usize,
 ) -> Vec<std::ops::Range<u64>> {
     let total = tensor.data_end - tensor.data_start;
-    let row_bytes = (row_len * tensor.dtype.size_bytes() as u64).max(1);
+    let row_len = match tensor.scales {
+        Some(_) => row_len_of(&tensor.shape),
+        None => row_len,
+    };
+    let row_bytes = (row_len * tensor.stored_dtype().size_bytes() as u64).max(1);
     let rows_per_chunk = (chunk_bytes as u64 / row_bytes).max(1);
     let step = rows_per_chunk * row_bytes;
     (0..total)
@@ -494,10 +498,13 @@ async fn compress_tensor(
         OutputFormat::Spz => true,
         OutputFormat::Safetensors | OutputFormat::CompressedTensors | OutputFormat::Gguf => false,
     };
-    while let Some(input) = next_chunk(&mut chunks, ctx, timings).await? {
+    while let Some(Chunk {
+        values: input,
+        stored_len: input_len,
+    }) = next_chunk(&mut chunks, ctx, timings).await?
+    {
         let compute_started = Instant::now();
         let (plan_c, dtype) = (plan.clone(), tensor.dtype);
-        let input_len = input.len() as u64;
         let (output, acc_out, writer_out) = cpu::run(move || {
             let result = tensor_writer.chunk(&plan_c, dtype, chunk_row_len, &input, &mut acc);
             result.map(|out| (out, acc, tensor_writer))
@@ -542,7 +549,7 @@ async fn compress_tensor(
             source,
         })?;
     writer.write(&tail);
-    let elems = (tensor.data_end - tensor.data_start) / tensor.dtype.size_bytes().max(1) as u64;
+    let elems = elements(tensor);
     let per_weight = |bits: u64| {
         if elems == 0 {
             0.0
@@ -574,12 +581,19 @@ async fn compress_tensor(
     Ok(result)
 }
 
+/// A chunk of whole rows as passes see it (FP8 with scales decoded to BF16), and how many
+/// stored bytes it was read from (what progress counts).
+struct Chunk {
+    values: Bytes,
+    stored_len: u64,
+}
+
 /// The next chunk from [`read_ahead`], timing the wait; stops when the lease is lost.
 async fn next_chunk(
-    chunks: &mut mpsc::Receiver<Result<Bytes, TaskError>>,
+    chunks: &mut mpsc::Receiver<Result<Chunk, TaskError>>,
     ctx: &TaskContext,
     timings: &mut Timings,
-) -> Result<Option<Bytes>, TaskError> {
+) -> Result<Option<Chunk>, TaskError> {
     if ctx.cancelled.load(Ordering::Relaxed) {
         return Err(TaskError::Cancelled("lease lost".into()));
     }
@@ -589,18 +603,29 @@ async fn next_chunk(
     chunk
 }
 
-/// Spawns a reader that fetches the chunks in order, a few ahead of the consumer.
+/// Spawns a reader that fetches the chunks in order, a few ahead of the consumer, decoding
+/// FP8 stored with scales (read first) to BF16.
 fn read_ahead(
     model: &StoreLocation,
     tensor: &PlannedTensor,
     ranges: Vec<std::ops::Range<u64>>,
-) -> mpsc::Receiver<Result<Bytes, TaskError>> {
+) -> mpsc::Receiver<Result<Chunk, TaskError>> {
     let (sender, receiver) = mpsc::channel(READ_AHEAD);
     let model = model.clone();
-    let file = tensor.source_file.clone();
+    let tensor = tensor.clone();
     tokio::spawn(async move {
+        let scales = match read_scales(&model, &tensor).await {
+            Ok(scales) => scales,
+            Err(e) => {
+                let _ = sender.send(Err(e)).await;
+                return;
+            }
+        };
         for range in ranges {
-            let chunk = model.get_range(&file, range).await.map_err(TaskError::from);
+            let chunk = match model.get_range(&tensor.source_file, range.clone()).await {
+                Ok(raw) => decode_chunk(&tensor, scales.clone(), range.start, raw).await,
+                Err(e) => Err(TaskError::from(e)),
+            };
             let failed = chunk.is_err();
             if sender.send(chunk).await.is_err() || failed {
                 return;
@@ -608,4 +633,83 @@ fn read_ahead(
         }
     });
     receiver
+}
+
+/// The scales of an FP8 tensor stored with them, as f32 (`None` for other tensors).
+async fn read_scales(
+    model: &StoreLocation,
+    tensor: &PlannedTensor,
+) -> Result<Option<Arc<Vec<f32>>>, TaskError> {
+    let Some(scales) = &tensor.scales else {
+        return Ok(None);
+    };
+    let raw = model
+        .get_range(&scales.source_file, scales.data_start..scales.data_end)
+        .await?;
+    let mut values = vec![0f32; raw.len() / scales.dtype.size_bytes().max(1)];
+    decode_to_f32(scales.dtype, &raw, &mut values).map_err(|e| TaskError::BadTensor {
+        tensor: scales.name.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Some(Arc::new(values)))
+}
+
+/// The chunk of `raw` bytes read from `start` as passes see it.
+async fn decode_chunk(
+    tensor: &PlannedTensor,
+    scales: Option<Arc<Vec<f32>>>,
+    start: u64,
+    raw: Bytes,
+) -> Result<Chunk, TaskError> {
+    let stored_len = raw.len() as u64;
+    let (Some(meta), Some(scales)) = (&tensor.scales, scales) else {
+        return Ok(Chunk {
+            values: raw,
+            stored_len,
+        });
+    };
+    let cols = row_len_of(&tensor.shape).max(1);
+    let first_row = (start - tensor.data_start) / cols;
+    let (scale_cols, block) = (meta.cols() as usize, meta.block);
+    let values = cpu::run(move || -> Result<Vec<u8>, String> {
+        let mut values = vec![0f32; raw.len()];
+        shardpress_core::fp8::decode_scaled_rows(
+            &raw,
+            first_row,
+            cols as usize,
+            &scales,
+            scale_cols,
+            block,
+            &mut values,
+        )?;
+        let mut bf16 = vec![0u8; values.len() * 2];
+        shardpress_core::dtype::encode_from_f32(
+            shardpress_core::dtype::DType::BF16,
+            &values,
+            &mut bf16,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(bf16)
+    })
+    .await
+    .and_then(|r| r)
+    .map_err(|reason| TaskError::BadTensor {
+        tensor: tensor.name.clone(),
+        reason: format!("decoding FP8 with {}: {reason}", meta.name),
+    })?;
+    Ok(Chunk {
+        values: Bytes::from(values),
+        stored_len,
+    })
+}
+
+/// A whole tensor as passes see it.
+async fn read_whole(model: &StoreLocation, tensor: &PlannedTensor) -> Result<Bytes, TaskError> {
+    let scales = read_scales(model, tensor).await?;
+    let raw = model
+        .get_range(&tensor.source_file, tensor.data_start..tensor.data_end)
+        .await?;
+    Ok(decode_chunk(tensor, scales, tensor.data_start, raw)
+        .await?
+        .values)
 }

@@ -185,3 +185,38 @@ fn long_rows_match_sequential_encoding() {
         assert_eq!(y, e4m3_to_f32(b) * scale);
     }
 }
+
+#[test]
+fn scaled_rows_decode_block_by_block() {
+    // 5 rows x 7 columns in 2x3 blocks (a ragged last block both ways), from row 3 on.
+    let (rows, cols, block) = (5usize, 7usize, [2u64, 3]);
+    let first_row = 3u64;
+    let grid_cols = cols.div_ceil(3);
+    let grid_rows = (first_row as usize + rows).div_ceil(2);
+    let scales: Vec<f32> = (0..grid_rows * grid_cols).map(|i| 0.5 + i as f32).collect();
+    let raw: Vec<u8> = (0..rows * cols).map(|i| (i * 37 % 126) as u8).collect();
+    let mut out = vec![0f32; raw.len()];
+    decode_scaled_rows(&raw, first_row, cols, &scales, grid_cols, block, &mut out).unwrap();
+    for (i, (&b, &v)) in raw.iter().zip(&out).enumerate() {
+        let (r, c) = (first_row as usize + i / cols, i % cols);
+        assert_eq!(
+            v,
+            e4m3_to_f32(b) * scales[(r / 2) * grid_cols + c / 3],
+            "{i}"
+        );
+    }
+    // Too few scales or ragged rows are errors, not panics.
+    assert!(decode_scaled_rows(
+        &raw,
+        first_row,
+        cols,
+        &scales[..4],
+        grid_cols,
+        block,
+        &mut out
+    )
+    .is_err());
+    assert!(
+        decode_scaled_rows(&raw[..6], 0, cols, &scales, grid_cols, block, &mut out[..6]).is_err()
+    );
+}

@@ -183,3 +183,106 @@ proptest! {
         }
     }
 }
+
+/// A source file holding `tensors` (name, dtype, shape).
+fn typed_file(name: &str, tensors: &[(&str, DType, &[u64])]) -> SourceFile {
+    let spec: Vec<(String, DType, Vec<u64>)> = tensors
+        .iter()
+        .map(|(n, d, s)| (n.to_string(), *d, s.to_vec()))
+        .collect();
+    let (prefix, offsets) = encode_header(&spec, &Default::default()).unwrap();
+    let size = prefix.len() as u64 + offsets.last().map_or(0, |o| o.1);
+    let header = parse_header(&prefix[8..], size).unwrap();
+    SourceFile {
+        name: name.into(),
+        size,
+        header,
+    }
+}
+
+#[test]
+fn fp8_weights_take_their_scales_and_become_bf16() {
+    // DeepSeek-V3's layout, including a 576-row weight whose grid is 5 x 56 at 128x128.
+    let q = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight";
+    let o = "model.layers.0.self_attn.o_proj.weight";
+    let c = "model.layers.0.mlp.up_proj.weight";
+    let files = [
+        typed_file(
+            "a.safetensors",
+            &[
+                (q, DType::F8_E4M3, &[576, 7168]),
+                (o, DType::F8_E4M3, &[7168, 16384]),
+                (
+                    "model.layers.0.self_attn.o_proj.weight_scale_inv",
+                    DType::F32,
+                    &[56, 128],
+                ),
+                (c, DType::F8_E4M3, &[64, 32]),
+                (
+                    "model.layers.0.mlp.up_proj.weight_scale",
+                    DType::BF16,
+                    &[64, 1],
+                ),
+                (
+                    "model.layers.0.input_layernorm.weight",
+                    DType::BF16,
+                    &[7168],
+                ),
+            ],
+        ),
+        typed_file(
+            "b.safetensors",
+            &[(
+                "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv",
+                DType::F32,
+                &[5, 56],
+            )],
+        ),
+    ];
+    let plan = plan_tasks(&files, u64::MAX).unwrap();
+    let tensors: Vec<&PlannedTensor> = plan.iter().flat_map(|t| &t.tensors).collect();
+    let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(names.iter().all(|n| !n.contains("_scale")), "{names:?}");
+    let find = |n: &str| tensors.iter().find(|t| t.name == n).unwrap();
+    let (tq, to, tc) = (find(q), find(o), find(c));
+    for t in [tq, to, tc] {
+        assert_eq!(t.dtype, DType::BF16);
+        assert_eq!(t.stored_dtype(), DType::F8_E4M3);
+    }
+    let sq = tq.scales.as_ref().unwrap();
+    assert_eq!(
+        (sq.block, sq.source_file.as_str()),
+        ([128, 128], "b.safetensors")
+    );
+    assert_eq!(sq.shape, [5, 56]);
+    assert_eq!(to.scales.as_ref().unwrap().block, [128, 128]);
+    assert_eq!(tc.scales.as_ref().unwrap().block, [1, 32]);
+    // The task's input bytes count the scales.
+    let total: u64 = plan.iter().map(|t| t.input_bytes).sum();
+    assert_eq!(
+        total,
+        576 * 7168 + 5 * 56 * 4 + 7168 * 16384 + 56 * 128 * 4 + 64 * 32 + 64 * 2 + 7168 * 2
+    );
+}
+
+#[test]
+fn fp8_scales_that_do_not_fit_their_weight_are_an_error() {
+    let w = "model.layers.0.mlp.down_proj.weight";
+    let files = [typed_file(
+        "a.safetensors",
+        &[
+            (w, DType::F8_E4M3, &[256, 256]),
+            (
+                "model.layers.0.mlp.down_proj.weight_scale_inv",
+                DType::F32,
+                &[3, 7],
+            ),
+        ],
+    )];
+    let err = plan_tasks(&files, u64::MAX).unwrap_err().to_string();
+    assert!(
+        err.contains(w) && err.contains("weight_scale_inv") && err.contains("3x7"),
+        "{err}"
+    );
+}
