@@ -9,6 +9,7 @@
 # and checks that every tensor of our file is byte-identical to llama.cpp's.
 # Needs the real-readers venv (../shared/tools/real-readers-venv; override with REAL_READERS=DIR).
 # Usage: bash bench/gguf-vs-llama-cpp.sh [SIZE] [FILE_TYPES...]   (default: 1GB q8_0 q4_0 q4_k_m q6_k)
+# GEN_ARGS adds gen-model options, e.g. GEN_ARGS="--experts 8" for a Mixtral-shaped model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${1:-1GB}
@@ -25,7 +26,8 @@ trap 'rm -rf "$work"' EXIT
 version=$("$py" -c "import llama_cpp; print(llama_cpp.__version__)")
 vendor=$("$py" "$helper" fetch "$version" "$work")
 
-"$bin" gen-model --out "$work/model" --size "$size" >&2
+# shellcheck disable=SC2086
+"$bin" gen-model --out "$work/model" --size "$size" ${GEN_ARGS:-} >&2
 bytes=$(du -sb "$work/model" | cut -f1)
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }

@@ -72,6 +72,16 @@ def compare(ours, ref):
             problems.append(f"{name}: {x.tensor_type.name} bytes differ")
         else:
             same += 1
+    # The model's own keys (`{arch}.*`) must be the converter's, value for value.
+    ra, rb = GGUFReader(ours), GGUFReader(ref)
+    arch = rb.fields["general.architecture"].contents()
+    for key, field in rb.fields.items():
+        if key.startswith(arch + "."):
+            mine = ra.fields.get(key)
+            if mine is None or mine.contents() != field.contents():
+                problems.append(f"{key}: {mine.contents() if mine else 'missing'} vs {field.contents()}")
+    extra = [k for k in ra.fields if k.startswith(arch + ".") and k not in rb.fields]
+    problems += [f"{k}: not written by llama.cpp" for k in extra]
     print(f"{same}/{len(b)} tensors byte-identical" + "".join(f"\n  {p}" for p in problems[:10]))
     sys.exit(1 if problems else 0)
 

@@ -37,6 +37,10 @@ pub struct GenModelArgs {
     /// saved twice, as some checkpoints do).
     #[arg(long)]
     pub tie_embeddings: bool,
+    /// Mixture of experts: this many experts per layer (2 used per token), as Mixtral
+    /// (`MixtralForCausalLM`) lays them out; 0 for a dense Llama.
+    #[arg(long, default_value_t = 0)]
+    pub experts: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -65,6 +69,7 @@ impl GenModelArgs {
             max_shard_mb: 5000,
             seed: 0,
             tie_embeddings: false,
+            experts: 0,
         }
     }
 }
@@ -105,10 +110,12 @@ struct Shape {
     heads: u64,
     kv_heads: u64,
     layers: u64,
+    /// Experts per layer (0: a dense MLP).
+    experts: u64,
 }
 
 impl Shape {
-    fn for_size(bytes: u64, dtype_size: u64) -> Self {
+    fn for_size(bytes: u64, dtype_size: u64, experts: u64) -> Self {
         let params = bytes / dtype_size;
         let (hidden, intermediate, vocab, heads, kv_heads) = match params {
             // Every width a multiple of 256, as real models are: 4-bit groups of 128 and
@@ -124,6 +131,7 @@ impl Shape {
             heads,
             kv_heads,
             layers: 1,
+            experts,
         };
         let fixed = 2 * vocab * hidden + hidden;
         shape.layers = (params.saturating_sub(fixed) / shape.layer_params()).max(1);
@@ -132,10 +140,11 @@ impl Shape {
 
     fn layer_params(&self) -> u64 {
         let kv = self.hidden / self.heads * self.kv_heads;
-        2 * self.hidden * self.hidden
-            + 2 * self.hidden * kv
-            + 3 * self.hidden * self.intermediate
-            + 2 * self.hidden
+        let mlp = match self.experts {
+            0 => 3 * self.hidden * self.intermediate,
+            e => e * 3 * self.hidden * self.intermediate + e * self.hidden,
+        };
+        2 * self.hidden * self.hidden + 2 * self.hidden * kv + mlp + 2 * self.hidden
     }
 
     /// (name, shape) in the usual Hugging Face order.
@@ -151,9 +160,19 @@ impl Shape {
             out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
             out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
             out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-            out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-            out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+            if self.experts == 0 {
+                out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+                out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+                out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+                continue;
+            }
+            let moe = format!("{p}.block_sparse_moe");
+            out.push((format!("{moe}.gate.weight"), vec![self.experts, h]));
+            for e in 0..self.experts {
+                out.push((format!("{moe}.experts.{e}.w1.weight"), vec![i, h]));
+                out.push((format!("{moe}.experts.{e}.w2.weight"), vec![h, i]));
+                out.push((format!("{moe}.experts.{e}.w3.weight"), vec![i, h]));
+            }
         }
         out.push(("model.norm.weight".to_string(), vec![h]));
         out.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
@@ -161,6 +180,17 @@ impl Shape {
     }
 
     fn config_json(&self, dtype: DType, tie_embeddings: bool) -> serde_json::Value {
+        let mut config = self.dense_config_json(dtype, tie_embeddings);
+        if self.experts > 0 {
+            config["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+            config["model_type"] = serde_json::json!("mixtral");
+            config["num_local_experts"] = serde_json::json!(self.experts);
+            config["num_experts_per_tok"] = serde_json::json!(2.min(self.experts));
+        }
+        config
+    }
+
+    fn dense_config_json(&self, dtype: DType, tie_embeddings: bool) -> serde_json::Value {
         serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -228,7 +258,11 @@ pub fn gen_model(args: GenModelArgs) -> anyhow::Result<()> {
 
 pub fn generate(args: &GenModelArgs) -> anyhow::Result<Generated> {
     let dtype = args.dtype.dtype();
-    let shape = Shape::for_size(parse_size(&args.size)?, dtype.size_bytes() as u64);
+    let shape = Shape::for_size(
+        parse_size(&args.size)?,
+        dtype.size_bytes() as u64,
+        args.experts,
+    );
     let tensors = shape.tensors();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
@@ -637,7 +671,7 @@ mod tests {
 
     #[test]
     fn the_demo_size_gives_a_model_near_200_mb() {
-        let shape = Shape::for_size(200_000_000, 2);
+        let shape = Shape::for_size(200_000_000, 2, 0);
         let params: u64 = shape
             .tensors()
             .iter()

@@ -212,6 +212,32 @@ fn a_gguf_file_is_byte_identical_whatever_the_number_of_workers() {
         .collect();
     names.sort();
     assert_eq!(names, ["manifest.json", "model.gguf", "report.json"]);
+    // A Mixtral-shaped model: each layer's experts, spread over several tasks, are written
+    // into their stacked tensors identically whatever the number of workers.
+    let moe = dir.path().join("moe");
+    let output = shardpress(&[
+        "gen-model",
+        "--out",
+        moe.to_str().unwrap(),
+        "--size",
+        "12MB",
+        "--experts",
+        "4",
+    ]);
+    assert_success(&output, "gen-model --experts 4");
+    let (one, three) = (dir.path().join("moe-one"), dir.path().join("moe-three"));
+    run(&moe, &one, "q4_k_m", "gguf", 1);
+    run(&moe, &three, "q4_k_m", "gguf", 3);
+    let a = std::fs::read(one.join("model.gguf")).unwrap();
+    let b = std::fs::read(three.join("model.gguf")).unwrap();
+    assert!(a == b, "the MoE model.gguf differs between 1 and 3 workers");
+    let parsed = parse_header(&a).unwrap();
+    let stacked: Vec<_> = parsed
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with("_exps.weight"))
+        .collect();
+    assert!(!stacked.is_empty() && stacked.iter().all(|t| t.dims.last() == Some(&4)));
 }
 
 /// Writes `tensors` (name, dtype, shape, bytes) as one safetensors file.

@@ -36,8 +36,8 @@ pub(crate) mod llama_tests;
 mod tests;
 
 pub use llama::{
-    architecture, extra_tensors, map_tensor, metadata, permute_rows, row_permutation, tensor_name,
-    tensor_type, tensor_type_in, Arch, FileType, HParams, TypeContext,
+    architecture, expert_index, extra_tensors, map_tensor, metadata, permute_rows, row_permutation,
+    tensor_name, tensor_type, tensor_type_in, Arch, FileType, HParams, TypeContext,
 };
 pub use quants::GgmlType;
 pub use tokenizer::{detect_pre_tokenizer, tokenizer_metadata, TokenizerFiles};

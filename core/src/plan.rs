@@ -4,7 +4,9 @@
 //! order does not matter). Tensors are grouped by transformer layer (parsed from names like
 //! `model.layers.12.mlp.up_proj.weight`); the unnumbered tensors (embeddings, final norm, LM
 //! head) form the "other" group, planned first. Each group is packed greedily in name order
-//! into tasks of at most `budget_bytes`; a tensor larger than the budget gets a task of its
+//! (a mixture-of-experts layer's `experts.E.` tensors ordered by projection, then by expert
+//! number, so each projection's experts are consecutive, as GGUF stacks them) into tasks of
+//! at most `budget_bytes`; a tensor larger than the budget gets a task of its
 //! own and is never split (workers stream it in row chunks). Each task becomes one output
 //! file, `model-00001-of-000NN.safetensors`.
 //!
@@ -100,7 +102,7 @@ pub struct PlannedTask {
     pub index: u32,
     /// `"layer N"` or `"other"`.
     pub group: String,
-    /// Sorted by name.
+    /// In plan order (by name, experts by projection then number).
     pub tensors: Vec<PlannedTensor>,
     /// `model-{index+1:05}-of-{total:05}.safetensors`.
     pub output_name: String,
@@ -131,6 +133,27 @@ pub enum PlanError {
         scales: String,
         reason: String,
     },
+}
+
+static EXPERT_RE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\.experts\.(\d+)\.").expect("static regex is valid"));
+
+/// The key tensors are planned in within a group: the name, except that an expert's number
+/// (`….experts.12.w1.weight`) sorts numerically after its projection.
+fn plan_order(name: &str) -> (String, u64, String) {
+    match EXPERT_RE.captures(name) {
+        Some(c) => {
+            let whole = c.get(0).expect("group 0 always matches");
+            let number = c[1].parse().unwrap_or(u64::MAX);
+            let key = format!(
+                "{}.experts.{}",
+                &name[..whole.start()],
+                &name[whole.end()..]
+            );
+            (key, number, name.to_owned())
+        }
+        None => (name.to_owned(), 0, String::new()),
+    }
 }
 
 static LAYER_RE: LazyLock<Regex> = LazyLock::new(|| {
@@ -164,7 +187,7 @@ pub fn plan_tasks(files: &[SourceFile], budget_bytes: u64) -> Result<Vec<Planned
     }
     let mut packed: Vec<(String, Vec<PlannedTensor>)> = Vec::new();
     for (layer, mut members) in groups {
-        members.sort_by(|a, b| a.name.cmp(&b.name));
+        members.sort_by_cached_key(|t| plan_order(&t.name));
         let label = layer.map_or_else(|| "other".to_owned(), |l| format!("layer {l}"));
         for chunk in pack(members, budget_bytes) {
             packed.push((label.clone(), chunk));

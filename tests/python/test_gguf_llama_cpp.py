@@ -7,7 +7,8 @@ float rounding: this checks what a runtime depends on beyond the tensor bytes (t
 the Q/K row permutation against llama.cpp's rotary embedding, head counts, rope theta, norm
 epsilon). The quantized files are compared with the same forward pass on the weights gguf-py
 dequantizes from them (llama.cpp also quantizes activations to 8 bits inside its quantized
-matrix products, hence the looser bound)."""
+matrix products, hence the looser bound). A Mixtral-shaped model checks the experts, which the
+converter stacks into one 3-D tensor per projection and layer."""
 
 import json
 from pathlib import Path
@@ -52,16 +53,22 @@ def read_gguf_as_hf(path: Path, config):
     modules = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+               "ffn_gate_inp": "block_sparse_moe.gate"}
+    experts = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
     out = {}
     for t in gguf.GGUFReader(path).tensors:
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)])
         if t.name in names:
             hf = names[t.name]
         else:
             _, layer, module, suffix = t.name.split(".")
+            if module in experts:
+                for e, slice_ in enumerate(w):
+                    out[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{experts[module]}.{suffix}"] = slice_
+                continue
             hf = f"model.layers.{layer}.{modules[module]}.{suffix}"
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape)])
         if hf.endswith("q_proj.weight"):
             w = unpermute(w, config["num_attention_heads"])
         elif hf.endswith("k_proj.weight"):
@@ -72,6 +79,11 @@ def read_gguf_as_hf(path: Path, config):
 
 def rms_norm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def swiglu(x, w, gate, up, down):
+    g, u = x @ w[gate].T, x @ w[up].T
+    return (g / (1 + np.exp(-g)) * u) @ w[down].T
 
 
 def llama_logits(w, config, tokens):
@@ -104,9 +116,21 @@ def llama_logits(w, config, tokens):
         attn = (scores / scores.sum(-1, keepdims=True)) @ v
         h = h + attn.transpose(1, 0, 2).reshape(t, n_head * hd) @ w[p + "self_attn.o_proj.weight"].T
         x = rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
-        gate = x @ w[p + "mlp.gate_proj.weight"].T
-        up = x @ w[p + "mlp.up_proj.weight"].T
-        h = h + (gate / (1 + np.exp(-gate)) * up) @ w[p + "mlp.down_proj.weight"].T
+        if "num_local_experts" not in config:
+            h = h + swiglu(x, w, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight",
+                           p + "mlp.down_proj.weight")
+            continue
+        # Mixtral's sparse MoE block: softmax over the router, the top k renormalized.
+        router = x @ w[p + "block_sparse_moe.gate.weight"].T
+        probs = np.exp(router - router.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :config["num_experts_per_tok"]]
+        for row in range(t):
+            chosen = probs[row, top[row]] / probs[row, top[row]].sum()
+            for e, weight in zip(top[row], chosen):
+                q = f"{p}block_sparse_moe.experts.{e}."
+                h[row] += weight * swiglu(x[row:row + 1], w, q + "w1.weight", q + "w3.weight",
+                                          q + "w2.weight")[0]
     h = rms_norm(h, w["model.norm.weight"], eps)
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
     return h @ head.T
@@ -184,3 +208,30 @@ def test_llama_cpp_loads_split_files_like_the_single_file(model):
     assert parts == whole
     # llama.cpp opens the first file, finds the others by name and computes the same logits.
     assert np.array_equal(llama_cpp_logits(files[0], TOKENS), llama_cpp_logits(single, TOKENS))
+
+
+def test_llama_cpp_runs_a_mixture_of_experts_file_exactly_as_the_reference(tmp_path):
+    """Experts across several tasks (1 MB budget) land in their stacked tensors in order."""
+    shardpress("gen-model", "--out", tmp_path / "model", "--size", "12MB", "--experts", "4")
+    (tmp_path / "f32.yaml").write_text(F32_RECIPE)
+    out = tmp_path / "out"
+    shardpress("run", "--workers", "3", "--model", tmp_path / "model", "--out", out,
+               "--recipe", tmp_path / "f32.yaml", "--format", "gguf", "--task-budget-mb", "1")
+    path = out / "model.gguf"
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["llama.expert_count"].contents() == 4
+    assert reader.fields["llama.expert_used_count"].contents() == 2
+    stacked = [t for t in reader.tensors if t.name.endswith("_exps.weight")]
+    assert stacked and all(int(t.shape[2]) == 4 for t in stacked)
+    weights = read_bf16_model(tmp_path / "model")
+    stored = read_gguf_as_hf(path, config)
+    assert stored.keys() == weights.keys()
+    for name, w in weights.items():
+        assert np.array_equal(stored[name], w), name
+    want = llama_logits(weights, config, TOKENS)
+    got = llama_cpp_logits(path, TOKENS)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-4 * scale, np.abs(got - want).max() / scale
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))

@@ -11,7 +11,9 @@
 //! - each task writes a *part*: its tensors' bytes in task order, each padded to the file's
 //!   alignment (rows are quantized independently and the converter's Q/K permutation never
 //!   moves a row out of its head, so it is applied to whole output rows, head by head, as
-//!   they stream);
+//!   they stream); a mixture-of-experts layer's experts are the slices of one stacked
+//!   tensor, written back to back in expert order (the plan orders them so, possibly across
+//!   consecutive tasks) with the padding after the last;
 //! - the coordinator builds the *head* ([`files`]: header, metadata, tokenizer and the
 //!   synthesized tensors) from the plan alone and a worker concatenates head and parts into
 //!   `model.gguf`, every tensor landing at the offset the header names; above a size limit the
@@ -31,8 +33,9 @@ use crate::dtype::{decode_to_f32, DType};
 use crate::gguf::writer::DEFAULT_ALIGNMENT;
 use crate::gguf::MetaValue;
 use crate::gguf::{
-    architecture, extra_tensors, layout, map_tensor, metadata, permute_rows, tensor_type_in,
-    tokenizer_metadata, Arch, FileType, GgmlType, GgufError, HParams, TokenizerFiles, TypeContext,
+    architecture, expert_index, extra_tensors, layout, map_tensor, metadata, permute_rows,
+    tensor_type_in, tokenizer_metadata, Arch, FileType, GgmlType, GgufError, HParams,
+    TokenizerFiles, TypeContext,
 };
 use crate::recipe::{PassKind, Recipe};
 
@@ -105,6 +108,8 @@ pub struct GgufTensor {
     pub ty: GgmlType,
     /// The rows are permuted as llama.cpp's converter permutes Q/K, in this many heads.
     pub permute_heads: Option<u64>,
+    /// For an expert: its slice `(expert, experts)` of the stacked tensor `name`.
+    pub expert: Option<(u64, u64)>,
 }
 
 /// The ggml type a `gguf` pass of `file_type` gives tensor `name`, as `llama-quantize` would.
@@ -228,6 +233,16 @@ impl Format for Gguf {
             ty.row_bytes(row_len)
                 .map_err(|e| layout_err(e.to_string()))?;
         }
+        let expert = match expert_index(model.arch, tensor.name) {
+            None => None,
+            Some(e) if e < model.types.n_expert => Some((e, model.types.n_expert)),
+            Some(e) => {
+                return Err(layout_err(format!(
+                    "expert {e}, but config.json gives {} experts per layer",
+                    model.types.n_expert
+                )))
+            }
+        };
         let permute_heads = name.as_ref().and(model.permuted_heads(tensor.name));
         if let Some(heads) = permute_heads {
             let rows = tensor.shape.first().copied().unwrap_or(0);
@@ -243,6 +258,7 @@ impl Format for Gguf {
             name,
             ty,
             permute_heads,
+            expert,
         });
         Ok(())
     }
@@ -283,10 +299,16 @@ impl Format for Gguf {
                 if let Some(GgufTensor {
                     name: Some(name),
                     ty,
+                    expert,
                     ..
                 }) = &plan.gguf
                 {
-                    part.push((name.clone(), tensor.shape.to_vec(), *ty));
+                    part.push(PartTensor {
+                        name: name.clone(),
+                        shape: tensor.shape.to_vec(),
+                        ty: *ty,
+                        expert: *expert,
+                    });
                 }
             }
             assembly.parts.push(part);
@@ -305,8 +327,110 @@ impl Format for Gguf {
 pub struct GgufAssembly {
     /// The file type of the job's `gguf` pass (`None` when it quantized no tensor).
     pub file_type: Option<FileType>,
-    /// Per task, in order, its tensors as written: (GGUF name, row-major shape, type).
-    pub parts: Vec<Vec<(String, Vec<u64>, GgmlType)>>,
+    /// Per task, in order, its tensors as written.
+    pub parts: Vec<Vec<PartTensor>>,
+}
+
+/// One tensor of a part as written: a whole GGUF tensor, or one expert's slice of a stacked
+/// one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartTensor {
+    /// Its GGUF name (a stacked tensor's, for an expert).
+    pub name: String,
+    /// Row-major shape (of the slice, for an expert).
+    pub shape: Vec<u64>,
+    pub ty: GgmlType,
+    /// `(expert, experts)` of a stacked tensor's slice.
+    pub expert: Option<(u64, u64)>,
+}
+
+/// A GGUF tensor to lay out: (name, row-major shape, type).
+type Laid = (String, Vec<u64>, GgmlType);
+
+/// The GGUF tensors of consecutive parts (each expert run merged into its stacked tensor,
+/// `[experts, rows, cols]`), and for each part whether a stacked tensor is still open after
+/// it. Every expert slice must follow the previous one of its tensor directly, in order.
+fn stack_parts(parts: &[Vec<PartTensor>]) -> Result<(Vec<Laid>, Vec<bool>), GgufError> {
+    let mut out = Vec::new();
+    let mut open_after = Vec::with_capacity(parts.len());
+    let mut open: Option<(&PartTensor, u64)> = None;
+    let broken = |name: &str, reason: String| {
+        GgufError::Invalid(format!(
+            "the experts of {name} are not written consecutively in expert order: {reason}"
+        ))
+    };
+    for part in parts {
+        for t in part {
+            match (t.expert, open) {
+                (None, None) => out.push((t.name.clone(), t.shape.clone(), t.ty)),
+                (None, Some((first, next))) => {
+                    return Err(broken(
+                        &first.name,
+                        format!("{} follows expert {next}", t.name),
+                    ))
+                }
+                (Some((e, n)), None) => {
+                    if e != 0 {
+                        return Err(broken(&t.name, format!("it starts at expert {e}")));
+                    }
+                    open = Some((t, 1));
+                    if n == 1 {
+                        open = None;
+                        out.push(stacked(t, 1));
+                    }
+                }
+                (Some((e, n)), Some((first, next))) => {
+                    if t.name != first.name
+                        || e != next
+                        || t.shape != first.shape
+                        || t.ty != first.ty
+                    {
+                        return Err(broken(
+                            &first.name,
+                            format!("expert {next} expected, found {} expert {e}", t.name),
+                        ));
+                    }
+                    open = Some((first, next + 1));
+                    if e + 1 == n {
+                        open = None;
+                        out.push(stacked(first, n));
+                    }
+                }
+            }
+        }
+        open_after.push(open.is_some());
+    }
+    if let Some((first, next)) = open {
+        return Err(broken(
+            &first.name,
+            format!("it ends after expert {}", next - 1),
+        ));
+    }
+    Ok((out, open_after))
+}
+
+/// The stacked tensor of `n` slices like `first`.
+fn stacked(first: &PartTensor, n: u64) -> Laid {
+    let mut shape = vec![n];
+    shape.extend(&first.shape);
+    (first.name.clone(), shape, first.ty)
+}
+
+/// The bytes a part tensor takes in its part: its data, and the padding after a whole tensor
+/// or after a stacked tensor's last slice.
+fn part_bytes(t: &PartTensor) -> Result<u64, GgufError> {
+    let rows: u64 = t.shape.iter().rev().skip(1).product();
+    let cols = t.shape.last().copied().unwrap_or(1);
+    let len =
+        t.ty.row_bytes(cols)?
+            .checked_mul(rows)
+            .ok_or(GgufError::Overflow)?;
+    let pad = |total: u64| total.div_ceil(ALIGNMENT) * ALIGNMENT - total;
+    Ok(match t.expert {
+        None => len + pad(len),
+        Some((e, n)) if e + 1 == n => len + pad(len.checked_mul(n).ok_or(GgufError::Overflow)?),
+        Some(_) => len,
+    })
 }
 
 /// One file of a GGUF output and what the parts after its head must hold.
@@ -362,33 +486,31 @@ pub fn files(
         hp.vocab_size,
     )?);
     let extras = extra_tensors(model.arch, sources.config)?;
-    let extra_layout: Vec<(String, Vec<u64>, GgmlType)> = extras
+    let extra_layout: Vec<Laid> = extras
         .iter()
         .map(|(name, shape, _)| (name.clone(), shape.clone(), GgmlType::F32))
         .collect();
-    // Every part's size, from one layout of all tensors (padding does not depend on the file).
-    let all: Vec<_> = extra_layout
-        .iter()
-        .chain(assembly.parts.iter().flatten())
-        .cloned()
-        .collect();
+    let (stacked_all, open_after) = stack_parts(&assembly.parts)?;
+    let all: Vec<Laid> = extra_layout.iter().chain(&stacked_all).cloned().collect();
     let total_tensors = all.len();
     let laid = layout(&meta, &all, ALIGNMENT)?;
-    let mut placed = laid.tensors[extras.len()..].iter();
+    // Every part's size (padding does not depend on the file).
     let part_sizes: Vec<u64> = assembly
         .parts
         .iter()
-        .map(|part| placed.by_ref().take(part.len()).map(|t| t.padded_len).sum())
-        .collect();
+        .map(|part| part.iter().map(part_bytes).sum::<Result<u64, _>>())
+        .collect::<Result<_, _>>()?;
     let extras_size: u64 = laid.tensors[..extras.len()]
         .iter()
         .map(|t| t.padded_len)
         .sum();
-    // Consecutive tasks per file, a new file when the next part would pass the limit.
+    // Consecutive tasks per file, a new file when the next part would pass the limit (never
+    // inside a stacked tensor).
     let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
     let (mut start, mut size) = (0, extras_size);
     for (i, &part) in part_sizes.iter().enumerate() {
-        if max_file_bytes.is_some_and(|max| i > start && size + part > max) {
+        let splittable = i > start && !open_after[i - 1];
+        if max_file_bytes.is_some_and(|max| splittable && size + part > max) {
             groups.push(start..i);
             (start, size) = (i, 0);
         }
@@ -401,12 +523,12 @@ pub fn files(
     let mut out = Vec::with_capacity(groups.len());
     for (no, tasks) in groups.into_iter().enumerate() {
         let first = no == 0;
-        let mut tensors: Vec<(String, Vec<u64>, GgmlType)> = if first {
+        let mut tensors: Vec<Laid> = if first {
             extra_layout.clone()
         } else {
             Vec::new()
         };
-        tensors.extend(assembly.parts[tasks.clone()].iter().flatten().cloned());
+        tensors.extend(stack_parts(&assembly.parts[tasks.clone()])?.0);
         let mut file_meta = if first { meta.clone() } else { Vec::new() };
         let name = if count == 1 {
             FILE_NAME.to_string()
@@ -574,7 +696,14 @@ impl GgufState {
                 self.pending.len()
             )));
         }
-        let padded = self.written.div_ceil(ALIGNMENT) * ALIGNMENT;
-        Ok(vec![0; (padded - self.written) as usize])
+        // An expert's slice is padded only as the stacked tensor's last: the stacked tensor
+        // is `experts` slices of this size.
+        let total = match self.tensor.as_ref().and_then(|t| t.expert) {
+            None => self.written,
+            Some((e, n)) if e + 1 == n => self.written * n,
+            Some(_) => return Ok(Vec::new()),
+        };
+        let padded = total.div_ceil(ALIGNMENT) * ALIGNMENT;
+        Ok(vec![0; (padded - total) as usize])
     }
 }

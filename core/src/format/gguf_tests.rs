@@ -467,3 +467,87 @@ fn head_err(assembly: &super::gguf::GgufAssembly, sources: HeadSources<'_>) -> S
         .unwrap_err()
         .to_string()
 }
+
+/// A mixture-of-experts layer: each expert's slice follows the previous one directly (here
+/// across two parts), the stacked tensor is one header entry `[experts, rows, cols]`, the
+/// padding follows its last slice only, and no split file boundary falls inside it.
+#[test]
+fn expert_slices_form_one_stacked_tensor_padded_after_the_last() {
+    use super::gguf::{GgufAssembly, PartTensor};
+    let config = config();
+    let (tj, tc) = (llama3_tokenizer(false), llama3_tokenizer_config());
+    let sources = HeadSources {
+        config: &config,
+        tokenizer: TokenizerFiles {
+            tokenizer_json: Some(&tj),
+            tokenizer_config: Some(&tc),
+            config: Some(&config),
+            ..Default::default()
+        },
+        name: "moe",
+    };
+    let whole = |name: &str, shape: Vec<u64>| PartTensor {
+        name: name.into(),
+        shape,
+        ty: GgmlType::F32,
+        expert: None,
+    };
+    // A Q8_0 slice of 3 rows of 32 is 102 bytes: 4 of them pad from 408 to 416.
+    let expert = |e: u64| PartTensor {
+        name: "blk.0.ffn_gate_exps.weight".into(),
+        shape: vec![3, 32],
+        ty: GgmlType::Q8_0,
+        expert: Some((e, 4)),
+    };
+    let assembly = GgufAssembly {
+        file_type: Some(crate::gguf::FileType::Q8_0),
+        parts: vec![
+            vec![
+                whole("blk.0.attn_norm.weight", vec![3]),
+                expert(0),
+                expert(1),
+            ],
+            vec![expert(2), expert(3)],
+            vec![whole("output_norm.weight", vec![5])],
+        ],
+    };
+    let model = facts().gguf.unwrap();
+    let one = files(&model, &assembly, sources, None).unwrap();
+    assert_eq!(one[0].part_sizes, [32 + 2 * 102, 2 * 102 + 8, 32]);
+    let parsed = parse_header(&one[0].head).unwrap();
+    let stacked = parsed
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.ffn_gate_exps.weight")
+        .unwrap();
+    assert_eq!(stacked.dims, [32, 3, 4]);
+    assert_eq!(one[0].tensors, 3);
+    // Split as small as possible: a new file may start before part 2, never before part 1.
+    let split = files(&model, &assembly, sources, Some(1)).unwrap();
+    let tasks: Vec<_> = split.iter().map(|f| f.tasks.clone()).collect();
+    assert_eq!(tasks, [0..2, 2..3]);
+    // Slices out of order, missing or interrupted are refused, naming the tensor.
+    for parts in [
+        vec![vec![expert(1), expert(0), expert(2), expert(3)]],
+        vec![vec![expert(0), expert(1), expert(2)]],
+        vec![vec![
+            expert(0),
+            whole("x.weight", vec![4]),
+            expert(1),
+            expert(2),
+            expert(3),
+        ]],
+    ] {
+        let broken = GgufAssembly {
+            parts,
+            ..assembly.clone()
+        };
+        let err = files(&model, &broken, sources, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ffn_gate_exps") && err.contains("expert order"),
+            "{err}"
+        );
+    }
+}

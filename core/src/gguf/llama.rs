@@ -19,9 +19,11 @@
 //! fills in class defaults. The defaults that matter here are reproduced per `model_type`
 //! (see [`HParams::from_config`]).
 //!
-//! Mixture-of-experts checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE) are refused: llama.cpp stacks
-//! the experts `…experts.E.w1` of a layer into one 3-D tensor `blk.N.ffn_gate_exps`, an output
-//! tensor made of many input tensors, which this per-tensor mapping does not express.
+//! Mixture-of-experts checkpoints: Mixtral (GGUF arch `llama` with `expert_count`) and
+//! Qwen3-MoE (`qwen3moe`). llama.cpp stacks the experts `…experts.E.w1` of a layer into one
+//! 3-D tensor `blk.N.ffn_gate_exps` (`[E, rows, cols]`, expert 0 first, no padding between
+//! experts): [`map_tensor`] names each expert's tensor by the stacked tensor and
+//! [`expert_index`] gives its place in it. Qwen2-MoE (shared experts) is refused.
 
 use super::quants::GgmlType;
 use super::writer::MetaValue;
@@ -37,14 +39,12 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
 ];
 
 /// Mixture-of-experts architectures that are recognized and refused.
-const MOE_ARCHITECTURES: &[&str] = &[
-    "MixtralForCausalLM",
-    "Qwen2MoeForCausalLM",
-    "Qwen3MoeForCausalLM",
-];
+const MOE_ARCHITECTURES: &[&str] = &["Qwen2MoeForCausalLM"];
 
 /// A GGUF model architecture (llama.cpp's `MODEL_ARCH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -56,6 +56,8 @@ pub enum Arch {
     Qwen2,
     /// `qwen3`: per-head `attn_q_norm`/`attn_k_norm`, no permutation.
     Qwen3,
+    /// `qwen3moe`: qwen3 attention, every layer's MLP a mixture of experts.
+    Qwen3Moe,
 }
 
 impl Arch {
@@ -65,6 +67,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3moe",
         }
     }
 
@@ -85,15 +88,13 @@ pub fn architecture(config: &Value) -> Result<Arch, GgufError> {
             GgufError::BadConfig("no \"architectures\" list with a name in config.json".into())
         })?;
     match found {
-        "LlamaForCausalLM" | "MistralForCausalLM" => Ok(Arch::Llama),
+        "LlamaForCausalLM" | "MistralForCausalLM" | "MixtralForCausalLM" => Ok(Arch::Llama),
         "Qwen2ForCausalLM" => Ok(Arch::Qwen2),
         "Qwen3ForCausalLM" => Ok(Arch::Qwen3),
+        "Qwen3MoeForCausalLM" => Ok(Arch::Qwen3Moe),
         moe if MOE_ARCHITECTURES.contains(&moe) => Err(GgufError::UnsupportedArchitecture {
             found: moe.to_string(),
-            reason:
-                "mixture-of-experts models are not supported (llama.cpp stacks each layer's \
-                     experts into one 3-D tensor, which needs many input tensors per output tensor)"
-                    .into(),
+            reason: "its shared experts are not mapped yet (Mixtral and Qwen3-MoE are)".into(),
             supported: SUPPORTED_ARCHITECTURES.join(", "),
         }),
         other => Err(GgufError::UnsupportedArchitecture {
@@ -216,6 +217,13 @@ pub struct HParams {
     pub layer_norm_eps: Option<f64>,
     /// `config["is_causal"] == false`.
     pub non_causal: bool,
+    /// Experts per MoE layer (0 for a dense model) and experts used per token.
+    pub n_expert: u64,
+    pub n_expert_used: u64,
+    /// An expert's hidden size (`moe_intermediate_size`; Qwen3-MoE only).
+    pub n_ff_exp: Option<u64>,
+    /// The config class's `rope_theta` when config.json has none.
+    pub default_rope_theta: f64,
     /// The RoPE parameters as the converter normalizes them (`rope_parameters` or
     /// `rope_scaling`, with `rope_theta`, `rope_type`, `original_max_position_embeddings`
     /// mirrored from the top level; `full_attention` selected when present).
@@ -230,41 +238,52 @@ struct ClassDefaults {
     /// `Some(None)`: the class always has `head_dim` (defaulting to hidden/heads);
     /// `Some(Some(d))`: defaults to `d`; `None`: only when config.json has it.
     head_dim: Option<Option<u64>>,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+    /// `(num_experts, num_experts_per_tok, moe_intermediate_size)` of a MoE class.
+    experts: Option<(u64, u64, Option<u64>)>,
 }
 
 fn class_defaults(config: &Value, arch: Arch) -> ClassDefaults {
     let model_type = config.get("model_type").and_then(Value::as_str);
     let key = match (model_type, arch) {
-        (Some(t @ ("llama" | "mistral" | "qwen2" | "qwen3")), _) => t,
+        (Some(t @ ("llama" | "mistral" | "mixtral" | "qwen2" | "qwen3" | "qwen3_moe")), _) => t,
         (_, Arch::Llama) => "llama",
         (_, Arch::Qwen2) => "qwen2",
         (_, Arch::Qwen3) => "qwen3",
+        (_, Arch::Qwen3Moe) => "qwen3_moe",
+    };
+    let dense = |n_head_kv, max_position_embeddings, head_dim| ClassDefaults {
+        n_head_kv,
+        max_position_embeddings,
+        head_dim,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        experts: None,
     };
     match key {
         // LlamaConfig: num_key_value_heads=None -> heads, max_position_embeddings=2048.
-        "llama" => ClassDefaults {
-            n_head_kv: None,
-            max_position_embeddings: 2048,
-            head_dim: Some(None),
-        },
+        "llama" => dense(None, 2048, Some(None)),
         // MistralConfig: num_key_value_heads=8, max_position_embeddings=4096*32.
-        "mistral" => ClassDefaults {
-            n_head_kv: Some(8),
-            max_position_embeddings: 4096 * 32,
-            head_dim: Some(None),
+        "mistral" => dense(Some(8), 4096 * 32, Some(None)),
+        // MixtralConfig: num_key_value_heads=8, max_position_embeddings=4096*32, head_dim
+        // only when given, rms_norm_eps=1e-5, rope_theta=1e6, 8 experts, 2 per token.
+        "mixtral" => ClassDefaults {
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e6,
+            experts: Some((8, 2, None)),
+            ..dense(Some(8), 4096 * 32, None)
         },
         // Qwen2Config: num_key_value_heads=32, max_position_embeddings=32768, no head_dim.
-        "qwen2" => ClassDefaults {
-            n_head_kv: Some(32),
-            max_position_embeddings: 32768,
-            head_dim: None,
+        "qwen2" => dense(Some(32), 32768, None),
+        // Qwen3MoeConfig: num_key_value_heads=4, max_position_embeddings=32768, head_dim only
+        // when given, 128 experts, 8 per token, moe_intermediate_size=768.
+        "qwen3_moe" => ClassDefaults {
+            experts: Some((128, 8, Some(768))),
+            ..dense(Some(4), 32768, None)
         },
         // Qwen3Config: num_key_value_heads=32, head_dim=128, max_position_embeddings=32768.
-        _ => ClassDefaults {
-            n_head_kv: Some(32),
-            max_position_embeddings: 32768,
-            head_dim: Some(Some(128)),
-        },
+        _ => dense(Some(32), 32768, Some(Some(128))),
     }
 }
 
@@ -311,26 +330,69 @@ fn find_float(config: &Value, keys: &[&str]) -> Result<Option<f64>, GgufError> {
 }
 
 impl HParams {
-    /// Reads the hyperparameters of a supported (dense) architecture.
+    /// Reads the hyperparameters of a supported architecture.
     pub fn from_config(arch: Arch, config: &Value) -> Result<HParams, GgufError> {
         if !config.is_object() {
             return Err(GgufError::BadConfig(
                 "config.json is not a JSON object".into(),
             ));
         }
-        if let Some(n) = find_count(
-            config,
-            &["num_local_experts", "num_experts", "n_routed_experts"],
-        )? {
-            if n > 0 {
-                return Err(GgufError::UnsupportedArchitecture {
-                    found: format!("{} with {n} experts", arch.name()),
-                    reason: "mixture-of-experts models are not supported".into(),
-                    supported: SUPPORTED_ARCHITECTURES.join(", "),
-                });
-            }
-        }
         let defaults = class_defaults(config, arch);
+        let (n_expert, n_expert_used, n_ff_exp) = match defaults.experts {
+            None => {
+                let found = find_count(
+                    config,
+                    &["num_local_experts", "num_experts", "n_routed_experts"],
+                )?;
+                if let Some(n) = found.filter(|&n| n > 0) {
+                    return Err(GgufError::UnsupportedArchitecture {
+                        found: format!("{} with {n} experts", arch.name()),
+                        reason: "experts in a dense architecture's config (use MixtralForCausalLM or Qwen3MoeForCausalLM)".into(),
+                        supported: SUPPORTED_ARCHITECTURES.join(", "),
+                    });
+                }
+                (0, 0, None)
+            }
+            Some((experts, used, ff)) => {
+                let n = find_count(
+                    config,
+                    &["num_local_experts", "num_experts", "n_routed_experts"],
+                )?
+                .unwrap_or(experts);
+                let used = find_count(
+                    config,
+                    &[
+                        "num_experts_per_tok",
+                        "num_experts_per_token",
+                        "top_k_experts",
+                    ],
+                )?
+                .unwrap_or(used);
+                let ff = match ff {
+                    Some(d) => Some(find_count(config, &["moe_intermediate_size"])?.unwrap_or(d)),
+                    None => None,
+                };
+                if n == 0 || used == 0 || used > n {
+                    return Err(GgufError::BadConfig(format!(
+                        "{n} experts with {used} used per token"
+                    )));
+                }
+                // The converter maps no dense MLP in a Qwen3-MoE model.
+                let sparse_step = find_count(config, &["decoder_sparse_step"])?.unwrap_or(1);
+                let dense_layers = config
+                    .get("mlp_only_layers")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty());
+                if arch == Arch::Qwen3Moe && (sparse_step != 1 || dense_layers) {
+                    return Err(GgufError::UnsupportedArchitecture {
+                        found: "Qwen3MoeForCausalLM with dense MLP layers".into(),
+                        reason: "llama.cpp's converter maps no dense MLP in qwen3moe (decoder_sparse_step must be 1 and mlp_only_layers empty)".into(),
+                        supported: SUPPORTED_ARCHITECTURES.join(", "),
+                    });
+                }
+                (n, used, ff)
+            }
+        };
         let n_layers = require_count(
             config,
             &["n_layers", "num_hidden_layers", "n_layer", "num_layers"],
@@ -379,8 +441,8 @@ impl HParams {
             ],
         )?
         .unwrap_or(defaults.max_position_embeddings);
-        // Every supported config class defaults rms_norm_eps to 1e-6.
-        let rms_norm_eps = find_float(config, &["rms_norm_eps", "norm_eps"])?.unwrap_or(1e-6);
+        let rms_norm_eps =
+            find_float(config, &["rms_norm_eps", "norm_eps"])?.unwrap_or(defaults.rms_norm_eps);
         let layer_norm_eps = find_float(
             config,
             &["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"],
@@ -400,16 +462,20 @@ impl HParams {
             rms_norm_eps,
             layer_norm_eps,
             non_causal,
+            n_expert,
+            n_expert_used,
+            n_ff_exp,
+            default_rope_theta: defaults.rope_theta,
             rope,
         })
     }
 
-    /// `rope_theta` (10000 when the config has none: every supported class's default).
+    /// `rope_theta` (the config class's default when the config has none).
     pub fn rope_theta(&self) -> f64 {
         self.rope
             .get("rope_theta")
             .and_then(Value::as_f64)
-            .unwrap_or(10000.0)
+            .unwrap_or(self.default_rope_theta)
     }
 
     /// The RoPE type (`rope_type`, lower-cased by nobody: as written), if any.
@@ -629,6 +695,16 @@ pub fn metadata(
             MetaValue::F32(eps as f32),
         );
     }
+    if hp.n_expert > 0 {
+        put(
+            format!("{a}.expert_count"),
+            u32_value("expert_count", hp.n_expert)?,
+        );
+        put(
+            format!("{a}.expert_used_count"),
+            u32_value("expert_used_count", hp.n_expert_used)?,
+        );
+    }
     if hp.head_dim_key {
         put(
             format!("{a}.attention.key_length"),
@@ -643,6 +719,12 @@ pub fn metadata(
         "general.file_type".into(),
         MetaValue::U32(file_type.llama_ftype()),
     );
+    if let Some(ff) = hp.n_ff_exp {
+        put(
+            format!("{a}.expert_feed_forward_length"),
+            u32_value("moe_intermediate_size", ff)?,
+        );
+    }
     if arch == Arch::Llama {
         put(
             format!("{a}.vocab_size"),
@@ -750,7 +832,11 @@ pub fn llama3_rope_factors(
 /// `output`; per layer `model.layers.N.` + `self_attn.{q,k,v,o}_proj` → `blk.N.attn_{q,k,v,output}`,
 /// `input_layernorm` → `attn_norm`, `post_attention_layernorm` → `ffn_norm`,
 /// `mlp.{gate,up,down}_proj` → `ffn_{gate,up,down}`, and for qwen3 `self_attn.{q,k}_norm` →
-/// `attn_{q,k}_norm`; each with its `.weight` or `.bias` suffix.
+/// `attn_{q,k}_norm`; each with its `.weight` or `.bias` suffix. Experts: Mixtral's
+/// `block_sparse_moe.gate` → `ffn_gate_inp` and `block_sparse_moe.experts.E.{w1,w2,w3}` →
+/// `ffn_{gate,down,up}_exps`; Qwen3-MoE's `mlp.gate` → `ffn_gate_inp` and
+/// `mlp.experts.E.{gate,down,up}_proj` → `ffn_{gate,down,up}_exps` (whose dense `mlp.*_proj`
+/// the converter cannot map). Every expert of a layer maps to the same stacked tensor.
 pub fn map_tensor(arch: Arch, hf_name: &str) -> Result<Option<String>, GgufError> {
     if hf_name.ends_with(".attention.masked_bias")
         || hf_name.ends_with(".attention.bias")
@@ -780,7 +866,15 @@ pub fn map_tensor(arch: Arch, hf_name: &str) -> Result<Option<String>, GgufError
                 return Err(unmapped());
             }
             let layer: u64 = layer.parse().map_err(|_| unmapped())?;
+            if let Some((_, projection)) = expert_parts(arch, module) {
+                return Ok(Some(format!("blk.{layer}.ffn_{projection}_exps.{suffix}")));
+            }
             let gguf = match module {
+                "block_sparse_moe.gate" if arch == Arch::Llama => "ffn_gate_inp",
+                "mlp.gate" if arch == Arch::Qwen3Moe => "ffn_gate_inp",
+                "mlp.gate_proj" | "mlp.up_proj" | "mlp.down_proj" if arch == Arch::Qwen3Moe => {
+                    return Err(unmapped())
+                }
                 "self_attn.q_proj" => "attn_q",
                 "self_attn.k_proj" => "attn_k",
                 "self_attn.v_proj" => "attn_v",
@@ -790,14 +884,50 @@ pub fn map_tensor(arch: Arch, hf_name: &str) -> Result<Option<String>, GgufError
                 "mlp.gate_proj" => "ffn_gate",
                 "mlp.up_proj" => "ffn_up",
                 "mlp.down_proj" => "ffn_down",
-                "self_attn.q_norm" if arch == Arch::Qwen3 => "attn_q_norm",
-                "self_attn.k_norm" if arch == Arch::Qwen3 => "attn_k_norm",
+                "self_attn.q_norm" if matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe) => "attn_q_norm",
+                "self_attn.k_norm" if matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe) => "attn_k_norm",
                 _ => return Err(unmapped()),
             };
             format!("blk.{layer}.{gguf}")
         }
     };
     Ok(Some(format!("{mapped}.{suffix}")))
+}
+
+/// For an expert's module within a layer (`block_sparse_moe.experts.E.w1`,
+/// `mlp.experts.E.gate_proj`), its expert number and the projection (`gate`, `up`, `down`).
+fn expert_parts(arch: Arch, module: &str) -> Option<(u64, &'static str)> {
+    let (rest, names): (&str, [(&str, &'static str); 3]) = match arch {
+        Arch::Llama => (
+            module.strip_prefix("block_sparse_moe.experts.")?,
+            [("w1", "gate"), ("w2", "down"), ("w3", "up")],
+        ),
+        Arch::Qwen3Moe => (
+            module.strip_prefix("mlp.experts.")?,
+            [
+                ("gate_proj", "gate"),
+                ("down_proj", "down"),
+                ("up_proj", "up"),
+            ],
+        ),
+        Arch::Qwen2 | Arch::Qwen3 => return None,
+    };
+    let (expert, projection) = rest.split_once('.')?;
+    if expert.is_empty() || !expert.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (_, name) = names.iter().find(|(hf, _)| *hf == projection)?;
+    Some((expert.parse().ok()?, name))
+}
+
+/// The expert number of a Hugging Face expert tensor (its place in the stacked tensor
+/// [`map_tensor`] names), `None` for any other tensor.
+pub fn expert_index(arch: Arch, hf_name: &str) -> Option<u64> {
+    let stem = hf_name
+        .strip_suffix(".weight")
+        .or_else(|| hf_name.strip_suffix(".bias"))?;
+    let (_, module) = stem.strip_prefix("model.layers.")?.split_once('.')?;
+    expert_parts(arch, module).map(|(e, _)| e)
 }
 
 /// Hugging Face → GGUF tensor name; `None` for a tensor the converter drops or cannot map
@@ -874,9 +1004,13 @@ pub struct TypeContext {
     pub n_layers: u64,
     /// No `output.weight` in the file: `token_embd.weight` is quantized like the output.
     pub tied_embeddings: bool,
-    /// llama.cpp's `LLM_TYPE_70B` (llama: 80 layers with grouped-query attention; qwen2: 80
-    /// layers): `attn_v` Q4_K becomes Q5_K.
+    /// llama.cpp's `LLM_TYPE_70B` (llama: 80 layers with grouped-query attention and not 8
+    /// experts; qwen2: 80 layers): `attn_v` Q4_K becomes Q5_K.
     pub is_70b: bool,
+    /// Experts per layer (0: dense). With exactly 8, `llama-quantize` stores `attn_v` and
+    /// `attn_k` as Q8_0 and (Q4_K_M) `attn_output` as Q5_K.
+    #[serde(default)]
+    pub n_expert: u64,
 }
 
 impl TypeContext {
@@ -886,6 +1020,7 @@ impl TypeContext {
             n_layers,
             tied_embeddings: false,
             is_70b: false,
+            n_expert: 0,
         }
     }
 
@@ -898,14 +1033,15 @@ impl TypeContext {
     ) -> Result<TypeContext, GgufError> {
         let hp = HParams::from_config(arch, config)?;
         let is_70b = match arch {
-            Arch::Llama => hp.n_layers == 80 && hp.n_head != hp.n_head_kv,
+            Arch::Llama => hp.n_layers == 80 && hp.n_head != hp.n_head_kv && hp.n_expert != 8,
             Arch::Qwen2 => hp.n_layers == 80,
-            Arch::Qwen3 => false,
+            Arch::Qwen3 | Arch::Qwen3Moe => false,
         };
         Ok(TypeContext {
             n_layers: hp.n_layers,
             tied_embeddings: !has_output_weight,
             is_70b,
+            n_expert: hp.n_expert,
         })
     }
 }
@@ -978,6 +1114,17 @@ pub fn tensor_type_in(
             ty = G::Q6_K;
         }
         if ctx.is_70b && ty == G::Q4_K {
+            ty = G::Q5_K;
+        }
+        if ctx.n_expert == 8 {
+            ty = G::Q8_0;
+        }
+    } else if gguf_name.contains("attn_k.weight") {
+        if ctx.n_expert == 8 {
+            ty = G::Q8_0;
+        }
+    } else if gguf_name.contains("attn_output.weight") {
+        if ctx.n_expert == 8 && file_type == FileType::Q4_K_M {
             ty = G::Q5_K;
         }
     } else if gguf_name.contains("ffn_down") {

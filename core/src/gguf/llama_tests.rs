@@ -127,19 +127,13 @@ fn unknown_and_moe_architectures_are_refused_by_name() {
     for supported in SUPPORTED_ARCHITECTURES {
         assert!(msg.contains(supported), "{msg}");
     }
-    for moe in [
-        "MixtralForCausalLM",
-        "Qwen3MoeForCausalLM",
-        "Qwen2MoeForCausalLM",
-    ] {
-        let msg = architecture(&json!({ "architectures": [moe] }))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains(moe) && msg.contains("mixture-of-experts"),
-            "{msg}"
-        );
-    }
+    let msg = architecture(&json!({ "architectures": ["Qwen2MoeForCausalLM"] }))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("Qwen2MoeForCausalLM") && msg.contains("shared experts"),
+        "{msg}"
+    );
     assert!(matches!(
         architecture(&json!({ "model_type": "llama" })),
         Err(GgufError::BadConfig(_))
@@ -541,7 +535,9 @@ fn tensor_names_map_like_the_converter() {
             map_tensor(arch, "model.layers.0.self_attn.rotary_emb.inv_freq").unwrap(),
             None
         );
-        assert!(map_tensor(arch, "model.layers.0.mlp.experts.0.gate_proj.weight").is_err());
+        if arch != Arch::Llama {
+            assert!(map_tensor(arch, "model.layers.0.block_sparse_moe.gate.weight").is_err());
+        }
         assert!(map_tensor(arch, "model.layers.x.mlp.up_proj.weight").is_err());
         assert!(map_tensor(arch, "model.layers.0.mlp.up_proj.scales").is_err());
         assert_eq!(tensor_name(arch, "vision_tower.blocks.0.weight"), None);
@@ -1417,4 +1413,240 @@ fn matches_llama_cpp_reference_files() {
         }
     }
     assert!(checked > 0, "no reference files under {}", root.display());
+}
+
+// ----------------------------------------------------------------------------------------
+// Mixture of experts.
+
+fn mixtral_config(experts: u64) -> Value {
+    json!({
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+        "num_local_experts": experts, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6, "max_position_embeddings": 32768
+    })
+}
+
+fn qwen3_moe_config() -> Value {
+    json!({
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "vocab_size": 151936, "num_experts": 128, "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 40960
+    })
+}
+
+#[test]
+fn experts_map_to_stacked_tensors_in_expert_order() {
+    let cases = [
+        (
+            Arch::Llama,
+            "model.layers.3.block_sparse_moe.experts.7.w1.weight",
+            "blk.3.ffn_gate_exps.weight",
+            7,
+        ),
+        (
+            Arch::Llama,
+            "model.layers.3.block_sparse_moe.experts.0.w2.weight",
+            "blk.3.ffn_down_exps.weight",
+            0,
+        ),
+        (
+            Arch::Llama,
+            "model.layers.3.block_sparse_moe.experts.12.w3.weight",
+            "blk.3.ffn_up_exps.weight",
+            12,
+        ),
+        (
+            Arch::Qwen3Moe,
+            "model.layers.9.mlp.experts.127.gate_proj.weight",
+            "blk.9.ffn_gate_exps.weight",
+            127,
+        ),
+        (
+            Arch::Qwen3Moe,
+            "model.layers.9.mlp.experts.5.down_proj.weight",
+            "blk.9.ffn_down_exps.weight",
+            5,
+        ),
+        (
+            Arch::Qwen3Moe,
+            "model.layers.9.mlp.experts.5.up_proj.weight",
+            "blk.9.ffn_up_exps.weight",
+            5,
+        ),
+    ];
+    for (arch, hf, gguf, expert) in cases {
+        assert_eq!(tensor_name(arch, hf).as_deref(), Some(gguf), "{hf}");
+        assert_eq!(expert_index(arch, hf), Some(expert), "{hf}");
+    }
+    assert_eq!(
+        tensor_name(Arch::Llama, "model.layers.1.block_sparse_moe.gate.weight").as_deref(),
+        Some("blk.1.ffn_gate_inp.weight")
+    );
+    assert_eq!(
+        tensor_name(Arch::Qwen3Moe, "model.layers.1.mlp.gate.weight").as_deref(),
+        Some("blk.1.ffn_gate_inp.weight")
+    );
+    assert_eq!(
+        tensor_name(Arch::Qwen3Moe, "model.layers.1.self_attn.k_norm.weight").as_deref(),
+        Some("blk.1.attn_k_norm.weight")
+    );
+    // The converter maps no dense MLP in qwen3moe, and nothing else is an expert.
+    assert!(map_tensor(Arch::Qwen3Moe, "model.layers.1.mlp.up_proj.weight").is_err());
+    assert!(map_tensor(
+        Arch::Llama,
+        "model.layers.1.block_sparse_moe.experts.x.w1.weight"
+    )
+    .is_err());
+    assert!(map_tensor(
+        Arch::Llama,
+        "model.layers.1.block_sparse_moe.experts.1.w4.weight"
+    )
+    .is_err());
+    assert_eq!(
+        expert_index(Arch::Llama, "model.layers.1.mlp.up_proj.weight"),
+        None
+    );
+    assert_eq!(
+        expert_index(Arch::Qwen3, "model.layers.1.mlp.experts.1.up_proj.weight"),
+        None
+    );
+}
+
+#[test]
+fn moe_metadata_has_the_converters_expert_keys() {
+    let meta = metadata(Arch::Llama, &mixtral_config(8), FileType::Q8_0, "m").unwrap();
+    let k = keys(&meta);
+    let pos = |key: &str| {
+        k.iter()
+            .position(|x| *x == key)
+            .unwrap_or_else(|| panic!("{key}"))
+    };
+    assert_eq!(get(&meta, "llama.expert_count"), Some(&MetaValue::U32(8)));
+    assert_eq!(
+        get(&meta, "llama.expert_used_count"),
+        Some(&MetaValue::U32(2))
+    );
+    assert!(pos("llama.attention.layer_norm_rms_epsilon") < pos("llama.expert_count"));
+    assert!(pos("llama.expert_used_count") < pos("general.file_type"));
+    // MixtralConfig has no head_dim unless config.json gives one.
+    assert!(!k.contains(&"llama.attention.key_length"));
+    assert_eq!(
+        get(&meta, "llama.rope.freq_base"),
+        Some(&MetaValue::F32(1e6))
+    );
+
+    let meta = metadata(Arch::Qwen3Moe, &qwen3_moe_config(), FileType::Q8_0, "m").unwrap();
+    assert_eq!(
+        get(&meta, "general.architecture"),
+        Some(&MetaValue::String("qwen3moe".into()))
+    );
+    assert_eq!(
+        get(&meta, "qwen3moe.expert_count"),
+        Some(&MetaValue::U32(128))
+    );
+    assert_eq!(
+        get(&meta, "qwen3moe.expert_used_count"),
+        Some(&MetaValue::U32(8))
+    );
+    assert_eq!(
+        get(&meta, "qwen3moe.expert_feed_forward_length"),
+        Some(&MetaValue::U32(768))
+    );
+    assert_eq!(
+        get(&meta, "qwen3moe.attention.key_length"),
+        Some(&MetaValue::U32(128))
+    );
+    let k = keys(&meta);
+    assert!(
+        k.iter().position(|x| *x == "general.file_type")
+            < k.iter()
+                .position(|x| *x == "qwen3moe.expert_feed_forward_length")
+    );
+
+    // Dense MLP layers in a Qwen3-MoE config cannot be converted.
+    let mut config = qwen3_moe_config();
+    config["mlp_only_layers"] = json!([0]);
+    assert!(matches!(
+        metadata(Arch::Qwen3Moe, &config, FileType::Q8_0, "m"),
+        Err(GgufError::UnsupportedArchitecture { .. })
+    ));
+    let mut config = mixtral_config(8);
+    config["num_experts_per_tok"] = json!(9);
+    assert!(matches!(
+        metadata(Arch::Llama, &config, FileType::Q8_0, "m"),
+        Err(GgufError::BadConfig(_))
+    ));
+}
+
+#[test]
+fn eight_experts_get_llama_quantizes_attention_bumps() {
+    let eight = TypeContext::from_config(Arch::Llama, &mixtral_config(8), true).unwrap();
+    let four = TypeContext::from_config(Arch::Llama, &mixtral_config(4), true).unwrap();
+    assert_eq!((eight.n_expert, four.n_expert), (8, 4));
+    let ty =
+        |ctx: &TypeContext, ft, name: &str, shape: &[u64]| tensor_type_in(ft, name, shape, ctx);
+    let row = [1024u64, 4096];
+    for ft in [FileType::Q4_0, FileType::Q4_K_M, FileType::Q6_K] {
+        assert_eq!(
+            ty(&eight, ft, "blk.1.attn_v.weight", &row),
+            GgmlType::Q8_0,
+            "{ft}"
+        );
+        assert_eq!(
+            ty(&eight, ft, "blk.1.attn_k.weight", &row),
+            GgmlType::Q8_0,
+            "{ft}"
+        );
+        assert_ne!(
+            ty(&four, ft, "blk.1.attn_k.weight", &row),
+            GgmlType::Q8_0,
+            "{ft}"
+        );
+    }
+    assert_eq!(
+        ty(&eight, FileType::Q4_K_M, "blk.1.attn_output.weight", &row),
+        GgmlType::Q5_K
+    );
+    assert_eq!(
+        ty(&four, FileType::Q4_K_M, "blk.1.attn_output.weight", &row),
+        GgmlType::Q4_K
+    );
+    assert_eq!(
+        ty(&eight, FileType::Q4_0, "blk.1.attn_output.weight", &row),
+        GgmlType::Q4_0
+    );
+    // ffn_down_exps follows ffn_down's layer rule; the router stays F32.
+    let down = [4096u64, 14336];
+    assert_eq!(
+        ty(
+            &eight,
+            FileType::Q4_K_M,
+            "blk.0.ffn_down_exps.weight",
+            &down
+        ),
+        GgmlType::Q6_K
+    );
+    assert_eq!(
+        ty(
+            &eight,
+            FileType::Q4_K_M,
+            "blk.5.ffn_down_exps.weight",
+            &down
+        ),
+        GgmlType::Q4_K
+    );
+    assert_eq!(
+        ty(
+            &eight,
+            FileType::Q4_K_M,
+            "blk.5.ffn_gate_inp.weight",
+            &[8, 4096]
+        ),
+        GgmlType::F32
+    );
 }

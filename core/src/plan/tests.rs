@@ -286,3 +286,29 @@ fn fp8_scales_that_do_not_fit_their_weight_are_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn experts_are_planned_by_projection_then_expert_number() {
+    let names: Vec<String> = (0..12)
+        .flat_map(|e| {
+            ["w1", "w2", "w3"]
+                .map(|w| format!("model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"))
+        })
+        .chain(["model.layers.0.block_sparse_moe.gate.weight".to_string()])
+        .collect();
+    let spec: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 4)).collect();
+    let plan = plan_tasks(&[file("a.safetensors", &spec)], 8).unwrap();
+    let order: Vec<&str> = plan
+        .iter()
+        .flat_map(|t| &t.tensors)
+        .map(|t| t.name.as_str())
+        .collect();
+    let expected: Vec<String> = ["w1", "w2", "w3"]
+        .iter()
+        .flat_map(|w| {
+            (0..12).map(move |e| format!("model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"))
+        })
+        .chain(["model.layers.0.block_sparse_moe.gate.weight".to_string()])
+        .collect();
+    assert_eq!(order, expected);
+}
