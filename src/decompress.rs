@@ -1,7 +1,8 @@
 //! `shardpress decompress`: restore safetensors files from an `.spz` archive.
 //!
-//! The archive is read by range: footer, index, then each tensor's record, so restoring a few
-//! tensors (`--tensor`) reads only their bytes. A full restore rebuilds every original file
+//! The archive is read by range through the library's reader
+//! ([`shardpress_store::spz::SpzReader`]: footer, index, then each tensor's record, every part
+//! checksummed), so restoring a few tensors (`--tensor`) reads only their bytes. A full restore rebuilds every original file
 //! with its original header verbatim and each tensor at its original offset (dequantized into
 //! its original dtype), plus the companion files; for a lossless recipe the files are
 //! byte-identical to the input. Files are written under a `.partial` name and renamed when
@@ -15,12 +16,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use shardpress_core::codec::decode_frame;
 use shardpress_core::dtype::DType;
-use shardpress_core::entropy;
 use shardpress_core::header::encode_header;
-use shardpress_core::spz::{self, SpzIndex, SpzTensor};
-use shardpress_store::StoreLocation;
+use shardpress_store::spz::SpzReader;
 
 #[derive(Args)]
 pub struct DecompressArgs {
@@ -34,99 +32,6 @@ pub struct DecompressArgs {
     /// are read from the archive.
     #[arg(long)]
     pub tensor: Vec<String>,
-}
-
-/// An opened archive: where it is and its validated index.
-struct Archive {
-    location: StoreLocation,
-    name: String,
-    index: SpzIndex,
-}
-
-fn split_archive_url(archive: &str) -> (String, String) {
-    let trimmed = archive.trim_end_matches('/');
-    if !trimmed.ends_with(".spz") {
-        return (trimmed.to_string(), "model.spz".to_string());
-    }
-    match trimmed.rsplit_once('/') {
-        Some((dir, name)) if !dir.is_empty() && !dir.ends_with(':') && !dir.ends_with("//") => {
-            (dir.to_string(), name.to_string())
-        }
-        _ => (".".to_string(), trimmed.to_string()),
-    }
-}
-
-async fn open_archive(archive: &str) -> anyhow::Result<Archive> {
-    let (dir, name) = split_archive_url(archive);
-    let location = StoreLocation::open(&dir)?;
-    let object = location.describe(&name);
-    let size = location.size(&name).await?;
-    if size < (spz::MAGIC.len() + spz::FOOTER_LEN) as u64 {
-        bail!("{object}: {size} bytes is too short for an .spz archive");
-    }
-    let magic = location
-        .get_range(&name, 0..spz::MAGIC.len() as u64)
-        .await?;
-    if magic.as_ref() != spz::MAGIC {
-        bail!("{object}: not an .spz archive (bad magic)");
-    }
-    let tail = location
-        .get_range(&name, size - spz::FOOTER_LEN as u64..size)
-        .await?;
-    let footer = spz::parse_footer(&tail, size).with_context(|| object.clone())?;
-    let bytes = location
-        .get_range(&name, footer.offset..footer.offset + footer.len)
-        .await?;
-    let index = SpzIndex::parse(&bytes, &footer).with_context(|| object.clone())?;
-    Ok(Archive {
-        location,
-        name,
-        index,
-    })
-}
-
-/// Reads and decodes one tensor's record into its original bytes.
-async fn restore_tensor(archive: &Archive, tensor: &SpzTensor) -> anyhow::Result<Vec<u8>> {
-    let object = archive.location.describe(&archive.name);
-    let dtype = DType::from_safetensors(&tensor.dtype).with_context(|| {
-        format!(
-            "{object}: tensor {} has unknown dtype {}",
-            tensor.name, tensor.dtype
-        )
-    })?;
-    let expected = tensor.data_end - tensor.data_start;
-    let max_elems = (expected / dtype.size_bytes().max(1) as u64) as usize;
-    let record = archive
-        .location
-        .get_range(&archive.name, tensor.offset..tensor.offset + tensor.len)
-        .await?;
-    let hash = blake3::hash(&record).to_hex();
-    if hash.as_str() != tensor.blake3 {
-        bail!(
-            "{object}: the record of tensor {} is corrupt (blake3 {hash}, index says {})",
-            tensor.name,
-            tensor.blake3
-        );
-    }
-    let name = tensor.name.clone();
-    let data = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
-        let mut data = Vec::with_capacity(expected as usize);
-        for frame in spz::split_record(&name, &record)? {
-            let room = max_elems.saturating_sub(data.len() / dtype.size_bytes().max(1));
-            decode_frame(frame, dtype, room, &mut data)
-                .with_context(|| format!("tensor {name}"))?;
-        }
-        Ok(data)
-    })
-    .await??;
-    if data.len() as u64 != expected {
-        bail!(
-            "{object}: tensor {} decodes to {} bytes, its file range holds {expected}",
-            tensor.name,
-            data.len()
-        );
-    }
-    Ok(data)
 }
 
 /// A file name from the archive, refused if it could escape the output directory.
@@ -149,7 +54,7 @@ fn partial_name(path: &Path) -> PathBuf {
 
 pub async fn decompress(args: DecompressArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let archive = open_archive(&args.archive).await?;
+    let archive = SpzReader::open(&args.archive).await?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let written = if args.tensor.is_empty() {
@@ -162,16 +67,16 @@ pub async fn decompress(args: DecompressArgs) -> anyhow::Result<()> {
         "restored {} tensors ({:.1} MB) from {} into {} in {secs:.1}s ({:.0} MB/s); recipe: {}",
         written.0,
         written.1 as f64 / 1e6,
-        archive.location.describe(&archive.name),
+        archive.describe(),
         args.out.display(),
         written.1 as f64 / 1e6 / secs.max(1e-9),
-        archive.index.recipe
+        archive.index().recipe
     );
     Ok(())
 }
 
-async fn restore_all(archive: &Archive, out: &Path) -> anyhow::Result<(usize, u64)> {
-    let index = &archive.index;
+async fn restore_all(archive: &SpzReader, out: &Path) -> anyhow::Result<(usize, u64)> {
+    let index = archive.index();
     let (mut tensors, mut bytes) = (0, 0);
     for (file_index, file) in index.files.iter().enumerate() {
         let path = safe_join(out, &file.name)?;
@@ -213,21 +118,7 @@ async fn restore_all(archive: &Archive, out: &Path) -> anyhow::Result<(usize, u6
     }
     for blob in &index.companions {
         let path = safe_join(out, &blob.name)?;
-        let coded = archive
-            .location
-            .get_range(&archive.name, blob.offset..blob.offset + blob.len)
-            .await?;
-        let hash = blake3::hash(&coded).to_hex();
-        if hash.as_str() != blob.blake3 {
-            bail!(
-                "{}: companion file {} is corrupt (blake3 {hash}, index says {})",
-                archive.location.describe(&archive.name),
-                blob.name,
-                blob.blake3
-            );
-        }
-        let data = entropy::decompress(&coded)
-            .with_context(|| format!("companion file {} in the archive", blob.name))?;
+        let data = archive.read_companion(blob).await?;
         std::fs::write(&path, data).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok((tensors, bytes))
@@ -236,11 +127,11 @@ async fn restore_all(archive: &Archive, out: &Path) -> anyhow::Result<(usize, u6
 /// Writes file `file_index` of the archive's index, complete and synced, to `partial`;
 /// returns its tensor count and tensor bytes.
 async fn restore_file(
-    archive: &Archive,
+    archive: &SpzReader,
     file_index: usize,
     partial: &Path,
 ) -> anyhow::Result<(usize, u64)> {
-    let file = &archive.index.files[file_index];
+    let file = &archive.index().files[file_index];
     let handle = std::fs::File::create(partial)
         .with_context(|| format!("cannot create {}", partial.display()))?;
     handle.set_len(file.size)?;
@@ -249,12 +140,12 @@ async fn restore_file(
     handle.write_all_at(header, 8)?;
     let (mut tensors, mut bytes) = (0, 0);
     for tensor in archive
-        .index
+        .index()
         .tensors
         .iter()
         .filter(|t| t.file == file_index)
     {
-        let data = restore_tensor(archive, tensor).await?;
+        let data = archive.read_tensor(tensor).await?;
         handle
             .write_all_at(&data, tensor.data_start)
             .with_context(|| format!("writing {}", partial.display()))?;
@@ -266,25 +157,14 @@ async fn restore_file(
 }
 
 async fn restore_selected(
-    archive: &Archive,
+    archive: &SpzReader,
     names: &[String],
     out: &Path,
 ) -> anyhow::Result<(usize, u64)> {
-    let mut selected = Vec::new();
-    for name in names {
-        let tensor = archive
-            .index
-            .tensors
-            .iter()
-            .find(|t| &t.name == name)
-            .with_context(|| {
-                format!(
-                    "no tensor {name:?} in {}",
-                    archive.location.describe(&archive.name)
-                )
-            })?;
-        selected.push(tensor);
-    }
+    let selected = names
+        .iter()
+        .map(|name| archive.tensor(name))
+        .collect::<Result<Vec<_>, _>>()?;
     let layout: Vec<(String, DType, Vec<u64>)> = selected
         .iter()
         .map(|t| {
@@ -303,7 +183,7 @@ async fn restore_selected(
     ordered.sort_by(|a, b| a.name.cmp(&b.name));
     ordered.dedup_by(|a, b| a.name == b.name);
     for tensor in &ordered {
-        let data = restore_tensor(archive, tensor).await?;
+        let data = archive.read_tensor(tensor).await?;
         bytes += data.len() as u64;
         file.extend_from_slice(&data);
     }
@@ -315,19 +195,6 @@ async fn restore_selected(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn archive_urls_split_into_directory_and_object() {
-        let split = |s: &str| split_archive_url(s);
-        assert_eq!(split("out"), ("out".into(), "model.spz".into()));
-        assert_eq!(split("out/"), ("out".into(), "model.spz".into()));
-        assert_eq!(split("out/model.spz"), ("out".into(), "model.spz".into()));
-        assert_eq!(split("m.spz"), (".".into(), "m.spz".into()));
-        assert_eq!(
-            split("s3://bucket/a/model.spz"),
-            ("s3://bucket/a".into(), "model.spz".into())
-        );
-    }
 
     #[test]
     fn names_cannot_escape_the_output() {

@@ -4,7 +4,8 @@
 //! A [`StoreLocation`] is a store plus a root prefix; objects are named relative to that root.
 //! S3 settings come from the usual `AWS_*` environment variables (endpoint, region, credentials,
 //! `AWS_ALLOW_HTTP`), read through object_store's own configuration keys.
-//! [`read_source_file`] reads a safetensors header with two range reads, never the data.
+//! [`read_source_file`] reads a safetensors header with two range reads, never the data;
+//! [`spz::SpzReader`] reads an `.spz` archive by range.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use shardpress_core::header::{self, HeaderError};
 use shardpress_core::plan::SourceFile;
 
 mod model;
+pub mod spz;
 pub use model::{resolve_model, ModelFiles, INDEX_NAME};
 
 /// What can go wrong talking to storage; every variant names the object.
