@@ -9,7 +9,9 @@
 # and checks that every tensor of our file is byte-identical to llama.cpp's.
 # Needs the real-readers venv (../shared/tools/real-readers-venv; override with REAL_READERS=DIR).
 # Usage: bash bench/gguf-vs-llama-cpp.sh [SIZE] [FILE_TYPES...]   (default: 1GB q8_0 q4_0 q4_k_m q6_k)
-# GEN_ARGS adds gen-model options, e.g. GEN_ARGS="--experts 8" for a Mixtral-shaped model.
+# GEN_ARGS adds gen-model options, e.g. GEN_ARGS="--experts 8" for a Mixtral-shaped model;
+# with it, LAYOUT=qwen2moe|qwen3moe rewrites that model as a Qwen2-MoE / Qwen3-MoE checkpoint
+# (bench/moe_layout.py) before the comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${1:-1GB}
@@ -28,6 +30,10 @@ vendor=$("$py" "$helper" fetch "$version" "$work")
 
 # shellcheck disable=SC2086
 "$bin" gen-model --out "$work/model" --size "$size" ${GEN_ARGS:-} >&2
+if [ -n "${LAYOUT:-}" ]; then
+  "$py" "$PWD/bench/moe_layout.py" "$work/model" "$work/rewritten" "$LAYOUT"
+  rm -rf "$work/model" && mv "$work/rewritten" "$work/model"
+fi
 bytes=$(du -sb "$work/model" | cut -f1)
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }

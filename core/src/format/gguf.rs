@@ -409,6 +409,14 @@ fn stack_parts(parts: &[Vec<PartTensor>]) -> Result<(Vec<Laid>, Vec<bool>), Gguf
     Ok((out, open_after))
 }
 
+/// A shape as `llama-quantize` writes it (`ggml_n_dims`: no trailing `ne` of 1, i.e. no
+/// leading 1 of the row-major shape; Qwen2-MoE's `[1, n_embd]` shared-expert gate becomes
+/// 1-D).
+fn ggml_n_dims(shape: &mut Vec<u64>) {
+    let ones = shape.iter().take_while(|&&d| d == 1).count();
+    shape.drain(..ones.min(shape.len().saturating_sub(1)));
+}
+
 /// The stacked tensor of `n` slices like `first`.
 fn stacked(first: &PartTensor, n: u64) -> Laid {
     let mut shape = vec![n];
@@ -490,7 +498,12 @@ pub fn files(
         .iter()
         .map(|(name, shape, _)| (name.clone(), shape.clone(), GgmlType::F32))
         .collect();
-    let (stacked_all, open_after) = stack_parts(&assembly.parts)?;
+    let (mut stacked_all, open_after) = stack_parts(&assembly.parts)?;
+    if file_type.is_requantized() {
+        for t in &mut stacked_all {
+            ggml_n_dims(&mut t.1);
+        }
+    }
     let all: Vec<Laid> = extra_layout.iter().chain(&stacked_all).cloned().collect();
     let total_tensors = all.len();
     let laid = layout(&meta, &all, ALIGNMENT)?;
@@ -528,7 +541,13 @@ pub fn files(
         } else {
             Vec::new()
         };
-        tensors.extend(stack_parts(&assembly.parts[tasks.clone()])?.0);
+        let mut stacked = stack_parts(&assembly.parts[tasks.clone()])?.0;
+        if file_type.is_requantized() {
+            for t in &mut stacked {
+                ggml_n_dims(&mut t.1);
+            }
+        }
+        tensors.extend(stacked);
         let mut file_meta = if first { meta.clone() } else { Vec::new() };
         let name = if count == 1 {
             FILE_NAME.to_string()

@@ -551,3 +551,40 @@ fn expert_slices_form_one_stacked_tensor_padded_after_the_last() {
         );
     }
 }
+
+/// llama-quantize writes `ggml_n_dims` dimensions: Qwen2-MoE's `[1, n_embd]` shared-expert
+/// gate is 1-D in a Q4_K_M file and stays 2-D in the converter's own Q8_0 file.
+#[test]
+fn requantized_files_drop_leading_unit_dimensions() {
+    use super::gguf::{GgufAssembly, PartTensor};
+    let config = config();
+    let (tj, tc) = (llama3_tokenizer(false), llama3_tokenizer_config());
+    let sources = HeadSources {
+        config: &config,
+        tokenizer: TokenizerFiles {
+            tokenizer_json: Some(&tj),
+            tokenizer_config: Some(&tc),
+            config: Some(&config),
+            ..Default::default()
+        },
+        name: "m",
+    };
+    let model = facts().gguf.unwrap();
+    for (file_type, dims) in [
+        (crate::gguf::FileType::Q8_0, vec![5u64, 1]),
+        (crate::gguf::FileType::Q4_K_M, vec![5]),
+    ] {
+        let assembly = GgufAssembly {
+            file_type: Some(file_type),
+            parts: vec![vec![PartTensor {
+                name: "blk.0.ffn_gate_inp_shexp.weight".into(),
+                shape: vec![1, 5],
+                ty: GgmlType::F32,
+                expert: None,
+            }]],
+        };
+        let file = &files(&model, &assembly, sources, None).unwrap()[0];
+        let parsed = parse_header(&file.head).unwrap();
+        assert_eq!(parsed.tensors[0].dims, dims, "{file_type}");
+    }
+}

@@ -19,11 +19,11 @@
 //! fills in class defaults. The defaults that matter here are reproduced per `model_type`
 //! (see [`HParams::from_config`]).
 //!
-//! Mixture-of-experts checkpoints: Mixtral (GGUF arch `llama` with `expert_count`) and
-//! Qwen3-MoE (`qwen3moe`). llama.cpp stacks the experts `…experts.E.w1` of a layer into one
+//! Mixture-of-experts checkpoints: Mixtral (GGUF arch `llama` with `expert_count`), Qwen2-MoE
+//! (`qwen2moe`, with a shared expert) and Qwen3-MoE (`qwen3moe`). llama.cpp stacks the experts `…experts.E.w1` of a layer into one
 //! 3-D tensor `blk.N.ffn_gate_exps` (`[E, rows, cols]`, expert 0 first, no padding between
 //! experts): [`map_tensor`] names each expert's tensor by the stacked tensor and
-//! [`expert_index`] gives its place in it. Qwen2-MoE (shared experts) is refused.
+//! [`expert_index`] gives its place in it.
 
 use super::quants::GgmlType;
 use super::writer::MetaValue;
@@ -40,11 +40,9 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
 ];
-
-/// Mixture-of-experts architectures that are recognized and refused.
-const MOE_ARCHITECTURES: &[&str] = &["Qwen2MoeForCausalLM"];
 
 /// A GGUF model architecture (llama.cpp's `MODEL_ARCH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -56,6 +54,9 @@ pub enum Arch {
     Qwen2,
     /// `qwen3`: per-head `attn_q_norm`/`attn_k_norm`, no permutation.
     Qwen3,
+    /// `qwen2moe`: qwen2 attention, every layer's MLP a mixture of experts plus a shared
+    /// expert with its own sigmoid gate.
+    Qwen2Moe,
     /// `qwen3moe`: qwen3 attention, every layer's MLP a mixture of experts.
     Qwen3Moe,
 }
@@ -67,8 +68,14 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Qwen2Moe => "qwen2moe",
             Arch::Qwen3Moe => "qwen3moe",
         }
+    }
+
+    /// Qwen2-MoE or Qwen3-MoE: experts under `mlp.experts`, no dense MLP.
+    pub fn is_qwen_moe(self) -> bool {
+        matches!(self, Arch::Qwen2Moe | Arch::Qwen3Moe)
     }
 
     /// Whether the converter permutes `q_proj`/`k_proj` (`LlamaModel.undo_permute`).
@@ -91,12 +98,8 @@ pub fn architecture(config: &Value) -> Result<Arch, GgufError> {
         "LlamaForCausalLM" | "MistralForCausalLM" | "MixtralForCausalLM" => Ok(Arch::Llama),
         "Qwen2ForCausalLM" => Ok(Arch::Qwen2),
         "Qwen3ForCausalLM" => Ok(Arch::Qwen3),
+        "Qwen2MoeForCausalLM" => Ok(Arch::Qwen2Moe),
         "Qwen3MoeForCausalLM" => Ok(Arch::Qwen3Moe),
-        moe if MOE_ARCHITECTURES.contains(&moe) => Err(GgufError::UnsupportedArchitecture {
-            found: moe.to_string(),
-            reason: "its shared experts are not mapped yet (Mixtral and Qwen3-MoE are)".into(),
-            supported: SUPPORTED_ARCHITECTURES.join(", "),
-        }),
         other => Err(GgufError::UnsupportedArchitecture {
             found: other.to_string(),
             reason: "not a llama-family architecture this converter knows".into(),
@@ -173,6 +176,12 @@ impl FileType {
             .ok_or_else(|| GgufError::UnknownTypeName(name.to_string()))
     }
 
+    /// Whether llama.cpp makes this file type with `llama-quantize` (from the converter's
+    /// output) rather than the converter itself.
+    pub fn is_requantized(self) -> bool {
+        matches!(self, FileType::Q4_0 | FileType::Q4_K_M | FileType::Q6_K)
+    }
+
     /// The type most 2-D weights get (`llama_ftype_get_default_type`).
     pub fn default_type(self) -> GgmlType {
         match self {
@@ -220,8 +229,10 @@ pub struct HParams {
     /// Experts per MoE layer (0 for a dense model) and experts used per token.
     pub n_expert: u64,
     pub n_expert_used: u64,
-    /// An expert's hidden size (`moe_intermediate_size`; Qwen3-MoE only).
+    /// An expert's hidden size (`moe_intermediate_size`; Qwen-MoE only).
     pub n_ff_exp: Option<u64>,
+    /// The shared expert's hidden size (`shared_expert_intermediate_size`; Qwen2-MoE).
+    pub n_ff_shexp: Option<u64>,
     /// The config class's `rope_theta` when config.json has none.
     pub default_rope_theta: f64,
     /// The RoPE parameters as the converter normalizes them (`rope_parameters` or
@@ -247,10 +258,17 @@ struct ClassDefaults {
 fn class_defaults(config: &Value, arch: Arch) -> ClassDefaults {
     let model_type = config.get("model_type").and_then(Value::as_str);
     let key = match (model_type, arch) {
-        (Some(t @ ("llama" | "mistral" | "mixtral" | "qwen2" | "qwen3" | "qwen3_moe")), _) => t,
+        (
+            Some(
+                t @ ("llama" | "mistral" | "mixtral" | "qwen2" | "qwen2_moe" | "qwen3"
+                | "qwen3_moe"),
+            ),
+            _,
+        ) => t,
         (_, Arch::Llama) => "llama",
         (_, Arch::Qwen2) => "qwen2",
         (_, Arch::Qwen3) => "qwen3",
+        (_, Arch::Qwen2Moe) => "qwen2_moe",
         (_, Arch::Qwen3Moe) => "qwen3_moe",
     };
     let dense = |n_head_kv, max_position_embeddings, head_dim| ClassDefaults {
@@ -276,6 +294,12 @@ fn class_defaults(config: &Value, arch: Arch) -> ClassDefaults {
         },
         // Qwen2Config: num_key_value_heads=32, max_position_embeddings=32768, no head_dim.
         "qwen2" => dense(Some(32), 32768, None),
+        // Qwen2MoeConfig: num_key_value_heads=16, max_position_embeddings=32768, no head_dim,
+        // 60 experts, 4 per token, moe_intermediate_size=1408 (shared expert: 5632).
+        "qwen2_moe" => ClassDefaults {
+            experts: Some((60, 4, Some(1408))),
+            ..dense(Some(16), 32768, None)
+        },
         // Qwen3MoeConfig: num_key_value_heads=4, max_position_embeddings=32768, head_dim only
         // when given, 128 experts, 8 per token, moe_intermediate_size=768.
         "qwen3_moe" => ClassDefaults {
@@ -338,6 +362,12 @@ impl HParams {
             ));
         }
         let defaults = class_defaults(config, arch);
+        let n_ff_shexp = match arch {
+            Arch::Qwen2Moe => {
+                Some(find_count(config, &["shared_expert_intermediate_size"])?.unwrap_or(5632))
+            }
+            _ => None,
+        };
         let (n_expert, n_expert_used, n_ff_exp) = match defaults.experts {
             None => {
                 let found = find_count(
@@ -377,16 +407,16 @@ impl HParams {
                         "{n} experts with {used} used per token"
                     )));
                 }
-                // The converter maps no dense MLP in a Qwen3-MoE model.
+                // The converter maps no dense MLP in a Qwen-MoE model.
                 let sparse_step = find_count(config, &["decoder_sparse_step"])?.unwrap_or(1);
                 let dense_layers = config
                     .get("mlp_only_layers")
                     .and_then(Value::as_array)
                     .is_some_and(|a| !a.is_empty());
-                if arch == Arch::Qwen3Moe && (sparse_step != 1 || dense_layers) {
+                if arch != Arch::Llama && (sparse_step != 1 || dense_layers) {
                     return Err(GgufError::UnsupportedArchitecture {
-                        found: "Qwen3MoeForCausalLM with dense MLP layers".into(),
-                        reason: "llama.cpp's converter maps no dense MLP in qwen3moe (decoder_sparse_step must be 1 and mlp_only_layers empty)".into(),
+                        found: format!("{} with dense MLP layers", arch.name()),
+                        reason: "llama.cpp's converter maps no dense MLP in it (decoder_sparse_step must be 1 and mlp_only_layers empty)".into(),
                         supported: SUPPORTED_ARCHITECTURES.join(", "),
                     });
                 }
@@ -465,6 +495,7 @@ impl HParams {
             n_expert,
             n_expert_used,
             n_ff_exp,
+            n_ff_shexp,
             default_rope_theta: defaults.rope_theta,
             rope,
         })
@@ -725,6 +756,12 @@ pub fn metadata(
             u32_value("moe_intermediate_size", ff)?,
         );
     }
+    if let Some(ff) = hp.n_ff_shexp {
+        put(
+            format!("{a}.expert_shared_feed_forward_length"),
+            u32_value("shared_expert_intermediate_size", ff)?,
+        );
+    }
     if arch == Arch::Llama {
         put(
             format!("{a}.vocab_size"),
@@ -871,10 +908,14 @@ pub fn map_tensor(arch: Arch, hf_name: &str) -> Result<Option<String>, GgufError
             }
             let gguf = match module {
                 "block_sparse_moe.gate" if arch == Arch::Llama => "ffn_gate_inp",
-                "mlp.gate" if arch == Arch::Qwen3Moe => "ffn_gate_inp",
-                "mlp.gate_proj" | "mlp.up_proj" | "mlp.down_proj" if arch == Arch::Qwen3Moe => {
+                "mlp.gate" if arch.is_qwen_moe() => "ffn_gate_inp",
+                "mlp.gate_proj" | "mlp.up_proj" | "mlp.down_proj" if arch.is_qwen_moe() => {
                     return Err(unmapped())
                 }
+                "mlp.shared_expert.gate_proj" if arch == Arch::Qwen2Moe => "ffn_gate_shexp",
+                "mlp.shared_expert.up_proj" if arch == Arch::Qwen2Moe => "ffn_up_shexp",
+                "mlp.shared_expert.down_proj" if arch == Arch::Qwen2Moe => "ffn_down_shexp",
+                "mlp.shared_expert_gate" if arch == Arch::Qwen2Moe => "ffn_gate_inp_shexp",
                 "self_attn.q_proj" => "attn_q",
                 "self_attn.k_proj" => "attn_k",
                 "self_attn.v_proj" => "attn_v",
@@ -902,7 +943,7 @@ fn expert_parts(arch: Arch, module: &str) -> Option<(u64, &'static str)> {
             module.strip_prefix("block_sparse_moe.experts.")?,
             [("w1", "gate"), ("w2", "down"), ("w3", "up")],
         ),
-        Arch::Qwen3Moe => (
+        Arch::Qwen2Moe | Arch::Qwen3Moe => (
             module.strip_prefix("mlp.experts.")?,
             [
                 ("gate_proj", "gate"),
@@ -1035,7 +1076,7 @@ impl TypeContext {
         let is_70b = match arch {
             Arch::Llama => hp.n_layers == 80 && hp.n_head != hp.n_head_kv && hp.n_expert != 8,
             Arch::Qwen2 => hp.n_layers == 80,
-            Arch::Qwen3 | Arch::Qwen3Moe => false,
+            Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe => false,
         };
         Ok(TypeContext {
             n_layers: hp.n_layers,
@@ -1083,7 +1124,8 @@ pub fn tensor_type_in(
     let keeps_f32 = shape.len() < 2
         || gguf_name.contains("_norm.weight")
         || !gguf_name.ends_with("weight")
-        || gguf_name.contains("ffn_gate_inp.weight");
+        || gguf_name.contains("ffn_gate_inp.weight")
+        || gguf_name.contains("ffn_gate_inp_shexp.weight");
     if keeps_f32 {
         return G::F32;
     }

@@ -119,7 +119,7 @@ fn architectures_are_recognized() {
 }
 
 #[test]
-fn unknown_and_moe_architectures_are_refused_by_name() {
+fn unknown_architectures_are_refused_by_name_and_moe_ones_recognized() {
     let err = architecture(&json!({ "architectures": ["GPT2LMHeadModel"] })).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, GgufError::UnsupportedArchitecture { .. }));
@@ -127,13 +127,16 @@ fn unknown_and_moe_architectures_are_refused_by_name() {
     for supported in SUPPORTED_ARCHITECTURES {
         assert!(msg.contains(supported), "{msg}");
     }
-    let msg = architecture(&json!({ "architectures": ["Qwen2MoeForCausalLM"] }))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        msg.contains("Qwen2MoeForCausalLM") && msg.contains("shared experts"),
-        "{msg}"
-    );
+    for (name, arch) in [
+        ("MixtralForCausalLM", Arch::Llama),
+        ("Qwen2MoeForCausalLM", Arch::Qwen2Moe),
+        ("Qwen3MoeForCausalLM", Arch::Qwen3Moe),
+    ] {
+        assert_eq!(
+            architecture(&json!({ "architectures": [name] })).unwrap(),
+            arch
+        );
+    }
     assert!(matches!(
         architecture(&json!({ "model_type": "llama" })),
         Err(GgufError::BadConfig(_))
@@ -1648,5 +1651,77 @@ fn eight_experts_get_llama_quantizes_attention_bumps() {
             &[8, 4096]
         ),
         GgmlType::F32
+    );
+}
+
+#[test]
+fn qwen2_moe_shared_expert_maps_and_stays_f32() {
+    let a = Arch::Qwen2Moe;
+    for (hf, gguf) in [
+        (
+            "model.layers.2.mlp.shared_expert.gate_proj.weight",
+            "blk.2.ffn_gate_shexp.weight",
+        ),
+        (
+            "model.layers.2.mlp.shared_expert.up_proj.weight",
+            "blk.2.ffn_up_shexp.weight",
+        ),
+        (
+            "model.layers.2.mlp.shared_expert.down_proj.weight",
+            "blk.2.ffn_down_shexp.weight",
+        ),
+        (
+            "model.layers.2.mlp.shared_expert_gate.weight",
+            "blk.2.ffn_gate_inp_shexp.weight",
+        ),
+        (
+            "model.layers.2.mlp.gate.weight",
+            "blk.2.ffn_gate_inp.weight",
+        ),
+        (
+            "model.layers.2.mlp.experts.59.up_proj.weight",
+            "blk.2.ffn_up_exps.weight",
+        ),
+        ("model.layers.2.self_attn.q_proj.bias", "blk.2.attn_q.bias"),
+    ] {
+        assert_eq!(tensor_name(a, hf).as_deref(), Some(gguf), "{hf}");
+    }
+    assert!(map_tensor(a, "model.layers.2.mlp.up_proj.weight").is_err());
+    let config = json!({
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+        "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936,
+        "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632, "rope_theta": 1e6
+    });
+    let meta = metadata(a, &config, FileType::Q4_K_M, "m").unwrap();
+    assert_eq!(
+        get(&meta, "qwen2moe.expert_count"),
+        Some(&MetaValue::U32(60))
+    );
+    assert_eq!(
+        get(&meta, "qwen2moe.expert_feed_forward_length"),
+        Some(&MetaValue::U32(1408))
+    );
+    assert_eq!(
+        get(&meta, "qwen2moe.expert_shared_feed_forward_length"),
+        Some(&MetaValue::U32(5632))
+    );
+    let ctx = TypeContext::from_config(a, &config, true).unwrap();
+    for ft in [FileType::Q8_0, FileType::Q4_K_M, FileType::F16] {
+        assert_eq!(
+            tensor_type_in(ft, "blk.0.ffn_gate_inp_shexp.weight", &[1, 2048], &ctx),
+            GgmlType::F32
+        );
+    }
+    // ffn_down_shexp takes ffn_down's more-bits rule (layer 0 of 24).
+    assert_eq!(
+        tensor_type_in(
+            FileType::Q4_K_M,
+            "blk.0.ffn_down_shexp.weight",
+            &[2048, 5632],
+            &ctx
+        ),
+        GgmlType::Q6_K
     );
 }
