@@ -239,9 +239,12 @@ fn a_non_finite_weight_fails_the_job_naming_the_tensor() {
     let header = r#"{"model.layers.0.mlp.up_proj.weight":{"dtype":"F32","shape":[2,128],"data_offsets":[0,1024]}}"#;
     write_raw(&file, header, 1024);
     let mut bytes = std::fs::read(&file).unwrap();
-    let at = 8 + header.len() + 4 * 130;
-    bytes[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
-    std::fs::write(&file, bytes).unwrap();
+    let data = 8 + header.len();
+    for (i, v) in bytes[data..].chunks_exact_mut(4).enumerate() {
+        v.copy_from_slice(&((i % 17) as f32 * 0.03 - 0.2).to_le_bytes());
+    }
+    bytes[data + 4 * 130..data + 4 * 131].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    std::fs::write(&file, &bytes).unwrap();
     expect_rejected(
         &cluster,
         &model,
@@ -250,6 +253,45 @@ fn a_non_finite_weight_fails_the_job_naming_the_tensor() {
             "model.layers.0.mlp.up_proj.weight",
             "1 non-finite",
             "is inf",
+            "non_finite: keep",
         ],
+    );
+    // With `non_finite: keep` the row holding it is stored exactly, the other compressed.
+    let recipe = cluster.dir.path().join("keep.yaml");
+    std::fs::write(
+        &recipe,
+        "non_finite: keep\npasses:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n    targets: ['re:.*']\n",
+    )
+    .unwrap();
+    let out = cluster.dir.path().join("inf-kept");
+    let result = cluster.compress(&model, &out, recipe.to_str().unwrap());
+    assert!(result.status.success(), "{}", stderr(&result));
+    let tensors = common::load_tensors(&out);
+    let (_, _, stored) = &tensors["model.layers.0.mlp.up_proj.weight"];
+    assert!(
+        stored[512..] == bytes[data + 512..],
+        "the row with the infinity is unchanged"
+    );
+    assert!(
+        stored[..512] != bytes[data..data + 512],
+        "the finite row is quantized"
+    );
+    let report = std::fs::read_to_string(out.join("report.json")).unwrap();
+    assert!(
+        report.contains("1 row(s) holding NaN or infinities"),
+        "{report}"
+    );
+    // A format that stores codes cannot hold such rows: refused at submit.
+    let refused = cluster.dir.path().join("inf-spz");
+    let result = cluster
+        .compress_command(&model, &refused, recipe.to_str().unwrap())
+        .args(["--format", "spz"])
+        .output()
+        .unwrap();
+    assert!(!result.status.success());
+    assert!(
+        stderr(&result).contains("non_finite: keep"),
+        "{}",
+        stderr(&result)
     );
 }

@@ -77,7 +77,7 @@ pub enum CodecError {
     },
     #[error("{pass} failed: {message}")]
     Pass { pass: &'static str, message: String },
-    #[error("{count} non-finite weight(s) in a chunk (the first, its element {first}, is {value}); a quantizer would spread them over their group, so the tensor is refused: fix the checkpoint or add the tensor to the recipe's ignore list")]
+    #[error("{count} non-finite weight(s) in a chunk (the first, its element {first}, is {value}); a quantizer would spread them over their group, so the tensor is refused: fix the checkpoint, add the tensor to the recipe's ignore list, or set `non_finite: keep` to store such rows unchanged (safetensors output)")]
     NonFinite {
         count: usize,
         first: usize,
@@ -112,6 +112,8 @@ pub struct TensorPlan {
     /// Where the tensor goes in a GGUF file (its name there, type, row permutation); set by
     /// the gguf format's `adapt_plan`.
     pub gguf: Option<crate::format::gguf::GgufTensor>,
+    /// Rows holding NaN or infinities are stored unchanged (recipe `non_finite: keep`).
+    pub keep_non_finite_rows: bool,
 }
 
 impl TensorPlan {
@@ -209,6 +211,7 @@ impl TensorPlan {
             note: String::new(),
             global_cut: None,
             gguf: None,
+            keep_non_finite_rows: false,
         })
     }
 
@@ -224,6 +227,7 @@ impl TensorPlan {
         shape: &[u64],
     ) -> Result<TensorPlan, PlanError> {
         let mut plan = TensorPlan::for_tensor(recipe, name, dtype, shape)?;
+        plan.keep_non_finite_rows = recipe.keep_non_finite_rows && !plan.is_identity();
         if let Some(PassKind::Ggml { file_type, ty }) = plan.values.as_mut() {
             *ty = Some(crate::format::gguf::resolve_type(
                 model, *file_type, name, shape,

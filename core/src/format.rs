@@ -315,6 +315,8 @@ pub struct ChunkOutput {
     pub bytes: Vec<u8>,
     /// Exact bits of the compact representation (before entropy coding).
     pub repr_bits: u64,
+    /// Rows stored unchanged because they hold NaN or infinities (`non_finite: keep`).
+    pub kept_rows: u64,
 }
 
 /// Turns one tensor's chunks into output bytes, in a format's layout.
@@ -352,7 +354,15 @@ impl TensorWriter {
                     return Ok(ChunkOutput {
                         bytes: input.to_vec(),
                         repr_bits: input.len() as u64 * 8,
+                        kept_rows: 0,
                     })
+                }
+            }
+        }
+        if plan.keep_non_finite_rows {
+            if let TensorWriter::Reconstruction = self {
+                if let Some(out) = keep_non_finite_rows(plan, dtype, row_len, input, acc)? {
+                    return Ok(out);
                 }
             }
         }
@@ -371,7 +381,11 @@ impl TensorWriter {
             TensorWriter::FloatQuantized(state) => state.chunk(encoded)?,
             TensorWriter::Gguf(state) => state.chunk(encoded)?,
         };
-        Ok(ChunkOutput { bytes, repr_bits })
+        Ok(ChunkOutput {
+            bytes,
+            repr_bits,
+            kept_rows: 0,
+        })
     }
 
     /// The bytes that follow the tensor's chunks (side tensors buffered while streaming).
@@ -383,6 +397,77 @@ impl TensorWriter {
             TensorWriter::Gguf(state) => state.finish(),
         }
     }
+}
+
+/// Refuses `non_finite: keep` for a format that stores codes, not values in the input dtype.
+pub(crate) fn refuse_kept_rows(
+    format: &'static str,
+    recipe: &crate::recipe::Recipe,
+) -> Result<(), FormatError> {
+    match recipe.keep_non_finite_rows {
+        false => Ok(()),
+        true => Err(FormatError::Recipe {
+            format,
+            recipe: recipe.name.clone(),
+            reason: "non_finite: keep stores rows with NaN or infinities unchanged, in the input dtype, which only --format safetensors holds".into(),
+        }),
+    }
+}
+
+/// The reconstruction of a chunk holding rows with NaN or infinities, those rows unchanged
+/// and the others compressed (and measured) together; `None` when every row is finite.
+fn keep_non_finite_rows(
+    plan: &TensorPlan,
+    dtype: DType,
+    row_len: usize,
+    input: &[u8],
+    acc: &mut ErrorAccumulator,
+) -> Result<Option<ChunkOutput>, CodecError> {
+    let row_bytes = row_len * dtype.size_bytes();
+    if row_bytes == 0 || input.len() % row_bytes != 0 || !dtype.is_decodable_float() {
+        return Ok(None);
+    }
+    let mut values = vec![0f32; row_len];
+    let mut kept = Vec::new();
+    for (r, row) in input.chunks_exact(row_bytes).enumerate() {
+        crate::dtype::decode_to_f32(dtype, row, &mut values)?;
+        if values.iter().any(|v| !v.is_finite()) {
+            kept.push(r);
+        }
+    }
+    if kept.is_empty() {
+        return Ok(None);
+    }
+    let finite: Vec<u8> = input
+        .chunks_exact(row_bytes)
+        .enumerate()
+        .filter(|(r, _)| kept.binary_search(r).is_err())
+        .flat_map(|(_, row)| row.iter().copied())
+        .collect();
+    let encoded = match finite.is_empty() {
+        true => None,
+        false => Some(encode_chunk_measured(plan, dtype, row_len, &finite, acc)?),
+    };
+    let mut compressed = encoded
+        .as_ref()
+        .map(|e| e.reconstruction.chunks_exact(row_bytes))
+        .into_iter()
+        .flatten();
+    let mut bytes = Vec::with_capacity(input.len());
+    for (r, row) in input.chunks_exact(row_bytes).enumerate() {
+        match kept.binary_search(&r) {
+            Ok(_) => bytes.extend_from_slice(row),
+            Err(_) => bytes.extend_from_slice(compressed.next().ok_or_else(|| {
+                CodecError::Corrupt("fewer compressed rows than finite rows".into())
+            })?),
+        }
+    }
+    let repr_bits = encoded.map_or(0, |e| e.repr_bits) + (kept.len() * row_bytes) as u64 * 8;
+    Ok(Some(ChunkOutput {
+        bytes,
+        repr_bits,
+        kept_rows: kept.len() as u64,
+    }))
 }
 
 #[cfg(test)]

@@ -22,6 +22,10 @@ pub struct Recipe {
     /// tensor's compressed form (its error is measured against it). `None`: only exactly
     /// identical records are shared (always, in `.spz`).
     pub share_cosine: Option<f64>,
+    /// `non_finite: keep`: rows holding NaN or an infinity are stored exactly as they are
+    /// (the tensor's other rows compressed) instead of failing the job; only outputs that hold
+    /// values in the input dtype (`--format safetensors`) can store them.
+    pub keep_non_finite_rows: bool,
     /// The YAML this recipe was parsed from (shipped to workers verbatim).
     pub source_yaml: String,
 }
@@ -350,6 +354,18 @@ struct RawRecipe {
     gates: Option<RawGates>,
     #[serde(default)]
     share: Option<RawShare>,
+    #[serde(default)]
+    non_finite: Option<NonFinite>,
+}
+
+/// What a job does with NaN and infinite weights in a tensor it compresses.
+#[derive(Deserialize, Clone, Copy, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum NonFinite {
+    /// Fail the tensor's task, naming it (the default).
+    Refuse,
+    /// Store the rows holding them unchanged.
+    Keep,
 }
 
 #[derive(Deserialize)]
@@ -512,6 +528,7 @@ impl Recipe {
             passes,
             gates: convert_gates(raw.gates)?,
             share_cosine,
+            keep_non_finite_rows: raw.non_finite == Some(NonFinite::Keep),
             source_yaml: yaml.to_owned(),
         })
     }

@@ -492,6 +492,7 @@ async fn compress_tensor(
     let record_offset = writer.bytes;
     let mut record_hash = blake3::Hasher::new();
     let mut repr_bits = 0u64;
+    let mut kept_rows = 0u64;
     let mut tensor_writer = format.spec().tensor_writer(describe(tensor), &plan);
     // `.spz` parts hold records that the archive's index points at, checksum included.
     let records = match format {
@@ -521,6 +522,7 @@ async fn compress_tensor(
         acc = acc_out;
         tensor_writer = writer_out;
         repr_bits += output.repr_bits;
+        kept_rows += output.kept_rows;
         timings.compute += compute_started.elapsed();
         let write_started = Instant::now();
         if records {
@@ -577,6 +579,11 @@ async fn compress_tensor(
     }
     if let Some(cut) = &plan.global_cut {
         result.note = format!("global magnitude cut at |w| ~ {:.4e}", cut.threshold());
+    }
+    if kept_rows > 0 {
+        result.note = format!(
+            "{kept_rows} row(s) holding NaN or infinities stored unchanged (non_finite: keep); the metrics cover the other rows"
+        );
     }
     Ok(result)
 }

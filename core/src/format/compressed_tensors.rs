@@ -174,7 +174,7 @@ impl Format for CompressedTensors {
                 "cannot store near-identical tensors as one (share:); drop share: or use --format safetensors / spz",
             ));
         }
-        Ok(())
+        super::refuse_kept_rows(NAME, recipe)
     }
 
     fn adapt_plan(

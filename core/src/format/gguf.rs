@@ -174,7 +174,7 @@ impl Format for Gguf {
                 "cannot share near-identical tensors: a GGUF file stores every tensor".into(),
             ));
         }
-        Ok(())
+        super::refuse_kept_rows("gguf", recipe)
     }
 
     fn adapt_plan(
@@ -667,6 +667,7 @@ impl GgufState {
         Ok(ChunkOutput {
             bytes: self.emit(bytes)?,
             repr_bits,
+            kept_rows: 0,
         })
     }
 

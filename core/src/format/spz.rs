@@ -28,8 +28,8 @@ impl Format for Spz {
         "spz (compact representations, entropy-coded)"
     }
 
-    fn check_recipe(&self, _recipe: &Recipe) -> Result<(), FormatError> {
-        Ok(())
+    fn check_recipe(&self, recipe: &Recipe) -> Result<(), FormatError> {
+        super::refuse_kept_rows("spz", recipe)
     }
 
     fn task_output_name(&self, index: usize, total: usize) -> String {

@@ -515,3 +515,82 @@ fn f16_weights_at_the_edge_of_the_range_reconstruct_finitely() {
         );
     }
 }
+
+/// `non_finite: keep`: rows holding NaN or infinities are stored bit for bit, every other row
+/// exactly as it would be compressed without them, and the error covers only those rows.
+#[test]
+fn non_finite_rows_are_kept_exactly_when_the_recipe_says_so() {
+    let shape = [6u64, 128];
+    let mut xs = sample(6 * 128);
+    xs[128 + 7] = f32::INFINITY;
+    xs[4 * 128] = f32::NAN;
+    xs[4 * 128 + 1] = f32::NEG_INFINITY;
+    let input = bf16_bytes(&xs);
+    let yaml = "passes:\n  - quantize: { bits: 4, granularity: group, group_size: 64 }\n    targets: ['re:.*']\n";
+    let refuse = Recipe::from_yaml(yaml).unwrap();
+    let keep = Recipe::from_yaml(&format!("non_finite: keep\n{yaml}")).unwrap();
+    let facts = ModelFacts::default();
+    let plan_of = |r: &Recipe| {
+        TensorPlan::for_output(
+            r,
+            OutputFormat::Safetensors,
+            &facts,
+            UP,
+            DType::BF16,
+            &shape,
+        )
+        .unwrap()
+    };
+    let mut acc = ErrorAccumulator::new();
+    let err = TensorWriter::Reconstruction
+        .chunk(&plan_of(&refuse), DType::BF16, 128, &input, &mut acc)
+        .unwrap_err();
+    assert!(err.to_string().contains("non_finite: keep"), "{err}");
+    let plan = plan_of(&keep);
+    assert!(plan.keep_non_finite_rows);
+    let out = TensorWriter::Reconstruction
+        .chunk(&plan, DType::BF16, 128, &input, &mut acc)
+        .unwrap();
+    assert_eq!(out.kept_rows, 2);
+    let row = 128 * 2;
+    let finite_rows: Vec<u8> = [0usize, 2, 3, 5]
+        .iter()
+        .flat_map(|&r| input[r * row..(r + 1) * row].to_vec())
+        .collect();
+    let mut reference_acc = ErrorAccumulator::new();
+    let reference = TensorWriter::Reconstruction
+        .chunk(
+            &plan_of(&refuse),
+            DType::BF16,
+            128,
+            &finite_rows,
+            &mut reference_acc,
+        )
+        .unwrap();
+    for (i, r) in [0usize, 2, 3, 5].into_iter().enumerate() {
+        assert!(out.bytes[r * row..(r + 1) * row] == reference.bytes[i * row..(i + 1) * row]);
+    }
+    for r in [1usize, 4] {
+        assert!(
+            out.bytes[r * row..(r + 1) * row] == input[r * row..(r + 1) * row],
+            "row {r}"
+        );
+    }
+    let (m, want) = (acc.finish(), reference_acc.finish());
+    assert_eq!(m, want);
+    assert!(m.rel_fro_error.is_finite() && m.rel_fro_error > 0.0);
+    // Formats that store codes refuse the option at submit.
+    let gguf_keep = Recipe::from_yaml(
+        "non_finite: keep\npasses:\n  - gguf: { type: q8_0 }\n    targets: ['re:.*']\n",
+    )
+    .unwrap();
+    for (format, recipe) in [
+        (OutputFormat::Spz, &keep),
+        (OutputFormat::CompressedTensors, &keep),
+        (OutputFormat::Gguf, &gguf_keep),
+    ] {
+        let err = format.spec().check_recipe(recipe).unwrap_err().to_string();
+        assert!(err.contains("non_finite: keep"), "{format:?}: {err}");
+    }
+    assert!(Recipe::from_yaml(&format!("non_finite: maybe\n{yaml}")).is_err());
+}
