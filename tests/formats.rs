@@ -380,3 +380,34 @@ fn fp8_inputs_with_scales_are_decoded_then_compressed() {
     assert!(message.contains("FP8 with scales"), "{message}");
     assert!(!refused.join("model.spz").exists());
 }
+
+/// compressed-tensors inputs: the job's own `pack-quantized` output (symmetric and with zero
+/// points), compressed again, gives exactly what the same recipe gives on the dequantized
+/// output of that job, in safetensors and compressed-tensors alike.
+#[test]
+fn compressed_tensors_inputs_are_decoded_then_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "6MB", "bf16", 2);
+    for first in ["w4a16", "w4a16-asym", "w8a16"] {
+        let (ct, dq) = (
+            dir.path().join(format!("{first}-ct")),
+            dir.path().join(format!("{first}-dq")),
+        );
+        run(&model, &ct, first, "compressed-tensors", 2);
+        run(&model, &dq, first, "safetensors", 2);
+        for (recipe, format) in [("int8", "safetensors"), ("w4a16-hqq", "compressed-tensors")] {
+            let (a, b) = (
+                dir.path().join(format!("{first}-ct-{recipe}")),
+                dir.path().join(format!("{first}-dq-{recipe}")),
+            );
+            run(&ct, &a, recipe, format, 2);
+            run(&dq, &b, recipe, format, 2);
+            assert_same(
+                &format!("{first} then {recipe}"),
+                &safetensors_dir(&a),
+                &safetensors_dir(&b),
+            );
+        }
+    }
+}

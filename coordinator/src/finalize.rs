@@ -281,11 +281,11 @@ async fn reassemble(
             objects.push(put_json(&out, INDEX_NAME, json_bytes(&index)).await?);
         }
         if finish.copy_companions {
-            // FP8 weights decoded from their scales are no longer what the input's own
-            // quantization_config (e.g. DeepSeek's `quant_method: fp8`) describes.
+            // Weights decoded from FP8 with scales or from packed codes are no longer what the
+            // input's own quantization_config (DeepSeek's `fp8`, compressed-tensors') describes.
             let decoded = tasks
                 .iter()
-                .any(|t| t.plan.tensors.iter().any(|x| x.scales.is_some()));
+                .any(|t| t.plan.tensors.iter().any(|x| x.is_decoded()));
             for name in companion_names(&model).await? {
                 let mut bytes = model.get(&name).await?.to_vec();
                 let config = finish.quantization_config.as_ref();

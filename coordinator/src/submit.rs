@@ -4,8 +4,9 @@
 
 use futures::{StreamExt, TryStreamExt};
 use shardpress_core::codec::TensorPlan;
+use shardpress_core::dtype::DType;
 use shardpress_core::format::{Assembly, ModelFacts};
-use shardpress_core::plan::{plan_tasks, PlannedTask};
+use shardpress_core::plan::{plan_tasks_with, PlannedTask, SourceFile};
 use shardpress_core::recipe::{OutputFormat, PassKind, Recipe};
 use shardpress_proto::v1::SubmitJobRequest;
 use shardpress_store::{read_source_file, resolve_model, StoreLocation};
@@ -77,16 +78,21 @@ pub async fn submit(
     } else {
         ModelFacts::default()
     };
-    let mut plan = plan_tasks(&files, budget)?;
+    let weight_shapes = read_weight_shapes(&model.root, &files).await?;
+    let mut plan = plan_tasks_with(&files, budget, &weight_shapes)?;
     // Every tensor's pass combination, and whether the format can store it, is checked
     // now, not mid-job (FP8 weights with scales as the BF16 tensors they are decoded to).
     for t in plan.iter().flat_map(|task| &task.tensors) {
         TensorPlan::for_output(&recipe, format, &facts, &t.name, t.dtype, &t.shape)
             .map_err(|e| CoordinatorError::InvalidRequest(format!("{}: {e}", t.source_file)))?;
-        if let (OutputFormat::Spz, Some(scales)) = (format, &t.scales) {
+        if format == OutputFormat::Spz && t.is_decoded() {
+            let stored = match &t.scales {
+                Some(scales) => format!("FP8 with scales ({})", scales.name),
+                None => "compressed-tensors packed codes".to_owned(),
+            };
             return Err(CoordinatorError::InvalidRequest(format!(
-                "{}: {} is FP8 with scales ({}), which this job decodes to BF16, and .spz restores the original files; use --format safetensors, compressed-tensors or gguf",
-                t.source_file, t.name, scales.name
+                "{}: {} is {stored}, which this job decodes, and .spz restores the original files; use --format safetensors, compressed-tensors or gguf",
+                t.source_file, t.name
             )));
         }
     }
@@ -133,4 +139,40 @@ pub async fn submit(
         task_count,
         total_bytes,
     })
+}
+
+/// The two numbers each compressed-tensors `….weight_shape` tensor (I64 `[2]`) holds: a
+/// packed weight's real shape, which its header does not give.
+async fn read_weight_shapes(
+    model: &StoreLocation,
+    files: &[SourceFile],
+) -> Result<std::collections::HashMap<String, [u64; 2]>, CoordinatorError> {
+    let mut shapes = std::collections::HashMap::new();
+    for file in files {
+        let base = file.header.data_start();
+        for t in &file.header.tensors {
+            if !t.name.ends_with(".weight_shape") || t.dtype != DType::I64 || t.shape != [2] {
+                continue;
+            }
+            let bytes = model
+                .get_range(&file.name, base + t.data_offsets.0..base + t.data_offsets.1)
+                .await?;
+            let dims: Vec<i64> = bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunks")))
+                .collect();
+            match dims[..] {
+                [rows, cols] if rows > 0 && cols > 0 => {
+                    shapes.insert(t.name.clone(), [rows as u64, cols as u64]);
+                }
+                _ => {
+                    return Err(CoordinatorError::InvalidRequest(format!(
+                        "{}: {} holds {dims:?}, not a 2-D shape",
+                        file.name, t.name
+                    )))
+                }
+            }
+        }
+    }
+    Ok(shapes)
 }

@@ -15,6 +15,10 @@
 //! per channel or per tensor) are planned as one BF16 tensor: the scale tensor travels with
 //! its weight ([`BlockScales`]), workers decode `fp8 * scale` to BF16 as they read, and the
 //! scale tensor is not an output of its own. Passes, formats and reports see a BF16 weight.
+//! compressed-tensors `pack-quantized` weights (`W.weight_packed` with `W.weight_scale`,
+//! `W.weight_zero_point`, `W.weight_shape`) are planned the same way as `W.weight` in the
+//! scales' dtype ([`PackedInts`]; the caller reads each `weight_shape`'s two numbers, see
+//! [`plan_tasks_with`]).
 
 use crate::dtype::DType;
 use crate::header::SafetensorsHeader;
@@ -45,20 +49,54 @@ pub struct PlannedTensor {
     pub data_end: u64,
     /// The scales of FP8 values decoded on reading (see the module docs).
     pub scales: Option<BlockScales>,
+    /// The layout of packed integer codes decoded on reading (see the module docs).
+    pub packed: Option<PackedInts>,
+}
+
+/// A compressed-tensors `pack-quantized` weight: `32 / bits` codes per little-endian `i32`
+/// along each row (the first in the low bits, stored unsigned), `value = (q - zero) * scale`
+/// of the element's group, zero `2^(bits-1)` when there are no zero points.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PackedInts {
+    pub bits: u8,
+    /// `[rows, groups]` scales; `block` is `[1, columns per group]`.
+    pub scales: BlockScales,
+    /// `[ceil(rows / (32 / bits)), groups]` I32 zero points, packed along the rows.
+    pub zero_points: Option<BlockScales>,
 }
 
 impl PlannedTensor {
-    /// Data length in bytes (as stored, scales included).
+    /// Data length in bytes (as stored, scales and zero points included).
     pub fn byte_len(&self) -> u64 {
         let own = self.data_end.saturating_sub(self.data_start);
-        own.saturating_add(self.scales.as_ref().map_or(0, |s| s.byte_len()))
+        let side = self.scales.iter().map(BlockScales::byte_len).sum::<u64>()
+            + self.packed.as_ref().map_or(0, |p| {
+                p.scales.byte_len() + p.zero_points.as_ref().map_or(0, BlockScales::byte_len)
+            });
+        own.saturating_add(side)
     }
 
-    /// The dtype of the stored bytes (`dtype` unless decoded from FP8).
+    /// The dtype of the stored bytes (`dtype` unless decoded from FP8 or packed codes).
     pub fn stored_dtype(&self) -> DType {
-        match &self.scales {
-            Some(_) => DType::F8_E4M3,
-            None => self.dtype,
+        match (&self.scales, &self.packed) {
+            (Some(_), _) => DType::F8_E4M3,
+            (_, Some(_)) => DType::I32,
+            _ => self.dtype,
+        }
+    }
+
+    /// Whether the stored bytes are decoded (FP8 with scales, packed codes) as they are read.
+    pub fn is_decoded(&self) -> bool {
+        self.scales.is_some() || self.packed.is_some()
+    }
+
+    /// Stored bytes per row of `row_len` values (decoded tensors: per row of the weight).
+    pub fn stored_row_bytes(&self, row_len: u64) -> u64 {
+        let cols = self.shape.last().copied().unwrap_or(1);
+        match (&self.scales, &self.packed) {
+            (Some(_), _) => cols,
+            (_, Some(p)) => cols.div_ceil(32 / u64::from(p.bits)) * 4,
+            _ => row_len * self.dtype.size_bytes() as u64,
         }
     }
 }
@@ -127,6 +165,8 @@ pub enum PlanError {
     OffsetOverflow { tensor: String, file: String },
     #[error("plan would have {count} tasks, more than u32 can index")]
     TooManyTasks { count: usize },
+    #[error("packed weight {weight:?}: {reason}")]
+    BadPacked { weight: String, reason: String },
     #[error("FP8 weight {weight:?} has scales {scales:?} that do not fit it: {reason}")]
     BadScales {
         weight: String,
@@ -173,10 +213,20 @@ pub fn layer_index(tensor_name: &str) -> Option<u64> {
 
 /// Splits all tensors of `files` into tasks of at most `budget_bytes` (see the module docs).
 pub fn plan_tasks(files: &[SourceFile], budget_bytes: u64) -> Result<Vec<PlannedTask>, PlanError> {
+    plan_tasks_with(files, budget_bytes, &HashMap::new())
+}
+
+/// [`plan_tasks`] for a model that may hold compressed-tensors packed weights:
+/// `weight_shapes` maps each `….weight_shape` tensor to the two numbers it holds.
+pub fn plan_tasks_with(
+    files: &[SourceFile],
+    budget_bytes: u64,
+    weight_shapes: &HashMap<String, [u64; 2]>,
+) -> Result<Vec<PlannedTask>, PlanError> {
     if budget_bytes == 0 {
         return Err(PlanError::InvalidBudget);
     }
-    let tensors = gather(files)?;
+    let tensors = attach_packed(gather(files)?, weight_shapes)?;
     if tensors.is_empty() {
         return Err(PlanError::Empty);
     }
@@ -248,6 +298,7 @@ fn gather(files: &[SourceFile]) -> Result<Vec<PlannedTensor>, PlanError> {
                 data_start: base.checked_add(t.data_offsets.0).ok_or_else(overflow)?,
                 data_end: base.checked_add(t.data_offsets.1).ok_or_else(overflow)?,
                 scales: None,
+                packed: None,
             });
         }
     }
@@ -312,6 +363,128 @@ fn attach_fp8_scales(tensors: Vec<PlannedTensor>) -> Result<Vec<PlannedTensor>, 
             }
             t
         })
+        .collect())
+}
+
+/// The tensor's place as a side tensor of a decoded weight.
+fn side(t: &PlannedTensor, shape: Vec<u64>, block: [u64; 2]) -> BlockScales {
+    BlockScales {
+        name: t.name.clone(),
+        source_file: t.source_file.clone(),
+        dtype: t.dtype,
+        shape,
+        data_start: t.data_start,
+        data_end: t.data_end,
+        block,
+    }
+}
+
+/// Turns each compressed-tensors packed weight (`M.weight_packed` with `M.weight_scale`,
+/// `M.weight_shape` and, if asymmetric, `M.weight_zero_point`) into the tensor `M.weight`
+/// it decodes to (see the module docs); other tensors are left as they are.
+fn attach_packed(
+    tensors: Vec<PlannedTensor>,
+    weight_shapes: &HashMap<String, [u64; 2]>,
+) -> Result<Vec<PlannedTensor>, PlanError> {
+    let index: HashMap<String, usize> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    let mut consumed = std::collections::HashSet::new();
+    let mut decoded: HashMap<usize, PlannedTensor> = HashMap::new();
+    for (i, t) in tensors.iter().enumerate() {
+        let Some(module) = t.name.strip_suffix(".weight_packed") else {
+            continue;
+        };
+        let bad = |reason: String| PlanError::BadPacked {
+            weight: t.name.clone(),
+            reason,
+        };
+        let find = |suffix: &str| {
+            index
+                .get(&format!("{module}.{suffix}"))
+                .map(|&j| (j, &tensors[j]))
+        };
+        let (Some((si, scale)), Some((hi, shape_t))) = (find("weight_scale"), find("weight_shape"))
+        else {
+            return Err(bad("needs its weight_scale and weight_shape tensors".into()));
+        };
+        let [rows, cols] = *weight_shapes
+            .get(&shape_t.name)
+            .ok_or_else(|| bad(format!("{} was not read", shape_t.name)))?;
+        let (packed_rows, words) = match t.shape.as_slice() {
+            [r, w] if t.dtype == DType::I32 => (*r, *w),
+            _ => {
+                return Err(bad(format!(
+                    "{} {:?} is not a 2-D I32 tensor",
+                    t.dtype.as_safetensors(),
+                    t.shape
+                )))
+            }
+        };
+        let bits = match (cols.div_ceil(8) == words, cols.div_ceil(4) == words) {
+            (true, false) => 4u8,
+            (false, true) => 8,
+            _ => {
+                return Err(bad(format!(
+                    "{words} words per row do not hold {cols} 4- or 8-bit codes"
+                )))
+            }
+        };
+        let groups = match scale.shape.as_slice() {
+            [r, g] if *r == rows && scale.dtype.is_decodable_float() && *g > 0 => *g,
+            _ => {
+                return Err(bad(format!(
+                    "weight_scale {:?} is not [{rows}, groups] floats",
+                    scale.shape
+                )))
+            }
+        };
+        let group = if groups == 1 {
+            cols.max(1)
+        } else {
+            cols / groups
+        };
+        if packed_rows != rows || group == 0 || group * groups != cols {
+            return Err(bad(format!("{rows}x{cols} with {groups} scale groups per row and {packed_rows} packed rows do not agree")));
+        }
+        let pf = 32 / u64::from(bits);
+        let zero_points = match find("weight_zero_point") {
+            None => None,
+            Some((zi, z)) => {
+                if z.dtype != DType::I32 || z.shape != [rows.div_ceil(pf), groups] {
+                    return Err(bad(format!(
+                        "weight_zero_point {:?} is not [{}, {groups}] I32",
+                        z.shape,
+                        rows.div_ceil(pf)
+                    )));
+                }
+                consumed.insert(zi);
+                Some(side(z, z.shape.clone(), [pf, group]))
+            }
+        };
+        consumed.extend([si, hi]);
+        decoded.insert(
+            i,
+            PlannedTensor {
+                name: format!("{module}.weight"),
+                dtype: scale.dtype,
+                shape: vec![rows, cols],
+                packed: Some(PackedInts {
+                    bits,
+                    scales: side(scale, vec![rows, groups], [1, group]),
+                    zero_points,
+                }),
+                ..t.clone()
+            },
+        );
+    }
+    Ok(tensors
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !consumed.contains(i))
+        .map(|(i, t)| decoded.remove(&i).unwrap_or(t))
         .collect())
 }
 

@@ -2,7 +2,7 @@
 
 use shardpress_core::dtype::DType;
 use shardpress_core::metrics::TensorMetrics;
-use shardpress_core::plan::{BlockScales, PlannedTensor};
+use shardpress_core::plan::{BlockScales, PackedInts, PlannedTensor};
 
 use crate::v1::{self, JobState, JobStatus, TensorResult, TensorSlice};
 
@@ -31,27 +31,75 @@ impl From<&PlannedTensor> for TensorSlice {
             data_start: t.data_start,
             data_end: t.data_end,
             share_candidate: None,
-            scales: t.scales.as_ref().map(|s| v1::BlockScales {
-                name: s.name.clone(),
-                source_file: s.source_file.clone(),
-                dtype: s.dtype.as_safetensors().to_string(),
-                shape: s.shape.clone(),
-                data_start: s.data_start,
-                data_end: s.data_end,
-                block: s.block.to_vec(),
+            scales: t.scales.as_ref().map(wire_scales),
+            packed: t.packed.as_ref().map(|p| v1::PackedInts {
+                bits: u32::from(p.bits),
+                scales: Some(wire_scales(&p.scales)),
+                zero_points: p.zero_points.as_ref().map(wire_scales),
             }),
         }
     }
 }
 
+fn wire_scales(s: &BlockScales) -> v1::BlockScales {
+    v1::BlockScales {
+        name: s.name.clone(),
+        source_file: s.source_file.clone(),
+        dtype: s.dtype.as_safetensors().to_string(),
+        shape: s.shape.clone(),
+        data_start: s.data_start,
+        data_end: s.data_end,
+        block: s.block.to_vec(),
+    }
+}
+
+fn packed_ints(tensor: &str, p: &v1::PackedInts) -> Result<PackedInts, ConvertError> {
+    let bad = |reason: String| ConvertError::BadScales {
+        tensor: tensor.to_owned(),
+        reason,
+    };
+    let bits = match p.bits {
+        4 => 4,
+        8 => 8,
+        other => return Err(bad(format!("{other}-bit packed codes"))),
+    };
+    let scales = p
+        .scales
+        .as_ref()
+        .ok_or_else(|| bad("packed codes without scales".into()))?;
+    let zero_points = p
+        .zero_points
+        .as_ref()
+        .map(|z| block_scales_of(tensor, z, |d| d == DType::I32))
+        .transpose()?;
+    Ok(PackedInts {
+        bits,
+        scales: block_scales(tensor, scales)?,
+        zero_points,
+    })
+}
+
 fn block_scales(tensor: &str, s: &v1::BlockScales) -> Result<BlockScales, ConvertError> {
+    block_scales_of(tensor, s, DType::is_decodable_float)
+}
+
+fn block_scales_of(
+    tensor: &str,
+    s: &v1::BlockScales,
+    allowed: impl Fn(DType) -> bool,
+) -> Result<BlockScales, ConvertError> {
     let bad = |reason: String| ConvertError::BadScales {
         tensor: tensor.to_owned(),
         reason,
     };
     let dtype = DType::from_safetensors(&s.dtype)
-        .filter(|d| d.is_decodable_float())
-        .ok_or_else(|| bad(format!("scale dtype {:?} is not a float dtype", s.dtype)))?;
+        .filter(|d| allowed(*d))
+        .ok_or_else(|| {
+            bad(format!(
+                "side tensor dtype {:?} is not allowed here",
+                s.dtype
+            ))
+        })?;
     let block: [u64; 2] = s
         .block
         .as_slice()
@@ -109,6 +157,11 @@ impl TryFrom<&TensorSlice> for PlannedTensor {
                 .scales
                 .as_ref()
                 .map(|s| block_scales(&t.name, s))
+                .transpose()?,
+            packed: t
+                .packed
+                .as_ref()
+                .map(|p| packed_ints(&t.name, p))
                 .transpose()?,
         })
     }

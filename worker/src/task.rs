@@ -50,10 +50,16 @@ struct Timings {
 
 fn check_extent(tensor: &PlannedTensor) -> Result<(), TaskError> {
     let stored = tensor.stored_dtype();
-    let expected = tensor
-        .shape
-        .iter()
-        .try_fold(stored.size_bytes() as u64, |acc, &d| acc.checked_mul(d));
+    let expected = match tensor.is_decoded() {
+        true => tensor
+            .shape
+            .first()
+            .and_then(|rows| rows.checked_mul(tensor.stored_row_bytes(1))),
+        false => tensor
+            .shape
+            .iter()
+            .try_fold(stored.size_bytes() as u64, |acc, &d| acc.checked_mul(d)),
+    };
     if expected != Some(tensor.data_end - tensor.data_start) {
         return Err(TaskError::BadTensor {
             tensor: tensor.name.clone(),
@@ -445,11 +451,7 @@ fn chunk_ranges(
     chunk_bytes: usize,
 ) -> Vec<std::ops::Range<u64>> {
     let total = tensor.data_end - tensor.data_start;
-    let row_len = match tensor.scales {
-        Some(_) => row_len_of(&tensor.shape),
-        None => row_len,
-    };
-    let row_bytes = (row_len * tensor.stored_dtype().size_bytes() as u64).max(1);
+    let row_bytes = tensor.stored_row_bytes(row_len).max(1);
     let rows_per_chunk = (chunk_bytes as u64 / row_bytes).max(1);
     let step = rows_per_chunk * row_bytes;
     (0..total)
@@ -621,8 +623,8 @@ fn read_ahead(
     let model = model.clone();
     let tensor = tensor.clone();
     tokio::spawn(async move {
-        let scales = match read_scales(&model, &tensor).await {
-            Ok(scales) => scales,
+        let side = match read_side(&model, &tensor).await {
+            Ok(side) => side,
             Err(e) => {
                 let _ = sender.send(Err(e)).await;
                 return;
@@ -630,7 +632,7 @@ fn read_ahead(
         };
         for range in ranges {
             let chunk = match model.get_range(&tensor.source_file, range.clone()).await {
-                Ok(raw) => decode_chunk(&tensor, scales.clone(), range.start, raw).await,
+                Ok(raw) => decode_chunk(&tensor, side.clone(), range.start, raw).await,
                 Err(e) => Err(TaskError::from(e)),
             };
             let failed = chunk.is_err();
@@ -642,13 +644,23 @@ fn read_ahead(
     receiver
 }
 
-/// The scales of an FP8 tensor stored with them, as f32 (`None` for other tensors).
-async fn read_scales(
+/// What a decoded tensor's chunks need besides their own bytes: its scales as f32 and, for
+/// asymmetric packed codes, the raw zero points.
+#[derive(Clone)]
+struct SideData {
+    scales: Arc<Vec<f32>>,
+    zero_points: Option<Bytes>,
+}
+
+/// The side data of a tensor decoded on reading (`None` for other tensors).
+async fn read_side(
     model: &StoreLocation,
     tensor: &PlannedTensor,
-) -> Result<Option<Arc<Vec<f32>>>, TaskError> {
-    let Some(scales) = &tensor.scales else {
-        return Ok(None);
+) -> Result<Option<SideData>, TaskError> {
+    let (scales, zero_points) = match (&tensor.scales, &tensor.packed) {
+        (Some(scales), _) => (scales, None),
+        (_, Some(packed)) => (&packed.scales, packed.zero_points.as_ref()),
+        _ => return Ok(None),
     };
     let raw = model
         .get_range(&scales.source_file, scales.data_start..scales.data_end)
@@ -658,51 +670,72 @@ async fn read_scales(
         tensor: scales.name.clone(),
         reason: e.to_string(),
     })?;
-    Ok(Some(Arc::new(values)))
+    let zero_points = match zero_points {
+        Some(z) => Some(
+            model
+                .get_range(&z.source_file, z.data_start..z.data_end)
+                .await?,
+        ),
+        None => None,
+    };
+    Ok(Some(SideData {
+        scales: Arc::new(values),
+        zero_points,
+    }))
 }
 
 /// The chunk of `raw` bytes read from `start` as passes see it.
 async fn decode_chunk(
     tensor: &PlannedTensor,
-    scales: Option<Arc<Vec<f32>>>,
+    side: Option<SideData>,
     start: u64,
     raw: Bytes,
 ) -> Result<Chunk, TaskError> {
     let stored_len = raw.len() as u64;
-    let (Some(meta), Some(scales)) = (&tensor.scales, scales) else {
+    let Some(side) = side else {
         return Ok(Chunk {
             values: raw,
             stored_len,
         });
     };
     let cols = row_len_of(&tensor.shape).max(1);
-    let first_row = (start - tensor.data_start) / cols;
-    let (scale_cols, block) = (meta.cols() as usize, meta.block);
+    let row_bytes = tensor.stored_row_bytes(cols).max(1);
+    let first_row = (start - tensor.data_start) / row_bytes;
+    let (fp8, packed, dtype) = (tensor.scales.clone(), tensor.packed.clone(), tensor.dtype);
     let values = cpu::run(move || -> Result<Vec<u8>, String> {
-        let mut values = vec![0f32; raw.len()];
-        shardpress_core::fp8::decode_scaled_rows(
-            &raw,
-            first_row,
-            cols as usize,
-            &scales,
-            scale_cols,
-            block,
-            &mut values,
-        )?;
-        let mut bf16 = vec![0u8; values.len() * 2];
-        shardpress_core::dtype::encode_from_f32(
-            shardpress_core::dtype::DType::BF16,
-            &values,
-            &mut bf16,
-        )
-        .map_err(|e| e.to_string())?;
-        Ok(bf16)
+        let mut values = vec![0f32; (raw.len() as u64 / row_bytes * cols) as usize];
+        if let Some(meta) = fp8 {
+            shardpress_core::fp8::decode_scaled_rows(
+                &raw,
+                first_row,
+                cols as usize,
+                &side.scales,
+                meta.cols() as usize,
+                meta.block,
+                &mut values,
+            )?;
+        } else if let Some(p) = packed {
+            shardpress_core::format::compressed_tensors::dequantize_packed_rows(
+                &raw,
+                first_row,
+                cols as usize,
+                p.bits,
+                p.scales.block[1] as usize,
+                &side.scales,
+                side.zero_points.as_deref(),
+                &mut values,
+            )?;
+        }
+        let mut out = vec![0u8; values.len() * dtype.size_bytes()];
+        shardpress_core::dtype::encode_from_f32(dtype, &values, &mut out)
+            .map_err(|e| e.to_string())?;
+        Ok(out)
     })
     .await
     .and_then(|r| r)
     .map_err(|reason| TaskError::BadTensor {
         tensor: tensor.name.clone(),
-        reason: format!("decoding FP8 with {}: {reason}", meta.name),
+        reason: format!("decoding its stored form: {reason}"),
     })?;
     Ok(Chunk {
         values: Bytes::from(values),
@@ -712,11 +745,11 @@ async fn decode_chunk(
 
 /// A whole tensor as passes see it.
 async fn read_whole(model: &StoreLocation, tensor: &PlannedTensor) -> Result<Bytes, TaskError> {
-    let scales = read_scales(model, tensor).await?;
+    let side = read_side(model, tensor).await?;
     let raw = model
         .get_range(&tensor.source_file, tensor.data_start..tensor.data_end)
         .await?;
-    Ok(decode_chunk(tensor, scales, tensor.data_start, raw)
+    Ok(decode_chunk(tensor, side, tensor.data_start, raw)
         .await?
         .values)
 }

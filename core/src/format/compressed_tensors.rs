@@ -711,3 +711,75 @@ pub fn dequantize_packed(
     }
     Ok(out)
 }
+
+/// Dequantizes whole rows of a `pack-quantized` weight starting at weight row `first_row`
+/// (the reader used on compressed-tensors *inputs*): `packed` holds the rows' words, `scales`
+/// the whole `[rows, groups]` grid as f32, `zero_points` the whole packed zero-point tensor
+/// (or none: zero `2^(bits-1)`), `group` columns per scale. Writes `(q - zero) * scale`.
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_packed_rows(
+    packed: &[u8],
+    first_row: u64,
+    cols: usize,
+    bits: u8,
+    group: usize,
+    scales: &[f32],
+    zero_points: Option<&[u8]>,
+    out: &mut [f32],
+) -> Result<(), String> {
+    use rayon::prelude::*;
+    if !matches!(bits, 4 | 8) || cols == 0 || group == 0 {
+        return Err(format!(
+            "{bits}-bit codes in rows of {cols} with groups of {group}"
+        ));
+    }
+    let pf = 32 / usize::from(bits);
+    let row_bytes = cols.div_ceil(pf) * 4;
+    let groups = cols.div_ceil(group);
+    let rows = packed.len() / row_bytes;
+    let last = first_row as usize + rows;
+    if packed.len() % row_bytes != 0 || out.len() != rows * cols || scales.len() < last * groups {
+        return Err(format!(
+            "{} packed bytes, {} outputs and {} scales do not make rows {first_row}..{last} of {cols}",
+            packed.len(),
+            out.len(),
+            scales.len()
+        ));
+    }
+    if let Some(zp) = zero_points {
+        if zp.len() < last.div_ceil(pf) * groups * 4 {
+            return Err(format!(
+                "{} zero-point bytes do not cover row {last}",
+                zp.len()
+            ));
+        }
+    }
+    let mask = (1u32 << bits) - 1;
+    let word = |bytes: &[u8], i: usize| {
+        u32::from_le_bytes([
+            bytes[4 * i],
+            bytes[4 * i + 1],
+            bytes[4 * i + 2],
+            bytes[4 * i + 3],
+        ])
+    };
+    packed
+        .par_chunks(row_bytes)
+        .zip(out.par_chunks_mut(cols))
+        .enumerate()
+        .for_each(|(i, (words, values))| {
+            let r = first_row as usize + i;
+            for (c, v) in values.iter_mut().enumerate() {
+                let g = c / group;
+                let q = (word(words, c / pf) >> (usize::from(bits) * (c % pf))) & mask;
+                let zero = match zero_points {
+                    None => 1u32 << (bits - 1),
+                    Some(zp) => {
+                        (word(zp, (r / pf) * groups + g) >> (usize::from(bits) * (r % pf))) & mask
+                    }
+                };
+                *v = (q as f32 - zero as f32) * scales[r * groups + g];
+            }
+        });
+    Ok(())
+}

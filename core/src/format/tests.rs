@@ -594,3 +594,52 @@ fn non_finite_rows_are_kept_exactly_when_the_recipe_says_so() {
     }
     assert!(Recipe::from_yaml(&format!("non_finite: maybe\n{yaml}")).is_err());
 }
+
+/// The row-chunk reader of packed inputs equals the whole-tensor reader, from any first row.
+#[test]
+fn packed_rows_decode_like_the_whole_tensor() {
+    let shape = [16u64, 256];
+    let input = bf16_bytes(&sample(16 * 256));
+    let ct = plan("w4a16-asym", OutputFormat::CompressedTensors, UP, &shape);
+    let (bytes, _) = write(OutputFormat::CompressedTensors, &ct, &shape, &input, 16);
+    let tensor = TensorDesc {
+        name: UP,
+        dtype: DType::BF16,
+        shape: &shape,
+    };
+    let outputs = OutputFormat::CompressedTensors
+        .spec()
+        .output_tensors(tensor, &ct);
+    let parts = split(&outputs, &bytes);
+    let whole = dequantize_packed(
+        parts[0],
+        parts[1],
+        DType::BF16,
+        Some(parts[2]),
+        [16, 256],
+        4,
+        Some(128),
+    )
+    .unwrap();
+    let scales = decoded_bf16(parts[1]);
+    let row = 256 / 8 * 4;
+    for (first, rows) in [(0usize, 16usize), (3, 5), (8, 8), (15, 1)] {
+        let mut out = vec![0f32; rows * 256];
+        super::compressed_tensors::dequantize_packed_rows(
+            &parts[0][first * row..(first + rows) * row],
+            first as u64,
+            256,
+            4,
+            128,
+            &scales,
+            Some(parts[2]),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            whole[first * 256..(first + rows) * 256],
+            "rows {first}.."
+        );
+    }
+}

@@ -312,3 +312,42 @@ fn experts_are_planned_by_projection_then_expert_number() {
         .collect();
     assert_eq!(order, expected);
 }
+
+#[test]
+fn packed_weights_become_the_tensors_they_decode_to() {
+    let m = "model.layers.0.mlp.up_proj";
+    let files = [typed_file(
+        "a.safetensors",
+        &[
+            (&format!("{m}.weight_packed"), DType::I32, &[16, 32]),
+            (&format!("{m}.weight_scale"), DType::BF16, &[16, 2]),
+            (&format!("{m}.weight_zero_point"), DType::I32, &[2, 2]),
+            (&format!("{m}.weight_shape"), DType::I64, &[2]),
+            ("model.layers.0.input_layernorm.weight", DType::BF16, &[256]),
+        ],
+    )];
+    let shapes = HashMap::from([(format!("{m}.weight_shape"), [16u64, 256])]);
+    let plan = plan_tasks_with(&files, u64::MAX, &shapes).unwrap();
+    let tensors: Vec<&PlannedTensor> = plan.iter().flat_map(|t| &t.tensors).collect();
+    assert_eq!(tensors.len(), 2);
+    let w = tensors
+        .iter()
+        .find(|t| t.name == format!("{m}.weight"))
+        .unwrap();
+    assert_eq!(
+        (w.dtype, w.shape.clone(), w.stored_dtype()),
+        (DType::BF16, vec![16, 256], DType::I32)
+    );
+    let p = w.packed.as_ref().unwrap();
+    assert_eq!((p.bits, p.scales.block), (4, [1, 128]));
+    assert!(p.zero_points.is_some());
+    assert_eq!(w.stored_row_bytes(256), 128);
+    // Without the shape's numbers, or with a shape the words cannot hold: a clear error.
+    let err = plan_tasks(&files, u64::MAX).unwrap_err().to_string();
+    assert!(err.contains("weight_shape was not read"), "{err}");
+    let wrong = HashMap::from([(format!("{m}.weight_shape"), [16u64, 1000])]);
+    let err = plan_tasks_with(&files, u64::MAX, &wrong)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("do not hold"), "{err}");
+}
