@@ -16,9 +16,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use futures::{StreamExt, TryStreamExt};
 use shardpress_core::dtype::DType;
 use shardpress_core::header::encode_header;
 use shardpress_store::spz::SpzReader;
+
+/// Tensors read and decoded concurrently during a restore.
+const DECODE_AHEAD: usize = 2;
 
 #[derive(Args)]
 pub struct DecompressArgs {
@@ -139,13 +143,18 @@ async fn restore_file(
     handle.write_all_at(&(header.len() as u64).to_le_bytes(), 0)?;
     handle.write_all_at(header, 8)?;
     let (mut tensors, mut bytes) = (0, 0);
-    for tensor in archive
-        .index()
-        .tensors
-        .iter()
-        .filter(|t| t.file == file_index)
-    {
-        let data = archive.read_tensor(tensor).await?;
+    // The next tensor is read and decoded while one is written (both cores busy; memory
+    // bounded by two decoded tensors).
+    let mut restored = futures::stream::iter(
+        archive
+            .index()
+            .tensors
+            .iter()
+            .filter(|t| t.file == file_index),
+    )
+    .map(|tensor| async move { Ok::<_, anyhow::Error>((tensor, archive.read_tensor(tensor).await?)) })
+    .buffered(DECODE_AHEAD);
+    while let Some((tensor, data)) = restored.try_next().await? {
         handle
             .write_all_at(&data, tensor.data_start)
             .with_context(|| format!("writing {}", partial.display()))?;
