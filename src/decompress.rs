@@ -145,15 +145,18 @@ async fn restore_file(
     let (mut tensors, mut bytes) = (0, 0);
     // The next tensor is read and decoded while one is written (both cores busy; memory
     // bounded by two decoded tensors).
-    let mut restored = futures::stream::iter(
-        archive
-            .index()
-            .tensors
-            .iter()
-            .filter(|t| t.file == file_index),
-    )
-    .map(|tensor| async move { Ok::<_, anyhow::Error>((tensor, archive.read_tensor(tensor).await?)) })
-    .buffered(DECODE_AHEAD);
+    let mut restored =
+        futures::stream::iter(
+            archive
+                .index()
+                .tensors
+                .iter()
+                .filter(|t| t.file == file_index),
+        )
+        .map(|tensor| async move {
+            Ok::<_, anyhow::Error>((tensor, archive.read_tensor(tensor).await?))
+        })
+        .buffered(DECODE_AHEAD);
     while let Some((tensor, data)) = restored.try_next().await? {
         handle
             .write_all_at(&data, tensor.data_start)
