@@ -679,36 +679,19 @@ pub fn dequantize_packed(
     }
     let mut scale_values = vec![0f32; rows * groups];
     decode_to_f32(scale_dtype, scales, &mut scale_values).map_err(|e| bad(e.to_string()))?;
-    let mask = (1u32 << bits) - 1;
-    let offset = 1u32 << (bits - 1);
-    let word = |bytes: &[u8], i: usize| {
-        u32::from_le_bytes([
-            bytes[4 * i],
-            bytes[4 * i + 1],
-            bytes[4 * i + 2],
-            bytes[4 * i + 3],
-        ])
-    };
-    let zero = |r: usize, g: usize| -> Result<f32, FormatError> {
-        match zero_points {
-            None => Ok(offset as f32),
-            Some(zp) => {
-                let i = (r / pf) * groups + g;
-                if 4 * i + 4 > zp.len() {
-                    return Err(bad("zero points too short".into()));
-                }
-                Ok(((word(zp, i) >> (bits as usize * (r % pf))) & mask) as f32)
-            }
-        }
-    };
     let mut out = vec![0f32; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            let q = (word(packed, r * words_per_row + c / pf) >> (bits as usize * (c % pf))) & mask;
-            let g = group_size.map_or(0, |g| c / g.max(1));
-            out[r * cols + c] = (q as f32 - zero(r, g)?) * scale_values[r * groups + g];
-        }
-    }
+    let group = group_size.unwrap_or(cols).max(1);
+    dequantize_packed_rows(
+        packed,
+        0,
+        cols,
+        bits,
+        group,
+        &scale_values,
+        zero_points,
+        &mut out,
+    )
+    .map_err(bad)?;
     Ok(out)
 }
 

@@ -474,18 +474,8 @@ fn head_err(assembly: &super::gguf::GgufAssembly, sources: HeadSources<'_>) -> S
 #[test]
 fn expert_slices_form_one_stacked_tensor_padded_after_the_last() {
     use super::gguf::{GgufAssembly, PartTensor};
-    let config = config();
-    let (tj, tc) = (llama3_tokenizer(false), llama3_tokenizer_config());
-    let sources = HeadSources {
-        config: &config,
-        tokenizer: TokenizerFiles {
-            tokenizer_json: Some(&tj),
-            tokenizer_config: Some(&tc),
-            config: Some(&config),
-            ..Default::default()
-        },
-        name: "moe",
-    };
+    let (config, tj, tc) = (config(), llama3_tokenizer(false), llama3_tokenizer_config());
+    let sources = head_sources(&config, &tj, &tc, "moe");
     let whole = |name: &str, shape: Vec<u64>| PartTensor {
         name: name.into(),
         shape,
@@ -557,18 +547,8 @@ fn expert_slices_form_one_stacked_tensor_padded_after_the_last() {
 #[test]
 fn requantized_files_drop_leading_unit_dimensions() {
     use super::gguf::{GgufAssembly, PartTensor};
-    let config = config();
-    let (tj, tc) = (llama3_tokenizer(false), llama3_tokenizer_config());
-    let sources = HeadSources {
-        config: &config,
-        tokenizer: TokenizerFiles {
-            tokenizer_json: Some(&tj),
-            tokenizer_config: Some(&tc),
-            config: Some(&config),
-            ..Default::default()
-        },
-        name: "m",
-    };
+    let (config, tj, tc) = (config(), llama3_tokenizer(false), llama3_tokenizer_config());
+    let sources = head_sources(&config, &tj, &tc, "m");
     let model = facts().gguf.unwrap();
     for (file_type, dims) in [
         (crate::gguf::FileType::Q8_0, vec![5u64, 1]),
@@ -586,5 +566,24 @@ fn requantized_files_drop_leading_unit_dimensions() {
         let file = &files(&model, &assembly, sources, None).unwrap()[0];
         let parsed = parse_header(&file.head).unwrap();
         assert_eq!(parsed.tensors[0].dims, dims, "{file_type}");
+    }
+}
+
+/// The head sources of `config` with a llama3 tokenizer, named `name`.
+fn head_sources<'a>(
+    config: &'a Value,
+    tokenizer_json: &'a Value,
+    tokenizer_config: &'a Value,
+    name: &'a str,
+) -> HeadSources<'a> {
+    HeadSources {
+        config,
+        tokenizer: TokenizerFiles {
+            tokenizer_json: Some(tokenizer_json),
+            tokenizer_config: Some(tokenizer_config),
+            config: Some(config),
+            ..Default::default()
+        },
+        name,
     }
 }

@@ -54,6 +54,31 @@ fn write(
     (out, acc)
 }
 
+/// Writes one tensor as compressed-tensors: its bytes, the output tensors they hold, the error.
+fn write_ct(
+    plan: &TensorPlan,
+    shape: &[u64],
+    input: &[u8],
+    chunk_rows: usize,
+) -> (Vec<u8>, Vec<OutputTensor>, ErrorAccumulator) {
+    let (bytes, acc) = write(
+        OutputFormat::CompressedTensors,
+        plan,
+        shape,
+        input,
+        chunk_rows,
+    );
+    let tensor = TensorDesc {
+        name: UP,
+        dtype: DType::BF16,
+        shape,
+    };
+    let outputs = OutputFormat::CompressedTensors
+        .spec()
+        .output_tensors(tensor, plan);
+    (bytes, outputs, acc)
+}
+
 /// Splits a tensor's output bytes into its output tensors (as the header lays them out).
 fn split<'a>(outputs: &[OutputTensor], mut bytes: &'a [u8]) -> Vec<&'a [u8]> {
     let mut parts = Vec::new();
@@ -266,15 +291,7 @@ fn compressed_tensors_converts_hqq_to_integer_zeros() {
     assert!(c.integer_zero && !s.integer_zero);
     assert_eq!(c.scale_dtype, crate::recipe::ScaleDtype::Bf16);
     let input = bf16_bytes(&sample(16 * 256));
-    let (bytes, acc) = write(OutputFormat::CompressedTensors, &ct, &shape, &input, 5);
-    let tensor = TensorDesc {
-        name: UP,
-        dtype: DType::BF16,
-        shape: &shape,
-    };
-    let outputs = OutputFormat::CompressedTensors
-        .spec()
-        .output_tensors(tensor, &ct);
+    let (bytes, outputs, acc) = write_ct(&ct, &shape, &input, 5);
     let parts = split(&outputs, &bytes);
     let values = dequantize_packed(
         parts[0],
@@ -601,15 +618,7 @@ fn packed_rows_decode_like_the_whole_tensor() {
     let shape = [16u64, 256];
     let input = bf16_bytes(&sample(16 * 256));
     let ct = plan("w4a16-asym", OutputFormat::CompressedTensors, UP, &shape);
-    let (bytes, _) = write(OutputFormat::CompressedTensors, &ct, &shape, &input, 16);
-    let tensor = TensorDesc {
-        name: UP,
-        dtype: DType::BF16,
-        shape: &shape,
-    };
-    let outputs = OutputFormat::CompressedTensors
-        .spec()
-        .output_tensors(tensor, &ct);
+    let (bytes, outputs, _) = write_ct(&ct, &shape, &input, 16);
     let parts = split(&outputs, &bytes);
     let whole = dequantize_packed(
         parts[0],

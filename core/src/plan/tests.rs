@@ -7,18 +7,13 @@ use std::collections::BTreeSet;
 
 /// A source file holding `tensors` (name, element count) as BF16 vectors.
 fn file(name: &str, tensors: &[(&str, u64)]) -> SourceFile {
-    let spec: Vec<(String, DType, Vec<u64>)> = tensors
+    let shapes: Vec<[u64; 1]> = tensors.iter().map(|(_, elems)| [*elems]).collect();
+    let spec: Vec<(&str, DType, &[u64])> = tensors
         .iter()
-        .map(|(n, elems)| (n.to_string(), DType::BF16, vec![*elems]))
+        .zip(&shapes)
+        .map(|((n, _), s)| (*n, DType::BF16, s.as_slice()))
         .collect();
-    let (prefix, offsets) = encode_header(&spec, &Default::default()).unwrap();
-    let size = prefix.len() as u64 + offsets.last().map_or(0, |o| o.1);
-    let header = parse_header(&prefix[8..], size).unwrap();
-    SourceFile {
-        name: name.into(),
-        size,
-        header,
-    }
+    typed_file(name, &spec)
 }
 
 fn model() -> Vec<SourceFile> {
