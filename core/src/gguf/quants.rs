@@ -371,18 +371,47 @@ pub fn quantize_q8_0(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError>
 }
 
 fn q8_0_block(x: &[f32], y: &mut [u8]) {
-    let mut amax = 0.0f32;
-    for &v in x {
-        // MAX(amax, fabsf(v)) is `a > b ? a : b`.
-        let a = v.abs();
-        amax = if amax > a { amax } else { a };
-    }
+    let amax = abs_max(x);
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     y[..2].copy_from_slice(&f16_bytes(d));
     for (q, &v) in y[2..].iter_mut().zip(x) {
-        *q = (v * id).round() as i8 as u8;
+        *q = round_half_away(v * id) as i8 as u8;
     }
+}
+
+/// `max |x|` over a block (`MAX(amax, fabsf(v))` in any order: the maximum of finite values
+/// does not depend on it), in 8 independent lanes so that it vectorizes.
+#[inline(always)]
+fn abs_max(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            let a = v.abs();
+            *l = if *l > a { *l } else { a };
+        }
+    }
+    for &v in rest {
+        let a = v.abs();
+        lanes[0] = if lanes[0] > a { lanes[0] } else { a };
+    }
+    lanes.iter().fold(0.0f32, |m, &l| if m > l { m } else { l })
+}
+
+/// `roundf` (halves away from zero) for `|r| < 2^31`, branch-free so that it vectorizes:
+/// truncate, then step away from zero when the dropped fraction is at least one half (the
+/// fraction `r - trunc(r)` is exact).
+#[inline(always)]
+fn round_half_away(r: f32) -> f32 {
+    let t = r as i32 as f32;
+    let step = if (r - t).abs() >= 0.5 {
+        1.0f32.copysign(r)
+    } else {
+        0.0
+    };
+    t + step
 }
 
 /// Decodes Q8_0 `bytes` into `out` (`dequantize_row_q8_0`).
@@ -402,29 +431,28 @@ pub fn quantize_q4_0(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError>
 
 /// The signed value of largest magnitude (the first one on ties), as Q4_0 and Q5_0 find it.
 fn signed_absmax(x: &[f32]) -> f32 {
-    let mut amax = 0.0f32;
-    let mut max = 0.0f32;
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    max
+    // The reference keeps the first value whose magnitude beats every earlier one: the first
+    // of largest magnitude (0 for an all-zero block).
+    let amax = abs_max(x);
+    x.iter()
+        .copied()
+        .find(|v| v.abs() == amax)
+        .filter(|_| amax > 0.0)
+        .unwrap_or(0.0)
 }
 
 fn q4_0_block(x: &[f32], y: &mut [u8]) {
     let d = signed_absmax(x) / -8.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     y[..2].copy_from_slice(&f16_bytes(d));
-    let half = QK4_0 / 2;
-    for j in 0..half {
-        let x0 = x[j] * id;
-        let x1 = x[half + j] * id;
-        // MIN(15, (int8_t)(x + 8.5f)): truncation toward zero.
-        let xi0 = ((x0 + 8.5) as i8).min(15) as u8;
-        let xi1 = ((x1 + 8.5) as i8).min(15) as u8;
-        y[2 + j] = xi0 | (xi1 << 4);
+    const HALF: usize = QK4_0 / 2;
+    let (lo, hi) = x.split_at(HALF);
+    for ((q, &a), &b) in y[2..2 + HALF].iter_mut().zip(lo).zip(&hi[..HALF]) {
+        // MIN(15, (int8_t)(x + 8.5f)): truncation toward zero (x * id + 8.5 is in
+        // [0.5, 16.5], so an i32 conversion truncates the same).
+        let xi0 = ((a * id + 8.5) as i32).min(15) as u8;
+        let xi1 = ((b * id + 8.5) as i32).min(15) as u8;
+        *q = xi0 | (xi1 << 4);
     }
 }
 
