@@ -79,6 +79,22 @@ pub struct TaskSlot {
     pub assemble: Option<AssembleSpz>,
 }
 
+impl TaskSlot {
+    /// A task not yet leased.
+    fn pending(plan: PlannedTask, assemble: Option<AssembleSpz>) -> TaskSlot {
+        TaskSlot {
+            plan,
+            status: TaskStatus::Pending,
+            attempt: 0,
+            failures: 0,
+            progress_bytes: 0,
+            leased_at_seconds: 0.0,
+            result: None,
+            assemble,
+        }
+    }
+}
+
 /// A finished task: who did it and what it reported.
 #[derive(Debug, Clone)]
 pub struct TaskOutcome {
@@ -130,16 +146,7 @@ impl Job {
     pub fn new(id: String, spec: JobSpec, plan: Vec<PlannedTask>, now: Instant) -> Self {
         let tasks = plan
             .into_iter()
-            .map(|plan| TaskSlot {
-                plan,
-                status: TaskStatus::Pending,
-                attempt: 0,
-                failures: 0,
-                progress_bytes: 0,
-                leased_at_seconds: 0.0,
-                result: None,
-                assemble: None,
-            })
+            .map(|plan| TaskSlot::pending(plan, None))
             .collect();
         let message = if spec.measuring() {
             "round 1 of 2: measuring (magnitudes, sketches)".to_string()
@@ -165,16 +172,7 @@ impl Job {
             return;
         }
         for (plan, assemble) in tasks {
-            self.tasks.push(TaskSlot {
-                plan,
-                status: TaskStatus::Pending,
-                attempt: 0,
-                failures: 0,
-                progress_bytes: 0,
-                leased_at_seconds: 0.0,
-                result: None,
-                assemble: Some(assemble),
-            });
+            self.tasks.push(TaskSlot::pending(plan, Some(assemble)));
         }
         self.state = JobState::Running;
     }

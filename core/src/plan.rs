@@ -335,21 +335,11 @@ fn attach_fp8_scales(tensors: Vec<PlannedTensor>) -> Result<Vec<PlannedTensor>, 
                 scales: s.name.clone(),
                 reason,
             })?;
-        scales.insert(
-            i,
-            BlockScales {
-                name: s.name.clone(),
-                source_file: s.source_file.clone(),
-                dtype: s.dtype,
-                shape: vec![
-                    weight.shape[0].div_ceil(block[0]),
-                    weight.shape[1].div_ceil(block[1]),
-                ],
-                data_start: s.data_start,
-                data_end: s.data_end,
-                block,
-            },
-        );
+        let grid = vec![
+            weight.shape[0].div_ceil(block[0]),
+            weight.shape[1].div_ceil(block[1]),
+        ];
+        scales.insert(i, side(s, grid, block));
     }
     let consumed: std::collections::HashSet<usize> = pairs.iter().map(|p| p.1).collect();
     Ok(tensors

@@ -350,7 +350,11 @@ type Laid = (String, Vec<u64>, GgmlType);
 /// The GGUF tensors of consecutive parts (each expert run merged into its stacked tensor,
 /// `[experts, rows, cols]`), and for each part whether a stacked tensor is still open after
 /// it. Every expert slice must follow the previous one of its tensor directly, in order.
-fn stack_parts(parts: &[Vec<PartTensor>]) -> Result<(Vec<Laid>, Vec<bool>), GgufError> {
+/// `requantized`: shapes as `llama-quantize` writes them ([`ggml_n_dims`]).
+fn stack_parts(
+    parts: &[Vec<PartTensor>],
+    requantized: bool,
+) -> Result<(Vec<Laid>, Vec<bool>), GgufError> {
     let mut out = Vec::new();
     let mut open_after = Vec::with_capacity(parts.len());
     let mut open: Option<(&PartTensor, u64)> = None;
@@ -405,6 +409,11 @@ fn stack_parts(parts: &[Vec<PartTensor>]) -> Result<(Vec<Laid>, Vec<bool>), Gguf
             &first.name,
             format!("it ends after expert {}", next - 1),
         ));
+    }
+    if requantized {
+        for t in &mut out {
+            ggml_n_dims(&mut t.1);
+        }
     }
     Ok((out, open_after))
 }
@@ -498,12 +507,8 @@ pub fn files(
         .iter()
         .map(|(name, shape, _)| (name.clone(), shape.clone(), GgmlType::F32))
         .collect();
-    let (mut stacked_all, open_after) = stack_parts(&assembly.parts)?;
-    if file_type.is_requantized() {
-        for t in &mut stacked_all {
-            ggml_n_dims(&mut t.1);
-        }
-    }
+    let requantized = file_type.is_requantized();
+    let (stacked_all, open_after) = stack_parts(&assembly.parts, requantized)?;
     let all: Vec<Laid> = extra_layout.iter().chain(&stacked_all).cloned().collect();
     let total_tensors = all.len();
     let laid = layout(&meta, &all, ALIGNMENT)?;
@@ -541,13 +546,7 @@ pub fn files(
         } else {
             Vec::new()
         };
-        let mut stacked = stack_parts(&assembly.parts[tasks.clone()])?.0;
-        if file_type.is_requantized() {
-            for t in &mut stacked {
-                ggml_n_dims(&mut t.1);
-            }
-        }
-        tensors.extend(stacked);
+        tensors.extend(stack_parts(&assembly.parts[tasks.clone()], requantized)?.0);
         let mut file_meta = if first { meta.clone() } else { Vec::new() };
         let name = if count == 1 {
             FILE_NAME.to_string()
