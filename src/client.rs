@@ -42,6 +42,10 @@ pub struct JobArgs {
     /// Face takes files up to 50 GB). Default: one `model.gguf`.
     #[arg(long)]
     pub max_file_mb: Option<u64>,
+    /// .spz and GGUF: the workers assemble each output file in slices of this many MiB at
+    /// once (a power of two; on S3 at least 8, S3's parts being at least 5 MiB). Default: 64.
+    #[arg(long, value_name = "MIB")]
+    pub assembly_slice_mib: Option<u64>,
 }
 
 #[derive(Args)]
@@ -98,6 +102,9 @@ pub async fn submit(
         task_budget_bytes: job.task_budget_mb * 1024 * 1024,
         format: job.format.clone().unwrap_or_default(),
         max_file_bytes: job.max_file_mb.map_or(0, |mb| mb.saturating_mul(1_000_000)),
+        assembly_slice_bytes: job
+            .assembly_slice_mib
+            .map_or(0, |mib| mib.saturating_mul(1 << 20)),
     };
     let response = client
         .submit_job(request)

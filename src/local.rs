@@ -195,6 +195,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             task_budget_mb: 0,
             format: None,
             max_file_mb: None,
+            assembly_slice_mib: None,
         },
         workers: args.workers,
         threads: 0,

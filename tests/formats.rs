@@ -20,10 +20,15 @@ use shardpress_core::gguf::{architecture, parse_header, row_permutation, tensor_
 type Tensors = BTreeMap<String, (Vec<usize>, Vec<u8>)>;
 
 fn run(model: &Path, out: &Path, recipe: &str, format: &str, workers: usize) {
-    let output = shardpress(&[
+    run_with(model, out, recipe, format, workers, &[]);
+}
+
+fn run_with(model: &Path, out: &Path, recipe: &str, format: &str, workers: usize, extra: &[&str]) {
+    let workers = workers.to_string();
+    let mut args = vec![
         "run",
         "--workers",
-        &workers.to_string(),
+        &workers,
         "--threads",
         "1",
         "--model",
@@ -36,7 +41,9 @@ fn run(model: &Path, out: &Path, recipe: &str, format: &str, workers: usize) {
         format,
         "--task-budget-mb",
         "1",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let output = shardpress(&args);
     assert_success(&output, &format!("run --recipe {recipe} --format {format}"));
     assert_success(&shardpress(&["verify", out.to_str().unwrap()]), "verify");
 }
@@ -200,10 +207,14 @@ fn a_gguf_file_is_byte_identical_whatever_the_number_of_workers() {
     gen_model(&model, "6MB", "bf16", 2);
     let one = dir.path().join("one");
     let three = dir.path().join("three");
+    // With 3 workers the file is assembled in 1 MiB slices written at once (verify checks
+    // the hash merged from the slices' against the file).
+    let sliced = ["--assembly-slice-mib", "1"];
     run(&model, &one, "q4_0", "gguf", 1);
-    run(&model, &three, "q4_0", "gguf", 3);
+    run_with(&model, &three, "q4_0", "gguf", 3, &sliced);
     let a = std::fs::read(one.join("model.gguf")).unwrap();
     let b = std::fs::read(three.join("model.gguf")).unwrap();
+    assert!(a.len() > 1 << 20, "{} bytes: one slice", a.len());
     assert!(a == b, "model.gguf differs between 1 and 3 workers");
     // Nothing but the file, its report and its manifest is left in the output.
     let mut names: Vec<String> = std::fs::read_dir(&three)
@@ -227,7 +238,7 @@ fn a_gguf_file_is_byte_identical_whatever_the_number_of_workers() {
     assert_success(&output, "gen-model --experts 4");
     let (one, three) = (dir.path().join("moe-one"), dir.path().join("moe-three"));
     run(&moe, &one, "q4_k_m", "gguf", 1);
-    run(&moe, &three, "q4_k_m", "gguf", 3);
+    run_with(&moe, &three, "q4_k_m", "gguf", 3, &sliced);
     let a = std::fs::read(one.join("model.gguf")).unwrap();
     let b = std::fs::read(three.join("model.gguf")).unwrap();
     assert!(a == b, "the MoE model.gguf differs between 1 and 3 workers");

@@ -115,6 +115,22 @@ fn lossless_archive_restores_byte_identical_files_and_single_tensors_by_range() 
         (archive_bytes as f64) < 0.75 * input_bytes as f64,
         "{archive_bytes} of {input_bytes}"
     );
+    // Assembled by both workers at once in 1 MiB slices: the same archive, with the hash in
+    // its manifest merged from the slices' and nothing left beside it.
+    let sliced = cluster.dir.path().join("sliced");
+    let output = cluster
+        .compress_command(&model, &sliced, "lossless")
+        .args(["--assembly-slice-mib", "1"])
+        .output()
+        .unwrap();
+    assert_success(&output, "compress lossless in 1 MiB slices");
+    assert!(
+        archive_bytes > 3 << 20,
+        "{archive_bytes} bytes: too few slices"
+    );
+    let objects = manifest_objects(&sliced);
+    assert!(objects["model.spz"] == std::fs::read(&archive).unwrap());
+    assert!(!sliced.join(".spz-parts").exists());
     let restored = cluster.dir.path().join("restored");
     assert_success(&decompress(&archive, &restored, &[]), "decompress");
     for entry in std::fs::read_dir(&model).unwrap() {

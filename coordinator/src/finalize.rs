@@ -8,12 +8,13 @@
 //! tensor sketches shortlisted into candidate pairs, and every task runs again to compress
 //! with them.
 //!
-//! An `.spz` job finalizes twice: first the archive's index is built from the tasks' reports
-//! (record offsets within each part), the source headers and the companion files, and an
-//! assembly task is queued for a worker to concatenate prefix, parts and suffix into
-//! `model.spz` (leaving out records that [`crate::share`] found identical to an earlier one);
-//! when that task is done, the parts are deleted and the report and manifest
-//! are written as for safetensors output.
+//! An `.spz` or GGUF job finalizes twice: first the archive's index is built from the tasks'
+//! reports (record offsets within each part), the source headers and the companion files (a
+//! GGUF file's head from the config and tokenizer), and assembly tasks are queued for workers
+//! to concatenate head, parts and tail into `model.spz` (leaving out records that
+//! [`crate::share`] found identical to an earlier one) or the GGUF files, in slices written at
+//! once ([`crate::assembly`]); when those are done, the files are committed, the parts deleted,
+//! and the report and manifest written as for safetensors output.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -34,7 +35,7 @@ use shardpress_core::prune::{GlobalCut, MAGNITUDE_BINS};
 use shardpress_core::recipe::OutputFormat;
 use shardpress_core::similarity;
 use shardpress_core::spz::{self, SpzBlob, SpzFile, SpzIndex, SpzTensor};
-use shardpress_proto::v1::{AssembleSpz, CompleteTaskRequest, PartRange};
+use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, PartRange};
 
 use crate::job::{JobSpec, Measured, TaskSlot};
 use crate::report::{build_report, Report, TaskReport};
@@ -184,15 +185,8 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
                 && report.gates.passed
                 && !tasks.iter().any(|t| t.assemble.is_some());
             if let (true, Some(assembly)) = (needs_assembly, &finish.assembly) {
-                let prepared = match assembly {
-                    Assembly::Spz => prepare_assembly(&spec, &tasks).await.map(|t| vec![t]),
-                    Assembly::Gguf(gguf) => prepare_gguf_assembly(&spec, &tasks, gguf).await,
-                };
-                match prepared {
+                match assembly_tasks(&spec, &tasks, assembly).await {
                     Ok(assembly_tasks) => {
-                        for (plan, assemble) in &assembly_tasks {
-                            tracing::info!(job = %job_id, parts = assemble.parts.len(), "queueing the assembly of {}", plan.output_name);
-                        }
                         coordinator.add_assemble_tasks(&job_id, assembly_tasks);
                         return;
                     }
@@ -247,30 +241,22 @@ async fn reassemble(
     let model = StoreLocation::open(&spec.model_url)?;
     let mut objects = Vec::new();
     if let Some(assembly) = &finish.assembly {
-        // The parts are inside the assembled file now (or, when a gate failed, not needed).
-        for slot in tasks.iter().filter(|t| t.assemble.is_none()) {
-            out.delete(&slot.plan.output_name).await?;
-        }
-        let parts_dir = match assembly {
-            Assembly::Spz => PARTS_DIR,
-            Assembly::Gguf(_) => {
-                // Each file's first part is the head the coordinator wrote.
-                let heads = tasks
-                    .iter()
-                    .filter_map(|t| t.assemble.as_ref()?.parts.first());
-                for head in heads {
-                    out.delete(head).await?;
-                }
-                gguf_format::PARTS_DIR
+        objects.extend(commit_assembled(&out, tasks).await?);
+        // The parts are inside the assembled files now (or, when a gate failed, not needed),
+        // as are the heads and tails the coordinator wrote.
+        let mut parts: Vec<String> = Vec::new();
+        for slot in tasks {
+            match &slot.assemble {
+                None => parts.push(slot.plan.output_name.clone()),
+                Some(assemble) => parts.extend(assemble.parts.iter().cloned()),
             }
-        };
-        out.remove_empty_dir(parts_dir);
-        let archive: Vec<TaskSlot> = tasks
-            .iter()
-            .filter(|t| t.assemble.is_some())
-            .cloned()
-            .collect();
-        objects.extend(shard_entries(&out, &archive).await?);
+        }
+        parts.sort();
+        parts.dedup();
+        for part in &parts {
+            out.delete(part).await?;
+        }
+        out.remove_empty_dir(parts_dir(assembly));
     } else {
         objects.extend(shard_entries(&out, tasks).await?);
         if let Some(index) = &finish.index {
@@ -339,15 +325,16 @@ async fn reassemble(
             out.url()
         ),
         OutputFormat::Spz | OutputFormat::Gguf => {
-            let files: Vec<&str> = tasks
+            let mut files: Vec<&str> = tasks
                 .iter()
                 .filter(|t| t.assemble.is_some())
                 .map(|t| t.plan.output_name.as_str())
                 .collect();
+            files.dedup();
             format!(
                 "compressed {} tensors from {} parts into {}{}",
                 report.summary.tensors,
-                tasks.len() - files.len(),
+                compressing(tasks).len(),
                 out.describe(files.first().copied().unwrap_or_default()),
                 match files.len() {
                     1 => String::new(),
@@ -424,11 +411,81 @@ fn conclude_measuring(
     measured
 }
 
-/// Builds the archive's index from the finished tasks and returns the assembly task.
-async fn prepare_assembly(
+/// Where a format's parts (and the staging files of sliced assembly) are written.
+fn parts_dir(assembly: &Assembly) -> &'static str {
+    match assembly {
+        Assembly::Spz => PARTS_DIR,
+        Assembly::Gguf(_) => gguf_format::PARTS_DIR,
+    }
+}
+
+/// The assembly tasks of a job whose compressing tasks are done: each output file's layout
+/// cut into slices for the workers.
+async fn assembly_tasks(
     spec: &JobSpec,
     tasks: &[TaskSlot],
-) -> Result<(PlannedTask, AssembleSpz), StoreError> {
+    assembly: &Assembly,
+) -> Result<Vec<(PlannedTask, AssembleSlice)>, StoreError> {
+    let files = match assembly {
+        Assembly::Spz => vec![spz_layout(spec, tasks).await?],
+        Assembly::Gguf(gguf) => gguf_layouts(spec, tasks, gguf).await?,
+    };
+    let out = StoreLocation::open(&spec.out_url)?;
+    let mut queued = Vec::new();
+    for (name, layout) in files {
+        let staging = format!("{}/{name}.assembling", parts_dir(assembly));
+        let slices =
+            crate::assembly::prepare(&out, &name, &staging, layout, spec.assembly_slice_bytes)
+                .await?;
+        tracing::info!(
+            parts = slices.iter().map(|s| s.parts.len()).sum::<usize>(),
+            slices = slices.len(),
+            "queueing the assembly of {name}"
+        );
+        for slice in slices {
+            let plan = PlannedTask {
+                index: (tasks.len() + queued.len()) as u32,
+                group: "assemble".into(),
+                tensors: Vec::new(),
+                output_name: name.clone(),
+                input_bytes: 0,
+            };
+            queued.push((plan, slice));
+        }
+    }
+    Ok(queued)
+}
+
+/// Manifest entries of the assembled files: a file written in slices is completed here
+/// (renamed into place, or its upload completed) with the hash merged from its slices'.
+async fn commit_assembled(
+    out: &StoreLocation,
+    tasks: &[TaskSlot],
+) -> Result<Vec<ManifestEntry>, StoreError> {
+    let mut files: Vec<Vec<&TaskSlot>> = Vec::new();
+    for slot in tasks.iter().filter(|t| t.assemble.is_some()) {
+        match files.last_mut() {
+            Some(file) if file[0].plan.output_name == slot.plan.output_name => file.push(slot),
+            _ => files.push(vec![slot]),
+        }
+    }
+    let mut entries = Vec::new();
+    for file in &files {
+        if let [whole] = file.as_slice() {
+            entries.extend(shard_entries(out, [*whole]).await?);
+        } else {
+            entries.push(crate::assembly::commit(out, &file[0].plan.output_name, file).await?);
+        }
+    }
+    Ok(entries)
+}
+
+/// Builds the archive's index from the finished tasks, writes the archive's head (magic) and
+/// tail (companion files, index, footer) next to the parts, and returns the archive's layout.
+async fn spz_layout(
+    spec: &JobSpec,
+    tasks: &[TaskSlot],
+) -> Result<(String, AssembleSlice), StoreError> {
     let model = StoreLocation::open(&spec.model_url)?;
     let mut file_names: Vec<String> = tasks
         .iter()
@@ -461,7 +518,14 @@ async fn prepare_assembly(
     let shared = shared_tensors(tasks);
     let mut located: HashMap<&str, (u64, u64, &str)> = HashMap::new();
     let mut offset = spz::MAGIC.len() as u64;
-    let (mut parts, mut part_sizes, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
+    let head_name = format!("{PARTS_DIR}/head.bin");
+    let mut parts = vec![head_name.clone()];
+    let mut part_sizes = vec![spz::MAGIC.len() as u64];
+    let mut ranges = vec![PartRange {
+        part: 0,
+        start: 0,
+        end: spz::MAGIC.len() as u64,
+    }];
     for slot in tasks {
         let Some(outcome) = &slot.result else {
             continue;
@@ -586,31 +650,34 @@ async fn prepare_assembly(
     .to_json();
     suffix.extend_from_slice(&index);
     suffix.extend_from_slice(&spz::footer(index_offset, &index));
-    let plan = PlannedTask {
-        index: tasks.len() as u32,
-        group: "assemble".into(),
-        tensors: Vec::new(),
-        output_name: SPZ_NAME.into(),
-        input_bytes: 0,
-    };
-    let assemble = AssembleSpz {
+    let out = StoreLocation::open(&spec.out_url)?;
+    let tail_name = format!("{PARTS_DIR}/tail.bin");
+    out.put(&head_name, Bytes::from_static(spz::MAGIC)).await?;
+    ranges.push(PartRange {
+        part: parts.len() as u32,
+        start: 0,
+        end: suffix.len() as u64,
+    });
+    parts.push(tail_name.clone());
+    part_sizes.push(suffix.len() as u64);
+    out.put(&tail_name, Bytes::from(suffix)).await?;
+    let layout = AssembleSlice {
         parts,
         part_sizes,
-        prefix: spz::MAGIC.to_vec(),
-        suffix,
         ranges,
+        ..Default::default()
     };
-    Ok((plan, assemble))
+    Ok((SPZ_NAME.into(), layout))
 }
 
 /// Writes each GGUF file's head (header, metadata, tokenizer) next to the parts and returns
-/// the tasks that concatenate head and parts into the files (one per file, run in parallel),
-/// after checking that every part has exactly the size the layout gives it.
-async fn prepare_gguf_assembly(
+/// the files' layouts (head, then parts), after checking that every part has exactly the
+/// size the layout gives it.
+async fn gguf_layouts(
     spec: &JobSpec,
     tasks: &[TaskSlot],
     assembly: &GgufAssembly,
-) -> Result<Vec<(PlannedTask, AssembleSpz)>, StoreError> {
+) -> Result<Vec<(String, AssembleSlice)>, StoreError> {
     let model = StoreLocation::open(&spec.model_url)?;
     let out = StoreLocation::open(&spec.out_url)?;
     let files =
@@ -626,7 +693,7 @@ async fn prepare_gguf_assembly(
             ),
         });
     }
-    let mut assembly_tasks = Vec::with_capacity(files.len());
+    let mut layouts = Vec::with_capacity(files.len());
     for (i, file) in files.into_iter().enumerate() {
         let head_name = format!("{}/head-{:05}.bin", gguf_format::PARTS_DIR, i + 1);
         let mut parts = vec![head_name.clone()];
@@ -655,31 +722,23 @@ async fn prepare_gguf_assembly(
                 end: size,
             })
             .collect();
-        let plan = PlannedTask {
-            index: (tasks.len() + i) as u32,
-            group: "assemble".into(),
-            tensors: Vec::new(),
-            output_name: file.name,
-            input_bytes: 0,
-        };
-        let assemble = AssembleSpz {
+        let layout = AssembleSlice {
             parts,
             part_sizes,
-            prefix: Vec::new(),
-            suffix: Vec::new(),
             ranges,
+            ..Default::default()
         };
-        assembly_tasks.push((plan, assemble));
+        layouts.push((file.name, layout));
     }
-    Ok(assembly_tasks)
+    Ok(layouts)
 }
 
 /// Manifest entries of the shards, checking each object's size against what its worker said.
 async fn shard_entries(
     out: &StoreLocation,
-    tasks: &[TaskSlot],
+    tasks: impl IntoIterator<Item = &TaskSlot>,
 ) -> Result<Vec<ManifestEntry>, StoreError> {
-    let mut entries = Vec::with_capacity(tasks.len());
+    let mut entries = Vec::new();
     for slot in tasks {
         let name = &slot.plan.output_name;
         let reported = slot.result.as_ref().map(|r| &r.report);

@@ -9,7 +9,7 @@ use shardpress_core::format::ModelFacts;
 use shardpress_core::plan::{PlannedTask, PlannedTensor};
 use shardpress_core::prune::GlobalCut;
 use shardpress_core::recipe::{OutputFormat, Recipe};
-use shardpress_proto::v1::{AssembleSpz, CompleteTaskRequest, JobState, JobStatus};
+use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, JobState, JobStatus};
 
 /// What the job was asked to do.
 #[derive(Debug, Clone)]
@@ -24,6 +24,8 @@ pub struct JobSpec {
     /// GGUF: the largest file written before the output is split into llama.cpp's
     /// `-0000k-of-0000n` files (`None`: one file).
     pub max_file_bytes: Option<u64>,
+    /// `.spz` and GGUF: the length of the slices each assembled file is written in at once.
+    pub assembly_slice_bytes: u64,
     /// A recipe with a global magnitude prune or near-identical sharing runs every task
     /// twice: first measuring (magnitude histograms, sketches), then compressing with what
     /// the coordinator concluded from the measurements, kept here.
@@ -76,12 +78,12 @@ pub struct TaskSlot {
     pub leased_at_seconds: f64,
     pub result: Option<TaskOutcome>,
     /// Set on the final task of an `.spz` job, which concatenates the other tasks' parts.
-    pub assemble: Option<AssembleSpz>,
+    pub assemble: Option<AssembleSlice>,
 }
 
 impl TaskSlot {
     /// A task not yet leased.
-    fn pending(plan: PlannedTask, assemble: Option<AssembleSpz>) -> TaskSlot {
+    fn pending(plan: PlannedTask, assemble: Option<AssembleSlice>) -> TaskSlot {
         TaskSlot {
             plan,
             status: TaskStatus::Pending,
@@ -167,7 +169,7 @@ impl Job {
 
     /// Appends the assembly tasks of an `.spz` or GGUF job (after its other tasks are done;
     /// one per output file) and puts a finalizing job back to running so workers pick them up.
-    pub fn add_assemble_tasks(&mut self, tasks: Vec<(PlannedTask, AssembleSpz)>) {
+    pub fn add_assemble_tasks(&mut self, tasks: Vec<(PlannedTask, AssembleSlice)>) {
         if self.state != JobState::Finalizing {
             return;
         }
@@ -408,6 +410,7 @@ mod tests {
             format: OutputFormat::Safetensors,
             facts: ModelFacts::default(),
             max_file_bytes: None,
+            assembly_slice_bytes: crate::assembly::DEFAULT_SLICE_BYTES,
             measured: None,
         };
         Job::new("job-1".into(), spec, plan, Instant::now())

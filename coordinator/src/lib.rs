@@ -11,11 +11,13 @@
 //! - [`submit`]: recipe validation and planning from headers;
 //! - [`service`]: the two gRPC services, thin: decode, delegate, encode;
 //! - [`finalize`]: reassembly, gates and the manifest;
+//! - [`assembly`]: an `.spz` archive or GGUF file assembled in slices by several workers;
 //! - [`gguf`]: reading the config and tokenizer a GGUF file's head is made from;
 //! - [`report`]: the report's types and aggregation;
 //! - [`share`]: tensors stored once in an `.spz` archive because their records are identical;
 //! - [`error`]: the error enum and its one mapping to `tonic::Status`.
 
+pub mod assembly;
 pub mod error;
 pub mod finalize;
 pub mod gguf;

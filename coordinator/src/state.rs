@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use shardpress_core::plan::PlannedTask;
 use shardpress_proto::v1::{
-    AssembleSpz, CompleteTaskRequest, FailTaskRequest, GlobalCut, JobState, JobStatus, TaskLease,
+    AssembleSlice, CompleteTaskRequest, FailTaskRequest, GlobalCut, JobState, JobStatus, TaskLease,
     TaskRef, TensorSlice,
 };
 use tokio::sync::{watch, Notify};
@@ -280,7 +280,7 @@ impl Coordinator {
     }
 
     /// Queues the assembly tasks of a finalizing `.spz` or GGUF job.
-    pub fn add_assemble_tasks(&self, job_id: &str, tasks: Vec<(PlannedTask, AssembleSpz)>) {
+    pub fn add_assemble_tasks(&self, job_id: &str, tasks: Vec<(PlannedTask, AssembleSlice)>) {
         let mut inner = self.lock();
         if let Some(entry) = inner.jobs.get_mut(job_id) {
             entry.job.add_assemble_tasks(tasks);

@@ -96,6 +96,12 @@ pub async fn submit(
             )));
         }
     }
+    let assembly_slice_bytes = match request.assembly_slice_bytes {
+        0 => crate::assembly::DEFAULT_SLICE_BYTES,
+        bytes => bytes,
+    };
+    crate::assembly::check_slice_bytes(assembly_slice_bytes)
+        .map_err(CoordinatorError::InvalidRequest)?;
     let total = plan.len();
     for task in &mut plan {
         task.output_name = format.spec().task_output_name(task.index as usize, total);
@@ -119,6 +125,7 @@ pub async fn submit(
         format,
         facts,
         max_file_bytes: (request.max_file_bytes > 0).then_some(request.max_file_bytes),
+        assembly_slice_bytes,
         measured: None,
     };
     // The finishing step is planned once now, so that what it reads (a GGUF file's tokenizer)

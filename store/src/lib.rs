@@ -5,19 +5,23 @@
 //! S3 settings come from the usual `AWS_*` environment variables (endpoint, region, credentials,
 //! `AWS_ALLOW_HTTP`), read through object_store's own configuration keys.
 //! [`read_source_file`] reads a safetensors header with two range reads, never the data;
-//! [`spz::SpzReader`] reads an `.spz` archive by range.
+//! [`spz::SpzReader`] reads an `.spz` archive by range; [`shared`] lets several processes write
+//! one object.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload};
 use shardpress_core::header::{self, HeaderError};
 use shardpress_core::plan::SourceFile;
 
 mod model;
+pub mod shared;
 pub mod spz;
 pub use model::{resolve_model, ModelFiles, INDEX_NAME};
 
@@ -52,6 +56,8 @@ impl StoreError {
 #[derive(Clone)]
 pub struct StoreLocation {
     store: Arc<dyn ObjectStore>,
+    /// The same store where it takes multipart uploads part by part (S3).
+    s3: Option<Arc<dyn MultipartStore>>,
     root: Path,
     url: String,
 }
@@ -93,19 +99,41 @@ impl StoreLocation {
     /// Opens the store addressed by `url_or_path`; the URL's path becomes the root prefix.
     pub fn open(url_or_path: &str) -> Result<Self, StoreError> {
         let url = normalize_url(url_or_path)?;
-        let (store, root) = object_store::parse_url_opts(&url, env_options()).map_err(|e| {
-            StoreError::InvalidUrl {
-                url: url.to_string(),
-                reason: e.to_string(),
-            }
-        })?;
-        Ok(Self::from_parts(Arc::from(store), root, url.to_string()))
+        let invalid = |e: object_store::Error| StoreError::InvalidUrl {
+            url: url.to_string(),
+            reason: e.to_string(),
+        };
+        let (store, root) = object_store::parse_url_opts(&url, env_options()).map_err(invalid)?;
+        let mut location = Self::from_parts(Arc::from(store), root, url.to_string());
+        if let Ok((ObjectStoreScheme::AmazonS3, _)) = ObjectStoreScheme::parse(&url) {
+            // The same configuration as parse_url_opts, kept typed for multipart parts.
+            let s3 = env_options()
+                .into_iter()
+                .fold(
+                    AmazonS3Builder::new().with_url(url.to_string()),
+                    |builder, (key, value)| match key.parse() {
+                        Ok(key) => builder.with_config(key, value),
+                        Err(_) => builder,
+                    },
+                )
+                .build()
+                .map_err(invalid)?;
+            let s3 = Arc::new(s3);
+            location.store = s3.clone();
+            location.s3 = Some(s3);
+        }
+        Ok(location)
     }
 
     /// Wraps an existing store (tests use `InMemory`).
     pub fn from_parts(store: Arc<dyn ObjectStore>, root: Path, url: String) -> Self {
         let url = url.trim_end_matches('/').to_string();
-        Self { store, root, url }
+        Self {
+            store,
+            s3: None,
+            root,
+            url,
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -127,6 +155,7 @@ impl StoreLocation {
     pub fn child_location(&self, name: &str) -> StoreLocation {
         Self {
             store: self.store.clone(),
+            s3: self.s3.clone(),
             root: self.path(name),
             url: format!("{}/{}", self.url, name),
         }

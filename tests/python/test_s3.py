@@ -72,6 +72,29 @@ def test_a_job_reads_and_writes_s3_and_matches_a_local_run(s3_server, tmp_path: 
         assert remote == (tmp_path / "local" / name).read_bytes(), name
 
 
+def test_a_gguf_file_is_assembled_on_s3_in_parts_from_several_workers(s3_server, tmp_path: Path):
+    """Above one slice (at least 8 MiB on S3), two workers upload parts of one multipart upload
+    that the coordinator completes; the file equals one assembled whole on local disk (from a
+    folder of the same name: GGUF metadata carries the model's name)."""
+    client, env = s3_server
+    model = tmp_path / "model"
+    shardpress("gen-model", "--out", model, "--size", "24MB", "--max-shard-mb", "8")
+    for path in model.iterdir():
+        client.upload_file(str(path), "models", f"model/{path.name}")
+    shardpress("run", "--workers", "2", "--model", "s3://models/model", "--out", "s3://models/big-gguf",
+               "--recipe", "q8_0", "--format", "gguf", "--assembly-slice-mib", "8", env=env)
+    shardpress("verify", "s3://models/big-gguf", env=env)
+    shardpress("run", "--workers", "1", "--model", model, "--out", tmp_path / "local",
+               "--recipe", "q8_0", "--format", "gguf")
+    local = (tmp_path / "local" / "model.gguf").read_bytes()
+    assert len(local) > 8 << 20  # several slices
+    remote = client.get_object(Bucket="models", Key="big-gguf/model.gguf")["Body"].read()
+    assert remote == local
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="models", Prefix="big-gguf/")["Contents"]]
+    assert sorted(keys) == ["big-gguf/manifest.json", "big-gguf/model.gguf", "big-gguf/report.json"]
+    assert client.list_multipart_uploads(Bucket="models").get("Uploads", []) == []
+
+
 def test_a_missing_s3_object_is_a_clear_error(s3_server):
     _, env = s3_server
     result = subprocess.run([BIN, "run", "--workers", "1", "--model", "s3://models/nothing-here",

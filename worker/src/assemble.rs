@@ -1,15 +1,20 @@
-//! The last task of an `.spz` job: stream the archive's prefix, the listed ranges of the parts
-//! the other tasks wrote (in order, in range-read pieces; records of tensors identical to an
-//! earlier one are left out), and the coordinator's suffix (companion files, index, footer)
-//! into one multipart upload. The coordinator never touches tensor bytes, and
-//! the archive appears only once complete. Each part's size is checked against what its task
-//! reported, so a stale or truncated part cannot slip into the archive.
+//! The assembly tasks of an `.spz` or GGUF job: stream the listed ranges of the parts (the
+//! other tasks' outputs and the coordinator's head and tail; records of tensors identical to
+//! an earlier one are left out) in order, in range-read pieces, into the output file: a
+//! whole file as one multipart upload, or one slice of a file that several tasks write at
+//! once (see `shardpress_store::shared`), hashed as a subtree of the file's BLAKE3 tree. The
+//! coordinator never touches tensor bytes, and a file appears only once complete. Each
+//! part's size is checked against what its task reported, so a stale or truncated part
+//! cannot slip into the file.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use blake3::hazmat::{max_subtree_len, HasherExt};
+use bytes::Bytes;
 use object_store::{ObjectStoreExt, WriteMultipart};
-use shardpress_proto::v1::{AssembleSpz, CompleteTaskRequest, TaskLease};
+use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, TaskLease};
+use shardpress_store::shared::{SharedObject, SliceWriter};
 use shardpress_store::StoreLocation;
 
 use crate::task::{ShardWriter, TaskContext};
@@ -24,7 +29,7 @@ const UPLOAD_CONCURRENCY: usize = 4;
 /// Concatenates the parts named in `spec` into `lease.output_name`.
 pub async fn assemble(
     lease: &TaskLease,
-    spec: &AssembleSpz,
+    spec: &AssembleSlice,
     ctx: &TaskContext,
 ) -> Result<CompleteTaskRequest, TaskError> {
     let started = Instant::now();
@@ -58,23 +63,25 @@ pub async fn assemble(
             });
         }
     }
-    let object = out.describe(&lease.output_name);
-    let upload_err = |e: object_store::Error| TaskError::Upload {
-        object: object.clone(),
-        message: e.to_string(),
-    };
-    let upload = out
-        .store()
-        .put_multipart(&out.path(&lease.output_name))
-        .await
-        .map_err(upload_err)?;
-    let mut writer = ShardWriter {
-        inner: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
-        hasher: blake3::Hasher::new(),
-        bytes: 0,
+    let mut sink = if spec.slices > 1 {
+        Sink::Slice(slice_writer(lease, spec, &out)?)
+    } else {
+        let object = out.describe(&lease.output_name);
+        let upload = out
+            .store()
+            .put_multipart(&out.path(&lease.output_name))
+            .await
+            .map_err(|e| upload_error(&object, e))?;
+        Sink::Whole(
+            ShardWriter {
+                inner: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
+                hasher: blake3::Hasher::new(),
+                bytes: 0,
+            },
+            object,
+        )
     };
     let (mut read_seconds, mut write_seconds) = (0f64, 0f64);
-    writer.write(&spec.prefix);
     let copied = async {
         for range in &spec.ranges {
             let part = &spec.parts[range.part as usize];
@@ -88,12 +95,7 @@ pub async fn assemble(
                 let piece = out.get_range(part, at..end).await?;
                 read_seconds += t.elapsed().as_secs_f64();
                 let t = Instant::now();
-                writer.write(&piece);
-                writer
-                    .inner
-                    .wait_for_capacity(UPLOAD_CONCURRENCY)
-                    .await
-                    .map_err(upload_err)?;
+                sink.write(piece).await?;
                 write_seconds += t.elapsed().as_secs_f64();
                 at = end;
             }
@@ -101,24 +103,124 @@ pub async fn assemble(
         Ok(())
     }
     .await;
-    if let Err(e) = copied {
-        writer.inner.abort().await.ok();
-        return Err(e);
-    }
-    writer.write(&spec.suffix);
     let t = Instant::now();
-    let output_bytes = writer.bytes;
-    let output_blake3 = writer.hasher.finalize().to_hex().to_string();
-    writer.inner.finish().await.map_err(upload_err)?;
+    let finished = match copied {
+        Ok(()) => sink.finish().await,
+        Err(e) => {
+            sink.abort().await;
+            Err(e)
+        }
+    };
+    let (output_bytes, output_blake3, upload_part) = finished?;
     write_seconds += t.elapsed().as_secs_f64();
     Ok(CompleteTaskRequest {
         task: None,
         output_bytes,
         output_blake3,
+        upload_part,
         tensors: Vec::new(),
         seconds: started.elapsed().as_secs_f64(),
         read_seconds,
         write_seconds,
         ..Default::default()
     })
+}
+
+fn upload_error(object: &str, e: object_store::Error) -> TaskError {
+    TaskError::Upload {
+        object: object.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Where the copied bytes go: the whole file, or this task's slice of a shared one.
+enum Sink {
+    Whole(ShardWriter, String),
+    Slice(Slice),
+}
+
+/// One slice of a file several tasks write, hashed as a subtree of the file's BLAKE3 tree.
+struct Slice {
+    writer: SliceWriter,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+/// Checks that the slice is a whole BLAKE3 subtree where the lease puts it (a bad lease must
+/// be an error, not a hashing assertion) and opens its writer.
+fn slice_writer(
+    lease: &TaskLease,
+    spec: &AssembleSlice,
+    out: &StoreLocation,
+) -> Result<Slice, TaskError> {
+    let len: u64 = spec.ranges.iter().map(|r| r.end - r.start).sum();
+    let fits = max_subtree_len(spec.offset).is_none_or(|max| len <= max);
+    if len == 0 || !spec.offset.is_multiple_of(blake3::CHUNK_LEN as u64) || !fits {
+        return Err(TaskError::BadLease(format!(
+            "assembly slice {} of {} ({len} bytes at {}) is not a whole hash subtree",
+            spec.slice, spec.slices, spec.offset
+        )));
+    }
+    let object = SharedObject {
+        name: lease.output_name.clone(),
+        staging: spec.staging.clone(),
+        upload_id: spec.upload_id.clone(),
+    };
+    let mut hasher = blake3::Hasher::new();
+    hasher.set_input_offset(spec.offset);
+    Ok(Slice {
+        writer: out.slice_writer(&object, spec.slice as usize, spec.offset)?,
+        hasher,
+        bytes: 0,
+    })
+}
+
+impl Sink {
+    async fn write(&mut self, piece: Bytes) -> Result<(), TaskError> {
+        match self {
+            Sink::Whole(writer, object) => {
+                writer.write(&piece);
+                writer
+                    .inner
+                    .wait_for_capacity(UPLOAD_CONCURRENCY)
+                    .await
+                    .map_err(|e| upload_error(object, e))?;
+            }
+            Sink::Slice(slice) => {
+                slice.hasher.update(&piece);
+                slice.bytes += piece.len() as u64;
+                slice.writer.write(piece).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes written, their hash (a chaining value for a slice) and the upload part.
+    async fn finish(self) -> Result<(u64, String, String), TaskError> {
+        match self {
+            Sink::Whole(writer, object) => {
+                let hash = writer.hasher.finalize().to_hex().to_string();
+                let bytes = writer.bytes;
+                writer
+                    .inner
+                    .finish()
+                    .await
+                    .map_err(|e| upload_error(&object, e))?;
+                Ok((bytes, hash, String::new()))
+            }
+            Sink::Slice(slice) => {
+                let cv = blake3::Hash::from_bytes(slice.hasher.finalize_non_root());
+                let part = slice.writer.finish().await?;
+                Ok((slice.bytes, cv.to_hex().to_string(), part))
+            }
+        }
+    }
+
+    /// Drops what was written of a whole file; a slice's bytes are overwritten by its next
+    /// attempt or dropped with the shared object.
+    async fn abort(self) {
+        if let Sink::Whole(writer, _) = self {
+            writer.inner.abort().await.ok();
+        }
+    }
 }

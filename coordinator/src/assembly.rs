@@ -1,0 +1,327 @@
+//! The assembly of an `.spz` job's archive or a GGUF job's files, in parallel: each file's
+//! layout (ranges of the parts, in order) is cut into slices that several workers write at
+//! once into one shared object (see [`shardpress_store::shared`]), and the file's BLAKE3 hash
+//! is merged from the hashes of the slices' subtrees, so nothing reads the file again.
+//!
+//! Slices are a power of two long (a whole BLAKE3 subtree each, and S3 parts of one size),
+//! and at least S3's smallest part there. A file of one slice, or on a store without shared
+//! writes, is written whole by one worker as before.
+
+use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, merge_subtrees_root};
+use blake3::hazmat::{ChainingValue, Mode};
+use shardpress_proto::v1::{AssembleSlice, PartRange};
+use shardpress_store::shared::{SharedObject, SharedWrites, MIN_PART_BYTES};
+use shardpress_store::{StoreError, StoreLocation};
+
+use crate::finalize::ManifestEntry;
+use crate::job::TaskSlot;
+
+/// Slice length unless the job says otherwise.
+pub const DEFAULT_SLICE_BYTES: u64 = 64 << 20;
+/// S3 numbers a multipart upload's parts 1 to 10,000.
+const MAX_PARTS: u64 = 10_000;
+
+/// Why a slice length is refused at submit.
+pub fn check_slice_bytes(bytes: u64) -> Result<(), String> {
+    if bytes < 1024 || !bytes.is_power_of_two() {
+        return Err(format!(
+            "assembly slices must be a power of two of at least 1 KiB, not {bytes} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// The bytes of the file a layout describes.
+pub fn file_size(layout: &AssembleSlice) -> u64 {
+    layout.ranges.iter().map(|r| r.end - r.start).sum()
+}
+
+/// Cuts a whole file's layout into slices of `slice_bytes` (the last may be shorter); each
+/// lists only the parts it copies from.
+pub fn cut(layout: &AssembleSlice, slice_bytes: u64) -> Vec<AssembleSlice> {
+    let size = file_size(layout);
+    let count = size.div_ceil(slice_bytes).max(1);
+    let mut slices: Vec<AssembleSlice> = (0..count)
+        .map(|i| AssembleSlice {
+            offset: i * slice_bytes,
+            slice: i as u32,
+            slices: count as u32,
+            ..Default::default()
+        })
+        .collect();
+    let mut at = 0u64;
+    for range in &layout.ranges {
+        let mut start = range.start;
+        while start < range.end {
+            let slice = &mut slices[(at / slice_bytes) as usize];
+            let room = slice.offset + slice_bytes - at;
+            let end = range.end.min(start + room);
+            let part = match slice.parts.last() {
+                Some(last) if *last == layout.parts[range.part as usize] => slice.parts.len() - 1,
+                _ => {
+                    slice.parts.push(layout.parts[range.part as usize].clone());
+                    slice
+                        .part_sizes
+                        .push(layout.part_sizes[range.part as usize]);
+                    slice.parts.len() - 1
+                }
+            };
+            slice.ranges.push(PartRange {
+                part: part as u32,
+                start,
+                end,
+            });
+            at += end - start;
+            start = end;
+        }
+    }
+    slices
+}
+
+/// Cuts the file `name` into slices for the workers and starts the shared object they write
+/// into (its staging file named `staging`); one slice where the file is small or the store
+/// cannot be written by several processes.
+pub async fn prepare(
+    out: &StoreLocation,
+    name: &str,
+    staging: &str,
+    layout: AssembleSlice,
+    slice_bytes: u64,
+) -> Result<Vec<AssembleSlice>, StoreError> {
+    let size = file_size(&layout);
+    let slice_bytes = match out.shared_writes() {
+        None => return Ok(whole(layout)),
+        Some(SharedWrites::PositionedFile) => slice_bytes,
+        Some(SharedWrites::MultipartParts) => {
+            let mut bytes = slice_bytes.max(MIN_PART_BYTES.next_power_of_two());
+            while size.div_ceil(bytes) > MAX_PARTS {
+                bytes *= 2;
+            }
+            bytes
+        }
+    };
+    if size <= slice_bytes {
+        return Ok(whole(layout));
+    }
+    let SharedObject {
+        staging, upload_id, ..
+    } = out.begin_shared(name, staging).await?;
+    let mut slices = cut(&layout, slice_bytes);
+    for slice in &mut slices {
+        slice.staging.clone_from(&staging);
+        slice.upload_id.clone_from(&upload_id);
+    }
+    Ok(slices)
+}
+
+fn whole(layout: AssembleSlice) -> Vec<AssembleSlice> {
+    vec![AssembleSlice {
+        offset: 0,
+        slice: 0,
+        slices: 1,
+        staging: String::new(),
+        upload_id: String::new(),
+        ..layout
+    }]
+}
+
+/// Makes a file that several slices wrote appear under its name (renaming the staging file
+/// or completing the upload) and returns its manifest entry, the hash merged from the
+/// slices'. `slots` are the file's assembly tasks, all done.
+pub async fn commit(
+    out: &StoreLocation,
+    name: &str,
+    slots: &[&TaskSlot],
+) -> Result<ManifestEntry, StoreError> {
+    let invalid = |reason: String| StoreError::Invalid {
+        object: out.describe(name),
+        reason,
+    };
+    let mut slices = Vec::with_capacity(slots.len());
+    let mut part_ids = Vec::with_capacity(slots.len());
+    let mut object = None;
+    for (i, slot) in slots.iter().enumerate() {
+        let (Some(spec), Some(done)) = (&slot.assemble, &slot.result) else {
+            return Err(invalid(format!("assembly slice {i} has not finished")));
+        };
+        if spec.slice as usize != i {
+            return Err(invalid(format!(
+                "slice {} listed as number {i}",
+                spec.slice
+            )));
+        }
+        let report = &done.report;
+        let cv = blake3::Hash::from_hex(&report.output_blake3)
+            .map_err(|e| invalid(format!("slice {i} reported a bad hash: {e}")))?;
+        slices.push((spec.offset, report.output_bytes, *cv.as_bytes()));
+        part_ids.push(report.upload_part.clone());
+        object.get_or_insert_with(|| SharedObject {
+            name: name.to_string(),
+            staging: spec.staging.clone(),
+            upload_id: spec.upload_id.clone(),
+        });
+    }
+    let object = object.ok_or_else(|| invalid("no assembly slices".into()))?;
+    let size: u64 = slices.iter().map(|s| s.1).sum();
+    let committed = match merged_hash(&slices, size) {
+        Some(hash) => out
+            .complete_shared(&object, part_ids, size)
+            .await
+            .map(|()| hash),
+        None => Err(invalid(
+            "the slices' offsets and lengths do not tile the file".into(),
+        )),
+    };
+    match committed {
+        Ok(hash) => Ok(ManifestEntry {
+            name: name.to_string(),
+            size,
+            blake3: hash.to_hex().to_string(),
+        }),
+        Err(e) => {
+            out.abort_shared(&object).await;
+            Err(e)
+        }
+    }
+}
+
+/// The BLAKE3 hash of a file of `size` bytes from its slices' (offset, length, chaining
+/// value), which must be whole subtrees of its tree; None when they are not.
+pub fn merged_hash(slices: &[(u64, u64, ChainingValue)], size: u64) -> Option<blake3::Hash> {
+    fn subtree(
+        slices: &[(u64, u64, ChainingValue)],
+        start: u64,
+        len: u64,
+    ) -> Option<ChainingValue> {
+        if let Some(&(_, _, cv)) = slices.iter().find(|s| s.0 == start && s.1 == len) {
+            return Some(cv);
+        }
+        if len <= blake3::CHUNK_LEN as u64 {
+            return None;
+        }
+        let left = left_subtree_len(len);
+        let (l, r) = (
+            subtree(slices, start, left)?,
+            subtree(slices, start + left, len - left)?,
+        );
+        Some(merge_subtrees_non_root(&l, &r, Mode::Hash))
+    }
+    if size <= blake3::CHUNK_LEN as u64 || slices.len() < 2 {
+        return None;
+    }
+    let left = left_subtree_len(size);
+    let l = subtree(slices, 0, left)?;
+    let r = subtree(slices, left, size - left)?;
+    Some(merge_subtrees_root(&l, &r, Mode::Hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blake3::hazmat::HasherExt;
+
+    fn layout(parts: &[(&str, u64)], ranges: &[(u32, u64, u64)]) -> AssembleSlice {
+        AssembleSlice {
+            parts: parts.iter().map(|p| p.0.to_string()).collect(),
+            part_sizes: parts.iter().map(|p| p.1).collect(),
+            ranges: ranges
+                .iter()
+                .map(|&(part, start, end)| PartRange { part, start, end })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The bytes a layout describes, byte `i` of a part depending on its name and `i`.
+    fn bytes_of(layout: &AssembleSlice) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in &layout.ranges {
+            let seed: u64 = layout.parts[r.part as usize].bytes().map(u64::from).sum();
+            out.extend((r.start..r.end).map(|i| (seed * 31 + i) as u8));
+        }
+        out
+    }
+
+    #[test]
+    fn slices_cover_the_file_in_order_and_list_only_their_parts() {
+        let whole = layout(
+            &[("head", 10), ("a", 5000), ("b", 3000), ("tail", 700)],
+            &[
+                (0, 0, 10),
+                (1, 0, 1000),
+                (1, 1500, 5000),
+                (2, 0, 3000),
+                (3, 0, 700),
+            ],
+        );
+        let size = file_size(&whole);
+        assert_eq!(size, 10 + 1000 + 3500 + 3000 + 700);
+        let slices = cut(&whole, 2048);
+        assert_eq!(slices.len() as u64, size.div_ceil(2048));
+        let mut joined = Vec::new();
+        for (i, s) in slices.iter().enumerate() {
+            assert_eq!(s.slice as usize, i);
+            assert_eq!(s.slices as usize, slices.len());
+            assert_eq!(s.offset, i as u64 * 2048);
+            assert_eq!(s.parts.len(), s.part_sizes.len());
+            for r in &s.ranges {
+                assert!(r.start < r.end && r.end <= s.part_sizes[r.part as usize]);
+            }
+            let expected = if i + 1 < slices.len() {
+                2048
+            } else {
+                size % 2048
+            };
+            assert_eq!(file_size(s), expected);
+            joined.extend(bytes_of(s));
+        }
+        assert_eq!(joined, bytes_of(&whole));
+        // The first slice starts with the head and does not list the tail.
+        assert_eq!(slices[0].parts, ["head", "a"]);
+        assert_eq!(slices.last().unwrap().parts.last().unwrap(), "tail");
+    }
+
+    #[test]
+    fn merged_hash_equals_hashing_the_whole_file() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for slice in [1024u64, 4096, 16384, 65536] {
+            for size in [1025u64, 4096, 4097, 50_000, 65536, 131_073, 200_000] {
+                let size = size.min(data.len() as u64);
+                if size <= slice {
+                    continue;
+                }
+                let slices: Vec<(u64, u64, ChainingValue)> = (0..size.div_ceil(slice))
+                    .map(|i| {
+                        let (start, end) = (i * slice, ((i + 1) * slice).min(size));
+                        let mut hasher = blake3::Hasher::new();
+                        hasher.set_input_offset(start);
+                        hasher.update(&data[start as usize..end as usize]);
+                        (start, end - start, hasher.finalize_non_root())
+                    })
+                    .collect();
+                assert_eq!(
+                    merged_hash(&slices, size),
+                    Some(blake3::hash(&data[..size as usize])),
+                    "slice {slice}, size {size}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn merged_hash_refuses_slices_that_do_not_tile_the_file() {
+        let cv = [7u8; 32];
+        assert_eq!(merged_hash(&[(0, 2048, cv), (2048, 1000, cv)], 4000), None);
+        assert_eq!(merged_hash(&[(0, 1024, cv), (2048, 1024, cv)], 3072), None);
+        assert_eq!(merged_hash(&[(0, 4096, cv)], 4096), None);
+    }
+
+    #[test]
+    fn slice_lengths_must_be_powers_of_two() {
+        assert!(check_slice_bytes(64 << 20).is_ok());
+        assert!(check_slice_bytes(1024).is_ok());
+        assert!(check_slice_bytes(1000).is_err());
+        assert!(check_slice_bytes(3 << 20).is_err());
+        assert!(check_slice_bytes(512).is_err());
+    }
+}
