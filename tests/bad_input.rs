@@ -281,11 +281,29 @@ fn a_non_finite_weight_fails_the_job_naming_the_tensor() {
         report.contains("1 row(s) holding NaN or infinities"),
         "{report}"
     );
+    // An `.spz` archive holds the row too: restored, it equals the safetensors output.
+    let archived = cluster.dir.path().join("inf-spz");
+    let result = cluster
+        .compress_command(&model, &archived, recipe.to_str().unwrap())
+        .args(["--format", "spz"])
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", stderr(&result));
+    let restored = cluster.dir.path().join("inf-restored");
+    let archive = archived.join("model.spz");
+    let result = common::shardpress(&[
+        "decompress",
+        archive.to_str().unwrap(),
+        "--out",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(common::load_tensors(&restored) == tensors);
     // A format that stores codes cannot hold such rows: refused at submit.
-    let refused = cluster.dir.path().join("inf-spz");
+    let refused = cluster.dir.path().join("inf-ct");
     let result = cluster
         .compress_command(&model, &refused, recipe.to_str().unwrap())
-        .args(["--format", "spz"])
+        .args(["--format", "compressed-tensors"])
         .output()
         .unwrap();
     assert!(!result.status.success());

@@ -373,6 +373,10 @@ pub enum StructureMeta {
     Rows,
     /// Section `keep`: one bit per column.
     Columns,
+    /// Rows holding NaN or infinities stored unchanged (`non_finite: keep`): section `keep`
+    /// (one bit per row, set where kept), `kept` (those rows in the tensor's dtype) and,
+    /// unless every row is kept, `inner` (a whole frame of the other rows).
+    KeptRows,
 }
 
 /// One section of a frame as written.
@@ -1045,44 +1049,59 @@ impl EncodedChunk {
 
     /// The entropy-coded frame: `u32` LE header length, JSON [`FrameMeta`], then sections.
     pub fn frame(&self) -> Vec<u8> {
-        let sections = self.sections();
-        let coded: Vec<Vec<u8>> = sections
-            .iter()
-            .map(|(_, layout, bytes)| entropy::compress(*layout, bytes))
-            .collect();
-        let meta = FrameMeta {
-            rows: self.rows,
-            row_len: self.row_len,
-            structure: self.structure,
-            values: self.values.clone(),
-            sections: sections
-                .iter()
-                .zip(&coded)
-                .map(|((name, layout, raw), c)| SectionMeta {
-                    name: name.clone(),
-                    layout: *layout,
-                    raw_len: raw.len() as u64,
-                    len: c.len() as u64,
-                })
-                .collect(),
-        };
-        let json = serde_json::to_vec(&meta).expect("frame meta serializes");
-        let mut out =
-            Vec::with_capacity(4 + json.len() + coded.iter().map(Vec::len).sum::<usize>());
-        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-        out.extend_from_slice(&json);
-        for c in coded {
-            out.extend_from_slice(&c);
-        }
-        out
+        write_frame(
+            self.rows,
+            self.row_len,
+            self.structure,
+            self.values.clone(),
+            &self.sections(),
+        )
     }
+}
+
+/// Entropy-codes `sections` (name, layout, raw bytes) behind their [`FrameMeta`].
+fn write_frame<N: AsRef<str>, B: AsRef<[u8]>>(
+    rows: usize,
+    row_len: usize,
+    structure: StructureMeta,
+    values: ValuesMeta,
+    sections: &[(N, Layout, B)],
+) -> Vec<u8> {
+    let coded: Vec<Vec<u8>> = sections
+        .iter()
+        .map(|(_, layout, bytes)| entropy::compress(*layout, bytes.as_ref()))
+        .collect();
+    let meta = FrameMeta {
+        rows,
+        row_len,
+        structure,
+        values,
+        sections: sections
+            .iter()
+            .zip(&coded)
+            .map(|((name, layout, raw), c)| SectionMeta {
+                name: name.as_ref().to_string(),
+                layout: *layout,
+                raw_len: raw.as_ref().len() as u64,
+                len: c.len() as u64,
+            })
+            .collect(),
+    };
+    let json = serde_json::to_vec(&meta).expect("frame meta serializes");
+    let mut out = Vec::with_capacity(4 + json.len() + coded.iter().map(Vec::len).sum::<usize>());
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    for c in coded {
+        out.extend_from_slice(&c);
+    }
+    out
 }
 
 /// Largest frame header accepted when decoding.
 const MAX_FRAME_META: usize = 1 << 20;
 
-/// Splits a frame into its header and decompressed sections (by name).
-fn open_frame(frame: &[u8]) -> Result<(FrameMeta, Sections), CodecError> {
+/// A frame's header and where its sections start.
+fn frame_meta(frame: &[u8]) -> Result<(FrameMeta, usize), CodecError> {
     let len_bytes: [u8; 4] = frame
         .get(..4)
         .and_then(|b| b.try_into().ok())
@@ -1093,7 +1112,12 @@ fn open_frame(frame: &[u8]) -> Result<(FrameMeta, Sections), CodecError> {
     }
     let meta: FrameMeta = serde_json::from_slice(&frame[4..4 + meta_len])
         .map_err(|e| corrupt(format!("header: {e}")))?;
-    let mut at = 4 + meta_len;
+    Ok((meta, 4 + meta_len))
+}
+
+/// Splits a frame into its header and decompressed sections (by name).
+fn open_frame(frame: &[u8]) -> Result<(FrameMeta, Sections), CodecError> {
+    let (meta, mut at) = frame_meta(frame)?;
     let mut sections = Vec::with_capacity(meta.sections.len());
     for s in &meta.sections {
         let end = usize::try_from(s.len)
@@ -1178,6 +1202,9 @@ pub fn decode_frame(
                 meta.rows, meta.row_len
             ))
         })?;
+    if meta.structure == StructureMeta::KeptRows {
+        return decode_kept_rows(&meta, sections, dtype, elems, out);
+    }
     if meta.structure == StructureMeta::Dense && meta.values == ValuesMeta::Raw {
         let bytes = sections.take("values")?;
         if bytes.len() != elems * dtype.size_bytes() {
@@ -1213,6 +1240,7 @@ pub fn decode_frame(
             let kept = decode_values(&meta.values, &mut sections, dtype, kept_len)?;
             scatter(&kept, &mask, elems)?
         }
+        StructureMeta::KeptRows => unreachable!("decoded above"),
         StructureMeta::Rows | StructureMeta::Columns => {
             let is_rows = meta.structure == StructureMeta::Rows;
             let flags = if is_rows { rows } else { row_len };
@@ -1238,6 +1266,80 @@ pub fn decode_frame(
     let start = out.len();
     out.resize(start + elems * dtype.size_bytes(), 0);
     encode_from_f32(dtype, &full, &mut out[start..])?;
+    Ok(())
+}
+
+/// A frame of `rows` rows of `row_len` where the rows flagged in `keep` are stored unchanged
+/// (`kept`, their bytes in order) and the others are `inner`, their own frame (None when every
+/// row is kept). See [`StructureMeta::KeptRows`].
+pub fn kept_rows_frame(
+    rows: usize,
+    row_len: usize,
+    keep: &[bool],
+    kept: &[u8],
+    inner: Option<&[u8]>,
+) -> Vec<u8> {
+    let keep = sparse::pack_bitmask(keep);
+    let mut sections = vec![
+        ("keep", Layout::Bytes, &keep[..]),
+        ("kept", Layout::Bytes, kept),
+    ];
+    if let Some(inner) = inner {
+        sections.push(("inner", Layout::Bytes, inner));
+    }
+    write_frame(
+        rows,
+        row_len,
+        StructureMeta::KeptRows,
+        ValuesMeta::Raw,
+        &sections,
+    )
+}
+
+/// Decodes a [`StructureMeta::KeptRows`] frame: the inner frame's rows with the kept rows
+/// put back in their places. An inner frame may not keep rows itself (no nesting).
+fn decode_kept_rows(
+    meta: &FrameMeta,
+    mut sections: Sections,
+    dtype: DType,
+    elems: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    let row_bytes = meta.row_len * dtype.size_bytes();
+    if row_bytes == 0 {
+        return Err(corrupt("kept rows of no bytes"));
+    }
+    let keep = sparse::unpack_bitmask(&sections.take("keep")?, meta.rows)
+        .map_err(|e| corrupt(e.to_string()))?;
+    let kept_rows = kept_count(&keep) as usize;
+    let kept = sections.take("kept")?;
+    if kept.len() != kept_rows * row_bytes {
+        return Err(corrupt(format!(
+            "{} bytes of kept rows for {kept_rows} rows of {row_bytes} bytes",
+            kept.len()
+        )));
+    }
+    let mut inner = Vec::new();
+    if kept_rows < meta.rows {
+        let frame = sections.take("inner")?;
+        if frame_meta(&frame)?.0.structure == StructureMeta::KeptRows {
+            return Err(corrupt("a frame of kept rows nested in another"));
+        }
+        decode_frame(&frame, dtype, elems - kept_rows * meta.row_len, &mut inner)?;
+    }
+    if inner.len() != (meta.rows - kept_rows) * row_bytes {
+        return Err(corrupt(format!(
+            "the inner frame decodes to {} bytes, not {} rows",
+            inner.len(),
+            meta.rows - kept_rows
+        )));
+    }
+    let (mut kept, mut inner) = (kept.chunks_exact(row_bytes), inner.chunks_exact(row_bytes));
+    out.reserve(elems * dtype.size_bytes());
+    for &k in &keep {
+        let row = if k { kept.next() } else { inner.next() };
+        out.extend_from_slice(row.ok_or_else(|| corrupt("fewer rows than flags"))?);
+    }
     Ok(())
 }
 

@@ -26,7 +26,7 @@ pub mod spz;
 
 use std::collections::BTreeMap;
 
-use crate::codec::{encode_chunk_measured, CodecError, TensorPlan};
+use crate::codec::{self, encode_chunk_measured, CodecError, EncodedChunk, TensorPlan};
 use crate::dtype::DType;
 use crate::metrics::ErrorAccumulator;
 
@@ -359,24 +359,17 @@ impl TensorWriter {
                 }
             }
         }
-        if plan.keep_non_finite_rows {
-            if let TensorWriter::Reconstruction = self {
-                if let Some(out) = keep_non_finite_rows(plan, dtype, row_len, input, acc)? {
-                    return Ok(out);
-                }
+        let keeps = matches!(self, TensorWriter::Reconstruction | TensorWriter::Frames);
+        if plan.keep_non_finite_rows && keeps {
+            if let Some(split) = split_non_finite_rows(plan, dtype, row_len, input, acc)? {
+                return split.output(matches!(self, TensorWriter::Frames), row_len, input);
             }
         }
         let encoded = encode_chunk_measured(plan, dtype, row_len, input, acc)?;
         let repr_bits = encoded.repr_bits;
         let bytes = match self {
             TensorWriter::Reconstruction => encoded.reconstruction,
-            TensorWriter::Frames => {
-                let frame = encoded.frame();
-                let mut bytes = Vec::with_capacity(frame.len() + 8);
-                bytes.extend_from_slice(&(frame.len() as u64).to_le_bytes());
-                bytes.extend_from_slice(&frame);
-                bytes
-            }
+            TensorWriter::Frames => length_prefixed(encoded.frame()),
             TensorWriter::PackQuantized(state) => state.chunk(encoded)?,
             TensorWriter::FloatQuantized(state) => state.chunk(encoded)?,
             TensorWriter::Gguf(state) => state.chunk(encoded)?,
@@ -409,65 +402,120 @@ pub(crate) fn refuse_kept_rows(
         true => Err(FormatError::Recipe {
             format,
             recipe: recipe.name.clone(),
-            reason: "non_finite: keep stores rows with NaN or infinities unchanged, in the input dtype, which only --format safetensors holds".into(),
+            reason: "non_finite: keep stores rows with NaN or infinities unchanged, in the input dtype, which only --format safetensors and spz hold".into(),
         }),
     }
 }
 
-/// The reconstruction of a chunk holding rows with NaN or infinities, those rows unchanged
-/// and the others compressed (and measured) together; `None` when every row is finite.
-fn keep_non_finite_rows(
+/// A `.spz` record's frame, preceded by its `u64` length.
+fn length_prefixed(frame: Vec<u8>) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(frame.len() + 8);
+    bytes.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&frame);
+    bytes
+}
+
+/// A chunk holding rows with NaN or infinities (`non_finite: keep`): which rows those are,
+/// and the other rows compressed (and measured) together.
+struct NonFiniteSplit {
+    keep: Vec<bool>,
+    kept_rows: usize,
+    /// The finite rows, unless every row is kept.
+    finite: Option<EncodedChunk>,
+}
+
+/// Splits a chunk at its non-finite rows; `None` when every row is finite.
+fn split_non_finite_rows(
     plan: &TensorPlan,
     dtype: DType,
     row_len: usize,
     input: &[u8],
     acc: &mut ErrorAccumulator,
-) -> Result<Option<ChunkOutput>, CodecError> {
+) -> Result<Option<NonFiniteSplit>, CodecError> {
     let row_bytes = row_len * dtype.size_bytes();
     if row_bytes == 0 || input.len() % row_bytes != 0 || !dtype.is_decodable_float() {
         return Ok(None);
     }
     let mut values = vec![0f32; row_len];
-    let mut kept = Vec::new();
-    for (r, row) in input.chunks_exact(row_bytes).enumerate() {
+    let mut keep = Vec::with_capacity(input.len() / row_bytes);
+    for row in input.chunks_exact(row_bytes) {
         crate::dtype::decode_to_f32(dtype, row, &mut values)?;
-        if values.iter().any(|v| !v.is_finite()) {
-            kept.push(r);
-        }
+        keep.push(values.iter().any(|v| !v.is_finite()));
     }
-    if kept.is_empty() {
+    let kept_rows = keep.iter().filter(|&&k| k).count();
+    if kept_rows == 0 {
         return Ok(None);
     }
-    let finite: Vec<u8> = input
-        .chunks_exact(row_bytes)
-        .enumerate()
-        .filter(|(r, _)| kept.binary_search(r).is_err())
-        .flat_map(|(_, row)| row.iter().copied())
-        .collect();
-    let encoded = match finite.is_empty() {
+    let finite: Vec<u8> = rows_where(input, row_bytes, &keep, false).concat();
+    let finite = match finite.is_empty() {
         true => None,
         false => Some(encode_chunk_measured(plan, dtype, row_len, &finite, acc)?),
     };
-    let mut compressed = encoded
-        .as_ref()
-        .map(|e| e.reconstruction.chunks_exact(row_bytes))
-        .into_iter()
-        .flatten();
-    let mut bytes = Vec::with_capacity(input.len());
-    for (r, row) in input.chunks_exact(row_bytes).enumerate() {
-        match kept.binary_search(&r) {
-            Ok(_) => bytes.extend_from_slice(row),
-            Err(_) => bytes.extend_from_slice(compressed.next().ok_or_else(|| {
-                CodecError::Corrupt("fewer compressed rows than finite rows".into())
-            })?),
-        }
-    }
-    let repr_bits = encoded.map_or(0, |e| e.repr_bits) + (kept.len() * row_bytes) as u64 * 8;
-    Ok(Some(ChunkOutput {
-        bytes,
-        repr_bits,
-        kept_rows: kept.len() as u64,
+    Ok(Some(NonFiniteSplit {
+        keep,
+        kept_rows,
+        finite,
     }))
+}
+
+/// The rows of `input` whose flag in `keep` is `flag`.
+fn rows_where<'a>(
+    input: &'a [u8],
+    row_bytes: usize,
+    keep: &'a [bool],
+    flag: bool,
+) -> Vec<&'a [u8]> {
+    input
+        .chunks_exact(row_bytes)
+        .zip(keep)
+        .filter(|(_, &k)| k == flag)
+        .map(|(row, _)| row)
+        .collect()
+}
+
+impl NonFiniteSplit {
+    /// The chunk's output: the reconstruction with the kept rows unchanged, or (`frames`) an
+    /// `.spz` frame holding the kept rows and the others' frame.
+    fn output(self, frames: bool, row_len: usize, input: &[u8]) -> Result<ChunkOutput, CodecError> {
+        let row_bytes = input.len() / self.keep.len();
+        let repr_bits = self.finite.as_ref().map_or(0, |e| e.repr_bits)
+            + (self.kept_rows * row_bytes) as u64 * 8;
+        let bytes = if frames {
+            let kept = rows_where(input, row_bytes, &self.keep, true).concat();
+            let inner = self.finite.as_ref().map(EncodedChunk::frame);
+            let rows = self.keep.len();
+            length_prefixed(codec::kept_rows_frame(
+                rows,
+                row_len,
+                &self.keep,
+                &kept,
+                inner.as_deref(),
+            ))
+        } else {
+            let mut compressed = self
+                .finite
+                .as_ref()
+                .map(|e| e.reconstruction.chunks_exact(row_bytes))
+                .into_iter()
+                .flatten();
+            let mut bytes = Vec::with_capacity(input.len());
+            for (row, &k) in input.chunks_exact(row_bytes).zip(&self.keep) {
+                let row = match k {
+                    true => Some(row),
+                    false => compressed.next(),
+                };
+                bytes.extend_from_slice(row.ok_or_else(|| {
+                    CodecError::Corrupt("fewer compressed rows than finite rows".into())
+                })?);
+            }
+            bytes
+        };
+        Ok(ChunkOutput {
+            bytes,
+            repr_bits,
+            kept_rows: self.kept_rows as u64,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -23,8 +23,8 @@ pub struct Recipe {
     /// identical records are shared (always, in `.spz`).
     pub share_cosine: Option<f64>,
     /// `non_finite: keep`: rows holding NaN or an infinity are stored exactly as they are
-    /// (the tensor's other rows compressed) instead of failing the job; only outputs that hold
-    /// values in the input dtype (`--format safetensors`) can store them.
+    /// (the tensor's other rows compressed) instead of failing the job; only outputs that can
+    /// hold values in the input dtype (`--format safetensors`, `spz`) can store them.
     pub keep_non_finite_rows: bool,
     /// The YAML this recipe was parsed from (shipped to workers verbatim).
     pub source_yaml: String,

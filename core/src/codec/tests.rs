@@ -260,3 +260,44 @@ fn hostile_frames_are_errors_not_panics() {
         }
     }
 }
+
+#[test]
+fn kept_row_frames_decode_in_place_and_refuse_nesting_and_bad_lengths() {
+    let (rows, cols) = (4, 16);
+    let input = bytes_of(DType::BF16, &weights(rows * cols, 5));
+    let row = cols * 2;
+    let keep = [false, true, false, true];
+    let kept = [&input[row..2 * row], &input[3 * row..]].concat();
+    let others = [&input[..row], &input[2 * row..3 * row]].concat();
+    let int8 = plan(
+        &one("quantize: { bits: 8, granularity: channel }"),
+        &[2, 16],
+    );
+    let inner = encode_chunk(&int8, DType::BF16, cols, &others)
+        .unwrap()
+        .frame();
+    let frame = kept_rows_frame(rows, cols, &keep, &kept, Some(&inner));
+    let mut out = Vec::new();
+    decode_frame(&frame, DType::BF16, rows * cols, &mut out).unwrap();
+    let mut others_decoded = Vec::new();
+    decode_frame(&inner, DType::BF16, 2 * cols, &mut others_decoded).unwrap();
+    let (o, k) = (&others_decoded, &input);
+    assert_eq!(
+        out,
+        [&o[..row], &k[row..2 * row], &o[row..], &k[3 * row..]].concat()
+    );
+    // A kept-rows frame inside another would let a hostile archive recurse without end.
+    let nested = kept_rows_frame(rows, cols, &keep, &kept, Some(&frame));
+    let err = decode_frame(&nested, DType::BF16, rows * cols, &mut Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("nested"), "{err}");
+    // Kept bytes that do not match the flags, and a missing inner frame, are refused.
+    let short = kept_rows_frame(rows, cols, &keep, &kept[1..], Some(&inner));
+    assert!(decode_frame(&short, DType::BF16, rows * cols, &mut Vec::new()).is_err());
+    let no_inner = kept_rows_frame(rows, cols, &keep, &kept, None);
+    assert!(decode_frame(&no_inner, DType::BF16, rows * cols, &mut Vec::new()).is_err());
+    for i in (0..frame.len()).step_by(5) {
+        let mut bad = frame.clone();
+        bad[i] ^= 0x5a;
+        let _ = decode_frame(&bad, DType::BF16, rows * cols, &mut Vec::new());
+    }
+}

@@ -602,7 +602,6 @@ fn non_finite_rows_are_kept_exactly_when_the_recipe_says_so() {
     )
     .unwrap();
     for (format, recipe) in [
-        (OutputFormat::Spz, &keep),
         (OutputFormat::CompressedTensors, &keep),
         (OutputFormat::Gguf, &gguf_keep),
     ] {
@@ -610,6 +609,21 @@ fn non_finite_rows_are_kept_exactly_when_the_recipe_says_so() {
         assert!(err.contains("non_finite: keep"), "{format:?}: {err}");
     }
     assert!(Recipe::from_yaml(&format!("non_finite: maybe\n{yaml}")).is_err());
+    // `.spz` keeps the rows in the chunk's frame, beside a frame of the others: it decodes to
+    // exactly the reconstruction, here and when every row is kept.
+    let spz =
+        TensorPlan::for_output(&keep, OutputFormat::Spz, &facts, UP, DType::BF16, &shape).unwrap();
+    let all_kept = bf16_bytes(&[f32::NAN; 2 * 128]);
+    for (chunk, want) in [(&input, &out.bytes), (&all_kept, &all_kept)] {
+        let framed = TensorWriter::Frames
+            .chunk(&spz, DType::BF16, 128, chunk, &mut ErrorAccumulator::new())
+            .unwrap();
+        let frame_len = u64::from_le_bytes(framed.bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(frame_len, framed.bytes.len() - 8);
+        let mut decoded = Vec::new();
+        decode_frame(&framed.bytes[8..], DType::BF16, 6 * 128, &mut decoded).unwrap();
+        assert!(decoded == *want);
+    }
 }
 
 /// The row-chunk reader of packed inputs equals the whole-tensor reader, from any first row.
