@@ -22,13 +22,18 @@ mb=$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1e6 }')
 now() { date +%s.%N; }
 rate() { awk -v b="$bytes" -v s="$1" 'BEGIN { printf "%.1f MB/s (%.2f s)", b / 1e6 / s, s }'; }
 
-cat "$work"/model/* > /dev/null   # warm the page cache for every contender alike
+# Every contender starts alike: the previous one's output removed and the model read once
+# (warm in the page cache, as far as memory allows).
+warm() { sync; cat "$work"/model/* > /dev/null; }
+warm
 t0=$(now); cp -r "$work/model" "$work/copy"; sync; t1=$(now)
 cp_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
 rm -rf "$work/copy"
 
 declare -A run_s
 for workers in 1 2; do
+  rm -rf "$work/out-1"
+  warm
   t0=$(now)
   "$bin" run --workers "$workers" --model "$work/model" --out "$work/out-$workers" --recipe "$recipe" \
     --format "$format" > "$work/run-$workers.txt"
@@ -58,8 +63,9 @@ echo "output on disk:              $(du -sb "$work/out-2" | awk '{ printf "%.1f 
 echo "cp -r model:                 $(rate "$cp_s")"
 echo "shardpress run, 1 worker:    $(rate "${run_s[1]}")  = $(awk -v c="$cp_s" -v r="${run_s[1]}" 'BEGIN { printf "%.2f", c / r }') x cp speed"
 echo "shardpress run, 2 workers:   $(rate "${run_s[2]}")  = $(awk -v c="$cp_s" -v r="${run_s[2]}" 'BEGIN { printf "%.2f", c / r }') x cp speed"
-echo "peak RSS coordinator:        $(( $(cat "$work/coord.rss") / 1024 )) MB"
-echo "peak RSS worker (2 running): $(( $(cat "$work/w1.rss") / 1024 )) MB, $(( $(cat "$work/w2.rss") / 1024 )) MB"
+rss_mb() { echo $(( $(tail -n 1 "$1") / 1024 )); }   # GNU time may note a signal first
+echo "peak RSS coordinator:        $(rss_mb "$work/coord.rss") MB"
+echo "peak RSS worker (2 running): $(rss_mb "$work/w1.rss") MB, $(rss_mb "$work/w2.rss") MB"
 echo "largest tensor:              $(( biggest / 1000000 )) MB; model $mb MB"
 echo "time breakdown of the 2-worker run (sum over tasks):"
 python3 - "$work/out-2/report.json" <<'PY'

@@ -32,7 +32,7 @@ use crate::entropy::{self, Layout};
 use crate::metrics::ErrorAccumulator;
 use crate::prune::GlobalCut;
 use crate::recipe::{PassKind, PruneConfig, RankRule, Recipe};
-use crate::{codebook, fp8, hashnet, hqq, lowrank, prune, quantize, rtn_fused, sparse};
+use crate::{codebook, fp8, ggml_fused, hashnet, hqq, lowrank, prune, quantize, rtn_fused, sparse};
 use half::f16;
 use serde::{Deserialize, Serialize};
 
@@ -757,10 +757,10 @@ fn encode_values(
 
 /// Applies `plan` to a chunk of whole rows of `dtype` (row length `row_len`).
 ///
-/// Dense RTN plans (no structure pass; per-group or per-channel quantization) run fused
-/// (decode, quantize, encode block by block in cache, with AVX2 when the CPU has it),
-/// everything else through the general path ([`encode_chunk_general`]); both give the same
-/// bytes.
+/// Dense RTN plans (no structure pass; per-group or per-channel quantization) and dense ggml
+/// plans run fused (decode, quantize, encode block by block in cache, with AVX2 when the CPU
+/// has it), everything else through the general path ([`encode_chunk_general`]); both give
+/// the same bytes.
 pub fn encode_chunk(
     plan: &TensorPlan,
     dtype: DType,
@@ -839,6 +839,28 @@ fn encode_chunk_with(
                     sections: Vec::new(),
                     typed: Some(TypedValues::Affine(codes)),
                     repr_bits,
+                });
+            }
+        }
+        if let Some(PassKind::Ggml { ty: Some(ty), .. }) = &plan.values {
+            if let Some(out) = ggml_fused::encode(*ty, dtype, row_len, input, acc.is_some()) {
+                if let Some(acc) = acc {
+                    for partial in &out.metrics {
+                        acc.merge(partial);
+                    }
+                }
+                return Ok(EncodedChunk {
+                    reconstruction: out.reconstruction,
+                    rows,
+                    row_len,
+                    structure: StructureMeta::Dense,
+                    values: ValuesMeta::Ggml { ty: ty.id() },
+                    sections: Vec::new(),
+                    repr_bits: out.blocks.len() as u64 * 8,
+                    typed: Some(TypedValues::Ggml {
+                        ty: *ty,
+                        blocks: out.blocks,
+                    }),
                 });
             }
         }

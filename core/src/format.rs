@@ -227,6 +227,12 @@ pub trait Format: Sync {
     /// Object name of task `index`'s output (of `total` tasks).
     fn task_output_name(&self, index: usize, total: usize) -> String;
 
+    /// Whether task outputs are parts that assembly tasks copy into the output files (so
+    /// only the files' hashes are needed, not the parts').
+    fn assembles_parts(&self) -> bool {
+        false
+    }
+
     /// The tensors written for one input tensor, in write order; empty when task outputs
     /// are not safetensors files (`.spz` parts hold records, not tensors).
     fn output_tensors(&self, tensor: TensorDesc<'_>, plan: &TensorPlan) -> Vec<OutputTensor>;

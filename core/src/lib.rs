@@ -27,6 +27,7 @@ pub mod dtype;
 pub mod entropy;
 pub mod format;
 pub mod fp8;
+mod ggml_fused;
 pub mod gguf;
 pub mod hashnet;
 pub mod header;

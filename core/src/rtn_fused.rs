@@ -283,15 +283,15 @@ pub(crate) fn encode(
 }
 
 /// An input dtype's codec, inlined into the block body.
-trait Elem {
+pub(crate) trait Elem {
     const SIZE: usize;
     fn decode(bytes: &[u8], out: &mut [f32]);
     fn encode(src: &[f32], out: &mut [u8]);
 }
 
-struct Bf16;
-struct F16;
-struct F32;
+pub(crate) struct Bf16;
+pub(crate) struct F16;
+pub(crate) struct F32;
 
 impl Elem for Bf16 {
     const SIZE: usize = 2;

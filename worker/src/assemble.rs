@@ -75,7 +75,7 @@ pub async fn assemble(
         Sink::Whole(
             ShardWriter {
                 inner: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
-                hasher: blake3::Hasher::new(),
+                hasher: Some(blake3::Hasher::new()),
                 bytes: 0,
             },
             object,
@@ -199,7 +199,9 @@ impl Sink {
     async fn finish(self) -> Result<(u64, String, String), TaskError> {
         match self {
             Sink::Whole(writer, object) => {
-                let hash = writer.hasher.finalize().to_hex().to_string();
+                let hash = writer
+                    .hasher
+                    .map_or_else(String::new, |h| h.finalize().to_hex().to_string());
                 let bytes = writer.bytes;
                 writer
                     .inner

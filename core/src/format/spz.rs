@@ -33,6 +33,10 @@ impl Format for Spz {
         Ok(())
     }
 
+    fn assembles_parts(&self) -> bool {
+        true
+    }
+
     fn task_output_name(&self, index: usize, total: usize) -> String {
         format!("{PARTS_DIR}/part-{:05}-of-{total:05}.bin", index + 1)
     }

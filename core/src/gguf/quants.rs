@@ -370,14 +370,46 @@ pub fn quantize_q8_0(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError>
     quantize_blocks(GgmlType::Q8_0, values, out, q8_0_block)
 }
 
-fn q8_0_block(x: &[f32], y: &mut [u8]) {
+dtype::avx2_dispatch!(fn q8_0_block(x: &[f32], y: &mut [u8]) => q8_0_block_body);
+
+#[inline(always)]
+fn q8_0_block_body(x: &[f32], y: &mut [u8]) {
     let amax = abs_max(x);
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     y[..2].copy_from_slice(&f16_bytes(d));
     for (q, &v) in y[2..].iter_mut().zip(x) {
-        *q = round_half_away(v * id) as i8 as u8;
+        *q = q8_0_code(v * id);
     }
+}
+
+/// `(int8_t)roundf(r)` as a byte (halves away from zero), saturating and NaN as 0 like Rust's
+/// `as i8`: clamping first (rounding and clamping to integer bounds commute) keeps every
+/// step exact and branch-free, so it vectorizes; the dropped fraction `c - trunc(c)` is
+/// exact.
+#[inline(always)]
+fn q8_0_code(r: f32) -> u8 {
+    let r = if r.is_nan() { 0.0 } else { r };
+    let c = r.clamp(-128.0, 127.0);
+    let t = clamp_trunc(c, -128.0, 127.0) as f32;
+    let step = if (c - t).abs() >= 0.5 {
+        1.0f32.copysign(c)
+    } else {
+        0.0
+    };
+    clamp_trunc(t + step, -128.0, 127.0) as i8 as u8
+}
+
+/// `v` clamped to `[lo, hi]` (NaN to `lo`) and truncated toward zero. The clamp makes the
+/// conversion exact, so it needs no saturation checks and vectorizes; the bounds must lie
+/// inside `i32` (callers pass small constants).
+#[inline(always)]
+fn clamp_trunc(v: f32, lo: f32, hi: f32) -> i32 {
+    debug_assert!(lo >= -1e9 && hi <= 1e9 && lo <= hi);
+    let c = v.max(lo).min(hi);
+    // SAFETY: `max` and `min` with non-NaN bounds return a value in `[lo, hi]` (a NaN `v`
+    // becomes `lo`), which is finite and representable in i32.
+    unsafe { c.to_int_unchecked::<i32>() }
 }
 
 /// `max |x|` over a block (`MAX(amax, fabsf(v))` in any order: the maximum of finite values
@@ -400,20 +432,6 @@ fn abs_max(x: &[f32]) -> f32 {
     lanes.iter().fold(0.0f32, |m, &l| if m > l { m } else { l })
 }
 
-/// `roundf` (halves away from zero) for `|r| < 2^31`, branch-free so that it vectorizes:
-/// truncate, then step away from zero when the dropped fraction is at least one half (the
-/// fraction `r - trunc(r)` is exact).
-#[inline(always)]
-fn round_half_away(r: f32) -> f32 {
-    let t = r as i32 as f32;
-    let step = if (r - t).abs() >= 0.5 {
-        1.0f32.copysign(r)
-    } else {
-        0.0
-    };
-    t + step
-}
-
 /// Decodes Q8_0 `bytes` into `out` (`dequantize_row_q8_0`).
 pub fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
     dequantize_blocks(GgmlType::Q8_0, bytes, out, |b, y| {
@@ -430,28 +448,42 @@ pub fn quantize_q4_0(values: &[f32], out: &mut Vec<u8>) -> Result<(), GgufError>
 }
 
 /// The signed value of largest magnitude (the first one on ties), as Q4_0 and Q5_0 find it.
+#[inline(always)]
 fn signed_absmax(x: &[f32]) -> f32 {
     // The reference keeps the first value whose magnitude beats every earlier one: the first
     // of largest magnitude (0 for an all-zero block).
     let amax = abs_max(x);
-    x.iter()
-        .copied()
-        .find(|v| v.abs() == amax)
-        .filter(|_| amax > 0.0)
-        .unwrap_or(0.0)
+    if amax == 0.0 {
+        return 0.0;
+    }
+    if x.len() <= 32 {
+        // A bit per value of largest magnitude, without a branch per value.
+        let hits = x
+            .iter()
+            .enumerate()
+            .fold(0u32, |m, (i, v)| m | (u32::from(v.abs() == amax) << i));
+        return x
+            .get(hits.trailing_zeros() as usize)
+            .copied()
+            .unwrap_or(0.0);
+    }
+    x.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0)
 }
 
-fn q4_0_block(x: &[f32], y: &mut [u8]) {
+dtype::avx2_dispatch!(fn q4_0_block(x: &[f32], y: &mut [u8]) => q4_0_block_body);
+
+#[inline(always)]
+fn q4_0_block_body(x: &[f32], y: &mut [u8]) {
     let d = signed_absmax(x) / -8.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     y[..2].copy_from_slice(&f16_bytes(d));
     const HALF: usize = QK4_0 / 2;
     let (lo, hi) = x.split_at(HALF);
     for ((q, &a), &b) in y[2..2 + HALF].iter_mut().zip(lo).zip(&hi[..HALF]) {
-        // MIN(15, (int8_t)(x + 8.5f)): truncation toward zero (x * id + 8.5 is in
-        // [0.5, 16.5], so an i32 conversion truncates the same).
-        let xi0 = ((a * id + 8.5) as i32).min(15) as u8;
-        let xi1 = ((b * id + 8.5) as i32).min(15) as u8;
+        // MIN(15, (int8_t)(x + 8.5f)): truncation toward zero, x * id + 8.5 being in
+        // [0.5, 16.5] (or NaN or infinite, which the saturating cast maps as the clamp).
+        let xi0 = clamp_trunc(a * id + 8.5, 0.0, 15.0) as u8;
+        let xi1 = clamp_trunc(b * id + 8.5, 0.0, 15.0) as u8;
         *q = xi0 | (xi1 << 4);
     }
 }

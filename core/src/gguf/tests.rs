@@ -296,6 +296,61 @@ fn q8_0_and_q4_0_bytes_follow_the_reference_formulas() {
     assert_eq!([q8[3] as i8, q8[4] as i8], [3, -3]);
 }
 
+/// Q8_0 and Q4_0 blocks equal the line-by-line formulas with saturating casts on hostile
+/// blocks too: subnormal maxima (whose `1 / d` overflows to infinity, so `0 * id` is NaN),
+/// huge values, ties and random bit patterns.
+#[test]
+fn q8_0_and_q4_0_codes_equal_the_saturating_formulas_on_any_block() {
+    fn q8_reference(x: &[f32]) -> Vec<u8> {
+        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut y = f16::from_f32(d).to_le_bytes().to_vec();
+        y.extend(x.iter().map(|&v| (v * id).round() as i8 as u8));
+        y
+    }
+    fn q4_reference(x: &[f32]) -> Vec<u8> {
+        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let max = x.iter().copied().find(|v| v.abs() == amax && amax > 0.0);
+        let d = max.unwrap_or(0.0) / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut y = f16::from_f32(d).to_le_bytes().to_vec();
+        y.extend((0..16).map(|j| {
+            let lo = ((x[j] * id + 8.5) as i32).min(15) as u8;
+            let hi = ((x[j + 16] * id + 8.5) as i32).min(15) as u8;
+            lo | (hi << 4)
+        }));
+        y
+    }
+    let mut rng = Rng(7);
+    let mut blocks: Vec<Vec<f32>> = vec![
+        vec![0.0; 32],
+        (0..32).map(|j| if j == 5 { 3e-44 } else { 0.0 }).collect(),
+        (0..32)
+            .map(|j| if j == 9 { -2e-39 } else { 1e-45 })
+            .collect(),
+        (0..32).map(|j| (j as f32 - 16.0) * 1e37).collect(),
+        (0..32)
+            .map(|j| [127.0, 2.5, -2.5, -127.5, 0.5][j % 5])
+            .collect(),
+    ];
+    for _ in 0..2000 {
+        blocks.push(
+            (0..32)
+                .map(|_| f32::from_bits(rng.next_u64() as u32))
+                .map(|v| if v.is_finite() { v } else { 1.0 })
+                .collect(),
+        );
+    }
+    for x in &blocks {
+        let (mut q8, mut q4) = (Vec::new(), Vec::new());
+        quantize_q8_0(x, &mut q8).unwrap();
+        quantize_q4_0(x, &mut q4).unwrap();
+        assert_eq!(q8, q8_reference(x), "{x:?}");
+        assert_eq!(q4, q4_reference(x), "{x:?}");
+    }
+}
+
 /// FNV-1a of each type's bytes for a fixed input (zero, all-positive and outlier blocks
 /// included). These bytes were checked equal to llama.cpp's own `quantize_row_*_ref` on this
 /// input (the `ggml-quants.c` vendored by llama-cpp-python 0.3.36, gcc 12 -O3, x86-64 without
