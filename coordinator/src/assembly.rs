@@ -6,10 +6,17 @@
 //! Slices are a power of two long (a whole BLAKE3 subtree each, and S3 parts of one size),
 //! and at least S3's smallest part there. A file of one slice, or on a store without shared
 //! writes, is written whole by one worker as before.
+//!
+//! A GGUF file on a local filesystem needs no copy at all: its layout is known from shapes
+//! before any data exists, so the coordinator writes each file's head into its staging file at
+//! submit ([`in_place`]) and every task writes its tensors at their offset; the slices then
+//! only hash the file in place (`hash_only`) before it is renamed.
 
 use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, merge_subtrees_root};
 use blake3::hazmat::{ChainingValue, Mode};
-use shardpress_proto::v1::{AssembleSlice, PartRange};
+use bytes::Bytes;
+use shardpress_core::format::gguf::GgufFile;
+use shardpress_proto::v1::{AssembleSlice, PartRange, PositionedOutput};
 use shardpress_store::shared::{SharedObject, SharedWrites, MIN_PART_BYTES};
 use shardpress_store::{StoreError, StoreLocation};
 
@@ -20,6 +27,11 @@ use crate::job::TaskSlot;
 pub const DEFAULT_SLICE_BYTES: u64 = 64 << 20;
 /// S3 numbers a multipart upload's parts 1 to 10,000.
 const MAX_PARTS: u64 = 10_000;
+
+/// The object a file is assembled in before it is renamed into place, in the parts' folder.
+pub fn staging_name(parts_dir: &str, name: &str) -> String {
+    format!("{parts_dir}/{name}.assembling")
+}
 
 /// Why a slice length is refused at submit.
 pub fn check_slice_bytes(bytes: u64) -> Result<(), String> {
@@ -125,9 +137,100 @@ fn whole(layout: AssembleSlice) -> Vec<AssembleSlice> {
     }]
 }
 
-/// Makes a file that several slices wrote appear under its name (renaming the staging file
-/// or completing the upload) and returns its manifest entry, the hash merged from the
-/// slices'. `slots` are the file's assembly tasks, all done.
+/// The GGUF files a job's tasks write in place (local filesystem).
+#[derive(Debug, Clone)]
+pub struct InPlace {
+    /// Per compressing task, in task order: where its output goes.
+    pub outputs: Vec<PositionedOutput>,
+    /// Each file: (final name, staging name, size).
+    pub files: Vec<(String, String, u64)>,
+}
+
+/// Starts each file's staging object (named by `staging`) with its head and places every
+/// task's output after it, as the layout gives them.
+pub async fn in_place(
+    out: &StoreLocation,
+    files: Vec<GgufFile>,
+    task_count: usize,
+    staging: impl Fn(&str) -> String,
+) -> Result<InPlace, StoreError> {
+    let mut outputs = vec![PositionedOutput::default(); task_count];
+    let mut placed = Vec::with_capacity(files.len());
+    for file in files {
+        let object = out.begin_shared(&file.name, &staging(&file.name)).await?;
+        let mut at = file.head.len() as u64;
+        let mut head = out.slice_writer(&object, 0, 0)?;
+        head.write(Bytes::from(file.head)).await?;
+        head.finish().await?;
+        for (task, &size) in file.tasks.clone().zip(&file.part_sizes) {
+            let slot = outputs.get_mut(task).ok_or_else(|| StoreError::Invalid {
+                object: out.describe(&file.name),
+                reason: format!("the layout places task {task} of {task_count}"),
+            })?;
+            *slot = PositionedOutput {
+                staging: object.staging.clone(),
+                offset: at,
+                size,
+            };
+            at += size;
+        }
+        placed.push((file.name, object.staging, at));
+    }
+    Ok(InPlace {
+        outputs,
+        files: placed,
+    })
+}
+
+/// The slices that hash the in-place files once every compressing task has written its
+/// part: each task's reported size is checked against the layout first.
+pub fn hash_in_place(
+    out: &StoreLocation,
+    in_place: &InPlace,
+    tasks: &[TaskSlot],
+    slice_bytes: u64,
+) -> Result<Vec<(String, AssembleSlice)>, StoreError> {
+    let compressing = tasks.iter().filter(|t| t.assemble.is_none());
+    for (slot, placed) in compressing.zip(&in_place.outputs) {
+        let written = slot.result.as_ref().map_or(0, |r| r.report.output_bytes);
+        if written != placed.size {
+            return Err(StoreError::Invalid {
+                object: out.describe(&placed.staging),
+                reason: format!(
+                    "task {} wrote {written} bytes, the GGUF layout gives it {}",
+                    slot.plan.index, placed.size
+                ),
+            });
+        }
+    }
+    let mut hashing = Vec::new();
+    for (name, staging, size) in &in_place.files {
+        let layout = AssembleSlice {
+            parts: vec![staging.clone()],
+            part_sizes: vec![*size],
+            ranges: vec![PartRange {
+                part: 0,
+                start: 0,
+                end: *size,
+            }],
+            ..Default::default()
+        };
+        let slices = match *size > slice_bytes {
+            true => cut(&layout, slice_bytes),
+            false => whole(layout),
+        };
+        for mut slice in slices {
+            slice.hash_only = true;
+            slice.staging.clone_from(staging);
+            hashing.push((name.clone(), slice));
+        }
+    }
+    Ok(hashing)
+}
+
+/// Makes a file that several slices wrote (or hashed in place) appear under its name
+/// (renaming the staging file or completing the upload) and returns its manifest entry, the
+/// hash merged from the slices'. `slots` are the file's assembly tasks, all done.
 pub async fn commit(
     out: &StoreLocation,
     name: &str,
@@ -163,7 +266,12 @@ pub async fn commit(
     }
     let object = object.ok_or_else(|| invalid("no assembly slices".into()))?;
     let size: u64 = slices.iter().map(|s| s.1).sum();
-    let committed = match merged_hash(&slices, size) {
+    // One slice hashed the whole file: its hash is the root's.
+    let hash = match slices.as_slice() {
+        [(_, _, root)] => Some(blake3::Hash::from_bytes(*root)),
+        _ => merged_hash(&slices, size),
+    };
+    let committed = match hash {
         Some(hash) => out
             .complete_shared(&object, part_ids, size)
             .await

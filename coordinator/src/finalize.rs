@@ -251,6 +251,9 @@ async fn reassemble(
                 Some(assemble) => parts.extend(assemble.parts.iter().cloned()),
             }
         }
+        // In-place files whose hashing never ran (a gate failed) are not outputs either.
+        let staging = spec.in_place.iter().flat_map(|p| &p.files).map(|f| &f.1);
+        parts.extend(staging.cloned());
         parts.sort();
         parts.dedup();
         for part in &parts {
@@ -426,14 +429,34 @@ async fn assembly_tasks(
     tasks: &[TaskSlot],
     assembly: &Assembly,
 ) -> Result<Vec<(PlannedTask, AssembleSlice)>, StoreError> {
+    let out = StoreLocation::open(&spec.out_url)?;
+    let mut queued = Vec::new();
+    let plan = |name: &str, index: usize| PlannedTask {
+        index: index as u32,
+        group: "assemble".into(),
+        tensors: Vec::new(),
+        output_name: name.to_string(),
+        input_bytes: 0,
+    };
+    if let Some(in_place) = &spec.in_place {
+        let hashing =
+            crate::assembly::hash_in_place(&out, in_place, tasks, spec.assembly_slice_bytes)?;
+        tracing::info!(
+            files = in_place.files.len(),
+            slices = hashing.len(),
+            "written in place; queueing the hashing of the files"
+        );
+        for (name, slice) in hashing {
+            queued.push((plan(&name, tasks.len() + queued.len()), slice));
+        }
+        return Ok(queued);
+    }
     let files = match assembly {
         Assembly::Spz => vec![spz_layout(spec, tasks).await?],
         Assembly::Gguf(gguf) => gguf_layouts(spec, tasks, gguf).await?,
     };
-    let out = StoreLocation::open(&spec.out_url)?;
-    let mut queued = Vec::new();
     for (name, layout) in files {
-        let staging = format!("{}/{name}.assembling", parts_dir(assembly));
+        let staging = crate::assembly::staging_name(parts_dir(assembly), &name);
         let slices =
             crate::assembly::prepare(&out, &name, &staging, layout, spec.assembly_slice_bytes)
                 .await?;
@@ -443,14 +466,7 @@ async fn assembly_tasks(
             "queueing the assembly of {name}"
         );
         for slice in slices {
-            let plan = PlannedTask {
-                index: (tasks.len() + queued.len()) as u32,
-                group: "assemble".into(),
-                tensors: Vec::new(),
-                output_name: name.clone(),
-                input_bytes: 0,
-            };
-            queued.push((plan, slice));
+            queued.push((plan(&name, tasks.len() + queued.len()), slice));
         }
     }
     Ok(queued)
@@ -471,10 +487,24 @@ async fn commit_assembled(
     }
     let mut entries = Vec::new();
     for file in &files {
-        if let [whole] = file.as_slice() {
-            entries.extend(shard_entries(out, [*whole]).await?);
-        } else {
-            entries.push(crate::assembly::commit(out, &file[0].plan.output_name, file).await?);
+        // One worker wrote the whole file under its name; else it is in a shared object.
+        let whole = match file.as_slice() {
+            [one]
+                if one
+                    .assemble
+                    .as_ref()
+                    .is_some_and(|a| !a.hash_only && a.slices <= 1) =>
+            {
+                Some(*one)
+            }
+            _ => None,
+        };
+        match whole {
+            Some(slot) => entries.extend(shard_entries(out, [slot]).await?),
+            None => {
+                let name = &file[0].plan.output_name;
+                entries.push(crate::assembly::commit(out, name, file).await?);
+            }
         }
     }
     Ok(entries)

@@ -26,6 +26,8 @@ pub struct JobSpec {
     pub max_file_bytes: Option<u64>,
     /// `.spz` and GGUF: the length of the slices each assembled file is written in at once.
     pub assembly_slice_bytes: u64,
+    /// GGUF on a local filesystem: the files the tasks write in place.
+    pub in_place: Option<crate::assembly::InPlace>,
     /// A recipe with a global magnitude prune or near-identical sharing runs every task
     /// twice: first measuring (magnitude histograms, sketches), then compressing with what
     /// the coordinator concluded from the measurements, kept here.
@@ -411,6 +413,7 @@ mod tests {
             facts: ModelFacts::default(),
             max_file_bytes: None,
             assembly_slice_bytes: crate::assembly::DEFAULT_SLICE_BYTES,
+            in_place: None,
             measured: None,
         };
         Job::new("job-1".into(), spec, plan, Instant::now())

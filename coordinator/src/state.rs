@@ -394,5 +394,11 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
         sketch_tensors: measuring && recipe.share_cosine.is_some(),
         share_cosine: recipe.share_cosine.unwrap_or_default(),
         model_facts: job.spec.facts.to_json(),
+        write_at: job
+            .spec
+            .in_place
+            .as_ref()
+            .filter(|_| slot.assemble.is_none())
+            .and_then(|p| p.outputs.get(index).cloned()),
     }
 }

@@ -5,10 +5,12 @@
 use futures::{StreamExt, TryStreamExt};
 use shardpress_core::codec::TensorPlan;
 use shardpress_core::dtype::DType;
+use shardpress_core::format::gguf as gguf_format;
 use shardpress_core::format::{Assembly, ModelFacts};
 use shardpress_core::plan::{plan_tasks_with, PlannedTask, SourceFile};
 use shardpress_core::recipe::{OutputFormat, PassKind, Recipe};
 use shardpress_proto::v1::SubmitJobRequest;
+use shardpress_store::shared::SharedWrites;
 use shardpress_store::{read_source_file, resolve_model, StoreLocation};
 
 use crate::finalize::MANIFEST_NAME;
@@ -117,7 +119,7 @@ pub async fn submit(
     out.delete(MANIFEST_NAME).await?;
     let task_count = plan.len() as u32;
     let total_bytes = plan.iter().map(|t| t.input_bytes).sum();
-    let spec = JobSpec {
+    let mut spec = JobSpec {
         model_url: model.root.url().to_string(),
         out_url: out.url().to_string(),
         recipe,
@@ -126,6 +128,7 @@ pub async fn submit(
         facts,
         max_file_bytes: (request.max_file_bytes > 0).then_some(request.max_file_bytes),
         assembly_slice_bytes,
+        in_place: None,
         measured: None,
     };
     // The finishing step is planned once now, so that what it reads (a GGUF file's tokenizer)
@@ -134,9 +137,14 @@ pub async fn submit(
     let finish = crate::finalize::finish_plan(&spec, &planned)
         .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
     if let Some(Assembly::Gguf(gguf)) = &finish.assembly {
-        crate::gguf::build_files(&model.root, &spec.facts, gguf, spec.max_file_bytes)
+        let files = crate::gguf::build_files(&model.root, &spec.facts, gguf, spec.max_file_bytes)
             .await
             .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
+        if out.shared_writes() == Some(SharedWrites::PositionedFile) {
+            let staging = |name: &str| crate::assembly::staging_name(gguf_format::PARTS_DIR, name);
+            let in_place = crate::assembly::in_place(&out, files, plan.len(), staging).await?;
+            spec.in_place = Some(in_place);
+        }
     }
     tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,
         bytes = total_bytes, recipe = %spec.recipe.describe(), "job planned");

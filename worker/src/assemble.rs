@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use blake3::hazmat::{max_subtree_len, HasherExt};
 use bytes::Bytes;
-use object_store::{ObjectStoreExt, WriteMultipart};
 use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, TaskLease};
 use shardpress_store::shared::{SharedObject, SliceWriter};
 use shardpress_store::StoreLocation;
@@ -22,9 +21,6 @@ use crate::TaskError;
 
 /// Bytes read from a part per range request.
 const READ_PIECE: u64 = 16 * 1024 * 1024;
-/// Multipart part size and upload concurrency.
-const PART_BYTES: usize = 8 * 1024 * 1024;
-const UPLOAD_CONCURRENCY: usize = 4;
 
 /// Concatenates the parts named in `spec` into `lease.output_name`.
 pub async fn assemble(
@@ -63,23 +59,11 @@ pub async fn assemble(
             });
         }
     }
-    let mut sink = if spec.slices > 1 {
+    let mut sink = if spec.slices > 1 || spec.hash_only {
         Sink::Slice(slice_writer(lease, spec, &out)?)
     } else {
-        let object = out.describe(&lease.output_name);
-        let upload = out
-            .store()
-            .put_multipart(&out.path(&lease.output_name))
-            .await
-            .map_err(|e| upload_error(&object, e))?;
-        Sink::Whole(
-            ShardWriter {
-                inner: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
-                hasher: Some(blake3::Hasher::new()),
-                bytes: 0,
-            },
-            object,
-        )
+        let hasher = Some(blake3::Hasher::new());
+        Sink::Whole(ShardWriter::upload(&out, &lease.output_name, hasher).await?)
     };
     let (mut read_seconds, mut write_seconds) = (0f64, 0f64);
     let copied = async {
@@ -126,24 +110,19 @@ pub async fn assemble(
     })
 }
 
-fn upload_error(object: &str, e: object_store::Error) -> TaskError {
-    TaskError::Upload {
-        object: object.to_string(),
-        message: e.to_string(),
-    }
-}
-
 /// Where the copied bytes go: the whole file, or this task's slice of a shared one.
 enum Sink {
-    Whole(ShardWriter, String),
+    Whole(ShardWriter),
     Slice(Slice),
 }
 
-/// One slice of a file several tasks write, hashed as a subtree of the file's BLAKE3 tree.
+/// One slice of a file several tasks write (or wrote in place: `writer` is None), hashed as
+/// a subtree of the file's BLAKE3 tree, or as the whole file when it is the only slice.
 struct Slice {
-    writer: SliceWriter,
+    writer: Option<SliceWriter>,
     hasher: blake3::Hasher,
     bytes: u64,
+    whole_file: bool,
 }
 
 /// Checks that the slice is a whole BLAKE3 subtree where the lease puts it (a bad lease must
@@ -168,28 +147,31 @@ fn slice_writer(
     };
     let mut hasher = blake3::Hasher::new();
     hasher.set_input_offset(spec.offset);
+    let writer = match spec.hash_only {
+        true => None,
+        false => Some(out.slice_writer(&object, spec.slice as usize, spec.offset)?),
+    };
     Ok(Slice {
-        writer: out.slice_writer(&object, spec.slice as usize, spec.offset)?,
+        writer,
         hasher,
         bytes: 0,
+        whole_file: spec.slices <= 1,
     })
 }
 
 impl Sink {
     async fn write(&mut self, piece: Bytes) -> Result<(), TaskError> {
         match self {
-            Sink::Whole(writer, object) => {
+            Sink::Whole(writer) => {
                 writer.write(&piece);
-                writer
-                    .inner
-                    .wait_for_capacity(UPLOAD_CONCURRENCY)
-                    .await
-                    .map_err(|e| upload_error(object, e))?;
+                writer.flush().await?;
             }
             Sink::Slice(slice) => {
                 slice.hasher.update(&piece);
                 slice.bytes += piece.len() as u64;
-                slice.writer.write(piece).await?;
+                if let Some(writer) = &mut slice.writer {
+                    writer.write(piece).await?;
+                }
             }
         }
         Ok(())
@@ -198,22 +180,20 @@ impl Sink {
     /// Bytes written, their hash (a chaining value for a slice) and the upload part.
     async fn finish(self) -> Result<(u64, String, String), TaskError> {
         match self {
-            Sink::Whole(writer, object) => {
-                let hash = writer
-                    .hasher
-                    .map_or_else(String::new, |h| h.finalize().to_hex().to_string());
-                let bytes = writer.bytes;
-                writer
-                    .inner
-                    .finish()
-                    .await
-                    .map_err(|e| upload_error(&object, e))?;
+            Sink::Whole(writer) => {
+                let (bytes, hash) = writer.finish().await?;
                 Ok((bytes, hash, String::new()))
             }
             Sink::Slice(slice) => {
-                let cv = blake3::Hash::from_bytes(slice.hasher.finalize_non_root());
-                let part = slice.writer.finish().await?;
-                Ok((slice.bytes, cv.to_hex().to_string(), part))
+                let hash = match slice.whole_file {
+                    true => slice.hasher.finalize(),
+                    false => blake3::Hash::from_bytes(slice.hasher.finalize_non_root()),
+                };
+                let part = match slice.writer {
+                    Some(writer) => writer.finish().await?,
+                    None => String::new(),
+                };
+                Ok((slice.bytes, hash.to_hex().to_string(), part))
             }
         }
     }
@@ -221,8 +201,8 @@ impl Sink {
     /// Drops what was written of a whole file; a slice's bytes are overwritten by its next
     /// attempt or dropped with the shared object.
     async fn abort(self) {
-        if let Sink::Whole(writer, _) = self {
-            writer.inner.abort().await.ok();
+        if let Sink::Whole(writer) = self {
+            writer.abort().await;
         }
     }
 }

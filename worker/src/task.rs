@@ -21,6 +21,7 @@ use shardpress_core::similarity::{self, Sketcher};
 use shardpress_proto::v1::{
     CompleteTaskRequest, TaskLease, TensorResult, TensorSketch, TensorSlice,
 };
+use shardpress_store::shared::{SharedObject, SliceWriter};
 use shardpress_store::StoreLocation;
 use tokio::sync::mpsc;
 
@@ -125,22 +126,9 @@ pub async fn execute(
         reason: e.to_string(),
     })?;
 
-    let object = out.describe(&lease.output_name);
-    let upload_err = |e: object_store::Error| TaskError::Upload {
-        object: object.clone(),
-        message: e.to_string(),
-    };
-    let upload = out
-        .store()
-        .put_multipart(&out.path(&lease.output_name))
-        .await
-        .map_err(upload_err)?;
-    let mut writer = ShardWriter {
-        inner: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
-        // Parts are hashed as the files they are assembled into.
-        hasher: (!format.spec().assembles_parts()).then(blake3::Hasher::new),
-        bytes: 0,
-    };
+    // Parts are hashed as the files they are assembled into.
+    let hashed = !format.spec().assembles_parts();
+    let mut writer = ShardWriter::open(lease, &out, hashed).await?;
     writer.write(&prefix);
 
     let mut timings = Timings::default();
@@ -176,17 +164,13 @@ pub async fn execute(
         match result {
             Ok(result) => results.push(result),
             Err(e) => {
-                writer.inner.abort().await.ok();
+                writer.abort().await;
                 return Err(e);
             }
         }
     }
     let write_started = Instant::now();
-    let output_bytes = writer.bytes;
-    let output_blake3 = writer
-        .hasher
-        .map_or_else(String::new, |h| h.finalize().to_hex().to_string());
-    writer.inner.finish().await.map_err(upload_err)?;
+    let (output_bytes, output_blake3) = writer.finish().await?;
     timings.write += write_started.elapsed();
     Ok(CompleteTaskRequest {
         task: None,
@@ -209,20 +193,165 @@ fn describe(tensor: &PlannedTensor) -> TensorDesc<'_> {
     }
 }
 
+/// Where a task's (or an assembly's) output goes, hashed on the way when asked.
 pub(crate) struct ShardWriter {
-    pub(crate) inner: WriteMultipart,
+    sink: Sink,
     /// None where nothing needs the output's hash.
-    pub(crate) hasher: Option<blake3::Hasher>,
+    hasher: Option<blake3::Hasher>,
     pub(crate) bytes: u64,
+    /// The output, for messages.
+    object: String,
+}
+
+enum Sink {
+    /// An object of its own, uploaded in parts.
+    Upload(WriteMultipart),
+    /// A GGUF task's place in its file (several tasks write it at once): bytes are buffered
+    /// until flushed, and never written past the `size` the layout gives.
+    InPlace {
+        writer: SliceWriter,
+        pending: Vec<u8>,
+        written: u64,
+        size: u64,
+    },
 }
 
 impl ShardWriter {
+    /// The writer of a lease's output: in place when the lease says where, else an upload
+    /// of `output_name`.
+    pub(crate) async fn open(
+        lease: &TaskLease,
+        out: &StoreLocation,
+        hashed: bool,
+    ) -> Result<Self, TaskError> {
+        let hasher = hashed.then(blake3::Hasher::new);
+        let Some(at) = &lease.write_at else {
+            return Self::upload(out, &lease.output_name, hasher).await;
+        };
+        let object = SharedObject {
+            name: lease.output_name.clone(),
+            staging: at.staging.clone(),
+            upload_id: String::new(),
+        };
+        Ok(Self {
+            sink: Sink::InPlace {
+                writer: out.slice_writer(&object, 0, at.offset)?,
+                pending: Vec::new(),
+                written: 0,
+                size: at.size,
+            },
+            hasher,
+            bytes: 0,
+            object: out.describe(&at.staging),
+        })
+    }
+
+    /// A multipart upload of `name`.
+    pub(crate) async fn upload(
+        out: &StoreLocation,
+        name: &str,
+        hasher: Option<blake3::Hasher>,
+    ) -> Result<Self, TaskError> {
+        let object = out.describe(name);
+        let upload = out
+            .store()
+            .put_multipart(&out.path(name))
+            .await
+            .map_err(|e| upload_error(&object, e))?;
+        Ok(Self {
+            sink: Sink::Upload(WriteMultipart::new_with_chunk_size(upload, PART_BYTES)),
+            hasher,
+            bytes: 0,
+            object,
+        })
+    }
+
     pub(crate) fn write(&mut self, data: &[u8]) {
         if let Some(hasher) = &mut self.hasher {
             hasher.update(data);
         }
         self.bytes += data.len() as u64;
-        self.inner.write(data);
+        match &mut self.sink {
+            Sink::Upload(upload) => upload.write(data),
+            Sink::InPlace { pending, .. } => pending.extend_from_slice(data),
+        }
+    }
+
+    /// Waits for upload capacity, or writes what is buffered in place.
+    pub(crate) async fn flush(&mut self) -> Result<(), TaskError> {
+        match &mut self.sink {
+            Sink::Upload(upload) => upload
+                .wait_for_capacity(UPLOAD_CONCURRENCY)
+                .await
+                .map_err(|e| upload_error(&self.object, e)),
+            Sink::InPlace {
+                writer,
+                pending,
+                written,
+                size,
+            } => {
+                let end = *written + pending.len() as u64;
+                if end > *size {
+                    return Err(TaskError::BadTensor {
+                        tensor: self.object.clone(),
+                        reason: format!(
+                            "the task's output reached {end} bytes, the GGUF layout gives it {size}"
+                        ),
+                    });
+                }
+                writer.write(Bytes::from(std::mem::take(pending))).await?;
+                *written = end;
+                Ok(())
+            }
+        }
+    }
+
+    /// Completes the output; returns its size and hash (empty when not hashed).
+    pub(crate) async fn finish(mut self) -> Result<(u64, String), TaskError> {
+        self.flush().await?;
+        let hash = self
+            .hasher
+            .take()
+            .map_or_else(String::new, |h| h.finalize().to_hex().to_string());
+        match self.sink {
+            Sink::Upload(upload) => {
+                upload
+                    .finish()
+                    .await
+                    .map_err(|e| upload_error(&self.object, e))?;
+            }
+            Sink::InPlace {
+                writer,
+                written,
+                size,
+                ..
+            } => {
+                if written != size {
+                    return Err(TaskError::BadTensor {
+                        tensor: self.object,
+                        reason: format!(
+                            "the task wrote {written} bytes, the GGUF layout gives it {size}"
+                        ),
+                    });
+                }
+                writer.finish().await?;
+            }
+        }
+        Ok((self.bytes, hash))
+    }
+
+    /// Drops an upload; bytes written in place are overwritten by the next attempt.
+    pub(crate) async fn abort(self) {
+        if let Sink::Upload(upload) = self.sink {
+            upload.abort().await.ok();
+        }
+    }
+}
+
+pub(crate) fn upload_error(object: &str, e: object_store::Error) -> TaskError {
+    TaskError::Upload {
+        object: object.to_string(),
+        message: e.to_string(),
     }
 }
 
@@ -537,14 +666,7 @@ async fn compress_tensor(
             record_hash.update(&output.bytes);
         }
         writer.write(&output.bytes);
-        writer
-            .inner
-            .wait_for_capacity(UPLOAD_CONCURRENCY)
-            .await
-            .map_err(|e| TaskError::Upload {
-                object: tensor.name.clone(),
-                message: e.to_string(),
-            })?;
+        writer.flush().await?;
         timings.write += write_started.elapsed();
         // Progress counts input bytes, whatever the format writes.
         ctx.progress.fetch_add(input_len, Ordering::Relaxed);
