@@ -767,7 +767,7 @@ pub fn encode_chunk(
     row_len: usize,
     input: &[u8],
 ) -> Result<EncodedChunk, CodecError> {
-    encode_chunk_with(plan, dtype, row_len, input, None, true)
+    encode_chunk_with(plan, dtype, row_len, input, None, true, true)
 }
 
 /// [`encode_chunk`] that also adds the reconstruction's error to `acc`, exactly (bit for bit)
@@ -781,7 +781,20 @@ pub fn encode_chunk_measured(
     input: &[u8],
     acc: &mut ErrorAccumulator,
 ) -> Result<EncodedChunk, CodecError> {
-    encode_chunk_with(plan, dtype, row_len, input, Some(acc), true)
+    encode_chunk_with(plan, dtype, row_len, input, Some(acc), true, true)
+}
+
+/// [`encode_chunk_measured`] for outputs that store the representation rather than the
+/// values: the fused paths then do not write the reconstruction out (it is only rounded
+/// through the dtype in cache, for the metrics), so `reconstruction` may be empty.
+pub fn encode_chunk_representation(
+    plan: &TensorPlan,
+    dtype: DType,
+    row_len: usize,
+    input: &[u8],
+    acc: &mut ErrorAccumulator,
+) -> Result<EncodedChunk, CodecError> {
+    encode_chunk_with(plan, dtype, row_len, input, Some(acc), true, false)
 }
 
 /// [`encode_chunk`] without the fused RTN path: decode the whole chunk to f32, apply the
@@ -794,10 +807,11 @@ pub fn encode_chunk_general(
     row_len: usize,
     input: &[u8],
 ) -> Result<EncodedChunk, CodecError> {
-    encode_chunk_with(plan, dtype, row_len, input, None, false)
+    encode_chunk_with(plan, dtype, row_len, input, None, false, true)
 }
 
-/// [`encode_chunk`] (`fused` allows the fused RTN path), adding the error to `acc` if given.
+/// [`encode_chunk`] (`fused` allows the fused paths), adding the error to `acc` if given;
+/// without `keep_reconstruction` the fused paths leave the reconstruction empty.
 fn encode_chunk_with(
     plan: &TensorPlan,
     dtype: DType,
@@ -805,6 +819,7 @@ fn encode_chunk_with(
     input: &[u8],
     acc: Option<&mut ErrorAccumulator>,
     fused: bool,
+    keep_reconstruction: bool,
 ) -> Result<EncodedChunk, CodecError> {
     let rows = check_whole_rows(dtype, row_len, input.len())?;
     if !plan.is_identity() {
@@ -815,7 +830,9 @@ fn encode_chunk_with(
             if let Some(layout) =
                 rtn_fused::fused_layout(cfg, dtype, input.len() / dtype.size_bytes(), row_len)
             {
-                let out = rtn_fused::encode(cfg, dtype, layout, input, acc.is_some());
+                let metrics = acc.is_some();
+                let out =
+                    rtn_fused::encode(cfg, dtype, layout, input, metrics, keep_reconstruction);
                 if let Some(acc) = acc {
                     for partial in &out.metrics {
                         acc.merge(partial);
@@ -843,7 +860,10 @@ fn encode_chunk_with(
             }
         }
         if let Some(PassKind::Ggml { ty: Some(ty), .. }) = &plan.values {
-            if let Some(out) = ggml_fused::encode(*ty, dtype, row_len, input, acc.is_some()) {
+            let metrics = acc.is_some();
+            let fused =
+                ggml_fused::encode(*ty, dtype, row_len, input, metrics, keep_reconstruction);
+            if let Some(out) = fused {
                 if let Some(acc) = acc {
                     for partial in &out.metrics {
                         acc.merge(partial);

@@ -371,7 +371,12 @@ impl TensorWriter {
                 return split.output(matches!(self, TensorWriter::Frames), row_len, input);
             }
         }
-        let encoded = encode_chunk_measured(plan, dtype, row_len, input, acc)?;
+        let encoded = match self {
+            TensorWriter::Reconstruction => {
+                encode_chunk_measured(plan, dtype, row_len, input, acc)?
+            }
+            _ => codec::encode_chunk_representation(plan, dtype, row_len, input, acc)?,
+        };
         let repr_bits = encoded.repr_bits;
         let bytes = match self {
             TensorWriter::Reconstruction => encoded.reconstruction,

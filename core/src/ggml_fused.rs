@@ -26,21 +26,23 @@ const PIECE: usize = 1024;
 pub(crate) struct FusedGgml {
     /// The chunk's ggml blocks.
     pub blocks: Vec<u8>,
-    /// The dequantized blocks in the input dtype.
+    /// The dequantized blocks in the input dtype (empty unless asked for).
     pub reconstruction: Vec<u8>,
     /// One per metrics block, in order (empty unless asked for).
     pub metrics: Vec<ErrorAccumulator>,
 }
 
-/// Encodes `input` (whole rows of `row_len` values of `dtype`) as ggml `ty` blocks; `None`
-/// when this path does not apply (another dtype, rows that are not whole blocks), and the
-/// caller takes the general path.
+/// Encodes `input` (whole rows of `row_len` values of `dtype`) as ggml `ty` blocks, with the
+/// error sums if `metrics` and the reconstruction if `keep_reconstruction`; `None` when this
+/// path does not apply (another dtype, rows that are not whole blocks), and the caller takes
+/// the general path.
 pub(crate) fn encode(
     ty: GgmlType,
     dtype: DType,
     row_len: usize,
     input: &[u8],
     metrics: bool,
+    keep_reconstruction: bool,
 ) -> Option<FusedGgml> {
     let size = dtype.size_bytes();
     let (bs, ts) = (ty.block_size(), ty.type_size());
@@ -54,11 +56,19 @@ pub(crate) fn encode(
     }
     let n = input.len() / size;
     let mut blocks = vec![0u8; n / bs * ts];
-    let mut reconstruction = vec![0u8; input.len()];
+    // Reconstruction bytes kept per element (none when not kept).
+    let kept = if keep_reconstruction { size } else { 0 };
+    let mut reconstruction = vec![0u8; n * kept];
     let avx2 = dtype::has_avx2();
+    // Each metrics block's share of the kept reconstruction (empty slices when not kept).
+    let blocks_count = n.div_ceil(BLOCK);
+    let recon: Vec<&mut [u8]> = match kept {
+        0 => (0..blocks_count).map(|_| Default::default()).collect(),
+        _ => reconstruction.chunks_mut(BLOCK * kept).collect(),
+    };
     let partials: Option<Vec<Option<ErrorAccumulator>>> = input
         .par_chunks(BLOCK * size)
-        .zip(reconstruction.par_chunks_mut(BLOCK * size))
+        .zip(recon)
         .zip(blocks.par_chunks_mut(BLOCK / bs * ts))
         .map(|((input, recon), blocks)| {
             let b = Block {
@@ -123,22 +133,32 @@ impl Block<'_> {
     ) -> Option<Option<ErrorAccumulator>> {
         let (bs, ts) = (self.ty.block_size(), self.ty.type_size());
         let (mut x, mut y) = ([0f32; PIECE], [0f32; PIECE]);
+        // A piece's reconstruction when it is not kept (for the metrics' rounding).
+        let mut unkept = [0u8; PIECE * 4];
+        let keep = !self.recon.is_empty();
+        let mut recon_pieces = self.recon.chunks_mut(PIECE * E::SIZE);
         let mut coded = Vec::with_capacity(PIECE / bs * ts);
         let mut lanes = LaneSums::new();
         let count = self.input.len() / E::SIZE;
         let pieces = self
             .input
             .chunks(PIECE * E::SIZE)
-            .zip(self.recon.chunks_mut(PIECE * E::SIZE))
             .zip(self.blocks.chunks_mut(PIECE / bs * ts));
-        for ((input, recon), blocks) in pieces {
+        for (input, blocks) in pieces {
             let n = input.len() / E::SIZE;
+            let recon = match keep {
+                true => recon_pieces.next()?,
+                false => &mut unkept[..input.len()],
+            };
             let (x, y) = (&mut x[..n], &mut y[..n]);
             E::decode(input, x);
             coded.clear();
             self.ty.quantize(x, &mut coded).ok()?;
             self.ty.dequantize(&coded, y).ok()?;
             blocks.copy_from_slice(&coded);
+            if !keep && !METRICS {
+                continue;
+            }
             E::encode(y, recon);
             if METRICS {
                 // The metrics see the reconstruction as stored in the input dtype.
@@ -152,7 +172,9 @@ impl Block<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::codec::{encode_chunk_general, encode_chunk_measured, TensorPlan};
+    use crate::codec::{
+        encode_chunk_general, encode_chunk_measured, encode_chunk_representation, TensorPlan,
+    };
     use crate::dtype::{encode_from_f32, with_baseline, DType};
     use crate::gguf::GgmlType;
     use crate::metrics::ErrorAccumulator;
@@ -204,7 +226,7 @@ mod tests {
                     let mut input = vec![0u8; values.len() * dtype.size_bytes()];
                     encode_from_f32(dtype, &values, &mut input).unwrap();
                     let what = format!("{ty} {dtype} {rows} rows of {row_len}");
-                    assert!(super::encode(ty, dtype, row_len, &input, true).is_some());
+                    assert!(super::encode(ty, dtype, row_len, &input, true, true).is_some());
                     let want = encode_chunk_general(&plan, dtype, row_len, &input).unwrap();
                     let mut want_acc = ErrorAccumulator::new();
                     want_acc
@@ -215,6 +237,14 @@ mod tests {
                         let chunk = encode_chunk_measured(&plan, dtype, row_len, &input, &mut acc);
                         (chunk.unwrap(), acc)
                     };
+                    // Without the reconstruction kept: the same blocks and metrics.
+                    let mut acc = ErrorAccumulator::new();
+                    let codes =
+                        encode_chunk_representation(&plan, dtype, row_len, &input, &mut acc)
+                            .unwrap();
+                    assert!(codes.reconstruction.is_empty(), "{what}");
+                    assert!(codes.sections() == want.sections(), "{what}");
+                    assert_eq!(format!("{acc:?}"), format!("{want_acc:?}"), "{what}");
                     for (got, acc) in [fused(), with_baseline(fused)] {
                         assert_eq!(format!("{acc:?}"), format!("{want_acc:?}"), "{what}");
                         assert!(got.reconstruction == want.reconstruction, "{what}");

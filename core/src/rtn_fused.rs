@@ -125,6 +125,7 @@ pub(crate) struct FusedRtn {
     pub codes: Vec<u8>,
     pub scales: Vec<f32>,
     pub zeros: Vec<f32>,
+    /// Empty unless asked for.
     pub reconstruction: Vec<u8>,
     /// One per block, in block order (empty unless metrics were asked for): merging them in
     /// order is exactly [`ErrorAccumulator::add_encoded`] of (input, reconstruction).
@@ -191,14 +192,23 @@ impl Outputs for Growing<'_> {
 }
 
 /// RTN-encodes `input` (whole rows of `dtype`) with the `(row_len, group_len)` returned by
-/// [`fused_layout`]; with `metrics`, also returns the per-block error sums.
+/// [`fused_layout`]; with `metrics`, also returns the per-block error sums, and with
+/// `keep_reconstruction` the reconstruction (else only rounded through the dtype in cache,
+/// for the metrics).
 pub(crate) fn encode(
     cfg: &QuantizeConfig,
     dtype: DType,
     (row_len, group_len): (usize, usize),
     input: &[u8],
     metrics: bool,
+    keep_reconstruction: bool,
 ) -> FusedRtn {
+    // Outputs hold reconstruction bytes of `kept` bytes per element (none when not kept).
+    let kept = if keep_reconstruction {
+        dtype.size_bytes()
+    } else {
+        0
+    };
     let size = dtype.size_bytes();
     let len = input.len() / size;
     let geo = Geometry::new(row_len, group_len);
@@ -211,6 +221,7 @@ pub(crate) fn encode(
         input,
         dtype,
         metrics,
+        kept,
         avx2: dtype::has_avx2(),
     };
     let block_range = |start: usize| {
@@ -220,7 +231,7 @@ pub(crate) fn encode(
     let (codes, reconstruction, partials) = if rayon::current_num_threads() == 1 || len <= BLOCK {
         // One thread: blocks in order, growing the outputs (see [`Growing`]).
         let mut codes = Vec::with_capacity(len);
-        let mut reconstruction = Vec::with_capacity(input.len());
+        let mut reconstruction = Vec::with_capacity(len * kept);
         let mut partials = Vec::new();
         let mut start = 0;
         while start < len {
@@ -242,7 +253,7 @@ pub(crate) fn encode(
         (codes, reconstruction, partials)
     } else {
         let mut codes = vec![0u8; len];
-        let mut reconstruction = vec![0u8; input.len()];
+        let mut reconstruction = vec![0u8; len * kept];
         let mut blocks = Vec::with_capacity(len.div_ceil(BLOCK));
         let (mut c, mut r) = (&mut codes[..], &mut reconstruction[..]);
         let (mut s, mut z) = (&mut scales[..], &mut zeros[..]);
@@ -251,7 +262,7 @@ pub(crate) fn encode(
             let (end, first_group, next_group) = block_range(start);
             let (bc, rest) = std::mem::take(&mut c).split_at_mut(end - start);
             c = rest;
-            let (br, rest) = std::mem::take(&mut r).split_at_mut((end - start) * size);
+            let (br, rest) = std::mem::take(&mut r).split_at_mut((end - start) * kept);
             r = rest;
             let (bs, rest) = std::mem::take(&mut s).split_at_mut(next_group - first_group);
             s = rest;
@@ -337,6 +348,8 @@ struct Job<'a> {
     dtype: DType,
     /// Whether to return the blocks' error sums.
     metrics: bool,
+    /// Reconstruction bytes kept per element: the dtype's size, or 0.
+    kept: usize,
     /// From [`dtype::has_avx2`]: run the blocks' AVX2+FMA copy.
     avx2: bool,
 }
@@ -389,6 +402,8 @@ impl Job<'_> {
         let size = E::SIZE;
         let (mut x, mut y) = ([0f32; PIECE], [0f32; PIECE]);
         let mut scan = [0f32; PIECE];
+        // The reconstruction of a piece when it is not kept (for the metrics' rounding).
+        let mut unkept = [0u8; PIECE * 4];
         let mut lanes = LaneSums::new();
         let mut group = self.geo.containing(b.start);
         let mut kernel: Option<CodeKernel> = None;
@@ -398,7 +413,7 @@ impl Job<'_> {
             let n = q - p;
             let (x, y) = (&mut x[..n], &mut y[..n]);
             E::decode(&self.input[p * size..q * size], x);
-            let (codes, out) = b.out.piece(p - b.start, q - b.start, size);
+            let (codes, kept) = b.out.piece(p - b.start, q - b.start, self.kept);
             let mut at = p;
             while at < q {
                 if at == group.end {
@@ -428,11 +443,17 @@ impl Job<'_> {
                 rtn_group_codes_dequantize_to(&k, &x[i..j], &mut codes[i..j], &mut y[i..j]);
                 at = end;
             }
-            E::encode(y, out);
-            if METRICS {
-                // The metrics see what a reader sees: the reconstruction as stored.
-                E::decode(out, y);
-                lanes.add::<AVX2>(x, y);
+            if self.kept > 0 || METRICS {
+                let out = match self.kept {
+                    0 => &mut unkept[..n * size],
+                    _ => kept,
+                };
+                E::encode(y, out);
+                if METRICS {
+                    // The metrics see what a reader sees: the reconstruction as stored.
+                    E::decode(out, y);
+                    lanes.add::<AVX2>(x, y);
+                }
             }
             p = q;
         }
@@ -468,7 +489,8 @@ impl Job<'_> {
 mod tests {
     use super::*;
     use crate::codec::{
-        encode_chunk, encode_chunk_general, encode_chunk_measured, EncodedChunk, TensorPlan,
+        encode_chunk, encode_chunk_general, encode_chunk_measured, encode_chunk_representation,
+        EncodedChunk, TensorPlan,
     };
     use crate::dtype::{encode_from_f32, with_baseline};
     use crate::recipe::PassKind;
@@ -558,9 +580,30 @@ mod tests {
                 (plain.map_err(|e| e.to_string()), format!("{acc:?}")),
             ]
         };
+        // Without the reconstruction kept: the same representation and metrics.
+        let unkept = || -> Outcome {
+            let mut acc = ErrorAccumulator::new();
+            let mut chunk = encode_chunk_representation(&plan, dtype, row_len, &input, &mut acc);
+            if let Ok(c) = &mut chunk {
+                assert!(
+                    c.reconstruction.is_empty()
+                        || fused_layout(&cfg, dtype, values.len(), row_len).is_none(),
+                    "the fused path kept the reconstruction"
+                );
+                c.reconstruction.clear();
+            }
+            (chunk.map_err(|e| e.to_string()), format!("{acc:?}"))
+        };
         let (want, want_acc) = with_baseline(general);
         let [a, b] = with_baseline(fused);
         let [c, d] = fused();
+        let (e, e_acc) = unkept();
+        assert_eq!(e_acc, want_acc, "{what}");
+        match (e, &want) {
+            (Ok(e), Ok(w)) => assert_eq!(e.sections(), w.sections(), "{what}"),
+            (Err(e), Err(w)) => assert_eq!(&e, w, "{what}"),
+            (e, w) => panic!("{what}: {:?} vs {:?}", e.is_ok(), w.is_ok()),
+        }
         for (got, got_acc) in [a, b, c, d, general()] {
             assert_eq!(got_acc, want_acc, "{what}");
             let (got, want) = match (got, &want) {
