@@ -112,18 +112,26 @@ pub async fn prepare(
             bytes
         }
     };
-    if size <= slice_bytes {
-        return Ok(whole(layout));
+    let mut slices = slices(layout, slice_bytes);
+    if slices.len() == 1 {
+        return Ok(slices);
     }
     let SharedObject {
         staging, upload_id, ..
     } = out.begin_shared(name, staging).await?;
-    let mut slices = cut(&layout, slice_bytes);
     for slice in &mut slices {
         slice.staging.clone_from(&staging);
         slice.upload_id.clone_from(&upload_id);
     }
     Ok(slices)
+}
+
+/// The layout cut into slices, or whole (all its parts listed) when one slice holds it.
+fn slices(layout: AssembleSlice, slice_bytes: u64) -> Vec<AssembleSlice> {
+    match file_size(&layout) > slice_bytes {
+        true => cut(&layout, slice_bytes),
+        false => whole(layout),
+    }
 }
 
 fn whole(layout: AssembleSlice) -> Vec<AssembleSlice> {
@@ -215,11 +223,7 @@ pub fn hash_in_place(
             }],
             ..Default::default()
         };
-        let slices = match *size > slice_bytes {
-            true => cut(&layout, slice_bytes),
-            false => whole(layout),
-        };
-        for mut slice in slices {
+        for mut slice in slices(layout, slice_bytes) {
             slice.hash_only = true;
             slice.staging.clone_from(staging);
             hashing.push((name.clone(), slice));

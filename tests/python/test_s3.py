@@ -53,12 +53,16 @@ def shardpress(*args, env=None):
     return result
 
 
+def upload(client, folder: Path, prefix: str):
+    for path in folder.iterdir():
+        client.upload_file(str(path), "models", f"{prefix}/{path.name}")
+
+
 def test_a_job_reads_and_writes_s3_and_matches_a_local_run(s3_server, tmp_path: Path):
     client, env = s3_server
     model = tmp_path / "model"
     shardpress("gen-model", "--out", model, "--size", "6MB", "--max-shard-mb", "2")
-    for path in model.iterdir():
-        client.upload_file(str(path), "models", f"llama/{path.name}")
+    upload(client, model, "llama")
     shardpress("run", "--workers", "2", "--model", "s3://models/llama", "--out", "s3://models/llama-int8",
                "--recipe", "int8", "--task-budget-mb", "1", env=env)
     shardpress("verify", "s3://models/llama-int8", env=env)
@@ -79,8 +83,7 @@ def test_a_gguf_file_is_assembled_on_s3_in_parts_from_several_workers(s3_server,
     client, env = s3_server
     model = tmp_path / "model"
     shardpress("gen-model", "--out", model, "--size", "24MB", "--max-shard-mb", "8")
-    for path in model.iterdir():
-        client.upload_file(str(path), "models", f"model/{path.name}")
+    upload(client, model, "model")
     shardpress("run", "--workers", "2", "--model", "s3://models/model", "--out", "s3://models/big-gguf",
                "--recipe", "q8_0", "--format", "gguf", "--assembly-slice-mib", "8", env=env)
     shardpress("verify", "s3://models/big-gguf", env=env)
