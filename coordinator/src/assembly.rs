@@ -7,10 +7,17 @@
 //! and at least S3's smallest part there. A file of one slice, or on a store without shared
 //! writes, is written whole by one worker as before.
 //!
+//! An `.spz` archive on a local filesystem is assembled while its tasks run
+//! ([`EarlyAssembly`]): a slice is queued as soon as the tasks laying out its bytes are done,
+//! leased before any compressing task, and the parts only it read are deleted once it is
+//! accepted, so parts are copied from the page cache and never written to the disk.
+//!
 //! A GGUF file on a local filesystem needs no copy at all: its layout is known from shapes
 //! before any data exists, so the coordinator writes each file's head into its staging file at
 //! submit ([`in_place`]) and every task writes its tensors at their offset; the slices then
 //! only hash the file in place (`hash_only`) before it is renamed.
+
+use std::collections::HashMap;
 
 use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, merge_subtrees_root};
 use blake3::hazmat::{ChainingValue, Mode};
@@ -49,7 +56,7 @@ pub fn file_size(layout: &AssembleSlice) -> u64 {
 }
 
 /// Cuts a whole file's layout into slices of `slice_bytes` (the last may be shorter); each
-/// lists only the parts it copies from.
+/// lists only the parts it copies from, and which of them no other slice reads.
 pub fn cut(layout: &AssembleSlice, slice_bytes: u64) -> Vec<AssembleSlice> {
     let size = file_size(layout);
     let count = size.div_ceil(slice_bytes).max(1);
@@ -86,6 +93,24 @@ pub fn cut(layout: &AssembleSlice, slice_bytes: u64) -> Vec<AssembleSlice> {
             at += end - start;
             start = end;
         }
+    }
+    // A part that only one slice reads can go as soon as that slice is done.
+    let mut readers: HashMap<&str, u32> = HashMap::new();
+    for slice in &slices {
+        for part in &slice.parts {
+            *readers.entry(part.as_str()).or_default() += 1;
+        }
+    }
+    let alone: Vec<Vec<u32>> = slices
+        .iter()
+        .map(|slice| {
+            let only_here = |(_, part): &(usize, &String)| readers[part.as_str()] == 1;
+            let parts = slice.parts.iter().enumerate().filter(only_here);
+            parts.map(|(i, _)| i as u32).collect()
+        })
+        .collect();
+    for (slice, alone) in slices.iter_mut().zip(alone) {
+        slice.delete_after = alone;
     }
     slices
 }
@@ -143,6 +168,74 @@ fn whole(layout: AssembleSlice) -> Vec<AssembleSlice> {
         upload_id: String::new(),
         ..layout
     }]
+}
+
+/// An `.spz` archive on a local filesystem, assembled while the job runs: its staging file
+/// is created at submit, and each slice is queued as soon as the tasks before its end are
+/// done (see [`crate::archive`]), so that parts are copied while fresh and deleted before the
+/// kernel writes them out; only the last slices wait for the job's end.
+#[derive(Debug, Clone)]
+pub struct EarlyAssembly {
+    pub object: SharedObject,
+    pub slice_bytes: u64,
+}
+
+/// Starts the archive `name`'s staging object (named `staging`) and writes the archive's head
+/// part, which the first slice reads.
+pub async fn early_assembly(
+    out: &StoreLocation,
+    name: &str,
+    staging: &str,
+    slice_bytes: u64,
+) -> Result<EarlyAssembly, StoreError> {
+    let object = out.begin_shared(name, staging).await?;
+    let head = crate::archive::head_name();
+    out.put(&head, Bytes::from_static(shardpress_core::spz::MAGIC))
+        .await?;
+    Ok(EarlyAssembly {
+        object,
+        slice_bytes,
+    })
+}
+
+/// The slices of the whole archive's `layout` not yet queued early; the early ones (the
+/// assembly slots of `tasks` so far) are checked to be the same slices. A file of one slice
+/// is written whole, as without early assembly.
+pub fn after_early(
+    layout: AssembleSlice,
+    early: &EarlyAssembly,
+    tasks: &[TaskSlot],
+) -> Result<Vec<AssembleSlice>, StoreError> {
+    let queued: Vec<&AssembleSlice> = tasks.iter().filter_map(|t| t.assemble.as_ref()).collect();
+    let mut slices = slices(layout, early.slice_bytes);
+    if slices.len() == 1 && queued.is_empty() {
+        return Ok(slices);
+    }
+    let count = slices.len() as u32;
+    for slice in &mut slices {
+        slice.slices = count;
+        slice.staging.clone_from(&early.object.staging);
+    }
+    for (i, done) in queued.iter().enumerate() {
+        let same = slices.get(i).is_some_and(|s| {
+            (s.offset, &s.parts, &s.part_sizes, &s.ranges)
+                == (done.offset, &done.parts, &done.part_sizes, &done.ranges)
+        });
+        if !same {
+            return Err(StoreError::Invalid {
+                object: early.object.name.clone(),
+                reason: format!("slice {i}, assembled early, differs from the final layout's"),
+            });
+        }
+    }
+    let rest = slices.split_off(queued.len());
+    if rest.is_empty() {
+        return Err(StoreError::Invalid {
+            object: early.object.name.clone(),
+            reason: "every slice was queued before the archive's tail was known".into(),
+        });
+    }
+    Ok(rest)
 }
 
 /// The GGUF files a job's tasks write in place (local filesystem).
@@ -224,6 +317,8 @@ pub fn hash_in_place(
             ..Default::default()
         };
         for mut slice in slices(layout, slice_bytes) {
+            // The one part is the file itself.
+            slice.delete_after.clear();
             slice.hash_only = true;
             slice.staging.clone_from(staging);
             hashing.push((name.clone(), slice));

@@ -14,7 +14,10 @@
 //! to concatenate head, parts and tail into `model.spz` (leaving out records that
 //! [`crate::share`] found identical to an earlier one) or the GGUF files, in slices written at
 //! once ([`crate::assembly`]); when those are done, the files are committed, the parts deleted,
-//! and the report and manifest written as for safetensors output.
+//! and the report and manifest written as for safetensors output. An archive on a local
+//! filesystem is mostly assembled before that: its slices are queued while the tasks run, as
+//! soon as the tasks before them are done ([`crate::archive`]), and only the last slices and
+//! the tail are left to queue here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -39,7 +42,6 @@ use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, PartRange};
 
 use crate::job::{JobSpec, Measured, TaskSlot};
 use crate::report::{build_report, Report, TaskReport};
-use crate::share::shared_tensors;
 use crate::Coordinator;
 
 pub const MANIFEST_NAME: &str = "manifest.json";
@@ -181,9 +183,12 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
                     return;
                 }
             };
-            let needs_assembly = finish.assembly.is_some()
-                && report.gates.passed
-                && !tasks.iter().any(|t| t.assemble.is_some());
+            // Slices queued early (`slices` 0) do not make the whole file's assembly.
+            let assembly_queued = tasks
+                .iter()
+                .any(|t| t.assemble.as_ref().is_some_and(|a| a.slices > 0));
+            let needs_assembly =
+                finish.assembly.is_some() && report.gates.passed && !assembly_queued;
             if let (true, Some(assembly)) = (needs_assembly, &finish.assembly) {
                 match assembly_tasks(&spec, &tasks, assembly).await {
                     Ok(assembly_tasks) => {
@@ -251,9 +256,12 @@ async fn reassemble(
                 Some(assemble) => parts.extend(assemble.parts.iter().cloned()),
             }
         }
-        // In-place files whose hashing never ran (a gate failed) are not outputs either.
+        // In-place files whose hashing never ran (a gate failed) are not outputs either, nor
+        // is an archive assembled early but not committed.
         let staging = spec.in_place.iter().flat_map(|p| &p.files).map(|f| &f.1);
         parts.extend(staging.cloned());
+        let early = spec.early_assembly.iter().map(|e| &e.object.staging);
+        parts.extend(early.cloned());
         parts.sort();
         parts.dedup();
         for part in &parts {
@@ -457,9 +465,13 @@ async fn assembly_tasks(
     };
     for (name, layout) in files {
         let staging = crate::assembly::staging_name(parts_dir(assembly), &name);
-        let slices =
-            crate::assembly::prepare(&out, &name, &staging, layout, spec.assembly_slice_bytes)
-                .await?;
+        let slices = match (&spec.early_assembly, assembly) {
+            (Some(early), Assembly::Spz) => crate::assembly::after_early(layout, early, tasks)?,
+            _ => {
+                let bytes = spec.assembly_slice_bytes;
+                crate::assembly::prepare(&out, &name, &staging, layout, bytes).await?
+            }
+        };
         tracing::info!(
             parts = slices.iter().map(|s| s.parts.len()).sum::<usize>(),
             slices = slices.len(),
@@ -493,7 +505,7 @@ async fn commit_assembled(
                 if one
                     .assemble
                     .as_ref()
-                    .is_some_and(|a| !a.hash_only && a.slices <= 1) =>
+                    .is_some_and(|a| !a.hash_only && a.slices == 1) =>
             {
                 Some(*one)
             }
@@ -545,74 +557,12 @@ async fn spz_layout(
     }
     // Records of tensors identical to an earlier one are left out of the archive, and
     // near-identical tensors have none; their index entries point at the record they share.
-    let shared = shared_tensors(tasks);
-    let mut located: HashMap<&str, (u64, u64, &str)> = HashMap::new();
-    let mut offset = spz::MAGIC.len() as u64;
-    let head_name = format!("{PARTS_DIR}/head.bin");
-    let mut parts = vec![head_name.clone()];
-    let mut part_sizes = vec![spz::MAGIC.len() as u64];
-    let mut ranges = vec![PartRange {
-        part: 0,
-        start: 0,
-        end: spz::MAGIC.len() as u64,
-    }];
-    for slot in tasks {
-        let Some(outcome) = &slot.result else {
-            continue;
-        };
-        let part = parts.len() as u32;
-        let part_size = outcome.report.output_bytes;
-        let mut records: Vec<_> = outcome
-            .report
-            .tensors
-            .iter()
-            .filter(|r| r.record_len > 0)
-            .collect();
-        records.sort_by_key(|r| r.record_offset);
-        let mut cursor = 0;
-        for r in records {
-            let record_end = r.record_offset.saturating_add(r.record_len);
-            if r.record_offset < cursor || record_end > part_size {
-                return Err(StoreError::Invalid {
-                    object: slot.plan.output_name.clone(),
-                    reason: format!(
-                        "record of {} at {}+{} overlaps another or runs past the part's {part_size} bytes",
-                        r.name, r.record_offset, r.record_len
-                    ),
-                });
-            }
-            let location = match shared
-                .get(&r.name)
-                .and_then(|kept| located.get(kept.as_str()))
-            {
-                Some(&kept) => {
-                    ranges.push(PartRange {
-                        part,
-                        start: cursor,
-                        end: r.record_offset,
-                    });
-                    offset += r.record_offset - cursor;
-                    cursor = record_end;
-                    kept
-                }
-                None => (
-                    offset + (r.record_offset - cursor),
-                    r.record_len,
-                    r.record_blake3.as_str(),
-                ),
-            };
-            located.insert(&r.name, location);
-        }
-        ranges.push(PartRange {
-            part,
-            start: cursor,
-            end: part_size,
-        });
-        offset += part_size - cursor;
-        parts.push(slot.plan.output_name.clone());
-        part_sizes.push(part_size);
-    }
-    ranges.retain(|r| r.end > r.start);
+    let crate::archive::DataLayout {
+        mut layout,
+        end: offset,
+        located,
+        shared,
+    } = crate::archive::data_layout(tasks)?;
     let mut tensors = Vec::new();
     for slot in tasks.iter().filter(|t| t.assemble.is_none()) {
         let Some(outcome) = &slot.result else {
@@ -682,21 +632,18 @@ async fn spz_layout(
     suffix.extend_from_slice(&spz::footer(index_offset, &index));
     let out = StoreLocation::open(&spec.out_url)?;
     let tail_name = format!("{PARTS_DIR}/tail.bin");
-    out.put(&head_name, Bytes::from_static(spz::MAGIC)).await?;
-    ranges.push(PartRange {
-        part: parts.len() as u32,
+    if spec.early_assembly.is_none() {
+        out.put(&crate::archive::head_name(), Bytes::from_static(spz::MAGIC))
+            .await?;
+    }
+    layout.ranges.push(PartRange {
+        part: layout.parts.len() as u32,
         start: 0,
         end: suffix.len() as u64,
     });
-    parts.push(tail_name.clone());
-    part_sizes.push(suffix.len() as u64);
+    layout.parts.push(tail_name.clone());
+    layout.part_sizes.push(suffix.len() as u64);
     out.put(&tail_name, Bytes::from(suffix)).await?;
-    let layout = AssembleSlice {
-        parts,
-        part_sizes,
-        ranges,
-        ..Default::default()
-    };
     Ok((SPZ_NAME.into(), layout))
 }
 

@@ -28,6 +28,8 @@ pub struct JobSpec {
     pub assembly_slice_bytes: u64,
     /// GGUF on a local filesystem: the files the tasks write in place.
     pub in_place: Option<crate::assembly::InPlace>,
+    /// `.spz` on a local filesystem: the archive, assembled while the tasks run.
+    pub early_assembly: Option<crate::assembly::EarlyAssembly>,
     /// A recipe with a global magnitude prune or near-identical sharing runs every task
     /// twice: first measuring (magnitude histograms, sketches), then compressing with what
     /// the coordinator concluded from the measurements, kept here.
@@ -199,20 +201,17 @@ impl Job {
         self.state = JobState::Running;
     }
 
-    /// True once the assembly task exists.
-    pub fn has_assemble_task(&self) -> bool {
-        self.tasks.iter().any(|t| t.assemble.is_some())
-    }
-
-    /// Leases the lowest-numbered pending task to `worker`, if the job is running.
+    /// Leases the lowest-numbered pending assembly slice, else the lowest-numbered pending
+    /// task, to `worker`, if the job is running.
     pub fn lease_next(&mut self, worker: &str, ttl: Duration, now: Instant) -> Option<usize> {
         if self.state != JobState::Running {
             return None;
         }
-        let index = self
-            .tasks
-            .iter()
-            .position(|t| matches!(t.status, TaskStatus::Pending))?;
+        // Assembly first: its parts are fresh in the page cache, and deleted once copied.
+        let pending = |t: &TaskSlot| matches!(t.status, TaskStatus::Pending);
+        let index = (self.tasks.iter())
+            .position(|t| t.assemble.is_some() && pending(t))
+            .or_else(|| self.tasks.iter().position(pending))?;
         let slot = &mut self.tasks[index];
         slot.attempt += 1;
         slot.progress_bytes = 0;
@@ -282,7 +281,57 @@ impl Job {
             completed_at_seconds: now.saturating_duration_since(started).as_secs_f64(),
             report,
         });
+        if slot.assemble.is_none() {
+            self.queue_early_slices();
+        }
         Ok(self.tasks_done() == self.tasks.len())
+    }
+
+    /// Early assembly (see [`crate::assembly::EarlyAssembly`]): queues the archive's slices
+    /// that lie within what the finished tasks before the first unfinished one lay out.
+    fn queue_early_slices(&mut self) {
+        let Some(early) = &self.spec.early_assembly else {
+            return;
+        };
+        if self.spec.measuring() {
+            return;
+        }
+        let compressing = self.tasks.iter().take_while(|t| t.assemble.is_none());
+        let compressing = compressing.count();
+        let queued = (self.tasks.len() - compressing) as u32;
+        let finished = self.tasks[..compressing].iter();
+        let prefix = finished.take_while(|t| t.result.is_some()).count();
+        // A cheap bound first: leaving out identical records only shortens the archive.
+        let bound: u64 = self.tasks[..prefix]
+            .iter()
+            .filter_map(|t| t.result.as_ref())
+            .map(|r| r.report.output_bytes)
+            .sum::<u64>()
+            + shardpress_core::spz::MAGIC.len() as u64;
+        if bound < (u64::from(queued) + 1) * early.slice_bytes {
+            return;
+        }
+        let slices =
+            match crate::archive::early_slices(&self.tasks[..prefix], early.slice_bytes, queued) {
+                Ok(slices) => slices,
+                // Finalizing lays out the whole archive and fails the job with this error.
+                Err(e) => {
+                    tracing::warn!(job = %self.id, "no early assembly: {e}");
+                    return;
+                }
+            };
+        for slice in slices {
+            let plan = PlannedTask {
+                index: self.tasks.len() as u32,
+                group: "assemble".into(),
+                tensors: Vec::new(),
+                output_name: early.object.name.clone(),
+                input_bytes: 0,
+            };
+            let staging = early.object.staging.clone();
+            let slice = AssembleSlice { staging, ..slice };
+            self.tasks.push(TaskSlot::pending(plan, Some(slice)));
+        }
     }
 
     /// Records a failed attempt. Retryable failures requeue the task until `max_attempts`;
@@ -392,6 +441,7 @@ impl Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shardpress_proto::v1::PartRange;
 
     fn job_with_tasks(n: usize) -> Job {
         let plan = (0..n)
@@ -414,6 +464,7 @@ mod tests {
             max_file_bytes: None,
             assembly_slice_bytes: crate::assembly::DEFAULT_SLICE_BYTES,
             in_place: None,
+            early_assembly: None,
             measured: None,
         };
         Job::new("job-1".into(), spec, plan, Instant::now())
@@ -550,5 +601,114 @@ mod tests {
             job.complete(0, 1, "a", Default::default(), Instant::now()),
             Ok(true)
         );
+    }
+
+    /// A compressing task's report: a part of `bytes` bytes holding one record per
+    /// `(name, hash, offset, len)`.
+    fn part_report(bytes: u64, records: &[(&str, &str, u64, u64)]) -> CompleteTaskRequest {
+        let tensors = records
+            .iter()
+            .map(
+                |&(name, hash, offset, len)| shardpress_proto::v1::TensorResult {
+                    name: name.into(),
+                    dtype: "BF16".into(),
+                    shape: vec![len],
+                    record_offset: offset,
+                    record_len: len,
+                    record_blake3: hash.into(),
+                    ..Default::default()
+                },
+            )
+            .collect();
+        CompleteTaskRequest {
+            output_bytes: bytes,
+            tensors,
+            ..Default::default()
+        }
+    }
+
+    /// The slice as the whole file's cut gives it, without what depends on when it was
+    /// queued.
+    fn shape_of(slice: &AssembleSlice) -> (u64, Vec<String>, Vec<u64>, Vec<PartRange>) {
+        let s = slice.clone();
+        (s.offset, s.parts, s.part_sizes, s.ranges)
+    }
+
+    #[test]
+    fn an_early_assembled_archive_is_cut_as_if_assembled_at_the_end() {
+        use crate::assembly::{cut, EarlyAssembly};
+        let mut job = job_with_tasks(4);
+        job.spec.format = OutputFormat::Spz;
+        job.spec.early_assembly = Some(EarlyAssembly {
+            object: shardpress_store::shared::SharedObject {
+                name: "model.spz".into(),
+                staging: ".spz-parts/model.spz.assembling".into(),
+                upload_id: String::new(),
+            },
+            slice_bytes: 1024,
+        });
+        let reports = [
+            part_report(3000, &[("a", "h1", 0, 1000), ("b", "h2", 1000, 2000)]),
+            // "c" repeats "a"'s record: left out of the archive.
+            part_report(2500, &[("c", "h1", 100, 1000), ("d", "h3", 1100, 1400)]),
+            part_report(700, &[("e", "h4", 0, 700)]),
+            part_report(4100, &[("f", "h5", 0, 4100)]),
+        ];
+        let now = Instant::now();
+        for i in 0..4 {
+            assert_eq!(job.lease_next("w", TTL, now), Some(i));
+        }
+        let early = |job: &Job| job.tasks.len() - 4;
+        // Task 1 first: nothing before it is known, so nothing is queued.
+        assert_eq!(job.complete(1, 1, "w", reports[1].clone(), now), Ok(false));
+        assert_eq!(early(&job), 0);
+        // Task 0: tasks 0 and 1 lay out 8 + 3000 + 1500 bytes, four whole slices.
+        assert_eq!(job.complete(0, 1, "w", reports[0].clone(), now), Ok(false));
+        assert_eq!(early(&job), 4);
+        // The early slices are leased before the last compressing tasks would be.
+        job.tasks[3].status = TaskStatus::Pending;
+        assert_eq!(job.lease_next("w", TTL, now), Some(4));
+        job.tasks[3].status = TaskStatus::Leased {
+            worker: "w".into(),
+            deadline: now + TTL,
+        };
+        assert_eq!(job.complete(2, 1, "w", reports[2].clone(), now), Ok(false));
+        assert_eq!(job.complete(3, 1, "w", reports[3].clone(), now), Ok(false));
+        assert_eq!(early(&job), 9, "8 + 3000 + 1500 + 700 + 4100 bytes");
+        // The first slice reads the head and task 0's part, and deletes the head, which no
+        // other slice reads (task 0's part runs on into two more).
+        let first = job.tasks[4].assemble.clone().unwrap();
+        assert_eq!(first.slices, 0);
+        assert_eq!(
+            first.parts[..2],
+            [
+                crate::archive::head_name(),
+                "model-00001-of-00004.safetensors".to_string()
+            ]
+        );
+        assert_eq!(first.delete_after, [0]);
+        let mut whole = crate::archive::data_layout(&job.tasks).unwrap().layout;
+        let tail = whole.parts.len() as u32;
+        whole.parts.push("tail".into());
+        whole.part_sizes.push(300);
+        whole.ranges.push(PartRange {
+            part: tail,
+            start: 0,
+            end: 300,
+        });
+        let early_assembly = job.spec.early_assembly.clone().unwrap();
+        let rest =
+            crate::assembly::after_early(whole.clone(), &early_assembly, &job.tasks).unwrap();
+        let mut all: Vec<_> = job.tasks[4..]
+            .iter()
+            .map(|t| shape_of(t.assemble.as_ref().unwrap()))
+            .collect();
+        all.extend(rest.iter().map(shape_of));
+        let at_the_end: Vec<_> = cut(&whole, 1024).iter().map(shape_of).collect();
+        assert_eq!(all, at_the_end);
+        assert!(rest.iter().all(|s| s.slices == 10 && !s.staging.is_empty()));
+        // An early slice that differs from the final layout's is an error, not a wrong file.
+        job.tasks[5].assemble.as_mut().unwrap().ranges[0].start += 1;
+        assert!(crate::assembly::after_early(whole, &early_assembly, &job.tasks).is_err());
     }
 }

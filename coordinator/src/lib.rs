@@ -17,6 +17,7 @@
 //! - [`share`]: tensors stored once in an `.spz` archive because their records are identical;
 //! - [`error`]: the error enum and its one mapping to `tonic::Status`.
 
+pub mod archive;
 pub mod assembly;
 pub mod error;
 pub mod finalize;

@@ -212,6 +212,9 @@ impl Coordinator {
             Err(rejection) => Completion::Rejected(rejection),
         };
         inner.publish(&task.job_id, self.config.lease_ttl);
+        drop(inner);
+        // A completion may have queued slices of an archive assembled early.
+        self.task_ready.notify_waiters();
         completion
     }
 

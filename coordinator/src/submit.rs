@@ -6,6 +6,7 @@ use futures::{StreamExt, TryStreamExt};
 use shardpress_core::codec::TensorPlan;
 use shardpress_core::dtype::DType;
 use shardpress_core::format::gguf as gguf_format;
+use shardpress_core::format::spz as spz_format;
 use shardpress_core::format::{Assembly, ModelFacts};
 use shardpress_core::plan::{plan_tasks_with, PlannedTask, SourceFile};
 use shardpress_core::recipe::{OutputFormat, PassKind, Recipe};
@@ -129,6 +130,7 @@ pub async fn submit(
         max_file_bytes: (request.max_file_bytes > 0).then_some(request.max_file_bytes),
         assembly_slice_bytes,
         in_place: None,
+        early_assembly: None,
         measured: None,
     };
     // The finishing step is planned once now, so that what it reads (a GGUF file's tokenizer)
@@ -145,6 +147,15 @@ pub async fn submit(
             let in_place = crate::assembly::in_place(&out, files, plan.len(), staging).await?;
             spec.in_place = Some(in_place);
         }
+    }
+    if let (Some(Assembly::Spz), Some(SharedWrites::PositionedFile)) =
+        (&finish.assembly, out.shared_writes())
+    {
+        let name = crate::finalize::SPZ_NAME;
+        let staging = crate::assembly::staging_name(spz_format::PARTS_DIR, name);
+        let early =
+            crate::assembly::early_assembly(&out, name, &staging, assembly_slice_bytes).await?;
+        spec.early_assembly = Some(early);
     }
     tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,
         bytes = total_bytes, recipe = %spec.recipe.describe(), "job planned");

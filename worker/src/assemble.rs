@@ -59,7 +59,7 @@ pub async fn assemble(
             });
         }
     }
-    let mut sink = if spec.slices > 1 || spec.hash_only {
+    let mut sink = if spec.slices != 1 || spec.hash_only {
         Sink::Slice(slice_writer(lease, spec, &out)?)
     } else {
         let hasher = Some(blake3::Hasher::new());
@@ -110,6 +110,23 @@ pub async fn assemble(
     })
 }
 
+/// Deletes the parts only this slice read, once the coordinator has accepted it (it never
+/// runs again): they are in the file now. Best effort: finalizing deletes every part left.
+pub async fn delete_consumed(lease: &TaskLease, spec: &AssembleSlice) {
+    let Ok(out) = StoreLocation::open(&lease.out_url) else {
+        return;
+    };
+    for part in spec
+        .delete_after
+        .iter()
+        .filter_map(|&i| spec.parts.get(i as usize))
+    {
+        if let Err(e) = out.delete(part).await {
+            tracing::warn!(part = %out.describe(part), error = %e, "could not delete a copied part");
+        }
+    }
+}
+
 /// Where the copied bytes go: the whole file, or this task's slice of a shared one.
 enum Sink {
     Whole(ShardWriter),
@@ -155,7 +172,7 @@ fn slice_writer(
         writer,
         hasher,
         bytes: 0,
-        whole_file: spec.slices <= 1,
+        whole_file: spec.slices == 1,
     })
 }
 

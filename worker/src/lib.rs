@@ -182,7 +182,10 @@ async fn run_lease(
             report.task = Some(task_ref);
             match client.complete_task(report).await {
                 Ok(r) if r.get_ref().accepted => {
-                    tracing::info!(task = lease.task_index, "task completed")
+                    tracing::info!(task = lease.task_index, "task completed");
+                    if let Some(slice) = &lease.assemble {
+                        assemble::delete_consumed(&lease, slice).await;
+                    }
                 }
                 Ok(r) => tracing::warn!(task = lease.task_index, reason = %r.get_ref().reason,
                     "result not accepted"),
