@@ -46,6 +46,11 @@ pub struct JobArgs {
     /// once (a power of two; on S3 at least 8, S3's parts being at least 5 MiB). Default: 64.
     #[arg(long, value_name = "MIB")]
     pub assembly_slice_mib: Option<u64>,
+    /// Run even if an entry of the recipe's `targets` or `ignore` selects no tensor of the
+    /// model (printed as a warning); without it such a recipe is refused. Built-in recipes
+    /// are not checked.
+    #[arg(long)]
+    pub allow_unmatched: bool,
 }
 
 #[derive(Args)]
@@ -105,6 +110,7 @@ pub async fn submit(
         assembly_slice_bytes: job
             .assembly_slice_mib
             .map_or(0, |mib| mib.saturating_mul(1 << 20)),
+        allow_unmatched: job.allow_unmatched,
     };
     let response = client
         .submit_job(request)
@@ -112,6 +118,9 @@ pub async fn submit(
         .map_err(|status| anyhow::anyhow!("{}", status.message()))
         .context("job rejected")?
         .into_inner();
+    for warning in &response.warnings {
+        eprintln!("warning: {warning}");
+    }
     eprintln!(
         "job {}: {} tasks, {:.1} MB of input",
         response.job_id,

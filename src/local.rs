@@ -196,6 +196,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             format: None,
             max_file_mb: None,
             assembly_slice_mib: None,
+            allow_unmatched: false,
         },
         workers: args.workers,
         threads: 0,

@@ -151,6 +151,57 @@ fn malformed_recipes_are_rejected_before_any_work() {
 }
 
 #[test]
+fn recipe_entries_that_select_nothing_are_refused_unless_allowed() {
+    let mut cluster = TestCluster::start(5.0);
+    cluster.add_worker("w1", &[]);
+    let root = cluster.dir.path().to_path_buf();
+    let model = root.join("model");
+    gen_model(&model, "2MB", "bf16", 5000);
+    // llm-compressor's class name `Linear` is not a tensor name: it would compress nothing.
+    let recipe = root.join("linear.yaml");
+    std::fs::write(
+        &recipe,
+        "passes:\n  - quantize: {bits: 8, granularity: channel}\n    targets: [Linear]\n    ignore: [lm_head]\n",
+    )
+    .unwrap();
+    let recipe = recipe.to_str().unwrap();
+    expect_rejected(
+        &cluster,
+        &model,
+        recipe,
+        &[
+            "targets entry \"Linear\" selects no tensor",
+            "--allow-unmatched",
+        ],
+    );
+    // Allowed, it runs with a warning (and, selecting nothing, stores every tensor as it is).
+    let out = root.join("allowed");
+    let result = cluster
+        .compress_command(&model, &out, recipe)
+        .arg("--allow-unmatched")
+        .output()
+        .unwrap();
+    assert_success(&result, "compress with --allow-unmatched");
+    assert!(stderr(&result).contains("warning: pass 1 (quantize"));
+    // A module name selects its weight: `ignore: [lm_head]` keeps lm_head.weight exact.
+    let recipe = root.join("ignore-head.yaml");
+    std::fs::write(
+        &recipe,
+        "passes:\n  - quantize: {bits: 4, granularity: channel}\n    targets: ['re:.*']\n    ignore: [lm_head]\n",
+    )
+    .unwrap();
+    let out = root.join("head-kept");
+    assert_success(
+        &cluster.compress(&model, &out, recipe.to_str().unwrap()),
+        "compress ignoring lm_head",
+    );
+    let (input, output) = (load_tensors(&model), load_tensors(&out));
+    assert_eq!(input["lm_head.weight"], output["lm_head.weight"]);
+    let name = "model.layers.0.mlp.down_proj.weight";
+    assert_ne!(input[name], output[name]);
+}
+
+#[test]
 fn a_failed_accuracy_gate_fails_the_job_naming_the_worst_tensors_and_writes_no_manifest() {
     let mut cluster = TestCluster::start(5.0);
     cluster.add_worker("w1", &[]);

@@ -44,6 +44,7 @@ impl JobService for JobApi {
             job_id: submitted.job_id,
             task_count: submitted.task_count,
             total_bytes: submitted.total_bytes,
+            warnings: submitted.warnings,
         }))
     }
 

@@ -27,6 +27,7 @@ pub struct Submitted {
     pub job_id: String,
     pub task_count: u32,
     pub total_bytes: u64,
+    pub warnings: Vec<String>,
 }
 
 pub async fn submit(
@@ -81,6 +82,7 @@ pub async fn submit(
     } else {
         ModelFacts::default()
     };
+    let warnings = unmatched_entries(&recipe, &files, request.allow_unmatched)?;
     let weight_shapes = read_weight_shapes(&model.root, &files).await?;
     let mut plan = plan_tasks_with(&files, budget, &weight_shapes)?;
     // Every tensor's pass combination, and whether the format can store it, is checked
@@ -164,7 +166,43 @@ pub async fn submit(
         job_id,
         task_count,
         total_bytes,
+        warnings,
     })
+}
+
+/// A recipe entry (`targets` / `ignore`) that selects no tensor of the model is a mistake
+/// (a typo, a class name such as `Linear`, a module this model does not have) that would
+/// otherwise compress nothing, or everything, silently: refused, or with `allow` returned as
+/// warnings. Built-in recipes are written for many models and are not checked.
+fn unmatched_entries(
+    recipe: &Recipe,
+    files: &[SourceFile],
+    allow: bool,
+) -> Result<Vec<String>, CoordinatorError> {
+    if recipe.is_builtin() {
+        return Ok(Vec::new());
+    }
+    let names = || {
+        files
+            .iter()
+            .flat_map(|f| &f.header.tensors)
+            .map(|t| t.name.as_str())
+    };
+    let unmatched: Vec<String> = (recipe.unmatched(names()).iter())
+        .map(|u| u.to_string())
+        .collect();
+    if unmatched.is_empty() || allow {
+        return Ok(unmatched);
+    }
+    let example = names()
+        .find(|n| n.ends_with("proj.weight"))
+        .or_else(|| names().next())
+        .unwrap_or_default();
+    Err(CoordinatorError::InvalidRequest(format!(
+        "recipe {}: {} (entries are tensor names such as {example:?}, module names whose `.weight` they select, or `re:` regexes matching a whole name; --allow-unmatched runs anyway)",
+        recipe.name,
+        unmatched.join("; ")
+    )))
 }
 
 /// The two numbers each compressed-tensors `….weight_shape` tensor (I64 `[2]`) holds: a

@@ -210,6 +210,27 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
 
 const REGEX_PREFIX: &str = "re:";
 
+/// A `targets` or `ignore` entry of a recipe that selects no tensor of a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unmatched {
+    /// The pass, numbered from 1, and what it does.
+    pub pass: usize,
+    pub pass_name: String,
+    /// `"targets"` or `"ignore"`.
+    pub list: &'static str,
+    pub pattern: String,
+}
+
+impl std::fmt::Display for Unmatched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pass {} ({}): {} entry {:?} selects no tensor",
+            self.pass, self.pass_name, self.list, self.pattern
+        )
+    }
+}
+
 impl Matcher {
     /// Parses `"re:<regex>"` (anchored to the whole name) or an exact name.
     pub fn parse(pattern: &str) -> Result<Matcher, RecipeError> {
@@ -224,11 +245,13 @@ impl Matcher {
             })
     }
 
-    /// True when `name` is selected.
+    /// True when `name` is selected: the entry names the tensor, or the module whose weight
+    /// it is (`lm_head` selects `lm_head.weight`, as llm-compressor's module names do).
     pub fn matches(&self, name: &str) -> bool {
+        let module = name.strip_suffix(".weight");
         match self {
-            Matcher::Exact(s) => s == name,
-            Matcher::Regex(re) => re.is_match(name),
+            Matcher::Exact(s) => s == name || module == Some(s.as_str()),
+            Matcher::Regex(re) => re.is_match(name) || module.is_some_and(|m| re.is_match(m)),
         }
     }
 
@@ -554,6 +577,39 @@ impl Recipe {
     /// Names of the built-in recipes.
     pub fn preset_names() -> Vec<&'static str> {
         PRESETS.iter().map(|(n, _)| *n).collect()
+    }
+
+    /// True when this is a built-in recipe, unchanged.
+    pub fn is_builtin(&self) -> bool {
+        Recipe::preset(&self.name).is_some_and(|p| p.source_yaml == self.source_yaml)
+    }
+
+    /// The `targets` and `ignore` entries that select none of `names` (a typo, or a module
+    /// or class name the model does not have), in recipe order.
+    pub fn unmatched<'a>(&self, names: impl Iterator<Item = &'a str>) -> Vec<Unmatched> {
+        let entries: Vec<(usize, &'static str, &Matcher)> = (self.passes.iter().enumerate())
+            .flat_map(|(i, p)| {
+                let targets = p.targets.iter().map(move |m| (i, "targets", m));
+                targets.chain(p.ignore.iter().map(move |m| (i, "ignore", m)))
+            })
+            .collect();
+        let mut hit = vec![false; entries.len()];
+        for name in names {
+            for (seen, (_, _, m)) in hit.iter_mut().zip(&entries) {
+                *seen = *seen || m.matches(name);
+            }
+        }
+        entries
+            .iter()
+            .zip(hit)
+            .filter(|(_, hit)| !hit)
+            .map(|(&(i, list, m), _)| Unmatched {
+                pass: i + 1,
+                pass_name: self.passes[i].kind.describe_long(),
+                list,
+                pattern: m.pattern(),
+            })
+            .collect()
     }
 
     /// The passes that apply to `tensor_name` (a target matches, no ignore does), in order.

@@ -251,3 +251,45 @@ fn sharing_near_identical_tensors_takes_a_cosine_threshold() {
         .to_string()
         .contains("cos"));
 }
+
+#[test]
+fn module_names_select_their_weight() {
+    let recipe = Recipe::from_yaml(
+        "passes:\n  - quantize: { bits: 8, granularity: channel }\n    targets: ['re:.*mlp\\.down_proj', lm_head]\n    ignore: [model.layers.1.mlp.down_proj]\n",
+    )
+    .unwrap();
+    assert!(!recipe.passes_for("lm_head.weight").is_empty());
+    assert!(!recipe
+        .passes_for("model.layers.0.mlp.down_proj.weight")
+        .is_empty());
+    assert!(recipe
+        .passes_for("model.layers.1.mlp.down_proj.weight")
+        .is_empty());
+    // Only the weight: a module's bias, or a longer name, is not selected.
+    assert!(recipe.passes_for("lm_head.bias").is_empty());
+    assert!(recipe.passes_for("lm_head_2.weight").is_empty());
+}
+
+#[test]
+fn entries_that_select_no_tensor_are_listed() {
+    let recipe = Recipe::from_yaml(
+        "passes:\n  - quantize: { bits: 8, granularity: channel }\n    targets: [Linear, 're:.*proj\\.weight']\n    ignore: [lm_head, 're:.*norm.*']\n",
+    )
+    .unwrap();
+    let names = ["model.layers.0.mlp.up_proj.weight", "lm_head.weight"];
+    let unmatched = recipe.unmatched(names.into_iter());
+    assert_eq!(unmatched.len(), 2, "{unmatched:?}");
+    assert_eq!(
+        (unmatched[0].list, unmatched[0].pattern.as_str()),
+        ("targets", "Linear")
+    );
+    assert_eq!(
+        (unmatched[1].list, unmatched[1].pattern.as_str()),
+        ("ignore", "re:.*norm.*")
+    );
+    assert!(unmatched[0].to_string().starts_with("pass 1 (quantize"));
+    assert!(!recipe.is_builtin());
+    for name in Recipe::preset_names() {
+        assert!(Recipe::preset(name).unwrap().is_builtin(), "{name}");
+    }
+}
