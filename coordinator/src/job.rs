@@ -80,6 +80,8 @@ pub struct TaskSlot {
     pub progress_bytes: u64,
     /// When the latest attempt was leased, in seconds since the job started.
     pub leased_at_seconds: f64,
+    /// A failed task is not leased again before this (see [`retry_delay`]).
+    pub retry_at: Option<Instant>,
     pub result: Option<TaskOutcome>,
     /// Set on the final task of an `.spz` job, which concatenates the other tasks' parts.
     pub assemble: Option<AssembleSlice>,
@@ -95,10 +97,25 @@ impl TaskSlot {
             failures: 0,
             progress_bytes: 0,
             leased_at_seconds: 0.0,
+            retry_at: None,
             result: None,
             assemble,
         }
     }
+
+    fn leasable(&self, now: Instant) -> bool {
+        matches!(self.status, TaskStatus::Pending) && self.retry_at.is_none_or(|at| at <= now)
+    }
+}
+
+/// How long a task waits after its `failures`-th failed attempt: 250 ms doubling per failure
+/// up to 8 s, plus up to half as much again (a jitter fixed by task and attempt, so that tasks
+/// failing together, say on a storage outage, come back spread out).
+pub fn retry_delay(task: u32, failures: u32) -> Duration {
+    let base = Duration::from_millis(250) * 2u32.pow(failures.clamp(1, 6) - 1);
+    let spread =
+        (u64::from(task).wrapping_mul(0x9E37_79B9) ^ (u64::from(failures) * 0x85EB)) % 1000;
+    base + base.mul_f64(spread as f64 / 2000.0)
 }
 
 /// A finished task: who did it and what it reported.
@@ -208,11 +225,11 @@ impl Job {
             return None;
         }
         // Assembly first: its parts are fresh in the page cache, and deleted once copied.
-        let pending = |t: &TaskSlot| matches!(t.status, TaskStatus::Pending);
         let index = (self.tasks.iter())
-            .position(|t| t.assemble.is_some() && pending(t))
-            .or_else(|| self.tasks.iter().position(pending))?;
+            .position(|t| t.assemble.is_some() && t.leasable(now))
+            .or_else(|| self.tasks.iter().position(|t| t.leasable(now)))?;
         let slot = &mut self.tasks[index];
+        slot.retry_at = None;
         slot.attempt += 1;
         slot.progress_bytes = 0;
         slot.leased_at_seconds = now.saturating_duration_since(self.started).as_secs_f64();
@@ -334,8 +351,21 @@ impl Job {
         }
     }
 
-    /// Records a failed attempt. Retryable failures requeue the task until `max_attempts`;
-    /// anything else fails the job. Returns true if the job failed.
+    /// When the next task waiting out a failure may be leased, if any is.
+    pub fn next_retry(&self) -> Option<Instant> {
+        if self.state != JobState::Running {
+            return None;
+        }
+        let waiting = self
+            .tasks
+            .iter()
+            .filter(|t| matches!(t.status, TaskStatus::Pending));
+        waiting.filter_map(|t| t.retry_at).min()
+    }
+
+    /// Records a failed attempt. Retryable failures requeue the task, after a delay growing
+    /// with each failure ([`retry_delay`]), until `max_attempts`; anything else fails the job.
+    /// Returns true if the job failed.
     pub fn fail(
         &mut self,
         index: u32,
@@ -343,11 +373,27 @@ impl Job {
         message: &str,
         retryable: bool,
         max_attempts: u32,
+        now: Instant,
+    ) -> Result<bool, Rejection> {
+        self.record_failure(index, attempt, message, retryable, max_attempts, Some(now))
+    }
+
+    /// [`Job::fail`]; with `delay_from` None a retry may be leased at once (a lost lease: its
+    /// worker is gone, not the storage in trouble).
+    fn record_failure(
+        &mut self,
+        index: u32,
+        attempt: u32,
+        message: &str,
+        retryable: bool,
+        max_attempts: u32,
+        delay_from: Option<Instant>,
     ) -> Result<bool, Rejection> {
         let slot = self.leased_slot(index, attempt)?;
         slot.failures += 1;
         let output = slot.plan.output_name.clone();
         if retryable && slot.failures < max_attempts {
+            slot.retry_at = delay_from.map(|now| now + retry_delay(index, slot.failures));
             slot.status = TaskStatus::Pending;
             self.retries += 1;
             return Ok(false);
@@ -379,7 +425,8 @@ impl Job {
             let message = format!("lease of attempt {attempt} on worker {worker} expired");
             tracing::warn!(job = %self.id, task = index, "{message}; requeueing");
             // The lease is current by construction, so `fail` cannot reject it.
-            let _ = self.fail(*index as u32, *attempt, &message, true, max_attempts);
+            let _ =
+                self.record_failure(*index as u32, *attempt, &message, true, max_attempts, None);
         }
         !expired.is_empty()
     }
@@ -565,7 +612,8 @@ mod tests {
     fn a_non_retryable_failure_fails_the_job() {
         let mut job = job_with_tasks(2);
         job.lease_next("w1", TTL, Instant::now());
-        assert_eq!(job.fail(0, 1, "corrupt input", false, 5), Ok(true));
+        let now = Instant::now();
+        assert_eq!(job.fail(0, 1, "corrupt input", false, 5, now), Ok(true));
         assert_eq!(job.state, JobState::Failed);
         assert!(job.message.contains("corrupt input"));
         assert_eq!(job.lease_next("w1", TTL, Instant::now()), None);
@@ -574,12 +622,38 @@ mod tests {
     #[test]
     fn retryable_failures_give_up_after_max_attempts() {
         let mut job = job_with_tasks(1);
+        let mut now = Instant::now();
         for attempt in 1..=3 {
-            assert_eq!(job.lease_next("w", TTL, Instant::now()), Some(0));
-            let failed = job.fail(0, attempt, "timeout", true, 3).unwrap();
+            assert_eq!(job.lease_next("w", TTL, now), Some(0));
+            let failed = job.fail(0, attempt, "timeout", true, 3, now).unwrap();
             assert_eq!(failed, attempt == 3);
+            // Each retry waits longer, and not before its time.
+            if !failed {
+                let delay = retry_delay(0, attempt);
+                assert_eq!(job.next_retry(), Some(now + delay));
+                assert_eq!(job.lease_next("w", TTL, now + delay / 2), None);
+                now += delay;
+            }
         }
         assert_eq!(job.state, JobState::Failed);
+    }
+
+    #[test]
+    fn retry_delays_double_up_to_a_limit_with_a_bounded_jitter() {
+        for task in 0..50 {
+            let delays: Vec<Duration> = (1..=8).map(|f| retry_delay(task, f)).collect();
+            for (failures, delay) in (1..).zip(&delays) {
+                let base = Duration::from_millis(250) * 2u32.pow(failures.min(6) - 1);
+                assert!(
+                    *delay >= base && *delay <= base * 3 / 2,
+                    "{task} {failures}"
+                );
+            }
+        }
+        // Tasks failing together come back spread out.
+        let first: std::collections::BTreeSet<Duration> =
+            (0..20).map(|task| retry_delay(task, 1)).collect();
+        assert!(first.len() > 10);
     }
 
     #[test]

@@ -85,6 +85,7 @@ mod tests {
             failures: 0,
             progress_bytes: 0,
             leased_at_seconds: 0.0,
+            retry_at: None,
             result: Some(TaskOutcome {
                 worker: "w".into(),
                 attempt: 1,

@@ -141,10 +141,18 @@ impl Coordinator {
             if let Some(lease) = self.try_lease(worker_id)? {
                 return Ok(Some(lease));
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            // A task waiting out a failure becomes leasable without anyone notifying.
+            let retry = self.next_retry().map(tokio::time::Instant::from_std);
+            let wake = retry.map_or(deadline, |at| at.min(deadline));
+            if tokio::time::timeout_at(wake, notified).await.is_err() && wake == deadline {
                 return Ok(None);
             }
         }
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        let inner = self.lock();
+        inner.jobs.values().filter_map(|e| e.job.next_retry()).min()
     }
 
     fn try_lease(&self, worker_id: &str) -> Result<Option<TaskLease>, CoordinatorError> {
@@ -231,6 +239,7 @@ impl Coordinator {
             &format!("failed on worker {}: {}", task.worker_id, request.message),
             request.retryable,
             self.config.max_attempts,
+            Instant::now(),
         )?;
         inner.publish(&task.job_id, self.config.lease_ttl);
         drop(inner);

@@ -46,9 +46,23 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Storage and network trouble may pass; a missing object or corrupt input will not.
+    /// Storage and network trouble may pass; a missing object, corrupt input, missing
+    /// credentials or permissions, or an operation the store lacks will not.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Io { .. })
+        use object_store::Error as E;
+        match self {
+            StoreError::Io { cause, .. } => !matches!(
+                cause,
+                E::NotFound { .. }
+                    | E::PermissionDenied { .. }
+                    | E::Unauthenticated { .. }
+                    | E::InvalidPath { .. }
+                    | E::NotSupported { .. }
+                    | E::NotImplemented { .. }
+                    | E::UnknownConfigurationKey { .. }
+            ),
+            _ => false,
+        }
     }
 }
 
@@ -315,4 +329,38 @@ pub async fn read_source_file(
         size,
         header,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(cause: object_store::Error) -> StoreError {
+        StoreError::Io {
+            object: "s3://bucket/model.safetensors".into(),
+            cause,
+        }
+    }
+
+    #[test]
+    fn only_trouble_that_may_pass_is_retried() {
+        let source = || "status 403".into();
+        let path = || "model.safetensors".to_string();
+        let denied = object_store::Error::PermissionDenied {
+            path: path(),
+            source: source(),
+        };
+        let unauthenticated = object_store::Error::Unauthenticated {
+            path: path(),
+            source: source(),
+        };
+        assert!(!io(denied).is_retryable());
+        assert!(!io(unauthenticated).is_retryable());
+        let network = object_store::Error::Generic {
+            store: "S3",
+            source: "connection reset".into(),
+        };
+        assert!(io(network).is_retryable());
+        assert!(!StoreError::NotFound { object: path() }.is_retryable());
+    }
 }
