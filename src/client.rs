@@ -77,7 +77,8 @@ pub async fn compress(args: CompressArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let status = watch(&mut client, &job_id).await?;
-    finish(&status)
+    let report = report(&mut client, &job_id).await;
+    finish(&status, &report)
 }
 
 /// Connects to the coordinator, retrying for up to `patience` while it starts.
@@ -87,7 +88,11 @@ pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<JobService
     let started = std::time::Instant::now();
     loop {
         match endpoint.connect().await {
-            Ok(channel) => return Ok(JobServiceClient::new(channel)),
+            Ok(channel) => {
+                return Ok(JobServiceClient::new(channel)
+                    .max_decoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES))
+            }
             Err(e) if started.elapsed() >= patience => {
                 return Err(e).with_context(|| format!("cannot reach the coordinator at {url}"))
             }
@@ -209,10 +214,36 @@ pub async fn watch(
     }
 }
 
-/// Prints the outcome; an unsuccessful job is an error.
-pub fn finish(status: &JobStatus) -> anyhow::Result<()> {
-    if !status.report_json.is_empty() {
-        match serde_json::from_str::<serde_json::Value>(&status.report_json) {
+/// The report of a job that has ended, streamed in pieces (it grows with the model); empty,
+/// with a warning, if it cannot be fetched (a finished job's is also in OUT/report.json).
+pub async fn report(client: &mut JobServiceClient<Channel>, job_id: &str) -> String {
+    let fetched = async {
+        let request = GetJobRequest {
+            job_id: job_id.to_string(),
+        };
+        let mut chunks = client.get_report(request).await?.into_inner();
+        let mut report = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            report.extend_from_slice(&chunk?.data);
+        }
+        Ok::<_, tonic::Status>(report)
+    };
+    match fetched.await {
+        Ok(report) => String::from_utf8_lossy(&report).into_owned(),
+        Err(status) => {
+            eprintln!(
+                "warning: could not fetch the job's report: {}",
+                status.message()
+            );
+            String::new()
+        }
+    }
+}
+
+/// Prints the outcome and the summary of `report`; an unsuccessful job is an error.
+pub fn finish(status: &JobStatus, report: &str) -> anyhow::Result<()> {
+    if !report.is_empty() {
+        match serde_json::from_str::<serde_json::Value>(report) {
             Ok(report) => print_summary(&report),
             Err(e) => eprintln!("warning: unreadable report: {e}"),
         }

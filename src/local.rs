@@ -150,18 +150,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let outcome = async {
         let mut client = client::connect(&format!("http://{addr}"), Duration::from_secs(10)).await?;
         let job_id = client::submit(&mut client, &args.job).await?;
-        tokio::select! {
-            status = client::watch(&mut client, &job_id) => status,
+        let status = tokio::select! {
+            status = client::watch(&mut client, &job_id) => status?,
             failed = workers.all_exited() => {
                 bail!("all {} worker processes exited ({failed} with an error) before the job finished", args.workers)
             }
-        }
+        };
+        let report = client::report(&mut client, &job_id).await;
+        Ok((status, report))
     }
     .await;
     workers.stop().await;
     let _ = stop_tx.send(());
     let _ = server.await;
-    client::finish(&outcome?)
+    let (status, report) = outcome?;
+    client::finish(&status, &report)
 }
 
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {

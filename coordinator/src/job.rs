@@ -480,7 +480,6 @@ impl Job {
             message: self.message.clone(),
             workers,
             task_retries: self.retries,
-            report_json: self.report_json.clone(),
         }
     }
 }

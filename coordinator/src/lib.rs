@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardpress_proto::{JobServiceServer, WorkerServiceServer};
+use shardpress_proto::{JobServiceServer, WorkerServiceServer, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
@@ -84,12 +84,16 @@ pub async fn serve(
     });
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(JobServiceServer::new(service::JobApi::new(
-            coordinator.clone(),
-        )))
-        .add_service(WorkerServiceServer::new(service::WorkerApi::new(
-            coordinator,
-        )))
+        .add_service(
+            JobServiceServer::new(service::JobApi::new(coordinator.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            WorkerServiceServer::new(service::WorkerApi::new(coordinator))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reaper.abort();

@@ -8,8 +8,8 @@ use futures::Stream;
 use shardpress_proto::v1::{
     AcquireTaskRequest, AcquireTaskResponse, CancelJobRequest, CompleteTaskRequest,
     CompleteTaskResponse, FailTaskRequest, FailTaskResponse, GetJobRequest, HeartbeatRequest,
-    HeartbeatResponse, JobStatus, RegisterWorkerRequest, RegisterWorkerResponse, SubmitJobRequest,
-    SubmitJobResponse,
+    HeartbeatResponse, JobStatus, RegisterWorkerRequest, RegisterWorkerResponse, ReportChunk,
+    SubmitJobRequest, SubmitJobResponse,
 };
 use shardpress_proto::{JobService, WorkerService};
 use tonic::{Request, Response, Status};
@@ -32,6 +32,7 @@ impl JobApi {
 }
 
 type StatusStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>;
+type ReportStream = Pin<Box<dyn Stream<Item = Result<ReportChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl JobService for JobApi {
@@ -87,6 +88,31 @@ impl JobService for JobApi {
         Ok(Response::new(
             self.coordinator.cancel(&request.get_ref().job_id)?,
         ))
+    }
+
+    type GetReportStream = ReportStream;
+
+    async fn get_report(
+        &self,
+        request: Request<GetJobRequest>,
+    ) -> Result<Response<ReportStream>, Status> {
+        let job_id = &request.get_ref().job_id;
+        let report = self.coordinator.report(job_id)?.ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "job {job_id} has not ended; its report is written when it does"
+            ))
+        })?;
+        let report = bytes::Bytes::from(report);
+        let chunks: Vec<Result<ReportChunk, Status>> = (0..report.len())
+            .step_by(shardpress_proto::REPORT_CHUNK_BYTES)
+            .map(|at| {
+                let end = (at + shardpress_proto::REPORT_CHUNK_BYTES).min(report.len());
+                Ok(ReportChunk {
+                    data: report.slice(at..end).to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 }
 

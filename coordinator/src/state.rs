@@ -277,6 +277,18 @@ impl Coordinator {
         inner.publish(job_id, self.config.lease_ttl);
     }
 
+    /// The report of a job that has ended (empty when it failed before one was written);
+    /// `None` while it runs.
+    pub fn report(&self, job_id: &str) -> Result<Option<String>, CoordinatorError> {
+        let inner = self.lock();
+        let entry = inner
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| CoordinatorError::UnknownJob(job_id.to_string()))?;
+        let job = &entry.job;
+        Ok(job.state.is_terminal().then(|| job.report_json.clone()))
+    }
+
     /// Cancels a running job; a job already finalizing or finished is left as it is.
     pub fn cancel(&self, job_id: &str) -> Result<JobStatus, CoordinatorError> {
         if self.status(job_id)?.state != JobState::Running as i32 {

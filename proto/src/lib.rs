@@ -12,6 +12,14 @@ pub mod v1 {
 
 pub mod convert;
 
+/// The largest gRPC message either side accepts (tonic's default is 4 MiB). Messages are kept
+/// small by design (reports are streamed in [`REPORT_CHUNK_BYTES`] pieces); this is the
+/// backstop for a lease or a result of a task with very many tensors.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// The size of the pieces `GetReport` streams a report in.
+pub const REPORT_CHUNK_BYTES: usize = 1 << 20;
+
 pub use v1::job_service_client::JobServiceClient;
 pub use v1::job_service_server::{JobService, JobServiceServer};
 pub use v1::worker_service_client::WorkerServiceClient;

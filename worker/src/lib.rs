@@ -79,7 +79,11 @@ async fn connect(config: &WorkerConfig) -> Result<WorkerServiceClient<Channel>, 
     let started = tokio::time::Instant::now();
     loop {
         match endpoint.connect().await {
-            Ok(channel) => return Ok(WorkerServiceClient::new(channel)),
+            Ok(channel) => {
+                return Ok(WorkerServiceClient::new(channel)
+                    .max_decoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES))
+            }
             Err(e) if started.elapsed() >= config.unreachable_timeout => {
                 return Err(unreachable(config, started, e.to_string()))
             }
