@@ -120,10 +120,10 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Recipes => {
             for name in Recipe::preset_names() {
                 if let Some(recipe) = Recipe::preset(name) {
-                    println!("{}", recipe.describe());
+                    say!("{}", recipe.describe());
                 }
             }
-            println!(
+            say!(
                 "\nOutput formats: --format safetensors (dequantized, any loader reads it), \
                  --format compressed-tensors (w4a16, w4a16-asym, w4a16-hqq, 2of4-w4a16, w8a16, \
                  int8, int8-g128, fp8: packed codes that vLLM and transformers load), --format gguf (q8_0, q4_0, q4_k_m, \

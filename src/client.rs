@@ -73,7 +73,7 @@ pub async fn compress(args: CompressArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.coordinator, Duration::from_secs(3)).await?;
     let job_id = submit(&mut client, &args.job).await?;
     if args.no_wait {
-        println!("{job_id}");
+        say!("{job_id}");
         return Ok(());
     }
     let status = watch(&mut client, &job_id).await?;
@@ -251,7 +251,7 @@ pub fn finish(status: &JobStatus, report: &str) -> anyhow::Result<()> {
     let state = status.state();
     match state {
         JobState::Succeeded => {
-            println!("{}", status.message);
+            say!("{}", status.message);
             Ok(())
         }
         _ => bail!(
@@ -267,7 +267,7 @@ pub async fn verify(out: &str) -> anyhow::Result<()> {
     let location = StoreLocation::open(out)?;
     let (manifest, problems) = shardpress_coordinator::finalize::verify(&location).await?;
     if problems.is_empty() {
-        println!(
+        say!(
             "ok: {} objects match {} (job {})",
             manifest.objects.len(),
             location.describe(shardpress_coordinator::finalize::MANIFEST_NAME),

@@ -67,7 +67,7 @@ pub async fn decompress(args: DecompressArgs) -> anyhow::Result<()> {
         restore_selected(&archive, &args.tensor, &args.out).await?
     };
     let secs = started.elapsed().as_secs_f64();
-    println!(
+    say!(
         "restored {} tensors ({:.1} MB) from {} into {} in {secs:.1}s ({:.0} MB/s); recipe: {}",
         written.0,
         written.1 as f64 / 1e6,

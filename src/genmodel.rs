@@ -246,7 +246,7 @@ fn tensor_values(name: &str, shape: &[u64], seed: u64) -> Vec<f32> {
 pub fn gen_model(args: GenModelArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let generated = generate(&args)?;
-    println!(
+    say!(
         "wrote {} ({} tensors, {:.1} MB) in {:.1}s",
         args.out.display(),
         generated.tensors,
@@ -399,7 +399,7 @@ who lived in another country, far away from the sea. There are many ways to tell
 the best ones are simple: someone wants something, something stands in the way, and in the end \
 they either get it or learn why they should not have wanted it at all. \
 Numbers such as 1, 2, 3, 10, 42, 100, 256, 1024 and 2048 appear in code and in prose alike. \
-for i in range(10): print(i) # a loop in Python; fn main() { println!(\"hello, world\"); } \
+for i in range(10): print(i) # a loop in Python; fn main() { say!(\"hello, world\"); } \
 ";
 
 /// GPT-2's reversible byte-to-unicode table, in GPT-2 id order: (byte, char).

@@ -23,7 +23,7 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let (mut count, mut bytes) = (0usize, 0u64);
     for name in &model.files {
         let file = read_source_file(&model.root, name).await?;
-        println!(
+        say!(
             "{name}: {} tensors, {:.1} MB, header {} bytes",
             file.header.tensors.len(),
             file.size as f64 / 1e6,
@@ -32,7 +32,7 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         for t in &file.header.tensors {
             let size = t.byte_len();
             if args.tensors {
-                println!(
+                say!(
                     "  {:<60} {:>8} {:>20} {:>10.2} MB",
                     t.name,
                     t.dtype.as_safetensors(),
@@ -53,17 +53,17 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             bytes += size;
         }
     }
-    println!(
+    say!(
         "{} files, {count} tensors, {:.1} MB of tensor data",
         model.files.len(),
         bytes as f64 / 1e6
     );
     for (dtype, (n, b)) in &dtypes {
-        println!("  {dtype:<8} {n:>6} tensors {:>10.1} MB", *b as f64 / 1e6);
+        say!("  {dtype:<8} {n:>6} tensors {:>10.1} MB", *b as f64 / 1e6);
     }
-    println!("  {:<10} {:>7} {:>10}", "layer", "tensors", "MB");
+    say!("  {:<10} {:>7} {:>10}", "layer", "tensors", "MB");
     for ((_, layer), (n, b)) in &layers {
-        println!("  {layer:<10} {n:>7} {:>10.2}", *b as f64 / 1e6);
+        say!("  {layer:<10} {n:>7} {:>10.2}", *b as f64 / 1e6);
     }
     Ok(())
 }

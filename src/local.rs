@@ -67,7 +67,7 @@ pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let (listener, addr) = shardpress_coordinator::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    println!("shardpress coordinator listening on {addr}");
+    say!("shardpress coordinator listening on {addr}");
     std::io::stdout().flush().ok();
     shardpress_coordinator::serve(listener, Coordinator::new(config), shutdown_signal()).await?;
     Ok(())
@@ -208,7 +208,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     .await?;
     client::verify(&out_dir.display().to_string()).await?;
     if args.keep_in.is_some() {
-        println!(
+        say!(
             "model in {}, output in {}",
             model_dir.display(),
             out_dir.display()

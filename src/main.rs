@@ -1,6 +1,14 @@
 //! `shardpress`: the command-line edge of the system. Each subcommand parses its arguments and
 //! hands a plain config to the library crates; nothing here computes or serves by itself.
 
+/// `println!` for the commands' output: a closed stdout (`shardpress inspect … | head`) ends
+/// the process quietly, as Unix tools do, instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::write_stdout_line(format_args!($($arg)*))
+    };
+}
+
 mod cli;
 mod client;
 mod decompress;
@@ -12,6 +20,24 @@ mod summary;
 use clap::Parser;
 
 use cli::{Cli, Command};
+
+/// Writes one line to stdout; exits with success when the reader has gone (EPIPE: Rust
+/// ignores SIGPIPE, so `println!` would panic), with failure on any other write error.
+pub fn write_stdout_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"));
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
+}
 
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHARDPRESS_LOG")

@@ -20,8 +20,8 @@ fn worst(v: &Value, key: &str) -> String {
 pub fn print_summary(report: &Value) {
     let s = &report["summary"];
     let recipe = report["recipe"]["description"].as_str().unwrap_or("?");
-    println!("recipe       {recipe}");
-    println!(
+    say!("recipe       {recipe}");
+    say!(
         "tensors      {} ({} compressed), {:.2}M parameters",
         num(s, "tensors"),
         num(s, "tensors_compressed"),
@@ -29,7 +29,7 @@ pub fn print_summary(report: &Value) {
     );
     let input = num(s, "input_bytes");
     let packed = num(s, "packed_size_bytes");
-    println!(
+    say!(
         "bits/weight  {:.3} on compressed tensors, {:.3} overall (the representation: {:.1} MB if packed exactly)",
         num(s, "bits_per_weight_compressed"),
         num(s, "bits_per_weight"),
@@ -43,7 +43,7 @@ pub fn print_summary(report: &Value) {
             "gguf" => "file",
             _ => "shards",
         };
-        println!(
+        say!(
             "written      {:.1} MB of {format} {what} for {:.1} MB of input = {stored:.3} bits/weight on disk ({:.3} of the input)",
             out / 1e6,
             input / 1e6,
@@ -52,12 +52,12 @@ pub fn print_summary(report: &Value) {
     }
     let shared = num(s, "tensors_shared");
     if shared > 0.0 {
-        println!(
+        say!(
             "sharing      {shared} tensor(s) stored as another's compressed form (identical or near-identical; see shared_with in report.json)"
         );
     }
     if let Some(g) = report.get("global_prune").filter(|g| g.is_object()) {
-        println!(
+        say!(
             "global prune {:.2}% of {:.2}M targeted weights below |w| {:.4e} (target {:.2}%)",
             100.0 * num(g, "sparsity"),
             num(g, "params") / 1e6,
@@ -65,21 +65,27 @@ pub fn print_summary(report: &Value) {
             100.0 * num(g, "target_sparsity")
         );
     }
-    println!(
+    say!(
         "error        rel. Frobenius {:.5} (parameter-weighted), worst {}",
         num(s, "rel_fro_error_weighted"),
         worst(s, "worst_rel_fro_error")
     );
-    println!("             min cosine {}", worst(s, "min_cosine"));
+    say!("             min cosine {}", worst(s, "min_cosine"));
     if let Some(layers) = report["layers"].as_array() {
-        println!(
+        say!(
             "  {:<10} {:>7} {:>9} {:>6} {:>10} {:>10} {:>9}",
-            "layer", "tensors", "params", "bpw", "rel_err", "worst", "min_cos"
+            "layer",
+            "tensors",
+            "params",
+            "bpw",
+            "rel_err",
+            "worst",
+            "min_cos"
         );
         let shown = 12;
         for (i, layer) in layers.iter().enumerate() {
             if layers.len() > shown && i == shown / 2 {
-                println!("  … {} more layers …", layers.len() - shown);
+                say!("  … {} more layers …", layers.len() - shown);
             }
             if layers.len() > shown && i >= shown / 2 && i < layers.len() - shown / 2 {
                 continue;
@@ -94,7 +100,7 @@ pub fn print_summary(report: &Value) {
             } else {
                 format!("{:>10} {:>10} {:>9}", "copied", "-", "-")
             };
-            println!(
+            say!(
                 "  {:<10} {:>7} {:>8.2}M {:>6.2} {errors}",
                 layer["layer"].as_str().unwrap_or("?"),
                 num(layer, "tensors"),
@@ -103,7 +109,7 @@ pub fn print_summary(report: &Value) {
             );
         }
     }
-    println!(
+    say!(
         "time         {:.2} s wall, {:.1} MB/s of input, {} workers, {} task retries",
         num(s, "wall_seconds"),
         num(s, "input_mb_per_second"),
@@ -123,7 +129,7 @@ pub fn print_summary(report: &Value) {
             .map(|t| num(t, "completed_at_seconds") - num(t, "leased_at_seconds"))
             .sum();
         let slots = num(s, "workers_used") * num(s, "wall_seconds");
-        println!(
+        say!(
             "             tasks: read {:.2} s, compute {:.2} s, write {:.2} s, round trips {:.2} s (summed over {}); workers idle {:.2} s",
             total("read_seconds"),
             total("compute_seconds"),
@@ -138,12 +144,12 @@ pub fn print_summary(report: &Value) {
             Some(n) => format!(", {n} near-identical candidate pair(s) checked"),
             None => String::new(),
         };
-        println!("             of which {measuring:.2} s measuring before compressing{candidates}");
+        say!("             of which {measuring:.2} s measuring before compressing{candidates}");
     }
     let gates = &report["gates"];
     let passed = gates["passed"].as_bool().unwrap_or(false);
     let violations = gates["violations"].as_array().map(Vec::len).unwrap_or(0);
-    println!(
+    say!(
         "gates        {}",
         if passed {
             "passed".to_string()
@@ -151,7 +157,7 @@ pub fn print_summary(report: &Value) {
             format!("FAILED ({violations} violations)")
         }
     );
-    println!(
+    say!(
         "format       {}",
         report["output_format"].as_str().unwrap_or("?")
     );

@@ -364,3 +364,22 @@ fn a_non_finite_weight_fails_the_job_naming_the_tensor() {
         stderr(&result)
     );
 }
+
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "2MB", "bf16", 5000);
+    // `shardpress inspect MODEL | head -0`: the reader is gone before anything is written.
+    let mut child = std::process::Command::new(BIN)
+        .args(["inspect", model.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let err = stderr(&output);
+    assert!(output.status.success(), "{:?}: {err}", output.status);
+    assert!(!err.contains("panicked"), "{err}");
+}
