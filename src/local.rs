@@ -127,6 +127,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    // Listening from the start: SIGTERM or Ctrl-C must stop the worker processes too, which
+    // the default action (ending this process at once) would leave running.
+    let interrupted = crate::cli::shutdown_listener()?;
     let config = coordinator_config(args.lease_ttl_secs, args.job.task_budget_mb)?;
     let threads = match args.threads {
         0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / args.workers).max(1),
@@ -155,6 +158,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             failed = workers.all_exited() => {
                 bail!("all {} worker processes exited ({failed} with an error) before the job finished", args.workers)
             }
+            () = interrupted => bail!("interrupted: job {job_id} stopped with its worker processes, unfinished (no manifest written)"),
         };
         let report = client::report(&mut client, &job_id).await;
         Ok((status, report))

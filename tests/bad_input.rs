@@ -229,7 +229,7 @@ fn a_failed_accuracy_gate_fails_the_job_naming_the_worst_tensors_and_writes_no_m
 }
 
 #[test]
-fn verify_names_a_tampered_shard() {
+fn verify_names_a_tampered_shard_a_stray_file_and_an_empty_manifest() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     let out = dir.path().join("out");
@@ -259,6 +259,48 @@ fn verify_names_a_tampered_shard() {
     assert!(!verify.status.success());
     let name = shard.file_name().unwrap().to_str().unwrap();
     assert!(stderr(&verify).contains(name), "{}", stderr(&verify));
+    // A file the manifest does not list (a stale shard of another run, at any depth) and an
+    // empty manifest are failures too.
+    let clean = dir.path().join("clean");
+    std::fs::create_dir_all(&clean).unwrap();
+    for name in ["manifest.json", "report.json"] {
+        std::fs::copy(out.join(name), clean.join(name)).unwrap();
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(clean.join("manifest.json")).unwrap()).unwrap();
+    let mut only_report = manifest.clone();
+    only_report["objects"] = serde_json::Value::Array(
+        (manifest["objects"].as_array().unwrap().iter())
+            .filter(|o| o["name"] == "report.json")
+            .cloned()
+            .collect(),
+    );
+    std::fs::write(clean.join("manifest.json"), only_report.to_string()).unwrap();
+    assert_success(
+        &shardpress(&["verify", clean.to_str().unwrap()]),
+        "verify clean",
+    );
+    std::fs::create_dir_all(clean.join("old")).unwrap();
+    std::fs::write(clean.join("old/model-00001-of-00002.safetensors"), b"stale").unwrap();
+    let verify = shardpress(&["verify", clean.to_str().unwrap()]);
+    assert!(!verify.status.success());
+    assert!(
+        stderr(&verify).contains("old/model-00001-of-00002.safetensors: not listed"),
+        "{}",
+        stderr(&verify)
+    );
+    std::fs::remove_dir_all(clean.join("old")).unwrap();
+    let mut empty = manifest;
+    empty["objects"] = serde_json::json!([]);
+    std::fs::write(clean.join("manifest.json"), empty.to_string()).unwrap();
+    std::fs::remove_file(clean.join("report.json")).unwrap();
+    let verify = shardpress(&["verify", clean.to_str().unwrap()]);
+    assert!(!verify.status.success());
+    assert!(
+        stderr(&verify).contains("lists no objects"),
+        "{}",
+        stderr(&verify)
+    );
 }
 
 #[test]

@@ -236,3 +236,76 @@ fn a_worker_killed_mid_task_loses_its_lease_and_the_output_is_unchanged() {
         );
     }
 }
+
+/// Processes whose command line contains `needle` (from /proc).
+fn processes_with(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn sigterm_to_run_stops_its_worker_processes() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "50MB", "bf16", 5000);
+    let mut run = std::process::Command::new(BIN)
+        .args(["run", "--workers", "2", "--recipe", "hqq4"])
+        .args(["--model", model.to_str().unwrap()])
+        .args(["--out", dir.path().join("out").to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(run.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("local cluster: coordinator on ") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "run ended early");
+    }
+    let address = line
+        .split_whitespace()
+        .nth(4)
+        .unwrap()
+        .trim_end_matches(',');
+    let workers_url = format!("http://{address}");
+    let started = std::time::Instant::now();
+    while processes_with(&workers_url).len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "workers never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = run.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(!status.success());
+    assert!(rest.contains("interrupted"), "{rest}");
+    // The workers are gone with it (before, they ran on until they gave up on the coordinator).
+    let started = std::time::Instant::now();
+    while !processes_with(&workers_url).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "worker processes outlived run: {:?}",
+            processes_with(&workers_url)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!dir.path().join("out/manifest.json").exists());
+}

@@ -777,6 +777,21 @@ pub async fn verify(out: &StoreLocation) -> Result<(Manifest, Vec<String>), Stor
         reason: format!("not a shardpress manifest: {e}"),
     })?;
     let mut problems = Vec::new();
+    if manifest.objects.is_empty() {
+        problems.push(format!("{} lists no objects", out.describe(MANIFEST_NAME)));
+    }
+    // Whatever else is there did not come from this job: a leftover of another run or a
+    // stray file, which a reader of the folder would take for part of the output.
+    let listed: std::collections::HashSet<&str> =
+        manifest.objects.iter().map(|e| e.name.as_str()).collect();
+    for name in out.list_all().await? {
+        if name != MANIFEST_NAME && !listed.contains(name.as_str()) {
+            problems.push(format!(
+                "{}: not listed in the manifest (left by another run?)",
+                out.describe(&name)
+            ));
+        }
+    }
     for entry in &manifest.objects {
         match out.blake3(&entry.name).await {
             Ok((_, size)) if size != entry.size => problems.push(format!(

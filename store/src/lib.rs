@@ -291,6 +291,26 @@ impl StoreLocation {
         Ok(out)
     }
 
+    /// Every object under the root, at any depth: names relative to the root, sorted.
+    pub async fn list_all(&self) -> Result<Vec<String>, StoreError> {
+        let listed: Vec<_> = self
+            .store
+            .list(Some(&self.root))
+            .try_collect()
+            .await
+            .map_err(|e| self.map_err("", e))?;
+        let mut names: Vec<String> = listed
+            .iter()
+            .filter_map(|meta| {
+                let parts = meta.location.prefix_match(&self.root)?;
+                let parts: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
+                Some(parts.join("/"))
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Hashes an object with blake3 while streaming it (never whole in memory).
     pub async fn blake3(&self, name: &str) -> Result<(String, u64), StoreError> {
         let result = self
