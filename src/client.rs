@@ -51,6 +51,11 @@ pub struct JobArgs {
     /// are not checked.
     #[arg(long)]
     pub allow_unmatched: bool,
+    /// Replace an earlier output in --out: what its manifest.json lists (and the parts of an
+    /// unfinished job) is removed first, nothing else. Without it a non-empty --out is
+    /// refused.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]
@@ -116,6 +121,7 @@ pub async fn submit(
             .assembly_slice_mib
             .map_or(0, |mib| mib.saturating_mul(1 << 20)),
         allow_unmatched: job.allow_unmatched,
+        overwrite: job.overwrite,
     };
     let response = client
         .submit_job(request)

@@ -204,6 +204,8 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             max_file_mb: None,
             assembly_slice_mib: None,
             allow_unmatched: false,
+            // The demo's own folder: a second run replaces the first's output.
+            overwrite: true,
         },
         workers: args.workers,
         threads: 0,

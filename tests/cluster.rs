@@ -309,3 +309,98 @@ fn sigterm_to_run_stops_its_worker_processes() {
     }
     assert!(!dir.path().join("out/manifest.json").exists());
 }
+
+fn stderr_of(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn an_output_is_never_mixed_with_another_or_written_over_the_input() {
+    let mut cluster = TestCluster::start(10.0);
+    cluster.add_worker("slow", &["--debug-delay-per-chunk-ms", "150"]);
+    let model = cluster.dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let out = cluster.dir.path().join("out");
+    // While a job writes to OUT, a second job to the same OUT (under another spelling) is
+    // refused.
+    let first = cluster
+        .compress_command(&model, &out, "int8")
+        .arg("--no-wait")
+        .output()
+        .unwrap();
+    assert_success(&first, "submit the first job");
+    let again = cluster.compress(&model, &cluster.dir.path().join("./out/"), "int8");
+    assert!(!again.status.success());
+    assert!(
+        stderr_of(&again).contains("is writing to"),
+        "{}",
+        stderr_of(&again)
+    );
+    let started = std::time::Instant::now();
+    while !out.join("manifest.json").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "first job never finished"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A finished output is not replaced unless asked.
+    let files_before = std::fs::read_dir(&out).unwrap().count();
+    assert!(
+        files_before > 4,
+        "{files_before} files: the first output has several shards"
+    );
+    let refused = cluster.compress(&model, &out, "int4-g128");
+    assert!(!refused.status.success());
+    assert!(
+        stderr_of(&refused).contains("already holds a finished output")
+            && stderr_of(&refused).contains("--overwrite"),
+        "{}",
+        stderr_of(&refused)
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), files_before);
+    // --overwrite replaces what the old manifest lists, keeps a file it does not, says so.
+    std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+    // In one shard this time: the first job's other shards must go.
+    let replaced = std::process::Command::new(BIN)
+        .args([
+            "compress",
+            "--coordinator",
+            &cluster.url,
+            "--recipe",
+            "int4-g128",
+        ])
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(["--overwrite", "--task-budget-mb", "64"])
+        .output()
+        .unwrap();
+    assert_success(&replaced, "compress --overwrite");
+    assert!(
+        stderr_of(&replaced).contains("notes.txt"),
+        "{}",
+        stderr_of(&replaced)
+    );
+    let objects = manifest_objects(&out);
+    let mut on_disk: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "manifest.json" && n != "notes.txt")
+        .collect();
+    on_disk.sort();
+    assert_eq!(on_disk, objects.keys().cloned().collect::<Vec<_>>());
+    // A symlink to the model's folder is the model's folder.
+    let link = cluster.dir.path().join("link-to-model");
+    std::os::unix::fs::symlink(&model, &link).unwrap();
+    let onto_input = cluster.compress(&model, &link, "int8");
+    assert!(!onto_input.status.success());
+    assert!(
+        stderr_of(&onto_input).contains("the model's own directory"),
+        "{}",
+        stderr_of(&onto_input)
+    );
+}

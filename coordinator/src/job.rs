@@ -16,6 +16,8 @@ use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, JobState, JobStat
 pub struct JobSpec {
     pub model_url: String,
     pub out_url: String,
+    /// Where the output really is (`StoreLocation::identity`): one job at a time writes there.
+    pub out_identity: String,
     pub recipe: Recipe,
     pub task_budget: u64,
     pub format: OutputFormat,
@@ -503,6 +505,7 @@ mod tests {
         let spec = JobSpec {
             model_url: "memory:///m".into(),
             out_url: "memory:///o".into(),
+            out_identity: "memory:///o".into(),
             recipe,
             task_budget: 1 << 20,
             format: OutputFormat::Safetensors,

@@ -31,6 +31,23 @@ struct Inner {
     workers: HashMap<String, WorkerInfo>,
     next_worker: u64,
     next_job: u64,
+    /// Output locations of jobs being submitted (see [`Coordinator::reserve_output`]).
+    reserved_outputs: std::collections::HashSet<String>,
+}
+
+/// An output location held for a job being submitted; released when dropped.
+pub struct OutputReservation<'a> {
+    coordinator: &'a Coordinator,
+    identity: String,
+}
+
+impl Drop for OutputReservation<'_> {
+    fn drop(&mut self) {
+        self.coordinator
+            .lock()
+            .reserved_outputs
+            .remove(&self.identity);
+    }
 }
 
 impl Inner {
@@ -107,6 +124,35 @@ impl Coordinator {
         );
         tracing::info!(worker = %id, "worker registered");
         id
+    }
+
+    /// Reserves the output location `identity` (see `StoreLocation::identity`) for a job
+    /// being submitted: refused while another submission or an unfinished job has it. The
+    /// reservation ends when dropped; by then the job, if inserted, holds the location.
+    pub fn reserve_output(
+        &self,
+        identity: &str,
+    ) -> Result<OutputReservation<'_>, CoordinatorError> {
+        let mut inner = self.lock();
+        let running = inner
+            .jobs
+            .values()
+            .find(|e| !e.job.state.is_terminal() && e.job.spec.out_identity == identity);
+        if let Some(entry) = running {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "job {} is writing to {identity}; wait for it to end or choose another output",
+                entry.job.id
+            )));
+        }
+        if !inner.reserved_outputs.insert(identity.to_string()) {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "another job is being submitted to {identity}; choose another output"
+            )));
+        }
+        Ok(OutputReservation {
+            coordinator: self,
+            identity: identity.to_string(),
+        })
     }
 
     /// Adds a planned job and returns its id.

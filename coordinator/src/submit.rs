@@ -82,7 +82,7 @@ pub async fn submit(
     } else {
         ModelFacts::default()
     };
-    let warnings = unmatched_entries(&recipe, &files, request.allow_unmatched)?;
+    let mut warnings = unmatched_entries(&recipe, &files, request.allow_unmatched)?;
     let weight_shapes = read_weight_shapes(&model.root, &files).await?;
     let mut plan = plan_tasks_with(&files, budget, &weight_shapes)?;
     // Every tensor's pass combination, and whether the format can store it, is checked
@@ -112,19 +112,23 @@ pub async fn submit(
         task.output_name = format.spec().task_output_name(task.index as usize, total);
     }
     let out = StoreLocation::open(&request.out_url)?;
-    if out.url() == model.root.url() {
+    // Compared where they really are: a symlink or a percent-encoded name of the model's
+    // folder is the model's folder, whose shards the output's names would overwrite.
+    if out.identity() == model.root.identity() {
         return Err(CoordinatorError::InvalidRequest(format!(
-            "the output {} is the model's own directory: choose another so the input is not overwritten",
-            out.url()
+            "the output {} is the model's own directory ({}): choose another so the input is not overwritten",
+            out.url(),
+            model.root.identity()
         )));
     }
-    // A manifest left by an earlier run must not vouch for this run's partial output.
-    out.delete(MANIFEST_NAME).await?;
+    let _reserved = coordinator.reserve_output(&out.identity())?;
+    let earlier = check_output(&out, request.overwrite).await?;
     let task_count = plan.len() as u32;
     let total_bytes = plan.iter().map(|t| t.input_bytes).sum();
     let mut spec = JobSpec {
         model_url: model.root.url().to_string(),
         out_url: out.url().to_string(),
+        out_identity: out.identity(),
         recipe,
         task_budget: budget,
         format,
@@ -140,10 +144,17 @@ pub async fn submit(
     let planned: Vec<&PlannedTask> = plan.iter().collect();
     let finish = crate::finalize::finish_plan(&spec, &planned)
         .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
-    if let Some(Assembly::Gguf(gguf)) = &finish.assembly {
-        let files = crate::gguf::build_files(&model.root, &spec.facts, gguf, spec.max_file_bytes)
-            .await
-            .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
+    let gguf_files = match &finish.assembly {
+        Some(Assembly::Gguf(gguf)) => Some(
+            crate::gguf::build_files(&model.root, &spec.facts, gguf, spec.max_file_bytes)
+                .await
+                .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    // Everything is checked: only now is an earlier output replaced, and the new one begun.
+    warnings.extend(clear_output(&out, earlier).await?);
+    if let Some(files) = gguf_files {
         if out.shared_writes() == Some(SharedWrites::PositionedFile) {
             let staging = |name: &str| crate::assembly::staging_name(gguf_format::PARTS_DIR, name);
             let in_place = crate::assembly::in_place(&out, files, plan.len(), staging).await?;
@@ -167,6 +178,99 @@ pub async fn submit(
         task_count,
         total_bytes,
         warnings,
+    })
+}
+
+/// Folders where jobs keep their parts and staging files until they finish.
+const PARTS_DIRS: [&str; 2] = [spz_format::PARTS_DIR, gguf_format::PARTS_DIR];
+
+/// What an output location held before the job: every object, and the objects of an earlier
+/// output that `--overwrite` replaces.
+struct Earlier {
+    present: Vec<String>,
+    manifest_lists: Option<Vec<String>>,
+}
+
+/// An output location must not hold anything a reader could take for this job's output: an
+/// earlier output or any other object is refused, unless `overwrite` (see [`clear_output`]).
+/// Only reads.
+async fn check_output(out: &StoreLocation, overwrite: bool) -> Result<Earlier, CoordinatorError> {
+    let present = out.list_all().await?;
+    let finished = present.iter().any(|name| name == MANIFEST_NAME);
+    let mut earlier = Earlier {
+        present,
+        manifest_lists: None,
+    };
+    let present = &earlier.present;
+    if present.is_empty() {
+        return Ok(earlier);
+    }
+    if !overwrite {
+        let examples: Vec<&str> = present.iter().take(3).map(String::as_str).collect();
+        let what = match finished {
+            true => "a finished output (manifest.json)",
+            false => "objects",
+        };
+        return Err(CoordinatorError::InvalidRequest(format!(
+            "the output {} already holds {what}: {} objects, such as {}; choose an empty location, or pass --overwrite to replace an earlier output (only what its manifest lists is removed)",
+            out.url(),
+            present.len(),
+            examples.join(", ")
+        )));
+    }
+    if finished {
+        let bytes = out.get(MANIFEST_NAME).await?;
+        let manifest: crate::finalize::Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| {
+                CoordinatorError::InvalidRequest(format!(
+                    "cannot overwrite {}: it is not a shardpress manifest ({e}), so what it lists is unknown",
+                    out.describe(MANIFEST_NAME)
+                ))
+            })?;
+        let listed = manifest.objects.into_iter().map(|entry| entry.name);
+        earlier.manifest_lists = Some(listed.collect());
+    }
+    Ok(earlier)
+}
+
+/// `--overwrite`: removes what the earlier manifest lists (the manifest first: it is the
+/// commit point) and the parts folders of an unfinished job, and nothing else; what is left
+/// is returned as a warning.
+async fn clear_output(
+    out: &StoreLocation,
+    earlier: Earlier,
+) -> Result<Vec<String>, CoordinatorError> {
+    let Earlier {
+        present,
+        manifest_lists,
+    } = earlier;
+    let mut remove: Vec<String> = Vec::new();
+    if let Some(listed) = manifest_lists {
+        out.delete(MANIFEST_NAME).await?;
+        remove.extend(listed);
+    }
+    let ours = |name: &str| {
+        PARTS_DIRS
+            .iter()
+            .any(|dir| name.starts_with(&format!("{dir}/")))
+    };
+    remove.extend(present.iter().filter(|name| ours(name)).cloned());
+    for name in &remove {
+        out.delete(name).await?;
+    }
+    for dir in PARTS_DIRS {
+        out.remove_empty_dir(dir);
+    }
+    let kept: Vec<&String> = (present.iter())
+        .filter(|name| *name != MANIFEST_NAME && !remove.contains(name))
+        .collect();
+    Ok(match kept.first() {
+        None => Vec::new(),
+        Some(first) => vec![format!(
+            "--overwrite left {} objects in {} that no manifest lists, such as {first} (verify will report them)",
+            kept.len(),
+            out.url()
+        )],
     })
 }
 

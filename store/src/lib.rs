@@ -150,6 +150,33 @@ impl StoreLocation {
         }
     }
 
+    /// Where this location really is, for telling whether two locations are the same place:
+    /// on a local filesystem the canonical path (symlinks resolved, percent-encoding decoded;
+    /// for a folder that does not exist yet, its nearest existing ancestor's, plus the rest),
+    /// elsewhere the store's URL with its normalized path.
+    pub fn identity(&self) -> String {
+        let Some(path) = self.local_root() else {
+            let base = self.url.split('/').take(3).collect::<Vec<_>>().join("/");
+            return format!("{base}/{}", self.root.as_ref());
+        };
+        let mut missing = Vec::new();
+        let mut existing = path.as_path();
+        let canonical = loop {
+            if let Ok(canonical) = std::fs::canonicalize(existing) {
+                break canonical;
+            }
+            match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    missing.push(name.to_owned());
+                    existing = parent;
+                }
+                _ => break existing.to_path_buf(),
+            }
+        };
+        let full = missing.iter().rev().fold(canonical, |p, name| p.join(name));
+        format!("file://{}", full.display())
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }

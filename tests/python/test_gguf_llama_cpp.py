@@ -153,9 +153,11 @@ def model(tmp_path_factory):
 
 
 def run_gguf(model, recipe):
+    """The job's file, made once per module (a finished output is not written over)."""
     out = model / f"out-{Path(recipe).stem}"
-    shardpress("run", "--workers", "2", "--model", model / "model", "--out", out,
-               "--recipe", recipe, "--format", "gguf")
+    if not (out / "manifest.json").exists():
+        shardpress("run", "--workers", "2", "--model", model / "model", "--out", out,
+                   "--recipe", recipe, "--format", "gguf")
     return out / "model.gguf"
 
 
