@@ -18,7 +18,10 @@ use crate::{client, decompress, genmodel, inspect, local};
     long_about = "Compress machine-learning models too large for one machine.\n\n\
         A coordinator plans the model from its safetensors headers and leases layer-sized tasks \
         to workers; workers range-read their tensors from object storage (file:// or s3://), \
-        compress them and write the output shards back. Start with `shardpress demo`."
+        compress them and write the output shards back. Start with `shardpress demo`.\n\n\
+        Exit codes: 0 success; 1 a failure (storage, network, a lost coordinator, a job that \
+        failed while running); 2 a job that failed its accuracy gates (report.json written, no \
+        manifest); 3 a bad request (arguments, recipe, model or output refused before any work)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -45,8 +48,8 @@ pub enum Command {
     Decompress(decompress::DecompressArgs),
     /// Re-check every object listed in an output's manifest.json against its checksum.
     Verify(VerifyArgs),
-    /// List the built-in recipes (usable as `--recipe NAME`).
-    Recipes,
+    /// List the built-in recipes (usable as `--recipe NAME`), or print one's YAML.
+    Recipes(RecipesArgs),
 }
 
 #[derive(Args)]
@@ -85,6 +88,13 @@ pub struct WorkerArgs {
 }
 
 #[derive(Args)]
+pub struct RecipesArgs {
+    /// Print this built-in recipe's YAML, to copy into a file and edit.
+    #[arg(long, value_name = "NAME")]
+    pub show: Option<String>,
+}
+
+#[derive(Args)]
 pub struct VerifyArgs {
     /// Output directory URL or path (holding manifest.json).
     pub out: String,
@@ -96,13 +106,18 @@ pub fn load_recipe(spec: &str) -> anyhow::Result<String> {
         return Ok(recipe.source_yaml);
     }
     let path = PathBuf::from(spec);
-    let yaml = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "recipe {spec:?} is neither a built-in ({}) nor a readable file",
-            Recipe::preset_names().join(", ")
-        )
-    })?;
-    Recipe::from_yaml(&yaml).with_context(|| format!("recipe file {}", path.display()))?;
+    let bad = |e: anyhow::Error| anyhow::Error::new(crate::BadRequest(format!("{e:#}")));
+    let yaml = std::fs::read_to_string(&path)
+        .with_context(|| {
+            format!(
+                "recipe {spec:?} is neither a built-in ({}) nor a readable file",
+                Recipe::preset_names().join(", ")
+            )
+        })
+        .map_err(bad)?;
+    Recipe::from_yaml(&yaml)
+        .with_context(|| format!("recipe file {}", path.display()))
+        .map_err(bad)?;
     Ok(yaml)
 }
 
@@ -117,7 +132,19 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::GenModel(args) => genmodel::gen_model(args),
         Command::Verify(args) => client::verify(&args.out).await,
         Command::Decompress(args) => decompress::decompress(args).await,
-        Command::Recipes => {
+        Command::Recipes(RecipesArgs { show: Some(name) }) => {
+            let recipe = Recipe::preset(&name)
+                .with_context(|| {
+                    format!(
+                        "no built-in recipe {name:?}; the built-ins are {}",
+                        Recipe::preset_names().join(", ")
+                    )
+                })
+                .map_err(|e| anyhow::Error::new(crate::BadRequest(format!("{e:#}"))))?;
+            say!("{}", recipe.source_yaml.trim_end());
+            Ok(())
+        }
+        Command::Recipes(RecipesArgs { show: None }) => {
             for name in Recipe::preset_names() {
                 if let Some(recipe) = Recipe::preset(name) {
                     say!("{}", recipe.describe());

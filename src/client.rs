@@ -106,13 +106,24 @@ pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<JobService
     }
 }
 
+/// A relative path means relative to where the client runs, not the coordinator's working
+/// directory: sent absolute. URLs are sent as they are.
+fn resolved_here(path_or_url: &str) -> anyhow::Result<String> {
+    if path_or_url.contains("://") {
+        return Ok(path_or_url.to_string());
+    }
+    let path = std::path::absolute(path_or_url)
+        .with_context(|| format!("cannot resolve the path {path_or_url:?}"))?;
+    Ok(path.display().to_string())
+}
+
 pub async fn submit(
     client: &mut JobServiceClient<Channel>,
     job: &JobArgs,
 ) -> anyhow::Result<String> {
     let request = SubmitJobRequest {
-        model_url: job.model.clone(),
-        out_url: job.out.clone(),
+        model_url: resolved_here(&job.model)?,
+        out_url: resolved_here(&job.out)?,
         recipe_yaml: load_recipe(&job.recipe)?,
         task_budget_bytes: job.task_budget_mb * 1024 * 1024,
         format: job.format.clone().unwrap_or_default(),
@@ -126,7 +137,13 @@ pub async fn submit(
     let response = client
         .submit_job(request)
         .await
-        .map_err(|status| anyhow::anyhow!("{}", status.message()))
+        .map_err(|status| match status.code() {
+            // Refused for what was asked (recipe, model, output), not for a fault.
+            tonic::Code::InvalidArgument | tonic::Code::NotFound => {
+                anyhow::Error::new(crate::BadRequest(status.message().to_string()))
+            }
+            _ => anyhow::anyhow!("{}", status.message()),
+        })
         .context("job rejected")?
         .into_inner();
     for warning in &response.warnings {
@@ -255,11 +272,17 @@ pub fn finish(status: &JobStatus, report: &str) -> anyhow::Result<()> {
         }
     }
     let state = status.state();
+    let gate_failed = serde_json::from_str::<serde_json::Value>(report)
+        .is_ok_and(|r| r["gates"]["passed"] == serde_json::Value::Bool(false));
     match state {
         JobState::Succeeded => {
             say!("{}", status.message);
             Ok(())
         }
+        JobState::Failed if gate_failed => Err(anyhow::Error::new(crate::GateFailed(format!(
+            "job {} failed its accuracy gates: {}",
+            status.job_id, status.message
+        )))),
         _ => bail!(
             "job {} {}: {}",
             status.job_id,

@@ -39,6 +39,42 @@ pub fn write_stdout_line(line: std::fmt::Arguments<'_>) {
     }
 }
 
+/// A request refused before any work: bad arguments, a recipe, model or output the job cannot
+/// take. Exit code 3.
+#[derive(Debug)]
+pub struct BadRequest(pub String);
+
+/// A job that ran and failed its accuracy gates (its report is written). Exit code 2.
+#[derive(Debug)]
+pub struct GateFailed(pub String);
+
+impl std::fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Display for GateFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadRequest {}
+impl std::error::Error for GateFailed {}
+
+/// The exit code of a failed command: 2 for a failed accuracy gate, 3 for a bad request, 1
+/// for anything else (infrastructure: storage, network, a worker or coordinator lost).
+fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<GateFailed>().is_some() {
+        2
+    } else if error.downcast_ref::<BadRequest>().is_some() {
+        3
+    } else {
+        1
+    }
+}
+
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHARDPRESS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -49,7 +85,16 @@ fn init_logging(default: &str) {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.use_stderr() {
+                true => std::process::ExitCode::from(3),
+                false => std::process::ExitCode::SUCCESS, // --help, --version
+            };
+        }
+    };
     let quiet = matches!(
         cli.command,
         Command::Run(_) | Command::Demo(_) | Command::Compress(_)
@@ -70,7 +115,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(exit_code(&e))
         }
     }
 }

@@ -21,16 +21,22 @@ fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Refused at submit: exit code 3 (a bad request), the error naming `needles`, no manifest.
 fn expect_rejected(cluster: &TestCluster, model: &Path, recipe: &str, needles: &[&str]) {
+    expect_failure(cluster, model, recipe, needles, 3);
+}
+
+fn expect_failure(cluster: &TestCluster, model: &Path, recipe: &str, needles: &[&str], code: i32) {
     let out = model.parent().unwrap().join(format!(
         "{}-out",
         model.file_name().unwrap().to_str().unwrap()
     ));
     let result = cluster.compress(model, &out, recipe);
     let err = stderr(&result);
-    assert!(
-        !result.status.success(),
-        "{} should have been rejected",
+    assert_eq!(
+        result.status.code(),
+        Some(code),
+        "{} should have failed with exit code {code}: {err}",
         model.display()
     );
     for needle in needles {
@@ -127,7 +133,8 @@ fn hostile_and_broken_inputs_are_rejected_with_clear_errors_and_no_manifest() {
 
 #[test]
 fn malformed_recipes_are_rejected_before_any_work() {
-    let cluster = TestCluster::start(5.0);
+    let mut cluster = TestCluster::start(5.0);
+    cluster.add_worker("w1", &[]);
     let root = cluster.dir.path().to_path_buf();
     let model = root.join("model");
     gen_model(&model, "2MB", "bf16", 5000);
@@ -147,6 +154,23 @@ fn malformed_recipes_are_rejected_before_any_work() {
         &model,
         "no-such-preset",
         &["no-such-preset", "int4-g128"],
+    );
+    // A mistyped flag is a bad request too (clap's own code would be 2, a failed gate's).
+    let typo = shardpress(&["run", "--model", "m", "--out", "o", "--wrokers", "2"]);
+    assert_eq!(typo.status.code(), Some(3), "{}", stderr(&typo));
+    // A built-in's YAML, printed to start a recipe file from, is that recipe.
+    let shown = shardpress(&["recipes", "--show", "int4-g128"]);
+    assert_success(&shown, "recipes --show");
+    let path = root.join("copied.yaml");
+    std::fs::write(&path, &shown.stdout).unwrap();
+    let copied = cluster.compress(&model, &root.join("copied-out"), path.to_str().unwrap());
+    assert_success(&copied, "compress with the shown recipe");
+    let unknown = shardpress(&["recipes", "--show", "int5"]);
+    assert_eq!(unknown.status.code(), Some(3));
+    assert!(
+        stderr(&unknown).contains("int4-g128"),
+        "{}",
+        stderr(&unknown)
     );
 }
 
@@ -217,7 +241,11 @@ fn a_failed_accuracy_gate_fails_the_job_naming_the_worst_tensors_and_writes_no_m
     let out = root.join("out");
     let result = cluster.compress(&model, &out, recipe.to_str().unwrap());
     let err = stderr(&result);
-    assert!(!result.status.success());
+    assert_eq!(
+        result.status.code(),
+        Some(2),
+        "a failed gate exits 2: {err}"
+    );
     assert!(
         err.contains("accuracy gate failed") && err.contains("_proj.weight rel_fro_error"),
         "{err}"
@@ -315,7 +343,11 @@ fn an_unreachable_coordinator_is_a_clear_error() {
         "--out",
         dir.path().join("o").to_str().unwrap(),
     ]);
-    assert!(!result.status.success());
+    assert_eq!(
+        result.status.code(),
+        Some(1),
+        "an infrastructure failure exits 1"
+    );
     assert!(
         stderr(&result).contains("cannot reach the coordinator at http://127.0.0.1:1"),
         "{}",
@@ -338,7 +370,8 @@ fn a_non_finite_weight_fails_the_job_naming_the_tensor() {
     }
     bytes[data + 4 * 130..data + 4 * 131].copy_from_slice(&f32::INFINITY.to_le_bytes());
     std::fs::write(&file, &bytes).unwrap();
-    expect_rejected(
+    // Found by the worker while the job runs: the job fails (exit code 1), naming it.
+    expect_failure(
         &cluster,
         &model,
         "w4a16",
@@ -348,6 +381,7 @@ fn a_non_finite_weight_fails_the_job_naming_the_tensor() {
             "is inf",
             "non_finite: keep",
         ],
+        1,
     );
     // With `non_finite: keep` the row holding it is stored exactly, the other compressed.
     let recipe = cluster.dir.path().join("keep.yaml");

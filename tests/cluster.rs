@@ -404,3 +404,26 @@ fn an_output_is_never_mixed_with_another_or_written_over_the_input() {
         stderr_of(&onto_input)
     );
 }
+
+#[test]
+fn relative_paths_are_the_clients_not_the_coordinators() {
+    let mut cluster = TestCluster::start(10.0);
+    cluster.add_worker("w1", &[]);
+    let here = cluster.dir.path().join("client-dir");
+    gen_model(&here.join("model"), "2MB", "bf16", 5000);
+    // The coordinator runs in another directory; "model" and "out" are the client's.
+    let result = std::process::Command::new(BIN)
+        .current_dir(&here)
+        .args([
+            "compress",
+            "--coordinator",
+            &cluster.url,
+            "--recipe",
+            "int8",
+        ])
+        .args(["--model", "model", "--out", "out"])
+        .output()
+        .unwrap();
+    assert_success(&result, "compress with relative paths");
+    assert!(here.join("out/manifest.json").exists());
+}
