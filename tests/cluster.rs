@@ -427,3 +427,35 @@ fn relative_paths_are_the_clients_not_the_coordinators() {
     assert_success(&result, "compress with relative paths");
     assert!(here.join("out/manifest.json").exists());
 }
+
+#[test]
+fn a_terminated_worker_gives_its_task_back_at_once_and_exits() {
+    // A long lease time: the task can only move on this quickly if it is given back.
+    let mut cluster = TestCluster::start(60.0);
+    let model = cluster.dir.path().join("model");
+    gen_model(&model, "5MB", "bf16", 5000);
+    let out = cluster.dir.path().join("out");
+    cluster.add_worker(
+        "leaving",
+        &["--chunk-mb", "0.25", "--debug-delay-per-chunk-ms", "200"],
+    );
+    let mut client = cluster
+        .compress_command(&model, &out, RECIPE_INT4)
+        .spawn()
+        .unwrap();
+    cluster.wait_for_log("leaving", "task acquired", Duration::from_secs(60));
+    cluster.add_worker("staying", &[]);
+    let (took, clean) = cluster.terminate_worker("leaving");
+    assert!(clean, "a terminated worker exits successfully");
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop");
+    let status = client.wait().unwrap();
+    assert!(status.success(), "the job failed after a worker left");
+    let log = std::fs::read_to_string(cluster.log_path("leaving")).unwrap();
+    assert!(log.contains("giving its lease back"), "{log}");
+    // Given back, not failed: nothing counts as a retry, and no lease had to expire.
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["summary"]["task_retries"], 0);
+    let coordinator = std::fs::read_to_string(cluster.dir.path().join("coordinator.log")).unwrap();
+    assert!(!coordinator.contains("expired"), "{coordinator}");
+}

@@ -353,6 +353,16 @@ impl Job {
         }
     }
 
+    /// Takes back the lease of a worker that is shutting down: the task is leased again at
+    /// once, and this is not one of its failures.
+    pub fn release(&mut self, index: u32, attempt: u32) -> Result<(), Rejection> {
+        let slot = self.leased_slot(index, attempt)?;
+        slot.status = TaskStatus::Pending;
+        slot.retry_at = None;
+        slot.progress_bytes = 0;
+        Ok(())
+    }
+
     /// When the next task waiting out a failure may be leased, if any is.
     pub fn next_retry(&self) -> Option<Instant> {
         if self.state != JobState::Running {

@@ -279,14 +279,18 @@ impl Coordinator {
             .jobs
             .get_mut(&task.job_id)
             .ok_or(Rejection::NoSuchTask)?;
-        entry.job.fail(
-            task.task_index,
-            task.attempt,
-            &format!("failed on worker {}: {}", task.worker_id, request.message),
-            request.retryable,
-            self.config.max_attempts,
-            Instant::now(),
-        )?;
+        if request.worker_leaving {
+            entry.job.release(task.task_index, task.attempt)?;
+        } else {
+            entry.job.fail(
+                task.task_index,
+                task.attempt,
+                &format!("failed on worker {}: {}", task.worker_id, request.message),
+                request.retryable,
+                self.config.max_attempts,
+                Instant::now(),
+            )?;
+        }
         inner.publish(&task.job_id, self.config.lease_ttl);
         drop(inner);
         self.task_ready.notify_waiters();
@@ -337,15 +341,20 @@ impl Coordinator {
 
     /// Cancels a running job; a job already finalizing or finished is left as it is.
     pub fn cancel(&self, job_id: &str) -> Result<JobStatus, CoordinatorError> {
-        if self.status(job_id)?.state != JobState::Running as i32 {
-            return self.status(job_id);
+        // Checked and changed under one lock: a job whose last task completes meanwhile is
+        // finalizing and ends succeeded (with its manifest), never "cancelled" beside one.
+        let mut inner = self.lock();
+        let entry = inner
+            .jobs
+            .get_mut(job_id)
+            .ok_or_else(|| CoordinatorError::UnknownJob(job_id.to_string()))?;
+        if entry.job.state == JobState::Running {
+            entry
+                .job
+                .finish(JobState::Cancelled, "cancelled by request".into());
         }
-        self.set_outcome(
-            job_id,
-            JobState::Cancelled,
-            "cancelled by request".into(),
-            String::new(),
-        );
+        inner.publish(job_id, self.config.lease_ttl);
+        drop(inner);
         self.status(job_id)
     }
 

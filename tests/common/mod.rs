@@ -111,6 +111,24 @@ impl TestCluster {
         self.workers.push((name.to_string(), child));
     }
 
+    /// Sends SIGTERM to worker `name` and waits for it to exit; returns how long that took
+    /// and whether it exited successfully.
+    pub fn terminate_worker(&mut self, name: &str) -> (std::time::Duration, bool) {
+        let (_, child) = self
+            .workers
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .expect("worker");
+        let started = Instant::now();
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = child.wait().unwrap();
+        (started.elapsed(), status.success())
+    }
+
     pub fn kill_worker(&mut self, name: &str) {
         let (_, child) = self
             .workers

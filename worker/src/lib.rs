@@ -1,7 +1,9 @@
 //! The shardpress worker: pulls task leases from the coordinator, range-reads its tensors from
 //! object storage, runs the recipe's passes from core on a rayon pool (never on the async
 //! runtime), streams one output shard per task back to object storage and reports sizes,
-//! checksums and per-tensor metrics. Heartbeats keep the lease while it works.
+//! checksums and per-tensor metrics. Heartbeats keep the lease while it works. Told to shut
+//! down (SIGTERM, a scale-down), it stops taking leases, stops its running task at the next
+//! chunk and gives the lease back, to be leased again at once elsewhere.
 //!
 //! Layout: [`cpu`] (the bridge to the rayon pool), [`task`] (one lease, chunk by chunk),
 //! [`error`] (what can fail and whether a retry elsewhere may help), and the lease loop here.
@@ -134,7 +136,10 @@ pub async fn run_worker(
             Ok(response) => {
                 failing_since = None;
                 if let Some(lease) = response.into_inner().lease {
-                    run_lease(&mut client, &config, &worker_id, lease).await;
+                    let lease = run_lease(&mut client, &config, &worker_id, lease);
+                    if lease.leaving(shutdown.as_mut()).await {
+                        return Ok(());
+                    }
                 }
             }
             Err(status) => {
@@ -149,12 +154,73 @@ pub async fn run_worker(
     }
 }
 
+/// How long a worker told to shut down waits for its running task to stop (at its next
+/// chunk) before it gives the lease back anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A lease being run, and whether the worker is leaving.
+struct RunningLease<F> {
+    task: F,
+    cancel: Arc<AtomicBool>,
+    leaving: Arc<AtomicBool>,
+}
+
+impl<F: std::future::Future<Output = ()>> RunningLease<F> {
+    /// Runs the lease to its end; if `shutdown` resolves first, stops the task at its next
+    /// chunk, gives the lease back (re-leased at once elsewhere) and returns true.
+    async fn leaving(
+        self,
+        shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> bool {
+        let task = self.task;
+        tokio::pin!(task);
+        tokio::select! {
+            () = &mut task => return false,
+            () = shutdown => {}
+        }
+        tracing::warn!("shutting down: stopping the running task and giving its lease back");
+        self.leaving.store(true, Ordering::Relaxed);
+        self.cancel.store(true, Ordering::Relaxed);
+        if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+            tracing::warn!(
+                "the task did not stop within {SHUTDOWN_GRACE:?}; its lease will expire"
+            );
+        }
+        true
+    }
+}
+
 /// Runs one lease with a heartbeat beside it and reports the outcome.
-async fn run_lease(
+fn run_lease<'a>(
+    client: &'a mut WorkerServiceClient<Channel>,
+    config: &'a WorkerConfig,
+    worker_id: &'a str,
+    lease: TaskLease,
+) -> RunningLease<impl std::future::Future<Output = ()> + 'a> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let leaving = Arc::new(AtomicBool::new(false));
+    let task = lease_task(
+        client,
+        config,
+        worker_id,
+        lease,
+        cancel.clone(),
+        leaving.clone(),
+    );
+    RunningLease {
+        task,
+        cancel,
+        leaving,
+    }
+}
+
+async fn lease_task(
     client: &mut WorkerServiceClient<Channel>,
     config: &WorkerConfig,
     worker_id: &str,
     lease: TaskLease,
+    cancelled: Arc<AtomicBool>,
+    leaving: Arc<AtomicBool>,
 ) {
     let task_ref = TaskRef {
         job_id: lease.job_id.clone(),
@@ -165,7 +231,6 @@ async fn run_lease(
     tracing::info!(job = %lease.job_id, task = lease.task_index, attempt = lease.attempt,
         output = %lease.output_name, tensors = lease.tensors.len(), "task acquired");
     let progress = Arc::new(AtomicU64::new(0));
-    let cancelled = Arc::new(AtomicBool::new(false));
     let heartbeat = tokio::spawn(heartbeat_loop(
         client.clone(),
         task_ref.clone(),
@@ -197,6 +262,17 @@ async fn run_lease(
                     "could not report the result; the lease will expire and the task rerun"),
             }
         }
+        Err(TaskError::Cancelled(_)) if leaving.load(Ordering::Relaxed) => {
+            let request = FailTaskRequest {
+                task: Some(task_ref),
+                message: "the worker is shutting down".into(),
+                retryable: true,
+                worker_leaving: true,
+            };
+            if let Err(e) = client.fail_task(request).await {
+                tracing::warn!(error = %e.message(), "could not give the lease back; it will expire");
+            }
+        }
         Err(TaskError::Cancelled(reason)) => {
             tracing::warn!(task = lease.task_index, %reason, "task abandoned")
         }
@@ -207,6 +283,7 @@ async fn run_lease(
                 task: Some(task_ref),
                 message: error.to_string(),
                 retryable: error.is_retryable(),
+                worker_leaving: false,
             };
             if let Err(e) = client.fail_task(request).await {
                 tracing::warn!(error = %e.message(), "could not report the failure");
