@@ -36,6 +36,16 @@ pub enum Command {
     Run(local::RunArgs),
     /// Submit a job to a running coordinator and follow it to the end.
     Compress(client::CompressArgs),
+    /// List a coordinator's jobs, newest first.
+    Jobs(client::JobsArgs),
+    /// Show one job's state and progress.
+    Status(client::JobRefArgs),
+    /// Follow a job (e.g. one submitted with `compress --no-wait`) to its end and print its
+    /// summary, with `compress`'s exit codes.
+    Watch(client::JobRefArgs),
+    /// Cancel a running job: it stops without a manifest (a job already finalizing ends as
+    /// it would have).
+    Cancel(client::JobRefArgs),
     /// Serve the coordinator (job and worker gRPC services).
     Coordinator(CoordinatorArgs),
     /// Run a worker that pulls tasks from a coordinator.
@@ -126,6 +136,10 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Demo(args) => local::demo(args).await,
         Command::Run(args) => local::run(args).await,
         Command::Compress(args) => client::compress(args).await,
+        Command::Jobs(args) => client::jobs(args).await,
+        Command::Status(args) => client::status(args).await,
+        Command::Watch(args) => client::watch_job(args).await,
+        Command::Cancel(args) => client::cancel(args).await,
         Command::Coordinator(args) => local::serve_coordinator(args).await,
         Command::Worker(args) => run_worker(args).await,
         Command::Inspect(args) => inspect::inspect(args).await,

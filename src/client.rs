@@ -1,5 +1,6 @@
 //! The job client: submit to a coordinator, follow the job's progress stream with a progress
-//! bar and ETA, and print the report's summary. Also `verify`.
+//! bar and ETA, and print the report's summary; list, show, follow and cancel jobs (`--json`
+//! for scripts). Also `verify`.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -7,7 +8,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use shardpress_proto::v1::{GetJobRequest, JobState, JobStatus, SubmitJobRequest};
+use shardpress_proto::v1::{
+    CancelJobRequest, GetJobRequest, JobState, JobStatus, ListJobsRequest, SubmitJobRequest,
+};
 use shardpress_proto::JobServiceClient;
 use shardpress_store::StoreLocation;
 use tokio_stream::StreamExt;
@@ -56,6 +59,38 @@ pub struct JobArgs {
     /// refused.
     #[arg(long)]
     pub overwrite: bool,
+}
+
+/// Which coordinator to talk to (as `compress`).
+#[derive(Args)]
+pub struct CoordinatorUrl {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        env = "SHARDPRESS_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+}
+
+#[derive(Args)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub coordinator: CoordinatorUrl,
+    /// One JSON array of job objects instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct JobRefArgs {
+    /// The job's id (as `compress --no-wait` prints it, or `jobs` lists it).
+    pub job: String,
+    #[command(flatten)]
+    pub coordinator: CoordinatorUrl,
+    /// A JSON object instead of a line (not for `watch`, which prints the job's summary).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -235,6 +270,120 @@ pub async fn watch(
             Ok(status.into_inner())
         }
     }
+}
+
+/// A job's status as a JSON object, for scripts.
+fn status_json(status: &JobStatus) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": status.job_id,
+        "state": status.state().label(),
+        "tasks_total": status.tasks_total,
+        "tasks_done": status.tasks_done,
+        "tasks_running": status.tasks_running,
+        "bytes_total": status.bytes_total,
+        "bytes_done": status.bytes_done,
+        "task_retries": status.task_retries,
+        "workers": status.workers,
+        "message": status.message,
+        "model_url": status.model_url,
+        "out_url": status.out_url,
+        "recipe": status.recipe,
+    })
+}
+
+/// A job's status in one line.
+fn status_line(status: &JobStatus) -> String {
+    let mut line = format!(
+        "{}  {:<10} tasks {}/{}  {:.1}/{:.1} MB  {} -> {}",
+        status.job_id,
+        status.state().label(),
+        status.tasks_done,
+        status.tasks_total,
+        status.bytes_done as f64 / 1e6,
+        status.bytes_total as f64 / 1e6,
+        status.model_url,
+        status.out_url
+    );
+    if !status.message.is_empty() {
+        line.push_str(&format!("  ({})", status.message));
+    }
+    line
+}
+
+/// An error of a call about one job: an unknown job is a bad request.
+fn job_call_error(status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::NotFound => anyhow::Error::new(crate::BadRequest(status.message().into())),
+        _ => anyhow::anyhow!("{}", status.message()),
+    }
+}
+
+/// `shardpress jobs`: every job the coordinator knows, newest first.
+pub async fn jobs(args: JobsArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.coordinator.coordinator, Duration::from_secs(3)).await?;
+    let jobs = client
+        .list_jobs(ListJobsRequest {})
+        .await
+        .map_err(job_call_error)?
+        .into_inner()
+        .jobs;
+    if args.json {
+        let jobs: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
+        say!("{}", serde_json::Value::Array(jobs));
+    } else if jobs.is_empty() {
+        say!("no jobs");
+    } else {
+        for job in &jobs {
+            say!("{}", status_line(job));
+        }
+    }
+    Ok(())
+}
+
+/// `shardpress status JOB`.
+pub async fn status(args: JobRefArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.coordinator.coordinator, Duration::from_secs(3)).await?;
+    let request = GetJobRequest { job_id: args.job };
+    let status = client
+        .get_job(request)
+        .await
+        .map_err(job_call_error)?
+        .into_inner();
+    match args.json {
+        true => say!("{}", status_json(&status)),
+        false => say!("{}", status_line(&status)),
+    }
+    Ok(())
+}
+
+/// `shardpress watch JOB`: follows a job to its end as `compress` does (same summary and
+/// exit codes).
+pub async fn watch_job(args: JobRefArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.coordinator.coordinator, Duration::from_secs(3)).await?;
+    let request = GetJobRequest {
+        job_id: args.job.clone(),
+    };
+    client.get_job(request).await.map_err(job_call_error)?;
+    let status = watch(&mut client, &args.job).await?;
+    let report = report(&mut client, &args.job).await;
+    finish(&status, &report)
+}
+
+/// `shardpress cancel JOB`: a running job stops (no manifest); one already finalizing or
+/// ended is left as it is. Prints the job's state after the request.
+pub async fn cancel(args: JobRefArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.coordinator.coordinator, Duration::from_secs(3)).await?;
+    let request = CancelJobRequest { job_id: args.job };
+    let status = client
+        .cancel_job(request)
+        .await
+        .map_err(job_call_error)?
+        .into_inner();
+    match args.json {
+        true => say!("{}", status_json(&status)),
+        false => say!("{}", status_line(&status)),
+    }
+    Ok(())
 }
 
 /// The report of a job that has ended, streamed in pieces (it grows with the model); empty,

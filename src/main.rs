@@ -97,7 +97,13 @@ fn main() -> std::process::ExitCode {
     };
     let quiet = matches!(
         cli.command,
-        Command::Run(_) | Command::Demo(_) | Command::Compress(_)
+        Command::Run(_)
+            | Command::Demo(_)
+            | Command::Compress(_)
+            | Command::Jobs(_)
+            | Command::Status(_)
+            | Command::Watch(_)
+            | Command::Cancel(_)
     );
     init_logging(if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -459,3 +459,70 @@ fn a_terminated_worker_gives_its_task_back_at_once_and_exits() {
     let coordinator = std::fs::read_to_string(cluster.dir.path().join("coordinator.log")).unwrap();
     assert!(!coordinator.contains("expired"), "{coordinator}");
 }
+
+#[test]
+fn jobs_are_listed_shown_followed_and_cancelled_from_the_command_line() {
+    let mut cluster = TestCluster::start(10.0);
+    cluster.add_worker(
+        "slow",
+        &["--chunk-mb", "0.25", "--debug-delay-per-chunk-ms", "200"],
+    );
+    let model = cluster.dir.path().join("model");
+    gen_model(&model, "5MB", "bf16", 5000);
+    let url = cluster.url.clone();
+    let job = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--coordinator", &url]);
+        shardpress(&all)
+    };
+    let submitted = cluster
+        .compress_command(&model, &cluster.dir.path().join("a"), RECIPE_INT4)
+        .arg("--no-wait")
+        .output()
+        .unwrap();
+    assert_success(&submitted, "compress --no-wait");
+    let id = String::from_utf8(submitted.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let listed = job(&["jobs", "--json"]);
+    assert_success(&listed, "jobs --json");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["job_id"], id.as_str());
+    assert_eq!(listed[0]["state"], "running");
+    assert!(listed[0]["out_url"].as_str().unwrap().ends_with("/a"));
+    let shown = job(&["status", &id, "--json"]);
+    assert_success(&shown, "status --json");
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["tasks_total"], listed[0]["tasks_total"]);
+    // Cancelled while it runs: it ends without a manifest, and watching it is a failure.
+    let cancelled = job(&["cancel", &id]);
+    assert_success(&cancelled, "cancel");
+    assert!(String::from_utf8_lossy(&cancelled.stdout).contains("cancelled"));
+    let watched = job(&["watch", &id]);
+    assert_eq!(
+        watched.status.code(),
+        Some(1),
+        "a cancelled job's watch fails"
+    );
+    assert!(!cluster.dir.path().join("a/manifest.json").exists());
+    // An unknown job is a bad request.
+    assert_eq!(job(&["status", "job-0-0"]).status.code(), Some(3));
+    // A job followed with `watch` prints its summary and succeeds.
+    cluster.add_worker("fast", &[]);
+    let second = cluster
+        .compress_command(&model, &cluster.dir.path().join("b"), RECIPE_INT4)
+        .arg("--no-wait")
+        .output()
+        .unwrap();
+    let id = String::from_utf8(second.stdout).unwrap().trim().to_string();
+    let watched = job(&["watch", &id]);
+    assert_success(&watched, "watch");
+    assert!(String::from_utf8_lossy(&watched.stdout).contains("gates        passed"));
+    let listed: serde_json::Value =
+        serde_json::from_slice(&job(&["jobs", "--json"]).stdout).unwrap();
+    let states: Vec<&str> = (listed.as_array().unwrap().iter())
+        .map(|j| j["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["succeeded", "cancelled"]);
+}

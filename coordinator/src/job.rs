@@ -85,7 +85,8 @@ pub struct TaskSlot {
     /// A failed task is not leased again before this (see [`retry_delay`]).
     pub retry_at: Option<Instant>,
     pub result: Option<TaskOutcome>,
-    /// Set on the final task of an `.spz` job, which concatenates the other tasks' parts.
+    /// Set on the assembly slices of an `.spz` or GGUF file, which copy (or hash) parts of
+    /// the other tasks' output into it.
     pub assemble: Option<AssembleSlice>,
 }
 
@@ -492,6 +493,9 @@ impl Job {
             message: self.message.clone(),
             workers,
             task_retries: self.retries,
+            model_url: self.spec.model_url.clone(),
+            out_url: self.spec.out_url.clone(),
+            recipe: self.spec.recipe.describe(),
         }
     }
 }

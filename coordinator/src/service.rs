@@ -8,8 +8,8 @@ use futures::Stream;
 use shardpress_proto::v1::{
     AcquireTaskRequest, AcquireTaskResponse, CancelJobRequest, CompleteTaskRequest,
     CompleteTaskResponse, FailTaskRequest, FailTaskResponse, GetJobRequest, HeartbeatRequest,
-    HeartbeatResponse, JobStatus, RegisterWorkerRequest, RegisterWorkerResponse, ReportChunk,
-    SubmitJobRequest, SubmitJobResponse,
+    HeartbeatResponse, JobStatus, ListJobsRequest, ListJobsResponse, RegisterWorkerRequest,
+    RegisterWorkerResponse, ReportChunk, SubmitJobRequest, SubmitJobResponse,
 };
 use shardpress_proto::{JobService, WorkerService};
 use tonic::{Request, Response, Status};
@@ -88,6 +88,15 @@ impl JobService for JobApi {
         Ok(Response::new(
             self.coordinator.cancel(&request.get_ref().job_id)?,
         ))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        Ok(Response::new(ListJobsResponse {
+            jobs: self.coordinator.list_jobs(),
+        }))
     }
 
     type GetReportStream = ReportStream;

@@ -306,6 +306,17 @@ impl Coordinator {
         Ok(entry.job.status(inner.live_workers(self.config.lease_ttl)))
     }
 
+    /// Every job's status, newest first.
+    pub fn list_jobs(&self) -> Vec<JobStatus> {
+        let inner = self.lock();
+        let workers = inner.live_workers(self.config.lease_ttl);
+        let mut jobs: Vec<(Instant, JobStatus)> = (inner.jobs.values())
+            .map(|e| (e.job.started, e.job.status(workers)))
+            .collect();
+        jobs.sort_by_key(|(started, _)| std::cmp::Reverse(*started));
+        jobs.into_iter().map(|(_, status)| status).collect()
+    }
+
     pub fn watch(&self, job_id: &str) -> Result<watch::Receiver<JobStatus>, CoordinatorError> {
         let inner = self.lock();
         let entry = inner
