@@ -75,13 +75,22 @@ fn exit_code(error: &anyhow::Error) -> u8 {
     }
 }
 
+/// Logs on stderr: the level from `SHARDPRESS_LOG`, else `RUST_LOG`, else `default`; colours
+/// only on a terminal; one JSON object per line with `SHARDPRESS_LOG_FORMAT=json` (for log
+/// collectors).
 fn init_logging(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHARDPRESS_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if std::env::var("SHARDPRESS_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 fn main() -> std::process::ExitCode {

@@ -526,3 +526,42 @@ fn jobs_are_listed_shown_followed_and_cancelled_from_the_command_line() {
         .collect();
     assert_eq!(states, ["succeeded", "cancelled"]);
 }
+
+#[test]
+fn logs_have_no_colour_codes_in_files_and_can_be_json() {
+    let mut cluster = TestCluster::start(10.0);
+    cluster.add_worker("w1", &[]);
+    let model = cluster.dir.path().join("model");
+    gen_model(&model, "2MB", "bf16", 5000);
+    let out = cluster.dir.path().join("out");
+    assert_success(&cluster.compress(&model, &out, "int8"), "compress");
+    for name in ["coordinator", "w1"] {
+        let log = std::fs::read_to_string(cluster.dir.path().join(format!("{name}.log"))).unwrap();
+        assert!(log.contains("INFO"), "{name}: {log}");
+        assert!(
+            !log.contains('\x1b'),
+            "{name}'s log file holds colour codes:\n{log}"
+        );
+    }
+    let run = std::process::Command::new(BIN)
+        .args(["run", "--workers", "1", "--recipe", "int8"])
+        .args(["--model", model.to_str().unwrap()])
+        .args(["--out", cluster.dir.path().join("json").to_str().unwrap()])
+        .env("SHARDPRESS_LOG", "info")
+        .env("SHARDPRESS_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert_success(&run, "run with JSON logs");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let records: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["level"] == "INFO" && r["fields"]["message"] == "job planned"),
+        "{stderr}"
+    );
+}
