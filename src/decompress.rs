@@ -7,7 +7,9 @@
 //! its original dtype), plus the companion files; for a lossless recipe the files are
 //! byte-identical to the input. Files are written under a `.partial` name and renamed when
 //! complete, so an interrupted restore never leaves a file that looks finished; a restore that
-//! fails (a corrupt record, say) removes its `.partial` file.
+//! fails (a corrupt record, say) removes its `.partial` file. `--out` may also be an object
+//! store URL (`s3://…`): each file is then one multipart upload written in file order, which
+//! the store shows only once complete (a failed one is aborted).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -15,23 +17,28 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 use clap::Args;
 use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectStoreExt, WriteMultipart};
 use shardpress_core::dtype::DType;
 use shardpress_core::header::encode_header;
 use shardpress_store::spz::SpzReader;
+use shardpress_store::StoreLocation;
 
 /// Tensors read and decoded concurrently during a restore.
 const DECODE_AHEAD: usize = 2;
+/// Part size of a restored file's upload to an object store.
+const UPLOAD_PART_BYTES: usize = 16 << 20;
 
 #[derive(Args)]
 pub struct DecompressArgs {
     /// The archive (path, file:// or s3:// URL of a .spz file, or of a directory holding
     /// model.spz).
     pub archive: String,
-    /// Directory to write the restored files into.
+    /// Where to write the restored files: a directory, or an object store URL (s3://…).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: String,
     /// Restore only these tensors (repeatable) into `tensors.safetensors`; only their records
     /// are read from the archive.
     #[arg(long)]
@@ -56,15 +63,56 @@ fn partial_name(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Where restored files go.
+enum Destination {
+    Directory(PathBuf),
+    Store(StoreLocation),
+}
+
+impl Destination {
+    fn parse(out: &str) -> anyhow::Result<Destination> {
+        if !out.contains("://") {
+            return Ok(Destination::Directory(PathBuf::from(out)));
+        }
+        if let Some(path) = out.strip_prefix("file://") {
+            return Ok(Destination::Directory(PathBuf::from(path)));
+        }
+        Ok(Destination::Store(StoreLocation::open(out)?))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Destination::Directory(dir) => dir.display().to_string(),
+            Destination::Store(store) => store.url().to_string(),
+        }
+    }
+
+    /// Writes a small file (an index, a companion file) whole.
+    async fn put(&self, name: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
+        match self {
+            Destination::Directory(dir) => {
+                let path = safe_join(dir, name)?;
+                std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+            }
+            Destination::Store(store) => {
+                safe_join(Path::new("."), name)?;
+                Ok(store.put(name, Bytes::from(bytes)).await?)
+            }
+        }
+    }
+}
+
 pub async fn decompress(args: DecompressArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let archive = SpzReader::open(&args.archive).await?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let out = Destination::parse(&args.out)?;
+    if let Destination::Directory(dir) = &out {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let written = if args.tensor.is_empty() {
-        restore_all(&archive, &args.out).await?
+        restore_all(&archive, &out).await?
     } else {
-        restore_selected(&archive, &args.tensor, &args.out).await?
+        restore_selected(&archive, &args.tensor, &out).await?
     };
     let secs = started.elapsed().as_secs_f64();
     say!(
@@ -72,17 +120,32 @@ pub async fn decompress(args: DecompressArgs) -> anyhow::Result<()> {
         written.0,
         written.1 as f64 / 1e6,
         archive.describe(),
-        args.out.display(),
+        out.describe(),
         written.1 as f64 / 1e6 / secs.max(1e-9),
         archive.index().recipe
     );
     Ok(())
 }
 
-async fn restore_all(archive: &SpzReader, out: &Path) -> anyhow::Result<(usize, u64)> {
+async fn restore_all(archive: &SpzReader, out: &Destination) -> anyhow::Result<(usize, u64)> {
     let index = archive.index();
     let (mut tensors, mut bytes) = (0, 0);
     for (file_index, file) in index.files.iter().enumerate() {
+        let out = match out {
+            Destination::Directory(dir) => dir,
+            Destination::Store(store) => {
+                safe_join(Path::new("."), &file.name)?;
+                let restored = upload_file(archive, file_index, store).await?;
+                tensors += restored.0;
+                bytes += restored.1;
+                eprintln!(
+                    "  {} ({:.1} MB)",
+                    store.describe(&file.name),
+                    file.size as f64 / 1e6
+                );
+                continue;
+            }
+        };
         let path = safe_join(out, &file.name)?;
         let partial = partial_name(&path);
         // A restore that fails part-way leaves nothing behind: not even the `.partial` file.
@@ -115,17 +178,93 @@ async fn restore_all(archive: &SpzReader, out: &Path) -> anyhow::Result<(usize, 
             .map(|t| t.data_end - t.data_start)
             .sum();
         let json = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(
-            out.join(shardpress_store::INDEX_NAME),
-            serde_json::to_vec_pretty(&json)?,
-        )?;
+        let json = serde_json::to_vec_pretty(&json)?;
+        out.put(shardpress_store::INDEX_NAME, json).await?;
     }
     for blob in &index.companions {
-        let path = safe_join(out, &blob.name)?;
         let data = archive.read_companion(blob).await?;
-        std::fs::write(&path, data).with_context(|| format!("writing {}", path.display()))?;
+        out.put(&blob.name, data).await?;
     }
     Ok((tensors, bytes))
+}
+
+/// Appends `count` zero bytes (a gap between tensors), a piece at a time.
+async fn write_zeros(upload: &mut WriteMultipart, mut count: u64) -> anyhow::Result<()> {
+    static PIECE: [u8; 1 << 16] = [0; 1 << 16];
+    while count > 0 {
+        let n = count.min(PIECE.len() as u64) as usize;
+        upload.write(&PIECE[..n]);
+        upload.wait_for_capacity(2).await?;
+        count -= n as u64;
+    }
+    Ok(())
+}
+
+/// Uploads file `file_index` of the archive to `store` as one multipart upload, in file
+/// order (header, then each tensor at its offset, any gap as zeros); aborted on failure, so
+/// the object appears only complete. Returns its tensor count and tensor bytes.
+async fn upload_file(
+    archive: &SpzReader,
+    file_index: usize,
+    store: &StoreLocation,
+) -> anyhow::Result<(usize, u64)> {
+    let file = &archive.index().files[file_index];
+    let object = store.describe(&file.name);
+    let upload = store
+        .store()
+        .put_multipart(&store.path(&file.name))
+        .await
+        .with_context(|| format!("cannot start uploading {object}"))?;
+    let mut upload = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART_BYTES);
+    let mut ordered: Vec<_> = (archive.index().tensors.iter())
+        .filter(|t| t.file == file_index)
+        .collect();
+    ordered.sort_by_key(|t| t.data_start);
+    let written = async {
+        let header = file.header.as_bytes();
+        upload.write(&(header.len() as u64).to_le_bytes());
+        upload.write(header);
+        let mut at = 8 + header.len() as u64;
+        let (mut tensors, mut bytes) = (0, 0);
+        let mut restored = futures::stream::iter(ordered)
+            .map(|tensor| async move {
+                Ok::<_, anyhow::Error>((tensor, archive.read_tensor(tensor).await?))
+            })
+            .buffered(DECODE_AHEAD);
+        while let Some((tensor, data)) = restored.try_next().await? {
+            if tensor.data_start < at {
+                bail!(
+                    "{object}: tensor {} overlaps the one before it",
+                    tensor.name
+                );
+            }
+            write_zeros(&mut upload, tensor.data_start - at).await?;
+            upload.wait_for_capacity(2).await?;
+            upload.write(&data);
+            at = tensor.data_start + data.len() as u64;
+            tensors += 1;
+            bytes += data.len() as u64;
+        }
+        if at > file.size {
+            bail!("{object}: its tensors run past its {} bytes", file.size);
+        }
+        write_zeros(&mut upload, file.size - at).await?;
+        Ok((tensors, bytes))
+    }
+    .await;
+    match written {
+        Ok(counts) => {
+            upload
+                .finish()
+                .await
+                .with_context(|| format!("cannot complete the upload of {object}"))?;
+            Ok(counts)
+        }
+        Err(e) => {
+            let _ = upload.abort().await;
+            Err(e)
+        }
+    }
 }
 
 /// Writes file `file_index` of the archive's index, complete and synced, to `partial`;
@@ -171,7 +310,7 @@ async fn restore_file(
 async fn restore_selected(
     archive: &SpzReader,
     names: &[String],
-    out: &Path,
+    out: &Destination,
 ) -> anyhow::Result<(usize, u64)> {
     let selected = names
         .iter()
@@ -186,8 +325,6 @@ async fn restore_selected(
         })
         .collect::<anyhow::Result<_>>()?;
     let (prefix, _) = encode_header(&layout, &BTreeMap::new())?;
-    let path = out.join("tensors.safetensors");
-    let partial = partial_name(&path);
     let mut file = prefix.to_vec();
     let mut bytes = 0;
     // encode_header lays tensors out in name order.
@@ -199,8 +336,16 @@ async fn restore_selected(
         bytes += data.len() as u64;
         file.extend_from_slice(&data);
     }
-    std::fs::write(&partial, &file).with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, &path)?;
+    match out {
+        Destination::Directory(dir) => {
+            let path = dir.join("tensors.safetensors");
+            let partial = partial_name(&path);
+            std::fs::write(&partial, &file)
+                .with_context(|| format!("writing {}", partial.display()))?;
+            std::fs::rename(&partial, &path)?;
+        }
+        Destination::Store(_) => out.put("tensors.safetensors", file).await?,
+    }
     Ok((ordered.len(), bytes))
 }
 

@@ -104,3 +104,24 @@ def test_a_missing_s3_object_is_a_clear_error(s3_server):
                              "--out", "s3://models/out"], capture_output=True, text=True, env=env)
     assert result.returncode != 0
     assert "s3://models/nothing-here" in result.stderr
+
+
+def test_decompress_restores_into_s3(s3_server, tmp_path: Path):
+    """`decompress --out s3://…` uploads each restored file (once complete) and the companion
+    files: the same bytes as a restore into a local folder, which for a lossless archive are
+    the model's own."""
+    client, env = s3_server
+    model = tmp_path / "model"
+    shardpress("gen-model", "--out", model, "--size", "20MB", "--max-shard-mb", "12")
+    shardpress("run", "--workers", "1", "--model", model, "--out", tmp_path / "spz",
+               "--recipe", "lossless", "--format", "spz")
+    shardpress("decompress", tmp_path / "spz", "--out", "s3://models/restored", env=env)
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="models", Prefix="restored/")["Contents"])
+    names = sorted(p.name for p in model.iterdir())
+    assert keys == [f"restored/{name}" for name in names]
+    for name in names:
+        remote = client.get_object(Bucket="models", Key=f"restored/{name}")["Body"].read()
+        if name == "model.safetensors.index.json":
+            continue  # regenerated (same map, its own formatting)
+        assert remote == (model / name).read_bytes(), name
+    assert client.list_multipart_uploads(Bucket="models").get("Uploads", []) == []
