@@ -383,6 +383,24 @@ fn a_non_finite_weight_fails_the_job_naming_the_tensor() {
         ],
         1,
     );
+    // An archive's staging file, begun at submit, does not outlive the failed job.
+    let failed = cluster.dir.path().join("inf-failed-spz");
+    let result = cluster
+        .compress_command(&model, &failed, "int4-g128")
+        .args(["--format", "spz"])
+        .output()
+        .unwrap();
+    assert_eq!(result.status.code(), Some(1), "{}", stderr(&result));
+    let staging = failed.join(".spz-parts/model.spz.assembling");
+    let started = std::time::Instant::now();
+    while staging.exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{} outlived its failed job",
+            staging.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // With `non_finite: keep` the row holding it is stored exactly, the other compressed.
     let recipe = cluster.dir.path().join("keep.yaml");
     std::fs::write(

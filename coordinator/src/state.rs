@@ -10,6 +10,8 @@ use shardpress_proto::v1::{
     AssembleSlice, CompleteTaskRequest, FailTaskRequest, GlobalCut, JobState, JobStatus, TaskLease,
     TaskRef, TensorSlice,
 };
+use shardpress_store::shared::SharedObject;
+use shardpress_store::StoreLocation;
 use tokio::sync::{watch, Notify};
 
 use crate::job::{Job, JobSpec, Measured, Rejection, TaskSlot};
@@ -18,6 +20,8 @@ use crate::{CoordinatorConfig, CoordinatorError};
 struct JobEntry {
     job: Job,
     watch: watch::Sender<JobStatus>,
+    /// The shared objects of a job that failed or was cancelled have been let go.
+    abandoned: bool,
 }
 
 struct WorkerInfo {
@@ -50,6 +54,53 @@ impl Drop for OutputReservation<'_> {
     }
 }
 
+/// A job that failed or was cancelled lets go of the files it was writing in slices: staging
+/// files are deleted and S3 multipart uploads aborted (in the background, best effort), so
+/// neither a staging file nor an open upload (billed by S3 until aborted) outlives it.
+fn abandon_shared_objects(job: &Job) {
+    let mut objects: Vec<SharedObject> = Vec::new();
+    let spec = &job.spec;
+    objects.extend(spec.early_assembly.iter().map(|e| e.object.clone()));
+    for (name, staging, _) in spec.in_place.iter().flat_map(|p| &p.files) {
+        objects.push(SharedObject {
+            name: name.clone(),
+            staging: staging.clone(),
+            upload_id: String::new(),
+        });
+    }
+    for slot in &job.tasks {
+        if let Some(a) = slot.assemble.as_ref() {
+            if !a.staging.is_empty() || !a.upload_id.is_empty() {
+                objects.push(SharedObject {
+                    name: slot.plan.output_name.clone(),
+                    staging: a.staging.clone(),
+                    upload_id: a.upload_id.clone(),
+                });
+            }
+        }
+    }
+    objects.sort_by(|a, b| {
+        (&a.name, &a.staging, &a.upload_id).cmp(&(&b.name, &b.staging, &b.upload_id))
+    });
+    objects.dedup();
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if objects.is_empty() {
+        return;
+    }
+    let (out_url, job_id) = (spec.out_url.clone(), job.id.clone());
+    runtime.spawn(async move {
+        let Ok(out) = StoreLocation::open(&out_url) else {
+            return;
+        };
+        for object in &objects {
+            out.abort_shared(object).await;
+        }
+        tracing::info!(job = %job_id, objects = objects.len(), "let go of the unfinished files");
+    });
+}
+
 impl Inner {
     fn live_workers(&self, ttl: Duration) -> u32 {
         let now = Instant::now();
@@ -59,11 +110,15 @@ impl Inner {
             .count() as u32
     }
 
-    fn publish(&self, job_id: &str, ttl: Duration) {
-        if let Some(entry) = self.jobs.get(job_id) {
-            entry
-                .watch
-                .send_replace(entry.job.status(self.live_workers(ttl)));
+    fn publish(&mut self, job_id: &str, ttl: Duration) {
+        let workers = self.live_workers(ttl);
+        if let Some(entry) = self.jobs.get_mut(job_id) {
+            entry.watch.send_replace(entry.job.status(workers));
+            let failed = entry.job.state.is_terminal() && entry.job.state != JobState::Succeeded;
+            if failed && !entry.abandoned {
+                entry.abandoned = true;
+                abandon_shared_objects(&entry.job);
+            }
         }
     }
 
@@ -166,7 +221,12 @@ impl Coordinator {
         let id = format!("job-{millis:x}-{}", inner.next_job);
         let job = Job::new(id.clone(), spec, plan, Instant::now());
         let (watch, _) = watch::channel(job.status(0));
-        inner.jobs.insert(id.clone(), JobEntry { job, watch });
+        let entry = JobEntry {
+            job,
+            watch,
+            abandoned: false,
+        };
+        inner.jobs.insert(id.clone(), entry);
         inner.publish(&id, self.config.lease_ttl);
         drop(inner);
         self.task_ready.notify_waiters();
