@@ -74,10 +74,11 @@ impl Destination {
         if !out.contains("://") {
             return Ok(Destination::Directory(PathBuf::from(out)));
         }
-        if let Some(path) = out.strip_prefix("file://") {
-            return Ok(Destination::Directory(PathBuf::from(path)));
-        }
-        Ok(Destination::Store(StoreLocation::open(out)?))
+        let store = StoreLocation::open(out)?;
+        Ok(match store.local_root() {
+            Some(dir) => Destination::Directory(dir), // file://, percent-encoding decoded
+            None => Destination::Store(store),
+        })
     }
 
     fn describe(&self) -> String {

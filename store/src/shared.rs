@@ -68,7 +68,7 @@ impl StoreLocation {
     }
 
     /// The filesystem path of the root of a `file://` location.
-    pub(crate) fn local_root(&self) -> Option<std::path::PathBuf> {
+    pub fn local_root(&self) -> Option<std::path::PathBuf> {
         let url = url::Url::parse(&self.url).ok()?;
         (url.scheme() == "file").then(|| url.to_file_path().ok())?
     }
