@@ -310,6 +310,14 @@ fn status_line(status: &JobStatus) -> String {
     line
 }
 
+/// Prints a job's status: a JSON object or a line.
+fn print_status(status: &JobStatus, json: bool) {
+    match json {
+        true => say!("{}", status_json(status)),
+        false => say!("{}", status_line(status)),
+    }
+}
+
 /// An error of a call about one job: an unknown job is a bad request.
 fn job_call_error(status: tonic::Status) -> anyhow::Error {
     match status.code() {
@@ -349,10 +357,7 @@ pub async fn status(args: JobRefArgs) -> anyhow::Result<()> {
         .await
         .map_err(job_call_error)?
         .into_inner();
-    match args.json {
-        true => say!("{}", status_json(&status)),
-        false => say!("{}", status_line(&status)),
-    }
+    print_status(&status, args.json);
     Ok(())
 }
 
@@ -379,10 +384,7 @@ pub async fn cancel(args: JobRefArgs) -> anyhow::Result<()> {
         .await
         .map_err(job_call_error)?
         .into_inner();
-    match args.json {
-        true => say!("{}", status_json(&status)),
-        false => say!("{}", status_line(&status)),
-    }
+    print_status(&status, args.json);
     Ok(())
 }
 

@@ -17,10 +17,6 @@ fn write_raw(path: &Path, header: &str, data_len: usize) {
     std::fs::write(path, bytes).unwrap();
 }
 
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 /// Refused at submit: exit code 3 (a bad request), the error naming `needles`, no manifest.
 fn expect_rejected(cluster: &TestCluster, model: &Path, recipe: &str, needles: &[&str]) {
     expect_failure(cluster, model, recipe, needles, 3);

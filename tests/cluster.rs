@@ -310,10 +310,6 @@ fn sigterm_to_run_stops_its_worker_processes() {
     assert!(!dir.path().join("out/manifest.json").exists());
 }
 
-fn stderr_of(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 #[test]
 fn an_output_is_never_mixed_with_another_or_written_over_the_input() {
     let mut cluster = TestCluster::start(10.0);
@@ -332,9 +328,9 @@ fn an_output_is_never_mixed_with_another_or_written_over_the_input() {
     let again = cluster.compress(&model, &cluster.dir.path().join("./out/"), "int8");
     assert!(!again.status.success());
     assert!(
-        stderr_of(&again).contains("is writing to"),
+        stderr(&again).contains("is writing to"),
         "{}",
-        stderr_of(&again)
+        stderr(&again)
     );
     let started = std::time::Instant::now();
     while !out.join("manifest.json").exists() {
@@ -353,10 +349,10 @@ fn an_output_is_never_mixed_with_another_or_written_over_the_input() {
     let refused = cluster.compress(&model, &out, "int4-g128");
     assert!(!refused.status.success());
     assert!(
-        stderr_of(&refused).contains("already holds a finished output")
-            && stderr_of(&refused).contains("--overwrite"),
+        stderr(&refused).contains("already holds a finished output")
+            && stderr(&refused).contains("--overwrite"),
         "{}",
-        stderr_of(&refused)
+        stderr(&refused)
     );
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), files_before);
     // --overwrite replaces what the old manifest lists, keeps a file it does not, says so.
@@ -381,9 +377,9 @@ fn an_output_is_never_mixed_with_another_or_written_over_the_input() {
         .unwrap();
     assert_success(&replaced, "compress --overwrite");
     assert!(
-        stderr_of(&replaced).contains("notes.txt"),
+        stderr(&replaced).contains("notes.txt"),
         "{}",
-        stderr_of(&replaced)
+        stderr(&replaced)
     );
     let objects = manifest_objects(&out);
     let mut on_disk: Vec<String> = std::fs::read_dir(&out)
@@ -399,9 +395,9 @@ fn an_output_is_never_mixed_with_another_or_written_over_the_input() {
     let onto_input = cluster.compress(&model, &link, "int8");
     assert!(!onto_input.status.success());
     assert!(
-        stderr_of(&onto_input).contains("the model's own directory"),
+        stderr(&onto_input).contains("the model's own directory"),
         "{}",
-        stderr_of(&onto_input)
+        stderr(&onto_input)
     );
 }
 

@@ -7,10 +7,12 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
+
 use shardpress_core::format::spz::PARTS_DIR;
 use shardpress_core::spz;
 use shardpress_proto::v1::{AssembleSlice, PartRange};
-use shardpress_store::StoreError;
+use shardpress_store::{StoreError, StoreLocation};
 
 use crate::job::TaskSlot;
 use crate::share::shared_tensors;
@@ -18,6 +20,11 @@ use crate::share::shared_tensors;
 /// The part holding the archive's magic, written by the coordinator.
 pub fn head_name() -> String {
     format!("{PARTS_DIR}/head.bin")
+}
+
+/// Writes the head part (the archive's magic), which the first slice reads.
+pub async fn write_head(out: &StoreLocation) -> Result<(), StoreError> {
+    out.put(&head_name(), Bytes::from_static(spz::MAGIC)).await
 }
 
 /// The archive from its first byte to the end of the last task's part.

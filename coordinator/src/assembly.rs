@@ -189,9 +189,7 @@ pub async fn early_assembly(
     slice_bytes: u64,
 ) -> Result<EarlyAssembly, StoreError> {
     let object = out.begin_shared(name, staging).await?;
-    let head = crate::archive::head_name();
-    out.put(&head, Bytes::from_static(shardpress_core::spz::MAGIC))
-        .await?;
+    crate::archive::write_head(out).await?;
     Ok(EarlyAssembly {
         object,
         slice_bytes,

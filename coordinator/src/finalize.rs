@@ -633,8 +633,7 @@ async fn spz_layout(
     let out = StoreLocation::open(&spec.out_url)?;
     let tail_name = format!("{PARTS_DIR}/tail.bin");
     if spec.early_assembly.is_none() {
-        out.put(&crate::archive::head_name(), Bytes::from_static(spz::MAGIC))
-            .await?;
+        crate::archive::write_head(&out).await?;
     }
     layout.ranges.push(PartRange {
         part: layout.parts.len() as u32,

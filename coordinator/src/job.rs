@@ -376,24 +376,11 @@ impl Job {
         waiting.filter_map(|t| t.retry_at).min()
     }
 
-    /// Records a failed attempt. Retryable failures requeue the task, after a delay growing
-    /// with each failure ([`retry_delay`]), until `max_attempts`; anything else fails the job.
-    /// Returns true if the job failed.
+    /// Records a failed attempt. Retryable failures requeue the task until `max_attempts`,
+    /// after a delay growing with each failure ([`retry_delay`]) counted from `delay_from`, or
+    /// at once without it (a lost lease: its worker is gone, not the storage in trouble);
+    /// anything else fails the job. Returns true if the job failed.
     pub fn fail(
-        &mut self,
-        index: u32,
-        attempt: u32,
-        message: &str,
-        retryable: bool,
-        max_attempts: u32,
-        now: Instant,
-    ) -> Result<bool, Rejection> {
-        self.record_failure(index, attempt, message, retryable, max_attempts, Some(now))
-    }
-
-    /// [`Job::fail`]; with `delay_from` None a retry may be leased at once (a lost lease: its
-    /// worker is gone, not the storage in trouble).
-    fn record_failure(
         &mut self,
         index: u32,
         attempt: u32,
@@ -438,8 +425,7 @@ impl Job {
             let message = format!("lease of attempt {attempt} on worker {worker} expired");
             tracing::warn!(job = %self.id, task = index, "{message}; requeueing");
             // The lease is current by construction, so `fail` cannot reject it.
-            let _ =
-                self.record_failure(*index as u32, *attempt, &message, true, max_attempts, None);
+            let _ = self.fail(*index as u32, *attempt, &message, true, max_attempts, None);
         }
         !expired.is_empty()
     }
@@ -629,7 +615,10 @@ mod tests {
         let mut job = job_with_tasks(2);
         job.lease_next("w1", TTL, Instant::now());
         let now = Instant::now();
-        assert_eq!(job.fail(0, 1, "corrupt input", false, 5, now), Ok(true));
+        assert_eq!(
+            job.fail(0, 1, "corrupt input", false, 5, Some(now)),
+            Ok(true)
+        );
         assert_eq!(job.state, JobState::Failed);
         assert!(job.message.contains("corrupt input"));
         assert_eq!(job.lease_next("w1", TTL, Instant::now()), None);
@@ -641,7 +630,7 @@ mod tests {
         let mut now = Instant::now();
         for attempt in 1..=3 {
             assert_eq!(job.lease_next("w", TTL, now), Some(0));
-            let failed = job.fail(0, attempt, "timeout", true, 3, now).unwrap();
+            let failed = job.fail(0, attempt, "timeout", true, 3, Some(now)).unwrap();
             assert_eq!(failed, attempt == 3);
             // Each retry waits longer, and not before its time.
             if !failed {

@@ -348,7 +348,7 @@ impl Coordinator {
                 &format!("failed on worker {}: {}", task.worker_id, request.message),
                 request.retryable,
                 self.config.max_attempts,
-                Instant::now(),
+                Some(Instant::now()),
             )?;
         }
         inner.publish(&task.job_id, self.config.lease_ttl);

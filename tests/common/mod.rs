@@ -22,6 +22,11 @@ pub fn shardpress(args: &[&str]) -> Output {
         .expect("run shardpress")
 }
 
+/// A process's stderr as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 pub fn assert_success(output: &Output, what: &str) {
     assert!(
         output.status.success(),

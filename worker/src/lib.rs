@@ -136,8 +136,8 @@ pub async fn run_worker(
             Ok(response) => {
                 failing_since = None;
                 if let Some(lease) = response.into_inner().lease {
-                    let lease = run_lease(&mut client, &config, &worker_id, lease);
-                    if lease.leaving(shutdown.as_mut()).await {
+                    let shutdown = shutdown.as_mut();
+                    if run_lease(&mut client, &config, &worker_id, lease, shutdown).await {
                         return Ok(());
                     }
                 }
@@ -158,45 +158,16 @@ pub async fn run_worker(
 /// chunk) before it gives the lease back anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// A lease being run, and whether the worker is leaving.
-struct RunningLease<F> {
-    task: F,
-    cancel: Arc<AtomicBool>,
-    leaving: Arc<AtomicBool>,
-}
-
-impl<F: std::future::Future<Output = ()>> RunningLease<F> {
-    /// Runs the lease to its end; if `shutdown` resolves first, stops the task at its next
-    /// chunk, gives the lease back (re-leased at once elsewhere) and returns true.
-    async fn leaving(
-        self,
-        shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
-    ) -> bool {
-        let task = self.task;
-        tokio::pin!(task);
-        tokio::select! {
-            () = &mut task => return false,
-            () = shutdown => {}
-        }
-        tracing::warn!("shutting down: stopping the running task and giving its lease back");
-        self.leaving.store(true, Ordering::Relaxed);
-        self.cancel.store(true, Ordering::Relaxed);
-        if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
-            tracing::warn!(
-                "the task did not stop within {SHUTDOWN_GRACE:?}; its lease will expire"
-            );
-        }
-        true
-    }
-}
-
-/// Runs one lease with a heartbeat beside it and reports the outcome.
-fn run_lease<'a>(
-    client: &'a mut WorkerServiceClient<Channel>,
-    config: &'a WorkerConfig,
-    worker_id: &'a str,
+/// Runs one lease to its end and returns false; if `shutdown` resolves first, stops the
+/// task at its next chunk, gives the lease back (re-leased at once elsewhere) and returns
+/// true.
+async fn run_lease(
+    client: &mut WorkerServiceClient<Channel>,
+    config: &WorkerConfig,
+    worker_id: &str,
     lease: TaskLease,
-) -> RunningLease<impl std::future::Future<Output = ()> + 'a> {
+    shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> bool {
     let cancel = Arc::new(AtomicBool::new(false));
     let leaving = Arc::new(AtomicBool::new(false));
     let task = lease_task(
@@ -207,13 +178,21 @@ fn run_lease<'a>(
         cancel.clone(),
         leaving.clone(),
     );
-    RunningLease {
-        task,
-        cancel,
-        leaving,
+    tokio::pin!(task);
+    tokio::select! {
+        () = &mut task => return false,
+        () = shutdown => {}
     }
+    tracing::warn!("shutting down: stopping the running task and giving its lease back");
+    leaving.store(true, Ordering::Relaxed);
+    cancel.store(true, Ordering::Relaxed);
+    if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+        tracing::warn!("the task did not stop within {SHUTDOWN_GRACE:?}; its lease will expire");
+    }
+    true
 }
 
+/// One lease with a heartbeat beside it, and its outcome reported.
 async fn lease_task(
     client: &mut WorkerServiceClient<Channel>,
     config: &WorkerConfig,
