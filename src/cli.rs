@@ -73,6 +73,14 @@ pub struct CoordinatorArgs {
     /// Default task size budget in MB of input.
     #[arg(long, default_value_t = 64)]
     pub task_budget_mb: u64,
+    /// Resume the unfinished job whose journal this output location holds (repeatable): its
+    /// finished tasks are kept and the rest leased to workers. Submitting the same job to the
+    /// same output again resumes it too.
+    #[arg(long, value_name = "OUT_URL")]
+    pub resume: Vec<String>,
+    /// Fault injection for tests: pause this many ms before writing report and manifest.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub debug_finalize_delay_ms: u64,
 }
 
 #[derive(Args)]
@@ -89,8 +97,9 @@ pub struct WorkerArgs {
     /// Largest piece of a tensor held in memory at once, in MB.
     #[arg(long, default_value_t = 16.0)]
     pub chunk_mb: f64,
-    /// Exit when the coordinator has been unreachable this many seconds.
-    #[arg(long, default_value_t = 60)]
+    /// Exit when the coordinator has been unreachable this many seconds. A coordinator that
+    /// restarts within it finds the worker again (it registers anew) and resumes its jobs.
+    #[arg(long, default_value_t = 600)]
     pub unreachable_timeout_secs: u64,
     /// Fault injection for tests: sleep this many ms after each chunk.
     #[arg(long, default_value_t = 0, hide = true)]

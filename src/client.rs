@@ -190,6 +190,12 @@ pub async fn submit(
         response.task_count,
         response.total_bytes as f64 / 1e6
     );
+    if response.resumed_tasks > 0 {
+        eprintln!(
+            "resuming: {} of {} tasks were finished by an earlier run of this job (journal in {})",
+            response.resumed_tasks, response.task_count, job.out
+        );
+    }
     Ok(response.job_id)
 }
 

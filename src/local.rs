@@ -63,13 +63,22 @@ fn coordinator_config(
 }
 
 pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let config = coordinator_config(args.lease_ttl_secs, args.task_budget_mb)?;
+    let mut config = coordinator_config(args.lease_ttl_secs, args.task_budget_mb)?;
+    config.finalize_delay = Duration::from_millis(args.debug_finalize_delay_ms);
     let (listener, addr) = shardpress_coordinator::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     say!("shardpress coordinator listening on {addr}");
     std::io::stdout().flush().ok();
-    shardpress_coordinator::serve(listener, Coordinator::new(config), shutdown_signal()).await?;
+    let coordinator = Coordinator::new(config);
+    for out in &args.resume {
+        let submitted = shardpress_coordinator::submit::resume(&coordinator, out)
+            .await
+            .with_context(|| format!("cannot resume the job in {out}"))?;
+        tracing::info!(job = %submitted.job_id, tasks = submitted.task_count,
+            finished = submitted.resumed_tasks, "resumed the job in {out}");
+    }
+    shardpress_coordinator::serve(listener, coordinator, shutdown_signal()).await?;
     Ok(())
 }
 

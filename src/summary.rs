@@ -116,6 +116,12 @@ pub fn print_summary(report: &Value) {
         num(s, "workers_used"),
         num(s, "task_retries")
     );
+    if num(s, "tasks_restored") > 0.0 {
+        say!(
+            "resumed      {} tasks finished by an earlier run of the job were kept (MB/s counts this run's reads)",
+            num(s, "tasks_restored")
+        );
+    }
     // Both rounds' tasks of a job that measured first, so that idle time is not overstated.
     let tasks: Vec<&Value> = ["measuring_tasks", "tasks"]
         .iter()

@@ -143,7 +143,7 @@ pub async fn prepare(
     }
     let SharedObject {
         staging, upload_id, ..
-    } = out.begin_shared(name, staging).await?;
+    } = out.begin_shared(name, staging, false).await?;
     for slice in &mut slices {
         slice.staging.clone_from(&staging);
         slice.upload_id.clone_from(&upload_id);
@@ -188,7 +188,7 @@ pub async fn early_assembly(
     staging: &str,
     slice_bytes: u64,
 ) -> Result<EarlyAssembly, StoreError> {
-    let object = out.begin_shared(name, staging).await?;
+    let object = out.begin_shared(name, staging, false).await?;
     crate::archive::write_head(out).await?;
     Ok(EarlyAssembly {
         object,
@@ -245,18 +245,22 @@ pub struct InPlace {
     pub files: Vec<(String, String, u64)>,
 }
 
-/// Starts each file's staging object (named by `staging`) with its head and places every
-/// task's output after it, as the layout gives them.
+/// Starts each file's staging object (named by `staging`; with `keep`, a resumed job's files
+/// as its finished tasks left them) with its head and places every task's output after it,
+/// as the layout gives them.
 pub async fn in_place(
     out: &StoreLocation,
     files: Vec<GgufFile>,
     task_count: usize,
     staging: impl Fn(&str) -> String,
+    keep: bool,
 ) -> Result<InPlace, StoreError> {
     let mut outputs = vec![PositionedOutput::default(); task_count];
     let mut placed = Vec::with_capacity(files.len());
     for file in files {
-        let object = out.begin_shared(&file.name, &staging(&file.name)).await?;
+        let object = out
+            .begin_shared(&file.name, &staging(&file.name), keep)
+            .await?;
         let mut at = file.head.len() as u64;
         let mut head = out.slice_writer(&object, 0, 0)?;
         head.write(Bytes::from(file.head)).await?;

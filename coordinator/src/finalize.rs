@@ -169,7 +169,10 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
                 let measured = conclude_measuring(&spec, &tasks, started, &names);
                 tracing::info!(job = %job_id, cut = ?measured.cut, sparsity = measured.pruned_fraction,
                     share_candidates = measured.share_candidates.len(), "measured; compressing");
-                coordinator.start_compression(&job_id, measured);
+                if coordinator.start_compression(&job_id, measured) {
+                    // An earlier run of the job had compressed every task already.
+                    return Box::pin(finalize(coordinator, job_id)).await;
+                }
                 return;
             }
             let wall = started.elapsed().as_secs_f64();
@@ -198,6 +201,7 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
                     Err(e) => Err(e),
                 }
             } else {
+                tokio::time::sleep(coordinator.config().finalize_delay).await;
                 reassemble(&spec, &tasks, &finish, report, &job_id).await
             }
         }
@@ -327,6 +331,10 @@ async fn reassemble(
         objects,
     };
     put_json(&out, MANIFEST_NAME, json_bytes(&manifest)).await?;
+    // The manifest is the commit point: the journal of the job is no longer needed.
+    if let Err(e) = crate::journal::Journal::at(out.clone()).remove().await {
+        tracing::warn!(job = %job_id, "could not delete the job's journal: {e}");
+    }
     let message = match spec.format {
         OutputFormat::Safetensors | OutputFormat::CompressedTensors => format!(
             "compressed {} tensors in {} {} shards to {}",

@@ -11,6 +11,8 @@ use shardpress_core::prune::GlobalCut;
 use shardpress_core::recipe::{OutputFormat, Recipe};
 use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, JobState, JobStatus};
 
+use crate::journal::{Recorded, Round};
+
 /// What the job was asked to do.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -129,6 +131,8 @@ pub struct TaskOutcome {
     /// When the coordinator accepted the result, in seconds since the job started.
     pub completed_at_seconds: f64,
     pub report: CompleteTaskRequest,
+    /// Finished by an earlier run of the job, read back from its journal.
+    pub restored: bool,
 }
 
 /// Why a completion or heartbeat was refused.
@@ -166,6 +170,8 @@ pub struct Job {
     pub started: Instant,
     pub retries: u32,
     pub report_json: String,
+    /// Compressing results of an earlier run, restored once the measuring round ends.
+    restored_later: Vec<Recorded>,
 }
 
 impl Job {
@@ -188,7 +194,43 @@ impl Job {
             started: now,
             retries: 0,
             report_json: String::new(),
+            restored_later: Vec::new(),
         }
+    }
+
+    /// Marks a task finished with the result an earlier run of this job recorded (see
+    /// [`crate::journal`]); a compressing result of a job still measuring waits for
+    /// [`Job::start_compression`].
+    pub fn restore(&mut self, recorded: Recorded) {
+        let round = match self.spec.measuring() {
+            true => Round::Measure,
+            false => Round::Compress,
+        };
+        if recorded.round != round {
+            if recorded.round == Round::Compress {
+                self.restored_later.push(recorded);
+            }
+            return;
+        }
+        let Some(slot) = self.tasks.get_mut(recorded.task as usize) else {
+            return;
+        };
+        if slot.assemble.is_some() || matches!(slot.status, TaskStatus::Done) {
+            return;
+        }
+        let report = recorded.report;
+        let task = report.task.clone().unwrap_or_default();
+        slot.status = TaskStatus::Done;
+        slot.progress_bytes = slot.plan.input_bytes;
+        slot.attempt = slot.attempt.max(task.attempt);
+        slot.result = Some(TaskOutcome {
+            worker: task.worker_id,
+            attempt: task.attempt,
+            completed_at_seconds: 0.0,
+            report,
+            restored: true,
+        });
+        self.queue_early_slices();
     }
 
     /// Appends the assembly tasks of an `.spz` or GGUF job (after its other tasks are done;
@@ -219,6 +261,9 @@ impl Job {
             slot.result = None;
         }
         self.state = JobState::Running;
+        for recorded in std::mem::take(&mut self.restored_later) {
+            self.restore(recorded);
+        }
     }
 
     /// Leases the lowest-numbered pending assembly slice, else the lowest-numbered pending
@@ -300,6 +345,7 @@ impl Job {
             attempt,
             completed_at_seconds: now.saturating_duration_since(started).as_secs_f64(),
             report,
+            restored: false,
         });
         if slot.assemble.is_none() {
             self.queue_early_slices();

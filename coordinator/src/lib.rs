@@ -7,6 +7,8 @@
 //!
 //! Layout:
 //! - [`job`]: a job's tasks and lease table, a plain state machine with no I/O;
+//! - [`journal`]: each job's finished tasks recorded in its output, so a restarted coordinator
+//!   resumes it;
 //! - [`state`]: every job and worker behind one lock, plus the wake-ups for long-polls;
 //! - [`submit`]: recipe validation and planning from headers;
 //! - [`service`]: the two gRPC services, thin: decode, delegate, encode;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod finalize;
 pub mod gguf;
 pub mod job;
+pub mod journal;
 pub mod report;
 pub mod service;
 pub mod share;
@@ -50,6 +53,9 @@ pub struct CoordinatorConfig {
     pub default_task_budget: u64,
     /// How many times a task may fail (lease loss included) before the job fails.
     pub max_attempts: u32,
+    /// Fault injection for tests: finalizing pauses this long before it writes the report and
+    /// manifest (a window in which to kill the coordinator).
+    pub finalize_delay: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -58,6 +64,7 @@ impl Default for CoordinatorConfig {
             lease_ttl: Duration::from_secs(15),
             default_task_budget: 64 * 1024 * 1024,
             max_attempts: 5,
+            finalize_delay: Duration::ZERO,
         }
     }
 }

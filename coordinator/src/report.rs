@@ -63,6 +63,9 @@ pub struct Summary {
     pub input_mb_per_second: f64,
     pub workers_used: usize,
     pub task_retries: u32,
+    /// Tasks an earlier run of the job had finished (kept from its journal, not run again;
+    /// `input_mb_per_second` counts only what this run read).
+    pub tasks_restored: usize,
     /// Jobs that measure first (global prune, near-identical sharing): the wall time of
     /// that round (included in `wall_seconds`; `tasks` shows the compressing round).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,6 +138,9 @@ pub struct TaskReport {
     pub read_seconds: f64,
     pub compute_seconds: f64,
     pub write_seconds: f64,
+    /// Finished by an earlier run of the job (a coordinator restart), kept from its journal.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub restored: bool,
 }
 
 impl TaskReport {
@@ -161,6 +167,7 @@ impl TaskReport {
             read_seconds: r.read_seconds,
             compute_seconds: r.compute_seconds,
             write_seconds: r.write_seconds,
+            restored: outcome.restored,
         }
     }
 }
@@ -322,6 +329,9 @@ fn summarize(
         .filter(|t| t.rel_fro_error.is_some())
         .collect();
     let input_bytes: u64 = tasks.iter().map(|t| t.input_bytes).sum();
+    let read_now: u64 = (tasks.iter().filter(|t| !t.restored))
+        .map(|t| t.input_bytes)
+        .sum();
     let worst = compressed
         .iter()
         .max_by(|a, b| {
@@ -369,12 +379,13 @@ fn summarize(
         min_cosine: min_cos,
         wall_seconds,
         input_mb_per_second: if wall_seconds > 0.0 {
-            input_bytes as f64 / 1e6 / wall_seconds
+            read_now as f64 / 1e6 / wall_seconds
         } else {
             0.0
         },
         workers_used: workers.len(),
         task_retries: retries,
+        tasks_restored: tasks.iter().filter(|t| t.restored).count(),
         measuring_seconds: None,
         share_candidates: None,
     }

@@ -41,11 +41,15 @@ impl JobService for JobApi {
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
         let submitted = crate::submit::submit(&self.coordinator, request.into_inner()).await?;
+        if submitted.finalize_now {
+            tokio::spawn(finalize(self.coordinator.clone(), submitted.job_id.clone()));
+        }
         Ok(Response::new(SubmitJobResponse {
             job_id: submitted.job_id,
             task_count: submitted.task_count,
             total_bytes: submitted.total_bytes,
             warnings: submitted.warnings,
+            resumed_tasks: submitted.resumed_tasks,
         }))
     }
 
@@ -182,11 +186,22 @@ impl WorkerService for WorkerApi {
         request: Request<CompleteTaskRequest>,
     ) -> Result<Response<CompleteTaskResponse>, Status> {
         let request = request.into_inner();
-        let job_id = request
-            .task
-            .as_ref()
-            .map(|t| t.job_id.clone())
-            .unwrap_or_default();
+        let task = request.task.clone().unwrap_or_default();
+        // Recorded before it is acknowledged: a coordinator killed from here on keeps it.
+        if let Some((journal, round, worker)) = self.coordinator.journal_for(&task) {
+            let mut recorded = request.clone();
+            if let Some(t) = recorded.task.as_mut() {
+                t.worker_id = worker;
+            }
+            journal
+                .record(round, task.task_index, &recorded)
+                .await
+                .map_err(|e| {
+                    tracing::error!(job = %task.job_id, task = task.task_index, "cannot journal a result: {e}");
+                    Status::unavailable(format!("cannot record the result in the job's journal: {e}"))
+                })?;
+        }
+        let job_id = task.job_id;
         let response = match self.coordinator.complete(request) {
             Completion::Accepted { job_complete } => {
                 if job_complete {

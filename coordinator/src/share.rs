@@ -94,6 +94,7 @@ mod tests {
                     tensors: results,
                     ..Default::default()
                 },
+                restored: false,
             }),
             assemble: None,
         }

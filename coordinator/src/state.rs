@@ -15,10 +15,13 @@ use shardpress_store::StoreLocation;
 use tokio::sync::{watch, Notify};
 
 use crate::job::{Job, JobSpec, Measured, Rejection, TaskSlot};
+use crate::journal::{Journal, Recorded, Round};
 use crate::{CoordinatorConfig, CoordinatorError};
 
 struct JobEntry {
     job: Job,
+    /// Where accepted results are recorded before they are acknowledged.
+    journal: Journal,
     watch: watch::Sender<JobStatus>,
     /// The shared objects of a job that failed or was cancelled have been let go.
     abandoned: bool,
@@ -135,6 +138,8 @@ impl Inner {
 /// The coordinator's state and the operations the gRPC services delegate to.
 pub struct Coordinator {
     config: CoordinatorConfig,
+    /// When this coordinator started (seconds since the epoch, base 36).
+    epoch: String,
     inner: Mutex<Inner>,
     task_ready: Notify,
 }
@@ -147,8 +152,13 @@ pub enum Completion {
 
 impl Coordinator {
     pub fn new(config: CoordinatorConfig) -> Arc<Self> {
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
         Arc::new(Self {
             config,
+            epoch: base36(seconds),
             inner: Mutex::new(Inner::default()),
             task_ready: Notify::new(),
         })
@@ -169,7 +179,9 @@ impl Coordinator {
     pub fn register_worker(&self, name: &str) -> String {
         let mut inner = self.lock();
         inner.next_worker += 1;
-        let id = format!("w{}-{}", inner.next_worker, name);
+        // The start time in the id keeps the ids of a restarted coordinator from repeating
+        // those its workers had before (they register again).
+        let id = format!("w{}.{}-{}", inner.next_worker, self.epoch, name);
         inner.workers.insert(
             id.clone(),
             WorkerInfo {
@@ -210,27 +222,72 @@ impl Coordinator {
         })
     }
 
-    /// Adds a planned job and returns its id.
-    pub fn insert_job(&self, spec: JobSpec, plan: Vec<PlannedTask>) -> String {
+    /// A new job id, unique to this coordinator and unlikely to repeat across restarts.
+    pub fn new_job_id(&self) -> String {
         let mut inner = self.lock();
         inner.next_job += 1;
         let millis = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or_default();
-        let id = format!("job-{millis:x}-{}", inner.next_job);
-        let job = Job::new(id.clone(), spec, plan, Instant::now());
+        format!("job-{millis:x}-{}", inner.next_job)
+    }
+
+    /// Adds a planned job (replacing an ended one of the same id, resumed) with the results
+    /// an earlier run of it recorded; returns true when those finish every task, so the job
+    /// is ready to finalize.
+    pub fn insert_job(
+        &self,
+        id: &str,
+        spec: JobSpec,
+        plan: Vec<PlannedTask>,
+        journal: Journal,
+        restored: Vec<Recorded>,
+    ) -> bool {
+        let mut inner = self.lock();
+        let mut job = Job::new(id.to_string(), spec, plan, Instant::now());
+        for recorded in restored {
+            job.restore(recorded);
+        }
+        let complete = job.tasks_done() == job.tasks.len();
+        if complete {
+            job.finish(JobState::Finalizing, String::new());
+        }
         let (watch, _) = watch::channel(job.status(0));
         let entry = JobEntry {
             job,
+            journal,
             watch,
             abandoned: false,
         };
-        inner.jobs.insert(id.clone(), entry);
-        inner.publish(&id, self.config.lease_ttl);
+        inner.jobs.insert(id.to_string(), entry);
+        inner.publish(id, self.config.lease_ttl);
         drop(inner);
         self.task_ready.notify_waiters();
-        id
+        complete
+    }
+
+    /// Where to record the result of `task` before accepting it, with the round it belongs
+    /// to and its worker's name; `None` for a result not to journal (an assembly slice) or
+    /// one that would be refused anyway.
+    pub fn journal_for(&self, task: &TaskRef) -> Option<(Journal, Round, String)> {
+        let inner = self.lock();
+        let entry = inner.jobs.get(&task.job_id)?;
+        let job = &entry.job;
+        let slot = job.tasks.get(task.task_index as usize)?;
+        let current = job.state == JobState::Running
+            && slot.attempt == task.attempt
+            && matches!(slot.status, crate::job::TaskStatus::Leased { .. });
+        if !current || slot.assemble.is_some() {
+            return None;
+        }
+        let round = match job.spec.measuring() {
+            true => Round::Measure,
+            false => Round::Compress,
+        };
+        let name = (inner.workers.get(&task.worker_id))
+            .map_or_else(|| task.worker_id.clone(), |w| w.name.clone());
+        Some((entry.journal.clone(), round, name))
     }
 
     /// Waits up to `wait` for a task and leases it to `worker_id`.
@@ -440,15 +497,23 @@ impl Coordinator {
         self.task_ready.notify_waiters();
     }
 
-    /// Ends the measuring round and requeues every task to compress with what was measured.
-    pub fn start_compression(&self, job_id: &str, measured: Measured) {
+    /// Ends the measuring round and requeues every task to compress with what was measured
+    /// (but those an earlier run of the job finished); returns true when none is left, so the
+    /// job finalizes again.
+    pub fn start_compression(&self, job_id: &str, measured: Measured) -> bool {
         let mut inner = self.lock();
+        let mut complete = false;
         if let Some(entry) = inner.jobs.get_mut(job_id) {
             entry.job.start_compression(measured);
+            complete = entry.job.tasks_done() == entry.job.tasks.len();
+            if complete {
+                entry.job.finish(JobState::Finalizing, String::new());
+            }
         }
         inner.publish(job_id, self.config.lease_ttl);
         drop(inner);
         self.task_ready.notify_waiters();
+        complete
     }
 
     /// A copy of what finalization needs: the spec and every task's slot.
@@ -504,6 +569,19 @@ impl Coordinator {
             self.task_ready.notify_waiters();
         }
     }
+}
+
+fn base36(mut n: u64) -> String {
+    let mut digits = Vec::new();
+    loop {
+        digits.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    String::from_utf8(digits).unwrap_or_default()
 }
 
 fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {

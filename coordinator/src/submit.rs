@@ -16,6 +16,7 @@ use shardpress_store::{read_source_file, resolve_model, StoreLocation};
 
 use crate::finalize::MANIFEST_NAME;
 use crate::job::JobSpec;
+use crate::journal::{Journal, JournalHead, Recorded, Round, JOURNAL_DIR};
 use crate::{Coordinator, CoordinatorError};
 
 /// Headers read concurrently while planning.
@@ -28,6 +29,10 @@ pub struct Submitted {
     pub task_count: u32,
     pub total_bytes: u64,
     pub warnings: Vec<String>,
+    /// Tasks an earlier run of this job finished (see [`crate::journal`]).
+    pub resumed_tasks: u32,
+    /// Every task was finished by an earlier run: the job goes straight to finalizing.
+    pub finalize_now: bool,
 }
 
 pub async fn submit(
@@ -122,7 +127,6 @@ pub async fn submit(
         )));
     }
     let _reserved = coordinator.reserve_output(&out.identity())?;
-    let earlier = check_output(&out, request.overwrite).await?;
     let task_count = plan.len() as u32;
     let total_bytes = plan.iter().map(|t| t.input_bytes).sum();
     let mut spec = JobSpec {
@@ -139,6 +143,9 @@ pub async fn submit(
         early_assembly: None,
         measured: None,
     };
+    let journal = Journal::at(out.clone());
+    let head = JournalHead::new(&coordinator.new_job_id(), &request, &spec, &plan);
+    let mut earlier = check_output(&out, request.overwrite, &journal, &head).await?;
     // The finishing step is planned once now, so that what it reads (a GGUF file's tokenizer)
     // is refused before any work starts.
     let planned: Vec<&PlannedTask> = plan.iter().collect();
@@ -152,12 +159,29 @@ pub async fn submit(
         ),
         _ => None,
     };
-    // Everything is checked: only now is an earlier output replaced, and the new one begun.
-    warnings.extend(clear_output(&out, earlier).await?);
+    // Everything is checked: only now is an earlier output replaced (or an earlier run of
+    // this job resumed), and the new one begun.
+    let (job_id, mut restored) = match earlier.resume.take() {
+        Some(resumed) => (resumed.job_id, journal.results().await?),
+        None => {
+            warnings.extend(clear_output(&out, earlier).await?);
+            journal.begin(&head).await?;
+            (head.job_id.clone(), Vec::new())
+        }
+    };
     if let Some(files) = gguf_files {
         if out.shared_writes() == Some(SharedWrites::PositionedFile) {
             let staging = |name: &str| crate::assembly::staging_name(gguf_format::PARTS_DIR, name);
-            let in_place = crate::assembly::in_place(&out, files, plan.len(), staging).await?;
+            // Resuming, the files hold the parts that finished tasks wrote in place.
+            let mut kept = true;
+            for file in &files {
+                kept &= out.exists(&staging(&file.name)).await?;
+            }
+            if !kept {
+                restored.retain(|r| r.round == Round::Measure);
+            }
+            let in_place =
+                crate::assembly::in_place(&out, files, plan.len(), staging, kept).await?;
             spec.in_place = Some(in_place);
         }
     }
@@ -170,40 +194,106 @@ pub async fn submit(
             crate::assembly::early_assembly(&out, name, &staging, assembly_slice_bytes).await?;
         spec.early_assembly = Some(early);
     }
+    let restored = still_there(&out, &plan, spec.in_place.is_some(), restored).await?;
+    let resumed_tasks = restored
+        .iter()
+        .filter(|r| r.round == Round::Compress)
+        .count() as u32;
     tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,
-        bytes = total_bytes, recipe = %spec.recipe.describe(), "job planned");
-    let job_id = coordinator.insert_job(spec, plan);
+        bytes = total_bytes, recipe = %spec.recipe.describe(), resumed_tasks, "job planned");
+    let finalize_now = coordinator.insert_job(&job_id, spec, plan, journal, restored);
     Ok(Submitted {
         job_id,
         task_count,
         total_bytes,
         warnings,
+        resumed_tasks,
+        finalize_now,
     })
+}
+
+/// The journaled results whose output is still where the task wrote it, with the size it
+/// reported (a part that an early assembly slice consumed is gone: its task runs again).
+async fn still_there(
+    out: &StoreLocation,
+    plan: &[PlannedTask],
+    in_place: bool,
+    restored: Vec<Recorded>,
+) -> Result<Vec<Recorded>, CoordinatorError> {
+    let checks = restored.into_iter().map(|recorded| async move {
+        let Some(task) = plan.get(recorded.task as usize) else {
+            return Ok(None);
+        };
+        if recorded.round == Round::Measure || in_place {
+            return Ok(Some(recorded));
+        }
+        let size = match out.size(&task.output_name).await {
+            Ok(size) => Some(size),
+            Err(shardpress_store::StoreError::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        Ok((size == Some(recorded.report.output_bytes)).then_some(recorded))
+    });
+    let kept: Vec<Option<Recorded>> = futures::stream::iter(checks)
+        .buffered(HEADER_READ_CONCURRENCY * 4)
+        .try_collect()
+        .await?;
+    Ok(kept.into_iter().flatten().collect())
 }
 
 /// Folders where jobs keep their parts and staging files until they finish.
 const PARTS_DIRS: [&str; 2] = [spz_format::PARTS_DIR, gguf_format::PARTS_DIR];
 
-/// What an output location held before the job: every object, and the objects of an earlier
-/// output that `--overwrite` replaces.
+/// What an output location held before the job: every object, the objects of an earlier
+/// output that `--overwrite` replaces, and the journal of an earlier run of this same job,
+/// which resumes.
 struct Earlier {
     present: Vec<String>,
     manifest_lists: Option<Vec<String>>,
+    resume: Option<JournalHead>,
 }
 
 /// An output location must not hold anything a reader could take for this job's output: an
 /// earlier output or any other object is refused, unless `overwrite` (see [`clear_output`]).
-/// Only reads.
-async fn check_output(out: &StoreLocation, overwrite: bool) -> Result<Earlier, CoordinatorError> {
+/// The journal of an unfinished run of the same job (`head`) is not in the way: the job
+/// resumes from it. Only reads.
+async fn check_output(
+    out: &StoreLocation,
+    overwrite: bool,
+    journal: &Journal,
+    head: &JournalHead,
+) -> Result<Earlier, CoordinatorError> {
     let present = out.list_all().await?;
     let finished = present.iter().any(|name| name == MANIFEST_NAME);
     let mut earlier = Earlier {
         present,
         manifest_lists: None,
+        resume: None,
     };
     let present = &earlier.present;
     if present.is_empty() {
         return Ok(earlier);
+    }
+    let unfinished = match finished {
+        true => None,
+        false => journal.head().await?,
+    };
+    if let Some(unfinished) = unfinished {
+        if overwrite {
+            earlier.manifest_lists = Some(unfinished_outputs(&unfinished));
+            return Ok(earlier);
+        }
+        if unfinished.same_job(head) {
+            earlier.resume = Some(unfinished);
+            return Ok(earlier);
+        }
+        return Err(CoordinatorError::InvalidRequest(format!(
+            "the output {} holds the unfinished job {} (model {}, {} tasks) begun with another model, recipe, format or task budget: submit that job again to resume it, or pass --overwrite to discard it",
+            out.url(),
+            unfinished.job_id,
+            unfinished.model_url,
+            unfinished.tasks
+        )));
     }
     if !overwrite {
         let examples: Vec<&str> = present.iter().take(3).map(String::as_str).collect();
@@ -233,6 +323,17 @@ async fn check_output(out: &StoreLocation, overwrite: bool) -> Result<Earlier, C
     Ok(earlier)
 }
 
+/// What an unfinished job writes: its tasks' output files, named by its format (the parts
+/// folders are removed whole).
+fn unfinished_outputs(head: &JournalHead) -> Vec<String> {
+    let format = OutputFormat::parse(&head.output_format);
+    let names = format.map(|format| {
+        (0..head.tasks as usize)
+            .map(move |i| format.spec().task_output_name(i, head.tasks as usize))
+    });
+    names.into_iter().flatten().collect()
+}
+
 /// `--overwrite`: removes what the earlier manifest lists (the manifest first: it is the
 /// commit point) and the parts folders of an unfinished job, and nothing else; what is left
 /// is returned as a warning.
@@ -243,16 +344,15 @@ async fn clear_output(
     let Earlier {
         present,
         manifest_lists,
+        resume: _,
     } = earlier;
     let mut remove: Vec<String> = Vec::new();
     if let Some(listed) = manifest_lists {
         out.delete(MANIFEST_NAME).await?;
-        remove.extend(listed);
+        remove.extend(listed.into_iter().filter(|name| present.contains(name)));
     }
     let ours = |name: &str| {
-        PARTS_DIRS
-            .iter()
-            .any(|dir| name.starts_with(&format!("{dir}/")))
+        (PARTS_DIRS.iter().chain([&JOURNAL_DIR])).any(|dir| name.starts_with(&format!("{dir}/")))
     };
     remove.extend(present.iter().filter(|name| ours(name)).cloned());
     for name in &remove {
@@ -343,4 +443,25 @@ async fn read_weight_shapes(
         }
     }
     Ok(shapes)
+}
+
+/// `coordinator --resume OUT`: submits again the unfinished job whose journal `out_url` holds
+/// (see [`crate::journal`]), keeping what it finished.
+pub async fn resume(
+    coordinator: &std::sync::Arc<Coordinator>,
+    out_url: &str,
+) -> Result<Submitted, CoordinatorError> {
+    let out = StoreLocation::open(out_url)?;
+    let head = Journal::at(out.clone()).head().await?.ok_or_else(|| {
+        CoordinatorError::InvalidRequest(format!(
+            "{} holds no job journal: nothing to resume there (a finished job deletes it)",
+            out.url()
+        ))
+    })?;
+    let submitted = submit(coordinator, head.request()).await?;
+    if submitted.finalize_now {
+        let job_id = submitted.job_id.clone();
+        tokio::spawn(crate::finalize::finalize(coordinator.clone(), job_id));
+    }
+    Ok(submitted)
 }

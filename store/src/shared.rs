@@ -97,11 +97,13 @@ impl StoreLocation {
     }
 
     /// Starts an object that several processes will write: an empty staging file (a stale
-    /// one from an earlier attempt is replaced) or a multipart upload.
+    /// one from an earlier attempt is replaced, unless `keep`: a resumed job's, holding what
+    /// its finished tasks wrote) or a multipart upload.
     pub async fn begin_shared(
         &self,
         name: &str,
         staging: &str,
+        keep: bool,
     ) -> Result<SharedObject, StoreError> {
         let mut object = SharedObject {
             name: name.to_string(),
@@ -114,7 +116,13 @@ impl StoreLocation {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(|e| self.io_error(staging, e))?;
                 }
-                std::fs::File::create(&path).map_err(|e| self.io_error(staging, e))?;
+                // Resuming a job, the file keeps what its finished tasks wrote in place.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(!keep)
+                    .open(&path)
+                    .map_err(|e| self.io_error(staging, e))?;
                 object.staging = staging.to_string();
             }
             Some(SharedWrites::MultipartParts) => {

@@ -57,38 +57,77 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub url: String,
     coordinator: Child,
+    /// Coordinators started so far (each logs to `coordinator.log`, `coordinator-2.log`, …).
+    coordinators: usize,
     workers: Vec<(String, Child)>,
+}
+
+/// Starts a coordinator listening on `listen`, logging to `log`; returns it and its address.
+fn spawn_coordinator(listen: &str, log: &Path, extra: &[&str]) -> (Child, String) {
+    let log = std::fs::File::create(log).unwrap();
+    let mut coordinator = Command::new(BIN)
+        .args(["coordinator", "--listen", listen])
+        .args(extra)
+        .env("SHARDPRESS_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("start coordinator");
+    let mut line = String::new();
+    BufReader::new(coordinator.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(addr.contains(':'), "unexpected coordinator banner {line:?}");
+    (coordinator, addr)
 }
 
 impl TestCluster {
     pub fn start(lease_ttl_secs: f64) -> Self {
+        Self::start_with(&["--lease-ttl-secs", &lease_ttl_secs.to_string()])
+    }
+
+    /// A cluster whose coordinator gets these arguments.
+    pub fn start_with(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("coordinator.log")).unwrap();
-        let mut coordinator = Command::new(BIN)
-            .args([
-                "coordinator",
-                "--listen",
-                "127.0.0.1:0",
-                "--lease-ttl-secs",
-                &lease_ttl_secs.to_string(),
-            ])
-            .env("SHARDPRESS_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start coordinator");
-        let mut line = String::new();
-        BufReader::new(coordinator.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-        assert!(addr.contains(':'), "unexpected coordinator banner {line:?}");
+        let log = dir.path().join("coordinator.log");
+        let (coordinator, addr) = spawn_coordinator("127.0.0.1:0", &log, args);
         Self {
             dir,
             url: format!("http://{addr}"),
             coordinator,
+            coordinators: 1,
             workers: Vec::new(),
         }
+    }
+
+    /// SIGKILLs the coordinator (its workers run on).
+    pub fn kill_coordinator(&mut self) {
+        self.coordinator.kill().unwrap();
+        self.coordinator.wait().unwrap();
+    }
+
+    /// Starts a new coordinator on the same address with these arguments; returns the name
+    /// of its log (see [`TestCluster::log_path`]).
+    pub fn restart_coordinator(&mut self, args: &[&str]) -> String {
+        self.coordinators += 1;
+        let name = format!("coordinator-{}", self.coordinators);
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let (coordinator, _) = spawn_coordinator(&listen, &self.log_path(&name), args);
+        let _ = self.coordinator.kill();
+        let _ = self.coordinator.wait();
+        self.coordinator = coordinator;
+        name
+    }
+
+    /// Whether worker `name` is still running.
+    pub fn worker_alive(&mut self, name: &str) -> bool {
+        let (_, child) = self
+            .workers
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .expect("worker");
+        child.try_wait().unwrap().is_none()
     }
 
     pub fn log_path(&self, name: &str) -> PathBuf {

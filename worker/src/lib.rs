@@ -50,7 +50,7 @@ impl Default for WorkerConfig {
             name: "worker".into(),
             threads: 0,
             chunk_bytes: 16 * 1024 * 1024,
-            unreachable_timeout: Duration::from_secs(60),
+            unreachable_timeout: Duration::from_secs(600),
             delay_per_chunk: Duration::ZERO,
         }
     }
@@ -111,17 +111,7 @@ pub async fn run_worker(
     cpu::init_pool(config.threads).map_err(WorkerError::Pool)?;
     tokio::pin!(shutdown);
     let mut client = connect(&config).await?;
-    let registration = client
-        .register_worker(RegisterWorkerRequest {
-            name: config.name.clone(),
-            threads: rayon::current_num_threads() as u32,
-            version: env!("CARGO_PKG_VERSION").into(),
-        })
-        .await
-        .map_err(|e| unreachable(&config, tokio::time::Instant::now(), e.message().into()))?
-        .into_inner();
-    let worker_id = registration.worker_id;
-    tracing::info!(worker = %worker_id, coordinator = %config.coordinator_url, "registered");
+    let mut worker_id = register(&mut client, &config).await?;
     let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
         let acquire = client.acquire_task(AcquireTaskRequest {
@@ -142,6 +132,12 @@ pub async fn run_worker(
                     }
                 }
             }
+            // A restarted coordinator does not know this worker: register again and go on.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                tracing::warn!(error = %status.message(),
+                    "the coordinator does not know this worker (restarted?); registering again");
+                worker_id = register(&mut client, &config).await?;
+            }
             Err(status) => {
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= config.unreachable_timeout {
@@ -150,6 +146,33 @@ pub async fn run_worker(
                 tracing::warn!(error = %status.message(), "coordinator call failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+        }
+    }
+}
+
+/// Registers with the coordinator, retrying while it is unreachable (a coordinator being
+/// restarted) up to the configured timeout; returns the worker id it gave.
+async fn register(
+    client: &mut WorkerServiceClient<Channel>,
+    config: &WorkerConfig,
+) -> Result<String, WorkerError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let request = RegisterWorkerRequest {
+            name: config.name.clone(),
+            threads: rayon::current_num_threads() as u32,
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        match client.register_worker(request).await {
+            Ok(response) => {
+                let worker_id = response.into_inner().worker_id;
+                tracing::info!(worker = %worker_id, coordinator = %config.coordinator_url, "registered");
+                return Ok(worker_id);
+            }
+            Err(status) if started.elapsed() >= config.unreachable_timeout => {
+                return Err(unreachable(config, started, status.message().into()))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
 }

@@ -1,0 +1,246 @@
+//! A job's journal in its output location, so that a coordinator killed at any moment (SIGKILL,
+//! a rescheduled pod, a lost machine) loses no finished task.
+//!
+//! `OUT/.shardpress/job.json` names the job (its id, what was asked, and a digest of the plan)
+//! and is written when the job starts; `OUT/.shardpress/done/{round}-{task}.pb` holds each
+//! accepted result (the worker's `CompleteTaskRequest`, protobuf) and is written *before* the
+//! coordinator acknowledges it. Submitting the same job to the same output again (the same
+//! model, recipe, format and options, so the same plan), or starting a coordinator with
+//! `--resume OUT`, reloads it: finished tasks are kept and only the rest are leased. The
+//! journal is deleted once the manifest is written.
+//!
+//! Only compressing and measuring tasks are journaled. Assembly slices of `.spz` and GGUF files
+//! are cheap copies and run again; a task whose part an early assembly slice already consumed
+//! is run again too, since its output is no longer there to assemble.
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use shardpress_core::plan::PlannedTask;
+use shardpress_proto::v1::{CompleteTaskRequest, SubmitJobRequest};
+use shardpress_store::{StoreError, StoreLocation};
+
+/// The folder of the journal in the output location.
+pub const JOURNAL_DIR: &str = ".shardpress";
+const HEAD_NAME: &str = ".shardpress/job.json";
+const DONE_DIR: &str = ".shardpress/done";
+const HEAD_FORMAT: &str = "shardpress-journal-v1";
+/// Results read concurrently when a journal is loaded.
+const LOAD_CONCURRENCY: usize = 32;
+
+/// Which round of a job a result belongs to: jobs with a global prune or near-identical
+/// sharing measure every task before compressing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    Measure,
+    Compress,
+}
+
+impl Round {
+    fn prefix(self) -> &'static str {
+        match self {
+            Round::Measure => "m",
+            Round::Compress => "c",
+        }
+    }
+}
+
+/// What `job.json` records: enough to resubmit the job, and to tell whether a submission is
+/// the same job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalHead {
+    pub format: String,
+    pub job_id: String,
+    /// The model's resolved URL.
+    pub model_url: String,
+    pub out_url: String,
+    pub recipe_yaml: String,
+    pub output_format: String,
+    pub task_budget: u64,
+    pub max_file_bytes: u64,
+    pub assembly_slice_bytes: u64,
+    pub tasks: u32,
+    /// BLAKE3 of the plan (every task's tensors, their source byte ranges, output names): a
+    /// model changed since the job started plans differently.
+    pub plan_blake3: String,
+}
+
+impl JournalHead {
+    /// The head of job `job_id`: `request` with the model and output as resolved, and the
+    /// task budget and slice length the coordinator chose.
+    pub fn new(
+        job_id: &str,
+        request: &SubmitJobRequest,
+        spec: &crate::job::JobSpec,
+        plan: &[PlannedTask],
+    ) -> Self {
+        Self {
+            format: HEAD_FORMAT.into(),
+            job_id: job_id.to_string(),
+            model_url: spec.model_url.clone(),
+            out_url: spec.out_url.clone(),
+            recipe_yaml: request.recipe_yaml.clone(),
+            output_format: spec.format.as_str().to_string(),
+            task_budget: spec.task_budget,
+            max_file_bytes: request.max_file_bytes,
+            assembly_slice_bytes: spec.assembly_slice_bytes,
+            tasks: plan.len() as u32,
+            plan_blake3: plan_digest(plan),
+        }
+    }
+
+    /// True when `other` (a new submission's head) asks for the same job.
+    pub fn same_job(&self, other: &JournalHead) -> bool {
+        let key = |h: &JournalHead| {
+            (
+                h.model_url.clone(),
+                h.recipe_yaml.clone(),
+                h.output_format.clone(),
+                h.task_budget,
+                h.max_file_bytes,
+                h.assembly_slice_bytes,
+                h.tasks,
+                h.plan_blake3.clone(),
+            )
+        };
+        key(self) == key(other)
+    }
+
+    /// The submission that resumes this job.
+    pub fn request(&self) -> SubmitJobRequest {
+        SubmitJobRequest {
+            model_url: self.model_url.clone(),
+            out_url: self.out_url.clone(),
+            recipe_yaml: self.recipe_yaml.clone(),
+            format: self.output_format.clone(),
+            task_budget_bytes: self.task_budget,
+            max_file_bytes: self.max_file_bytes,
+            assembly_slice_bytes: self.assembly_slice_bytes,
+            // The recipe was checked when the job began.
+            allow_unmatched: true,
+            ..Default::default()
+        }
+    }
+}
+
+fn plan_digest(plan: &[PlannedTask]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for task in plan {
+        // Plain data of our own: serialization cannot fail.
+        hasher.update(&serde_json::to_vec(task).unwrap_or_default());
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+/// One accepted result read back from a journal.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub round: Round,
+    pub task: u32,
+    pub report: CompleteTaskRequest,
+}
+
+/// A job's journal in its output location.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    out: StoreLocation,
+}
+
+impl Journal {
+    /// The journal of the job writing to `out` (which may not have one yet).
+    pub fn at(out: StoreLocation) -> Self {
+        Self { out }
+    }
+
+    /// The journal's head, if `out` holds one.
+    pub async fn head(&self) -> Result<Option<JournalHead>, StoreError> {
+        let bytes = match self.out.get(HEAD_NAME).await {
+            Ok(bytes) => bytes,
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Invalid {
+                object: self.out.describe(HEAD_NAME),
+                reason: format!("not a shardpress journal: {e}"),
+            })
+    }
+
+    /// Starts the journal of a new job (replacing any earlier one's).
+    pub async fn begin(&self, head: &JournalHead) -> Result<(), StoreError> {
+        self.remove().await?;
+        let bytes = serde_json::to_vec_pretty(head).unwrap_or_default();
+        self.out.put(HEAD_NAME, Bytes::from(bytes)).await
+    }
+
+    /// Records an accepted result; returns once it is stored.
+    pub async fn record(
+        &self,
+        round: Round,
+        task: u32,
+        report: &CompleteTaskRequest,
+    ) -> Result<(), StoreError> {
+        let name = format!("{DONE_DIR}/{}-{task:07}.pb", round.prefix());
+        self.out
+            .put(&name, Bytes::from(report.encode_to_vec()))
+            .await
+    }
+
+    /// Every result recorded, in task order (measuring round first).
+    pub async fn results(&self) -> Result<Vec<Recorded>, StoreError> {
+        let done = self.out.child_location(DONE_DIR);
+        let names = done.list_all().await?;
+        let parsed: Vec<(String, Round, u32)> = names
+            .into_iter()
+            .filter_map(|name| {
+                let stem = name.strip_suffix(".pb")?;
+                let (round, task) = stem.split_once('-')?;
+                let round = match round {
+                    "m" => Round::Measure,
+                    "c" => Round::Compress,
+                    _ => return None,
+                };
+                Some((name.clone(), round, task.parse().ok()?))
+            })
+            .collect();
+        let done = &done;
+        let mut results: Vec<Recorded> = futures::stream::iter(parsed)
+            .map(|(name, round, task)| async move {
+                let bytes = done.get(&name).await?;
+                let report =
+                    CompleteTaskRequest::decode(bytes).map_err(|e| StoreError::Invalid {
+                        object: done.describe(&name),
+                        reason: format!("not a journaled task result: {e}"),
+                    })?;
+                Ok::<_, StoreError>(Recorded {
+                    round,
+                    task,
+                    report,
+                })
+            })
+            .buffer_unordered(LOAD_CONCURRENCY)
+            .try_collect()
+            .await?;
+        results.sort_by_key(|r| (r.round == Round::Compress, r.task));
+        Ok(results)
+    }
+
+    /// Deletes the journal (after the manifest is written, or before a new job starts).
+    pub async fn remove(&self) -> Result<(), StoreError> {
+        let journal = self.out.child_location(JOURNAL_DIR);
+        let names = journal.list_all().await?;
+        futures::stream::iter(names)
+            .map(|name| {
+                let journal = &journal;
+                async move { journal.delete(&name).await }
+            })
+            .buffer_unordered(LOAD_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        self.out.remove_empty_dir(DONE_DIR);
+        self.out.remove_empty_dir(JOURNAL_DIR);
+        Ok(())
+    }
+}

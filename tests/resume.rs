@@ -1,0 +1,303 @@
+//! A coordinator killed with SIGKILL at seeded random moments of a job, including while it
+//! finalizes, then started again on the same address: its workers (never restarted) register
+//! again, the job resumes from the journal in its output when submitted again (or with
+//! `coordinator --resume`), no task finished before the kill runs again, and the output is
+//! byte-identical to an undisturbed run's.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Every worker's chunk length: small, so that tasks take several chunks.
+const CHUNKS: &[&str] = &["--chunk-mb", "0.25"];
+
+/// Tasks whose results the journal in `out` holds.
+fn journaled(out: &Path) -> BTreeSet<u32> {
+    let Ok(entries) = std::fs::read_dir(out.join(".shardpress/done")) else {
+        return BTreeSet::new();
+    };
+    entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_prefix("c-")?.strip_suffix(".pb")?.parse().ok()
+        })
+        .collect()
+}
+
+/// The output's files but the report and manifest (which hold timings and the report's
+/// hash), each with its size and BLAKE3.
+fn model_files(out: &Path) -> BTreeMap<String, (usize, String)> {
+    let mut files = manifest_objects(out);
+    files.remove("report.json");
+    files.remove("manifest.json");
+    let hashed = files.into_iter().map(|(name, bytes)| {
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        (name, (bytes.len(), hash))
+    });
+    hashed.collect()
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+/// Task indices a coordinator's log shows leased.
+fn leased(log: &Path) -> Vec<u32> {
+    let log = std::fs::read_to_string(log).unwrap();
+    log.lines()
+        .filter(|l| l.contains("task leased"))
+        .filter_map(|l| l.split(" task=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// splitmix64: the test's kill moments, fixed by seed.
+fn splitmix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Assembled in 1 MiB slices: an .spz archive's early slices consume parts while tasks run.
+const SLICES: &[&str] = &["--assembly-slice-mib", "1"];
+
+fn spawn_compress(
+    cluster: &TestCluster,
+    model: &Path,
+    out: &Path,
+    recipe: &str,
+    format: &str,
+) -> Child {
+    cluster
+        .compress_command(model, out, recipe)
+        .args(["--format", format])
+        .args(SLICES)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn compress(
+    cluster: &TestCluster,
+    model: &Path,
+    out: &Path,
+    recipe: &str,
+    format: &str,
+) -> std::process::Output {
+    let mut command = cluster.compress_command(model, out, recipe);
+    command
+        .args(["--format", format])
+        .args(SLICES)
+        .output()
+        .unwrap()
+}
+
+/// An undisturbed run's output files.
+fn reference(model: &Path, recipe: &str, format: &str) -> BTreeMap<String, (usize, String)> {
+    let mut cluster = TestCluster::start(5.0);
+    // An .spz archive's records follow the chunks its workers read.
+    cluster.add_worker("r1", CHUNKS);
+    let out = cluster.dir.path().join("reference");
+    let done = compress(&cluster, model, &out, recipe, format);
+    assert_success(&done, "undisturbed run");
+    model_files(&out)
+}
+
+#[test]
+fn a_coordinator_killed_at_random_moments_resumes_its_job_without_redoing_finished_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "12MB", "bf16", 2);
+    // (seed, recipe, format): safetensors shards; an .spz archive assembled while the tasks
+    // run (its slices consume parts, whose tasks then run again); GGUF written in place.
+    let runs = [
+        (1u64, "int8", "safetensors"),
+        (2, "int4-g128", "safetensors"),
+        (3, "int8", "spz"),
+        (4, "q8_0", "gguf"),
+        (5, "int8", "spz"),
+    ];
+    let mut references = BTreeMap::new();
+    for (seed, recipe, format) in runs {
+        let expected = references
+            .entry((recipe, format))
+            .or_insert_with(|| reference(&model, recipe, format))
+            .clone();
+        let mut cluster = TestCluster::start(5.0);
+        for name in ["a", "b"] {
+            cluster.add_worker(
+                name,
+                &["--chunk-mb", "0.25", "--debug-delay-per-chunk-ms", "30"],
+            );
+        }
+        let out = cluster.dir.path().join("out");
+        let mut first = spawn_compress(&cluster, &model, &out, recipe, format);
+        cluster.wait_for_log("coordinator", "task leased", Duration::from_secs(30));
+        let kill_after = Duration::from_millis(100 + splitmix(seed) % 1000);
+        std::thread::sleep(kill_after);
+        cluster.kill_coordinator();
+        let finished_before = journaled(&out);
+        // The client loses its coordinator and says so.
+        assert!(!first.wait().unwrap().success(), "seed {seed}");
+        let log = cluster.restart_coordinator(&["--lease-ttl-secs", "5"]);
+        let again = compress(&cluster, &model, &out, recipe, format);
+        assert_success(
+            &again,
+            &format!("seed {seed}: the same job submitted again"),
+        );
+        let what = format!("seed {seed} ({recipe}, {format}), killed after {kill_after:?}");
+        assert!(
+            stderr(&again).contains("resuming:") || finished_before.is_empty(),
+            "{what}"
+        );
+        assert_eq!(
+            model_files(&out),
+            expected,
+            "{what}: output differs from an undisturbed run"
+        );
+        assert!(
+            !out.join(".shardpress").exists(),
+            "{what}: the journal outlived the job"
+        );
+        let report = report(&out);
+        let restored = report["summary"]["tasks_restored"].as_u64().unwrap() as usize;
+        eprintln!(
+            "{what}: {} of {} tasks journaled, {restored} kept",
+            finished_before.len(),
+            report["tasks"].as_array().map_or(0, Vec::len)
+        );
+        let redone: Vec<u32> = leased(&cluster.log_path(&log))
+            .into_iter()
+            .filter(|t| finished_before.contains(t))
+            .collect();
+        if format == "safetensors" {
+            // Every journaled task's shard is there: none runs again.
+            assert_eq!(restored, finished_before.len(), "{what}");
+            assert!(
+                redone.is_empty(),
+                "{what}: finished tasks leased again: {redone:?}"
+            );
+        } else {
+            // A part already copied into the archive is gone; only those tasks run again.
+            assert!(restored <= finished_before.len(), "{what}");
+            assert_eq!(redone.len(), finished_before.len() - restored, "{what}");
+        }
+        for name in ["a", "b"] {
+            assert!(cluster.worker_alive(name), "{what}: worker {name} exited");
+            let log = std::fs::read_to_string(cluster.log_path(name)).unwrap();
+            assert!(
+                log.contains("registering again"),
+                "{what}: worker {name} log:\n{log}"
+            );
+        }
+        let verify = shardpress(&["verify", out.to_str().unwrap()]);
+        assert_success(&verify, &what);
+    }
+}
+
+#[test]
+fn a_coordinator_killed_while_finalizing_resumes_with_its_resume_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "6MB", "bf16", 2);
+    let expected = reference(&model, "int8", "safetensors");
+    // Finalizing pauses before the report and manifest: the kill lands inside it.
+    let mut cluster = TestCluster::start_with(&["--debug-finalize-delay-ms", "60000"]);
+    cluster.add_worker("a", &[]);
+    let out = cluster.dir.path().join("out");
+    let mut first = spawn_compress(&cluster, &model, &out, "int8", "safetensors");
+    let started = Instant::now();
+    let tasks = loop {
+        let status = Command::new(BIN)
+            .args(["jobs", "--coordinator", &cluster.url, "--json"])
+            .output()
+            .unwrap();
+        let jobs: serde_json::Value =
+            serde_json::from_slice(&status.stdout).unwrap_or(serde_json::Value::Null);
+        let job = &jobs[0];
+        if job["state"].as_str() == Some("finalizing") {
+            break job["tasks_total"].as_u64().unwrap() as usize;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never finalizing: {jobs}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    cluster.kill_coordinator();
+    assert!(!first.wait().unwrap().success());
+    assert_eq!(journaled(&out).len(), tasks);
+    assert!(!out.join("manifest.json").exists());
+    let out_url = out.to_str().unwrap();
+    let log = cluster.restart_coordinator(&["--resume", out_url]);
+    // The resumed job keeps its id; `watch` follows it to the end.
+    let head: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join(".shardpress/job.json")).unwrap_or_default(),
+    )
+    .unwrap_or(serde_json::Value::Null);
+    let job_id = head["job_id"].as_str().map(str::to_string);
+    let watched = match job_id {
+        Some(id) => Command::new(BIN)
+            .args(["watch", &id, "--coordinator", &cluster.url])
+            .output()
+            .unwrap(),
+        // Finished already: the journal is gone with it.
+        None => Command::new("true").output().unwrap(),
+    };
+    assert_success(&watched, "watch the resumed job");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !out.join("manifest.json").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(model_files(&out), expected);
+    assert_eq!(
+        report(&out)["summary"]["tasks_restored"].as_u64(),
+        Some(tasks as u64)
+    );
+    assert!(
+        leased(&cluster.log_path(&log)).is_empty(),
+        "a finished task ran again"
+    );
+}
+
+#[test]
+fn another_job_is_refused_an_output_holding_an_unfinished_job_unless_it_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "6MB", "bf16", 2);
+    let mut cluster = TestCluster::start(5.0);
+    cluster.add_worker("a", &["--debug-delay-per-chunk-ms", "40"]);
+    let out = cluster.dir.path().join("out");
+    let mut first = spawn_compress(&cluster, &model, &out, "int8", "safetensors");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while journaled(&out).len() < 2 {
+        assert!(Instant::now() < deadline, "no task finished");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.kill_coordinator();
+    let _ = first.wait();
+    cluster.restart_coordinator(&[]);
+    let other = compress(&cluster, &model, &out, "int4-g128", "safetensors");
+    assert_eq!(other.status.code(), Some(3), "{}", stderr(&other));
+    assert!(
+        stderr(&other).contains("holds the unfinished job"),
+        "{}",
+        stderr(&other)
+    );
+    let replaced = cluster
+        .compress_command(&model, &out, "int4-g128")
+        .arg("--overwrite")
+        .output()
+        .unwrap();
+    assert_success(&replaced, "--overwrite");
+    assert!(!stderr(&replaced).contains("resuming"));
+    assert!(!out.join(".shardpress").exists());
+    assert_eq!(report(&out)["summary"]["tasks_restored"].as_u64(), Some(0));
+    assert_success(&shardpress(&["verify", out.to_str().unwrap()]), "verify");
+}
