@@ -41,6 +41,18 @@ pub struct GenModelArgs {
     /// (`MixtralForCausalLM`) lays them out; 0 for a dense Llama.
     #[arg(long, default_value_t = 0)]
     pub experts: u64,
+    /// Each expert's MLP width (Mixtral's `intermediate_size`): a multiple of 128 for 4-bit
+    /// groups of 128, of 256 for GGUF K-quants; small widths give many small tensors, as
+    /// fine-grained MoE models (Qwen3-MoE, DeepSeek-V3) have. Default: the dense width.
+    #[arg(long, requires = "experts")]
+    pub expert_width: Option<u64>,
+    /// Hidden width: 256, 768 or 2048 (default: by size, larger models wider); with a
+    /// small width a large size becomes many layers.
+    #[arg(long, value_parser = clap::builder::TypedValueParser::map(
+        clap::builder::PossibleValuesParser::new(["256", "768", "2048"]),
+        |s: String| s.parse::<u64>().unwrap_or(256),
+    ))]
+    pub hidden: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,6 +82,8 @@ impl GenModelArgs {
             seed: 0,
             tie_embeddings: false,
             experts: 0,
+            expert_width: None,
+            hidden: None,
         }
     }
 }
@@ -115,14 +129,27 @@ struct Shape {
 }
 
 impl Shape {
-    fn for_size(bytes: u64, dtype_size: u64, experts: u64) -> Self {
+    fn for_size(
+        bytes: u64,
+        dtype_size: u64,
+        experts: u64,
+        expert_width: Option<u64>,
+        hidden: Option<u64>,
+    ) -> Self {
         let params = bytes / dtype_size;
-        let (hidden, intermediate, vocab, heads, kv_heads) = match params {
+        let (hidden, intermediate, vocab, heads, kv_heads) = match (hidden, params) {
             // Every width a multiple of 256, as real models are: 4-bit groups of 128 and
             // llama.cpp's 256-weight K-quant blocks then divide every row.
-            p if p < 25_000_000 => (256, 768, 2048, 4, 2),
-            p if p < 250_000_000 => (768, 2048, 32000, 12, 4),
-            _ => (2048, 5632, 32000, 16, 4),
+            (Some(256), _) => (256, 768, 2048, 4, 2),
+            (Some(768), _) => (768, 2048, 32000, 12, 4),
+            (Some(_), _) => (2048, 5632, 32000, 16, 4),
+            (None, p) if p < 25_000_000 => (256, 768, 2048, 4, 2),
+            (None, p) if p < 250_000_000 => (768, 2048, 32000, 12, 4),
+            (None, _) => (2048, 5632, 32000, 16, 4),
+        };
+        let intermediate = match experts {
+            0 => intermediate,
+            _ => expert_width.unwrap_or(intermediate).max(1),
         };
         let mut shape = Shape {
             hidden,
@@ -262,6 +289,8 @@ pub fn generate(args: &GenModelArgs) -> anyhow::Result<Generated> {
         parse_size(&args.size)?,
         dtype.size_bytes() as u64,
         args.experts,
+        args.expert_width,
+        args.hidden,
     );
     let tensors = shape.tensors();
     std::fs::create_dir_all(&args.out)
@@ -671,7 +700,7 @@ mod tests {
 
     #[test]
     fn the_demo_size_gives_a_model_near_200_mb() {
-        let shape = Shape::for_size(200_000_000, 2, 0);
+        let shape = Shape::for_size(200_000_000, 2, 0, None, None);
         let params: u64 = shape
             .tensors()
             .iter()

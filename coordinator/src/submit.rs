@@ -39,6 +39,7 @@ pub async fn submit(
     coordinator: &Coordinator,
     request: SubmitJobRequest,
 ) -> Result<Submitted, CoordinatorError> {
+    let started = std::time::Instant::now();
     if request.model_url.is_empty() || request.out_url.is_empty() {
         return Err(CoordinatorError::InvalidRequest(
             "model_url and out_url are required".into(),
@@ -161,6 +162,7 @@ pub async fn submit(
     };
     // Everything is checked: only now is an earlier output replaced (or an earlier run of
     // this job resumed), and the new one begun.
+    let journal_read = std::time::Instant::now();
     let (job_id, mut restored) = match earlier.resume.take() {
         Some(resumed) => (resumed.job_id, journal.results().await?),
         None => {
@@ -195,12 +197,14 @@ pub async fn submit(
         spec.early_assembly = Some(early);
     }
     let restored = still_there(&out, &plan, spec.in_place.is_some(), restored).await?;
+    let journal_seconds = journal_read.elapsed().as_secs_f64();
     let resumed_tasks = restored
         .iter()
         .filter(|r| r.round == Round::Compress)
         .count() as u32;
     tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,
-        bytes = total_bytes, recipe = %spec.recipe.describe(), resumed_tasks, "job planned");
+        bytes = total_bytes, recipe = %spec.recipe.describe(), resumed_tasks, journal_seconds,
+        seconds = started.elapsed().as_secs_f64(), "job planned");
     let finalize_now = coordinator.insert_job(&job_id, spec, plan, journal, restored);
     Ok(Submitted {
         job_id,
