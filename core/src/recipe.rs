@@ -447,11 +447,14 @@ fn convert_gates(raw: Option<RawGates>) -> Result<Gates, RecipeError> {
     })
 }
 
-/// Tensors every preset compresses: all `.weight` matrices except embeddings, the LM head
-/// and norms (1-D tensors are always stored unchanged).
+/// Tensors the built-in recipes compress: the Linear weights of the language model, as
+/// llm-compressor's recipes do; not token or position embeddings (GPT-2's `wte`/`wpe`), the
+/// output head, norms, MoE router gates (`mlp.gate`, `block_sparse_moe.gate`, `router`,
+/// `shared_expert_gate`) or a vision tower and its projector. 1-D tensors are always stored
+/// unchanged.
 macro_rules! weights {
     () => {
-        "    targets: ['re:.*\\.weight$']\n    ignore: ['re:(?i).*(embed|lm_head|norm).*']\n"
+        "    targets: ['re:.*\\.weight$']\n    ignore: ['re:(?i).*(embed|lm_head|norm|wte|wpe|router|shared_expert_gate|vision|visual|mm_projector|multi_modal_projector).*', 're:.*\\.gate\\.weight$']\n"
     };
 }
 

@@ -293,3 +293,35 @@ fn entries_that_select_no_tensor_are_listed() {
         assert!(Recipe::preset(name).unwrap().is_builtin(), "{name}");
     }
 }
+
+#[test]
+fn built_in_recipes_compress_the_language_models_linear_weights_and_nothing_else() {
+    let recipe = Recipe::preset("int4-g128").unwrap();
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.3.mlp.experts.7.down_proj.weight",
+        "model.layers.3.block_sparse_moe.experts.0.w1.weight",
+        "transformer.h.0.attn.c_attn.weight",
+        "encoder.layer.0.attention.self.query.weight",
+    ] {
+        assert_eq!(recipe.passes_for(name).len(), 1, "{name} should be compressed");
+    }
+    for name in [
+        "model.embed_tokens.weight",
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "encoder.layer.0.attention.output.LayerNorm.weight",
+        "model.layers.3.mlp.gate.weight",
+        "model.layers.3.block_sparse_moe.gate.weight",
+        "model.layers.3.mlp.shared_expert_gate.weight",
+        "model.layers.3.mlp.router.weight",
+        "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+        "visual.blocks.0.attn.qkv.weight",
+        "multi_modal_projector.linear_1.weight",
+    ] {
+        assert!(recipe.passes_for(name).is_empty(), "{name} should be left alone");
+    }
+}
