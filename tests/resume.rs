@@ -301,3 +301,44 @@ fn another_job_is_refused_an_output_holding_an_unfinished_job_unless_it_overwrit
     assert_eq!(report(&out)["summary"]["tasks_restored"].as_u64(), Some(0));
     assert_success(&shardpress(&["verify", out.to_str().unwrap()]), "verify");
 }
+
+#[test]
+fn a_worker_that_cannot_renew_its_lease_stops_and_commits_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "6MB", "bf16", 2);
+    let mut cluster = TestCluster::start(1.0);
+    // Tasks of several chunks, each slower than a third of the lease.
+    cluster.add_worker(
+        "a",
+        &[CHUNKS, &["--debug-delay-per-chunk-ms", "400"]].concat(),
+    );
+    let out = cluster.dir.path().join("out");
+    let mut client = spawn_compress(&cluster, &model, &out, "int8", "safetensors");
+    cluster.wait_for_log("a", "task acquired", Duration::from_secs(30));
+    cluster.kill_coordinator();
+    let _ = client.wait();
+    let log = std::fs::read_to_string(cluster.log_path("a")).unwrap();
+    let running = log
+        .lines()
+        .filter(|l| l.contains("task acquired"))
+        .next_back()
+        .and_then(|l| l.split(" output=").nth(1)?.split(' ').next())
+        .unwrap()
+        .to_string();
+    cluster.wait_for_log(
+        "a",
+        "no heartbeat reached the coordinator for a whole lease",
+        Duration::from_secs(30),
+    );
+    // Long enough for the task's remaining chunks to have run.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !out.join(&running).exists(),
+        "{running} was written after its lease was lost"
+    );
+    assert!(
+        cluster.worker_alive("a"),
+        "the worker waits for its coordinator"
+    );
+}

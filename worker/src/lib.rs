@@ -236,7 +236,7 @@ async fn lease_task(
     let heartbeat = tokio::spawn(heartbeat_loop(
         client.clone(),
         task_ref.clone(),
-        Duration::from_millis(lease.lease_ttl_ms.max(300).into()) / 3,
+        Duration::from_millis(lease.lease_ttl_ms.max(300).into()),
         progress.clone(),
         cancelled.clone(),
     ));
@@ -294,15 +294,20 @@ async fn lease_task(
     }
 }
 
+/// Renews the lease every third of its `ttl`. A worker whose heartbeats have not reached
+/// the coordinator for a whole `ttl` (a dead or partitioned coordinator) must assume the task
+/// was given to another worker: it stops the task, so that it never commits an output of a
+/// lease it may no longer hold.
 async fn heartbeat_loop(
     mut client: WorkerServiceClient<Channel>,
     task: TaskRef,
-    period: Duration,
+    ttl: Duration,
     progress: Arc<AtomicU64>,
     cancelled: Arc<AtomicBool>,
 ) {
-    let mut ticker = tokio::time::interval(period);
+    let mut ticker = tokio::time::interval(ttl / 3);
     ticker.tick().await;
+    let mut renewed = tokio::time::Instant::now();
     loop {
         ticker.tick().await;
         let request = HeartbeatRequest {
@@ -315,7 +320,13 @@ async fn heartbeat_loop(
                 cancelled.store(true, Ordering::Relaxed);
                 return;
             }
-            Ok(_) => {}
+            Ok(_) => renewed = tokio::time::Instant::now(),
+            Err(e) if renewed.elapsed() >= ttl => {
+                tracing::warn!(error = %e.message(),
+                    "no heartbeat reached the coordinator for a whole lease; stopping task");
+                cancelled.store(true, Ordering::Relaxed);
+                return;
+            }
             Err(e) => tracing::warn!(error = %e.message(), "heartbeat failed"),
         }
     }

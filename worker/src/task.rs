@@ -169,6 +169,11 @@ pub async fn execute(
             }
         }
     }
+    // A lease lost meanwhile (see `heartbeat_loop`) commits nothing.
+    if ctx.cancelled.load(Ordering::Relaxed) {
+        writer.abort().await;
+        return Err(TaskError::Cancelled("lease lost".into()));
+    }
     let write_started = Instant::now();
     let (output_bytes, output_blake3) = writer.finish().await?;
     timings.write += write_started.elapsed();

@@ -305,7 +305,11 @@ fn built_in_recipes_compress_the_language_models_linear_weights_and_nothing_else
         "transformer.h.0.attn.c_attn.weight",
         "encoder.layer.0.attention.self.query.weight",
     ] {
-        assert_eq!(recipe.passes_for(name).len(), 1, "{name} should be compressed");
+        assert_eq!(
+            recipe.passes_for(name).len(),
+            1,
+            "{name} should be compressed"
+        );
     }
     for name in [
         "model.embed_tokens.weight",
@@ -322,6 +326,9 @@ fn built_in_recipes_compress_the_language_models_linear_weights_and_nothing_else
         "visual.blocks.0.attn.qkv.weight",
         "multi_modal_projector.linear_1.weight",
     ] {
-        assert!(recipe.passes_for(name).is_empty(), "{name} should be left alone");
+        assert!(
+            recipe.passes_for(name).is_empty(),
+            "{name} should be left alone"
+        );
     }
 }
