@@ -321,8 +321,7 @@ fn a_worker_that_cannot_renew_its_lease_stops_and_commits_nothing() {
     let log = std::fs::read_to_string(cluster.log_path("a")).unwrap();
     let running = log
         .lines()
-        .filter(|l| l.contains("task acquired"))
-        .next_back()
+        .rfind(|l| l.contains("task acquired"))
         .and_then(|l| l.split(" output=").nth(1)?.split(' ').next())
         .unwrap()
         .to_string();
