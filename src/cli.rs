@@ -78,6 +78,12 @@ pub struct CoordinatorArgs {
     /// same output again resumes it too.
     #[arg(long, value_name = "OUT_URL")]
     pub resume: Vec<String>,
+    /// A job claims its output while it runs (OUT/.shardpress/claim.json, renewed every
+    /// third of this); another coordinator's job to the same output is refused until the
+    /// claim has not been renewed this long (at once if it names a process of this host that
+    /// is gone).
+    #[arg(long, default_value_t = 30.0)]
+    pub claim_ttl_secs: f64,
     /// Fault injection for tests: pause this many ms before writing report and manifest.
     #[arg(long, default_value_t = 0, hide = true)]
     pub debug_finalize_delay_ms: u64,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use shardpress_coordinator::journal::Claimant;
 use shardpress_coordinator::{Coordinator, CoordinatorConfig};
 use tokio::process::{Child, Command};
 
@@ -70,6 +71,8 @@ pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     say!("shardpress coordinator listening on {addr}");
     std::io::stdout().flush().ok();
+    config.claimant = Claimant::this_process(&addr.to_string());
+    config.claim_ttl = Duration::from_secs_f64(args.claim_ttl_secs.max(1.0));
     let coordinator = Coordinator::new(config);
     for out in &args.resume {
         let submitted = shardpress_coordinator::submit::resume(&coordinator, out)
@@ -139,12 +142,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Listening from the start: SIGTERM or Ctrl-C must stop the worker processes too, which
     // the default action (ending this process at once) would leave running.
     let interrupted = crate::cli::shutdown_listener()?;
-    let config = coordinator_config(args.lease_ttl_secs, args.job.task_budget_mb)?;
+    let mut config = coordinator_config(args.lease_ttl_secs, args.job.task_budget_mb)?;
     let threads = match args.threads {
         0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / args.workers).max(1),
         n => n,
     };
     let (listener, addr) = shardpress_coordinator::bind(([127, 0, 0, 1], 0).into()).await?;
+    config.claimant = Claimant::this_process(&addr.to_string());
     let coordinator = Coordinator::new(config);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(shardpress_coordinator::serve(

@@ -341,3 +341,51 @@ fn a_worker_that_cannot_renew_its_lease_stops_and_commits_nothing() {
         "the worker waits for its coordinator"
     );
 }
+
+#[test]
+fn one_coordinator_at_a_time_writes_to_an_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "6MB", "bf16", 2);
+    let mut first = TestCluster::start(5.0);
+    first.add_worker(
+        "a",
+        &[CHUNKS, &["--debug-delay-per-chunk-ms", "40"]].concat(),
+    );
+    let out = dir.path().join("out");
+    let mut client = spawn_compress(&first, &model, &out, "int8", "safetensors");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while journaled(&out).is_empty() {
+        assert!(Instant::now() < deadline, "no task finished");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A second coordinator may neither join the running job (same job: it would resume it
+    // beside the first) nor replace it.
+    let mut second = TestCluster::start(5.0);
+    second.add_worker("b", CHUNKS);
+    let same = compress(&second, &model, &out, "int8", "safetensors");
+    assert_eq!(same.status.code(), Some(3), "{}", stderr(&same));
+    assert!(
+        stderr(&same).contains("is claimed by job"),
+        "{}",
+        stderr(&same)
+    );
+    let replacing = second
+        .compress_command(&model, &out, "int4-g128")
+        .arg("--overwrite")
+        .output()
+        .unwrap();
+    assert_eq!(replacing.status.code(), Some(3), "{}", stderr(&replacing));
+    // Once the first coordinator is gone (a process of this host that no longer runs), the
+    // second resumes the job at once.
+    first.kill_coordinator();
+    let _ = client.wait();
+    let resumed = compress(&second, &model, &out, "int8", "safetensors");
+    assert_success(&resumed, "the job resumed by the second coordinator");
+    assert!(
+        stderr(&resumed).contains("resuming:"),
+        "{}",
+        stderr(&resumed)
+    );
+    assert_success(&shardpress(&["verify", out.to_str().unwrap()]), "verify");
+}

@@ -9,6 +9,12 @@
 //! `--resume OUT`, reloads it: finished tasks are kept and only the rest are leased. The
 //! journal is deleted once the manifest is written.
 //!
+//! `OUT/.shardpress/claim.json` names the coordinator running the job (host, process id and
+//! address) and is renewed while it runs: another coordinator's submission to the same output
+//! is refused until the claim is released, has not been renewed for the claim's TTL, or names
+//! a process of this host that no longer runs (a coordinator restarted on the same machine, or
+//! `run` run again, takes over at once).
+//!
 //! Only compressing and measuring tasks are journaled. Assembly slices of `.spz` and GGUF files
 //! are cheap copies and run again; a task whose part an early assembly slice already consumed
 //! is run again too, since its output is no longer there to assemble.
@@ -24,6 +30,7 @@ use shardpress_store::{StoreError, StoreLocation};
 /// The folder of the journal in the output location.
 pub const JOURNAL_DIR: &str = ".shardpress";
 const HEAD_NAME: &str = ".shardpress/job.json";
+const CLAIM_NAME: &str = ".shardpress/claim.json";
 const DONE_DIR: &str = ".shardpress/done";
 const HEAD_FORMAT: &str = "shardpress-journal-v1";
 /// Results read concurrently when a journal is loaded.
@@ -133,6 +140,55 @@ fn plan_digest(plan: &[PlannedTask]) -> String {
     hasher.finalize().to_hex().to_string()
 }
 
+/// Who runs the job writing to an output, renewed while it runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Claim {
+    host: String,
+    pid: u32,
+    address: String,
+    job_id: String,
+    renewed_unix_ms: u64,
+}
+
+/// The coordinator process making a claim.
+#[derive(Debug, Clone)]
+pub struct Claimant {
+    pub host: String,
+    pub pid: u32,
+    /// Where it listens, for messages.
+    pub address: String,
+}
+
+impl Claimant {
+    /// This process, listening on `address`.
+    pub fn this_process(address: &str) -> Self {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        Self {
+            host,
+            pid: std::process::id(),
+            address: address.to_string(),
+        }
+    }
+}
+
+/// Whether process `pid` of this host runs (unknown, so assumed, where `/proc` is missing).
+fn process_runs(pid: u32) -> bool {
+    let proc = std::path::Path::new("/proc");
+    !proc.is_dir() || proc.join(pid.to_string()).exists()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
 /// One accepted result read back from a journal.
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -166,6 +222,60 @@ impl Journal {
                 object: self.out.describe(HEAD_NAME),
                 reason: format!("not a shardpress journal: {e}"),
             })
+    }
+
+    /// Refuses an output that another coordinator claimed less than `ttl` ago (unless that
+    /// process of this host is gone). Only reads.
+    pub async fn check_claim(
+        &self,
+        me: &Claimant,
+        ttl: std::time::Duration,
+    ) -> Result<(), crate::CoordinatorError> {
+        let bytes = match self.out.get(CLAIM_NAME).await {
+            Ok(bytes) => bytes,
+            Err(StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        // An unreadable claim is no claim: it was not written by a running coordinator.
+        let Ok(claim) = serde_json::from_slice::<Claim>(&bytes) else {
+            return Ok(());
+        };
+        let age = std::time::Duration::from_millis(unix_ms().saturating_sub(claim.renewed_unix_ms));
+        let here = claim.host == me.host;
+        let mine = here && claim.pid == me.pid;
+        let gone = here && !process_runs(claim.pid);
+        if mine || gone || age >= ttl {
+            return Ok(());
+        }
+        Err(crate::CoordinatorError::InvalidRequest(format!(
+            "the output {} is claimed by job {} of the coordinator at {} (host {}, pid {}; renewed {:.0} s ago): one coordinator at a time writes there; wait for that job to end, or for its claim to lapse {:.0} s after that coordinator stops",
+            self.out.url(),
+            claim.job_id,
+            claim.address,
+            claim.host,
+            claim.pid,
+            age.as_secs_f64(),
+            ttl.as_secs_f64()
+        )))
+    }
+
+    /// Claims the output for `job_id` of `me`, or renews the claim.
+    pub async fn claim(&self, me: &Claimant, job_id: &str) -> Result<(), StoreError> {
+        let claim = Claim {
+            host: me.host.clone(),
+            pid: me.pid,
+            address: me.address.clone(),
+            job_id: job_id.to_string(),
+            renewed_unix_ms: unix_ms(),
+        };
+        let bytes = serde_json::to_vec_pretty(&claim).unwrap_or_default();
+        self.out.put(CLAIM_NAME, Bytes::from(bytes)).await
+    }
+
+    /// Releases the claim of a job that ended without finishing (its journal stays, to
+    /// resume from).
+    pub async fn release_claim(&self) -> Result<(), StoreError> {
+        self.out.delete(CLAIM_NAME).await
     }
 
     /// Starts the journal of a new job (replacing any earlier one's).
@@ -242,5 +352,59 @@ impl Journal {
         self.out.remove_empty_dir(DONE_DIR);
         self.out.remove_empty_dir(JOURNAL_DIR);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn claim_json(host: &str, pid: u32, age: Duration) -> Bytes {
+        let claim = Claim {
+            host: host.into(),
+            pid,
+            address: "10.0.0.7:50051".into(),
+            job_id: "job-1".into(),
+            renewed_unix_ms: unix_ms() - age.as_millis() as u64,
+        };
+        Bytes::from(serde_json::to_vec(&claim).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_claim_holds_off_other_coordinators_until_it_lapses_or_its_process_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = StoreLocation::open(dir.path().to_str().unwrap()).unwrap();
+        let journal = Journal::at(out.clone());
+        let me = Claimant::this_process("127.0.0.1:1");
+        let ttl = Duration::from_secs(30);
+        // Nothing claimed, and a claim of our own: free.
+        journal.check_claim(&me, ttl).await.unwrap();
+        journal.claim(&me, "job-1").await.unwrap();
+        journal.check_claim(&me, ttl).await.unwrap();
+        // Another host's fresh claim is refused, naming it; a lapsed one is not.
+        let fresh = claim_json("elsewhere", 7, Duration::from_secs(3));
+        out.put(CLAIM_NAME, fresh).await.unwrap();
+        let refused = journal.check_claim(&me, ttl).await.unwrap_err().to_string();
+        assert!(
+            refused.contains("10.0.0.7:50051") && refused.contains("job-1"),
+            "{refused}"
+        );
+        let lapsed = claim_json("elsewhere", 7, Duration::from_secs(31));
+        out.put(CLAIM_NAME, lapsed).await.unwrap();
+        journal.check_claim(&me, ttl).await.unwrap();
+        // This host: a running process's claim holds, a gone process's does not.
+        let parent = std::os::unix::process::parent_id();
+        out.put(CLAIM_NAME, claim_json(&me.host, parent, Duration::ZERO))
+            .await
+            .unwrap();
+        assert!(journal.check_claim(&me, ttl).await.is_err());
+        let gone = u32::MAX - 1;
+        out.put(CLAIM_NAME, claim_json(&me.host, gone, Duration::ZERO))
+            .await
+            .unwrap();
+        journal.check_claim(&me, ttl).await.unwrap();
+        journal.release_claim().await.unwrap();
+        journal.check_claim(&me, ttl).await.unwrap();
     }
 }

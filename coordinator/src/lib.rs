@@ -56,6 +56,10 @@ pub struct CoordinatorConfig {
     /// Fault injection for tests: finalizing pauses this long before it writes the report and
     /// manifest (a window in which to kill the coordinator).
     pub finalize_delay: Duration,
+    /// This coordinator, as the claims of the outputs it writes name it (see [`journal`]).
+    pub claimant: journal::Claimant,
+    /// How long a claim that is no longer renewed keeps other coordinators off an output.
+    pub claim_ttl: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -65,6 +69,8 @@ impl Default for CoordinatorConfig {
             default_task_budget: 64 * 1024 * 1024,
             max_attempts: 5,
             finalize_delay: Duration::ZERO,
+            claimant: journal::Claimant::this_process("?"),
+            claim_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -81,6 +87,7 @@ pub async fn serve(
         .set_serving::<JobServiceServer<service::JobApi>>()
         .await;
     let reaper = coordinator.clone().spawn_lease_reaper();
+    let claims = coordinator.clone().spawn_claim_keeper();
     // TCP_NODELAY on every accepted connection: with Nagle's algorithm, HTTP/2's separate
     // small writes of one response wait for the peer's delayed ACK (~40 ms per task round
     // trip on Linux loopback, measured in the per-task timeline of report.json).
@@ -104,6 +111,7 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reaper.abort();
+    claims.abort();
     result
 }
 

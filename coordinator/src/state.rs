@@ -57,10 +57,11 @@ impl Drop for OutputReservation<'_> {
     }
 }
 
-/// A job that failed or was cancelled lets go of the files it was writing in slices: staging
-/// files are deleted and S3 multipart uploads aborted (in the background, best effort), so
-/// neither a staging file nor an open upload (billed by S3 until aborted) outlives it.
-fn abandon_shared_objects(job: &Job) {
+/// A job that failed or was cancelled lets go of its output's claim and of the files it was
+/// writing in slices: staging files are deleted and S3 multipart uploads aborted (in the
+/// background, best effort), so neither a staging file nor an open upload (billed by S3 until
+/// aborted) outlives it.
+fn abandon_shared_objects(job: &Job, journal: &Journal) {
     let mut objects: Vec<SharedObject> = Vec::new();
     let spec = &job.spec;
     objects.extend(spec.early_assembly.iter().map(|e| e.object.clone()));
@@ -89,6 +90,13 @@ fn abandon_shared_objects(job: &Job) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
+    // The journal stays, to resume from; the output is free for another coordinator.
+    let journal = journal.clone();
+    runtime.spawn(async move {
+        if let Err(e) = journal.release_claim().await {
+            tracing::warn!("cannot release the output's claim: {e}");
+        }
+    });
     if objects.is_empty() {
         return;
     }
@@ -120,7 +128,7 @@ impl Inner {
             let failed = entry.job.state.is_terminal() && entry.job.state != JobState::Succeeded;
             if failed && !entry.abandoned {
                 entry.abandoned = true;
-                abandon_shared_objects(&entry.job);
+                abandon_shared_objects(&entry.job, &entry.journal);
             }
         }
     }
@@ -537,6 +545,28 @@ impl Coordinator {
             .iter()
             .map(|(id, w)| (id.clone(), w.name.clone()))
             .collect()
+    }
+
+    /// Renews the output claims of the running jobs three times per claim TTL.
+    pub fn spawn_claim_keeper(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(self.config.claim_ttl / 3);
+            loop {
+                ticker.tick().await;
+                let running: Vec<(Journal, String)> = {
+                    let inner = self.lock();
+                    (inner.jobs.values())
+                        .filter(|e| !e.job.state.is_terminal())
+                        .map(|e| (e.journal.clone(), e.job.id.clone()))
+                        .collect()
+                };
+                for (journal, job_id) in running {
+                    if let Err(e) = journal.claim(&self.config.claimant, &job_id).await {
+                        tracing::warn!(job = %job_id, "cannot renew the output's claim: {e}");
+                    }
+                }
+            }
+        })
     }
 
     /// Periodically returns expired leases to the queue.

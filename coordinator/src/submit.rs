@@ -146,6 +146,10 @@ pub async fn submit(
     };
     let journal = Journal::at(out.clone());
     let head = JournalHead::new(&coordinator.new_job_id(), &request, &spec, &plan);
+    let config = coordinator.config();
+    journal
+        .check_claim(&config.claimant, config.claim_ttl)
+        .await?;
     let mut earlier = check_output(&out, request.overwrite, &journal, &head).await?;
     // The finishing step is planned once now, so that what it reads (a GGUF file's tokenizer)
     // is refused before any work starts.
@@ -196,6 +200,7 @@ pub async fn submit(
             crate::assembly::early_assembly(&out, name, &staging, assembly_slice_bytes).await?;
         spec.early_assembly = Some(early);
     }
+    journal.claim(&config.claimant, &job_id).await?;
     let restored = still_there(&out, &plan, spec.in_place.is_some(), restored).await?;
     let journal_seconds = journal_read.elapsed().as_secs_f64();
     let resumed_tasks = restored
