@@ -107,7 +107,24 @@ pub struct CompressArgs {
     /// Submit and print the job id without waiting.
     #[arg(long)]
     pub no_wait: bool,
+    /// If the coordinator goes away while the job runs, wait this many seconds for it to
+    /// come back, then submit the job again: it resumes from its journal in --out (finished
+    /// tasks are kept). 0: exit at once (code 1).
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub reconnect_secs: u64,
 }
+
+/// The coordinator stopped answering while a job was followed.
+#[derive(Debug)]
+pub struct LostCoordinator(String);
+
+impl std::fmt::Display for LostCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "lost the coordinator: {}", self.0)
+    }
+}
+
+impl std::error::Error for LostCoordinator {}
 
 pub async fn compress(args: CompressArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.coordinator, Duration::from_secs(3)).await?;
@@ -116,9 +133,63 @@ pub async fn compress(args: CompressArgs) -> anyhow::Result<()> {
         say!("{job_id}");
         return Ok(());
     }
-    let status = watch(&mut client, &job_id).await?;
+    let mut job_id = job_id;
+    let status = loop {
+        let lost = match watch(&mut client, &job_id).await {
+            Ok(status) => break status,
+            Err(e) if args.reconnect_secs > 0 && e.is::<LostCoordinator>() => e,
+            Err(e) => return Err(e),
+        };
+        eprintln!(
+            "{lost}; waiting up to {} s for it to come back (--reconnect-secs)",
+            args.reconnect_secs
+        );
+        (client, job_id) = resubmit(&args, &job_id).await?;
+    };
     let report = report(&mut client, &job_id).await;
     finish(&status, &report)
+}
+
+/// Reconnects to a coordinator that went away, and submits the job again if the coordinator
+/// no longer knows it (it restarted): the job resumes from its journal. Returns the client
+/// and the job's id.
+async fn resubmit(
+    args: &CompressArgs,
+    job_id: &str,
+) -> anyhow::Result<(JobServiceClient<Channel>, String)> {
+    let patience = Duration::from_secs(args.reconnect_secs);
+    let started = std::time::Instant::now();
+    let mut client = connect(&args.coordinator, patience).await?;
+    let known = client
+        .get_job(GetJobRequest {
+            job_id: job_id.to_string(),
+        })
+        .await;
+    match known {
+        Ok(_) => return Ok((client, job_id.to_string())),
+        Err(status) if status.code() == tonic::Code::NotFound => {}
+        Err(status) => bail!(
+            "the coordinator is back but cannot be asked about job {job_id}: {}",
+            status.message()
+        ),
+    }
+    // The first submission replaced any earlier output; this one must keep the journal.
+    let job = JobArgs {
+        overwrite: false,
+        ..args.job.clone()
+    };
+    loop {
+        match submit(&mut client, &job).await {
+            Ok(id) => return Ok((client, id)),
+            // The old coordinator's claim on the output lapses after its TTL.
+            Err(e)
+                if format!("{e:#}").contains("is claimed by") && started.elapsed() < patience =>
+            {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Connects to the coordinator, retrying for up to `patience` while it starts.
@@ -219,15 +290,19 @@ pub async fn watch(
             job_id: job_id.to_string(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(|s| match s.code() {
+            tonic::Code::NotFound | tonic::Code::InvalidArgument => {
+                anyhow::anyhow!("{}", s.message())
+            }
+            _ => anyhow::Error::new(LostCoordinator(s.message().to_string())),
+        })?
         .into_inner();
     let interactive = std::io::stderr().is_terminal();
     let mut bar: Option<ProgressBar> = None;
     let mut last_line = (u32::MAX, i32::MAX);
     let mut last = None;
     while let Some(status) = stream.next().await {
-        let status =
-            status.map_err(|s| anyhow::anyhow!("lost the coordinator: {}", s.message()))?;
+        let status = status.map_err(|s| LostCoordinator(s.message().to_string()))?;
         let message = format!(
             "tasks {}/{} ({} running, {} workers{})",
             status.tasks_done,
@@ -272,7 +347,7 @@ pub async fn watch(
                     job_id: job_id.to_string(),
                 })
                 .await
-                .map_err(|s| anyhow::anyhow!("lost the coordinator: {}", s.message()))?;
+                .map_err(|s| LostCoordinator(s.message().to_string()))?;
             Ok(status.into_inner())
         }
     }

@@ -77,6 +77,7 @@ fn spawn_compress(
         .compress_command(model, out, recipe)
         .args(["--format", format])
         .args(SLICES)
+        .args(["--reconnect-secs", "0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -388,4 +389,44 @@ fn one_coordinator_at_a_time_writes_to_an_output() {
         stderr(&resumed)
     );
     assert_success(&shardpress(&["verify", out.to_str().unwrap()]), "verify");
+}
+
+#[test]
+fn a_client_waits_for_a_restarted_coordinator_and_submits_its_job_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "6MB", "bf16", 2);
+    let expected = reference(&model, "int8", "safetensors");
+    let mut cluster = TestCluster::start(5.0);
+    cluster.add_worker(
+        "a",
+        &[CHUNKS, &["--debug-delay-per-chunk-ms", "30"]].concat(),
+    );
+    let out = cluster.dir.path().join("out");
+    let client = cluster
+        .compress_command(&model, &out, "int8")
+        .args(SLICES)
+        .arg("--overwrite")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while journaled(&out).len() < 2 {
+        assert!(Instant::now() < deadline, "no task finished");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.kill_coordinator();
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.restart_coordinator(&[]);
+    let done = client.wait_with_output().unwrap();
+    assert_success(&done, "the client across a coordinator restart");
+    let said = stderr(&done);
+    assert!(
+        said.contains("lost the coordinator") && said.contains("resuming:"),
+        "{said}"
+    );
+    assert_eq!(model_files(&out), expected);
+    // --overwrite applied to the first submission only: the journal was kept.
+    assert!(report(&out)["summary"]["tasks_restored"].as_u64().unwrap() >= 2);
 }
