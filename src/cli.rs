@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use shardpress_core::recipe::Recipe;
 
-use crate::{client, decompress, genmodel, inspect, local};
+use crate::{client, decompress, genmodel, inspect, local, plan};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +52,9 @@ pub enum Command {
     Worker(WorkerArgs),
     /// List a model's tensors, dtypes, sizes and layers (headers only).
     Inspect(inspect::InspectArgs),
+    /// Show what a job would do without running it: its tasks, the tensors each pass of the
+    /// recipe touches (and those left unchanged), and the output's size in each format.
+    Plan(plan::PlanArgs),
     /// Write a synthetic Llama-shaped model with realistic weight statistics.
     GenModel(genmodel::GenModelArgs),
     /// Restore safetensors files (or chosen tensors) from an .spz archive.
@@ -158,6 +161,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Coordinator(args) => local::serve_coordinator(args).await,
         Command::Worker(args) => run_worker(args).await,
         Command::Inspect(args) => inspect::inspect(args).await,
+        Command::Plan(args) => plan::plan(args).await,
         Command::GenModel(args) => genmodel::gen_model(args),
         Command::Verify(args) => client::verify(&args.out).await,
         Command::Decompress(args) => decompress::decompress(args).await,

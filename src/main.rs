@@ -15,6 +15,7 @@ mod decompress;
 mod genmodel;
 mod inspect;
 mod local;
+mod plan;
 mod summary;
 
 use clap::Parser;

@@ -422,3 +422,50 @@ fn compressed_tensors_inputs_are_decoded_then_compressed() {
         }
     }
 }
+
+/// `shardpress plan` reads headers only and tells, before any work, what each pass touches and
+/// how large each format's output is: the figures match what a job then writes.
+#[test]
+fn plan_predicts_what_a_job_touches_and_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "6MB", "bf16", 2);
+    let plan = |recipe: &str| -> serde_json::Value {
+        let output = shardpress(&[
+            "plan",
+            "--model",
+            model.to_str().unwrap(),
+            "--recipe",
+            recipe,
+            "--task-budget-mb",
+            "1",
+            "--json",
+        ]);
+        assert_success(&output, "plan");
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let w4a16 = plan("w4a16");
+    let out = dir.path().join("ct");
+    run(&model, &out, "w4a16", "compressed-tensors", 2);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    assert_eq!(w4a16["tasks"], report["tasks"].as_array().unwrap().len());
+    assert_eq!(
+        w4a16["passes"][0]["touches"]["tensors"],
+        report["summary"]["tensors_compressed"]
+    );
+    assert_eq!(
+        w4a16["output_bytes"]["compressed-tensors"]["bytes"],
+        index["metadata"]["total_size"]
+    );
+    let refused = w4a16["output_bytes"]["gguf"]["refused"].as_str().unwrap();
+    assert!(refused.contains("gguf"), "{refused}");
+    let q4 = plan("q4_k_m");
+    let out = dir.path().join("gguf");
+    run(&model, &out, "q4_k_m", "gguf", 2);
+    let size = std::fs::metadata(out.join("model.gguf")).unwrap().len();
+    assert_eq!(q4["output_bytes"]["gguf"]["bytes"], size);
+}

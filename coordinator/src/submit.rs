@@ -12,7 +12,7 @@ use shardpress_core::plan::{plan_tasks_with, PlannedTask, SourceFile};
 use shardpress_core::recipe::{OutputFormat, PassKind, Recipe};
 use shardpress_proto::v1::SubmitJobRequest;
 use shardpress_store::shared::SharedWrites;
-use shardpress_store::{read_source_file, resolve_model, StoreLocation};
+use shardpress_store::{read_source_file, resolve_model, ModelFiles, StoreLocation};
 
 use crate::finalize::MANIFEST_NAME;
 use crate::job::JobSpec;
@@ -35,16 +35,26 @@ pub struct Submitted {
     pub finalize_now: bool,
 }
 
-pub async fn submit(
-    coordinator: &Coordinator,
-    request: SubmitJobRequest,
-) -> Result<Submitted, CoordinatorError> {
-    let started = std::time::Instant::now();
-    if request.model_url.is_empty() || request.out_url.is_empty() {
-        return Err(CoordinatorError::InvalidRequest(
-            "model_url and out_url are required".into(),
-        ));
-    }
+/// A job planned from its model's headers (recipe, format and every tensor checked), before
+/// any output is touched: what `submit` goes on with, and what `shardpress plan` shows.
+pub struct Planned {
+    pub model: ModelFiles,
+    pub files: Vec<SourceFile>,
+    pub recipe: Recipe,
+    pub format: OutputFormat,
+    pub facts: ModelFacts,
+    pub budget: u64,
+    pub assembly_slice_bytes: u64,
+    pub plan: Vec<PlannedTask>,
+    pub warnings: Vec<String>,
+}
+
+/// Plans the job `request` asks for (its output location is not looked at); a request
+/// without a task budget gets `default_budget`.
+pub async fn plan_job(
+    request: &SubmitJobRequest,
+    default_budget: u64,
+) -> Result<Planned, CoordinatorError> {
     let recipe = Recipe::from_yaml(&request.recipe_yaml)?;
     let format = match request.format.as_str() {
         "" => recipe.format,
@@ -69,7 +79,7 @@ pub async fn submit(
         .try_collect()
         .await?;
     let budget = match request.task_budget_bytes {
-        0 => coordinator.config().default_task_budget,
+        0 => default_budget,
         budget => budget,
     };
     // A GGUF file or a gguf pass depends on the whole model (architecture, layer count).
@@ -88,7 +98,7 @@ pub async fn submit(
     } else {
         ModelFacts::default()
     };
-    let mut warnings = unmatched_entries(&recipe, &files, request.allow_unmatched)?;
+    let warnings = unmatched_entries(&recipe, &files, request.allow_unmatched)?;
     let weight_shapes = read_weight_shapes(&model.root, &files).await?;
     let mut plan = plan_tasks_with(&files, budget, &weight_shapes)?;
     // Every tensor's pass combination, and whether the format can store it, is checked
@@ -117,6 +127,74 @@ pub async fn submit(
     for task in &mut plan {
         task.output_name = format.spec().task_output_name(task.index as usize, total);
     }
+    Ok(Planned {
+        model,
+        files,
+        recipe,
+        format,
+        facts,
+        budget,
+        assembly_slice_bytes,
+        plan,
+        warnings,
+    })
+}
+
+/// The files a planned job's output holds and their sizes in bytes, where they follow from
+/// the plan alone: safetensors shards' tensor data (headers and companion files not
+/// counted), GGUF files exactly; `None` for `.spz`, whose entropy-coded size depends on
+/// the values.
+pub async fn output_size(planned: &Planned) -> Result<Option<u64>, CoordinatorError> {
+    let spec = JobSpec {
+        model_url: planned.model.root.url().to_string(),
+        out_url: String::new(),
+        out_identity: String::new(),
+        recipe: planned.recipe.clone(),
+        task_budget: planned.budget,
+        format: planned.format,
+        facts: planned.facts.clone(),
+        max_file_bytes: None,
+        assembly_slice_bytes: planned.assembly_slice_bytes,
+        in_place: None,
+        early_assembly: None,
+        measured: None,
+    };
+    let tasks: Vec<&PlannedTask> = planned.plan.iter().collect();
+    let finish = crate::finalize::finish_plan(&spec, &tasks)
+        .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
+    Ok(match (&finish.index, &finish.assembly) {
+        (Some(index), _) => Some(index.total_size),
+        (None, Some(Assembly::Gguf(gguf))) => {
+            let files = crate::gguf::build_files(&planned.model.root, &spec.facts, gguf, None)
+                .await
+                .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
+            Some(files.iter().map(|f| f.file_size).sum())
+        }
+        _ => None,
+    })
+}
+
+pub async fn submit(
+    coordinator: &Coordinator,
+    request: SubmitJobRequest,
+) -> Result<Submitted, CoordinatorError> {
+    let started = std::time::Instant::now();
+    if request.model_url.is_empty() || request.out_url.is_empty() {
+        return Err(CoordinatorError::InvalidRequest(
+            "model_url and out_url are required".into(),
+        ));
+    }
+    let Planned {
+        model,
+        files: _,
+        recipe,
+        format,
+        facts,
+        budget,
+        assembly_slice_bytes,
+        plan,
+        mut warnings,
+    } = plan_job(&request, coordinator.config().default_task_budget).await?;
     let out = StoreLocation::open(&request.out_url)?;
     // Compared where they really are: a symlink or a percent-encoded name of the model's
     // folder is the model's folder, whose shards the output's names would overwrite.
