@@ -69,13 +69,27 @@ const COMPANION_FILES: &[&str] = &[
     "processor_config.json",
 ];
 
-/// The companion files present in the model's folder, sorted.
+/// The companion files present in the model's folder, sorted. A store that cannot list (a
+/// plain HTTP server) is asked for each known name instead; its `*.py` files are not found.
 async fn companion_names(model: &StoreLocation) -> Result<Vec<String>, StoreError> {
-    let mut names: Vec<String> = model
-        .list_top_level()
-        .await?
+    let listed = match model.list_top_level().await {
+        Ok(listed) => listed.into_iter().map(|(name, _)| name).collect(),
+        Err(e) => {
+            tracing::warn!(
+                "cannot list {} ({e}); looking for each companion file",
+                model.url()
+            );
+            let mut present = Vec::new();
+            for name in COMPANION_FILES {
+                if model.exists(name).await? {
+                    present.push(name.to_string());
+                }
+            }
+            present
+        }
+    };
+    let mut names: Vec<String> = listed
         .into_iter()
-        .map(|(name, _)| name)
         .filter(|name| COMPANION_FILES.contains(&name.as_str()) || name.ends_with(".py"))
         .collect();
     names.sort();

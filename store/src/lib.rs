@@ -1,9 +1,11 @@
 //! Storage addressing for shardpress: every model input and output goes through `object_store`,
-//! addressed by URL (`file:///…`, plain paths, `s3://bucket/prefix`, `memory:///`).
+//! addressed by URL (`file:///…`, plain paths, `s3://bucket/prefix`, `gs://bucket/prefix`,
+//! `az://container/prefix`, `https://host/path` for reading, `memory:///`).
 //!
 //! A [`StoreLocation`] is a store plus a root prefix; objects are named relative to that root.
 //! S3 settings come from the usual `AWS_*` environment variables (endpoint, region, credentials,
-//! `AWS_ALLOW_HTTP`), read through object_store's own configuration keys.
+//! `AWS_ALLOW_HTTP`), read through object_store's own configuration keys, and from the AWS
+//! profile files for what the environment leaves unset ([`profile`]).
 //! [`read_source_file`] reads a safetensors header with two range reads, never the data;
 //! [`spz::SpzReader`] reads an `.spz` archive by range; [`shared`] lets several processes write
 //! one object.
@@ -21,6 +23,7 @@ use shardpress_core::header::{self, HeaderError};
 use shardpress_core::plan::SourceFile;
 
 mod model;
+mod profile;
 pub mod shared;
 pub mod spz;
 pub use model::{resolve_model, ModelFiles, INDEX_NAME};
@@ -43,6 +46,8 @@ pub enum StoreError {
     Header { object: String, cause: HeaderError },
     #[error("{object}: {reason}")]
     Invalid { object: String, reason: String },
+    #[error("no credentials found for {object}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials (AWS_PROFILE to choose one); the instance metadata service, asked last, did not give any ({cause})")]
+    NoCredentials { object: String, cause: String },
 }
 
 impl StoreError {
@@ -86,11 +91,23 @@ impl std::fmt::Debug for StoreLocation {
 
 /// Object-store options from the environment: every `AWS_*` variable, lower-cased, which is how
 /// object_store spells its configuration keys (`aws_endpoint`, `aws_allow_http`, …).
-fn env_options() -> Vec<(String, String)> {
-    std::env::vars()
-        .filter(|(k, _)| k.starts_with("AWS_"))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v))
-        .collect()
+/// The store options of the `AWS_*`, `GOOGLE_*` and `AZURE_*` environment variables (named
+/// as object_store's configuration keys), and for S3 those of the AWS profile files
+/// ([`profile`]) that the environment leaves unset.
+fn store_options(s3: bool) -> Result<Vec<(String, String)>, StoreError> {
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let mut options: Vec<(String, String)> = (env.iter())
+        .filter(|(k, _)| {
+            ["AWS_", "GOOGLE_", "AZURE_"]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    if s3 {
+        options.extend(profile::profile_options(&env)?);
+    }
+    Ok(options)
 }
 
 /// Turns a plain filesystem path into a `file://` URL; leaves URLs alone.
@@ -117,11 +134,20 @@ impl StoreLocation {
             url: url.to_string(),
             reason: e.to_string(),
         };
-        let (store, root) = object_store::parse_url_opts(&url, env_options()).map_err(invalid)?;
+        let is_s3 = matches!(
+            ObjectStoreScheme::parse(&url),
+            Ok((ObjectStoreScheme::AmazonS3, _))
+        );
+        let mut options = store_options(is_s3)?;
+        if url.scheme() == "http" {
+            // A plain http:// URL asks for HTTP (object_store refuses it by default).
+            options.push(("allow_http".into(), "true".into()));
+        }
+        let (store, root) = object_store::parse_url_opts(&url, options.clone()).map_err(invalid)?;
         let mut location = Self::from_parts(Arc::from(store), root, url.to_string());
-        if let Ok((ObjectStoreScheme::AmazonS3, _)) = ObjectStoreScheme::parse(&url) {
+        if is_s3 {
             // The same configuration as parse_url_opts, kept typed for multipart parts.
-            let s3 = env_options()
+            let s3 = options
                 .into_iter()
                 .fold(
                     AmazonS3Builder::new().with_url(url.to_string()),
@@ -212,6 +238,15 @@ impl StoreLocation {
     }
 
     fn map_err(&self, name: &str, source: object_store::Error) -> StoreError {
+        // With no credentials configured, S3 requests ask the instance metadata service
+        // last; off EC2 it does not answer.
+        let text = source.to_string();
+        if text.contains("/latest/api/token") || text.contains("/latest/meta-data/iam") {
+            return StoreError::NoCredentials {
+                object: self.describe(name),
+                cause: text,
+            };
+        }
         match source {
             object_store::Error::NotFound { .. } => StoreError::NotFound {
                 object: self.describe(name),
@@ -409,5 +444,23 @@ mod tests {
         };
         assert!(io(network).is_retryable());
         assert!(!StoreError::NotFound { object: path() }.is_retryable());
+    }
+
+    #[test]
+    fn google_azure_and_http_urls_open_as_their_stores() {
+        // Opening configures a store; nothing is contacted until an object is asked for.
+        for url in [
+            "gs://bucket/models/llama",
+            "https://models.example.com/llama",
+            "http://127.0.0.1:9/llama",
+        ] {
+            let location = StoreLocation::open(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(location.url(), url);
+        }
+        // Azure needs its account, which an error names.
+        match StoreLocation::open("az://container/models") {
+            Ok(location) => assert_eq!(location.url(), "az://container/models"),
+            Err(e) => assert!(e.to_string().to_lowercase().contains("account"), "{e}"),
+        }
     }
 }

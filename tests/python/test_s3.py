@@ -125,3 +125,30 @@ def test_decompress_restores_into_s3(s3_server, tmp_path: Path):
             continue  # regenerated (same map, its own formatting)
         assert remote == (model / name).read_bytes(), name
     assert client.list_multipart_uploads(Bucket="models").get("Uploads", []) == []
+
+
+def test_credentials_come_from_a_profile_file_and_their_absence_is_said_plainly(s3_server, tmp_path: Path):
+    client, env = s3_server
+    model = tmp_path / "model"
+    shardpress("gen-model", "--out", model, "--size", "6MB", "--max-shard-mb", "2")
+    upload(client, model, "llama")
+    bare = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[default]\naws_access_key_id = wrong\n\n"
+                           "[ci]\naws_access_key_id = test\naws_secret_access_key = test\n")
+    # Keys from the named profile only (with none at all, the metadata service would be asked).
+    with_profile = {**bare, "AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_PROFILE": "ci",
+                    "HOME": str(tmp_path), "AWS_METADATA_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    listed = shardpress("inspect", "s3://models/llama", env=with_profile)
+    assert "layer 0" in listed.stdout
+    # A profile that does not exist is named.
+    missing = subprocess.run([BIN, "inspect", "s3://models/llama"], capture_output=True, text=True,
+                             env={**with_profile, "AWS_PROFILE": "nope"})
+    assert missing.returncode != 0 and "AWS_PROFILE=nope: no such profile" in missing.stderr
+    # No keys anywhere, and no metadata service: said once, plainly, without retrying a task.
+    nothing = {**bare, "HOME": str(tmp_path / "empty"),
+               "AWS_METADATA_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    refused = subprocess.run([BIN, "inspect", "s3://models/llama"], capture_output=True, text=True,
+                             env=nothing)
+    assert refused.returncode != 0
+    assert "no credentials found" in refused.stderr and "AWS_PROFILE" in refused.stderr, refused.stderr
