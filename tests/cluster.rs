@@ -235,6 +235,13 @@ fn a_worker_killed_mid_task_loses_its_lease_and_the_output_is_unchanged() {
             "{name} differs from the run without a kill"
         );
     }
+    // The victim's unfinished upload (object_store's `NAME#N` file) was deleted.
+    let leftovers: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains('#'))
+        .collect();
+    assert!(leftovers.is_empty(), "left in the output: {leftovers:?}");
 }
 
 /// Processes whose command line contains `needle` (from /proc).

@@ -58,9 +58,9 @@ impl Drop for OutputReservation<'_> {
 }
 
 /// A job that failed or was cancelled lets go of its output's claim and of the files it was
-/// writing in slices: staging files are deleted and S3 multipart uploads aborted (in the
-/// background, best effort), so neither a staging file nor an open upload (billed by S3 until
-/// aborted) outlives it.
+/// writing: staging files are deleted (those of shared objects, and the uploads of killed
+/// workers) and S3 multipart uploads aborted (in the background, best effort), so neither a
+/// staging file nor an open upload (billed by S3 until aborted) outlives it.
 fn abandon_shared_objects(job: &Job, journal: &Journal) {
     let mut objects: Vec<SharedObject> = Vec::new();
     let spec = &job.spec;
@@ -97,14 +97,17 @@ fn abandon_shared_objects(job: &Job, journal: &Journal) {
             tracing::warn!("cannot release the output's claim: {e}");
         }
     });
-    if objects.is_empty() {
-        return;
-    }
+    let outputs: Vec<String> = job
+        .tasks
+        .iter()
+        .map(|t| t.plan.output_name.clone())
+        .collect();
     let (out_url, job_id) = (spec.out_url.clone(), job.id.clone());
     runtime.spawn(async move {
         let Ok(out) = StoreLocation::open(&out_url) else {
             return;
         };
+        out.remove_interrupted_uploads(&outputs);
         for object in &objects {
             out.abort_shared(object).await;
         }
