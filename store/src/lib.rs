@@ -110,6 +110,50 @@ fn store_options(s3: bool) -> Result<Vec<(String, String)>, StoreError> {
     Ok(options)
 }
 
+/// A store, and the same store where it takes multipart uploads part by part (S3).
+type OpenedStore = (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>);
+
+/// The stores this process has opened, by scheme and authority: one client (and connection
+/// pool) per S3 bucket however many tasks a worker runs, and one `memory://` store that every
+/// location of a process shares (an in-process cluster's).
+fn opened_stores() -> &'static std::sync::Mutex<std::collections::HashMap<String, OpenedStore>> {
+    static STORES: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, OpenedStore>>,
+    > = std::sync::OnceLock::new();
+    STORES.get_or_init(Default::default)
+}
+
+/// Builds the store of `url` with the environment's (and for S3 the profiles') settings.
+fn build_store(url: &url::Url, is_s3: bool) -> Result<OpenedStore, StoreError> {
+    let invalid = |e: object_store::Error| StoreError::InvalidUrl {
+        url: url.to_string(),
+        reason: e.to_string(),
+    };
+    let mut options = store_options(is_s3)?;
+    if url.scheme() == "http" {
+        // A plain http:// URL asks for HTTP (object_store refuses it by default).
+        options.push(("allow_http".into(), "true".into()));
+    }
+    if !is_s3 {
+        let (store, _) = object_store::parse_url_opts(url, options).map_err(invalid)?;
+        return Ok((Arc::from(store), None));
+    }
+    // Built typed, for its multipart parts.
+    let s3 = options
+        .into_iter()
+        .fold(
+            AmazonS3Builder::new().with_url(url.to_string()),
+            |builder, (key, value)| match key.parse() {
+                Ok(key) => builder.with_config(key, value),
+                Err(_) => builder,
+            },
+        )
+        .build()
+        .map_err(invalid)?;
+    let s3 = Arc::new(s3);
+    Ok((s3.clone(), Some(s3)))
+}
+
 /// Turns a plain filesystem path into a `file://` URL; leaves URLs alone.
 pub fn normalize_url(url_or_path: &str) -> Result<url::Url, StoreError> {
     let invalid = |reason: String| StoreError::InvalidUrl {
@@ -128,40 +172,32 @@ pub fn normalize_url(url_or_path: &str) -> Result<url::Url, StoreError> {
 
 impl StoreLocation {
     /// Opens the store addressed by `url_or_path`; the URL's path becomes the root prefix.
+    /// Each store (a scheme and authority: `s3://bucket`, `https://host`, `memory://`) is
+    /// built once per process ([`opened_stores`]) and shared by every location in it.
     pub fn open(url_or_path: &str) -> Result<Self, StoreError> {
         let url = normalize_url(url_or_path)?;
-        let invalid = |e: object_store::Error| StoreError::InvalidUrl {
-            url: url.to_string(),
-            reason: e.to_string(),
+        let (scheme, root) =
+            ObjectStoreScheme::parse(&url).map_err(|e| StoreError::InvalidUrl {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?;
+        let key = format!("{}://{}", url.scheme(), url.authority());
+        let known = opened_stores()
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&key).cloned());
+        let (store, s3) = match known {
+            Some(opened) => opened,
+            None => {
+                let opened = build_store(&url, scheme == ObjectStoreScheme::AmazonS3)?;
+                if let Ok(mut stores) = opened_stores().lock() {
+                    stores.insert(key, opened.clone());
+                }
+                opened
+            }
         };
-        let is_s3 = matches!(
-            ObjectStoreScheme::parse(&url),
-            Ok((ObjectStoreScheme::AmazonS3, _))
-        );
-        let mut options = store_options(is_s3)?;
-        if url.scheme() == "http" {
-            // A plain http:// URL asks for HTTP (object_store refuses it by default).
-            options.push(("allow_http".into(), "true".into()));
-        }
-        let (store, root) = object_store::parse_url_opts(&url, options.clone()).map_err(invalid)?;
-        let mut location = Self::from_parts(Arc::from(store), root, url.to_string());
-        if is_s3 {
-            // The same configuration as parse_url_opts, kept typed for multipart parts.
-            let s3 = options
-                .into_iter()
-                .fold(
-                    AmazonS3Builder::new().with_url(url.to_string()),
-                    |builder, (key, value)| match key.parse() {
-                        Ok(key) => builder.with_config(key, value),
-                        Err(_) => builder,
-                    },
-                )
-                .build()
-                .map_err(invalid)?;
-            let s3 = Arc::new(s3);
-            location.store = s3.clone();
-            location.s3 = Some(s3);
-        }
+        let mut location = Self::from_parts(store, root, url.to_string());
+        location.s3 = s3;
         Ok(location)
     }
 
@@ -462,5 +498,22 @@ mod tests {
             Ok(location) => assert_eq!(location.url(), "az://container/models"),
             Err(e) => assert!(e.to_string().to_lowercase().contains("account"), "{e}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_store_is_built_once_per_process_and_shared_by_its_locations() {
+        let a = StoreLocation::open("s3://shared-bucket/models/a").unwrap();
+        let b = StoreLocation::open("s3://shared-bucket/models/b").unwrap();
+        let other = StoreLocation::open("s3://other-bucket/models/a").unwrap();
+        assert!(Arc::ptr_eq(a.store(), b.store()));
+        assert!(!Arc::ptr_eq(a.store(), other.store()));
+        // memory:// is one store per process: what one location writes, another reads.
+        let writer = StoreLocation::open("memory:///cluster/out").unwrap();
+        writer
+            .put("x.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let reader = StoreLocation::open("memory:///cluster").unwrap();
+        assert_eq!(&reader.get("out/x.json").await.unwrap()[..], b"{}");
     }
 }
