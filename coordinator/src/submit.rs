@@ -140,10 +140,9 @@ pub async fn plan_job(
     })
 }
 
-/// The files a planned job's output holds and their sizes in bytes, where they follow from
-/// the plan alone: safetensors shards' tensor data (headers and companion files not
-/// counted), GGUF files exactly; `None` for `.spz`, whose entropy-coded size depends on
-/// the values.
+/// The bytes a planned job's output takes, where the plan alone gives them: the tensor data
+/// of safetensors and compressed-tensors shards (headers and companion files not counted),
+/// GGUF files exactly; `None` for `.spz`, whose entropy-coded size depends on the values.
 pub async fn output_size(planned: &Planned) -> Result<Option<u64>, CoordinatorError> {
     let spec = JobSpec {
         model_url: planned.model.root.url().to_string(),
