@@ -106,6 +106,13 @@ pub struct WorkerArgs {
     /// Largest piece of a tensor held in memory at once, in MB.
     #[arg(long, default_value_t = 16.0)]
     pub chunk_mb: f64,
+    /// Bound on the memory a task holds, e.g. 512MB or 2GB (MB = 10^6 bytes, MiB = 2^20). Chunks are made small
+    /// enough to fit it; passes that need whole-tensor statistics (per-tensor scales,
+    /// magnitude or row/column pruning, k-means) stream the tensor twice; a tensor whose
+    /// pass needs it whole (low-rank, hashed, per-tensor HQQ) and cannot fit is refused,
+    /// naming the tensor and the memory it needs. Default: no bound.
+    #[arg(long, value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
     /// Exit when the coordinator has been unreachable this many seconds. A coordinator that
     /// restarts within it finds the worker again (it registers anew) and resumes its jobs.
     #[arg(long, default_value_t = 600)]
@@ -205,6 +212,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
         threads: args.threads,
         chunk_bytes: (args.chunk_mb.max(1.0 / 16.0) * 1024.0 * 1024.0) as usize,
+        memory_limit: args.memory_limit,
         unreachable_timeout: Duration::from_secs(args.unreachable_timeout_secs),
         delay_per_chunk: Duration::from_millis(args.debug_delay_per_chunk_ms),
     };
@@ -253,4 +261,56 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// A size such as `512MB`, `2GB`, `1.5G`, `300MiB` or `1048576` (bytes): KB/MB/GB/TB (or
+/// K/M/G/T) are powers of 1000, as in `gen-model --size`; KiB/MiB/GiB/TiB powers of 1024.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 512MB or 2GB"))?;
+    let unit_bytes: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "K" | "KB" => 1e3,
+        "M" | "MB" => 1e6,
+        "G" | "GB" => 1e9,
+        "T" | "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        "TIB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?} (use MB or GB)"
+            ))
+        }
+    };
+    let bytes = number * unit_bytes;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is not a positive size"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units() {
+        assert_eq!(parse_size("512MB"), Ok(512_000_000));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("1.5g"), Ok(1_500_000_000));
+        assert_eq!(parse_size("300MiB"), Ok(300 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("0MB").is_err());
+    }
 }

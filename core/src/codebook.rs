@@ -103,9 +103,17 @@ const BINS: usize = 1 << 16;
 const MIXED: u16 = u16::MAX;
 
 /// Per-bin `(count, sum of the low 16 bits)`; integer sums make merging order-free.
-type Histogram = Vec<[u64; 2]>;
+pub(crate) type Histogram = Vec<[u64; 2]>;
 
-fn histogram(values: &[f32]) -> Histogram {
+/// Adds the histogram `b` into `a` (exact: integer counts and sums).
+pub(crate) fn merge_histogram(a: &mut Histogram, b: &Histogram) {
+    for (x, y) in a.iter_mut().zip(b) {
+        x[0] += y[0];
+        x[1] += y[1];
+    }
+}
+
+pub(crate) fn histogram(values: &[f32]) -> Histogram {
     let add = |mut h: Histogram, chunk: &[f32]| {
         for &x in chunk {
             let bits = x.to_bits();
@@ -124,10 +132,7 @@ fn histogram(values: &[f32]) -> Histogram {
         .reduce(
             || vec![[0u64; 2]; BINS],
             |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    x[0] += y[0];
-                    x[1] += y[1];
-                }
+                merge_histogram(&mut a, &b);
                 a
             },
         )
@@ -325,9 +330,23 @@ pub fn kmeans_codes(
     values: &[f32],
     iterations: usize,
 ) -> Result<CodebookCodes, QuantizeError> {
+    let codebook = kmeans_levels(bits, &histogram(values), iterations)?;
+    codes_for_levels(bits, codebook, values)
+}
+
+/// The k-means codebook of [`kmeans_codes`] from the value histogram of a whole slice
+/// (which [`histogram`] and [`merge_histogram`] can build chunk by chunk: the histogram is
+/// exact, so a streamed tensor gets exactly the levels of the whole one).
+///
+/// Errors: bits outside 2..=8.
+pub(crate) fn kmeans_levels(
+    bits: u8,
+    hist: &Histogram,
+    iterations: usize,
+) -> Result<Vec<f32>, QuantizeError> {
     check_bits(bits)?;
     let k = 1usize << bits;
-    let points = Points::new(&histogram(values));
+    let points = Points::new(hist);
     let centroids = if points.means.len() <= k {
         let mut c = points.means.clone();
         let last = c.last().copied().unwrap_or(0.0);
@@ -344,6 +363,25 @@ pub fn kmeans_codes(
     };
     let mut codebook: Vec<f32> = centroids.into_iter().map(to_f16_level).collect();
     codebook.sort_by(f32::total_cmp);
+    Ok(codebook)
+}
+
+/// Nearest-level codes of `values` into `codebook` (`2^bits` sorted levels, as
+/// [`kmeans_levels`] returns them), laid out as [`kmeans_codes`] lays them out.
+///
+/// Errors: bits outside 2..=8, or a codebook that is not `2^bits` levels long.
+pub fn codes_for_levels(
+    bits: u8,
+    codebook: Vec<f32>,
+    values: &[f32],
+) -> Result<CodebookCodes, QuantizeError> {
+    check_bits(bits)?;
+    if codebook.len() != 1usize << bits {
+        return Err(QuantizeError::CodebookLength {
+            len: codebook.len(),
+            bits,
+        });
+    }
     let encoder = Encoder::new(&codebook);
     let table = encoder.bin_table();
     let mut codes = vec![0u8; values.len()];
@@ -406,6 +444,30 @@ pub fn nf4_codes(
     values: &[f32],
     row_len: usize,
 ) -> Result<CodebookCodes, QuantizeError> {
+    nf4_codes_with(granularity, values, row_len, None)
+}
+
+/// [`nf4_codes`] under [`Granularity::Tensor`] with the whole tensor's finite absmax fixed
+/// in advance (gathered chunk by chunk in a first pass): applied to each chunk of rows it
+/// gives bit for bit the codes of the whole tensor encoded at once, each chunk carrying
+/// the tensor's one scale.
+///
+/// Errors: as [`nf4_codes`].
+pub fn nf4_codes_with_absmax(
+    values: &[f32],
+    row_len: usize,
+    absmax: f32,
+) -> Result<CodebookCodes, QuantizeError> {
+    nf4_codes_with(Granularity::Tensor, values, row_len, Some(absmax))
+}
+
+/// [`nf4_codes`], with the per-tensor absmax given rather than measured when `Some`.
+fn nf4_codes_with(
+    granularity: Granularity,
+    values: &[f32],
+    row_len: usize,
+    tensor_absmax: Option<f32>,
+) -> Result<CodebookCodes, QuantizeError> {
     check_rows(values.len(), row_len)?;
     let (row_len, group_len) = layout(granularity, values.len(), row_len);
     let codebook = nf4_codebook();
@@ -420,16 +482,16 @@ pub fn nf4_codes(
     if values.is_empty() {
         return Ok(out);
     }
-    let scale_of = |g: &[f32]| {
-        let absmax = finite_absmax(g);
+    let scale_from = |absmax: f32| {
         if absmax > 0.0 {
             stored_scale(absmax)
         } else {
             0.0
         }
     };
+    let scale_of = |g: &[f32]| scale_from(finite_absmax(g));
     out.scales = if granularity == Granularity::Tensor {
-        vec![scale_of(values)]
+        vec![tensor_absmax.map_or_else(|| scale_of(values), scale_from)]
     } else {
         let groups_per_row = row_len.div_ceil(group_len);
         let mut scales = vec![0.0; values.len() / row_len * groups_per_row];

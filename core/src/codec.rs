@@ -32,6 +32,7 @@ use crate::entropy::{self, Layout};
 use crate::metrics::ErrorAccumulator;
 use crate::prune::GlobalCut;
 use crate::recipe::{PassKind, PruneConfig, RankRule, Recipe};
+use crate::stream::{FixedStructure, FixedValues, TensorStatistic};
 use crate::{codebook, fp8, ggml_fused, hashnet, hqq, lowrank, prune, quantize, rtn_fused, sparse};
 use half::f16;
 use serde::{Deserialize, Serialize};
@@ -114,6 +115,11 @@ pub struct TensorPlan {
     pub gguf: Option<crate::format::gguf::GgufTensor>,
     /// Rows holding NaN or infinities are stored unchanged (recipe `non_finite: keep`).
     pub keep_non_finite_rows: bool,
+    /// Whole-tensor statistics of the values stage, gathered by a first pass over the
+    /// tensor's chunks ([`crate::stream`]); used instead of each chunk's own.
+    pub fixed_values: Option<FixedValues>,
+    /// The row/column pruning decision for the whole tensor, gathered the same way.
+    pub fixed_structure: Option<FixedStructure>,
 }
 
 impl TensorPlan {
@@ -212,6 +218,8 @@ impl TensorPlan {
             global_cut: None,
             gguf: None,
             keep_non_finite_rows: false,
+            fixed_values: None,
+            fixed_structure: None,
         })
     }
 
@@ -251,29 +259,81 @@ impl TensorPlan {
         self.structure.is_none() && self.values.is_none()
     }
 
-    /// True when a stage needs statistics of the whole tensor, so the worker must process it
-    /// as one chunk instead of streaming row chunks.
+    /// True when a stage needs the whole tensor in memory at once, so the worker must process
+    /// it as one chunk instead of streaming row chunks (see [`Self::whole_tensor_pass`]).
     pub fn needs_whole_tensor(&self) -> bool {
+        self.whole_tensor_pass().is_some()
+    }
+
+    /// The pass that needs the whole tensor in memory at once, if any: HQQ with one group
+    /// for the tensor (its zero point is optimized over every weight, iteratively), low-rank
+    /// (the randomized SVD makes several passes over the matrix and stores one pair of
+    /// factors), hashed sharing (one frame holds every bucket), and row pruning combined with
+    /// `non_finite: keep` (the kept rows shift the row numbering). Every other whole-tensor
+    /// statistic streams: see [`Self::pending_statistic`].
+    pub fn whole_tensor_pass(&self) -> Option<String> {
         use crate::recipe::Granularity::Tensor;
-        let structure = matches!(
-            self.structure,
-            Some(
-                PruneConfig::Magnitude { .. }
-                    | PruneConfig::Rows { .. }
-                    | PruneConfig::Columns { .. }
-            )
-        );
         let values = match &self.values {
-            Some(PassKind::Quantize(q)) => q.granularity == Tensor,
             Some(PassKind::Hqq(h)) => h.granularity == Tensor,
-            Some(PassKind::Nf4 { granularity }) => *granularity == Tensor,
-            Some(PassKind::Fp8 { per_channel, .. }) => !per_channel,
-            Some(PassKind::Kmeans { .. } | PassKind::LowRank { .. } | PassKind::Hashed { .. }) => {
-                true
-            }
-            Some(PassKind::Dct { .. } | PassKind::Prune(_) | PassKind::Ggml { .. }) | None => false,
+            Some(PassKind::LowRank { .. } | PassKind::Hashed { .. }) => true,
+            _ => false,
         };
-        structure || values
+        if values {
+            return self.values.as_ref().map(PassKind::describe);
+        }
+        match self.structure {
+            Some(s @ PruneConfig::Rows { .. }) if self.keep_non_finite_rows => Some(format!(
+                "{} with non_finite: keep",
+                PassKind::Prune(s).describe()
+            )),
+            _ => None,
+        }
+    }
+
+    /// The next whole-tensor statistic this plan needs before its chunks can be encoded
+    /// independently, or `None` once every one is fixed. The structure stage's comes first
+    /// (the values stage's statistic is over the weights the structure keeps).
+    pub fn pending_statistic(&self) -> Option<TensorStatistic> {
+        use crate::recipe::Granularity::Tensor;
+        if self.whole_tensor_pass().is_some() {
+            return None;
+        }
+        let structure = match self.structure {
+            Some(PruneConfig::Magnitude { global: false, .. }) if self.global_cut.is_none() => {
+                Some(TensorStatistic::MagnitudeHistogram)
+            }
+            Some(PruneConfig::Rows { .. }) if self.fixed_structure.is_none() => {
+                Some(TensorStatistic::RowScores)
+            }
+            Some(PruneConfig::Columns { .. }) if self.fixed_structure.is_none() => {
+                Some(TensorStatistic::ColumnScores)
+            }
+            _ => None,
+        };
+        if structure.is_some() || self.fixed_values.is_some() {
+            return structure;
+        }
+        match &self.values {
+            Some(PassKind::Quantize(q)) if q.granularity == Tensor => Some(TensorStatistic::Range),
+            Some(PassKind::Nf4 {
+                granularity: Tensor,
+            })
+            | Some(PassKind::Fp8 {
+                per_channel: false, ..
+            }) => Some(TensorStatistic::Absmax),
+            Some(PassKind::Kmeans { .. }) => Some(TensorStatistic::ValueHistogram),
+            _ => None,
+        }
+    }
+
+    /// The plan for the chunk whose first row is `first_row` of the tensor: the same plan,
+    /// except that fixed row-pruning flags start at that row.
+    pub fn for_chunk(&self, first_row: usize) -> TensorPlan {
+        let mut plan = self.clone();
+        if let Some(FixedStructure::Rows { first_row: at, .. }) = &mut plan.fixed_structure {
+            *at = first_row;
+        }
+        plan
     }
 
     /// `"prune 2:4 + rtn int4 sym g64"`, or empty for the identity.
@@ -572,6 +632,7 @@ fn affine_meta(pass: Option<&PassKind>, codes: &quantize::AffineCodes) -> (Value
 
 fn encode_values(
     pass: Option<&PassKind>,
+    fixed: Option<&FixedValues>,
     dtype: DType,
     mut values: Vec<f32>,
     row_len: usize,
@@ -593,9 +654,12 @@ fn encode_values(
             // RTN computes codes and their dequantized values in one pass (bit for bit what
             // `dequantize_into` writes); HQQ dequantizes its optimized codes afterwards.
             let codes = match pass {
-                Some(PassKind::Quantize(cfg)) => {
-                    quantize::rtn_codes_dequantize(cfg, &mut values, row_len)
-                }
+                Some(PassKind::Quantize(cfg)) => match fixed {
+                    Some(&FixedValues::Range { lo, hi }) => {
+                        quantize::rtn_codes_dequantize_in_range(cfg, &mut values, row_len, (lo, hi))
+                    }
+                    _ => quantize::rtn_codes_dequantize(cfg, &mut values, row_len),
+                },
                 Some(PassKind::Hqq(cfg)) => hqq::hqq_codes(cfg, &values, row_len).inspect(|c| {
                     c.dequantize_into(&mut values);
                 }),
@@ -613,12 +677,18 @@ fn encode_values(
         }
         Some(PassKind::Kmeans { .. } | PassKind::Nf4 { .. }) => {
             let codes = match pass {
-                Some(PassKind::Kmeans { bits, iterations }) => {
-                    codebook::kmeans_codes(*bits, &values, *iterations)
-                }
-                Some(PassKind::Nf4 { granularity }) => {
-                    codebook::nf4_codes(*granularity, &values, row_len)
-                }
+                Some(PassKind::Kmeans { bits, iterations }) => match fixed {
+                    Some(FixedValues::Codebook(levels)) => {
+                        codebook::codes_for_levels(*bits, levels.clone(), &values)
+                    }
+                    _ => codebook::kmeans_codes(*bits, &values, *iterations),
+                },
+                Some(PassKind::Nf4 { granularity }) => match fixed {
+                    Some(&FixedValues::Absmax(absmax)) => {
+                        codebook::nf4_codes_with_absmax(&values, row_len, absmax)
+                    }
+                    _ => codebook::nf4_codes(*granularity, &values, row_len),
+                },
                 _ => unreachable!("matched above"),
             }
             .map_err(|e| pass_err("codebook")(e.to_string()))?;
@@ -641,8 +711,13 @@ fn encode_values(
             per_channel,
             scale_dtype,
         }) => {
-            let codes = fp8::fp8_e4m3_codes_on(*scale_dtype, *per_channel, &values, row_len)
-                .map_err(|e| pass_err("fp8")(e.to_string()))?;
+            let codes = match fixed {
+                Some(&FixedValues::Absmax(absmax)) if !per_channel => {
+                    fp8::fp8_e4m3_codes_with_absmax(*scale_dtype, &values, row_len, absmax)
+                }
+                _ => fp8::fp8_e4m3_codes_on(*scale_dtype, *per_channel, &values, row_len),
+            }
+            .map_err(|e| pass_err("fp8")(e.to_string()))?;
             codes.dequantize_into(&mut values);
             ValuesOut {
                 meta: ValuesMeta::Fp8 {
@@ -956,26 +1031,25 @@ fn encode_chunk_general_impl(
     let mut original = vec![0f32; input.len() / dtype.size_bytes()];
     decode_to_f32(dtype, input, &mut original)?;
     let values_pass = plan.values.as_ref();
+    let values_stage = |values: Vec<f32>, row_len: usize| {
+        encode_values(
+            values_pass,
+            plan.fixed_values.as_ref(),
+            dtype,
+            values,
+            row_len,
+        )
+    };
     let (structure, structure_sections, structure_bits, out) = match plan.structure {
         None => {
-            let out = encode_values(values_pass, dtype, original, row_len)?;
+            let out = values_stage(original, row_len)?;
             (StructureMeta::Dense, Vec::new(), 0, out)
         }
-        Some(PruneConfig::Magnitude { sparsity, global }) => {
-            let sparsity = match (global, &plan.global_cut) {
-                (false, _) => sparsity,
-                (true, Some(cut)) => cut.local_sparsity(&original),
-                (true, None) => {
-                    return Err(pass_err("prune")(
-                        "a global magnitude target needs the job's cut, which this plan lacks"
-                            .into(),
-                    ))
-                }
-            };
-            let mask = prune::magnitude_mask(&original, sparsity);
+        Some(PruneConfig::Magnitude { .. }) => {
+            let mask = magnitude_mask_of(plan, &original)?;
             let kept = sparse::compact(&original, &mask);
             let kept_len = kept.len().max(1);
-            let mut out = encode_values(values_pass, dtype, kept, kept_len)?;
+            let mut out = values_stage(kept, kept_len)?;
             out.recon = scatter(&out.recon, &mask, original.len())?;
             let bits = sparse::pack_bitmask(&mask);
             let nbits = mask.len() as u64;
@@ -993,7 +1067,7 @@ fn encode_chunk_general_impl(
             let positions = sparse::nm_pack_positions(&mask, m)
                 .map_err(|e| pass_err("prune")(e.to_string()))?;
             let kept_row = row_len / m * n;
-            let mut out = encode_values(values_pass, dtype, kept, kept_row.max(1))?;
+            let mut out = values_stage(kept, kept_row.max(1))?;
             out.recon = scatter(&out.recon, &mask, original.len())?;
             let position_bits =
                 kept_count(&mask) * u64::from(usize::BITS - (m - 1).leading_zeros());
@@ -1004,11 +1078,10 @@ fn encode_chunk_general_impl(
                 out,
             )
         }
-        Some(PruneConfig::Rows { fraction, norm }) => {
-            let keep = prune::row_keep(&original, row_len, fraction, norm)
-                .map_err(|e| pass_err("prune")(e.to_string()))?;
+        Some(PruneConfig::Rows { .. }) => {
+            let keep = row_keep_of(plan, &original, row_len, rows)?;
             let kept = sparse::select_rows(&original, row_len, &keep);
-            let mut out = encode_values(values_pass, dtype, kept, row_len)?;
+            let mut out = values_stage(kept, row_len)?;
             let mut full = vec![0f32; original.len()];
             sparse::scatter_rows(&out.recon, row_len, &keep, &mut full)
                 .map_err(|e| corrupt(e.to_string()))?;
@@ -1022,12 +1095,11 @@ fn encode_chunk_general_impl(
                 out,
             )
         }
-        Some(PruneConfig::Columns { fraction, norm }) => {
-            let keep = prune::col_keep(&original, row_len, fraction, norm)
-                .map_err(|e| pass_err("prune")(e.to_string()))?;
+        Some(PruneConfig::Columns { .. }) => {
+            let keep = col_keep_of(plan, &original, row_len)?;
             let kept_cols = keep.iter().filter(|k| **k).count();
             let kept = sparse::select_cols(&original, row_len, &keep);
-            let mut out = encode_values(values_pass, dtype, kept, kept_cols.max(1))?;
+            let mut out = values_stage(kept, kept_cols.max(1))?;
             let mut full = vec![0f32; original.len()];
             sparse::scatter_cols(&out.recon, row_len, &keep, &mut full)
                 .map_err(|e| corrupt(e.to_string()))?;
@@ -1055,6 +1127,102 @@ fn encode_chunk_general_impl(
         sections,
         typed: out.typed,
         repr_bits: structure_bits + out.repr_bits,
+    })
+}
+
+/// The magnitude mask of a chunk: the plan's cut (global, or the tensor's own gathered by
+/// a first pass) when it has one, else the chunk's own `sparsity` ranking.
+fn magnitude_mask_of(plan: &TensorPlan, original: &[f32]) -> Result<Vec<bool>, CodecError> {
+    let Some(PruneConfig::Magnitude { sparsity, global }) = plan.structure else {
+        return Err(pass_err("prune")("not a magnitude prune".into()));
+    };
+    let sparsity = match (&plan.global_cut, global) {
+        (Some(cut), _) => cut.local_sparsity(original),
+        (None, false) => sparsity,
+        (None, true) => {
+            return Err(pass_err("prune")(
+                "a global magnitude target needs the job's cut, which this plan lacks".into(),
+            ))
+        }
+    };
+    Ok(prune::magnitude_mask(original, sparsity))
+}
+
+/// The row keep flags of a chunk of `rows` rows: its slice of the tensor's fixed flags, or
+/// (whole-tensor path) ranked within the chunk.
+fn row_keep_of(
+    plan: &TensorPlan,
+    original: &[f32],
+    row_len: usize,
+    rows: usize,
+) -> Result<Vec<bool>, CodecError> {
+    match (&plan.fixed_structure, plan.structure) {
+        (Some(FixedStructure::Rows { keep, first_row }), _) => keep
+            .get(*first_row..first_row + rows)
+            .map(<[bool]>::to_vec)
+            .ok_or_else(|| {
+                pass_err("prune")(format!(
+                    "rows {first_row}..{} are past the tensor's {} row flags",
+                    first_row + rows,
+                    keep.len()
+                ))
+            }),
+        (_, Some(PruneConfig::Rows { fraction, norm })) => {
+            prune::row_keep(original, row_len, fraction, norm)
+                .map_err(|e| pass_err("prune")(e.to_string()))
+        }
+        _ => Err(pass_err("prune")("not a row prune".into())),
+    }
+}
+
+/// The column keep flags of a chunk: the tensor's fixed flags, or ranked within the chunk.
+fn col_keep_of(
+    plan: &TensorPlan,
+    original: &[f32],
+    row_len: usize,
+) -> Result<Vec<bool>, CodecError> {
+    match (&plan.fixed_structure, plan.structure) {
+        (Some(FixedStructure::Columns { keep }), _) if keep.len() == row_len => {
+            Ok(keep.as_ref().clone())
+        }
+        (Some(FixedStructure::Columns { keep }), _) => Err(pass_err("prune")(format!(
+            "{} column flags for rows of {row_len}",
+            keep.len()
+        ))),
+        (_, Some(PruneConfig::Columns { fraction, norm })) => {
+            prune::col_keep(original, row_len, fraction, norm)
+                .map_err(|e| pass_err("prune")(e.to_string()))
+        }
+        _ => Err(pass_err("prune")("not a column prune".into())),
+    }
+}
+
+/// The weights of a decoded chunk of `rows` rows that the plan's structure stage keeps, in
+/// the order the values stage sees them (what a values statistic is gathered over).
+pub(crate) fn structure_kept(
+    plan: &TensorPlan,
+    original: &[f32],
+    row_len: usize,
+    rows: usize,
+) -> Result<Vec<f32>, CodecError> {
+    Ok(match plan.structure {
+        None => original.to_vec(),
+        Some(PruneConfig::Magnitude { .. }) => {
+            sparse::compact(original, &magnitude_mask_of(plan, original)?)
+        }
+        Some(PruneConfig::NOfM { n, m }) => {
+            let mask = prune::nm_mask(original, row_len, n, m)
+                .map_err(|e| pass_err("prune")(e.to_string()))?;
+            sparse::compact(original, &mask)
+        }
+        Some(PruneConfig::Rows { .. }) => sparse::select_rows(
+            original,
+            row_len,
+            &row_keep_of(plan, original, row_len, rows)?,
+        ),
+        Some(PruneConfig::Columns { .. }) => {
+            sparse::select_cols(original, row_len, &col_keep_of(plan, original, row_len)?)
+        }
     })
 }
 

@@ -144,6 +144,29 @@ pub fn fp8_e4m3_codes_on(
     values: &[f32],
     row_len: usize,
 ) -> Result<Fp8Codes, QuantizeError> {
+    fp8_codes_with(grid, per_channel, values, row_len, None)
+}
+
+/// Per-tensor [`fp8_e4m3_codes_on`] with the whole tensor's finite absmax fixed in advance
+/// (gathered chunk by chunk in a first pass): applied to each chunk of rows it gives bit for
+/// bit the bytes of the whole tensor encoded at once, each chunk carrying its one scale.
+pub fn fp8_e4m3_codes_with_absmax(
+    grid: ScaleDtype,
+    values: &[f32],
+    row_len: usize,
+    absmax: f32,
+) -> Result<Fp8Codes, QuantizeError> {
+    fp8_codes_with(grid, false, values, row_len, Some(absmax))
+}
+
+/// [`fp8_e4m3_codes_on`], with the per-tensor absmax given rather than measured when `Some`.
+fn fp8_codes_with(
+    grid: ScaleDtype,
+    per_channel: bool,
+    values: &[f32],
+    row_len: usize,
+    tensor_absmax: Option<f32>,
+) -> Result<Fp8Codes, QuantizeError> {
     check_rows(values.len(), row_len)?;
     let scales: Vec<f32> = if values.is_empty() {
         Vec::new()
@@ -153,7 +176,10 @@ pub fn fp8_e4m3_codes_on(
             .map(|row| scale_for(grid, finite_absmax(row)))
             .collect()
     } else {
-        vec![scale_for(grid, finite_absmax(values))]
+        vec![scale_for(
+            grid,
+            tensor_absmax.unwrap_or_else(|| finite_absmax(values)),
+        )]
     };
     let mut bytes = vec![0u8; values.len()];
     let group_len = if per_channel { row_len } else { values.len() };

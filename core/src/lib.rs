@@ -19,6 +19,8 @@
 //! - [`gguf`]: llama.cpp's GGUF format: bit-compatible block quantizers (Q8_0, Q4_0, Q4_K,
 //!   Q5_K, Q6_K) and the file layout computed from shapes before any data exists.
 //! - [`similarity`]: sketches and cosine for sharing near-identical tensors.
+//! - [`stream`]: whole-tensor statistics (per-tensor scales, magnitude cuts, row/column norms,
+//!   k-means histograms) gathered chunk by chunk, so those passes run in bounded memory.
 
 pub mod codebook;
 pub mod codec;
@@ -42,3 +44,4 @@ mod rtn_fused;
 pub mod similarity;
 pub mod sparse;
 pub mod spz;
+pub mod stream;

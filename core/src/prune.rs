@@ -387,8 +387,9 @@ fn check_fraction(fraction: f64) -> Result<(), PruneError> {
 }
 
 /// Keep flags dropping the `round(fraction * len)` smallest scores (NaN counts as largest,
-/// ties: lower index dropped first).
-fn keep_by_score(scores: &[f64], fraction: f64) -> Vec<bool> {
+/// ties: lower index dropped first). [`row_keep`] and [`col_keep`] are this over
+/// [`row_scores`] and [`col_scores`]; a streamed tensor gathers the scores chunk by chunk.
+pub fn keep_by_score(scores: &[f64], fraction: f64) -> Vec<bool> {
     let drop = ((fraction * scores.len() as f64).round() as usize).min(scores.len());
     let mut order: Vec<usize> = (0..scores.len()).collect();
     let key = |i: usize| (scores[i].is_nan(), scores[i]);

@@ -233,8 +233,9 @@ pub(crate) fn group_params(cfg: &QuantizeConfig, g: &[f32]) -> GroupParams {
 }
 
 /// [`min_max`] of a whole (possibly huge) slice, in parallel. Min and max are exact and
-/// associative, so the result does not depend on the split.
-fn min_max_par(values: &[f32]) -> (f32, f32) {
+/// associative, so the result does not depend on the split (nor on streaming the slice in
+/// chunks and combining their ranges, which [`crate::stream`] relies on).
+pub(crate) fn min_max_par(values: &[f32]) -> (f32, f32) {
     values
         .par_chunks(MIN_PAR_ELEMS)
         .map(min_max)
@@ -374,6 +375,10 @@ pub enum QuantizeError {
     RaggedRows { len: usize, row_len: usize },
     #[error("{0} bits is outside the supported range 2..=8")]
     Bits(u8),
+    #[error("a range fixed for the whole tensor needs per-tensor granularity")]
+    NotTensorGranularity,
+    #[error("a codebook of {len} levels for {bits}-bit codes (needs 2^{bits})")]
+    CodebookLength { len: usize, bits: u8 },
 }
 
 /// Checks `bits` is in `2..=8`.
@@ -867,16 +872,8 @@ pub fn rtn_codes_dequantize(
     }
     let (row_len, group_len, groups_per_row) = (out.row_len, out.group_len, out.groups_per_row());
     if cfg.granularity == Granularity::Tensor {
-        let (lo, hi) = min_max_par(values);
-        let p = params_from_range(cfg, lo, hi);
-        values
-            .par_chunks_mut(MIN_PAR_ELEMS)
-            .zip(out.codes.par_chunks_mut(MIN_PAR_ELEMS))
-            .for_each(|(g, c)| {
-                rtn_group_codes_dequantize(cfg, &p, g, c);
-            });
-        out.scales[0] = p.scale;
-        out.zeros[0] = CodeKernel::new(cfg, &p).zero;
+        let range = min_max_par(values);
+        tensor_codes_dequantize(cfg, values, range, &mut out);
         return Ok(out);
     }
     let min_rows = (MIN_PAR_ELEMS / row_len).max(1);
@@ -895,6 +892,49 @@ pub fn rtn_codes_dequantize(
             }
         });
     Ok(out)
+}
+
+/// [`rtn_codes_dequantize`] under [`Granularity::Tensor`] with the whole tensor's range
+/// fixed in advance: `range` is what [`min_max`] gives over every value of the tensor (NaN
+/// ignored, always containing 0), gathered chunk by chunk in a first pass. Applied to each
+/// chunk of rows, the codes and dequantized values are bit for bit those of the whole tensor
+/// quantized at once (every element sees the same scale and zero point); each chunk's
+/// codes carry that one scale.
+///
+/// Errors: as [`rtn_codes`], and [`QuantizeError::NotTensorGranularity`] for a config with
+/// another granularity (whose statistics are local to a group).
+pub fn rtn_codes_dequantize_in_range(
+    cfg: &QuantizeConfig,
+    values: &mut [f32],
+    row_len: usize,
+    range: (f32, f32),
+) -> Result<AffineCodes, QuantizeError> {
+    if cfg.granularity != Granularity::Tensor {
+        return Err(QuantizeError::NotTensorGranularity);
+    }
+    let mut out = empty_codes(cfg, values.len(), row_len)?;
+    if !values.is_empty() {
+        tensor_codes_dequantize(cfg, values, range, &mut out);
+    }
+    Ok(out)
+}
+
+/// The [`Granularity::Tensor`] body of [`rtn_codes_dequantize`] for the range `(lo, hi)`.
+fn tensor_codes_dequantize(
+    cfg: &QuantizeConfig,
+    values: &mut [f32],
+    (lo, hi): (f32, f32),
+    out: &mut AffineCodes,
+) {
+    let p = params_from_range(cfg, lo, hi);
+    values
+        .par_chunks_mut(MIN_PAR_ELEMS)
+        .zip(out.codes.par_chunks_mut(MIN_PAR_ELEMS))
+        .for_each(|(g, c)| {
+            rtn_group_codes_dequantize(cfg, &p, g, c);
+        });
+    out.scales[0] = p.scale;
+    out.zeros[0] = CodeKernel::new(cfg, &p).zero;
 }
 
 /// Checks the arguments of [`rtn_codes`] and allocates its (zeroed) output for `len` values.

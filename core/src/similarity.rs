@@ -72,17 +72,46 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     if a.len() != b.len() {
         return 0.0;
     }
-    let (mut dot, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (f64::from(x), f64::from(y));
-        dot += x * y;
-        aa += x * x;
-        bb += y * y;
+    let mut acc = CosineAccumulator::default();
+    acc.feed(a, b);
+    acc.finish()
+}
+
+/// [`cosine`] of two tensors streamed chunk by chunk (equal-length pieces, in order): the
+/// same sums in the same order, so fed the whole tensors piece by piece it gives exactly
+/// `cosine` of the whole tensors while holding one chunk of each.
+#[derive(Debug, Clone, Default)]
+pub struct CosineAccumulator {
+    dot: f64,
+    aa: f64,
+    bb: f64,
+    mismatched: bool,
+}
+
+impl CosineAccumulator {
+    /// Adds the next pieces of both tensors (pieces of different lengths make the cosine 0).
+    pub fn feed(&mut self, a: &[f32], b: &[f32]) {
+        if a.len() != b.len() {
+            self.mismatched = true;
+            return;
+        }
+        let (mut dot, mut aa, mut bb) = (self.dot, self.aa, self.bb);
+        for (&x, &y) in a.iter().zip(b) {
+            let (x, y) = (f64::from(x), f64::from(y));
+            dot += x * y;
+            aa += x * x;
+            bb += y * y;
+        }
+        (self.dot, self.aa, self.bb) = (dot, aa, bb);
     }
-    if aa == 0.0 || bb == 0.0 || !dot.is_finite() {
-        return 0.0;
+
+    /// The cosine of everything fed; 0 when either side is all zeros.
+    pub fn finish(&self) -> f64 {
+        if self.mismatched || self.aa == 0.0 || self.bb == 0.0 || !self.dot.is_finite() {
+            return 0.0;
+        }
+        self.dot / (self.aa.sqrt() * self.bb.sqrt())
     }
-    dot / (aa.sqrt() * bb.sqrt())
 }
 
 /// Picks, for each tensor in order, an earlier tensor it may share: same kind (dtype and
@@ -126,6 +155,28 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
+    }
+
+    #[test]
+    fn a_cosine_streamed_in_chunks_equals_the_whole_tensors_cosine() {
+        let a = noise(10_000, 4);
+        let b: Vec<f32> = a
+            .iter()
+            .zip(noise(10_000, 5))
+            .map(|(x, e)| x + 0.1 * e)
+            .collect();
+        let mut acc = CosineAccumulator::default();
+        for (x, y) in a.chunks(777).zip(b.chunks(777)) {
+            acc.feed(x, y);
+        }
+        assert_eq!(acc.finish().to_bits(), cosine(&a, &b).to_bits());
+        assert!(acc.finish() > 0.9 && acc.finish() < 1.0);
+        acc.feed(&a[..3], &b[..2]);
+        assert_eq!(
+            acc.finish(),
+            0.0,
+            "pieces of different lengths do not compare"
+        );
     }
 
     #[test]

@@ -173,6 +173,16 @@ impl TestCluster {
         (started.elapsed(), status.success())
     }
 
+    /// The process id of worker `name`.
+    pub fn worker_pid(&self, name: &str) -> u32 {
+        let (_, child) = self
+            .workers
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("worker");
+        child.id()
+    }
+
     pub fn kill_worker(&mut self, name: &str) {
         let (_, child) = self
             .workers
@@ -351,4 +361,19 @@ pub fn reference_rtn(
             .map(|&x| (((x / s).round() + zero).clamp(0.0, qmax) - zero) * s)
             .collect()
     }
+}
+
+/// Peak resident memory (`VmHWM`) of a running process, in bytes (Linux).
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc status");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM value");
+    kib * 1024
 }

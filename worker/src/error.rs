@@ -30,6 +30,13 @@ pub enum TaskError {
     Compute { tensor: String, message: String },
     #[error("task stopped: {0}")]
     Cancelled(String),
+    #[error("tensor {tensor:?}: {pass} needs about {} in memory, over this worker's --memory-limit of {}; run it on a worker with --memory-limit of at least that, or use a pass that streams (see BENCHMARKS.md, peak memory per pass)", crate::memory::human_bytes(*needed), crate::memory::human_bytes(*limit))]
+    OverMemoryLimit {
+        tensor: String,
+        pass: String,
+        needed: u64,
+        limit: u64,
+    },
 }
 
 impl TaskError {

@@ -6,11 +6,12 @@
 //! chunk and gives the lease back, to be leased again at once elsewhere.
 //!
 //! Layout: [`cpu`] (the bridge to the rayon pool), [`task`] (one lease, chunk by chunk),
-//! [`error`] (what can fail and whether a retry elsewhere may help), and the lease loop here.
+//! [`memory`] (the `--memory-limit` budget: chunk size and what cannot fit), [`error`] (what can fail and whether a retry elsewhere may help), and the lease loop here.
 
 pub mod assemble;
 pub mod cpu;
 pub mod error;
+pub mod memory;
 pub mod task;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +38,9 @@ pub struct WorkerConfig {
     pub threads: usize,
     /// Largest slice of a tensor held in memory at once (bytes of input).
     pub chunk_bytes: usize,
+    /// Bound on the memory a task holds (`--memory-limit`): caps the chunk size, and a
+    /// tensor that cannot fit under it is refused by name. `None`: no bound.
+    pub memory_limit: Option<u64>,
     /// Give up when the coordinator has been unreachable this long.
     pub unreachable_timeout: Duration,
     /// Fault injection for tests: sleep this long after every chunk.
@@ -50,6 +54,7 @@ impl Default for WorkerConfig {
             name: "worker".into(),
             threads: 0,
             chunk_bytes: 16 * 1024 * 1024,
+            memory_limit: None,
             unreachable_timeout: Duration::from_secs(600),
             delay_per_chunk: Duration::ZERO,
         }
@@ -240,10 +245,14 @@ async fn lease_task(
         progress.clone(),
         cancelled.clone(),
     ));
+    let budget = memory::MemoryBudget {
+        limit: config.memory_limit,
+    };
     let ctx = task::TaskContext {
         progress,
         cancelled,
-        chunk_bytes: config.chunk_bytes,
+        chunk_bytes: budget.chunk_bytes(config.chunk_bytes),
+        budget,
         delay_per_chunk: config.delay_per_chunk,
     };
     let result = task::execute(&lease, &ctx).await;
@@ -253,7 +262,8 @@ async fn lease_task(
             report.task = Some(task_ref);
             match client.complete_task(report).await {
                 Ok(r) if r.get_ref().accepted => {
-                    tracing::info!(task = lease.task_index, "task completed");
+                    let peak_rss_mb = memory::peak_rss_bytes().map(|b| b as f64 / 1e6);
+                    tracing::info!(task = lease.task_index, peak_rss_mb, "task completed");
                     if let Some(slice) = &lease.assemble {
                         assemble::delete_consumed(&lease, slice).await;
                     }

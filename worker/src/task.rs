@@ -17,7 +17,7 @@ use shardpress_core::plan::PlannedTensor;
 use shardpress_core::prune::{magnitude_histogram, GlobalCut, MAGNITUDE_BINS};
 use shardpress_core::quantize::row_len_of;
 use shardpress_core::recipe::{OutputFormat, Recipe};
-use shardpress_core::similarity::{self, Sketcher};
+use shardpress_core::similarity::Sketcher;
 use shardpress_proto::v1::{
     CompleteTaskRequest, TaskLease, TensorResult, TensorSketch, TensorSlice,
 };
@@ -25,7 +25,10 @@ use shardpress_store::shared::{SharedObject, SliceWriter};
 use shardpress_store::StoreLocation;
 use tokio::sync::mpsc;
 
+use crate::memory::MemoryBudget;
 use crate::{cpu, TaskError};
+
+mod statistics;
 
 /// Output parts uploaded concurrently per task.
 const UPLOAD_CONCURRENCY: usize = 4;
@@ -38,7 +41,9 @@ const READ_AHEAD: usize = 2;
 pub struct TaskContext {
     pub progress: Arc<AtomicU64>,
     pub cancelled: Arc<AtomicBool>,
+    /// Chunk size, already capped by the memory budget.
     pub chunk_bytes: usize,
+    pub budget: MemoryBudget,
     pub delay_per_chunk: Duration,
 }
 
@@ -505,61 +510,36 @@ async fn share_tensor(
     )
     .map_err(|e| TaskError::BadLease(e.to_string()))?;
     set_global_cut(&mut plan, near.global_cut)?;
-    let read_started = Instant::now();
-    let own = read_whole(model, tensor).await?;
-    let other = read_whole(model, &candidate).await?;
-    timings.read += read_started.elapsed();
-    let compute_started = Instant::now();
-    let (dtype, row_len, threshold) = (
-        tensor.dtype,
-        row_len_of(&tensor.shape).max(1) as usize,
-        near.threshold,
-    );
-    let pass = plan.describe();
-    let (cosine, shared) = cpu::run(move || -> Result<_, String> {
-        let decode = |bytes: &[u8]| -> Result<Vec<f32>, String> {
-            let mut values = vec![0f32; bytes.len() / dtype.size_bytes().max(1)];
-            decode_to_f32(dtype, bytes, &mut values).map_err(|e| e.to_string())?;
-            Ok(values)
-        };
-        let values = decode(&own)?;
-        let cosine = similarity::cosine(&values, &decode(&other)?);
-        if cosine < threshold {
-            return Ok((cosine, None));
-        }
-        let mut unused = ErrorAccumulator::new();
-        let row_len = if plan.is_identity() { 1 } else { row_len };
-        let stored = TensorWriter::Reconstruction
-            .chunk(&plan, dtype, row_len, &other, &mut unused)
-            .map_err(|e| e.to_string())?;
-        let mut acc = ErrorAccumulator::new();
-        acc.add(&values, &decode(&stored.bytes)?);
-        Ok((cosine, Some((stored.bytes, acc.finish()))))
-    })
-    .await
-    .and_then(|r| r)
-    .map_err(|message| TaskError::Compute {
-        tensor: tensor.name.clone(),
-        message,
-    })?;
-    timings.compute += compute_started.elapsed();
-    let Some((bytes, metrics)) = shared else {
+    let threshold = near.threshold;
+    let cosine = statistics::streamed_cosine(model, tensor, &candidate, ctx, timings).await?;
+    if cosine < threshold {
         tracing::info!(tensor = %tensor.name, candidate = %candidate.name, cosine,
             "near-identical candidate below the threshold; compressing it on its own");
         return Ok(None);
-    };
+    }
+    let pass = plan.describe();
     let record_offset = writer.bytes;
-    match near.format {
-        OutputFormat::Safetensors => writer.write(&bytes),
+    let write = match near.format {
+        OutputFormat::Safetensors => true,
         // The index points at the candidate's record.
-        OutputFormat::Spz => {}
+        OutputFormat::Spz => false,
         OutputFormat::CompressedTensors | OutputFormat::Gguf => {
             return Err(TaskError::BadLease(format!(
                 "{} output cannot share tensors (refused at submit)",
                 near.format.as_str()
             )))
         }
-    }
+    };
+    let metrics = shared_form(
+        model,
+        (tensor, &candidate),
+        plan,
+        write,
+        writer,
+        ctx,
+        timings,
+    )
+    .await?;
     ctx.progress.fetch_add(tensor.byte_len(), Ordering::Relaxed);
     let mut result = TensorResult {
         name: tensor.name.clone(),
@@ -576,6 +556,74 @@ async fn share_tensor(
     };
     result.set_metrics(&metrics);
     Ok(Some(result))
+}
+
+/// Streams the candidate's compressed form (its reconstruction under `plan`, statistics
+/// gathered first as when it is compressed itself), writing it as the tensor's bytes when
+/// `write`, and measures it against the tensor's own chunks, read alongside.
+async fn shared_form(
+    model: &StoreLocation,
+    (tensor, candidate): (&PlannedTensor, &PlannedTensor),
+    plan: TensorPlan,
+    write: bool,
+    writer: &mut ShardWriter,
+    ctx: &TaskContext,
+    timings: &mut Timings,
+) -> Result<shardpress_core::metrics::TensorMetrics, TaskError> {
+    let (plan, chunk_bytes) =
+        statistics::prepare_plan(model, candidate, plan, ctx, timings).await?;
+    let row_len = row_len_of(&tensor.shape).max(1) as usize;
+    let chunk_row_len = if plan.is_identity() { 1 } else { row_len };
+    let ranges = |t: &PlannedTensor| chunk_ranges(t, chunk_row_len as u64, chunk_bytes);
+    let mut theirs = read_ahead(model, candidate, ranges(candidate));
+    let mut ours = read_ahead(model, tensor, ranges(tensor));
+    let (plan, dtype) = (Arc::new(plan), tensor.dtype);
+    let mut acc = ErrorAccumulator::new();
+    let mut first_row = 0usize;
+    loop {
+        let other = next_chunk(&mut theirs, ctx, timings).await?;
+        let own = next_chunk(&mut ours, ctx, timings).await?;
+        let (other, own) = match (other, own) {
+            (Some(other), Some(own)) => (other.values, own.values),
+            (None, None) => return Ok(acc.finish()),
+            _ => {
+                return Err(TaskError::BadLease(format!(
+                    "share candidate {} has a different length from {}",
+                    candidate.name, tensor.name
+                )))
+            }
+        };
+        let compute_started = Instant::now();
+        let chunk_plan = plan.for_chunk(first_row);
+        first_row += other.len() / (chunk_row_len * dtype.size_bytes()).max(1);
+        let (stored, acc_out) = cpu::run(move || -> Result<_, String> {
+            let decode = |bytes: &[u8]| -> Result<Vec<f32>, String> {
+                let mut values = vec![0f32; bytes.len() / dtype.size_bytes().max(1)];
+                decode_to_f32(dtype, bytes, &mut values).map_err(|e| e.to_string())?;
+                Ok(values)
+            };
+            let mut unused = ErrorAccumulator::new();
+            let stored = TensorWriter::Reconstruction
+                .chunk(&chunk_plan, dtype, chunk_row_len, &other, &mut unused)
+                .map_err(|e| e.to_string())?;
+            acc.add(&decode(&own)?, &decode(&stored.bytes)?);
+            Ok((stored.bytes, acc))
+        })
+        .await
+        .and_then(|r| r)
+        .map_err(|message| TaskError::Compute {
+            tensor: tensor.name.clone(),
+            message,
+        })?;
+        acc = acc_out;
+        timings.compute += compute_started.elapsed();
+        if write {
+            let write_started = Instant::now();
+            writer.write(&stored);
+            writer.flush().await?;
+            timings.write += write_started.elapsed();
+        }
+    }
 }
 
 /// The tensor's element count.
@@ -621,13 +669,14 @@ async fn compress_tensor(
     } = job;
     let row_len = row_len_of(&tensor.shape).max(1) as usize;
     // Copied tensors have no row structure to respect: chunk them by bytes alone. Passes that
-    // need whole-tensor statistics get the tensor as one chunk.
+    // need whole-tensor statistics get them from a first streamed pass; those that need the
+    // whole tensor at once get it as one chunk, if it fits the memory budget.
     let chunk_row_len = if plan.is_identity() { 1 } else { row_len };
-    let chunk_bytes = if plan.needs_whole_tensor() {
-        usize::MAX
-    } else {
-        ctx.chunk_bytes
-    };
+    let (fixed, chunk_bytes) =
+        statistics::prepare_plan(model, tensor, (*plan).clone(), ctx, timings).await?;
+    let plan = Arc::new(fixed);
+    let rows_fixed = plan.fixed_structure.is_some();
+    let mut first_row = 0usize;
     let ranges = chunk_ranges(tensor, chunk_row_len as u64, chunk_bytes);
     let mut chunks = read_ahead(model, tensor, ranges);
     let mut acc = ErrorAccumulator::new();
@@ -647,7 +696,13 @@ async fn compress_tensor(
     }) = next_chunk(&mut chunks, ctx, timings).await?
     {
         let compute_started = Instant::now();
-        let (plan_c, dtype) = (plan.clone(), tensor.dtype);
+        let dtype = tensor.dtype;
+        let plan_c = match rows_fixed {
+            // Row flags fixed for the tensor start at this chunk's first row.
+            true => Arc::new(plan.for_chunk(first_row)),
+            false => plan.clone(),
+        };
+        first_row += input.len() / (chunk_row_len * dtype.size_bytes()).max(1);
         let (output, acc_out, writer_out) = cpu::run(move || {
             let result = tensor_writer.chunk(&plan_c, dtype, chunk_row_len, &input, &mut acc);
             result.map(|out| (out, acc, tensor_writer))
@@ -713,7 +768,12 @@ async fn compress_tensor(
         result.set_metrics(&acc.finish());
     }
     if let Some(cut) = &plan.global_cut {
-        result.note = format!("global magnitude cut at |w| ~ {:.4e}", cut.threshold());
+        let scope = if plan.needs_global_cut() {
+            "global"
+        } else {
+            "tensor's"
+        };
+        result.note = format!("{scope} magnitude cut at |w| ~ {:.4e}", cut.threshold());
     }
     if kept_rows > 0 {
         result.note = format!(
@@ -874,15 +934,4 @@ async fn decode_chunk(
         values: Bytes::from(values),
         stored_len,
     })
-}
-
-/// A whole tensor as passes see it.
-async fn read_whole(model: &StoreLocation, tensor: &PlannedTensor) -> Result<Bytes, TaskError> {
-    let side = read_side(model, tensor).await?;
-    let raw = model
-        .get_range(&tensor.source_file, tensor.data_start..tensor.data_end)
-        .await?;
-    Ok(decode_chunk(tensor, side, tensor.data_start, raw)
-        .await?
-        .values)
 }

@@ -198,7 +198,11 @@ fn plans_reject_bad_combinations_by_name() {
     );
     let p = TensorPlan::for_tensor(&ok, "w", DType::BF16, &[4, 8]).unwrap();
     assert_eq!(p.describe(), "prune rows 0.5 L2 + rtn int4 sym per-channel");
-    assert!(p.needs_whole_tensor());
+    assert!(!p.needs_whole_tensor());
+    assert_eq!(
+        p.pending_statistic(),
+        Some(crate::stream::TensorStatistic::RowScores)
+    );
 
     // Non-float and 1-D tensors are left alone with a note.
     let q = one("quantize: { bits: 4, granularity: channel }");
@@ -217,9 +221,11 @@ fn streaming_passes_do_not_need_the_whole_tensor() {
     )
     .needs_whole_tensor());
     assert!(!plan(&one("prune: { method: nm, n: 2, m: 4 }"), &shape).needs_whole_tensor());
-    assert!(plan(&one("codebook: { method: kmeans, bits: 3 }"), &shape).needs_whole_tensor());
+    // Whole-tensor statistics stream in two passes (crate::stream) ...
+    assert!(!plan(&one("codebook: { method: kmeans, bits: 3 }"), &shape).needs_whole_tensor());
+    assert!(!plan(&one("fp8: { granularity: tensor }"), &shape).needs_whole_tensor());
+    // ... except the low-rank factorization, which needs the whole matrix.
     assert!(plan(&one("lowrank: { energy: 0.9 }"), &shape).needs_whole_tensor());
-    assert!(plan(&one("fp8: { granularity: tensor }"), &shape).needs_whole_tensor());
 }
 
 #[test]

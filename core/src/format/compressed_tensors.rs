@@ -525,7 +525,18 @@ impl FloatState {
         let Some(TypedValues::Fp8(codes)) = encoded.typed else {
             return Err(not_typed("FP8"));
         };
-        self.scales.extend_from_slice(&codes.scales);
+        match (codes.per_channel, self.scales.first()) {
+            // A per-tensor scale streamed in chunks: every chunk carries the tensor's one.
+            (false, Some(&first)) => {
+                if codes.scales.iter().any(|&s| s.to_bits() != first.to_bits()) {
+                    return Err(CodecError::Corrupt(format!(
+                        "a chunk's per-tensor FP8 scale {:?} differs from the tensor's {first}",
+                        codes.scales
+                    )));
+                }
+            }
+            _ => self.scales.extend_from_slice(&codes.scales),
+        }
         let Some(mask) = mask else {
             return Ok(codes.bytes);
         };

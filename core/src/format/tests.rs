@@ -278,6 +278,41 @@ fn float_quantized_stores_e4m3_and_scales_in_the_tensor_dtype() {
     assert_eq!(bf16_bytes(&values), reference);
 }
 
+/// A per-tensor FP8 scale gathered in a first streamed pass: the tensor's chunks each carry
+/// the same scale, and compressed-tensors stores it once, as for the tensor written whole.
+#[test]
+fn a_streamed_per_tensor_fp8_scale_is_stored_once() {
+    let shape = [8u64, 64];
+    let input = bf16_bytes(&sample(8 * 64));
+    let yaml = "passes:\n  - fp8: { granularity: tensor }\n    targets: ['re:.*']\n";
+    let recipe = Recipe::from_yaml(yaml).unwrap();
+    let facts = ModelFacts::default();
+    let for_format =
+        |format| TensorPlan::for_output(&recipe, format, &facts, UP, DType::BF16, &shape).unwrap();
+    let (whole, _) = write(
+        OutputFormat::CompressedTensors,
+        &for_format(OutputFormat::CompressedTensors),
+        &shape,
+        &input,
+        8,
+    );
+    let mut streamed_plan = for_format(OutputFormat::CompressedTensors);
+    let statistic = streamed_plan.pending_statistic().unwrap();
+    let mut acc = crate::stream::StatsAccumulator::new(statistic, 64);
+    for (c, chunk) in input.chunks(3 * 64 * 2).enumerate() {
+        acc.feed(&streamed_plan, DType::BF16, c * 3, chunk).unwrap();
+    }
+    acc.fix(&mut streamed_plan).unwrap();
+    let (streamed, _) = write(
+        OutputFormat::CompressedTensors,
+        &streamed_plan,
+        &shape,
+        &input,
+        3,
+    );
+    assert_eq!(streamed, whole, "same E4M3 bytes and one scale");
+}
+
 /// HQQ with real zeros is converted to integer zeros (what pack-quantized holds); the
 /// other formats keep the recipe's real zeros.
 #[test]
