@@ -159,20 +159,27 @@ async fn resubmit(
 ) -> anyhow::Result<(JobServiceClient<Channel>, String)> {
     let patience = Duration::from_secs(args.reconnect_secs);
     let started = std::time::Instant::now();
-    let mut client = connect(&args.coordinator, patience).await?;
-    let known = client
-        .get_job(GetJobRequest {
-            job_id: job_id.to_string(),
-        })
-        .await;
-    match known {
-        Ok(_) => return Ok((client, job_id.to_string())),
-        Err(status) if status.code() == tonic::Code::NotFound => {}
-        Err(status) => bail!(
-            "the coordinator is back but cannot be asked about job {job_id}: {}",
-            status.message()
-        ),
-    }
+    let mut client = loop {
+        let left = patience.saturating_sub(started.elapsed());
+        let mut client = connect(&args.coordinator, left).await?;
+        let known = client
+            .get_job(GetJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await;
+        match known {
+            Ok(_) => return Ok((client, job_id.to_string())),
+            Err(status) if status.code() == tonic::Code::NotFound => break client,
+            // A connection to a coordinator still going down or coming up: try again.
+            Err(_) if started.elapsed() < patience => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(status) => bail!(
+                "the coordinator did not come back within --reconnect-secs: {}",
+                status.message()
+            ),
+        }
+    };
     // The first submission replaced any earlier output; this one must keep the journal.
     let job = JobArgs {
         overwrite: false,
