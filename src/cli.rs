@@ -120,6 +120,10 @@ pub struct WorkerArgs {
     /// Fault injection for tests: sleep this many ms after each chunk.
     #[arg(long, default_value_t = 0, hide = true)]
     pub debug_delay_per_chunk_ms: u64,
+    /// Fault injection for tests: pause this many ms before finishing each output, as a
+    /// process stopped after its last lease check would.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub debug_stall_before_finish_ms: u64,
 }
 
 #[derive(Args)]
@@ -215,6 +219,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         memory_limit: args.memory_limit,
         unreachable_timeout: Duration::from_secs(args.unreachable_timeout_secs),
         delay_per_chunk: Duration::from_millis(args.debug_delay_per_chunk_ms),
+        stall_before_finish: Duration::from_millis(args.debug_stall_before_finish_ms),
     };
     shardpress_worker::run_worker(config, shutdown_signal()).await?;
     Ok(())

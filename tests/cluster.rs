@@ -235,10 +235,11 @@ fn a_worker_killed_mid_task_loses_its_lease_and_the_output_is_unchanged() {
             "{name} differs from the run without a kill"
         );
     }
-    // The victim's unfinished upload (object_store's `NAME#N` file) was deleted.
-    let leftovers: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    // The victim's unfinished upload (object_store's `NAME#N` file, under its attempt's
+    // staging name) was deleted with the rest of the job's journal.
+    assert!(!out.join(".shardpress").exists(), "the journal was left");
+    let leftovers: Vec<String> = files_under(&out)
+        .into_iter()
         .filter(|name| name.contains('#'))
         .collect();
     assert!(leftovers.is_empty(), "left in the output: {leftovers:?}");

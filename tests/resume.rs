@@ -430,3 +430,65 @@ fn a_client_waits_for_a_restarted_coordinator_and_submits_its_job_again() {
     // --overwrite applied to the first submission only: the journal was kept.
     assert!(report(&out)["summary"]["tasks_restored"].as_u64().unwrap() >= 2);
 }
+
+#[test]
+fn a_stale_worker_never_replaces_a_committed_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "6MB", "bf16", 2);
+    let mut cluster = TestCluster::start(1.0);
+    // Stopped after its last check of the lease, before its output is finished: what a
+    // process paused at the worst moment (SIGSTOP, a frozen VM) does.
+    cluster.add_worker(
+        "paused",
+        &[CHUNKS, &["--debug-stall-before-finish-ms", "10000"]].concat(),
+    );
+    let out = dir.path().join("out");
+    let mut client = spawn_compress(&cluster, &model, &out, "int8", "safetensors");
+    cluster.wait_for_log("paused", "task acquired", Duration::from_secs(30));
+    let log = std::fs::read_to_string(cluster.log_path("paused")).unwrap();
+    let stale = log
+        .lines()
+        .find(|l| l.contains("task acquired"))
+        .and_then(|l| l.split(" output=").nth(1)?.split(' ').next())
+        .unwrap()
+        .to_string();
+    // Its coordinator dies; a new one runs another job into the same output to the end
+    // while the stale attempt sleeps.
+    cluster.kill_coordinator();
+    let _ = client.wait();
+    cluster.restart_coordinator(&[]);
+    cluster.add_worker("b", CHUNKS);
+    let second = cluster
+        .compress_command(&model, &out, "int4-g128")
+        .arg("--overwrite")
+        .output()
+        .unwrap();
+    assert_success(&second, "the second job");
+    assert!(
+        manifest_objects(&out).contains_key(&stale),
+        "the second job writes {stale} too"
+    );
+    // The stale attempt wakes up and finishes its output (int8: not the second job's bytes).
+    // It was staged, in a journal the second job has deleted: it fails, and nothing of it is
+    // left (a result it could still report would be refused, and its staging deleted).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(cluster.log_path("paused")).unwrap();
+        if log.contains("task failed") || log.contains("result not accepted") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stale attempt never ended:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_success(&shardpress(&["verify", out.to_str().unwrap()]), "verify");
+    let left: Vec<String> = files_under(&out)
+        .into_iter()
+        .filter(|f| f.starts_with(".shardpress") || f.contains('#'))
+        .collect();
+    assert!(left.is_empty(), "left in the output: {left:?}");
+}

@@ -262,12 +262,6 @@ async fn reassemble(
 ) -> Result<(JobState, String, String), StoreError> {
     let out = StoreLocation::open(&spec.out_url)?;
     let model = StoreLocation::open(&spec.model_url)?;
-    // Uploads of task outputs by workers killed mid-write are not outputs.
-    let outputs: Vec<String> = tasks.iter().map(|t| t.plan.output_name.clone()).collect();
-    let interrupted = out.remove_interrupted_uploads(&outputs);
-    if interrupted > 0 {
-        tracing::info!(job = %job_id, interrupted, "deleted uploads left by interrupted workers");
-    }
     let mut objects = Vec::new();
     if let Some(assembly) = &finish.assembly {
         objects.extend(commit_assembled(&out, tasks).await?);

@@ -11,6 +11,8 @@ use shardpress_core::prune::GlobalCut;
 use shardpress_core::recipe::{OutputFormat, Recipe};
 use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, JobState, JobStatus};
 
+use shardpress_store::staged::StagedOutput;
+
 use crate::journal::{Recorded, Round};
 
 /// What the job was asked to do.
@@ -90,6 +92,9 @@ pub struct TaskSlot {
     /// Set on the assembly slices of an `.spz` or GGUF file, which copy (or hash) parts of
     /// the other tasks' output into it.
     pub assemble: Option<AssembleSlice>,
+    /// Where the current attempt writes its output, committed when its result is accepted
+    /// (see `shardpress_store::staged`); `None` for tasks that write in place or nothing.
+    pub staged: Option<StagedOutput>,
 }
 
 impl TaskSlot {
@@ -105,6 +110,7 @@ impl TaskSlot {
             retry_at: None,
             result: None,
             assemble,
+            staged: None,
         }
     }
 
@@ -140,8 +146,14 @@ pub struct TaskOutcome {
 pub enum Rejection {
     NoSuchTask,
     JobNotRunning(&'static str),
-    StaleAttempt { current: u32, given: u32 },
+    StaleAttempt {
+        current: u32,
+        given: u32,
+    },
     AlreadyDone,
+    /// The attempt number is current but leased to another worker (a coordinator that was
+    /// restarted leases attempt numbers again).
+    OtherWorker(String),
 }
 
 impl std::fmt::Display for Rejection {
@@ -156,6 +168,9 @@ impl std::fmt::Display for Rejection {
                 )
             }
             Rejection::AlreadyDone => write!(f, "task already completed"),
+            Rejection::OtherWorker(holder) => {
+                write!(f, "the task's lease is held by worker {holder}")
+            }
         }
     }
 }
@@ -172,6 +187,8 @@ pub struct Job {
     pub report_json: String,
     /// Compressing results of an earlier run, restored once the measuring round ends.
     restored_later: Vec<Recorded>,
+    /// Staged outputs of attempts given up, for the coordinator to delete or abort.
+    pub discarded: Vec<StagedOutput>,
 }
 
 impl Job {
@@ -195,6 +212,7 @@ impl Job {
             retries: 0,
             report_json: String::new(),
             restored_later: Vec::new(),
+            discarded: Vec::new(),
         }
     }
 
@@ -288,7 +306,13 @@ impl Job {
         Some(index)
     }
 
-    fn leased_slot(&mut self, index: u32, attempt: u32) -> Result<&mut TaskSlot, Rejection> {
+    /// The slot of task `index` if `attempt` on `worker` holds its lease.
+    fn leased_slot(
+        &mut self,
+        index: u32,
+        attempt: u32,
+        worker: &str,
+    ) -> Result<&mut TaskSlot, Rejection> {
         if self.state != JobState::Running {
             return Err(Rejection::JobNotRunning(self.state.label()));
         }
@@ -306,6 +330,10 @@ impl Job {
                 current: slot.attempt,
                 given: attempt,
             }),
+            // The same attempt number leased by a coordinator that was restarted since.
+            TaskStatus::Leased {
+                worker: ref holder, ..
+            } if holder != worker => Err(Rejection::OtherWorker(holder.clone())),
             TaskStatus::Leased { .. } => Ok(slot),
         }
     }
@@ -315,11 +343,12 @@ impl Job {
         &mut self,
         index: u32,
         attempt: u32,
+        worker: &str,
         bytes_done: u64,
         ttl: Duration,
         now: Instant,
     ) -> Result<(), Rejection> {
-        let slot = self.leased_slot(index, attempt)?;
+        let slot = self.leased_slot(index, attempt, worker)?;
         if let TaskStatus::Leased { deadline, .. } = &mut slot.status {
             *deadline = now + ttl;
         }
@@ -337,7 +366,7 @@ impl Job {
         now: Instant,
     ) -> Result<bool, Rejection> {
         let started = self.started;
-        let slot = self.leased_slot(index, attempt)?;
+        let slot = self.leased_slot(index, attempt, worker)?;
         slot.status = TaskStatus::Done;
         slot.progress_bytes = slot.plan.input_bytes;
         slot.result = Some(TaskOutcome {
@@ -402,11 +431,13 @@ impl Job {
 
     /// Takes back the lease of a worker that is shutting down: the task is leased again at
     /// once, and this is not one of its failures.
-    pub fn release(&mut self, index: u32, attempt: u32) -> Result<(), Rejection> {
-        let slot = self.leased_slot(index, attempt)?;
+    pub fn release(&mut self, index: u32, attempt: u32, worker: &str) -> Result<(), Rejection> {
+        let slot = self.leased_slot(index, attempt, worker)?;
+        let staged = slot.staged.take();
         slot.status = TaskStatus::Pending;
         slot.retry_at = None;
         slot.progress_bytes = 0;
+        self.discarded.extend(staged);
         Ok(())
     }
 
@@ -426,18 +457,23 @@ impl Job {
     /// after a delay growing with each failure ([`retry_delay`]) counted from `delay_from`, or
     /// at once without it (a lost lease: its worker is gone, not the storage in trouble);
     /// anything else fails the job. Returns true if the job failed.
+    #[allow(clippy::too_many_arguments)]
     pub fn fail(
         &mut self,
         index: u32,
         attempt: u32,
+        worker: &str,
         message: &str,
         retryable: bool,
         max_attempts: u32,
         delay_from: Option<Instant>,
     ) -> Result<bool, Rejection> {
-        let slot = self.leased_slot(index, attempt)?;
+        let slot = self.leased_slot(index, attempt, worker)?;
         slot.failures += 1;
+        let staged = slot.staged.take();
         let output = slot.plan.output_name.clone();
+        self.discarded.extend(staged);
+        let slot = &mut self.tasks[index as usize];
         if retryable && slot.failures < max_attempts {
             slot.retry_at = delay_from.map(|now| now + retry_delay(index, slot.failures));
             slot.status = TaskStatus::Pending;
@@ -471,7 +507,15 @@ impl Job {
             let message = format!("lease of attempt {attempt} on worker {worker} expired");
             tracing::warn!(job = %self.id, task = index, "{message}; requeueing");
             // The lease is current by construction, so `fail` cannot reject it.
-            let _ = self.fail(*index as u32, *attempt, &message, true, max_attempts, None);
+            let _ = self.fail(
+                *index as u32,
+                *attempt,
+                worker,
+                &message,
+                true,
+                max_attempts,
+                None,
+            );
         }
         !expired.is_empty()
     }
@@ -494,6 +538,7 @@ impl Job {
             for slot in &mut self.tasks {
                 if !matches!(slot.status, TaskStatus::Done) {
                     slot.status = TaskStatus::Pending;
+                    self.discarded.extend(slot.staged.take());
                 }
             }
         }
@@ -647,11 +692,38 @@ mod tests {
     }
 
     #[test]
+    fn only_the_lease_holder_may_report_and_given_up_attempts_are_discarded() {
+        let mut job = job_with_tasks(2);
+        let t0 = Instant::now();
+        let staged = |n: u32| StagedOutput {
+            name: format!("shard-{n}"),
+            staging: format!(".shardpress/staging/t{n}"),
+            upload_id: String::new(),
+        };
+        assert_eq!(job.lease_next("w1", TTL, t0), Some(0));
+        job.tasks[0].staged = Some(staged(0));
+        // A restarted coordinator leases attempt numbers again: the number alone is no proof.
+        let other = Rejection::OtherWorker("w1".into());
+        assert_eq!(job.heartbeat(0, 1, "w9", 0, TTL, t0), Err(other.clone()));
+        assert_eq!(job.complete(0, 1, "w9", Default::default(), t0), Err(other));
+        job.heartbeat(0, 1, "w1", 0, TTL, t0).unwrap();
+        // An expired attempt's staged output is given up; so is a cancelled job's.
+        assert!(job.expire_leases(t0 + TTL, 5));
+        assert_eq!(job.discarded, vec![staged(0)]);
+        assert_eq!(job.lease_next("w2", TTL, t0 + TTL), Some(0));
+        job.tasks[0].staged = Some(staged(2));
+        assert_eq!(job.lease_next("w2", TTL, t0 + TTL), Some(1));
+        job.tasks[1].staged = Some(staged(1));
+        job.finish(JobState::Cancelled, "cancelled".into());
+        assert_eq!(job.discarded, vec![staged(0), staged(2), staged(1)]);
+    }
+
+    #[test]
     fn heartbeats_keep_a_lease_alive() {
         let mut job = job_with_tasks(1);
         let t0 = Instant::now();
         job.lease_next("w1", TTL, t0);
-        job.heartbeat(0, 1, 50, TTL, t0 + TTL / 2).unwrap();
+        job.heartbeat(0, 1, "w1", 50, TTL, t0 + TTL / 2).unwrap();
         assert!(!job.expire_leases(t0 + TTL, 5));
         assert_eq!(job.status(1).bytes_done, 50);
     }
@@ -662,7 +734,7 @@ mod tests {
         job.lease_next("w1", TTL, Instant::now());
         let now = Instant::now();
         assert_eq!(
-            job.fail(0, 1, "corrupt input", false, 5, Some(now)),
+            job.fail(0, 1, "w1", "corrupt input", false, 5, Some(now)),
             Ok(true)
         );
         assert_eq!(job.state, JobState::Failed);
@@ -676,7 +748,7 @@ mod tests {
         let mut now = Instant::now();
         for attempt in 1..=3 {
             assert_eq!(job.lease_next("w", TTL, now), Some(0));
-            let failed = job.fail(0, attempt, "timeout", true, 3, Some(now)).unwrap();
+            let failed = (job.fail(0, attempt, "w", "timeout", true, 3, Some(now))).unwrap();
             assert_eq!(failed, attempt == 3);
             // Each retry waits longer, and not before its time.
             if !failed {

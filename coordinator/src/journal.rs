@@ -25,6 +25,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use shardpress_core::plan::PlannedTask;
 use shardpress_proto::v1::{CompleteTaskRequest, SubmitJobRequest};
+use shardpress_store::staged::StagedOutput;
 use shardpress_store::{StoreError, StoreLocation};
 
 /// The folder of the journal in the output location.
@@ -32,6 +33,12 @@ pub const JOURNAL_DIR: &str = ".shardpress";
 const HEAD_NAME: &str = ".shardpress/job.json";
 const CLAIM_NAME: &str = ".shardpress/claim.json";
 const DONE_DIR: &str = ".shardpress/done";
+/// Where attempts stage their outputs until the coordinator commits them (see
+/// `shardpress_store::staged`).
+const ATTEMPTS_DIR: &str = ".shardpress/attempts";
+/// The S3 multipart uploads begun for attempts and not yet completed or aborted, so that a
+/// restarted coordinator aborts those of the one before (S3 cannot list them for us).
+const UPLOADS_DIR: &str = ".shardpress/uploads";
 const HEAD_FORMAT: &str = "shardpress-journal-v1";
 /// Results read concurrently when a journal is loaded.
 const LOAD_CONCURRENCY: usize = 32;
@@ -197,6 +204,13 @@ pub struct Recorded {
     pub report: CompleteTaskRequest,
 }
 
+/// An upload begun for an attempt (see [`Journal::record_upload`]).
+#[derive(Serialize, Deserialize)]
+struct UploadRecord {
+    name: String,
+    upload_id: String,
+}
+
 /// A job's journal in its output location.
 #[derive(Debug, Clone)]
 pub struct Journal {
@@ -298,6 +312,73 @@ impl Journal {
             .await
     }
 
+    /// The staging object of `attempt` of `task`, leased by the coordinator started at
+    /// `epoch` (attempt numbers start again when a coordinator restarts).
+    pub fn staging_name(job_id: &str, task: u32, epoch: &str, attempt: u32) -> String {
+        format!("{}/{task:07}.{epoch}.{attempt}", Self::attempts_of(job_id))
+    }
+
+    /// The folder of the staging objects of `job_id`'s attempts.
+    pub fn attempts_of(job_id: &str) -> String {
+        format!("{ATTEMPTS_DIR}/{job_id}")
+    }
+
+    fn upload_record(staged: &StagedOutput) -> String {
+        staged.staging.replacen(ATTEMPTS_DIR, UPLOADS_DIR, 1)
+    }
+
+    /// Records an S3 upload begun for an attempt, before the worker is told of it.
+    pub async fn record_upload(&self, staged: &StagedOutput) -> Result<(), StoreError> {
+        let record = UploadRecord {
+            name: staged.name.clone(),
+            upload_id: staged.upload_id.clone(),
+        };
+        let bytes = serde_json::to_vec(&record).unwrap_or_default();
+        (self.out)
+            .put(&Self::upload_record(staged), Bytes::from(bytes))
+            .await
+    }
+
+    /// Forgets an upload that was completed or aborted (best effort: a record left over only
+    /// costs an abort of an upload that is gone).
+    pub async fn forget_upload(&self, staged: &StagedOutput) {
+        if !staged.upload_id.is_empty() {
+            self.out.delete(&Self::upload_record(staged)).await.ok();
+        }
+    }
+
+    /// Aborts every recorded upload (those of a coordinator that was stopped, or all that
+    /// are left when the job ends) and forgets them; returns how many there were.
+    pub async fn abort_recorded_uploads(&self) -> Result<usize, StoreError> {
+        let uploads = self.out.child_location(UPLOADS_DIR);
+        let names = match uploads.list_all().await {
+            Ok(names) => names,
+            Err(StoreError::NotFound { .. }) => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let aborted: Vec<()> = futures::stream::iter(names)
+            .map(|name| {
+                let (uploads, out) = (uploads.clone(), self.out.clone());
+                async move {
+                    if let Ok(bytes) = uploads.get(&name).await {
+                        if let Ok(record) = serde_json::from_slice::<UploadRecord>(&bytes) {
+                            let staged = StagedOutput {
+                                name: record.name,
+                                staging: String::new(),
+                                upload_id: record.upload_id,
+                            };
+                            out.discard_staged(&staged).await;
+                        }
+                    }
+                    uploads.delete(&name).await
+                }
+            })
+            .buffer_unordered(LOAD_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(aborted.len())
+    }
+
     /// Every result recorded, in task order (measuring round first).
     pub async fn results(&self) -> Result<Vec<Recorded>, StoreError> {
         let done = self.out.child_location(DONE_DIR);
@@ -337,8 +418,13 @@ impl Journal {
         Ok(results)
     }
 
-    /// Deletes the journal (after the manifest is written, or before a new job starts).
+    /// Deletes the journal (after the manifest is written, or before a new job starts), with
+    /// what attempts staged and the uploads begun for them.
     pub async fn remove(&self) -> Result<(), StoreError> {
+        self.abort_recorded_uploads().await?;
+        // Staging files of killed workers are hidden from listings (object_store writes
+        // `NAME#N` and renames it when complete).
+        self.out.remove_local_tree(ATTEMPTS_DIR);
         let journal = self.out.child_location(JOURNAL_DIR);
         let names = journal.list_all().await?;
         futures::stream::iter(names)

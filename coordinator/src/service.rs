@@ -12,10 +12,12 @@ use shardpress_proto::v1::{
     RegisterWorkerResponse, ReportChunk, SubmitJobRequest, SubmitJobResponse,
 };
 use shardpress_proto::{JobService, WorkerService};
+use shardpress_store::staged::StagedOutput;
+use shardpress_store::{StoreError, StoreLocation};
 use tonic::{Request, Response, Status};
 
 use crate::finalize::finalize;
-use crate::state::Completion;
+use crate::state::{Accepting, Completion};
 use crate::Coordinator;
 
 /// Longest long-poll a worker may ask for.
@@ -129,6 +131,19 @@ impl JobService for JobApi {
     }
 }
 
+/// Commits an accepted attempt's staged output under its final name.
+async fn commit(
+    accepting: &Accepting,
+    staged: &StagedOutput,
+    request: &CompleteTaskRequest,
+) -> Result<(), StoreError> {
+    let out = StoreLocation::open(&accepting.out_url)?;
+    out.commit_staged(staged, &request.upload_parts, request.output_bytes)
+        .await?;
+    accepting.journal.forget_upload(staged).await;
+    Ok(())
+}
+
 pub struct WorkerApi {
     coordinator: Arc<Coordinator>,
 }
@@ -187,19 +202,40 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<CompleteTaskResponse>, Status> {
         let request = request.into_inner();
         let task = request.task.clone().unwrap_or_default();
-        // Recorded before it is acknowledged: a coordinator killed from here on keeps it.
-        if let Some((journal, round, worker)) = self.coordinator.journal_for(&task) {
-            let mut recorded = request.clone();
-            if let Some(t) = recorded.task.as_mut() {
-                t.worker_id = worker;
+        if let Some(accepting) = self.coordinator.accepting(&task) {
+            // The attempt's output appears under its final name only now, and only for the
+            // attempt that holds the lease.
+            if let Some(staged) = &accepting.staged {
+                if let Err(e) = commit(&accepting, staged, &request).await {
+                    let reason = format!("cannot commit {}: {e}", staged.name);
+                    tracing::warn!(job = %task.job_id, task = task.task_index, "{reason}");
+                    let failure = FailTaskRequest {
+                        task: Some(task.clone()),
+                        message: reason.clone(),
+                        retryable: true,
+                        worker_leaving: false,
+                    };
+                    let _ = self.coordinator.fail(&failure);
+                    return Ok(Response::new(CompleteTaskResponse {
+                        accepted: false,
+                        reason,
+                    }));
+                }
             }
-            journal
-                .record(round, task.task_index, &recorded)
-                .await
-                .map_err(|e| {
-                    tracing::error!(job = %task.job_id, task = task.task_index, "cannot journal a result: {e}");
-                    Status::unavailable(format!("cannot record the result in the job's journal: {e}"))
-                })?;
+            // Recorded before it is acknowledged: a coordinator killed from here on keeps it.
+            if let Some(round) = accepting.round {
+                let mut recorded = request.clone();
+                if let Some(t) = recorded.task.as_mut() {
+                    t.worker_id = accepting.worker_name.clone();
+                }
+                (accepting.journal)
+                    .record(round, task.task_index, &recorded)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(job = %task.job_id, task = task.task_index, "cannot journal a result: {e}");
+                        Status::unavailable(format!("cannot record the result in the job's journal: {e}"))
+                    })?;
+            }
         }
         let job_id = task.job_id;
         let response = match self.coordinator.complete(request) {

@@ -97,6 +97,7 @@ mod tests {
                 restored: false,
             }),
             assemble: None,
+            staged: None,
         }
     }
 

@@ -7,14 +7,15 @@ use std::time::{Duration, Instant};
 
 use shardpress_core::plan::PlannedTask;
 use shardpress_proto::v1::{
-    AssembleSlice, CompleteTaskRequest, FailTaskRequest, GlobalCut, JobState, JobStatus, TaskLease,
-    TaskRef, TensorSlice,
+    AssembleSlice, CompleteTaskRequest, FailTaskRequest, GlobalCut, JobState, JobStatus,
+    StagedOutput as ProtoStaged, TaskLease, TaskRef, TensorSlice,
 };
 use shardpress_store::shared::SharedObject;
+use shardpress_store::staged::StagedOutput;
 use shardpress_store::StoreLocation;
 use tokio::sync::{watch, Notify};
 
-use crate::job::{Job, JobSpec, Measured, Rejection, TaskSlot};
+use crate::job::{Job, JobSpec, Measured, Rejection, TaskSlot, TaskStatus};
 use crate::journal::{Journal, Recorded, Round};
 use crate::{CoordinatorConfig, CoordinatorError};
 
@@ -97,21 +98,40 @@ fn abandon_shared_objects(job: &Job, journal: &Journal) {
             tracing::warn!("cannot release the output's claim: {e}");
         }
     });
-    let outputs: Vec<String> = job
-        .tasks
-        .iter()
-        .map(|t| t.plan.output_name.clone())
-        .collect();
     let (out_url, job_id) = (spec.out_url.clone(), job.id.clone());
+    let attempts = Journal::attempts_of(&job_id);
     runtime.spawn(async move {
         let Ok(out) = StoreLocation::open(&out_url) else {
             return;
         };
-        out.remove_interrupted_uploads(&outputs);
+        // What the attempts staged (uploads begun for them are aborted as they are given up,
+        // and any left by a coordinator before this one here).
+        out.remove_local_tree(&attempts);
+        if let Err(e) = Journal::at(out.clone()).abort_recorded_uploads().await {
+            tracing::warn!(job = %job_id, "cannot abort the uploads begun for the job: {e}");
+        }
         for object in &objects {
             out.abort_shared(object).await;
         }
         tracing::info!(job = %job_id, objects = objects.len(), "let go of the unfinished files");
+    });
+}
+
+/// Deletes or aborts (in the background, best effort) what attempts that were given up
+/// staged: nothing of theirs can be committed any more.
+fn discard_staged(out_url: &str, journal: &Journal, discarded: Vec<StagedOutput>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (out_url, journal) = (out_url.to_string(), journal.clone());
+    runtime.spawn(async move {
+        let Ok(out) = StoreLocation::open(&out_url) else {
+            return;
+        };
+        for staged in &discarded {
+            out.discard_staged(staged).await;
+            journal.forget_upload(staged).await;
+        }
     });
 }
 
@@ -128,6 +148,10 @@ impl Inner {
         let workers = self.live_workers(ttl);
         if let Some(entry) = self.jobs.get_mut(job_id) {
             entry.watch.send_replace(entry.job.status(workers));
+            let discarded = std::mem::take(&mut entry.job.discarded);
+            if !discarded.is_empty() {
+                discard_staged(&entry.job.spec.out_url, &entry.journal, discarded);
+            }
             let failed = entry.job.state.is_terminal() && entry.job.state != JobState::Succeeded;
             if failed && !entry.abandoned {
                 entry.abandoned = true;
@@ -153,6 +177,19 @@ pub struct Coordinator {
     epoch: String,
     inner: Mutex<Inner>,
     task_ready: Notify,
+}
+
+/// What must be done before a result is accepted (see [`Coordinator::accepting`]).
+pub struct Accepting {
+    /// Where the result is recorded first.
+    pub journal: Journal,
+    /// The round it belongs to; `None` for an assembly slice, which is not journaled.
+    pub round: Option<Round>,
+    /// The name of the worker that sent it.
+    pub worker_name: String,
+    pub out_url: String,
+    /// The attempt's staged output, committed under its final name first.
+    pub staged: Option<StagedOutput>,
 }
 
 /// Result of a completion: whether it was the job's last task.
@@ -278,18 +315,17 @@ impl Coordinator {
         complete
     }
 
-    /// Where to record the result of `task` before accepting it, with the round it belongs
-    /// to and its worker's name; `None` for a result not to journal (an assembly slice) or
-    /// one that would be refused anyway.
-    pub fn journal_for(&self, task: &TaskRef) -> Option<(Journal, Round, String)> {
+    /// What accepting a result of `task` needs done first, if `task` is the current attempt
+    /// of a running job (`None`: the result will be refused).
+    pub fn accepting(&self, task: &TaskRef) -> Option<Accepting> {
         let inner = self.lock();
         let entry = inner.jobs.get(&task.job_id)?;
         let job = &entry.job;
         let slot = job.tasks.get(task.task_index as usize)?;
         let current = job.state == JobState::Running
             && slot.attempt == task.attempt
-            && matches!(slot.status, crate::job::TaskStatus::Leased { .. });
-        if !current || slot.assemble.is_some() {
+            && matches!(&slot.status, TaskStatus::Leased { worker, .. } if *worker == task.worker_id);
+        if !current {
             return None;
         }
         let round = match job.spec.measuring() {
@@ -298,7 +334,13 @@ impl Coordinator {
         };
         let name = (inner.workers.get(&task.worker_id))
             .map_or_else(|| task.worker_id.clone(), |w| w.name.clone());
-        Some((entry.journal.clone(), round, name))
+        Some(Accepting {
+            journal: entry.journal.clone(),
+            round: slot.assemble.is_none().then_some(round),
+            worker_name: name,
+            out_url: job.spec.out_url.clone(),
+            staged: slot.staged.clone(),
+        })
     }
 
     /// Waits up to `wait` for a task and leases it to `worker_id`.
@@ -313,13 +355,96 @@ impl Coordinator {
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(lease) = self.try_lease(worker_id)? {
-                return Ok(Some(lease));
+                if let Some(lease) = self.stage(lease).await {
+                    return Ok(Some(lease));
+                }
+                continue;
             }
             // A task waiting out a failure becomes leasable without anyone notifying.
             let retry = self.next_retry().map(tokio::time::Instant::from_std);
             let wake = retry.map_or(deadline, |at| at.min(deadline));
             if tokio::time::timeout_at(wake, notified).await.is_err() && wake == deadline {
                 return Ok(None);
+            }
+        }
+    }
+
+    /// Says where the lease's attempt writes its output, when it writes an object of its
+    /// own (see `shardpress_store::staged`): an S3 upload is begun (and journaled, so that a
+    /// restarted coordinator can abort it) before the worker hears of it. `None` when the
+    /// lease was lost meanwhile or staging failed (the attempt then counts as failed).
+    async fn stage(&self, mut lease: TaskLease) -> Option<TaskLease> {
+        let writes_own_object = lease.write_at.is_none()
+            && !lease.measure_magnitudes
+            && !lease.sketch_tensors
+            && (lease.assemble.as_ref()).is_none_or(|a| a.slices == 1 && !a.hash_only);
+        if !writes_own_object {
+            return Some(lease);
+        }
+        let journal = {
+            let inner = self.lock();
+            inner.jobs.get(&lease.job_id).map(|e| e.journal.clone())?
+        };
+        let staging =
+            Journal::staging_name(&lease.job_id, lease.task_index, &self.epoch, lease.attempt);
+        let begun = async {
+            let out = StoreLocation::open(&lease.out_url)?;
+            let staged = out.begin_staged(&lease.output_name, &staging).await?;
+            if !staged.upload_id.is_empty() {
+                if let Err(e) = journal.record_upload(&staged).await {
+                    out.discard_staged(&staged).await;
+                    return Err(e);
+                }
+            }
+            Ok::<_, shardpress_store::StoreError>(staged)
+        }
+        .await;
+        let task = TaskRef {
+            job_id: lease.job_id.clone(),
+            task_index: lease.task_index,
+            attempt: lease.attempt,
+            worker_id: String::new(),
+        };
+        let mut inner = self.lock();
+        let entry = inner.jobs.get_mut(&lease.job_id)?;
+        let slot = entry.job.tasks.get_mut(lease.task_index as usize)?;
+        let current = slot.attempt == lease.attempt
+            && matches!(slot.status, TaskStatus::Leased { .. })
+            && entry.job.state == JobState::Running;
+        let holder = match &slot.status {
+            TaskStatus::Leased { worker, .. } => worker.clone(),
+            _ => String::new(),
+        };
+        match begun {
+            Ok(staged) if current => {
+                lease.staged = Some(ProtoStaged {
+                    staging: staged.staging.clone(),
+                    upload_id: staged.upload_id.clone(),
+                });
+                slot.staged = Some(staged);
+                Some(lease)
+            }
+            Ok(staged) => {
+                entry.job.discarded.push(staged);
+                inner.publish(&task.job_id, self.config.lease_ttl);
+                None
+            }
+            Err(e) => {
+                let message = format!("cannot begin writing {}: {e}", lease.output_name);
+                tracing::warn!(job = %task.job_id, task = task.task_index, "{message}");
+                if current {
+                    let _ = entry.job.fail(
+                        task.task_index,
+                        task.attempt,
+                        &holder,
+                        &message,
+                        e.is_retryable(),
+                        self.config.max_attempts,
+                        Some(Instant::now()),
+                    );
+                    inner.publish(&task.job_id, self.config.lease_ttl);
+                }
+                None
             }
         }
     }
@@ -361,6 +486,7 @@ impl Coordinator {
         entry.job.heartbeat(
             task.task_index,
             task.attempt,
+            &task.worker_id,
             bytes_done,
             ttl,
             Instant::now(),
@@ -408,11 +534,14 @@ impl Coordinator {
             .get_mut(&task.job_id)
             .ok_or(Rejection::NoSuchTask)?;
         if request.worker_leaving {
-            entry.job.release(task.task_index, task.attempt)?;
+            entry
+                .job
+                .release(task.task_index, task.attempt, &task.worker_id)?;
         } else {
             entry.job.fail(
                 task.task_index,
                 task.attempt,
+                &task.worker_id,
                 &format!("failed on worker {}: {}", task.worker_id, request.message),
                 request.retryable,
                 self.config.max_attempts,
@@ -661,5 +790,6 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
             .as_ref()
             .filter(|_| slot.assemble.is_none())
             .and_then(|p| p.outputs.get(index).cloned()),
+        staged: None,
     }
 }

@@ -244,6 +244,15 @@ pub async fn submit(
     // Everything is checked: only now is an earlier output replaced (or an earlier run of
     // this job resumed), and the new one begun.
     let journal_read = std::time::Instant::now();
+    // Attempts of an earlier run (a coordinator stopped meanwhile) will never be committed:
+    // the uploads begun for them go, whether this job resumes or replaces that one.
+    let aborted = journal.abort_recorded_uploads().await?;
+    if aborted > 0 {
+        tracing::info!(
+            aborted,
+            "aborted the uploads of an earlier run's unfinished attempts"
+        );
+    }
     let (job_id, mut restored) = match earlier.resume.take() {
         Some(resumed) => (resumed.job_id, journal.results().await?),
         None => {

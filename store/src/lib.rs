@@ -26,6 +26,7 @@ mod model;
 mod profile;
 pub mod shared;
 pub mod spz;
+pub mod staged;
 pub use model::{resolve_model, ModelFiles, INDEX_NAME};
 
 /// What can go wrong talking to storage; every variant names the object.
@@ -367,6 +368,14 @@ impl StoreLocation {
             if let Ok(root) = url.to_file_path() {
                 let _ = std::fs::remove_dir(root.join(name));
             }
+        }
+    }
+
+    /// Deletes the folder `name` and everything in it on a local filesystem (best effort;
+    /// nothing to do elsewhere: object stores have no folders).
+    pub fn remove_local_tree(&self, name: &str) {
+        if let Some(root) = self.local_root() {
+            let _ = std::fs::remove_dir_all(root.join(name));
         }
     }
 

@@ -73,41 +73,6 @@ impl StoreLocation {
         (url.scheme() == "file").then(|| url.to_file_path().ok())?
     }
 
-    /// Deletes what interrupted uploads of `names` left on a local filesystem: object_store
-    /// writes `NAME#N` and renames it to `NAME` when complete, so a worker killed meanwhile
-    /// leaves the `#` file (which listings skip). Returns how many were deleted; nothing to
-    /// do elsewhere (an S3 upload that was never completed is not an object).
-    pub fn remove_interrupted_uploads(&self, names: &[String]) -> usize {
-        let Some(root) = self.local_root() else {
-            return 0;
-        };
-        let mut by_dir: std::collections::BTreeMap<std::path::PathBuf, Vec<String>> =
-            Default::default();
-        for name in names {
-            let path = root.join(name);
-            if let (Some(dir), Some(file)) = (path.parent(), path.file_name()) {
-                let files = by_dir.entry(dir.to_path_buf()).or_default();
-                files.push(file.to_string_lossy().into_owned());
-            }
-        }
-        let mut removed = 0;
-        for (dir, files) in by_dir {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let file = entry.file_name().to_string_lossy().into_owned();
-                let interrupted = file.split_once('#').is_some_and(|(stem, suffix)| {
-                    suffix.bytes().all(|b| b.is_ascii_digit()) && files.iter().any(|f| f == stem)
-                });
-                if interrupted && std::fs::remove_file(entry.path()).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
-        removed
-    }
-
     fn local_file(&self, name: &str) -> Result<std::path::PathBuf, StoreError> {
         self.local_root()
             .map(|root| root.join(name))

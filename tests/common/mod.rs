@@ -230,7 +230,8 @@ impl TestCluster {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("{name} never logged {needle:?}");
+        let log = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        panic!("{name} never logged {needle:?}; its log:\n{log}");
     }
 }
 
@@ -243,6 +244,24 @@ impl Drop for TestCluster {
         let _ = self.coordinator.kill();
         let _ = self.coordinator.wait();
     }
+}
+
+/// Every file under `dir`, as paths relative to it (hidden ones and `#` files included).
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                folders.push(path);
+            } else if let Ok(relative) = path.strip_prefix(dir) {
+                found.push(relative.to_string_lossy().into_owned());
+            }
+        }
+    }
+    found.sort();
+    found
 }
 
 /// The objects a finished output consists of: everything the manifest lists, plus the manifest.

@@ -152,3 +152,71 @@ def test_credentials_come_from_a_profile_file_and_their_absence_is_said_plainly(
                              env=nothing)
     assert refused.returncode != 0
     assert "no credentials found" in refused.stderr and "AWS_PROFILE" in refused.stderr, refused.stderr
+
+
+def start_coordinator(listen: str, log: Path, env):
+    coordinator = subprocess.Popen([BIN, "coordinator", "--listen", listen, "--lease-ttl-secs", "1"],
+                                   stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
+                                   env={**env, "SHARDPRESS_LOG": "info"})
+    banner = coordinator.stdout.readline()
+    assert ":" in banner, banner
+    return coordinator, "http://" + banner.strip().rsplit(" ", 1)[-1]
+
+
+def start_worker(url: str, name: str, log: Path, env, *extra):
+    return subprocess.Popen([BIN, "worker", "--coordinator", url, "--name", name, "--threads", "1",
+                             "--chunk-mb", "0.25", *extra], stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"), env={**env, "SHARDPRESS_LOG": "info"})
+
+
+def wait_for(path: Path, *needles, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if any(n in text for n in needles):
+            return text
+        time.sleep(0.05)
+    pytest.fail(f"{path.name} never logged any of {needles}:\n{text}")
+
+
+def test_a_stale_worker_cannot_replace_an_object_on_s3_and_its_upload_is_aborted(s3_server, tmp_path: Path):
+    """A worker paused after its last lease check (a frozen process) wakes up after its
+    coordinator was killed and another job finished into the same output: its upload was
+    begun by the coordinator and aborted when the new job took the output over, so it can
+    neither replace the new job's object nor leave an open multipart upload behind."""
+    client, env = s3_server
+    model = tmp_path / "model"
+    shardpress("gen-model", "--out", model, "--size", "6MB", "--max-shard-mb", "2")
+    upload(client, model, "llama")
+    coordinator, url = start_coordinator("127.0.0.1:0", tmp_path / "coordinator.log", env)
+    workers = [start_worker(url, "paused", tmp_path / "paused.log", env,
+                            "--debug-stall-before-finish-ms", "10000")]
+    try:
+        first = subprocess.Popen([BIN, "compress", "--coordinator", url, "--model", "s3://models/llama",
+                                  "--out", "s3://models/out", "--recipe", "int8", "--task-budget-mb", "1",
+                                  "--reconnect-secs", "0"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        log = wait_for(tmp_path / "paused.log", "task acquired")
+        stale = log.split(" output=")[1].split(" ")[0]
+        # The attempt's upload exists, begun by the coordinator (and journaled).
+        assert client.list_multipart_uploads(Bucket="models").get("Uploads", []) != []
+        coordinator.kill()
+        coordinator.wait()
+        first.wait()
+        coordinator, url = start_coordinator(url.removeprefix("http://"), tmp_path / "coordinator-2.log", env)
+        workers.append(start_worker(url, "b", tmp_path / "b.log", env))
+        shardpress("compress", "--coordinator", url, "--model", "s3://models/llama", "--out", "s3://models/out",
+                   "--recipe", "int4-g128", "--task-budget-mb", "1", "--overwrite", env=env)
+        manifest = json.loads(client.get_object(Bucket="models", Key="out/manifest.json")["Body"].read())
+        assert stale in [o["name"] for o in manifest["objects"]]
+        wait_for(tmp_path / "paused.log", "task failed", "result not accepted")
+        time.sleep(0.5)
+        shardpress("verify", "s3://models/out", env=env)
+        assert client.list_multipart_uploads(Bucket="models").get("Uploads", []) == []
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket="models", Prefix="out/.shardpress")
+                .get("Contents", [])]
+        assert keys == []
+    finally:
+        for process in workers + [coordinator]:
+            process.kill()
+            process.wait()

@@ -63,7 +63,7 @@ pub async fn assemble(
         Sink::Slice(slice_writer(lease, spec, &out)?)
     } else {
         let hasher = Some(blake3::Hasher::new());
-        Sink::Whole(ShardWriter::upload(&out, &lease.output_name, hasher).await?)
+        Sink::Whole(ShardWriter::staged(lease, &out, hasher).await?)
     };
     let (mut read_seconds, mut write_seconds) = (0f64, 0f64);
     let copied = async {
@@ -95,13 +95,14 @@ pub async fn assemble(
             Err(e)
         }
     };
-    let (output_bytes, output_blake3, upload_part) = finished?;
+    let (output_bytes, output_blake3, upload_part, upload_parts) = finished?;
     write_seconds += t.elapsed().as_secs_f64();
     Ok(CompleteTaskRequest {
         task: None,
         output_bytes,
         output_blake3,
         upload_part,
+        upload_parts,
         tensors: Vec::new(),
         seconds: started.elapsed().as_secs_f64(),
         read_seconds,
@@ -194,12 +195,18 @@ impl Sink {
         Ok(())
     }
 
-    /// Bytes written, their hash (a chaining value for a slice) and the upload part.
-    async fn finish(self) -> Result<(u64, String, String), TaskError> {
+    /// Bytes written, their hash (a chaining value for a slice), the slice's upload part
+    /// and a staged whole file's parts.
+    async fn finish(self) -> Result<(u64, String, String, Vec<String>), TaskError> {
         match self {
             Sink::Whole(writer) => {
-                let (bytes, hash) = writer.finish().await?;
-                Ok((bytes, hash, String::new()))
+                let written = writer.finish().await?;
+                Ok((
+                    written.bytes,
+                    written.blake3,
+                    String::new(),
+                    written.upload_parts,
+                ))
             }
             Sink::Slice(slice) => {
                 let hash = match slice.whole_file {
@@ -210,7 +217,7 @@ impl Sink {
                     Some(writer) => writer.finish().await?,
                     None => String::new(),
                 };
-                Ok((slice.bytes, hash.to_hex().to_string(), part))
+                Ok((slice.bytes, hash.to_hex().to_string(), part, Vec::new()))
             }
         }
     }

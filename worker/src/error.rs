@@ -24,8 +24,6 @@ pub enum TaskError {
     },
     #[error("tensor {tensor:?}: {reason}")]
     BadTensor { tensor: String, reason: String },
-    #[error("writing {object}: {message}")]
-    Upload { object: String, message: String },
     #[error("compute failed on tensor {tensor:?}: {message}")]
     Compute { tensor: String, message: String },
     #[error("task stopped: {0}")]
@@ -43,7 +41,6 @@ impl TaskError {
     pub fn is_retryable(&self) -> bool {
         match self {
             TaskError::Store(e) => e.is_retryable(),
-            TaskError::Upload { .. } => true,
             _ => false,
         }
     }

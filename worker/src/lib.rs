@@ -45,6 +45,9 @@ pub struct WorkerConfig {
     pub unreachable_timeout: Duration,
     /// Fault injection for tests: sleep this long after every chunk.
     pub delay_per_chunk: Duration,
+    /// Fault injection for tests: pause this long before finishing each output, whatever
+    /// happens to the lease meanwhile.
+    pub stall_before_finish: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -57,6 +60,7 @@ impl Default for WorkerConfig {
             memory_limit: None,
             unreachable_timeout: Duration::from_secs(600),
             delay_per_chunk: Duration::ZERO,
+            stall_before_finish: Duration::ZERO,
         }
     }
 }
@@ -254,6 +258,7 @@ async fn lease_task(
         chunk_bytes: budget.chunk_bytes(config.chunk_bytes),
         budget,
         delay_per_chunk: config.delay_per_chunk,
+        stall_before_finish: config.stall_before_finish,
     };
     let result = task::execute(&lease, &ctx).await;
     heartbeat.abort();
@@ -268,8 +273,11 @@ async fn lease_task(
                         assemble::delete_consumed(&lease, slice).await;
                     }
                 }
-                Ok(r) => tracing::warn!(task = lease.task_index, reason = %r.get_ref().reason,
-                    "result not accepted"),
+                Ok(r) => {
+                    tracing::warn!(task = lease.task_index, reason = %r.get_ref().reason,
+                        "result not accepted");
+                    discard_staged(&lease).await;
+                }
                 Err(e) => tracing::warn!(task = lease.task_index, error = %e.message(),
                     "could not report the result; the lease will expire and the task rerun"),
             }
@@ -300,6 +308,31 @@ async fn lease_task(
             if let Err(e) = client.fail_task(request).await {
                 tracing::warn!(error = %e.message(), "could not report the failure");
             }
+        }
+    }
+}
+
+/// Deletes the staging object of an attempt whose result was refused (a stale attempt: the
+/// coordinator let it go, maybe long ago). An upload is the coordinator's to abort.
+async fn discard_staged(lease: &TaskLease) {
+    let Some(staged) = &lease.staged else {
+        return;
+    };
+    if !staged.upload_id.is_empty() {
+        return;
+    }
+    if let Ok(out) = shardpress_store::StoreLocation::open(&lease.out_url) {
+        let staged = shardpress_store::staged::StagedOutput {
+            name: lease.output_name.clone(),
+            staging: staged.staging.clone(),
+            upload_id: String::new(),
+        };
+        out.discard_staged(&staged).await;
+        // The folders of a job that has ended are not left behind either.
+        let mut dir = std::path::Path::new(&staged.staging).parent();
+        while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+            out.remove_empty_dir(&d.to_string_lossy());
+            dir = d.parent();
         }
     }
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use object_store::{ObjectStoreExt, WriteMultipart};
 use shardpress_core::codec::TensorPlan;
 use shardpress_core::dtype::{decode_to_f32, DTypeError};
 use shardpress_core::format::{task_prefix, ModelFacts, TensorDesc, TensorWriter};
@@ -22,6 +21,7 @@ use shardpress_proto::v1::{
     CompleteTaskRequest, TaskLease, TensorResult, TensorSketch, TensorSlice,
 };
 use shardpress_store::shared::{SharedObject, SliceWriter};
+use shardpress_store::staged::{StagedOutput, StagedWriter};
 use shardpress_store::StoreLocation;
 use tokio::sync::mpsc;
 
@@ -30,10 +30,6 @@ use crate::{cpu, TaskError};
 
 mod statistics;
 
-/// Output parts uploaded concurrently per task.
-const UPLOAD_CONCURRENCY: usize = 4;
-/// Multipart part size.
-const PART_BYTES: usize = 8 * 1024 * 1024;
 /// Chunks read ahead of the one being compressed.
 const READ_AHEAD: usize = 2;
 
@@ -45,6 +41,9 @@ pub struct TaskContext {
     pub chunk_bytes: usize,
     pub budget: MemoryBudget,
     pub delay_per_chunk: Duration,
+    /// Fault injection for tests: a pause between the last check of the lease and writing
+    /// the output's end, as of a process stopped there.
+    pub stall_before_finish: Duration,
 }
 
 #[derive(Default)]
@@ -179,13 +178,16 @@ pub async fn execute(
         writer.abort().await;
         return Err(TaskError::Cancelled("lease lost".into()));
     }
+    // A process paused right here (the check above passed) is what storage fencing is for.
+    tokio::time::sleep(ctx.stall_before_finish).await;
     let write_started = Instant::now();
-    let (output_bytes, output_blake3) = writer.finish().await?;
+    let written = writer.finish().await?;
     timings.write += write_started.elapsed();
     Ok(CompleteTaskRequest {
         task: None,
-        output_bytes,
-        output_blake3,
+        output_bytes: written.bytes,
+        output_blake3: written.blake3,
+        upload_parts: written.upload_parts,
         tensors: results,
         seconds: started.elapsed().as_secs_f64(),
         read_seconds: timings.read.as_secs_f64(),
@@ -214,8 +216,9 @@ pub(crate) struct ShardWriter {
 }
 
 enum Sink {
-    /// An object of its own, uploaded in parts.
-    Upload(WriteMultipart),
+    /// An object of its own, written where the lease's attempt was told to (see
+    /// `shardpress_store::staged`): the coordinator commits it under its final name.
+    Staged(StagedWriter),
     /// A GGUF task's place in its file (several tasks write it at once): bytes are buffered
     /// until flushed, and never written past the `size` the layout gives.
     InPlace {
@@ -226,9 +229,17 @@ enum Sink {
     },
 }
 
+/// What a finished output is: its size, its hash (empty when not hashed) and, for a staged
+/// S3 upload, the ids of its parts.
+pub(crate) struct Written {
+    pub(crate) bytes: u64,
+    pub(crate) blake3: String,
+    pub(crate) upload_parts: Vec<String>,
+}
+
 impl ShardWriter {
-    /// The writer of a lease's output: in place when the lease says where, else an upload
-    /// of `output_name`.
+    /// The writer of a lease's output: in place when the lease says where, else where the
+    /// lease stages it.
     pub(crate) async fn open(
         lease: &TaskLease,
         out: &StoreLocation,
@@ -236,7 +247,7 @@ impl ShardWriter {
     ) -> Result<Self, TaskError> {
         let hasher = hashed.then(blake3::Hasher::new);
         let Some(at) = &lease.write_at else {
-            return Self::upload(out, &lease.output_name, hasher).await;
+            return Self::staged(lease, out, hasher).await;
         };
         let object = SharedObject {
             name: lease.output_name.clone(),
@@ -256,23 +267,29 @@ impl ShardWriter {
         })
     }
 
-    /// A multipart upload of `name`.
-    pub(crate) async fn upload(
+    /// The lease's staged output (a lease without one is refused: this worker never writes
+    /// a final name).
+    pub(crate) async fn staged(
+        lease: &TaskLease,
         out: &StoreLocation,
-        name: &str,
         hasher: Option<blake3::Hasher>,
     ) -> Result<Self, TaskError> {
-        let object = out.describe(name);
-        let upload = out
-            .store()
-            .put_multipart(&out.path(name))
-            .await
-            .map_err(|e| upload_error(&object, e))?;
+        let Some(staged) = &lease.staged else {
+            return Err(TaskError::BadLease(format!(
+                "the lease of {} says neither where to stage its output nor where to write it in place",
+                lease.output_name
+            )));
+        };
+        let staged = StagedOutput {
+            name: lease.output_name.clone(),
+            staging: staged.staging.clone(),
+            upload_id: staged.upload_id.clone(),
+        };
         Ok(Self {
-            sink: Sink::Upload(WriteMultipart::new_with_chunk_size(upload, PART_BYTES)),
+            sink: Sink::Staged(out.staged_writer(&staged).await?),
             hasher,
             bytes: 0,
-            object,
+            object: out.describe(&lease.output_name),
         })
     }
 
@@ -282,7 +299,7 @@ impl ShardWriter {
         }
         self.bytes += data.len() as u64;
         match &mut self.sink {
-            Sink::Upload(upload) => upload.write(data),
+            Sink::Staged(writer) => writer.write(data),
             Sink::InPlace { pending, .. } => pending.extend_from_slice(data),
         }
     }
@@ -290,10 +307,7 @@ impl ShardWriter {
     /// Waits for upload capacity, or writes what is buffered in place.
     pub(crate) async fn flush(&mut self) -> Result<(), TaskError> {
         match &mut self.sink {
-            Sink::Upload(upload) => upload
-                .wait_for_capacity(UPLOAD_CONCURRENCY)
-                .await
-                .map_err(|e| upload_error(&self.object, e)),
+            Sink::Staged(writer) => Ok(writer.flush().await?),
             Sink::InPlace {
                 writer,
                 pending,
@@ -316,20 +330,15 @@ impl ShardWriter {
         }
     }
 
-    /// Completes the output; returns its size and hash (empty when not hashed).
-    pub(crate) async fn finish(mut self) -> Result<(u64, String), TaskError> {
+    /// Completes the output (staged: for the coordinator to commit).
+    pub(crate) async fn finish(mut self) -> Result<Written, TaskError> {
         self.flush().await?;
-        let hash = self
+        let blake3 = self
             .hasher
             .take()
             .map_or_else(String::new, |h| h.finalize().to_hex().to_string());
-        match self.sink {
-            Sink::Upload(upload) => {
-                upload
-                    .finish()
-                    .await
-                    .map_err(|e| upload_error(&self.object, e))?;
-            }
+        let upload_parts = match self.sink {
+            Sink::Staged(writer) => writer.finish().await?,
             Sink::InPlace {
                 writer,
                 written,
@@ -345,23 +354,21 @@ impl ShardWriter {
                     });
                 }
                 writer.finish().await?;
+                Vec::new()
             }
-        }
-        Ok((self.bytes, hash))
+        };
+        Ok(Written {
+            bytes: self.bytes,
+            blake3,
+            upload_parts,
+        })
     }
 
-    /// Drops an upload; bytes written in place are overwritten by the next attempt.
+    /// Drops a staged output; bytes written in place are overwritten by the next attempt.
     pub(crate) async fn abort(self) {
-        if let Sink::Upload(upload) = self.sink {
-            upload.abort().await.ok();
+        if let Sink::Staged(writer) = self.sink {
+            writer.abort().await;
         }
-    }
-}
-
-pub(crate) fn upload_error(object: &str, e: object_store::Error) -> TaskError {
-    TaskError::Upload {
-        object: object.to_string(),
-        message: e.to_string(),
     }
 }
 
