@@ -29,6 +29,7 @@ use shardpress_store::{StoreError, StoreLocation};
 
 use crate::finalize::ManifestEntry;
 use crate::job::TaskSlot;
+use crate::journal::Journal;
 
 /// Slice length unless the job says otherwise.
 pub const DEFAULT_SLICE_BYTES: u64 = 64 << 20;
@@ -141,9 +142,15 @@ pub async fn prepare(
     if slices.len() == 1 {
         return Ok(slices);
     }
+    let object = out.begin_shared(name, staging, false).await?;
+    // A coordinator restarted before completing it aborts it (see `Journal`).
+    if let Err(e) = Journal::at(out.clone()).record_shared_upload(&object).await {
+        out.abort_shared(&object).await;
+        return Err(e);
+    }
     let SharedObject {
         staging, upload_id, ..
-    } = out.begin_shared(name, staging, false).await?;
+    } = object;
     for slice in &mut slices {
         slice.staging.clone_from(&staging);
         slice.upload_id.clone_from(&upload_id);
@@ -381,6 +388,9 @@ pub async fn commit(
             "the slices' offsets and lengths do not tile the file".into(),
         )),
     };
+    if committed.is_ok() {
+        Journal::at(out.clone()).forget_shared_upload(&object).await;
+    }
     match committed {
         Ok(hash) => Ok(ManifestEntry {
             name: name.to_string(),

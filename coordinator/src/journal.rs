@@ -25,6 +25,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use shardpress_core::plan::PlannedTask;
 use shardpress_proto::v1::{CompleteTaskRequest, SubmitJobRequest};
+use shardpress_store::shared::SharedObject;
 use shardpress_store::staged::StagedOutput;
 use shardpress_store::{StoreError, StoreLocation};
 
@@ -329,14 +330,42 @@ impl Journal {
 
     /// Records an S3 upload begun for an attempt, before the worker is told of it.
     pub async fn record_upload(&self, staged: &StagedOutput) -> Result<(), StoreError> {
-        let record = UploadRecord {
-            name: staged.name.clone(),
-            upload_id: staged.upload_id.clone(),
-        };
-        let bytes = serde_json::to_vec(&record).unwrap_or_default();
-        (self.out)
-            .put(&Self::upload_record(staged), Bytes::from(bytes))
+        let record = Self::upload_record(staged);
+        self.put_upload_record(&record, &staged.name, &staged.upload_id)
             .await
+    }
+
+    fn shared_upload_record(object: &SharedObject) -> String {
+        format!("{UPLOADS_DIR}/shared/{}", object.name)
+    }
+
+    /// Records the S3 upload of a file that several workers write (an assembled `.spz` or
+    /// GGUF file), before any worker is told of it.
+    pub async fn record_shared_upload(&self, object: &SharedObject) -> Result<(), StoreError> {
+        let record = Self::shared_upload_record(object);
+        self.put_upload_record(&record, &object.name, &object.upload_id)
+            .await
+    }
+
+    /// Forgets the upload of a shared file that was completed or aborted (best effort).
+    pub async fn forget_shared_upload(&self, object: &SharedObject) {
+        if !object.upload_id.is_empty() {
+            (self.out.delete(&Self::shared_upload_record(object)).await).ok();
+        }
+    }
+
+    async fn put_upload_record(
+        &self,
+        record: &str,
+        name: &str,
+        upload_id: &str,
+    ) -> Result<(), StoreError> {
+        let upload = UploadRecord {
+            name: name.to_string(),
+            upload_id: upload_id.to_string(),
+        };
+        let bytes = serde_json::to_vec(&upload).unwrap_or_default();
+        self.out.put(record, Bytes::from(bytes)).await
     }
 
     /// Forgets an upload that was completed or aborted (best effort: a record left over only
