@@ -1,20 +1,22 @@
-//! Reassembly once every task is done: the shard index, the model's companion files (config,
+//! The coordinator's part between the steps of a job ([`advance`], run by the job's driver),
+//! and last its reassembly: the shard index, the model's companion files (config,
 //! tokenizer), `report.json`, the accuracy gates and, last, `manifest.json` — the commit point.
 //! A job whose gates fail keeps its report (the evidence) but gets no manifest.
 //! Tensor bytes are never read here: shard checksums come from the workers, sizes from HEAD.
 //!
-//! A recipe with a global magnitude prune or near-identical sharing first "finalizes" its
-//! measuring round: the tasks' magnitude histograms are merged into the global cut, their
+//! A recipe with a global magnitude prune or near-identical sharing first measures: at the
+//! end of that step the tasks' magnitude histograms are merged into the global cut, their
 //! tensor sketches shortlisted into candidate pairs, and every task runs again to compress
 //! with them.
 //!
-//! An `.spz` or GGUF job finalizes twice: first the archive's index is built from the tasks'
-//! reports (record offsets within each part), the source headers and the companion files (a
-//! GGUF file's head from the config and tokenizer), and assembly tasks are queued for workers
-//! to concatenate head, parts and tail into `model.spz` (leaving out records that
-//! [`crate::share`] found identical to an earlier one) or the GGUF files, in slices written at
-//! once ([`crate::assembly`]); when those are done, the files are committed, the parts deleted,
-//! and the report and manifest written as for safetensors output. An archive on a local
+//! An `.spz` or GGUF job has an assembly step: once its tasks have compressed, the archive's
+//! index is built from the tasks' reports (record offsets within each part), the source
+//! headers and the companion files (a GGUF file's head from the config and tokenizer), and
+//! assembly tasks are queued for workers to concatenate head, parts and tail into
+//! `model.spz` (leaving out records that [`crate::share`] found identical to an earlier one)
+//! or the GGUF files, in slices written at once ([`crate::assembly`]); when those are done,
+//! the files are committed, the parts deleted, and the report and manifest written as for
+//! safetensors output. An archive on a local
 //! filesystem is mostly assembled before that: its slices are queued while the tasks run, as
 //! soon as the tasks before them are done ([`crate::archive`]), and only the last slices and
 //! the tail are left to queue here.
@@ -40,8 +42,9 @@ use shardpress_core::similarity;
 use shardpress_core::spz::{self, SpzBlob, SpzFile, SpzIndex, SpzTensor};
 use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, PartRange};
 
-use crate::job::{JobSpec, Measured, TaskSlot};
+use crate::job::{JobSpec, Measured, Phase, TaskSlot};
 use crate::report::{build_report, Report, TaskReport};
+use crate::state::Snapshot;
 use crate::Coordinator;
 
 pub const MANIFEST_NAME: &str = "manifest.json";
@@ -174,52 +177,51 @@ pub struct Manifest {
     pub objects: Vec<ManifestEntry>,
 }
 
-/// Runs finalization and records the job's outcome.
-pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
-    let outcome = match coordinator.snapshot(&job_id) {
-        Some((spec, tasks, started, retries)) => {
-            if spec.measuring() {
-                let names = coordinator.worker_names();
-                let measured = conclude_measuring(&spec, &tasks, started, &names);
-                tracing::info!(job = %job_id, cut = ?measured.cut, sparsity = measured.pruned_fraction,
-                    share_candidates = measured.share_candidates.len(), "measured; compressing");
-                if coordinator.start_compression(&job_id, measured) {
-                    // An earlier run of the job had compressed every task already.
-                    return Box::pin(finalize(coordinator, job_id)).await;
-                }
-                return;
-            }
-            let wall = started.elapsed().as_secs_f64();
-            let names = coordinator.worker_names();
-            let report = build_report(&job_id, &spec, &tasks, wall, retries, &names);
-            let finish = match finish_plan(&spec, &compressing(&tasks)) {
-                Ok(finish) => finish,
-                Err(e) => {
-                    let message = format!("finalizing failed: {e}");
-                    coordinator.set_outcome(&job_id, JobState::Failed, message, String::new());
+/// The coordinator's part between two steps of job `job_id`, whose `phase` tasks are all
+/// done: concludes a measuring round and starts compressing, queues the assembly of an
+/// `.spz` or GGUF job, or writes what is left and ends the job. Called by its driver
+/// ([`crate::driver`]); every way out moves the job on (or ends it).
+pub async fn advance(coordinator: &Arc<Coordinator>, job_id: &str) {
+    let Some(Snapshot {
+        spec,
+        tasks,
+        phase,
+        started,
+        retries,
+    }) = coordinator.snapshot(job_id)
+    else {
+        return;
+    };
+    let names = coordinator.worker_names();
+    if phase == Phase::Measuring {
+        let measured = conclude_measuring(&spec, &tasks, started, &names);
+        tracing::info!(job = %job_id, cut = ?measured.cut, sparsity = measured.pruned_fraction,
+            share_candidates = measured.share_candidates.len(), "measured; compressing");
+        coordinator.start_compression(job_id, measured);
+        return;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let report = build_report(job_id, &spec, &tasks, wall, retries, &names);
+    let outcome = match finish_plan(&spec, &compressing(&tasks)) {
+        Err(e) => Err(e),
+        // A file to assemble (unless a gate failed: then nothing is kept but the report).
+        Ok(FinishPlan {
+            assembly: Some(assembly),
+            ..
+        }) if phase == Phase::Compressing && report.gates.passed => {
+            match assembly_tasks(&spec, &tasks, &assembly).await {
+                Ok(assembly_tasks) => {
+                    coordinator.start_assembly(job_id, assembly_tasks);
                     return;
                 }
-            };
-            // Slices queued early (`slices` 0) do not make the whole file's assembly.
-            let assembly_queued = tasks
-                .iter()
-                .any(|t| t.assemble.as_ref().is_some_and(|a| a.slices > 0));
-            let needs_assembly =
-                finish.assembly.is_some() && report.gates.passed && !assembly_queued;
-            if let (true, Some(assembly)) = (needs_assembly, &finish.assembly) {
-                match assembly_tasks(&spec, &tasks, assembly).await {
-                    Ok(assembly_tasks) => {
-                        coordinator.add_assemble_tasks(&job_id, assembly_tasks);
-                        return;
-                    }
-                    Err(e) => Err(e),
-                }
-            } else {
-                tokio::time::sleep(coordinator.config().finalize_delay).await;
-                reassemble(&spec, &tasks, &finish, report, &job_id).await
+                Err(e) => Err(e),
             }
         }
-        None => return,
+        Ok(finish) => {
+            coordinator.start_finalizing(job_id);
+            tokio::time::sleep(coordinator.config().finalize_delay).await;
+            reassemble(&spec, &tasks, &finish, report, job_id).await
+        }
     };
     let (state, message, report_json) = outcome.unwrap_or_else(|e| {
         (
@@ -229,7 +231,7 @@ pub async fn finalize(coordinator: Arc<Coordinator>, job_id: String) {
         )
     });
     tracing::info!(job = %job_id, state = state.label(), "{message}");
-    coordinator.set_outcome(&job_id, state, message, report_json);
+    coordinator.set_outcome(job_id, state, message, report_json);
 }
 
 async fn put_json(

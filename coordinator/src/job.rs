@@ -67,6 +67,34 @@ impl JobSpec {
     }
 }
 
+/// The steps of a job. Workers run the tasks of the first three; when a step's last task is
+/// done the job is `Finalizing` (the coordinator's turn) until its driver
+/// ([`crate::driver`]) has done the coordinator's part and started the next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Every task measures (magnitude histograms, tensor sketches) and writes nothing: the
+    /// first round of a job with a global prune or near-identical sharing.
+    Measuring,
+    /// Every task compresses its tensors into its output (an archive assembled early also
+    /// gets its first slices, queued as the tasks before them finish).
+    Compressing,
+    /// Workers copy the tasks' parts into the `.spz` or GGUF files.
+    Assembling,
+    /// The coordinator writes the index, companion files, report and, last, the manifest.
+    Finalizing,
+}
+
+impl Phase {
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Measuring => "measuring",
+            Phase::Compressing => "compressing",
+            Phase::Assembling => "assembling",
+            Phase::Finalizing => "finalizing",
+        }
+    }
+}
+
 /// Where one task stands.
 #[derive(Debug, Clone)]
 pub enum TaskStatus {
@@ -180,6 +208,9 @@ pub struct Job {
     pub id: String,
     pub spec: JobSpec,
     pub tasks: Vec<TaskSlot>,
+    /// The step the job is in; `state` says whether its tasks run (`Running`), the
+    /// coordinator works (`Finalizing`) or the job ended.
+    pub phase: Phase,
     pub state: JobState,
     pub message: String,
     pub started: Instant,
@@ -197,15 +228,18 @@ impl Job {
             .into_iter()
             .map(|plan| TaskSlot::pending(plan, None))
             .collect();
-        let message = if spec.measuring() {
-            "round 1 of 2: measuring (magnitudes, sketches)".to_string()
-        } else {
-            String::new()
+        let (phase, message) = match spec.measuring() {
+            true => (
+                Phase::Measuring,
+                "round 1 of 2: measuring (magnitudes, sketches)".to_string(),
+            ),
+            false => (Phase::Compressing, String::new()),
         };
         Self {
             id,
             spec,
             tasks,
+            phase,
             state: JobState::Running,
             message,
             started: now,
@@ -220,9 +254,9 @@ impl Job {
     /// [`crate::journal`]); a compressing result of a job still measuring waits for
     /// [`Job::start_compression`].
     pub fn restore(&mut self, recorded: Recorded) {
-        let round = match self.spec.measuring() {
-            true => Round::Measure,
-            false => Round::Compress,
+        let round = match self.phase {
+            Phase::Measuring => Round::Measure,
+            _ => Round::Compress,
         };
         if recorded.round != round {
             if recorded.round == Round::Compress {
@@ -251,26 +285,35 @@ impl Job {
         self.queue_early_slices();
     }
 
-    /// Appends the assembly tasks of an `.spz` or GGUF job (after its other tasks are done;
-    /// one per output file) and puts a finalizing job back to running so workers pick them up.
-    pub fn add_assemble_tasks(&mut self, tasks: Vec<(PlannedTask, AssembleSlice)>) {
-        if self.state != JobState::Finalizing {
+    /// Starts the assembly of an `.spz` or GGUF job whose compressing tasks are done: appends
+    /// its assembly tasks (the slices of each output file) for workers to pick up.
+    pub fn start_assembly(&mut self, tasks: Vec<(PlannedTask, AssembleSlice)>) {
+        if self.state != JobState::Finalizing || self.phase != Phase::Compressing {
             return;
         }
         for (plan, assemble) in tasks {
             self.tasks.push(TaskSlot::pending(plan, Some(assemble)));
         }
+        self.phase = Phase::Assembling;
         self.state = JobState::Running;
+    }
+
+    /// The coordinator writes what is left (index, companion files, report, manifest).
+    pub fn start_finalizing(&mut self) {
+        if self.state == JobState::Finalizing {
+            self.phase = Phase::Finalizing;
+        }
     }
 
     /// Ends the measuring round: every task runs again, now compressing with what was
     /// `measured` (attempt numbers go on, so a late report of the measuring round is
     /// refused as stale).
     pub fn start_compression(&mut self, measured: Measured) {
-        if self.state != JobState::Finalizing || !self.spec.measuring() {
+        if self.state != JobState::Finalizing || self.phase != Phase::Measuring {
             return;
         }
         self.spec.measured = Some(measured);
+        self.phase = Phase::Compressing;
         self.message = "round 2 of 2: compressing".into();
         for slot in &mut self.tasks {
             slot.status = TaskStatus::Pending;
@@ -388,7 +431,7 @@ impl Job {
         let Some(early) = &self.spec.early_assembly else {
             return;
         };
-        if self.spec.measuring() {
+        if self.phase != Phase::Compressing {
             return;
         }
         let compressing = self.tasks.iter().take_while(|t| t.assemble.is_none());
@@ -614,12 +657,19 @@ mod tests {
 
     #[test]
     fn a_global_prune_job_measures_first_then_compresses_every_task_again() {
-        let mut job = job_with_tasks(2);
-        job.spec.recipe = Recipe::from_yaml(
+        let Job {
+            id,
+            mut spec,
+            tasks,
+            ..
+        } = job_with_tasks(2);
+        spec.recipe = Recipe::from_yaml(
             "passes:\n  - prune: { method: magnitude, sparsity: 0.5, scope: global }\n    targets: ['re:.*']\n",
         )
         .unwrap();
-        assert!(job.spec.measuring());
+        let plan = tasks.into_iter().map(|t| t.plan).collect();
+        let mut job = Job::new(id, spec, plan, Instant::now());
+        assert_eq!(job.phase, Phase::Measuring);
         let t0 = Instant::now();
         for i in 0..2 {
             assert_eq!(job.lease_next("w1", TTL, t0), Some(i));
@@ -644,7 +694,7 @@ mod tests {
         };
         job.start_compression(measured(cut));
         assert_eq!(job.state, JobState::Running);
-        assert!(!job.spec.measuring());
+        assert_eq!(job.phase, Phase::Compressing);
         let cut_now = |job: &Job| job.spec.measured.as_ref().and_then(|m| m.cut);
         assert_eq!(cut_now(&job), Some(cut));
         assert_eq!(job.tasks_done(), 0);
@@ -716,6 +766,43 @@ mod tests {
         job.tasks[1].staged = Some(staged(1));
         job.finish(JobState::Cancelled, "cancelled".into());
         assert_eq!(job.discarded, vec![staged(0), staged(2), staged(1)]);
+    }
+
+    #[test]
+    fn a_job_steps_from_compressing_to_assembling_to_finalizing() {
+        let mut job = job_with_tasks(1);
+        let now = Instant::now();
+        assert_eq!(job.phase, Phase::Compressing);
+        // Assembly is queued only by the driver, once the compressing tasks are done.
+        let slice = |n: u32| {
+            let plan = PlannedTask {
+                index: n,
+                group: "assemble".into(),
+                tensors: vec![],
+                output_name: "model.spz".into(),
+                input_bytes: 0,
+            };
+            (plan, AssembleSlice::default())
+        };
+        job.start_assembly(vec![slice(1)]);
+        assert_eq!((job.phase, job.tasks.len()), (Phase::Compressing, 1));
+        job.lease_next("w", TTL, now);
+        assert_eq!(job.complete(0, 1, "w", Default::default(), now), Ok(true));
+        job.finish(JobState::Finalizing, String::new());
+        assert_eq!(job.lease_next("w", TTL, now), None, "the driver's turn");
+        job.start_assembly(vec![slice(1)]);
+        assert_eq!(
+            (job.phase, job.state),
+            (Phase::Assembling, JobState::Running)
+        );
+        assert_eq!(job.lease_next("w", TTL, now), Some(1));
+        assert_eq!(job.complete(1, 1, "w", Default::default(), now), Ok(true));
+        job.finish(JobState::Finalizing, String::new());
+        job.start_finalizing();
+        assert_eq!(job.phase, Phase::Finalizing);
+        // A late call of an earlier step changes nothing.
+        job.start_assembly(vec![slice(2)]);
+        assert_eq!((job.phase, job.tasks.len()), (Phase::Finalizing, 2));
     }
 
     #[test]

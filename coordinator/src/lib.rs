@@ -21,6 +21,7 @@
 
 pub mod archive;
 pub mod assembly;
+pub mod driver;
 pub mod error;
 pub mod finalize;
 pub mod gguf;

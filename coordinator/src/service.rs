@@ -16,7 +16,6 @@ use shardpress_store::staged::StagedOutput;
 use shardpress_store::{StoreError, StoreLocation};
 use tonic::{Request, Response, Status};
 
-use crate::finalize::finalize;
 use crate::state::{Accepting, Completion};
 use crate::Coordinator;
 
@@ -43,9 +42,6 @@ impl JobService for JobApi {
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
         let submitted = crate::submit::submit(&self.coordinator, request.into_inner()).await?;
-        if submitted.finalize_now {
-            tokio::spawn(finalize(self.coordinator.clone(), submitted.job_id.clone()));
-        }
         Ok(Response::new(SubmitJobResponse {
             job_id: submitted.job_id,
             task_count: submitted.task_count,
@@ -237,17 +233,11 @@ impl WorkerService for WorkerApi {
                     })?;
             }
         }
-        let job_id = task.job_id;
         let response = match self.coordinator.complete(request) {
-            Completion::Accepted { job_complete } => {
-                if job_complete {
-                    tokio::spawn(finalize(self.coordinator.clone(), job_id));
-                }
-                CompleteTaskResponse {
-                    accepted: true,
-                    reason: String::new(),
-                }
-            }
+            Completion::Accepted => CompleteTaskResponse {
+                accepted: true,
+                reason: String::new(),
+            },
             Completion::Rejected(rejection) => CompleteTaskResponse {
                 accepted: false,
                 reason: rejection.to_string(),

@@ -15,7 +15,7 @@ use shardpress_store::staged::StagedOutput;
 use shardpress_store::StoreLocation;
 use tokio::sync::{watch, Notify};
 
-use crate::job::{Job, JobSpec, Measured, Rejection, TaskSlot, TaskStatus};
+use crate::job::{Job, JobSpec, Measured, Phase, Rejection, TaskSlot, TaskStatus};
 use crate::journal::{Journal, Recorded, Round};
 use crate::{CoordinatorConfig, CoordinatorError};
 
@@ -179,6 +179,16 @@ pub struct Coordinator {
     task_ready: Notify,
 }
 
+/// A job as its driver sees it between two steps.
+pub struct Snapshot {
+    pub spec: JobSpec,
+    pub tasks: Vec<TaskSlot>,
+    /// The step whose tasks are done.
+    pub phase: Phase,
+    pub started: Instant,
+    pub retries: u32,
+}
+
 /// What must be done before a result is accepted (see [`Coordinator::accepting`]).
 pub struct Accepting {
     /// Where the result is recorded first.
@@ -192,9 +202,9 @@ pub struct Accepting {
     pub staged: Option<StagedOutput>,
 }
 
-/// Result of a completion: whether it was the job's last task.
+/// Result of a completion.
 pub enum Completion {
-    Accepted { job_complete: bool },
+    Accepted,
     Rejected(Rejection),
 }
 
@@ -282,8 +292,8 @@ impl Coordinator {
     }
 
     /// Adds a planned job (replacing an ended one of the same id, resumed) with the results
-    /// an earlier run of it recorded; returns true when those finish every task, so the job
-    /// is ready to finalize.
+    /// an earlier run of it recorded; when those finish every task, the job starts
+    /// `Finalizing` (its driver's turn).
     pub fn insert_job(
         &self,
         id: &str,
@@ -291,14 +301,13 @@ impl Coordinator {
         plan: Vec<PlannedTask>,
         journal: Journal,
         restored: Vec<Recorded>,
-    ) -> bool {
+    ) {
         let mut inner = self.lock();
         let mut job = Job::new(id.to_string(), spec, plan, Instant::now());
         for recorded in restored {
             job.restore(recorded);
         }
-        let complete = job.tasks_done() == job.tasks.len();
-        if complete {
+        if job.tasks_done() == job.tasks.len() {
             job.finish(JobState::Finalizing, String::new());
         }
         let (watch, _) = watch::channel(job.status(0));
@@ -312,7 +321,6 @@ impl Coordinator {
         inner.publish(id, self.config.lease_ttl);
         drop(inner);
         self.task_ready.notify_waiters();
-        complete
     }
 
     /// What accepting a result of `task` needs done first, if `task` is the current attempt
@@ -328,9 +336,9 @@ impl Coordinator {
         if !current {
             return None;
         }
-        let round = match job.spec.measuring() {
-            true => Round::Measure,
-            false => Round::Compress,
+        let round = match job.phase {
+            Phase::Measuring => Round::Measure,
+            _ => Round::Compress,
         };
         let name = (inner.workers.get(&task.worker_id))
             .map_or_else(|| task.worker_id.clone(), |w| w.name.clone());
@@ -510,13 +518,12 @@ impl Coordinator {
             Instant::now(),
         );
         let completion = match result {
+            // The step's last task: the job's driver takes over.
             Ok(true) => {
                 entry.job.finish(JobState::Finalizing, String::new());
-                Completion::Accepted { job_complete: true }
+                Completion::Accepted
             }
-            Ok(false) => Completion::Accepted {
-                job_complete: false,
-            },
+            Ok(false) => Completion::Accepted,
             Err(rejection) => Completion::Rejected(rejection),
         };
         inner.publish(&task.job_id, self.config.lease_ttl);
@@ -626,47 +633,53 @@ impl Coordinator {
         self.status(job_id)
     }
 
-    /// Queues the assembly tasks of a finalizing `.spz` or GGUF job.
-    pub fn add_assemble_tasks(&self, job_id: &str, tasks: Vec<(PlannedTask, AssembleSlice)>) {
+    /// Starts the assembly step of an `.spz` or GGUF job (see [`Job::start_assembly`]).
+    pub fn start_assembly(&self, job_id: &str, tasks: Vec<(PlannedTask, AssembleSlice)>) {
         let mut inner = self.lock();
         if let Some(entry) = inner.jobs.get_mut(job_id) {
-            entry.job.add_assemble_tasks(tasks);
+            entry.job.start_assembly(tasks);
         }
         inner.publish(job_id, self.config.lease_ttl);
         drop(inner);
         self.task_ready.notify_waiters();
     }
 
-    /// Ends the measuring round and requeues every task to compress with what was measured
-    /// (but those an earlier run of the job finished); returns true when none is left, so the
-    /// job finalizes again.
-    pub fn start_compression(&self, job_id: &str, measured: Measured) -> bool {
+    /// Moves a job whose tasks are all done to its last step (see [`Job::start_finalizing`]).
+    pub fn start_finalizing(&self, job_id: &str) {
         let mut inner = self.lock();
-        let mut complete = false;
+        if let Some(entry) = inner.jobs.get_mut(job_id) {
+            entry.job.start_finalizing();
+        }
+    }
+
+    /// Ends the measuring round and requeues every task to compress with what was measured
+    /// (but those an earlier run of the job finished; when that is all of them, the job's
+    /// driver goes on at once).
+    pub fn start_compression(&self, job_id: &str, measured: Measured) {
+        let mut inner = self.lock();
         if let Some(entry) = inner.jobs.get_mut(job_id) {
             entry.job.start_compression(measured);
-            complete = entry.job.tasks_done() == entry.job.tasks.len();
-            if complete {
+            // An earlier run of the job compressed every task already.
+            if entry.job.tasks_done() == entry.job.tasks.len() {
                 entry.job.finish(JobState::Finalizing, String::new());
             }
         }
         inner.publish(job_id, self.config.lease_ttl);
         drop(inner);
         self.task_ready.notify_waiters();
-        complete
     }
 
-    /// A copy of what finalization needs: the spec and every task's slot.
-    pub fn snapshot(&self, job_id: &str) -> Option<(JobSpec, Vec<TaskSlot>, Instant, u32)> {
+    /// A copy of what the job's driver needs (see [`Snapshot`]).
+    pub fn snapshot(&self, job_id: &str) -> Option<Snapshot> {
         let inner = self.lock();
-        let entry = inner.jobs.get(job_id)?;
-        let job = &entry.job;
-        Some((
-            job.spec.clone(),
-            job.tasks.clone(),
-            job.started,
-            job.retries,
-        ))
+        let job = &inner.jobs.get(job_id)?.job;
+        Some(Snapshot {
+            spec: job.spec.clone(),
+            tasks: job.tasks.clone(),
+            phase: job.phase,
+            started: job.started,
+            retries: job.retries,
+        })
     }
 
     /// Worker names by id, for the report.
@@ -749,7 +762,7 @@ fn base36(mut n: u64) -> String {
 fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
     let slot = &job.tasks[index];
     let (measuring, measured, recipe) = (
-        job.spec.measuring(),
+        job.phase == Phase::Measuring,
         job.spec.measured.as_ref(),
         &job.spec.recipe,
     );

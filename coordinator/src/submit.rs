@@ -31,8 +31,6 @@ pub struct Submitted {
     pub warnings: Vec<String>,
     /// Tasks an earlier run of this job finished (see [`crate::journal`]).
     pub resumed_tasks: u32,
-    /// Every task was finished by an earlier run: the job goes straight to finalizing.
-    pub finalize_now: bool,
 }
 
 /// A job planned from its model's headers (recipe, format and every tensor checked), before
@@ -174,7 +172,7 @@ pub async fn output_size(planned: &Planned) -> Result<Option<u64>, CoordinatorEr
 }
 
 pub async fn submit(
-    coordinator: &Coordinator,
+    coordinator: &std::sync::Arc<Coordinator>,
     request: SubmitJobRequest,
 ) -> Result<Submitted, CoordinatorError> {
     let started = std::time::Instant::now();
@@ -296,14 +294,14 @@ pub async fn submit(
     tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,
         bytes = total_bytes, recipe = %spec.recipe.describe(), resumed_tasks, journal_seconds,
         seconds = started.elapsed().as_secs_f64(), "job planned");
-    let finalize_now = coordinator.insert_job(&job_id, spec, plan, journal, restored);
+    coordinator.insert_job(&job_id, spec, plan, journal, restored);
+    crate::driver::spawn(coordinator.clone(), job_id.clone());
     Ok(Submitted {
         job_id,
         task_count,
         total_bytes,
         warnings,
         resumed_tasks,
-        finalize_now,
     })
 }
 
@@ -553,10 +551,5 @@ pub async fn resume(
             out.url()
         ))
     })?;
-    let submitted = submit(coordinator, head.request()).await?;
-    if submitted.finalize_now {
-        let job_id = submitted.job_id.clone();
-        tokio::spawn(crate::finalize::finalize(coordinator.clone(), job_id));
-    }
-    Ok(submitted)
+    submit(coordinator, head.request()).await
 }
