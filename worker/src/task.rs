@@ -703,19 +703,11 @@ async fn compress_tensor(
             false => plan.clone(),
         };
         first_row += input.len() / (chunk_row_len * dtype.size_bytes()).max(1);
-        let (output, acc_out, writer_out) = cpu::run(move || {
+        let (output, acc_out, writer_out) = cpu::run_codec(&tensor.name, move || {
             let result = tensor_writer.chunk(&plan_c, dtype, chunk_row_len, &input, &mut acc);
             result.map(|out| (out, acc, tensor_writer))
         })
-        .await
-        .map_err(|message| TaskError::Compute {
-            tensor: tensor.name.clone(),
-            message,
-        })?
-        .map_err(|source| TaskError::Pipeline {
-            tensor: tensor.name.clone(),
-            source,
-        })?;
+        .await?;
         acc = acc_out;
         tensor_writer = writer_out;
         repr_bits += output.repr_bits;

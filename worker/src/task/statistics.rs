@@ -48,19 +48,11 @@ pub(super) async fn prepare_plan(
             let compute_started = Instant::now();
             let rows = values.len() / (row_len as usize * dtype.size_bytes()).max(1);
             let chunk_plan = shared_plan.clone();
-            acc = cpu::run(move || {
+            acc = cpu::run_codec(&tensor.name, move || {
                 acc.feed(&chunk_plan, dtype, first_row, &values)
                     .map(|()| acc)
             })
-            .await
-            .map_err(|message| TaskError::Compute {
-                tensor: tensor.name.clone(),
-                message,
-            })?
-            .map_err(|source| TaskError::Pipeline {
-                tensor: tensor.name.clone(),
-                source,
-            })?;
+            .await?;
             first_row += rows;
             timings.compute += compute_started.elapsed();
         }
