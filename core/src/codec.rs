@@ -40,6 +40,10 @@ use serde::{Deserialize, Serialize};
 /// Fixed seed for the randomized passes (SVD sketch, hashing) so results are reproducible.
 pub(crate) const PASS_SEED: u64 = 0x5eed_5eed;
 
+/// Weights per chunk of a magnitude-pruned tensor ([`TensorPlan::fixed_chunk_rows`]): 1 MiB
+/// of F32, small beside any memory limit a worker runs under.
+pub const MAGNITUDE_BLOCK_WEIGHTS: u64 = 1 << 18;
+
 /// Why a recipe cannot be applied to a tensor (reported at submit time).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlanError {
@@ -341,6 +345,22 @@ impl TensorPlan {
             *at = first_row;
         }
         plan
+    }
+
+    /// Rows per chunk for a plan whose result would otherwise depend on where chunks end,
+    /// `None` for the others: a magnitude prune (per tensor or global) rounds the count it
+    /// drops inside the cut's bin per chunk, and the values stage after it sees each chunk's
+    /// kept weights as one row (its scales, groups or codebook span the chunk). Such a tensor
+    /// is therefore cut into blocks of [`MAGNITUDE_BLOCK_WEIGHTS`] weights (whole rows, at
+    /// least one), whatever the configured chunk size or memory limit, so that its output is
+    /// the same under any of them.
+    pub fn fixed_chunk_rows(&self, row_len: u64) -> Option<u64> {
+        match self.structure {
+            Some(PruneConfig::Magnitude { .. }) => {
+                Some((MAGNITUDE_BLOCK_WEIGHTS / row_len.max(1)).max(1))
+            }
+            _ => None,
+        }
     }
 
     /// Whether a chunk under this plan writes a `.spz` frame of its own: not for the chunks
@@ -869,7 +889,9 @@ fn fixed_lowrank(
     row_len: usize,
 ) -> Result<ValuesOut, CodecError> {
     let Some(FixedValues::LowRank { factors, first_row }) = fixed else {
-        return Err(pass_err("lowrank")("the plan holds no low-rank factors".into()));
+        return Err(pass_err("lowrank")(
+            "the plan holds no low-rank factors".into(),
+        ));
     };
     if row_len != factors.cols {
         return Err(pass_err("lowrank")(format!(
@@ -913,7 +935,9 @@ fn fixed_hashed(
     row_len: usize,
 ) -> Result<ValuesOut, CodecError> {
     let Some(FixedValues::Hashed { weights, first_row }) = fixed else {
-        return Err(pass_err("hashed")("the plan holds no hashed buckets".into()));
+        return Err(pass_err("hashed")(
+            "the plan holds no hashed buckets".into(),
+        ));
     };
     let first = first_row.saturating_mul(row_len);
     if first.saturating_add(values.len()) > weights.len {

@@ -105,7 +105,9 @@ impl BucketSums {
     /// Adds the next weights (indices `len..len + values.len()`).
     pub fn feed(&mut self, values: &[f32]) -> Result<(), HashNetError> {
         if let Some(i) = values.iter().position(|x| !x.is_finite()) {
-            return Err(HashNetError::NonFinite { index: self.len + i });
+            return Err(HashNetError::NonFinite {
+                index: self.len + i,
+            });
         }
         let (seed, buckets) = (self.seed, self.sums.len());
         let ranges = buckets.div_ceil(RANGE);

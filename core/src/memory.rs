@@ -79,8 +79,7 @@ mod tests {
 
     fn plan(pass: &str, shape: &[u64]) -> TensorPlan {
         let yaml = format!("passes:\n  - {pass}\n    targets: ['re:.*']\n");
-        TensorPlan::for_tensor(&Recipe::from_yaml(&yaml).unwrap(), "w", DType::BF16, shape)
-            .unwrap()
+        TensorPlan::for_tensor(&Recipe::from_yaml(&yaml).unwrap(), "w", DType::BF16, shape).unwrap()
     }
 
     #[test]
@@ -92,7 +91,11 @@ mod tests {
             "codebook: { method: kmeans, bits: 4 }",
             "prune: { method: magnitude, sparsity: 0.5 }",
         ] {
-            assert_eq!(tensor_need(&plan(pass, &shape), DType::BF16, &shape), None, "{pass}");
+            assert_eq!(
+                tensor_need(&plan(pass, &shape), DType::BF16, &shape),
+                None,
+                "{pass}"
+            );
         }
     }
 
@@ -105,19 +108,28 @@ mod tests {
         assert!(low.bytes < 512_000_000, "{low:?}");
         assert!(low.bytes > BASE_BYTES + 74 * 32768 * 16, "{low:?}");
         // An energy target may need every column: as much as a full factorization.
-        let energy =
-            tensor_need(&plan("lowrank: { energy: 0.9 }", &shape), DType::BF16, &shape).unwrap();
+        let energy = tensor_need(
+            &plan("lowrank: { energy: 0.9 }", &shape),
+            DType::BF16,
+            &shape,
+        )
+        .unwrap();
         assert!(energy.bytes > 8_000_000_000, "{energy:?}");
         // 10 % buckets: 24 bytes each while they are summed.
-        let hashed =
-            tensor_need(&plan("hashed: { fraction: 0.1 }", &shape), DType::BF16, &shape).unwrap();
+        let hashed = tensor_need(
+            &plan("hashed: { fraction: 0.1 }", &shape),
+            DType::BF16,
+            &shape,
+        )
+        .unwrap();
         let buckets = (16384u64 * 32768).div_ceil(10);
         assert!(hashed.bytes >= BASE_BYTES + buckets * 24, "{hashed:?}");
         assert!(hashed.pass.contains("hashed"), "{hashed:?}");
         // After row pruning low-rank factors the kept rows, held whole.
         let yaml = "passes:\n  - prune: { method: rows, fraction: 0.25 }\n    targets: ['re:.*']\n  - lowrank: { rank: 8 }\n    targets: ['re:.*']\n";
-        let rows = TensorPlan::for_tensor(&Recipe::from_yaml(yaml).unwrap(), "w", DType::BF16, &shape)
-            .unwrap();
+        let rows =
+            TensorPlan::for_tensor(&Recipe::from_yaml(yaml).unwrap(), "w", DType::BF16, &shape)
+                .unwrap();
         let whole = tensor_need(&rows, DType::BF16, &shape).unwrap();
         assert!(whole.whole_tensor);
         assert_eq!(whole.bytes, BASE_BYTES + 16384 * 32768 * 16);

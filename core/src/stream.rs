@@ -32,7 +32,10 @@
 //!   differs from `round(sparsity * n)` by at most half a weight per chunk, and for F16/F32
 //!   weights the ties inside the bin are the smallest per chunk, not over the tensor.
 //!   The values stage after it sees each chunk's kept weights as one row (as the
-//!   whole-tensor path sees the tensor's), so per-channel scales become per chunk.
+//!   whole-tensor path sees the tensor's), so per-channel scales become per chunk. Both
+//!   depend on where chunks end, so a magnitude-pruned tensor is always cut into the same
+//!   blocks of whole rows ([`TensorPlan::fixed_chunk_rows`]), whatever the configured chunk
+//!   size or memory limit: its output does not depend on them.
 
 use std::sync::Arc;
 

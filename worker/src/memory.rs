@@ -7,8 +7,8 @@
 //! that reads the worker's peak resident memory (`tests/cluster.rs`).
 
 use shardpress_core::codec::TensorPlan;
-pub use shardpress_core::memory::{BASE_BYTES, CHUNK_COPIES};
 use shardpress_core::memory::{tensor_need, whole_tensor_bytes};
+pub use shardpress_core::memory::{BASE_BYTES, CHUNK_COPIES};
 use shardpress_core::plan::PlannedTensor;
 
 use crate::TaskError;

@@ -17,8 +17,7 @@
 use rayon::prelude::*;
 
 use super::{
-    code, fast_pow, hqq_pass, lane_sums, scan, score_fn, HqqConfig, Solver, Storage, BLOCK,
-    SOLVER,
+    code, fast_pow, hqq_pass, lane_sums, scan, score_fn, HqqConfig, Solver, Storage, BLOCK, SOLVER,
 };
 use crate::quantize::{AffineCodes, RtnAsym};
 
@@ -81,9 +80,17 @@ enum Step {
     /// The RTN candidate's squared error.
     RtnError,
     /// One half-quadratic iteration at zero `z` (shrinkage `1 / beta`).
-    Iterate { z: f32, beta: f32, done: usize },
+    Iterate {
+        z: f32,
+        beta: f32,
+        done: usize,
+    },
     /// One least-squares round scoring the stored pair `(s, z)`.
-    Score { s: f32, z: f32, round: usize },
+    Score {
+        s: f32,
+        z: f32,
+        round: usize,
+    },
     Done,
 }
 

@@ -24,8 +24,8 @@ use rayon::prelude::*;
 
 use super::{
     assemble, dgemm, energy_rank, gaussian_rows, orthonormalize_rows, sgemm, storage_rank,
-    symmetric_eigen, zero_factors, LowRank, LowRankError, RankRule, Sketch, View,
-    ENERGY_SLACK, ENERGY_START_WIDTH, MAX_POWER_ITERS, OVERSAMPLE, PANEL,
+    symmetric_eigen, zero_factors, LowRank, LowRankError, RankRule, Sketch, View, ENERGY_SLACK,
+    ENERGY_START_WIDTH, MAX_POWER_ITERS, OVERSAMPLE, PANEL,
 };
 
 /// Elements per row block (4 MiB of f32): large enough for efficient products, small next
@@ -270,7 +270,10 @@ impl StreamedLowRank {
         match self.phase {
             Phase::Range => {
                 if !self.total_known {
-                    self.total += block.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+                    self.total += block
+                        .iter()
+                        .map(|&x| f64::from(x) * f64::from(x))
+                        .sum::<f64>();
                 }
                 let y = rows_times_t(&block, rows, n, &self.right_t, self.width);
                 for (r, y_row) in y.chunks(self.width).enumerate() {

@@ -32,9 +32,15 @@ const SEED: u64 = codec::PASS_SEED;
 #[derive(Debug)]
 pub enum TensorSolver {
     LowRank(Box<StreamedLowRank>),
-    Hqq { cfg: HqqConfig, solver: StreamedHqq },
+    Hqq {
+        cfg: HqqConfig,
+        solver: StreamedHqq,
+    },
     /// The sums, and whether their one pass is over.
-    Hashed { sums: BucketSums, done: bool },
+    Hashed {
+        sums: BucketSums,
+        done: bool,
+    },
 }
 
 /// `(rows, row_len, elements)` of a tensor of `shape` as the codec sees it.
@@ -165,7 +171,8 @@ impl TensorSolver {
     /// Stores the result in `plan`, rounded to `dtype` where it is stored in it (factors,
     /// buckets), so that every chunk reconstructs from exactly what is written.
     pub fn fix(self, plan: &mut TensorPlan, dtype: DType) -> Result<(), CodecError> {
-        let unfinished = || pass_error("stream", "the solver was fixed before its last pass".into());
+        let unfinished =
+            || pass_error("stream", "the solver was fixed before its last pass".into());
         let fixed = match self {
             TensorSolver::LowRank(lr) => {
                 let mut factors = lr.into_factors().ok_or_else(unfinished)?;

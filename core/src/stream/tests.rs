@@ -361,13 +361,21 @@ fn fixed_factors_and_buckets_write_one_frame_for_the_tensor() {
         assert!(fixed.for_chunk(0).writes_frame(), "{kind}");
         assert!(!fixed.for_chunk(64).writes_frame(), "{kind}");
         let row_bytes = BIG_COLS * dtype.size_bytes();
-        let first = encode_chunk(&fixed.for_chunk(0), dtype, BIG_COLS, &input[..64 * row_bytes])
-            .unwrap();
+        let first = encode_chunk(
+            &fixed.for_chunk(0),
+            dtype,
+            BIG_COLS,
+            &input[..64 * row_bytes],
+        )
+        .unwrap();
         // The frame decodes to the whole tensor, the chunk's reconstruction is its rows.
         let mut decoded = Vec::new();
         crate::codec::decode_frame(&first.frame(), dtype, input.len(), &mut decoded).unwrap();
         assert_eq!(decoded.len(), input.len(), "{kind}");
         let all = streamed(&fixed, dtype, BIG_COLS, &input, 64);
-        assert!(decoded == all, "{kind}: the frame decodes to the streamed reconstruction");
+        assert!(
+            decoded == all,
+            "{kind}: the frame decodes to the streamed reconstruction"
+        );
     }
 }

@@ -40,10 +40,19 @@ pub(super) async fn prepare_plan(
     let row_bytes = tensor.stored_row_bytes(chunk_row_len);
     ctx.budget
         .check_chunk(tensor, row_bytes, ctx.chunk_bytes as u64)?;
+    // A magnitude prune's chunks are fixed blocks (in both passes: what a values statistic
+    // sees after it depends on them), so its output is the same for any chunk size and limit.
+    let fixed_chunk = plan.fixed_chunk_rows(row_len).map(|rows| {
+        usize::try_from(rows.saturating_mul(tensor.stored_row_bytes(row_len))).unwrap_or(usize::MAX)
+    });
+    if let Some(bytes) = fixed_chunk {
+        ctx.budget.check_chunk(tensor, row_bytes, bytes as u64)?;
+    }
+    let stats_chunk_bytes = fixed_chunk.unwrap_or(ctx.chunk_bytes);
     while let Some(statistic) = plan.pending_statistic() {
         let started = Instant::now();
         let mut acc = StatsAccumulator::new(statistic, row_len as usize);
-        let ranges = chunk_ranges(tensor, row_len, ctx.chunk_bytes);
+        let ranges = chunk_ranges(tensor, row_len, stats_chunk_bytes);
         let mut chunks = read_ahead(model, tensor, ranges);
         let (dtype, mut first_row) = (tensor.dtype, 0usize);
         let shared_plan = std::sync::Arc::new(plan.clone());
@@ -67,7 +76,7 @@ pub(super) async fn prepare_plan(
             "whole-tensor statistic gathered in a streamed pass");
     }
     let chunk_bytes = solve(model, tensor, &mut plan, ctx, timings).await?;
-    Ok((plan, chunk_bytes))
+    Ok((plan, fixed_chunk.unwrap_or(chunk_bytes)))
 }
 
 /// Solves the plan's low-rank factors, per-tensor HQQ group or hashed buckets, if it has
