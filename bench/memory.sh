@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Peak memory per pass under --memory-limit (issue 10): one 1 GiB BF16 tensor (16384 x 32768)
-# through every pass that needs whole-tensor statistics, each on a fresh worker process
-# started with --memory-limit 512MB, so its VmHWM is that pass's peak. Prints, per pass, the
-# worker's peak resident memory, the wall time and whether the job succeeded (passes that
-# need the whole tensor at once are refused by name instead).
+# through every pass that needs whole-tensor statistics or a whole-tensor solver (low-rank,
+# per-tensor HQQ, hashed), each on a fresh worker process started with --memory-limit 512MB,
+# so its VmHWM is that pass's peak. Prints, per pass, the worker's peak resident memory, the
+# wall time and whether the job succeeded (a pass whose declared memory is over the limit is
+# not leased to the worker, and its job fails by name after --unassignable-timeout-secs).
 # The last rows are the baseline, measured the same way: the tensor as one chunk with no
 # limit (what these passes did before they streamed).
 # Usage: bash bench/memory.sh [WORKDIR]   (needs ~3 GB free, ~8 GB of memory for the
@@ -48,7 +49,9 @@ fi
 port=50793
 url=http://127.0.0.1:$port
 export SHARDPRESS_LOG=info
-"$bin" coordinator --listen 127.0.0.1:$port >/dev/null 2>coordinator.log &
+# A pass no worker can take (its memory need over every live worker's limit) fails its job
+# after this long instead of the default minute.
+"$bin" coordinator --listen 127.0.0.1:$port --unassignable-timeout-secs 5 >/dev/null 2>coordinator.log &
 coordinator=$!
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 sleep 0.5
@@ -64,8 +67,10 @@ passes=(
   "columns-25%|prune: { method: columns, fraction: 0.25 }"
   "rows+rtn-tensor|prune: { method: rows, fraction: 0.25 }@quantize: { bits: 4, granularity: tensor }"
   "rtn-int4-g128|quantize: { bits: 4, granularity: group, group_size: 128 }"
+  "magnitude-50%+rtn-int4-channel|prune: { method: magnitude, sparsity: 0.5 }@quantize: { bits: 4, granularity: channel }"
   "hqq-tensor|quantize: { method: hqq, bits: 4, granularity: tensor }"
   "lowrank-r64|lowrank: { rank: 64 }"
+  "hashed-1%|hashed: { fraction: 0.01 }"
   "hashed-10%|hashed: { fraction: 0.1 }"
   "rtn-tensor, one chunk, no limit|quantize: { bits: 8, granularity: tensor }|--chunk-mb 100000"
   "kmeans-4bit, one chunk, no limit|codebook: { method: kmeans, bits: 4 }|--chunk-mb 100000"
@@ -102,7 +107,7 @@ for entry in "${passes[@]}"; do
   if [ $code -eq 0 ]; then
     outcome=ok
   else
-    outcome="refused: $(grep -o 'needs about [0-9.]* [MG]B' job-$i.stderr | head -1)"
+    outcome="refused: $(grep -oE 'needs about [0-9.]* [MG]B|at least [0-9.]* [MG]B' job-$i.stderr | head -1)"
   fi
   printf '%-34s %9.0f MB %9.1f  %s\n' "$name" "$(echo "$peak * 1024 / 1000000" | bc -l)" \
     "$(echo "$ended - $started" | bc -l)" "$outcome"

@@ -87,6 +87,14 @@ pub struct CoordinatorArgs {
     /// is gone).
     #[arg(long, default_value_t = 30.0)]
     pub claim_ttl_secs: f64,
+    /// A task is leased only to a worker whose --memory-limit covers the memory its passes
+    /// need (low-rank factors, hashed buckets, a pass that holds a whole tensor); workers
+    /// without a limit take anything. While no live worker can take a pending task the job's
+    /// status says which task, tensor and pass wait and how much memory they need; if that
+    /// lasts this many seconds the job fails with that message. Without any live worker the
+    /// job simply waits for one.
+    #[arg(long, default_value_t = 60.0)]
+    pub unassignable_timeout_secs: f64,
     /// Fault injection for tests: pause this many ms before writing report and manifest.
     #[arg(long, default_value_t = 0, hide = true)]
     pub debug_finalize_delay_ms: u64,
@@ -108,8 +116,11 @@ pub struct WorkerArgs {
     pub chunk_mb: f64,
     /// Bound on the memory a task holds, e.g. 512MB or 2GB (MB = 10^6 bytes, MiB = 2^20). Chunks are made small
     /// enough to fit it; passes that need whole-tensor statistics (per-tensor scales,
-    /// magnitude or row/column pruning, k-means) stream the tensor twice; a tensor whose
-    /// pass needs it whole (low-rank, hashed, per-tensor HQQ) and cannot fit is refused,
+    /// magnitude or row/column pruning, k-means) stream the tensor twice, and low-rank,
+    /// per-tensor HQQ and hashed sharing stream it once per step of their solver. The limit
+    /// is advertised to the coordinator, which leases this worker only tasks whose passes
+    /// fit (low-rank factors and hashed buckets are held whole; low-rank or hashed after row
+    /// or column pruning holds the whole tensor); a tensor that still cannot fit is refused,
     /// naming the tensor and the memory it needs. Default: no bound.
     #[arg(long, value_parser = parse_size)]
     pub memory_limit: Option<u64>,

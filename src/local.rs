@@ -66,6 +66,10 @@ fn coordinator_config(
 pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let mut config = coordinator_config(args.lease_ttl_secs, args.task_budget_mb)?;
     config.finalize_delay = Duration::from_millis(args.debug_finalize_delay_ms);
+    if !(args.unassignable_timeout_secs.is_finite() && args.unassignable_timeout_secs >= 0.0) {
+        bail!("--unassignable-timeout-secs must be a number of seconds, 0 or more");
+    }
+    config.unassignable_timeout = Duration::from_secs_f64(args.unassignable_timeout_secs);
     let (listener, addr) = shardpress_coordinator::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

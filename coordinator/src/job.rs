@@ -123,6 +123,8 @@ pub struct TaskSlot {
     /// Where the current attempt writes its output, committed when its result is accepted
     /// (see `shardpress_store::staged`); `None` for tasks that write in place or nothing.
     pub staged: Option<StagedOutput>,
+    /// What the task needs in memory beyond streamed chunks (see [`crate::routing`]).
+    pub need: Option<crate::routing::TaskNeed>,
 }
 
 impl TaskSlot {
@@ -139,6 +141,7 @@ impl TaskSlot {
             result: None,
             assemble,
             staged: None,
+            need: None,
         }
     }
 
@@ -220,13 +223,22 @@ pub struct Job {
     restored_later: Vec<Recorded>,
     /// Staged outputs of attempts given up, for the coordinator to delete or abort.
     pub discarded: Vec<StagedOutput>,
+    /// Since when a task has needed more memory than any live worker has, and the message
+    /// the job had before it said so.
+    unassignable: Option<(Instant, String)>,
 }
 
 impl Job {
     pub fn new(id: String, spec: JobSpec, plan: Vec<PlannedTask>, now: Instant) -> Self {
         let tasks = plan
             .into_iter()
-            .map(|plan| TaskSlot::pending(plan, None))
+            .map(|plan| {
+                let need = crate::routing::task_need(&spec, &plan);
+                TaskSlot {
+                    need,
+                    ..TaskSlot::pending(plan, None)
+                }
+            })
             .collect();
         let (phase, message) = match spec.measuring() {
             true => (
@@ -247,6 +259,7 @@ impl Job {
             report_json: String::new(),
             restored_later: Vec::new(),
             discarded: Vec::new(),
+            unassignable: None,
         }
     }
 
@@ -330,13 +343,27 @@ impl Job {
     /// Leases the lowest-numbered pending assembly slice, else the lowest-numbered pending
     /// task, to `worker`, if the job is running.
     pub fn lease_next(&mut self, worker: &str, ttl: Duration, now: Instant) -> Option<usize> {
+        self.lease_next_within(worker, None, ttl, now)
+    }
+
+    /// [`Self::lease_next`] for a worker with `memory_limit` (`None`: unlimited): tasks that
+    /// need more memory are left to other workers (see [`crate::routing`]).
+    pub fn lease_next_within(
+        &mut self,
+        worker: &str,
+        memory_limit: Option<u64>,
+        ttl: Duration,
+        now: Instant,
+    ) -> Option<usize> {
         if self.state != JobState::Running {
             return None;
         }
+        let leasable =
+            |t: &TaskSlot| t.leasable(now) && crate::routing::fits(t.need.as_ref(), memory_limit);
         // Assembly first: its parts are fresh in the page cache, and deleted once copied.
         let index = (self.tasks.iter())
-            .position(|t| t.assemble.is_some() && t.leasable(now))
-            .or_else(|| self.tasks.iter().position(|t| t.leasable(now)))?;
+            .position(|t| t.assemble.is_some() && leasable(t))
+            .or_else(|| self.tasks.iter().position(leasable))?;
         let slot = &mut self.tasks[index];
         slot.retry_at = None;
         slot.attempt += 1;
@@ -585,6 +612,60 @@ impl Job {
                 }
             }
         }
+    }
+
+    /// Checks that every pending task fits some live worker (`limits`: their
+    /// `--memory-limit`s, `None` unlimited): says in the job's message which task does not,
+    /// and fails the job once one has not for `timeout`. Nothing is checked without live
+    /// workers (the job waits for them). Returns true if the job's status changed.
+    pub fn check_unassignable(
+        &mut self,
+        limits: &[Option<u64>],
+        now: Instant,
+        timeout: Duration,
+    ) -> bool {
+        if self.state != JobState::Running {
+            return false;
+        }
+        let stuck = (self.tasks.iter().enumerate())
+            .filter(|(_, t)| matches!(t.status, TaskStatus::Pending))
+            .find_map(|(i, t)| {
+                let need = t.need.as_ref()?;
+                let fits = |l: &Option<u64>| crate::routing::fits(Some(need), *l);
+                (!limits.is_empty() && !limits.iter().any(fits)).then_some((i, t, need))
+            });
+        let Some((index, slot, need)) = stuck else {
+            return match self.unassignable.take() {
+                Some((_, before)) => {
+                    self.message = before;
+                    true
+                }
+                None => false,
+            };
+        };
+        let largest = limits.iter().flatten().copied().max().unwrap_or(0);
+        let message =
+            crate::routing::unassignable_message(index, &slot.plan.output_name, need, largest);
+        let since = match &self.unassignable {
+            Some((since, _)) => *since,
+            None => {
+                tracing::warn!(job = %self.id, task = index, tensor = %need.tensor,
+                    needed = need.bytes, largest_limit = largest, "{message}");
+                self.unassignable = Some((now, std::mem::take(&mut self.message)));
+                now
+            }
+        };
+        if now.saturating_duration_since(since) >= timeout {
+            let message = format!(
+                "{message} (no such worker came within {} s)",
+                timeout.as_secs_f64()
+            );
+            self.finish(JobState::Failed, message);
+            return true;
+        }
+        let changed = self.message != message;
+        self.message = message;
+        changed
     }
 
     pub fn status(&self, workers: u32) -> JobStatus {
@@ -994,5 +1075,58 @@ mod tests {
         // An early slice that differs from the final layout's is an error, not a wrong file.
         job.tasks[5].assemble.as_mut().unwrap().ranges[0].start += 1;
         assert!(crate::assembly::after_early(whole, &early_assembly, &job.tasks).is_err());
+    }
+    #[test]
+    fn a_task_needing_more_memory_goes_only_to_a_worker_whose_limit_covers_it() {
+        let mut job = job_with_tasks(2);
+        job.tasks[0].need = Some(crate::routing::TaskNeed {
+            bytes: 300_000_000,
+            tensor: "w".into(),
+            pass: "hashed 0.5".into(),
+        });
+        let now = Instant::now();
+        // The small worker gets the other task, never task 0.
+        assert_eq!(
+            job.lease_next_within("small", Some(160_000_000), TTL, now),
+            Some(1)
+        );
+        assert_eq!(
+            job.lease_next_within("small", Some(160_000_000), TTL, now),
+            None
+        );
+        assert_eq!(job.lease_next_within("big", None, TTL, now), Some(0));
+    }
+
+    #[test]
+    fn a_task_no_live_worker_can_take_is_named_then_fails_the_job() {
+        let mut job = job_with_tasks(1);
+        job.tasks[0].need = Some(crate::routing::TaskNeed {
+            bytes: 300_000_000,
+            tensor: "model.w".into(),
+            pass: "hashed 0.5".into(),
+        });
+        let (now, timeout) = (Instant::now(), Duration::from_secs(5));
+        // No live worker: the job waits, saying nothing.
+        assert!(!job.check_unassignable(&[], now, timeout));
+        assert_eq!(job.message, "");
+        assert!(job.check_unassignable(&[Some(160_000_000)], now, timeout));
+        assert_eq!(job.state, JobState::Running);
+        for needle in [
+            "task 0",
+            "model.w",
+            "hashed 0.5",
+            "300.0 MB",
+            "--memory-limit",
+        ] {
+            assert!(job.message.contains(needle), "{needle}: {}", job.message);
+        }
+        // A worker that can take it clears the message ...
+        assert!(job.check_unassignable(&[Some(160_000_000), None], now, timeout));
+        assert_eq!(job.message, "");
+        // ... and one that stays unassignable for the timeout fails the job.
+        job.check_unassignable(&[Some(160_000_000)], now, timeout);
+        assert!(job.check_unassignable(&[Some(160_000_000)], now + timeout, timeout));
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.message.contains("model.w"), "{}", job.message);
     }
 }

@@ -28,6 +28,7 @@ pub mod gguf;
 pub mod job;
 pub mod journal;
 pub mod report;
+pub mod routing;
 pub mod service;
 pub mod share;
 pub mod state;
@@ -61,6 +62,9 @@ pub struct CoordinatorConfig {
     pub claimant: journal::Claimant,
     /// How long a claim that is no longer renewed keeps other coordinators off an output.
     pub claim_ttl: Duration,
+    /// A job fails when one of its tasks needs more memory than every live worker's
+    /// `--memory-limit` for this long (see [`routing`]).
+    pub unassignable_timeout: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -72,6 +76,7 @@ impl Default for CoordinatorConfig {
             finalize_delay: Duration::ZERO,
             claimant: journal::Claimant::this_process("?"),
             claim_ttl: Duration::from_secs(30),
+            unassignable_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -156,7 +156,9 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<RegisterWorkerRequest>,
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
-        let worker_id = self.coordinator.register_worker(&request.get_ref().name);
+        let request = request.get_ref();
+        let limit = (request.memory_limit_bytes > 0).then_some(request.memory_limit_bytes);
+        let worker_id = self.coordinator.register_worker(&request.name, limit);
         Ok(Response::new(RegisterWorkerResponse {
             worker_id,
             lease_ttl_ms: self.coordinator.config().lease_ttl.as_millis() as u32,

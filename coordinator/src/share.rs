@@ -86,6 +86,7 @@ mod tests {
             progress_bytes: 0,
             leased_at_seconds: 0.0,
             retry_at: None,
+            need: None,
             result: Some(TaskOutcome {
                 worker: "w".into(),
                 attempt: 1,

@@ -31,6 +31,8 @@ struct JobEntry {
 struct WorkerInfo {
     name: String,
     last_seen: Instant,
+    /// The worker's `--memory-limit` (`None`: unlimited).
+    memory_limit: Option<u64>,
 }
 
 #[derive(Default)]
@@ -137,11 +139,17 @@ fn discard_staged(out_url: &str, journal: &Journal, discarded: Vec<StagedOutput>
 
 impl Inner {
     fn live_workers(&self, ttl: Duration) -> u32 {
+        self.live_limits(ttl).len() as u32
+    }
+
+    /// The `--memory-limit` of every live worker (`None`: unlimited).
+    fn live_limits(&self, ttl: Duration) -> Vec<Option<u64>> {
         let now = Instant::now();
         self.workers
             .values()
             .filter(|w| now.duration_since(w.last_seen) < ttl * 3)
-            .count() as u32
+            .map(|w| w.memory_limit)
+            .collect()
     }
 
     fn publish(&mut self, job_id: &str, ttl: Duration) {
@@ -234,7 +242,9 @@ impl Coordinator {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn register_worker(&self, name: &str) -> String {
+    /// Registers a worker with its `--memory-limit` (`None`: unlimited), which decides the
+    /// tasks it is leased (see [`crate::routing`]).
+    pub fn register_worker(&self, name: &str, memory_limit: Option<u64>) -> String {
         let mut inner = self.lock();
         inner.next_worker += 1;
         // The start time in the id keeps the ids of a restarted coordinator from repeating
@@ -245,9 +255,10 @@ impl Coordinator {
             WorkerInfo {
                 name: name.to_string(),
                 last_seen: Instant::now(),
+                memory_limit,
             },
         );
-        tracing::info!(worker = %id, "worker registered");
+        tracing::info!(worker = %id, memory_limit, "worker registered");
         id
     }
 
@@ -467,9 +478,10 @@ impl Coordinator {
         let mut inner = self.lock();
         inner.touch(worker_id)?;
         let now = Instant::now();
+        let limit = inner.workers.get(worker_id).and_then(|w| w.memory_limit);
         let mut leased = None;
         for entry in inner.jobs.values_mut() {
-            if let Some(index) = entry.job.lease_next(worker_id, ttl, now) {
+            if let Some(index) = entry.job.lease_next_within(worker_id, limit, ttl, now) {
                 leased = Some((entry.job.id.clone(), lease_for(&entry.job, index, ttl)));
                 break;
             }
@@ -714,7 +726,8 @@ impl Coordinator {
         })
     }
 
-    /// Periodically returns expired leases to the queue.
+    /// Periodically returns expired leases to the queue and checks that every pending task
+    /// fits some live worker's memory.
     pub fn spawn_lease_reaper(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let period = (self.config.lease_ttl / 4).max(Duration::from_millis(50));
@@ -731,8 +744,12 @@ impl Coordinator {
         let now = Instant::now();
         let mut inner = self.lock();
         let mut changed = Vec::new();
+        let limits = inner.live_limits(ttl);
+        let timeout = self.config.unassignable_timeout;
         for (id, entry) in inner.jobs.iter_mut() {
-            if entry.job.expire_leases(now, self.config.max_attempts) {
+            let expired = entry.job.expire_leases(now, self.config.max_attempts);
+            let stuck = entry.job.check_unassignable(&limits, now, timeout);
+            if expired || stuck {
                 changed.push(id.clone());
             }
         }

@@ -38,7 +38,11 @@ use half::f16;
 use serde::{Deserialize, Serialize};
 
 /// Fixed seed for the randomized passes (SVD sketch, hashing) so results are reproducible.
-const PASS_SEED: u64 = 0x5eed_5eed;
+pub(crate) const PASS_SEED: u64 = 0x5eed_5eed;
+
+/// Weights per chunk of a magnitude-pruned tensor ([`TensorPlan::fixed_chunk_rows`]): 1 MiB
+/// of F32, small beside any memory limit a worker runs under.
+pub const MAGNITUDE_BLOCK_WEIGHTS: u64 = 1 << 18;
 
 /// Why a recipe cannot be applied to a tensor (reported at submit time).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -265,17 +269,17 @@ impl TensorPlan {
         self.whole_tensor_pass().is_some()
     }
 
-    /// The pass that needs the whole tensor in memory at once, if any: HQQ with one group
-    /// for the tensor (its zero point is optimized over every weight, iteratively), low-rank
-    /// (the randomized SVD makes several passes over the matrix and stores one pair of
-    /// factors), hashed sharing (one frame holds every bucket), and row pruning combined with
+    /// The pass that needs the whole tensor in memory at once, if any: low-rank and hashed
+    /// sharing after row/column pruning or under `non_finite: keep` (the matrix they factor
+    /// or index is then the kept rows, renumbered), and row pruning combined with
     /// `non_finite: keep` (the kept rows shift the row numbering). Every other whole-tensor
-    /// statistic streams: see [`Self::pending_statistic`].
+    /// statistic streams ([`Self::pending_statistic`]), and so do low-rank, hashed sharing and
+    /// per-tensor HQQ on their own ([`crate::stream::solver`]).
     pub fn whole_tensor_pass(&self) -> Option<String> {
-        use crate::recipe::Granularity::Tensor;
         let values = match &self.values {
-            Some(PassKind::Hqq(h)) => h.granularity == Tensor,
-            Some(PassKind::LowRank { .. } | PassKind::Hashed { .. }) => true,
+            Some(PassKind::LowRank { .. } | PassKind::Hashed { .. }) => {
+                self.structure.is_some() || self.keep_non_finite_rows
+            }
             _ => false,
         };
         if values {
@@ -327,13 +331,48 @@ impl TensorPlan {
     }
 
     /// The plan for the chunk whose first row is `first_row` of the tensor: the same plan,
-    /// except that fixed row-pruning flags start at that row.
+    /// except that fixed row-pruning flags, low-rank factors and hashed buckets start at that
+    /// row.
     pub fn for_chunk(&self, first_row: usize) -> TensorPlan {
         let mut plan = self.clone();
         if let Some(FixedStructure::Rows { first_row: at, .. }) = &mut plan.fixed_structure {
             *at = first_row;
         }
+        if let Some(
+            FixedValues::LowRank { first_row: at, .. } | FixedValues::Hashed { first_row: at, .. },
+        ) = &mut plan.fixed_values
+        {
+            *at = first_row;
+        }
         plan
+    }
+
+    /// Rows per chunk for a plan whose result would otherwise depend on where chunks end,
+    /// `None` for the others: a magnitude prune (per tensor or global) rounds the count it
+    /// drops inside the cut's bin per chunk, and the values stage after it sees each chunk's
+    /// kept weights as one row (its scales, groups or codebook span the chunk). Such a tensor
+    /// is therefore cut into blocks of [`MAGNITUDE_BLOCK_WEIGHTS`] weights (whole rows, at
+    /// least one), whatever the configured chunk size or memory limit, so that its output is
+    /// the same under any of them.
+    pub fn fixed_chunk_rows(&self, row_len: u64) -> Option<u64> {
+        match self.structure {
+            Some(PruneConfig::Magnitude { .. }) => {
+                Some((MAGNITUDE_BLOCK_WEIGHTS / row_len.max(1)).max(1))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether a chunk under this plan writes a `.spz` frame of its own: not for the chunks
+    /// after the first of a tensor whose low-rank factors or hashed buckets are fixed, whose
+    /// one frame (written with the first chunk) holds the whole tensor.
+    pub fn writes_frame(&self) -> bool {
+        match &self.fixed_values {
+            Some(
+                FixedValues::LowRank { first_row, .. } | FixedValues::Hashed { first_row, .. },
+            ) => *first_row == 0,
+            _ => true,
+        }
     }
 
     /// `"prune 2:4 + rtn int4 sym g64"`, or empty for the identity.
@@ -660,9 +699,12 @@ fn encode_values(
                     }
                     _ => quantize::rtn_codes_dequantize(cfg, &mut values, row_len),
                 },
-                Some(PassKind::Hqq(cfg)) => hqq::hqq_codes(cfg, &values, row_len).inspect(|c| {
-                    c.dequantize_into(&mut values);
-                }),
+                Some(PassKind::Hqq(cfg)) => match fixed {
+                    Some(FixedValues::HqqTensor(group)) => Ok(group.encode(cfg, &mut values)),
+                    _ => hqq::hqq_codes(cfg, &values, row_len).inspect(|c| {
+                        c.dequantize_into(&mut values);
+                    }),
+                },
                 _ => unreachable!("matched above"),
             }
             .map_err(|e| pass_err("quantize")(e.to_string()))?;
@@ -754,6 +796,12 @@ fn encode_values(
                 recon: values,
             }
         }
+        Some(PassKind::LowRank { .. }) if fixed.is_some() => {
+            fixed_lowrank(fixed, dtype, values, row_len)?
+        }
+        Some(PassKind::Hashed { .. }) if fixed.is_some() => {
+            fixed_hashed(fixed, dtype, values, row_len)?
+        }
         Some(PassKind::LowRank { rule, power_iters }) => {
             let rule = match *rule {
                 RankRule::Rank(r) => lowrank::RankRule::Rank(r),
@@ -827,6 +875,94 @@ fn encode_values(
                 recon: values,
             }
         }
+    })
+}
+
+/// A chunk of a tensor whose low-rank factors are fixed ([`FixedValues::LowRank`]): its rows
+/// of `left * right`. The first chunk carries the tensor's whole frame (both factors); the
+/// others are written by no frame ([`TensorPlan::writes_frame`]), and each counts its rows of
+/// `left`, the first also `right`.
+fn fixed_lowrank(
+    fixed: Option<&FixedValues>,
+    dtype: DType,
+    mut values: Vec<f32>,
+    row_len: usize,
+) -> Result<ValuesOut, CodecError> {
+    let Some(FixedValues::LowRank { factors, first_row }) = fixed else {
+        return Err(pass_err("lowrank")(
+            "the plan holds no low-rank factors".into(),
+        ));
+    };
+    if row_len != factors.cols {
+        return Err(pass_err("lowrank")(format!(
+            "rows of {row_len} for factors of {} columns",
+            factors.cols
+        )));
+    }
+    factors
+        .reconstruct_rows(*first_row, &mut values)
+        .map_err(|e| pass_err("lowrank")(e.to_string()))?;
+    let rows = values.len() / row_len.max(1);
+    let bits = dtype.size_bytes() as u64 * 8;
+    let mut repr_bits = (rows * factors.rank) as u64 * bits;
+    let mut sections = Vec::new();
+    if *first_row == 0 {
+        repr_bits += factors.right.len() as u64 * bits;
+        let left = round_to_dtype(dtype, &mut factors.left.clone())?;
+        let right = round_to_dtype(dtype, &mut factors.right.clone())?;
+        sections.push(section("left", layout_of(dtype), left));
+        sections.push(section("right", layout_of(dtype), right));
+    }
+    Ok(ValuesOut {
+        meta: ValuesMeta::LowRank {
+            rows: factors.rows,
+            cols: factors.cols,
+            rank: factors.rank,
+        },
+        repr_bits,
+        sections,
+        typed: None,
+        recon: values,
+    })
+}
+
+/// A chunk of a tensor whose hashed buckets are fixed ([`FixedValues::Hashed`]): its weights
+/// from the buckets; the first chunk carries the frame (every bucket) and counts its bits.
+fn fixed_hashed(
+    fixed: Option<&FixedValues>,
+    dtype: DType,
+    mut values: Vec<f32>,
+    row_len: usize,
+) -> Result<ValuesOut, CodecError> {
+    let Some(FixedValues::Hashed { weights, first_row }) = fixed else {
+        return Err(pass_err("hashed")(
+            "the plan holds no hashed buckets".into(),
+        ));
+    };
+    let first = first_row.saturating_mul(row_len);
+    if first.saturating_add(values.len()) > weights.len {
+        return Err(pass_err("hashed")(format!(
+            "weights {first}..{} are past the tensor's {}",
+            first + values.len(),
+            weights.len
+        )));
+    }
+    weights.reconstruct_range(first, &mut values);
+    let (mut repr_bits, mut sections) = (0, Vec::new());
+    if *first_row == 0 {
+        let bytes = round_to_dtype(dtype, &mut weights.buckets.clone())?;
+        repr_bits = bytes.len() as u64 * 8;
+        sections.push(section("buckets", layout_of(dtype), bytes));
+    }
+    Ok(ValuesOut {
+        meta: ValuesMeta::Hashed {
+            len: weights.len,
+            seed: weights.seed,
+        },
+        repr_bits,
+        sections,
+        typed: None,
+        recon: values,
     })
 }
 
@@ -1118,6 +1254,12 @@ fn encode_chunk_general_impl(
     encode_from_f32(dtype, &out.recon, &mut reconstruction)?;
     let mut sections = structure_sections;
     sections.extend(out.sections);
+    // Fixed factors or buckets are one frame for the whole tensor.
+    let rows = match &plan.fixed_values {
+        Some(FixedValues::LowRank { factors, .. }) => factors.rows,
+        Some(FixedValues::Hashed { weights, .. }) => weights.len / row_len.max(1),
+        _ => rows,
+    };
     Ok(EncodedChunk {
         reconstruction,
         rows,

@@ -380,7 +380,8 @@ impl TensorWriter {
         let repr_bits = encoded.repr_bits;
         let bytes = match self {
             TensorWriter::Reconstruction => encoded.reconstruction,
-            TensorWriter::Frames => length_prefixed(encoded.frame()),
+            TensorWriter::Frames if plan.writes_frame() => length_prefixed(encoded.frame()),
+            TensorWriter::Frames => Vec::new(),
             TensorWriter::PackQuantized(state) => state.chunk(encoded)?,
             TensorWriter::FloatQuantized(state) => state.chunk(encoded)?,
             TensorWriter::Gguf(state) => state.chunk(encoded)?,

@@ -15,7 +15,8 @@
 //! result is bit-identical to a sequential loop whatever the thread count. For speed the
 //! weights are hashed in parallel in passes of 2^20, stably grouped by bucket range (2^14
 //! buckets, which stay in cache) and the ranges accumulated in parallel; the
-//! reconstruction hashes every element independently in parallel.
+//! reconstruction hashes every element independently in parallel. [`BucketSums`] gathers
+//! the same sums from a tensor fed in pieces, so a worker never holds the tensor itself.
 
 use rayon::prelude::*;
 
@@ -65,90 +66,146 @@ pub fn hashed_share(
     buckets: usize,
     seed: u64,
 ) -> Result<HashedWeights, HashNetError> {
-    if buckets == 0 {
-        return Err(HashNetError::ZeroBuckets);
-    }
-    if let Some(index) = values.iter().position(|x| !x.is_finite()) {
-        return Err(HashNetError::NonFinite { index });
-    }
-    let mut sums = vec![0f64; buckets];
-    let mut counts = vec![0u64; buckets];
-    let ranges = buckets.div_ceil(RANGE);
-    let mut sorted: Vec<(u64, f32)> = Vec::new();
-    for (s, piece) in values.chunks(SUPER).enumerate() {
-        let base = s * SUPER;
-        // Hash in parallel: (bucket, sign-corrected weight) in index order.
-        let tagged: Vec<(u64, f32)> = piece
-            .par_iter()
-            .enumerate()
-            .map(|(j, &w)| {
-                let (b, sign) = bucket_and_sign(seed, base + j, buckets);
-                (b as u64, sign * w)
-            })
-            .collect();
-        let grouped: &[(u64, f32)] = if ranges == 1 {
-            &tagged
-        } else {
-            // Stable counting sort by bucket range: index order is kept inside a range.
-            let mut starts = vec![0usize; ranges + 1];
-            for &(b, _) in &tagged {
-                starts[b as usize / RANGE + 1] += 1;
-            }
-            for r in 0..ranges {
-                starts[r + 1] += starts[r];
-            }
-            let mut next = starts.clone();
-            sorted.clear();
-            sorted.resize(tagged.len(), (0, 0.0));
-            for &t in &tagged {
-                let r = t.0 as usize / RANGE;
-                sorted[next[r]] = t;
-                next[r] += 1;
-            }
-            &sorted
-        };
-        // Each range owns a disjoint slice of the sums, so ranges run in parallel while
-        // every bucket still receives its members in index order.
-        let mut bounds = Vec::with_capacity(ranges);
-        let mut at = 0;
-        for r in 0..ranges {
-            let lo = at;
-            let limit = ((r + 1) * RANGE) as u64;
-            while at < grouped.len() && grouped[at].0 < limit {
-                at += 1;
-            }
-            bounds.push(lo..at);
+    let mut sums = BucketSums::new(buckets, seed)?;
+    sums.feed(values)?;
+    Ok(sums.finish())
+}
+
+/// The bucket sums of a tensor fed in index order, any number of weights at a time: the
+/// streamed form of [`hashed_share`], bit for bit equal to it however the weights are split
+/// (each bucket still receives its members in index order). Holds 16 bytes per bucket.
+#[derive(Debug, Clone)]
+pub struct BucketSums {
+    seed: u64,
+    /// Weights fed so far (the index of the next one).
+    len: usize,
+    sums: Vec<f64>,
+    counts: Vec<u64>,
+}
+
+impl BucketSums {
+    /// Empty sums over `buckets` buckets (which must be positive).
+    pub fn new(buckets: usize, seed: u64) -> Result<BucketSums, HashNetError> {
+        if buckets == 0 {
+            return Err(HashNetError::ZeroBuckets);
         }
-        sums.par_chunks_mut(RANGE)
-            .zip(counts.par_chunks_mut(RANGE))
-            .zip(bounds.into_par_iter())
-            .enumerate()
-            .for_each(|(r, ((sum, count), span))| {
-                let first = (r * RANGE) as u64;
-                for &(b, w) in &grouped[span] {
-                    let i = (b - first) as usize;
-                    sum[i] += f64::from(w);
-                    count[i] += 1;
-                }
-            });
+        Ok(BucketSums {
+            seed,
+            len: 0,
+            sums: vec![0.0; buckets],
+            counts: vec![0; buckets],
+        })
     }
-    let buckets = sums
-        .iter()
-        .zip(&counts)
-        .map(|(&s, &c)| if c == 0 { 0.0 } else { (s / c as f64) as f32 })
-        .collect();
-    Ok(HashedWeights {
-        len: values.len(),
-        seed,
-        buckets,
-    })
+
+    /// Bytes held for `buckets` buckets.
+    pub fn held_bytes(buckets: usize) -> u64 {
+        buckets as u64 * 16
+    }
+
+    /// Adds the next weights (indices `len..len + values.len()`).
+    pub fn feed(&mut self, values: &[f32]) -> Result<(), HashNetError> {
+        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+            return Err(HashNetError::NonFinite {
+                index: self.len + i,
+            });
+        }
+        let (seed, buckets) = (self.seed, self.sums.len());
+        let ranges = buckets.div_ceil(RANGE);
+        let mut sorted: Vec<(u64, f32)> = Vec::new();
+        for (s, piece) in values.chunks(SUPER).enumerate() {
+            let base = self.len + s * SUPER;
+            // Hash in parallel: (bucket, sign-corrected weight) in index order.
+            let tagged: Vec<(u64, f32)> = piece
+                .par_iter()
+                .enumerate()
+                .map(|(j, &w)| {
+                    let (b, sign) = bucket_and_sign(seed, base + j, buckets);
+                    (b as u64, sign * w)
+                })
+                .collect();
+            let grouped: &[(u64, f32)] = if ranges == 1 {
+                &tagged
+            } else {
+                group_by_range(&tagged, ranges, &mut sorted);
+                &sorted
+            };
+            // Each range owns a disjoint slice of the sums, so ranges run in parallel while
+            // every bucket still receives its members in index order.
+            let mut bounds = Vec::with_capacity(ranges);
+            let mut at = 0;
+            for r in 0..ranges {
+                let lo = at;
+                let limit = ((r + 1) * RANGE) as u64;
+                while at < grouped.len() && grouped[at].0 < limit {
+                    at += 1;
+                }
+                bounds.push(lo..at);
+            }
+            self.sums
+                .par_chunks_mut(RANGE)
+                .zip(self.counts.par_chunks_mut(RANGE))
+                .zip(bounds.into_par_iter())
+                .enumerate()
+                .for_each(|(r, ((sum, count), span))| {
+                    let first = (r * RANGE) as u64;
+                    for &(b, w) in &grouped[span] {
+                        let i = (b - first) as usize;
+                        sum[i] += f64::from(w);
+                        count[i] += 1;
+                    }
+                });
+        }
+        self.len += values.len();
+        Ok(())
+    }
+
+    /// The shared weights: each bucket the mean of its members (0 when empty).
+    pub fn finish(self) -> HashedWeights {
+        let buckets = self
+            .sums
+            .iter()
+            .zip(&self.counts)
+            .map(|(&s, &c)| if c == 0 { 0.0 } else { (s / c as f64) as f32 })
+            .collect();
+        HashedWeights {
+            len: self.len,
+            seed: self.seed,
+            buckets,
+        }
+    }
+}
+
+/// Stable counting sort of `tagged` by bucket range into `sorted`: index order is kept
+/// inside a range.
+fn group_by_range(tagged: &[(u64, f32)], ranges: usize, sorted: &mut Vec<(u64, f32)>) {
+    let mut starts = vec![0usize; ranges + 1];
+    for &(b, _) in tagged {
+        starts[b as usize / RANGE + 1] += 1;
+    }
+    for r in 0..ranges {
+        starts[r + 1] += starts[r];
+    }
+    let mut next = starts;
+    sorted.clear();
+    sorted.resize(tagged.len(), (0, 0.0));
+    for &t in tagged {
+        let r = t.0 as usize / RANGE;
+        sorted[next[r]] = t;
+        next[r] += 1;
+    }
 }
 
 impl HashedWeights {
     /// Writes `w'_i = xi(i) * bucket[h(i)]` for `i < min(len, out.len())` (the rest of `out`
     /// is left untouched). With no buckets the weights are 0.
     pub fn reconstruct_into(&self, out: &mut [f32]) {
-        let n = self.len.min(out.len());
+        self.reconstruct_range(0, out);
+    }
+
+    /// Writes weights `first..first + out.len()` (clipped at `len`) into `out`: a slice of
+    /// what [`Self::reconstruct_into`] writes.
+    pub fn reconstruct_range(&self, first: usize, out: &mut [f32]) {
+        let n = self.len.saturating_sub(first).min(out.len());
         let out = &mut out[..n];
         if self.buckets.is_empty() {
             out.fill(0.0);
@@ -159,7 +216,8 @@ impl HashedWeights {
             .enumerate()
             .for_each(|(c, chunk)| {
                 for (j, o) in chunk.iter_mut().enumerate() {
-                    let (b, sign) = bucket_and_sign(self.seed, c * CHUNK + j, self.buckets.len());
+                    let index = first + c * CHUNK + j;
+                    let (b, sign) = bucket_and_sign(self.seed, index, self.buckets.len());
                     *o = sign * self.buckets[b];
                 }
             });

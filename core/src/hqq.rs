@@ -43,7 +43,8 @@
 //! asymmetric RTN of that grid. The half-quadratic zero of step 2 is the starting point.
 //! Loops are branch-free, with 8 independent f32 accumulator lanes, so they vectorize; groups
 //! (and, for one huge group, fixed 16Ki-element blocks summed in a fixed order) run on rayon,
-//! so results do not depend on the thread count.
+//! so results do not depend on the thread count. [`streamed`] solves a tensor-wide group over
+//! passes of a tensor read in pieces, with the same sums, hence the same result.
 
 use crate::quantize::{check_bits, check_rows, layout, AffineCodes, QuantizeError};
 use crate::recipe::{Granularity, ScaleDtype};
@@ -248,13 +249,20 @@ fn optimize_zero(x: &[f32], inv: f32, mut z: f32, qmax: f32, iterations: usize, 
 /// Squared error of the codes for `(scale, zero)`, and the sums `[q, q^2, x, q*x]` the
 /// least-squares refit needs, in one pass.
 fn score(x: &[f32], scale: f32, zero: f32, qmax: f32) -> (f64, [f64; 4]) {
+    let f = score_fn(scale, zero, qmax);
+    let [sse, sq, sqq, sx, sqx] = sums(x, x, |xv, _| f(xv));
+    (sse, [sq, sqq, sx, sqx])
+}
+
+/// The terms [`score`] sums for one weight: `[(x - dq)^2, q, q^2, x, q*x]`.
+#[inline(always)]
+fn score_fn(scale: f32, zero: f32, qmax: f32) -> impl Fn(f32) -> [f32; 5] + Sync + Copy {
     let inv = 1.0 / scale;
-    let [sse, sq, sqq, sx, sqx] = sums(x, x, |xv, _| {
+    move |xv| {
         let q = code(xv * inv + zero, qmax);
         let d = xv - (q - zero) * scale;
         [d * d, q, q * q, xv, q * xv]
-    });
-    (sse, [sq, sqq, sx, sqx])
+    }
 }
 
 /// Least-squares `(scale, zero)` for fixed codes with the given sums, or `None` when the codes
@@ -503,6 +511,8 @@ pub fn hqq_codes(
 ) -> Result<AffineCodes, QuantizeError> {
     hqq_codes_with(cfg, &SOLVER, values, row_len)
 }
+
+pub mod streamed;
 
 #[cfg(test)]
 mod tests;

@@ -20,7 +20,9 @@
 //!   Q5_K, Q6_K) and the file layout computed from shapes before any data exists.
 //! - [`similarity`]: sketches and cosine for sharing near-identical tensors.
 //! - [`stream`]: whole-tensor statistics (per-tensor scales, magnitude cuts, row/column norms,
-//!   k-means histograms) gathered chunk by chunk, so those passes run in bounded memory.
+//!   k-means histograms) gathered chunk by chunk, so those passes run in bounded memory;
+//!   `stream::solver` solves low-rank, per-tensor HQQ and hashed sharing over streamed passes.
+//! - [`memory`]: what a tensor's pass needs in memory (for worker limits and task routing).
 
 pub mod codebook;
 pub mod codec;
@@ -35,6 +37,7 @@ pub mod hashnet;
 pub mod header;
 pub mod hqq;
 pub mod lowrank;
+pub mod memory;
 pub mod metrics;
 pub mod plan;
 pub mod prune;

@@ -34,6 +34,9 @@
 //! of a projection is exactly the energy kept, the chosen rank always meets the target.
 //!
 //! An all-zero matrix gives zero factors (and rank 0 under `Energy`); `m = 0` gives rank 0.
+//!
+//! [`streamed`] runs the same steps over a matrix read in row blocks, for tensors larger
+//! than memory.
 
 use rayon::prelude::*;
 
@@ -577,6 +580,17 @@ fn zero_factors(m: usize, n: usize, k: usize) -> LowRank {
     }
 }
 
+/// Refuses fractions that are NaN, negative, or (for `Energy`) above 1.
+fn check_rule(rule: RankRule) -> Result<(), LowRankError> {
+    match rule {
+        RankRule::Energy(e) if !(0.0..=1.0).contains(&e) => Err(LowRankError::InvalidRule(rule)),
+        RankRule::StorageFraction(f) if !(f >= 0.0 && f.is_finite()) => {
+            Err(LowRankError::InvalidRule(rule))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Truncated SVD of the row-major `values` (`row_len` columns) with the rank chosen by
 /// `rule` (see the module docs). Deterministic in `(values, row_len, rule, power_iters,
 /// seed)`. Errors on `row_len == 0`, ragged input, non-finite values, and rules with
@@ -597,15 +611,7 @@ pub fn svd_lowrank(
             row_len,
         });
     }
-    match rule {
-        RankRule::Energy(e) if !(0.0..=1.0).contains(&e) => {
-            return Err(LowRankError::InvalidRule(rule))
-        }
-        RankRule::StorageFraction(f) if !(f >= 0.0 && f.is_finite()) => {
-            return Err(LowRankError::InvalidRule(rule))
-        }
-        _ => {}
-    }
+    check_rule(rule)?;
     let (m, n) = (values.len() / row_len, row_len);
     let full = m.min(n);
     const CHUNK: usize = 1 << 16;
@@ -724,6 +730,8 @@ impl LowRank {
         out.fill(f32::NAN);
     }
 }
+
+pub mod streamed;
 
 #[cfg(test)]
 mod tests;

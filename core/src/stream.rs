@@ -9,6 +9,9 @@
 //! values one over the weights the fixed structure keeps. Pass 2 encodes each chunk with the
 //! statistics fixed ([`TensorPlan::for_chunk`] hands row flags their chunk's offset).
 //!
+//! Passes that need more than one statistic of the whole tensor (low-rank factors, per-tensor
+//! HQQ, hashed buckets) are solved over one or more such passes by [`solver`] instead.
+//!
 //! What each statistic is, and how it compares with the whole-tensor path:
 //! - [`TensorStatistic::Range`] (RTN, `granularity: tensor`): min and max (from 0, NaN
 //!   ignored) are exact and associative, so codes and reconstruction are bit for bit those
@@ -29,7 +32,10 @@
 //!   differs from `round(sparsity * n)` by at most half a weight per chunk, and for F16/F32
 //!   weights the ties inside the bin are the smallest per chunk, not over the tensor.
 //!   The values stage after it sees each chunk's kept weights as one row (as the
-//!   whole-tensor path sees the tensor's), so per-channel scales become per chunk.
+//!   whole-tensor path sees the tensor's), so per-channel scales become per chunk. Both
+//!   depend on where chunks end, so a magnitude-pruned tensor is always cut into the same
+//!   blocks of whole rows ([`TensorPlan::fixed_chunk_rows`]), whatever the configured chunk
+//!   size or memory limit: its output does not depend on them.
 
 use std::sync::Arc;
 
@@ -80,6 +86,19 @@ pub enum FixedValues {
     Absmax(f32),
     /// k-means: the tensor's codebook (sorted levels).
     Codebook(Vec<f32>),
+    /// Low-rank: the tensor's factors (rounded to its dtype); `first_row` is the tensor row
+    /// the chunk being encoded starts at (set by [`TensorPlan::for_chunk`]).
+    LowRank {
+        factors: Arc<crate::lowrank::LowRank>,
+        first_row: usize,
+    },
+    /// Per-tensor HQQ: the tensor's one group.
+    HqqTensor(crate::hqq::streamed::TensorGroup),
+    /// Hashed sharing: the tensor's buckets (rounded to its dtype); `first_row` as above.
+    Hashed {
+        weights: Arc<crate::hashnet::HashedWeights>,
+        first_row: usize,
+    },
 }
 
 /// The structure stage's decision for the whole tensor.
@@ -290,6 +309,8 @@ fn finite_rows(values: Vec<f32>, row_len: usize) -> Vec<f32> {
         .copied()
         .collect()
 }
+
+pub mod solver;
 
 #[cfg(test)]
 mod tests;

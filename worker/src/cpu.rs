@@ -4,6 +4,10 @@
 
 use std::panic::AssertUnwindSafe;
 
+use shardpress_core::codec::CodecError;
+
+use crate::TaskError;
+
 /// Sizes the global rayon pool (0 = one thread per core). Safe to call more than once.
 pub fn init_pool(threads: usize) -> Result<(), String> {
     match rayon::ThreadPoolBuilder::new()
@@ -39,4 +43,23 @@ where
     receiver
         .await
         .unwrap_or_else(|_| Err("compute pool dropped the work".into()))
+}
+
+/// Runs a tensor's codec `work` on the rayon pool (see [`run`]): a panic becomes
+/// [`TaskError::Compute`] and a codec error [`TaskError::Pipeline`], both naming `tensor`.
+pub async fn run_codec<T, F>(tensor: &str, work: F) -> Result<T, TaskError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, CodecError> + Send + 'static,
+{
+    run(work)
+        .await
+        .map_err(|message| TaskError::Compute {
+            tensor: tensor.to_string(),
+            message,
+        })?
+        .map_err(|source| TaskError::Pipeline {
+            tensor: tensor.to_string(),
+            source,
+        })
 }

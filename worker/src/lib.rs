@@ -171,6 +171,7 @@ async fn register(
             name: config.name.clone(),
             threads: rayon::current_num_threads() as u32,
             version: env!("CARGO_PKG_VERSION").into(),
+            memory_limit_bytes: config.memory_limit.unwrap_or(0),
         };
         match client.register_worker(request).await {
             Ok(response) => {

@@ -6,31 +6,12 @@
 //! The figures are deliberately conservative estimates, checked by the process-level test
 //! that reads the worker's peak resident memory (`tests/cluster.rs`).
 
+use shardpress_core::codec::TensorPlan;
+use shardpress_core::memory::{tensor_need, whole_tensor_bytes};
+pub use shardpress_core::memory::{BASE_BYTES, CHUNK_COPIES};
 use shardpress_core::plan::PlannedTensor;
 
 use crate::TaskError;
-
-const MIB: u64 = 1024 * 1024;
-
-/// What the worker holds whatever its task: the binary, the async runtime, rayon stacks,
-/// the output shard's upload buffers (four parts of 8 MiB in flight) and the allocator's
-/// slack.
-pub const BASE_BYTES: u64 = 96 * MIB;
-
-/// Bytes alive per byte of a chunk's input while it is compressed: the chunks queued by
-/// the reader and the one being read (three), the chunk being compressed, its f32 decoding
-/// (two per BF16 byte), the weights a structure stage keeps, the reconstruction in f32 and
-/// in the input dtype, codes and the entropy-coded frame.
-pub const CHUNK_COPIES: u64 = 12;
-
-/// Bytes per element a pass that needs the whole tensor holds at once: the input, its f32
-/// decoding and a second f32 copy, the reconstruction in the input dtype and the pass's own
-/// state (codes, buckets, factors).
-pub fn whole_tensor_bytes(tensor: &PlannedTensor) -> u64 {
-    let elements: u64 = tensor.shape.iter().product();
-    let size = tensor.dtype.size_bytes() as u64;
-    elements.saturating_mul(2 * size + 12)
-}
 
 /// The memory a worker may use for one task (`None`: unbounded, chunks of the configured
 /// size).
@@ -67,8 +48,29 @@ impl MemoryBudget {
 
     /// Refuses `tensor` when `pass`, which needs the whole tensor in memory, cannot fit.
     pub fn check_whole_tensor(&self, tensor: &PlannedTensor, pass: &str) -> Result<(), TaskError> {
-        let needed = BASE_BYTES.saturating_add(whole_tensor_bytes(tensor));
+        let needed = BASE_BYTES.saturating_add(whole_tensor_bytes(tensor.dtype, &tensor.shape));
         self.check(tensor, pass, needed)
+    }
+
+    /// Refuses `tensor` when the state of `plan`'s solver (low-rank factors, hashed buckets;
+    /// see [`shardpress_core::memory`]) and one row's chunk cannot fit; otherwise returns the
+    /// chunk size (at most `configured`) that fits beside that state.
+    pub fn solver_chunk_bytes(
+        &self,
+        tensor: &PlannedTensor,
+        plan: &TensorPlan,
+        configured: usize,
+    ) -> Result<usize, TaskError> {
+        let Some(need) = tensor_need(plan, tensor.dtype, &tensor.shape) else {
+            return Ok(self.chunk_bytes(configured));
+        };
+        self.check(tensor, &need.pass, need.bytes)?;
+        let beside = MemoryBudget {
+            limit: self
+                .limit
+                .map(|limit| limit.saturating_sub(need.bytes.saturating_sub(BASE_BYTES))),
+        };
+        Ok(beside.chunk_bytes(configured))
     }
 
     fn check(&self, tensor: &PlannedTensor, pass: &str, needed: u64) -> Result<(), TaskError> {
@@ -106,6 +108,8 @@ pub fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MIB: u64 = 1024 * 1024;
 
     #[test]
     fn the_chunk_size_is_capped_by_the_limit_and_never_raised() {

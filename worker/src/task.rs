@@ -682,7 +682,6 @@ async fn compress_tensor(
     let (fixed, chunk_bytes) =
         statistics::prepare_plan(model, tensor, (*plan).clone(), ctx, timings).await?;
     let plan = Arc::new(fixed);
-    let rows_fixed = plan.fixed_structure.is_some();
     let mut first_row = 0usize;
     let ranges = chunk_ranges(tensor, chunk_row_len as u64, chunk_bytes);
     let mut chunks = read_ahead(model, tensor, ranges);
@@ -704,25 +703,14 @@ async fn compress_tensor(
     {
         let compute_started = Instant::now();
         let dtype = tensor.dtype;
-        let plan_c = match rows_fixed {
-            // Row flags fixed for the tensor start at this chunk's first row.
-            true => Arc::new(plan.for_chunk(first_row)),
-            false => plan.clone(),
-        };
+        // Row flags, factors and buckets fixed for the tensor start at this chunk's first row.
+        let plan_c = Arc::new(plan.for_chunk(first_row));
         first_row += input.len() / (chunk_row_len * dtype.size_bytes()).max(1);
-        let (output, acc_out, writer_out) = cpu::run(move || {
+        let (output, acc_out, writer_out) = cpu::run_codec(&tensor.name, move || {
             let result = tensor_writer.chunk(&plan_c, dtype, chunk_row_len, &input, &mut acc);
             result.map(|out| (out, acc, tensor_writer))
         })
-        .await
-        .map_err(|message| TaskError::Compute {
-            tensor: tensor.name.clone(),
-            message,
-        })?
-        .map_err(|source| TaskError::Pipeline {
-            tensor: tensor.name.clone(),
-            source,
-        })?;
+        .await?;
         acc = acc_out;
         tensor_writer = writer_out;
         repr_bits += output.repr_bits;

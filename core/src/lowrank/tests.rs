@@ -264,3 +264,92 @@ fn jacobi_eigen_reconstructs() {
         }
     }
 }
+
+/// Factors of `a` (`m x n`) streamed over blocks of `block` rows, fed `feed` rows at a time.
+fn streamed_factors(
+    a: &[f32],
+    n: usize,
+    rule: RankRule,
+    iters: usize,
+    block: usize,
+    feed: usize,
+) -> LowRank {
+    let m = a.len() / n;
+    let mut lr = streamed::StreamedLowRank::new(m, n, rule, iters, 7)
+        .unwrap()
+        .with_block_rows(block);
+    let mut passes = 0;
+    while lr.needs_pass() {
+        for rows in a.chunks(feed * n) {
+            lr.feed(rows).unwrap();
+        }
+        lr.end_pass().unwrap();
+        passes += 1;
+        assert!(passes < 100, "a bounded number of passes");
+    }
+    lr.into_factors().unwrap()
+}
+
+#[test]
+fn streamed_factors_do_not_depend_on_how_rows_are_fed() {
+    let (m, n) = (90, 40);
+    let spectrum = decaying(40, 0.8);
+    let a = with_spectrum(m, n, &spectrum, 3);
+    for (rule, iters) in [
+        (RankRule::Rank(6), 0),
+        (RankRule::Rank(6), 2),
+        (RankRule::Energy(0.9), 1),
+        (RankRule::StorageFraction(0.2), 0),
+    ] {
+        for block in [1, 7, 32] {
+            let reference = streamed_factors(&a, n, rule, iters, block, m);
+            for feed in [1, 5, 13] {
+                let got = streamed_factors(&a, n, rule, iters, block, feed);
+                assert!(
+                    got == reference,
+                    "{rule:?} {iters}: block {block}, feed {feed}"
+                );
+            }
+            let mut rows = vec![0f32; 13 * n];
+            reference.reconstruct_rows(20, &mut rows).unwrap();
+            let mut all = vec![0f32; m * n];
+            reference.try_reconstruct_into(&mut all).unwrap();
+            assert!(
+                rows == all[20 * n..33 * n],
+                "rows reconstruct as in the whole"
+            );
+        }
+    }
+}
+
+#[test]
+fn streamed_factors_are_as_good_as_the_in_memory_svd() {
+    let (m, n) = (120, 60);
+    let spectrum = decaying(60, 0.85);
+    let a = with_spectrum(m, n, &spectrum, 5);
+    for (rule, iters) in [
+        (RankRule::Rank(8), 0),
+        (RankRule::Rank(8), 2),
+        (RankRule::Energy(0.95), 1),
+    ] {
+        let whole = svd_lowrank(&a, n, rule, iters, 7).unwrap();
+        let streamed = streamed_factors(&a, n, rule, iters, 16, 9);
+        assert_eq!(streamed.rank, whole.rank, "{rule:?}");
+        let (es, ew) = (sq_err(&a, &streamed), sq_err(&a, &whole));
+        assert!(
+            (es - ew).abs() <= 1e-3 * energy(&a),
+            "{rule:?}: {es} vs {ew}"
+        );
+    }
+}
+
+#[test]
+fn streamed_rows_must_be_whole_and_complete() {
+    let mut lr = streamed::StreamedLowRank::new(4, 3, RankRule::Rank(1), 0, 1).unwrap();
+    assert!(lr.feed(&[1.0; 4]).is_err(), "not whole rows");
+    lr.feed(&[1.0; 6]).unwrap();
+    assert!(lr.end_pass().is_err(), "two rows of four");
+    let mut lr = streamed::StreamedLowRank::new(2, 2, RankRule::Rank(1), 0, 1).unwrap();
+    assert!(lr.feed(&[1.0, f32::NAN, 0.0, 0.0]).is_err(), "non-finite");
+    assert!(streamed::StreamedLowRank::new(2, 2, RankRule::Energy(2.0), 0, 1).is_err());
+}

@@ -61,6 +61,18 @@ fn fix_streamed(
         passes += 1;
         assert!(passes <= 2, "a plan has at most two statistics");
     }
+    let shape = [(input.len() / row_bytes) as u64, row_len as u64];
+    if let Some(mut solver) = solver::TensorSolver::for_plan(&plan, &shape).unwrap() {
+        while solver.needs_pass() {
+            for (c, chunk) in input.chunks(chunk_rows * row_bytes).enumerate() {
+                solver
+                    .feed(&plan, dtype, c * chunk_rows, row_len, chunk)
+                    .unwrap();
+            }
+            solver.end_pass().unwrap();
+        }
+        solver.fix(&mut plan, dtype).unwrap();
+    }
     plan
 }
 
@@ -195,15 +207,35 @@ fn a_streamed_magnitude_prune_reaches_its_sparsity_within_one_weight_per_chunk()
 
 #[test]
 fn passes_that_cannot_stream_say_so() {
+    let shape = [ROWS as u64, COLS as u64];
     for kind in [
         "quantize: { method: hqq, bits: 4, granularity: tensor }",
         "lowrank: { rank: 8 }",
         "hashed: { fraction: 0.5 }",
     ] {
-        let plan = plan_of(&one(kind), DType::BF16, &[ROWS as u64, COLS as u64]);
-        assert!(plan.needs_whole_tensor(), "{kind}");
-        assert!(plan.whole_tensor_pass().is_some(), "{kind}");
+        // Solved over streamed passes, not a statistic and not the whole tensor at once.
+        let plan = plan_of(&one(kind), DType::BF16, &shape);
+        assert!(!plan.needs_whole_tensor(), "{kind}");
         assert_eq!(plan.pending_statistic(), None, "{kind}");
+        assert!(
+            solver::TensorSolver::for_plan(&plan, &shape)
+                .unwrap()
+                .is_some(),
+            "{kind}"
+        );
+    }
+    // After row pruning the factored matrix is the kept rows: still whole-tensor.
+    for kind in ["lowrank: { rank: 8 }", "hashed: { fraction: 0.5 }"] {
+        let yaml = one("prune: { method: rows, fraction: 0.25 }") + &one(kind);
+        let plan = plan_of(&yaml, DType::BF16, &shape);
+        assert!(plan.needs_whole_tensor(), "rows + {kind}");
+        assert!(plan.whole_tensor_pass().is_some(), "rows + {kind}");
+        assert!(
+            solver::TensorSolver::for_plan(&plan, &shape)
+                .unwrap()
+                .is_none(),
+            "rows + {kind}"
+        );
     }
     for kind in [
         "quantize: { bits: 4, granularity: group, group_size: 32 }",
@@ -226,4 +258,124 @@ fn a_statistic_fixed_into_the_wrong_plan_is_refused() {
     let mut other = plan.clone();
     let acc = StatsAccumulator::new(TensorStatistic::ValueHistogram, 8);
     assert!(acc.fix(&mut other).is_err());
+}
+
+/// Rows and columns large enough that the HQQ sums span several of their blocks and the
+/// chunks cut them anywhere.
+const BIG_ROWS: usize = 200;
+const BIG_COLS: usize = 256;
+
+#[test]
+fn per_tensor_hqq_streamed_is_the_whole_tensor_result_bit_for_bit() {
+    for dtype in [DType::BF16, DType::F32] {
+        let input = bytes_of(dtype, &weights(BIG_ROWS * BIG_COLS, 11));
+        for kind in [
+            "quantize: { method: hqq, bits: 4, granularity: tensor }",
+            "quantize: { method: hqq, bits: 3, granularity: tensor, iterations: 5 }",
+        ] {
+            let plan = plan_of(&one(kind), dtype, &[BIG_ROWS as u64, BIG_COLS as u64]);
+            let whole = encode_chunk(&plan, dtype, BIG_COLS, &input)
+                .unwrap()
+                .reconstruction;
+            for chunk_rows in [1, 7, 64, BIG_ROWS] {
+                let fixed = fix_streamed(plan.clone(), dtype, BIG_COLS, &input, chunk_rows);
+                assert!(
+                    matches!(fixed.fixed_values, Some(FixedValues::HqqTensor(_))),
+                    "{kind}"
+                );
+                let got = streamed(&plan, dtype, BIG_COLS, &input, chunk_rows);
+                assert!(
+                    got == whole,
+                    "{kind} {dtype:?}: {chunk_rows}-row chunks differ from the whole tensor"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hashed_sharing_streamed_is_the_whole_tensor_result_bit_for_bit() {
+    let dtype = DType::BF16;
+    let input = bytes_of(dtype, &weights(BIG_ROWS * BIG_COLS, 5));
+    let plan = plan_of(
+        &one("hashed: { fraction: 0.1 }"),
+        dtype,
+        &[BIG_ROWS as u64, BIG_COLS as u64],
+    );
+    let whole = encode_chunk(&plan, dtype, BIG_COLS, &input)
+        .unwrap()
+        .reconstruction;
+    for chunk_rows in [1, 7, 64, BIG_ROWS] {
+        let got = streamed(&plan, dtype, BIG_COLS, &input, chunk_rows);
+        assert!(got == whole, "{chunk_rows}-row chunks differ");
+    }
+}
+
+#[test]
+fn streamed_low_rank_does_not_depend_on_the_chunk_size_and_matches_the_whole_tensor_error() {
+    let dtype = DType::BF16;
+    let input = bytes_of(dtype, &weights(BIG_ROWS * BIG_COLS, 9));
+    let original = {
+        let mut v = vec![0f32; BIG_ROWS * BIG_COLS];
+        decode_to_f32(dtype, &input, &mut v).unwrap();
+        v
+    };
+    let sse = |recon: &[u8]| {
+        let mut v = vec![0f32; original.len()];
+        decode_to_f32(dtype, recon, &mut v).unwrap();
+        v.iter()
+            .zip(&original)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+    };
+    for kind in [
+        "lowrank: { rank: 16 }",
+        "lowrank: { rank: 8, power_iters: 2 }",
+        "lowrank: { energy: 0.5 }",
+    ] {
+        let plan = plan_of(&one(kind), dtype, &[BIG_ROWS as u64, BIG_COLS as u64]);
+        let whole = encode_chunk(&plan, dtype, BIG_COLS, &input)
+            .unwrap()
+            .reconstruction;
+        let reference = streamed(&plan, dtype, BIG_COLS, &input, BIG_ROWS);
+        for chunk_rows in [1, 7, 64] {
+            let got = streamed(&plan, dtype, BIG_COLS, &input, chunk_rows);
+            assert!(got == reference, "{kind}: {chunk_rows}-row chunks differ");
+        }
+        // Not the same summation order as the in-memory SVD, but as good a factorization.
+        let (streamed_sse, whole_sse) = (sse(&reference), sse(&whole));
+        assert!(
+            (streamed_sse - whole_sse).abs() <= 1e-3 * whole_sse,
+            "{kind}: streamed error {streamed_sse} vs whole-tensor {whole_sse}"
+        );
+    }
+}
+
+#[test]
+fn fixed_factors_and_buckets_write_one_frame_for_the_tensor() {
+    let dtype = DType::BF16;
+    let input = bytes_of(dtype, &weights(BIG_ROWS * BIG_COLS, 9));
+    for kind in ["lowrank: { rank: 4 }", "hashed: { fraction: 0.05 }"] {
+        let plan = plan_of(&one(kind), dtype, &[BIG_ROWS as u64, BIG_COLS as u64]);
+        let fixed = fix_streamed(plan, dtype, BIG_COLS, &input, 64);
+        assert!(fixed.for_chunk(0).writes_frame(), "{kind}");
+        assert!(!fixed.for_chunk(64).writes_frame(), "{kind}");
+        let row_bytes = BIG_COLS * dtype.size_bytes();
+        let first = encode_chunk(
+            &fixed.for_chunk(0),
+            dtype,
+            BIG_COLS,
+            &input[..64 * row_bytes],
+        )
+        .unwrap();
+        // The frame decodes to the whole tensor, the chunk's reconstruction is its rows.
+        let mut decoded = Vec::new();
+        crate::codec::decode_frame(&first.frame(), dtype, input.len(), &mut decoded).unwrap();
+        assert_eq!(decoded.len(), input.len(), "{kind}");
+        let all = streamed(&fixed, dtype, BIG_COLS, &input, 64);
+        assert!(
+            decoded == all,
+            "{kind}: the frame decodes to the streamed reconstruction"
+        );
+    }
 }

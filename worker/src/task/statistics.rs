@@ -1,7 +1,9 @@
 //! Pass 1 of a streamed tensor: the whole-tensor statistics its plan needs (a per-tensor
 //! scale, a magnitude cut, row or column norms, a k-means codebook), gathered chunk by
-//! chunk by [`shardpress_core::stream::StatsAccumulator`] and fixed into the plan before
-//! pass 2 re-reads the chunks and encodes each one; and the near-duplicate check's cosine,
+//! chunk by [`shardpress_core::stream::StatsAccumulator`], and the passes solved over
+//! several reads (low-rank factors, a per-tensor HQQ group, hashed buckets) by
+//! [`shardpress_core::stream::solver::TensorSolver`], fixed into the plan before pass 2
+//! re-reads the chunks and encodes each one; and the near-duplicate check's cosine,
 //! streamed over both tensors' chunks side by side. Either way at most a few chunks are in
 //! memory, never a whole tensor.
 
@@ -12,6 +14,7 @@ use shardpress_core::dtype::decode_to_f32;
 use shardpress_core::plan::PlannedTensor;
 use shardpress_core::quantize::row_len_of;
 use shardpress_core::similarity::CosineAccumulator;
+use shardpress_core::stream::solver::TensorSolver;
 use shardpress_core::stream::StatsAccumulator;
 use shardpress_store::StoreLocation;
 
@@ -37,10 +40,19 @@ pub(super) async fn prepare_plan(
     let row_bytes = tensor.stored_row_bytes(chunk_row_len);
     ctx.budget
         .check_chunk(tensor, row_bytes, ctx.chunk_bytes as u64)?;
+    // A magnitude prune's chunks are fixed blocks (in both passes: what a values statistic
+    // sees after it depends on them), so its output is the same for any chunk size and limit.
+    let fixed_chunk = plan.fixed_chunk_rows(row_len).map(|rows| {
+        usize::try_from(rows.saturating_mul(tensor.stored_row_bytes(row_len))).unwrap_or(usize::MAX)
+    });
+    if let Some(bytes) = fixed_chunk {
+        ctx.budget.check_chunk(tensor, row_bytes, bytes as u64)?;
+    }
+    let stats_chunk_bytes = fixed_chunk.unwrap_or(ctx.chunk_bytes);
     while let Some(statistic) = plan.pending_statistic() {
         let started = Instant::now();
         let mut acc = StatsAccumulator::new(statistic, row_len as usize);
-        let ranges = chunk_ranges(tensor, row_len, ctx.chunk_bytes);
+        let ranges = chunk_ranges(tensor, row_len, stats_chunk_bytes);
         let mut chunks = read_ahead(model, tensor, ranges);
         let (dtype, mut first_row) = (tensor.dtype, 0usize);
         let shared_plan = std::sync::Arc::new(plan.clone());
@@ -48,19 +60,11 @@ pub(super) async fn prepare_plan(
             let compute_started = Instant::now();
             let rows = values.len() / (row_len as usize * dtype.size_bytes()).max(1);
             let chunk_plan = shared_plan.clone();
-            acc = cpu::run(move || {
+            acc = cpu::run_codec(&tensor.name, move || {
                 acc.feed(&chunk_plan, dtype, first_row, &values)
                     .map(|()| acc)
             })
-            .await
-            .map_err(|message| TaskError::Compute {
-                tensor: tensor.name.clone(),
-                message,
-            })?
-            .map_err(|source| TaskError::Pipeline {
-                tensor: tensor.name.clone(),
-                source,
-            })?;
+            .await?;
             first_row += rows;
             timings.compute += compute_started.elapsed();
         }
@@ -71,7 +75,59 @@ pub(super) async fn prepare_plan(
         tracing::debug!(tensor = %tensor.name, ?statistic, seconds = started.elapsed().as_secs_f64(),
             "whole-tensor statistic gathered in a streamed pass");
     }
-    Ok((plan, ctx.chunk_bytes))
+    let chunk_bytes = solve(model, tensor, &mut plan, ctx, timings).await?;
+    Ok((plan, fixed_chunk.unwrap_or(chunk_bytes)))
+}
+
+/// Solves the plan's low-rank factors, per-tensor HQQ group or hashed buckets, if it has
+/// one, over as many streamed passes as the solver asks for, and fixes the result into the
+/// plan; refuses a tensor whose solver state cannot fit under the worker's memory budget.
+/// Returns the chunk size that fits beside that state.
+async fn solve(
+    model: &StoreLocation,
+    tensor: &PlannedTensor,
+    plan: &mut TensorPlan,
+    ctx: &TaskContext,
+    timings: &mut Timings,
+) -> Result<usize, TaskError> {
+    let pipeline = |source| TaskError::Pipeline {
+        tensor: tensor.name.clone(),
+        source,
+    };
+    let Some(mut solver) = TensorSolver::for_plan(plan, &tensor.shape).map_err(pipeline)? else {
+        return Ok(ctx.chunk_bytes);
+    };
+    let chunk_bytes = ctx
+        .budget
+        .solver_chunk_bytes(tensor, plan, ctx.chunk_bytes)?;
+    let started = Instant::now();
+    let row_len = row_len_of(&tensor.shape).max(1);
+    let (dtype, mut passes) = (tensor.dtype, 0usize);
+    let shared_plan = std::sync::Arc::new(plan.clone());
+    while solver.needs_pass() {
+        let ranges = chunk_ranges(tensor, row_len, chunk_bytes);
+        let mut chunks = read_ahead(model, tensor, ranges);
+        let mut first_row = 0usize;
+        while let Some(Chunk { values, .. }) = next_chunk(&mut chunks, ctx, timings).await? {
+            let compute_started = Instant::now();
+            let rows = values.len() / (row_len as usize * dtype.size_bytes()).max(1);
+            let chunk_plan = shared_plan.clone();
+            solver = cpu::run_codec(&tensor.name, move || {
+                solver
+                    .feed(&chunk_plan, dtype, first_row, row_len as usize, &values)
+                    .map(|()| solver)
+            })
+            .await?;
+            first_row += rows;
+            timings.compute += compute_started.elapsed();
+        }
+        solver = cpu::run_codec(&tensor.name, move || solver.end_pass().map(|()| solver)).await?;
+        passes += 1;
+    }
+    solver.fix(plan, dtype).map_err(pipeline)?;
+    tracing::info!(tensor = %tensor.name, pass = %plan.describe(), passes,
+        seconds = started.elapsed().as_secs_f64(), "whole-tensor pass solved over streamed passes");
+    Ok(chunk_bytes)
 }
 
 /// The exact cosine of two tensors of one dtype and shape, read side by side in chunks.
