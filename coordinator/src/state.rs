@@ -6,9 +6,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shardpress_core::plan::PlannedTask;
+use shardpress_proto::v1::task_lease::Kind;
 use shardpress_proto::v1::{
-    AssembleSlice, CompleteTaskRequest, FailTaskRequest, GlobalCut, JobState, JobStatus,
-    StagedOutput as ProtoStaged, TaskLease, TaskRef, TensorSlice,
+    AssembleSlice, CompleteTaskRequest, CompressTask, FailTaskRequest, GlobalCut, JobState,
+    JobStatus, MeasureTask, StagedOutput as ProtoStaged, TaskLease, TaskRef, TensorSlice,
+    TensorWork,
 };
 use shardpress_store::shared::SharedObject;
 use shardpress_store::staged::StagedOutput;
@@ -393,10 +395,11 @@ impl Coordinator {
     /// restarted coordinator can abort it) before the worker hears of it. `None` when the
     /// lease was lost meanwhile or staging failed (the attempt then counts as failed).
     async fn stage(&self, mut lease: TaskLease) -> Option<TaskLease> {
-        let writes_own_object = lease.write_at.is_none()
-            && !lease.measure_magnitudes
-            && !lease.sketch_tensors
-            && (lease.assemble.as_ref()).is_none_or(|a| a.slices == 1 && !a.hash_only);
+        let writes_own_object = match &lease.kind {
+            Some(Kind::Compress(task)) => task.write_at.is_none(),
+            Some(Kind::Assemble(slice)) => slice.slices == 1 && !slice.hash_only,
+            Some(Kind::Measure(_)) | None => false,
+        };
         if !writes_own_object {
             return Some(lease);
         }
@@ -778,24 +781,10 @@ fn base36(mut n: u64) -> String {
 
 fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
     let slot = &job.tasks[index];
-    let (measuring, measured, recipe) = (
-        job.phase == Phase::Measuring,
-        job.spec.measured.as_ref(),
-        &job.spec.recipe,
-    );
-    TaskLease {
-        job_id: job.id.clone(),
-        task_index: index as u32,
-        attempt: slot.attempt,
-        lease_ttl_ms: ttl.as_millis() as u32,
-        model_url: job.spec.model_url.clone(),
-        out_url: job.spec.out_url.clone(),
-        recipe_yaml: job.spec.recipe.source_yaml.clone(),
-        output_name: slot.plan.output_name.clone(),
-        tensors: slot
-            .plan
-            .tensors
-            .iter()
+    let (spec, measured) = (&job.spec, job.spec.measured.as_ref());
+    let work = || TensorWork {
+        recipe_yaml: spec.recipe.source_yaml.clone(),
+        tensors: (slot.plan.tensors.iter())
             .map(|t| {
                 let mut slice = TensorSlice::from(t);
                 slice.share_candidate = measured
@@ -804,22 +793,35 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
                 slice
             })
             .collect(),
-        format: job.spec.format.as_str().to_string(),
-        assemble: slot.assemble.clone(),
-        measure_magnitudes: measuring && recipe.global_sparsity().is_some(),
-        global_cut: measured.and_then(|m| m.cut).map(|c| GlobalCut {
-            bin: c.bin,
-            tie_fraction: c.tie_fraction,
+        format: spec.format.as_str().to_string(),
+        model_facts: spec.facts.to_json(),
+    };
+    let kind = match (&slot.assemble, job.phase) {
+        (Some(assemble), _) => Kind::Assemble(assemble.clone()),
+        (None, Phase::Measuring) => Kind::Measure(MeasureTask {
+            work: Some(work()),
+            magnitudes: spec.recipe.global_sparsity().is_some(),
+            sketches: spec.recipe.share_cosine.is_some(),
         }),
-        sketch_tensors: measuring && recipe.share_cosine.is_some(),
-        share_cosine: recipe.share_cosine.unwrap_or_default(),
-        model_facts: job.spec.facts.to_json(),
-        write_at: job
-            .spec
-            .in_place
-            .as_ref()
-            .filter(|_| slot.assemble.is_none())
-            .and_then(|p| p.outputs.get(index).cloned()),
+        (None, _) => Kind::Compress(CompressTask {
+            work: Some(work()),
+            global_cut: measured.and_then(|m| m.cut).map(|c| GlobalCut {
+                bin: c.bin,
+                tie_fraction: c.tie_fraction,
+            }),
+            share_cosine: spec.recipe.share_cosine.unwrap_or_default(),
+            write_at: (spec.in_place.as_ref()).and_then(|p| p.outputs.get(index).cloned()),
+        }),
+    };
+    TaskLease {
+        job_id: job.id.clone(),
+        task_index: index as u32,
+        attempt: slot.attempt,
+        lease_ttl_ms: ttl.as_millis() as u32,
+        model_url: spec.model_url.clone(),
+        out_url: spec.out_url.clone(),
+        output_name: slot.plan.output_name.clone(),
         staged: None,
+        kind: Some(kind),
     }
 }

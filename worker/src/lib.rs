@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shardpress_proto::v1::task_lease::Kind;
 use shardpress_proto::v1::{
     AcquireTaskRequest, FailTaskRequest, HeartbeatRequest, RegisterWorkerRequest, TaskLease,
     TaskRef,
@@ -240,8 +241,14 @@ async fn lease_task(
         attempt: lease.attempt,
         worker_id: worker_id.to_string(),
     };
+    let kind = match &lease.kind {
+        Some(Kind::Compress(_)) => "compress",
+        Some(Kind::Measure(_)) => "measure",
+        Some(Kind::Assemble(_)) => "assemble",
+        None => "none",
+    };
     tracing::info!(job = %lease.job_id, task = lease.task_index, attempt = lease.attempt,
-        output = %lease.output_name, tensors = lease.tensors.len(), "task acquired");
+        kind, output = %lease.output_name, "task acquired");
     let progress = Arc::new(AtomicU64::new(0));
     let heartbeat = tokio::spawn(heartbeat_loop(
         client.clone(),
@@ -270,7 +277,7 @@ async fn lease_task(
                 Ok(r) if r.get_ref().accepted => {
                     let peak_rss_mb = memory::peak_rss_bytes().map(|b| b as f64 / 1e6);
                     tracing::info!(task = lease.task_index, peak_rss_mb, "task completed");
-                    if let Some(slice) = &lease.assemble {
+                    if let Some(Kind::Assemble(slice)) = &lease.kind {
                         assemble::delete_consumed(&lease, slice).await;
                     }
                 }

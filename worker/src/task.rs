@@ -17,8 +17,10 @@ use shardpress_core::prune::{magnitude_histogram, GlobalCut, MAGNITUDE_BINS};
 use shardpress_core::quantize::row_len_of;
 use shardpress_core::recipe::{OutputFormat, Recipe};
 use shardpress_core::similarity::Sketcher;
+use shardpress_proto::v1::task_lease::Kind;
 use shardpress_proto::v1::{
-    CompleteTaskRequest, TaskLease, TensorResult, TensorSketch, TensorSlice,
+    CompleteTaskRequest, CompressTask, MeasureTask, PositionedOutput, TaskLease, TensorResult,
+    TensorSketch, TensorSlice, TensorWork,
 };
 use shardpress_store::shared::{SharedObject, SliceWriter};
 use shardpress_store::staged::{StagedOutput, StagedWriter};
@@ -80,48 +82,90 @@ fn check_extent(tensor: &PlannedTensor) -> Result<(), TaskError> {
     Ok(())
 }
 
-/// Executes a lease and returns the completion report (without its `task` field).
+/// Executes a lease and returns the completion report (without its `task` field). The
+/// lease's kind is read here, once: each kind of task has its own function.
 pub async fn execute(
     lease: &TaskLease,
     ctx: &TaskContext,
 ) -> Result<CompleteTaskRequest, TaskError> {
-    let started = Instant::now();
-    if let Some(assemble) = &lease.assemble {
-        return crate::assemble::assemble(lease, assemble, ctx).await;
+    match &lease.kind {
+        Some(Kind::Compress(task)) => compress(lease, task, ctx).await,
+        Some(Kind::Measure(task)) => measure(lease, task, ctx).await,
+        Some(Kind::Assemble(slice)) => crate::assemble::assemble(lease, slice, ctx).await,
+        None => Err(TaskError::BadLease(
+            "the lease names no kind of task (a coordinator of another version?)".into(),
+        )),
     }
-    let recipe = Recipe::from_yaml(&lease.recipe_yaml)?;
-    let format = match lease.format.as_str() {
-        "" => OutputFormat::Safetensors,
-        other => OutputFormat::parse(other).ok_or_else(|| {
-            TaskError::BadLease(format!(
-                "unknown output format {other:?} (this worker writes {})",
-                OutputFormat::names()
-            ))
-        })?,
-    };
-    let facts = ModelFacts::from_json(&lease.model_facts).map_err(TaskError::BadLease)?;
-    let model = StoreLocation::open(&lease.model_url)?;
-    let out = StoreLocation::open(&lease.out_url)?;
-    let tensors = lease
-        .tensors
-        .iter()
-        .map(PlannedTensor::try_from)
-        .collect::<Result<Vec<_>, _>>()?;
-    for tensor in &tensors {
-        check_extent(tensor)?;
-    }
-    let mut plans = tensors
-        .iter()
-        .map(|t| {
-            TensorPlan::for_output(&recipe, format, &facts, &t.name, t.dtype, &t.shape)
-                .map_err(|e| TaskError::BadLease(e.to_string()))
+}
+
+/// A task's tensors, each with its plan, as its lease's [`TensorWork`] gives them.
+struct Work {
+    recipe: Recipe,
+    format: OutputFormat,
+    facts: ModelFacts,
+    model: StoreLocation,
+    tensors: Vec<PlannedTensor>,
+    plans: Vec<TensorPlan>,
+}
+
+impl Work {
+    fn of(lease: &TaskLease, work: Option<&TensorWork>) -> Result<Self, TaskError> {
+        let work = work.ok_or_else(|| TaskError::BadLease("the task lists no tensors".into()))?;
+        let recipe = Recipe::from_yaml(&work.recipe_yaml)?;
+        let format = match work.format.as_str() {
+            "" => OutputFormat::Safetensors,
+            other => OutputFormat::parse(other).ok_or_else(|| {
+                TaskError::BadLease(format!(
+                    "unknown output format {other:?} (this worker writes {})",
+                    OutputFormat::names()
+                ))
+            })?,
+        };
+        let facts = ModelFacts::from_json(&work.model_facts).map_err(TaskError::BadLease)?;
+        let model = StoreLocation::open(&lease.model_url)?;
+        let tensors = (work.tensors.iter())
+            .map(PlannedTensor::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        for tensor in &tensors {
+            check_extent(tensor)?;
+        }
+        let plans = tensors
+            .iter()
+            .map(|t| {
+                TensorPlan::for_output(&recipe, format, &facts, &t.name, t.dtype, &t.shape)
+                    .map_err(|e| TaskError::BadLease(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            recipe,
+            format,
+            facts,
+            model,
+            tensors,
+            plans,
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    if lease.measure_magnitudes || lease.sketch_tensors {
-        return measure(lease, &model, &tensors, &plans, ctx, started).await;
     }
+}
+
+/// A compressing task: every tensor through its plan into the task's output.
+async fn compress(
+    lease: &TaskLease,
+    task: &CompressTask,
+    ctx: &TaskContext,
+) -> Result<CompleteTaskRequest, TaskError> {
+    let started = Instant::now();
+    let Work {
+        recipe,
+        format,
+        facts,
+        model,
+        tensors,
+        mut plans,
+    } = Work::of(lease, task.work.as_ref())?;
+    let slices = task.work.as_ref().map_or(&[][..], |w| &w.tensors[..]);
+    let out = StoreLocation::open(&lease.out_url)?;
     for plan in &mut plans {
-        set_global_cut(plan, lease.global_cut.as_ref())?;
+        set_global_cut(plan, task.global_cut.as_ref())?;
     }
     let described: Vec<(TensorDesc<'_>, &TensorPlan)> =
         tensors.iter().map(describe).zip(&plans).collect();
@@ -132,20 +176,20 @@ pub async fn execute(
 
     // Parts are hashed as the files they are assembled into.
     let hashed = !format.spec().assembles_parts();
-    let mut writer = ShardWriter::open(lease, &out, hashed).await?;
+    let mut writer = ShardWriter::open(lease, task.write_at.as_ref(), &out, hashed).await?;
     writer.write(&prefix);
 
     let mut timings = Timings::default();
     let mut results = Vec::with_capacity(tensors.len());
-    for ((tensor, plan), slice) in tensors.iter().zip(plans).zip(&lease.tensors) {
+    for ((tensor, plan), slice) in tensors.iter().zip(plans).zip(slices) {
         let shared = match slice.share_candidate.as_deref() {
             Some(candidate) => {
                 let near = NearIdentical {
                     recipe: &recipe,
                     tensor,
                     candidate,
-                    global_cut: lease.global_cut.as_ref(),
-                    threshold: lease.share_cosine,
+                    global_cut: task.global_cut.as_ref(),
+                    threshold: task.share_cosine,
                     format,
                     facts: &facts,
                 };
@@ -242,11 +286,12 @@ impl ShardWriter {
     /// lease stages it.
     pub(crate) async fn open(
         lease: &TaskLease,
+        write_at: Option<&PositionedOutput>,
         out: &StoreLocation,
         hashed: bool,
     ) -> Result<Self, TaskError> {
         let hasher = hashed.then(blake3::Hasher::new);
-        let Some(at) = &lease.write_at else {
+        let Some(at) = write_at else {
             return Self::staged(lease, out, hasher).await;
         };
         let object = SharedObject {
@@ -377,25 +422,29 @@ impl ShardWriter {
 /// float tensor; read chunk by chunk, nothing written.
 async fn measure(
     lease: &TaskLease,
-    model: &StoreLocation,
-    tensors: &[PlannedTensor],
-    plans: &[TensorPlan],
+    task: &MeasureTask,
     ctx: &TaskContext,
-    started: Instant,
 ) -> Result<CompleteTaskRequest, TaskError> {
+    let started = Instant::now();
+    let Work {
+        model,
+        tensors,
+        plans,
+        ..
+    } = Work::of(lease, task.work.as_ref())?;
     let mut timings = Timings::default();
     let mut histogram = vec![0u64; MAGNITUDE_BINS];
     let mut sketches = Vec::new();
-    for (tensor, plan) in tensors.iter().zip(plans) {
-        let with_histogram = lease.measure_magnitudes && plan.needs_global_cut();
+    for (tensor, plan) in tensors.iter().zip(&plans) {
+        let with_histogram = task.magnitudes && plan.needs_global_cut();
         let with_sketch =
-            lease.sketch_tensors && tensor.shape.len() >= 2 && tensor.dtype.is_decodable_float();
+            task.sketches && tensor.shape.len() >= 2 && tensor.dtype.is_decodable_float();
         if !with_histogram && !with_sketch {
             continue;
         }
         let mut sketcher = Some(Sketcher::new(elements(tensor) as usize));
         let ranges = chunk_ranges(tensor, 1, ctx.chunk_bytes);
-        let mut chunks = read_ahead(model, tensor, ranges);
+        let mut chunks = read_ahead(&model, tensor, ranges);
         while let Some(Chunk {
             values: input,
             stored_len: len,
@@ -440,7 +489,7 @@ async fn measure(
         seconds: started.elapsed().as_secs_f64(),
         read_seconds: timings.read.as_secs_f64(),
         compute_seconds: timings.compute.as_secs_f64(),
-        magnitude_histogram: if lease.measure_magnitudes {
+        magnitude_histogram: if task.magnitudes {
             histogram
         } else {
             Vec::new()
@@ -929,4 +978,42 @@ async fn decode_chunk(
         values: Bytes::from(values),
         stored_len,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> TaskContext {
+        TaskContext {
+            progress: Default::default(),
+            cancelled: Default::default(),
+            chunk_bytes: 1 << 20,
+            budget: MemoryBudget::default(),
+            delay_per_chunk: std::time::Duration::ZERO,
+            stall_before_finish: std::time::Duration::ZERO,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_without_a_kind_or_without_tensors_is_refused_before_any_io() {
+        let lease = TaskLease {
+            model_url: "memory:///nothing-here".into(),
+            out_url: "memory:///out".into(),
+            output_name: "shard.safetensors".into(),
+            ..Default::default()
+        };
+        let none = execute(&lease, &context()).await.unwrap_err();
+        assert!(none.to_string().contains("names no kind of task"), "{none}");
+        let empty = TaskLease {
+            kind: Some(Kind::Compress(CompressTask::default())),
+            ..lease
+        };
+        let no_work = execute(&empty, &context()).await.unwrap_err();
+        assert!(
+            no_work.to_string().contains("lists no tensors"),
+            "{no_work}"
+        );
+        assert!(!no_work.is_retryable());
+    }
 }
