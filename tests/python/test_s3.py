@@ -197,7 +197,7 @@ def test_a_stale_worker_cannot_replace_an_object_on_s3_and_its_upload_is_aborted
                                   "--reconnect-secs", "0"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         log = wait_for(tmp_path / "paused.log", "task acquired")
-        stale = log.split(" output=")[1].split(" ")[0]
+        stale = log.split(" output=")[1].split()[0]
         # The attempt's upload exists, begun by the coordinator (and journaled).
         assert client.list_multipart_uploads(Bucket="models").get("Uploads", []) != []
         coordinator.kill()
