@@ -125,6 +125,52 @@ mod tests {
         assert_eq!(tiny.chunk_bytes(usize::MAX), 64 * 1024);
     }
 
+    fn tensor(rows: u64, cols: u64) -> PlannedTensor {
+        PlannedTensor {
+            name: "model.w".into(),
+            source_file: "model.safetensors".into(),
+            dtype: shardpress_core::dtype::DType::BF16,
+            shape: vec![rows, cols],
+            data_start: 0,
+            data_end: rows * cols * 2,
+            scales: None,
+            packed: None,
+        }
+    }
+
+    fn plan(pass: &str, t: &PlannedTensor) -> TensorPlan {
+        let yaml = format!("passes:\n  - {pass}\n    targets: ['re:.*']\n");
+        let recipe = shardpress_core::recipe::Recipe::from_yaml(&yaml).unwrap();
+        TensorPlan::for_tensor(&recipe, &t.name, t.dtype, &t.shape).unwrap()
+    }
+
+    #[test]
+    fn a_solver_state_over_the_limit_is_refused_by_name_and_one_under_it_shrinks_chunks() {
+        let t = tensor(16384, 32768);
+        let limit = MemoryBudget {
+            limit: Some(512_000_000),
+        };
+        // 10 % hashed buckets of a 1 GiB tensor: 1.3 GB of sums.
+        let err = limit
+            .solver_chunk_bytes(&t, &plan("hashed: { fraction: 0.1 }", &t), 16 << 20)
+            .unwrap_err();
+        let message = err.to_string();
+        for needle in ["model.w", "hashed", "--memory-limit", "512.0 MB"] {
+            assert!(message.contains(needle), "{needle}: {message}");
+        }
+        // Rank 64: fits, with chunks smaller than beside nothing.
+        let low = plan("lowrank: { rank: 64 }", &t);
+        let chunk = limit.solver_chunk_bytes(&t, &low, usize::MAX).unwrap();
+        assert!(chunk < limit.chunk_bytes(usize::MAX), "{chunk}");
+        assert!(chunk > 1 << 20, "{chunk}");
+        // Without a limit nothing is refused or shrunk.
+        let unbounded = MemoryBudget { limit: None };
+        assert_eq!(
+            unbounded.solver_chunk_bytes(&t, &low, 16 << 20).unwrap(),
+            16 << 20
+        );
+    }
+
     #[test]
     fn human_sizes() {
         assert_eq!(human_bytes(512_000_000), "512.0 MB");

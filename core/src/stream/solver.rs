@@ -21,7 +21,6 @@ use crate::codec::{self, CodecError, TensorPlan};
 use crate::dtype::{decode_to_f32, encode_from_f32, DType};
 use crate::hashnet::BucketSums;
 use crate::hqq::streamed::StreamedHqq;
-use crate::hqq::HqqConfig;
 use crate::lowrank::streamed::StreamedLowRank;
 use crate::recipe::{Granularity, PassKind, RankRule};
 
@@ -32,10 +31,7 @@ const SEED: u64 = codec::PASS_SEED;
 #[derive(Debug)]
 pub enum TensorSolver {
     LowRank(Box<StreamedLowRank>),
-    Hqq {
-        cfg: HqqConfig,
-        solver: Box<StreamedHqq>,
-    },
+    Hqq(Box<StreamedHqq>),
     /// The sums, and whether their one pass is over.
     Hashed {
         sums: BucketSums,
@@ -84,10 +80,7 @@ impl TensorSolver {
             Some(PassKind::Hqq(cfg)) if cfg.granularity == Granularity::Tensor => {
                 let solver =
                     StreamedHqq::new(*cfg).map_err(|e| pass_err("quantize")(e.to_string()))?;
-                Some(TensorSolver::Hqq {
-                    cfg: *cfg,
-                    solver: Box::new(solver),
-                })
+                Some(TensorSolver::Hqq(Box::new(solver)))
             }
             Some(PassKind::Hashed { fraction }) => {
                 let sums = BucketSums::new(hashed_buckets(elements, *fraction), SEED)
@@ -102,7 +95,7 @@ impl TensorSolver {
     pub fn needs_pass(&self) -> bool {
         match self {
             TensorSolver::LowRank(lr) => lr.needs_pass(),
-            TensorSolver::Hqq { solver, .. } => solver.needs_pass(),
+            TensorSolver::Hqq(solver) => solver.needs_pass(),
             TensorSolver::Hashed { done, .. } => !done,
         }
     }
@@ -135,7 +128,7 @@ impl TensorSolver {
             TensorSolver::LowRank(lr) => lr
                 .feed(&values)
                 .map_err(|e| pass_error("lowrank", e.to_string())),
-            TensorSolver::Hqq { solver, .. } => {
+            TensorSolver::Hqq(solver) => {
                 let rows = values.len() / row_len;
                 let kept =
                     codec::structure_kept(&plan.for_chunk(first_row), &values, row_len, rows)?;
@@ -160,7 +153,7 @@ impl TensorSolver {
             TensorSolver::LowRank(lr) => lr
                 .end_pass()
                 .map_err(|e| pass_error("lowrank", e.to_string())),
-            TensorSolver::Hqq { solver, .. } => {
+            TensorSolver::Hqq(solver) => {
                 solver.end_pass();
                 Ok(())
             }
@@ -186,7 +179,7 @@ impl TensorSolver {
                     first_row: 0,
                 }
             }
-            TensorSolver::Hqq { solver, .. } => {
+            TensorSolver::Hqq(solver) => {
                 FixedValues::HqqTensor(solver.result().ok_or_else(unfinished)?)
             }
             TensorSolver::Hashed { sums, done } => {
