@@ -1,14 +1,17 @@
-//! A whole cluster in one process: the coordinator's gRPC server and two workers as tasks of
-//! one tokio runtime, talking over loopback, with the model and the output in a `memory://`
-//! store (one per process, shared by every location in it). The same job run with one and
-//! with two workers gives byte-identical outputs, and `verify` passes on both: write fencing
-//! (staging objects renamed by the coordinator) works on a store that is neither a local
-//! filesystem nor S3.
+//! A whole cluster in one process: the coordinator's gRPC server and workers as tasks of one
+//! tokio runtime, talking over loopback, with the model in a `memory://` store (one per
+//! process, shared by every location in it). The same job run with one worker into
+//! `memory://` (outputs staged and renamed by the coordinator) and with two workers into an
+//! `s3://` bucket whose store the test injects (an in-memory store taking multipart uploads
+//! as S3 does: the coordinator begins each attempt's upload, the workers upload parts, the
+//! coordinator completes it) gives byte-identical outputs, and `verify` passes on both.
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use object_store::memory::InMemory;
 use shardpress_coordinator::finalize::{verify, Manifest, MANIFEST_NAME};
 use shardpress_coordinator::{Coordinator, CoordinatorConfig};
 use shardpress_core::recipe::Recipe;
@@ -111,7 +114,10 @@ async fn a_cluster_in_one_process_compresses_a_model_in_a_memory_store() {
             .unwrap();
     }
     let one = run_in_process(model.url(), "memory:///in-process/one", 1).await;
-    let two = run_in_process(model.url(), "memory:///in-process/two", 2).await;
+    let bucket = Arc::new(InMemory::new());
+    shardpress_store::register_store("s3://injected", bucket.clone(), Some(bucket.clone()))
+        .unwrap();
+    let two = run_in_process(model.url(), "s3://injected/two", 2).await;
     let hashes = |m: &Manifest| -> Vec<(String, String)> {
         let objects = m.objects.iter().filter(|o| o.name != "report.json");
         objects

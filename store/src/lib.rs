@@ -124,6 +124,31 @@ fn opened_stores() -> &'static std::sync::Mutex<std::collections::HashMap<String
     STORES.get_or_init(Default::default)
 }
 
+/// The key of `url`'s store in [`opened_stores`]: its scheme and authority.
+fn store_key(url: &url::Url) -> String {
+    format!("{}://{}", url.scheme(), url.authority())
+}
+
+/// Makes `store` the store of `url`'s scheme and authority (`s3://bucket`, `memory://`) for
+/// the rest of this process, in place of one built from the environment: every location
+/// under it, in the coordinator and the workers of this process, uses it. For programs that
+/// embed shardpress with object stores of their own, and for tests (an in-memory store
+/// standing in for a bucket). `multipart` is the same store where it takes multipart uploads
+/// part by part (as S3 does); without it, outputs are staged and renamed.
+pub fn register_store(
+    url: &str,
+    store: Arc<dyn ObjectStore>,
+    multipart: Option<Arc<dyn MultipartStore>>,
+) -> Result<(), StoreError> {
+    let url = normalize_url(url)?;
+    let mut stores = opened_stores().lock().map_err(|_| StoreError::InvalidUrl {
+        url: url.to_string(),
+        reason: "the store registry is unusable (a thread panicked holding it)".into(),
+    })?;
+    stores.insert(store_key(&url), (store, multipart));
+    Ok(())
+}
+
 /// Builds the store of `url` with the environment's (and for S3 the profiles') settings.
 fn build_store(url: &url::Url, is_s3: bool) -> Result<OpenedStore, StoreError> {
     let invalid = |e: object_store::Error| StoreError::InvalidUrl {
@@ -182,7 +207,7 @@ impl StoreLocation {
                 url: url.to_string(),
                 reason: e.to_string(),
             })?;
-        let key = format!("{}://{}", url.scheme(), url.authority());
+        let key = store_key(&url);
         let known = opened_stores()
             .lock()
             .ok()
