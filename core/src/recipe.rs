@@ -210,6 +210,69 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
 
 const REGEX_PREFIX: &str = "re:";
 
+/// The largest recipe accepted: real ones are a few KB; a coordinator parses what any
+/// client sends.
+pub const MAX_RECIPE_BYTES: usize = 256 * 1024;
+/// The deepest nesting accepted, in brackets (`[`, `{`) or in columns of indentation.
+pub const MAX_RECIPE_NESTING: usize = 64;
+/// The most YAML aliases (`*name`) accepted: each may expand to a copy of what it names.
+pub const MAX_RECIPE_ALIASES: usize = 256;
+
+/// Refuses, before parsing, a recipe too large or too deeply nested to be one (a hostile
+/// one could otherwise hold a coordinator's parser for a long time).
+fn check_recipe_shape(yaml: &str) -> Result<(), RecipeError> {
+    let refuse = |reason: String| RecipeError::Invalid {
+        field: "(the recipe)".into(),
+        reason,
+    };
+    if yaml.len() > MAX_RECIPE_BYTES {
+        return Err(refuse(format!(
+            "{} bytes, over the limit of {MAX_RECIPE_BYTES}",
+            yaml.len()
+        )));
+    }
+    let (mut depth, mut aliases) = (0usize, 0usize);
+    for (number, line) in yaml.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        if indent > MAX_RECIPE_NESTING * 2 {
+            return Err(refuse(format!(
+                "line {} is indented {indent} columns, over the limit of {}",
+                number + 1,
+                MAX_RECIPE_NESTING * 2
+            )));
+        }
+        // Brackets and aliases outside quotes and comments (closing brackets of a line may
+        // follow on later lines, so depth carries over).
+        let mut quote: Option<char> = None;
+        let mut previous = ' ';
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), _) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') if previous.is_whitespace() => break,
+                (None, '[' | '{') => depth += 1,
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                (None, '*') if matches!(previous, ' ' | '[' | ',' | ':') => aliases += 1,
+                _ => {}
+            }
+            if depth > MAX_RECIPE_NESTING {
+                return Err(refuse(format!(
+                    "brackets nested more than {MAX_RECIPE_NESTING} deep at line {}",
+                    number + 1
+                )));
+            }
+            previous = c;
+        }
+    }
+    if aliases > MAX_RECIPE_ALIASES {
+        return Err(refuse(format!(
+            "{aliases} YAML aliases, over the limit of {MAX_RECIPE_ALIASES}"
+        )));
+    }
+    Ok(())
+}
+
 /// A `targets` or `ignore` entry of a recipe that selects no tensor of a model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Unmatched {
@@ -497,6 +560,7 @@ const PRESETS: [(&str, &str); 23] = [
 impl Recipe {
     /// Parses and validates a recipe; keeps `yaml` in `source_yaml`.
     pub fn from_yaml(yaml: &str) -> Result<Recipe, RecipeError> {
+        check_recipe_shape(yaml)?;
         let raw: RawRecipe = serde_norway::from_str(yaml).map_err(|e| {
             let loc = e.location();
             RecipeError::Yaml {

@@ -332,3 +332,23 @@ fn built_in_recipes_compress_the_language_models_linear_weights_and_nothing_else
         );
     }
 }
+
+#[test]
+fn recipes_too_large_or_too_deeply_nested_are_refused_before_parsing() {
+    let refused = |yaml: &str| Recipe::from_yaml(yaml).unwrap_err().to_string();
+    let deep = format!("passes: {}{}", "[".repeat(100), "]".repeat(100));
+    assert!(
+        refused(&deep).contains("nested more than 64 deep"),
+        "{}",
+        refused(&deep)
+    );
+    let indented = format!("passes:\n{}- x\n", " ".repeat(200));
+    assert!(refused(&indented).contains("indented 200 columns"));
+    let large = format!("name: {}\npasses: []\n", "x".repeat(MAX_RECIPE_BYTES));
+    assert!(refused(&large).contains("over the limit"));
+    let aliases = format!("passes: [{}]\n", vec!["*a"; 300].join(", "));
+    assert!(refused(&aliases).contains("300 YAML aliases"));
+    // Brackets in quotes, comments and regexes are not nesting; a real recipe passes.
+    let fine = "passes:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n    targets: ['re:.*layers\\.[0-9]+\\.mlp.*', \"[[[[\"]  # [[[[\n";
+    Recipe::from_yaml(fine).unwrap();
+}
