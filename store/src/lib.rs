@@ -29,25 +29,56 @@ pub mod spz;
 pub mod staged;
 pub use model::{resolve_model, ModelFiles, INDEX_NAME};
 
+/// `text` with the password of every URL in it hidden (`http://user:***@host`), so that
+/// credentials written into a URL (`AWS_ENDPOINT=http://user:secret@minio:9000`) never reach
+/// an error message, a log or a report.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let end = after
+            .find(|c: char| c == '/' || c.is_whitespace() || "\"'()<>,;".contains(c))
+            .unwrap_or(after.len());
+        let authority = &after[..end];
+        match authority.rfind('@') {
+            Some(user_end) => {
+                let user = &authority[..user_end];
+                let name = user.split(':').next().unwrap_or_default();
+                out.push_str(name);
+                if user.contains(':') {
+                    out.push_str(":***");
+                }
+                out.push_str(&authority[user_end..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// What can go wrong talking to storage; every variant names the object.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("invalid storage URL {url:?}: {reason}")]
+    #[error("invalid storage URL {:?}: {}", redact(.url), redact(.reason))]
     InvalidUrl { url: String, reason: String },
     #[error("object not found: {object}")]
     NotFound { object: String },
     // The causes are part of the message, not also error sources, so that a chain printer
     // (anyhow's `{:#}`) does not print them twice.
-    #[error("storage error on {object}: {cause}")]
+    #[error("storage error on {}: {}", redact(.object), redact(&.cause.to_string()))]
     Io {
         object: String,
         cause: object_store::Error,
     },
     #[error("{object} is not a valid safetensors file: {cause}")]
     Header { object: String, cause: HeaderError },
-    #[error("{object}: {reason}")]
+    #[error("{}: {}", redact(.object), redact(.reason))]
     Invalid { object: String, reason: String },
-    #[error("no credentials found for {object}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials (AWS_PROFILE to choose one); the instance metadata service, asked last, did not give any ({cause})")]
+    #[error("no credentials found for {}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials (AWS_PROFILE to choose one); the instance metadata service, asked last, did not give any ({})", redact(.object), redact(.cause))]
     NoCredentials { object: String, cause: String },
 }
 
@@ -293,9 +324,9 @@ impl StoreLocation {
     /// The display name of an object, for messages.
     pub fn describe(&self, name: &str) -> String {
         if name.is_empty() {
-            self.url.clone()
+            redact(&self.url)
         } else {
-            format!("{}/{}", self.url, name)
+            redact(&format!("{}/{}", self.url, name))
         }
     }
 
@@ -486,6 +517,24 @@ pub async fn read_source_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_urls_never_reach_a_message() {
+        assert_eq!(
+            redact("GET http://user:s3cret@minio:9000/bucket/x failed"),
+            "GET http://user:***@minio:9000/bucket/x failed"
+        );
+        assert_eq!(redact("s3://bucket/a:b@c"), "s3://bucket/a:b@c");
+        assert_eq!(redact("https://token@host/x"), "https://token@host/x");
+        assert_eq!(redact("no url here: a@b"), "no url here: a@b");
+        let error = StoreError::Invalid {
+            object: "http://me:hunter2@host/model".into(),
+            reason: "see http://me:hunter2@host".into(),
+        };
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        let location = StoreLocation::open("http://me:hunter2@host/model").unwrap();
+        assert!(!location.describe("config.json").contains("hunter2"));
+    }
 
     fn io(cause: object_store::Error) -> StoreError {
         StoreError::Io {
