@@ -7,7 +7,7 @@
 //! than wait for a worker that may never come.
 
 use shardpress_core::codec::TensorPlan;
-use shardpress_core::memory::tensor_need;
+use shardpress_core::memory::{human_bytes, tensor_need};
 use shardpress_core::plan::PlannedTask;
 
 use crate::job::JobSpec;
@@ -64,16 +64,6 @@ pub fn unassignable_message(index: usize, output: &str, need: &TaskNeed, largest
         need.pass,
         human_bytes(largest)
     )
-}
-
-/// `bytes` for humans, in the units `--memory-limit` takes: `1.50 GB`, `512.0 MB`.
-pub fn human_bytes(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else {
-        format!("{:.1} MB", b / 1e6)
-    }
 }
 
 #[cfg(test)]

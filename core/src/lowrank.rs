@@ -431,6 +431,30 @@ struct Sketch {
     wt: Vec<f64>,
 }
 
+/// B·Bᵀ of the `l`×`n` row-major `b`, made exactly symmetric (the eigen solver expects it).
+pub(crate) fn symmetric_gram(b: &[f64], l: usize, n: usize) -> Vec<f64> {
+    let mut g = vec![0f64; l * l];
+    let bv = View {
+        data: b,
+        rs: n,
+        cs: 1,
+    };
+    let btv = View {
+        data: b,
+        rs: 1,
+        cs: n,
+    };
+    dgemm(l, n, l, 1.0, bv, btv, 0.0, &mut g, l, 1);
+    for i in 0..l {
+        for j in 0..i {
+            let avg = 0.5 * (g[i * l + j] + g[j * l + i]);
+            g[i * l + j] = avg;
+            g[j * l + i] = avg;
+        }
+    }
+    g
+}
+
 fn sketch(a: &[f32], m: usize, n: usize, width: usize, power_iters: usize, seed: u64) -> Sketch {
     let omega_t = gaussian_rows(width, n, seed);
     let mut qt = times_at(&omega_t, width, a, m, n);
@@ -445,25 +469,7 @@ fn sketch(a: &[f32], m: usize, n: usize, width: usize, power_iters: usize, seed:
         .into_iter()
         .map(f64::from)
         .collect();
-    let mut g = vec![0f64; width * width];
-    let bv = View {
-        data: &b,
-        rs: n,
-        cs: 1,
-    };
-    let btv = View {
-        data: &b,
-        rs: 1,
-        cs: n,
-    };
-    dgemm(width, n, width, 1.0, bv, btv, 0.0, &mut g, width, 1);
-    for i in 0..width {
-        for j in 0..i {
-            let avg = 0.5 * (g[i * width + j] + g[j * width + i]);
-            g[i * width + j] = avg;
-            g[j * width + i] = avg;
-        }
-    }
+    let mut g = symmetric_gram(&b, width, n);
     let (lambda, wt) = symmetric_eigen(&mut g, width);
     Sketch {
         width,

@@ -72,6 +72,16 @@ pub fn tensor_need(plan: &TensorPlan, dtype: DType, shape: &[u64]) -> Option<Mem
     })
 }
 
+/// `bytes` for humans, in the units `--memory-limit` takes: `1.50 GB`, `512.0 MB`.
+pub fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else {
+        format!("{:.1} MB", b / 1e6)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -179,18 +179,7 @@ impl StatsAccumulator {
         input: &[u8],
     ) -> Result<(), CodecError> {
         let row_len = self.row_len.max(1);
-        let mut values = vec![0f32; input.len() / dtype.size_bytes().max(1)];
-        decode_to_f32(dtype, input, &mut values)?;
-        if values.len() % row_len != 0 {
-            return Err(CodecError::RaggedInput {
-                len: input.len(),
-                row_len,
-                elem_size: dtype.size_bytes(),
-            });
-        }
-        if plan.keep_non_finite_rows {
-            values = finite_rows(values, row_len);
-        }
+        let mut values = decode_rows(plan, dtype, row_len, input)?;
         let rows = values.len() / row_len;
         if !self.statistic.is_structure() {
             values = codec::structure_kept(&plan.for_chunk(first_row), &values, row_len, rows)?;
@@ -295,6 +284,29 @@ fn mismatch(statistic: TensorStatistic, plan: &TensorPlan) -> CodecError {
             plan.describe()
         ),
     }
+}
+
+/// A chunk of whole rows decoded to f32 (rows with a non-finite weight dropped where the
+/// plan keeps them unchanged); a chunk that is not whole rows is refused.
+fn decode_rows(
+    plan: &TensorPlan,
+    dtype: DType,
+    row_len: usize,
+    input: &[u8],
+) -> Result<Vec<f32>, CodecError> {
+    let mut values = vec![0f32; input.len() / dtype.size_bytes().max(1)];
+    decode_to_f32(dtype, input, &mut values)?;
+    if values.len() % row_len != 0 {
+        return Err(CodecError::RaggedInput {
+            len: input.len(),
+            row_len,
+            elem_size: dtype.size_bytes(),
+        });
+    }
+    if plan.keep_non_finite_rows {
+        values = finite_rows(values, row_len);
+    }
+    Ok(values)
 }
 
 /// The rows of `values` whose weights are all finite.

@@ -7,6 +7,7 @@
 //! that reads the worker's peak resident memory (`tests/cluster.rs`).
 
 use shardpress_core::codec::TensorPlan;
+pub use shardpress_core::memory::human_bytes;
 use shardpress_core::memory::{tensor_need, whole_tensor_bytes};
 pub use shardpress_core::memory::{BASE_BYTES, CHUNK_COPIES};
 use shardpress_core::plan::PlannedTensor;
@@ -93,16 +94,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// `bytes` for humans, in the units `--memory-limit` takes: `1.50 GB`, `512.0 MB`.
-pub fn human_bytes(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else {
-        format!("{:.1} MB", b / 1e6)
-    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@
 use rayon::prelude::*;
 
 use super::{
-    assemble, dgemm, energy_rank, gaussian_rows, orthonormalize_rows, sgemm, storage_rank,
+    assemble, energy_rank, gaussian_rows, orthonormalize_rows, sgemm, storage_rank,
     symmetric_eigen, zero_factors, LowRank, LowRankError, RankRule, Sketch, View, ENERGY_SLACK,
     ENERGY_START_WIDTH, MAX_POWER_ITERS, OVERSAMPLE, PANEL,
 };
@@ -306,25 +306,7 @@ impl StreamedLowRank {
     fn project(&mut self) {
         let (m, n, l) = (self.rows, self.cols, self.width);
         let b = std::mem::take(&mut self.projected);
-        let mut g = vec![0f64; l * l];
-        let bv = View {
-            data: &b,
-            rs: n,
-            cs: 1,
-        };
-        let btv = View {
-            data: &b,
-            rs: 1,
-            cs: n,
-        };
-        dgemm(l, n, l, 1.0, bv, btv, 0.0, &mut g, l, 1);
-        for i in 0..l {
-            for j in 0..i {
-                let avg = 0.5 * (g[i * l + j] + g[j * l + i]);
-                g[i * l + j] = avg;
-                g[j * l + i] = avg;
-            }
-        }
+        let mut g = super::symmetric_gram(&b, l, n);
         let (lambda, wt) = symmetric_eigen(&mut g, l);
         let full = m.min(n);
         let k = match (self.rule, self.fixed) {

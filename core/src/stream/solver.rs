@@ -112,18 +112,7 @@ impl TensorSolver {
         input: &[u8],
     ) -> Result<(), CodecError> {
         let row_len = row_len.max(1);
-        let mut values = vec![0f32; input.len() / dtype.size_bytes().max(1)];
-        decode_to_f32(dtype, input, &mut values)?;
-        if values.len() % row_len != 0 {
-            return Err(CodecError::RaggedInput {
-                len: input.len(),
-                row_len,
-                elem_size: dtype.size_bytes(),
-            });
-        }
-        if plan.keep_non_finite_rows {
-            values = super::finite_rows(values, row_len);
-        }
+        let values = super::decode_rows(plan, dtype, row_len, input)?;
         match self {
             TensorSolver::LowRank(lr) => lr
                 .feed(&values)
