@@ -95,6 +95,45 @@ pub struct CoordinatorArgs {
     /// job simply waits for one.
     #[arg(long, default_value_t = 60.0)]
     pub unassignable_timeout_secs: f64,
+    /// A file holding the admin token: it may do everything, and workers may present it too.
+    /// Default: the token in the environment variable SHARDPRESS_ADMIN_TOKEN, if set. With
+    /// any token configured, every call must present a valid one (the health service needs
+    /// none). Tokens are at least 16 characters: `openssl rand -hex 32` makes one.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// A file holding the worker token: it serves only to run a worker. Default: the token
+    /// in SHARDPRESS_WORKER_TOKEN, if set.
+    #[arg(long, value_name = "FILE")]
+    pub worker_token_file: Option<PathBuf>,
+    /// A file of client tokens, one `NAME TOKEN` a line: such a client may submit jobs, and
+    /// list, follow and cancel only its own.
+    #[arg(long, value_name = "FILE")]
+    pub client_tokens_file: Option<PathBuf>,
+    /// Listen on a non-loopback address without any token (anyone who reaches the port can
+    /// submit, cancel and run tasks). Without it such a coordinator refuses to start.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Serve TLS with this certificate (PEM; its chain first); with --tls-key. Clients and
+    /// workers then connect to https://HOST:PORT with --tls-ca.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: every client and worker must present a certificate signed by this CA
+    /// (PEM) (their --tls-cert/--tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Accept only submissions whose model and output lie under one of these prefixes (a
+    /// path, file:// or s3://bucket/prefix; repeatable; env SHARDPRESS_ALLOW, comma-separated).
+    /// Without any, a client on this host may name any location and other hosts none.
+    #[arg(
+        long = "allow",
+        value_name = "PREFIX",
+        env = "SHARDPRESS_ALLOW",
+        value_delimiter = ','
+    )]
+    pub allow: Vec<String>,
     /// Fault injection for tests: pause this many ms before writing report and manifest.
     #[arg(long, default_value_t = 0, hide = true)]
     pub debug_finalize_delay_ms: u64,
@@ -102,9 +141,25 @@ pub struct CoordinatorArgs {
 
 #[derive(Args)]
 pub struct WorkerArgs {
-    /// Coordinator URL.
+    /// Coordinator URL (`https://HOST:PORT` when it serves TLS).
     #[arg(long, env = "SHARDPRESS_COORDINATOR")]
     pub coordinator: String,
+    #[command(flatten)]
+    pub connect: crate::client::ConnectArgs,
+    /// Read models and write outputs only under these prefixes (a path, file:// or
+    /// s3://bucket/prefix; repeatable; env SHARDPRESS_ALLOW, comma-separated), whatever the
+    /// coordinator asks: a task elsewhere is refused. Required when the coordinator is on
+    /// another host (or give --allow-any); default for a coordinator on this host: any.
+    #[arg(
+        long = "allow",
+        value_name = "PREFIX",
+        env = "SHARDPRESS_ALLOW",
+        value_delimiter = ','
+    )]
+    pub allow: Vec<String>,
+    /// Take tasks on any location the coordinator names (trusting it, and TLS, entirely).
+    #[arg(long, conflicts_with = "allow")]
+    pub allow_any: bool,
     /// Name shown in logs and reports (default: host name and pid).
     #[arg(long)]
     pub name: Option<String>,
@@ -220,7 +275,22 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
 
 async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+    let allow = match (args.allow.is_empty(), args.allow_any) {
+        (false, _) => {
+            Some(shardpress_store::allow::AllowList::new(&args.allow).context("invalid --allow")?)
+        }
+        (true, true) => None,
+        (true, false) if coordinator_is_local(&args.coordinator) => None,
+        (true, false) => bail_bad(format!(
+            "the coordinator {} is on another host: give --allow PREFIX for the model and \
+             output locations this worker may read and write (or --allow-any to trust the \
+             coordinator with any)",
+            args.coordinator
+        ))?,
+    };
     let config = shardpress_worker::WorkerConfig {
+        security: args.connect.security()?,
+        allow,
         coordinator_url: args.coordinator,
         name: args
             .name
@@ -236,7 +306,31 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
+/// A bad-request error (exit code 3).
+fn bail_bad<T>(message: String) -> anyhow::Result<T> {
+    Err(anyhow::Error::new(crate::BadRequest(message)))
+}
+
+/// Whether a coordinator URL names this host (a loopback address or `localhost`).
+fn coordinator_is_local(url: &str) -> bool {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Listens for SIGINT and SIGTERM from now on (unlike [`shutdown_signal`], which starts
 /// listening when first polled); resolves when one arrives.
 pub fn shutdown_listener() -> anyhow::Result<impl std::future::Future<Output = ()>> {
@@ -315,7 +409,19 @@ fn parse_size(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{coordinator_is_local, parse_size};
+
+    #[test]
+    fn local_coordinators_are_told_apart() {
+        assert!(coordinator_is_local("http://127.0.0.1:50051"));
+        assert!(coordinator_is_local("https://localhost:1"));
+        assert!(coordinator_is_local("http://[::1]:50051"));
+        assert!(!coordinator_is_local("http://10.0.0.5:50051"));
+        assert!(!coordinator_is_local(
+            "https://shardpress-coordinator:50051"
+        ));
+        assert!(!coordinator_is_local("http://127.0.0.1.evil.example:50051"));
+    }
 
     #[test]
     fn sizes_parse_with_decimal_and_binary_units() {

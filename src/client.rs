@@ -8,13 +8,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use shardpress_proto::transport::{AuthChannel, ClientSecurity};
 use shardpress_proto::v1::{
     CancelJobRequest, GetJobRequest, JobState, JobStatus, ListJobsRequest, SubmitJobRequest,
 };
 use shardpress_proto::JobServiceClient;
 use shardpress_store::StoreLocation;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use crate::cli::load_recipe;
 use crate::summary::print_summary;
@@ -61,17 +61,61 @@ pub struct JobArgs {
     pub overwrite: bool,
 }
 
-/// Which coordinator to talk to (as `compress`).
-#[derive(Args)]
+/// Which coordinator to talk to, and how.
+#[derive(Args, Clone)]
 pub struct CoordinatorUrl {
-    /// Coordinator URL.
+    /// Coordinator URL (`https://HOST:PORT` when it serves TLS).
     #[arg(
         long,
         env = "SHARDPRESS_COORDINATOR",
         default_value = "http://127.0.0.1:50051"
     )]
     pub coordinator: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 }
+
+/// The credentials and TLS settings of a connection to the coordinator (clients and workers).
+#[derive(Args, Clone, Default)]
+pub struct ConnectArgs {
+    /// A file holding the token to present (a coordinator with tokens refuses calls without
+    /// one). Default: the token in the environment variable SHARDPRESS_TOKEN, if set.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// The CA certificate (PEM) that signed the coordinator's certificate; needed for an
+    /// `https://` coordinator URL.
+    #[arg(long, value_name = "FILE", env = "SHARDPRESS_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// A certificate (PEM) to present to a coordinator that requires mutual TLS
+    /// (`coordinator --tls-client-ca`); with --tls-key.
+    #[arg(long, value_name = "FILE", env = "SHARDPRESS_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", env = "SHARDPRESS_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The name the coordinator's certificate must carry, when it differs from the URL's
+    /// host (e.g. connecting by IP address).
+    #[arg(long, value_name = "NAME")]
+    pub tls_domain: Option<String>,
+}
+
+impl ConnectArgs {
+    /// Reads the token and the TLS files.
+    pub fn security(&self) -> anyhow::Result<ClientSecurity> {
+        Ok(ClientSecurity {
+            token: ClientSecurity::token_from(self.token_file.as_deref(), "SHARDPRESS_TOKEN")?,
+            tls: ClientSecurity::tls_from(
+                self.tls_ca.as_deref(),
+                self.tls_cert.as_deref(),
+                self.tls_key.as_deref(),
+                self.tls_domain.clone(),
+            )?,
+        })
+    }
+}
+
+/// The job service's client; every call carries the token.
+pub type JobClient = JobServiceClient<AuthChannel>;
 
 #[derive(Args)]
 pub struct JobsArgs {
@@ -95,13 +139,8 @@ pub struct JobRefArgs {
 
 #[derive(Args)]
 pub struct CompressArgs {
-    /// Coordinator URL.
-    #[arg(
-        long,
-        env = "SHARDPRESS_COORDINATOR",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub coordinator: String,
+    #[command(flatten)]
+    pub coordinator: CoordinatorUrl,
     #[command(flatten)]
     pub job: JobArgs,
     /// Submit and print the job id without waiting.
@@ -153,10 +192,7 @@ pub async fn compress(args: CompressArgs) -> anyhow::Result<()> {
 /// Reconnects to a coordinator that went away, and submits the job again if the coordinator
 /// no longer knows it (it restarted): the job resumes from its journal. Returns the client
 /// and the job's id.
-async fn resubmit(
-    args: &CompressArgs,
-    job_id: &str,
-) -> anyhow::Result<(JobServiceClient<Channel>, String)> {
+async fn resubmit(args: &CompressArgs, job_id: &str) -> anyhow::Result<(JobClient, String)> {
     let patience = Duration::from_secs(args.reconnect_secs);
     let started = std::time::Instant::now();
     let mut client = loop {
@@ -200,23 +236,21 @@ async fn resubmit(
 }
 
 /// Connects to the coordinator, retrying for up to `patience` while it starts.
-pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<JobServiceClient<Channel>> {
-    let endpoint = Channel::from_shared(url.to_string())
-        .with_context(|| format!("invalid coordinator URL {url:?}"))?;
-    let started = std::time::Instant::now();
-    loop {
-        match endpoint.connect().await {
-            Ok(channel) => {
-                return Ok(JobServiceClient::new(channel)
-                    .max_decoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES))
-            }
-            Err(e) if started.elapsed() >= patience => {
-                return Err(e).with_context(|| format!("cannot reach the coordinator at {url}"))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+pub async fn connect(target: &CoordinatorUrl, patience: Duration) -> anyhow::Result<JobClient> {
+    connect_with(&target.coordinator, &target.connect.security()?, patience).await
+}
+
+/// [`connect`] with settings already read.
+pub async fn connect_with(
+    url: &str,
+    security: &ClientSecurity,
+    patience: Duration,
+) -> anyhow::Result<JobClient> {
+    let (channel, credentials) =
+        shardpress_proto::transport::connect(url, security, patience).await?;
+    Ok(JobServiceClient::with_interceptor(channel, credentials)
+        .max_decoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES))
 }
 
 /// A relative path means relative to where the client runs, not the coordinator's working
@@ -230,10 +264,7 @@ fn resolved_here(path_or_url: &str) -> anyhow::Result<String> {
     Ok(path.display().to_string())
 }
 
-pub async fn submit(
-    client: &mut JobServiceClient<Channel>,
-    job: &JobArgs,
-) -> anyhow::Result<String> {
+pub async fn submit(client: &mut JobClient, job: &JobArgs) -> anyhow::Result<String> {
     let request = SubmitJobRequest {
         model_url: resolved_here(&job.model)?,
         out_url: resolved_here(&job.out)?,
@@ -251,8 +282,12 @@ pub async fn submit(
         .submit_job(request)
         .await
         .map_err(|status| match status.code() {
-            // Refused for what was asked (recipe, model, output), not for a fault.
-            tonic::Code::InvalidArgument | tonic::Code::NotFound => {
+            // Refused for what was asked (recipe, model, output, credentials), not for a
+            // fault.
+            tonic::Code::InvalidArgument
+            | tonic::Code::NotFound
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated => {
                 anyhow::Error::new(crate::BadRequest(status.message().to_string()))
             }
             _ => anyhow::anyhow!("{}", status.message()),
@@ -288,10 +323,7 @@ fn progress_bar(total: u64) -> ProgressBar {
 }
 
 /// Follows the job until it ends; returns its final status.
-pub async fn watch(
-    client: &mut JobServiceClient<Channel>,
-    job_id: &str,
-) -> anyhow::Result<JobStatus> {
+pub async fn watch(client: &mut JobClient, job_id: &str) -> anyhow::Result<JobStatus> {
     let mut stream = client
         .watch_job(GetJobRequest {
             job_id: job_id.to_string(),
@@ -406,17 +438,20 @@ fn print_status(status: &JobStatus, json: bool) {
     }
 }
 
-/// An error of a call about one job: an unknown job is a bad request.
+/// An error of a call about one job: an unknown job (or another client's, or a refused
+/// token) is a bad request.
 fn job_call_error(status: tonic::Status) -> anyhow::Error {
     match status.code() {
-        tonic::Code::NotFound => anyhow::Error::new(crate::BadRequest(status.message().into())),
+        tonic::Code::NotFound | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            anyhow::Error::new(crate::BadRequest(status.message().into()))
+        }
         _ => anyhow::anyhow!("{}", status.message()),
     }
 }
 
 /// `shardpress jobs`: every job the coordinator knows, newest first.
 pub async fn jobs(args: JobsArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.coordinator.coordinator, Duration::from_secs(3)).await?;
+    let mut client = connect(&args.coordinator, Duration::from_secs(3)).await?;
     let jobs = client
         .list_jobs(ListJobsRequest {})
         .await
@@ -438,7 +473,7 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<()> {
 
 /// `shardpress status JOB`.
 pub async fn status(args: JobRefArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.coordinator.coordinator, Duration::from_secs(3)).await?;
+    let mut client = connect(&args.coordinator, Duration::from_secs(3)).await?;
     let request = GetJobRequest { job_id: args.job };
     let status = client
         .get_job(request)
@@ -452,7 +487,7 @@ pub async fn status(args: JobRefArgs) -> anyhow::Result<()> {
 /// `shardpress watch JOB`: follows a job to its end as `compress` does (same summary and
 /// exit codes).
 pub async fn watch_job(args: JobRefArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.coordinator.coordinator, Duration::from_secs(3)).await?;
+    let mut client = connect(&args.coordinator, Duration::from_secs(3)).await?;
     let request = GetJobRequest {
         job_id: args.job.clone(),
     };
@@ -465,7 +500,7 @@ pub async fn watch_job(args: JobRefArgs) -> anyhow::Result<()> {
 /// `shardpress cancel JOB`: a running job stops (no manifest); one already finalizing or
 /// ended is left as it is. Prints the job's state after the request.
 pub async fn cancel(args: JobRefArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.coordinator.coordinator, Duration::from_secs(3)).await?;
+    let mut client = connect(&args.coordinator, Duration::from_secs(3)).await?;
     let request = CancelJobRequest { job_id: args.job };
     let status = client
         .cancel_job(request)
@@ -478,7 +513,7 @@ pub async fn cancel(args: JobRefArgs) -> anyhow::Result<()> {
 
 /// The report of a job that has ended, streamed in pieces (it grows with the model); empty,
 /// with a warning, if it cannot be fetched (a finished job's is also in OUT/report.json).
-pub async fn report(client: &mut JobServiceClient<Channel>, job_id: &str) -> String {
+pub async fn report(client: &mut JobClient, job_id: &str) -> String {
     let fetched = async {
         let request = GetJobRequest {
             job_id: job_id.to_string(),

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use shardpress_coordinator::auth::AuthConfig;
 use shardpress_coordinator::journal::Claimant;
-use shardpress_coordinator::{Coordinator, CoordinatorConfig};
+use shardpress_coordinator::{Coordinator, CoordinatorConfig, ServerSecurity, ServerTls};
+use shardpress_proto::transport::ClientSecurity;
+use shardpress_store::allow::AllowList;
 use tokio::process::{Child, Command};
 
 use crate::cli::{shutdown_signal, CoordinatorArgs};
@@ -70,10 +73,18 @@ pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         bail!("--unassignable-timeout-secs must be a number of seconds, 0 or more");
     }
     config.unassignable_timeout = Duration::from_secs_f64(args.unassignable_timeout_secs);
+    let security = server_security(&args)?;
     let (listener, addr) = shardpress_coordinator::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     say!("shardpress coordinator listening on {addr}");
+    tracing::info!(
+        tls = security.tls.is_some(),
+        mutual_tls = security.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
+        tokens = security.auth.requires_tokens(),
+        allow = %security.auth.allow.describe(),
+        "security"
+    );
     std::io::stdout().flush().ok();
     config.claimant = Claimant::this_process(&addr.to_string());
     config.claim_ttl = Duration::from_secs_f64(args.claim_ttl_secs.max(1.0));
@@ -85,8 +96,57 @@ pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         tracing::info!(job = %submitted.job_id, tasks = submitted.task_count,
             finished = submitted.resumed_tasks, "resumed the job in {out}");
     }
-    shardpress_coordinator::serve(listener, coordinator, shutdown_signal()).await?;
+    shardpress_coordinator::serve(listener, coordinator, security, shutdown_signal()).await?;
     Ok(())
+}
+
+/// The coordinator's tokens, TLS files and `--allow` prefixes, read and checked. A
+/// coordinator listening beyond loopback without any token refuses to start unless
+/// `--insecure`.
+fn server_security(args: &CoordinatorArgs) -> anyhow::Result<ServerSecurity> {
+    let bad = |e: anyhow::Error| anyhow::Error::new(crate::BadRequest(format!("{e:#}")));
+    let token = |file: &Option<std::path::PathBuf>, env: &str| -> anyhow::Result<Option<String>> {
+        Ok(ClientSecurity::token_from(file.as_deref(), env)?)
+    };
+    let auth = AuthConfig {
+        admin_token: token(&args.admin_token_file, "SHARDPRESS_ADMIN_TOKEN").map_err(bad)?,
+        worker_token: token(&args.worker_token_file, "SHARDPRESS_WORKER_TOKEN").map_err(bad)?,
+        client_tokens: match &args.client_tokens_file {
+            Some(path) => AuthConfig::read_client_tokens(path).map_err(|e| bad(e.into()))?,
+            None => Vec::new(),
+        },
+        allow: AllowList::new(&args.allow)
+            .context("invalid --allow")
+            .map_err(bad)?,
+    };
+    auth.validate().map_err(|e| bad(e.into()))?;
+    if !auth.requires_tokens() && !args.listen.ip().is_loopback() && !args.insecure {
+        return Err(bad(anyhow::anyhow!(
+            "refusing to listen on {} without a token: anyone reaching it could submit, \
+             cancel and fake tasks. Give --admin-token-file (or SHARDPRESS_ADMIN_TOKEN), \
+             listen on 127.0.0.1, or pass --insecure to accept the risk",
+            args.listen
+        )));
+    }
+    if !auth.requires_tokens() && !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen, "--insecure: serving without any token");
+    }
+    let read = |what, path: &std::path::Path| {
+        shardpress_proto::transport::read_file(what, path).map_err(|e| bad(e.into()))
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls {
+            cert_pem: read("certificate", cert)?,
+            key_pem: read("private key", key)?,
+            client_ca_pem: args
+                .tls_client_ca
+                .as_deref()
+                .map(|ca| read("client CA certificate", ca))
+                .transpose()?,
+        }),
+        _ => None,
+    };
+    Ok(ServerSecurity { auth, tls })
 }
 
 /// Worker processes of this binary; killed when dropped.
@@ -95,7 +155,12 @@ struct LocalWorkers {
 }
 
 impl LocalWorkers {
-    fn spawn(count: usize, threads: usize, coordinator: SocketAddr) -> anyhow::Result<Self> {
+    fn spawn(
+        count: usize,
+        threads: usize,
+        coordinator: SocketAddr,
+        token: &str,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the shardpress binary")?;
         let mut children = Vec::with_capacity(count);
         for i in 0..count {
@@ -108,6 +173,7 @@ impl LocalWorkers {
                     &threads.to_string(),
                 ])
                 .args(["--unreachable-timeout-secs", "10"])
+                .env("SHARDPRESS_TOKEN", token)
                 .env(
                     "SHARDPRESS_LOG",
                     std::env::var("SHARDPRESS_LOG").unwrap_or_else(|_| "warn".into()),
@@ -154,21 +220,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (listener, addr) = shardpress_coordinator::bind(([127, 0, 0, 1], 0).into()).await?;
     config.claimant = Claimant::this_process(&addr.to_string());
     let coordinator = Coordinator::new(config);
+    // A token of this run only: other users of this host cannot use its coordinator.
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let security = ServerSecurity {
+        auth: AuthConfig {
+            admin_token: Some(token.clone()),
+            ..AuthConfig::default()
+        },
+        tls: None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(shardpress_coordinator::serve(
         listener,
         coordinator,
+        security,
         async {
             let _ = stop_rx.await;
         },
     ));
-    let mut workers = LocalWorkers::spawn(args.workers, threads, addr)?;
+    let mut workers = LocalWorkers::spawn(args.workers, threads, addr, &token)?;
     eprintln!(
         "local cluster: coordinator on {addr}, {} worker processes x {threads} threads",
         args.workers
     );
     let outcome = async {
-        let mut client = client::connect(&format!("http://{addr}"), Duration::from_secs(10)).await?;
+        let security = ClientSecurity {
+            token: Some(token.clone()),
+            tls: None,
+        };
+        let mut client =
+            client::connect_with(&format!("http://{addr}"), &security, Duration::from_secs(10))
+                .await?;
         let job_id = client::submit(&mut client, &args.job).await?;
         let status = tokio::select! {
             status = client::watch(&mut client, &job_id) => status?,

@@ -40,6 +40,7 @@ async fn run_in_process(model_url: &str, out_url: &str, workers: usize) -> Manif
     let server = tokio::spawn(shardpress_coordinator::serve(
         listener,
         coordinator,
+        Default::default(),
         until_stopped(stopped.clone()),
     ));
     let url = format!("http://{addr}");

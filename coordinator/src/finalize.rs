@@ -342,7 +342,7 @@ async fn reassemble(
         format: MANIFEST_FORMAT.into(),
         created_by: format!("shardpress {}", env!("CARGO_PKG_VERSION")),
         job_id: job_id.to_string(),
-        model_url: spec.model_url.clone(),
+        model_url: shardpress_store::redact(&spec.model_url),
         recipe: spec.recipe.describe(),
         objects,
     };

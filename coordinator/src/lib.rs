@@ -11,7 +11,8 @@
 //!   resumes it;
 //! - [`state`]: every job and worker behind one lock, plus the wake-ups for long-polls;
 //! - [`submit`]: recipe validation and planning from headers;
-//! - [`service`]: the two gRPC services, thin: decode, delegate, encode;
+//! - [`service`]: the two gRPC services, thin: decode, check the caller, delegate, encode;
+//! - [`auth`]: tokens, roles and `--allow` prefixes, checked in front of both services;
 //! - [`finalize`]: reassembly, gates and the manifest;
 //! - [`assembly`]: an `.spz` archive or GGUF file assembled in slices by several workers;
 //! - [`gguf`]: reading the config and tokenizer a GGUF file's head is made from;
@@ -21,6 +22,7 @@
 
 pub mod archive;
 pub mod assembly;
+pub mod auth;
 pub mod driver;
 pub mod error;
 pub mod finalize;
@@ -81,13 +83,41 @@ impl Default for CoordinatorConfig {
     }
 }
 
-/// Serves both gRPC services (and the standard health service) on `listener` until `shutdown`
-/// resolves.
+/// How the coordinator's gRPC port is guarded.
+#[derive(Debug, Default)]
+pub struct ServerSecurity {
+    pub auth: auth::AuthConfig,
+    pub tls: Option<ServerTls>,
+}
+
+/// The coordinator's certificate and key (PEM) and, for mutual TLS, the CA whose certificates
+/// clients and workers must present.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves both gRPC services (and the standard health service, which needs no token) on
+/// `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     coordinator: Arc<Coordinator>,
+    security: ServerSecurity,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let jobs_gate = auth::Gate::new(&security.auth, auth::Service::Jobs);
+    let workers_gate = auth::Gate::new(&security.auth, auth::Service::Workers);
+    let auth = Arc::new(security.auth);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<JobServiceServer<service::JobApi>>()
@@ -102,18 +132,31 @@ pub async fn serve(
         stream.set_nodelay(true)?;
         Ok::<_, std::io::Error>(stream)
     });
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = security.tls {
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        );
+        if let Some(ca) = &tls.client_ca_pem {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        server = server.tls_config(config)?;
+    }
+    let jobs = JobServiceServer::new(service::JobApi::new(coordinator.clone(), auth))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let workers = WorkerServiceServer::new(service::WorkerApi::new(coordinator))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let result = server
         .add_service(health_service)
-        .add_service(
-            JobServiceServer::new(service::JobApi::new(coordinator.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            WorkerServiceServer::new(service::WorkerApi::new(coordinator))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            jobs, jobs_gate,
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            workers,
+            workers_gate,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reaper.abort();

@@ -275,8 +275,8 @@ pub fn build_report(
     }
     Report {
         job_id: job_id.to_string(),
-        model_url: spec.model_url.clone(),
-        out_url: spec.out_url.clone(),
+        model_url: shardpress_store::redact(&spec.model_url),
+        out_url: shardpress_store::redact(&spec.out_url),
         recipe: RecipeInfo {
             name: spec.recipe.name.clone(),
             description: spec.recipe.describe(),

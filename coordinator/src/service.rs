@@ -1,4 +1,5 @@
-//! The two gRPC services. Handlers only decode, delegate to [`Coordinator`] and encode.
+//! The two gRPC services. Handlers only decode, check the caller (see [`crate::auth`]: a
+//! client's own jobs, a worker's own session), delegate to [`Coordinator`] and encode.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,7 +17,8 @@ use shardpress_store::staged::StagedOutput;
 use shardpress_store::{StoreError, StoreLocation};
 use tonic::{Request, Response, Status};
 
-use crate::state::{Accepting, Completion};
+use crate::auth::{caller, session, AuthConfig, Caller};
+use crate::state::{Accepting, Completion, SessionCheck};
 use crate::Coordinator;
 
 /// Longest long-poll a worker may ask for.
@@ -24,11 +26,23 @@ const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
 
 pub struct JobApi {
     coordinator: Arc<Coordinator>,
+    auth: Arc<AuthConfig>,
 }
 
 impl JobApi {
-    pub fn new(coordinator: Arc<Coordinator>) -> Self {
-        Self { coordinator }
+    pub fn new(coordinator: Arc<Coordinator>, auth: Arc<AuthConfig>) -> Self {
+        Self { coordinator, auth }
+    }
+
+    /// Refuses a client a job another client submitted.
+    fn authorize(&self, caller: &Caller, job_id: &str) -> Result<(), Status> {
+        let owner = self.coordinator.job_owner(job_id)?;
+        if caller.may_access(owner.as_deref()) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "job {job_id} was submitted by another client"
+        )))
     }
 }
 
@@ -41,7 +55,11 @@ impl JobService for JobApi {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
-        let submitted = crate::submit::submit(&self.coordinator, request.into_inner()).await?;
+        let caller = caller(&request);
+        let request = request.into_inner();
+        self.auth
+            .check_locations(&caller, &request.model_url, &request.out_url)?;
+        let submitted = crate::submit::submit(&self.coordinator, request, caller.owner()).await?;
         Ok(Response::new(SubmitJobResponse {
             job_id: submitted.job_id,
             task_count: submitted.task_count,
@@ -55,6 +73,7 @@ impl JobService for JobApi {
         &self,
         request: Request<GetJobRequest>,
     ) -> Result<Response<JobStatus>, Status> {
+        self.authorize(&caller(&request), &request.get_ref().job_id)?;
         Ok(Response::new(
             self.coordinator.status(&request.get_ref().job_id)?,
         ))
@@ -66,6 +85,7 @@ impl JobService for JobApi {
         &self,
         request: Request<GetJobRequest>,
     ) -> Result<Response<StatusStream>, Status> {
+        self.authorize(&caller(&request), &request.get_ref().job_id)?;
         let receiver = self.coordinator.watch(&request.get_ref().job_id)?;
         // The current status first, then every change; the stream ends after the first
         // terminal status.
@@ -87,6 +107,7 @@ impl JobService for JobApi {
         &self,
         request: Request<CancelJobRequest>,
     ) -> Result<Response<JobStatus>, Status> {
+        self.authorize(&caller(&request), &request.get_ref().job_id)?;
         Ok(Response::new(
             self.coordinator.cancel(&request.get_ref().job_id)?,
         ))
@@ -94,10 +115,11 @@ impl JobService for JobApi {
 
     async fn list_jobs(
         &self,
-        _request: Request<ListJobsRequest>,
+        request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
+        let caller = caller(&request);
         Ok(Response::new(ListJobsResponse {
-            jobs: self.coordinator.list_jobs(),
+            jobs: self.coordinator.list_jobs(|owner| caller.may_access(owner)),
         }))
     }
 
@@ -108,6 +130,7 @@ impl JobService for JobApi {
         request: Request<GetJobRequest>,
     ) -> Result<Response<ReportStream>, Status> {
         let job_id = &request.get_ref().job_id;
+        self.authorize(&caller(&request), job_id)?;
         let report = self.coordinator.report(job_id)?.ok_or_else(|| {
             Status::failed_precondition(format!(
                 "job {job_id} has not ended; its report is written when it does"
@@ -148,6 +171,16 @@ impl WorkerApi {
     pub fn new(coordinator: Arc<Coordinator>) -> Self {
         Self { coordinator }
     }
+
+    /// Whether the call about `worker_id` comes from the process that registered it.
+    fn session<T>(&self, request: &Request<T>, worker_id: &str) -> SessionCheck {
+        self.coordinator.check_session(worker_id, session(request))
+    }
+}
+
+/// The refusal of a call with another process's worker id.
+fn wrong_session(worker_id: &str) -> String {
+    format!("worker {worker_id} was registered by another process (its session does not match)")
 }
 
 #[tonic::async_trait]
@@ -158,10 +191,11 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
         let request = request.get_ref();
         let limit = (request.memory_limit_bytes > 0).then_some(request.memory_limit_bytes);
-        let worker_id = self.coordinator.register_worker(&request.name, limit);
+        let (worker_id, session) = self.coordinator.register_worker(&request.name, limit);
         Ok(Response::new(RegisterWorkerResponse {
             worker_id,
             lease_ttl_ms: self.coordinator.config().lease_ttl.as_millis() as u32,
+            session,
         }))
     }
 
@@ -169,6 +203,11 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<AcquireTaskRequest>,
     ) -> Result<Response<AcquireTaskResponse>, Status> {
+        if self.session(&request, &request.get_ref().worker_id) == SessionCheck::WrongSession {
+            return Err(Status::permission_denied(wrong_session(
+                &request.get_ref().worker_id,
+            )));
+        }
         let request = request.into_inner();
         let wait = Duration::from_millis(request.wait_ms.into()).min(MAX_ACQUIRE_WAIT);
         let lease = self.coordinator.acquire(&request.worker_id, wait).await?;
@@ -179,8 +218,14 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let task = request.get_ref().task.clone().unwrap_or_default();
+        if self.session(&request, &task.worker_id) == SessionCheck::WrongSession {
+            return Ok(Response::new(HeartbeatResponse {
+                keep_going: false,
+                reason: wrong_session(&task.worker_id),
+            }));
+        }
         let request = request.into_inner();
-        let task = request.task.unwrap_or_default();
         let response = match self.coordinator.heartbeat(&task, request.bytes_done) {
             Ok(()) => HeartbeatResponse {
                 keep_going: true,
@@ -198,8 +243,15 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<CompleteTaskRequest>,
     ) -> Result<Response<CompleteTaskResponse>, Status> {
+        let task = request.get_ref().task.clone().unwrap_or_default();
+        if self.session(&request, &task.worker_id) != SessionCheck::Valid {
+            // Unknown workers hold no lease here either (a restarted coordinator).
+            return Ok(Response::new(CompleteTaskResponse {
+                accepted: false,
+                reason: wrong_session(&task.worker_id),
+            }));
+        }
         let request = request.into_inner();
-        let task = request.task.clone().unwrap_or_default();
         if let Some(accepting) = self.coordinator.accepting(&task) {
             // The attempt's output appears under its final name only now, and only for the
             // attempt that holds the lease.
@@ -252,6 +304,11 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<FailTaskRequest>,
     ) -> Result<Response<FailTaskResponse>, Status> {
+        let worker_id = request.get_ref().task.as_ref().map(|t| t.worker_id.clone());
+        if self.session(&request, &worker_id.unwrap_or_default()) != SessionCheck::Valid {
+            tracing::info!("ignored a failure report of a worker not registered by its sender");
+            return Ok(Response::new(FailTaskResponse {}));
+        }
         let request = request.into_inner();
         if let Err(rejection) = self.coordinator.fail(&request) {
             tracing::info!(%rejection, "ignored a failure report");

@@ -23,6 +23,16 @@ mod staging;
 use staging::discard_staged;
 pub use staging::Accepting;
 
+/// The outcome of [`Coordinator::check_session`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionCheck {
+    Valid,
+    /// Not registered here (a restarted coordinator): the worker registers again.
+    UnknownWorker,
+    /// Registered by another process.
+    WrongSession,
+}
+
 struct JobEntry {
     job: Job,
     /// Where accepted results are recorded before they are acknowledged.
@@ -30,10 +40,14 @@ struct JobEntry {
     watch: watch::Sender<JobStatus>,
     /// The shared objects of a job that failed or was cancelled have been let go.
     abandoned: bool,
+    /// The client that submitted it (`None`: an admin, or the coordinator's own `--resume`).
+    owner: Option<String>,
 }
 
 struct WorkerInfo {
     name: String,
+    /// The hash of the session secret given at registration (see [`Coordinator::check_session`]).
+    session: blake3::Hash,
     last_seen: Instant,
     /// The worker's `--memory-limit` (`None`: unlimited).
     memory_limit: Option<u64>,
@@ -217,7 +231,13 @@ impl Coordinator {
 
     /// Registers a worker with its `--memory-limit` (`None`: unlimited), which decides the
     /// tasks it is leased (see [`crate::routing`]).
-    pub fn register_worker(&self, name: &str, memory_limit: Option<u64>) -> String {
+    /// Registers a worker; returns its id and the session secret that must come with every
+    /// later call about it.
+    pub fn register_worker(&self, name: &str, memory_limit: Option<u64>) -> (String, String) {
+        let session: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let mut inner = self.lock();
         inner.next_worker += 1;
         // The start time in the id keeps the ids of a restarted coordinator from repeating
@@ -227,12 +247,26 @@ impl Coordinator {
             id.clone(),
             WorkerInfo {
                 name: name.to_string(),
+                session: blake3::hash(session.as_bytes()),
                 last_seen: Instant::now(),
                 memory_limit,
             },
         );
         tracing::info!(worker = %id, memory_limit, "worker registered");
-        id
+        (id, session)
+    }
+
+    /// Whether `session` is the secret `worker_id` was registered with: a worker id (shown
+    /// in job statuses) is not enough to act for that worker.
+    pub fn check_session(&self, worker_id: &str, session: Option<&str>) -> SessionCheck {
+        let inner = self.lock();
+        let Some(worker) = inner.workers.get(worker_id) else {
+            return SessionCheck::UnknownWorker;
+        };
+        match session.map(|s| blake3::hash(s.as_bytes())) {
+            Some(hash) if hash == worker.session => SessionCheck::Valid,
+            _ => SessionCheck::WrongSession,
+        }
     }
 
     /// Reserves the output location `identity` (see `StoreLocation::identity`) for a job
@@ -285,6 +319,7 @@ impl Coordinator {
         plan: Vec<PlannedTask>,
         journal: Journal,
         restored: Vec<Recorded>,
+        owner: Option<String>,
     ) {
         let mut inner = self.lock();
         let mut job = Job::new(id.to_string(), spec, plan, Instant::now());
@@ -300,6 +335,7 @@ impl Coordinator {
             journal,
             watch,
             abandoned: false,
+            owner,
         };
         inner.jobs.insert(id.to_string(), entry);
         inner.publish(id, self.config.lease_ttl);
@@ -448,14 +484,26 @@ impl Coordinator {
     }
 
     /// Every job's status, newest first.
-    pub fn list_jobs(&self) -> Vec<JobStatus> {
+    /// The jobs whose owner `visible` accepts, newest first.
+    pub fn list_jobs(&self, visible: impl Fn(Option<&str>) -> bool) -> Vec<JobStatus> {
         let inner = self.lock();
         let workers = inner.live_workers(self.config.lease_ttl);
         let mut jobs: Vec<(Instant, JobStatus)> = (inner.jobs.values())
+            .filter(|e| visible(e.owner.as_deref()))
             .map(|e| (e.job.started, e.job.status(workers)))
             .collect();
         jobs.sort_by_key(|(started, _)| std::cmp::Reverse(*started));
         jobs.into_iter().map(|(_, status)| status).collect()
+    }
+
+    /// The client that submitted `job_id` (`None`: an admin).
+    pub fn job_owner(&self, job_id: &str) -> Result<Option<String>, CoordinatorError> {
+        let inner = self.lock();
+        let entry = inner
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| CoordinatorError::UnknownJob(job_id.to_string()))?;
+        Ok(entry.owner.clone())
     }
 
     pub fn watch(&self, job_id: &str) -> Result<watch::Receiver<JobStatus>, CoordinatorError> {

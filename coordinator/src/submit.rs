@@ -171,9 +171,12 @@ pub async fn output_size(planned: &Planned) -> Result<Option<u64>, CoordinatorEr
     })
 }
 
+/// Plans and starts the job `request` asks for (or resumes it from its journal), owned by
+/// the client `owner` (`None`: an admin).
 pub async fn submit(
     coordinator: &std::sync::Arc<Coordinator>,
     request: SubmitJobRequest,
+    owner: Option<String>,
 ) -> Result<Submitted, CoordinatorError> {
     let started = std::time::Instant::now();
     if request.model_url.is_empty() || request.out_url.is_empty() {
@@ -294,7 +297,7 @@ pub async fn submit(
     tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,
         bytes = total_bytes, recipe = %spec.recipe.describe(), resumed_tasks, journal_seconds,
         seconds = started.elapsed().as_secs_f64(), "job planned");
-    coordinator.insert_job(&job_id, spec, plan, journal, restored);
+    coordinator.insert_job(&job_id, spec, plan, journal, restored, owner);
     crate::driver::spawn(coordinator.clone(), job_id.clone());
     Ok(Submitted {
         job_id,
@@ -551,5 +554,5 @@ pub async fn resume(
             out.url()
         ))
     })?;
-    submit(coordinator, head.request()).await
+    submit(coordinator, head.request(), None).await
 }

@@ -1,6 +1,7 @@
 //! The shardpress wire protocol: gRPC services and messages generated from
 //! `proto/shardpress.proto` (codegen in `build.rs`, protoc vendored), re-exported once here, plus
-//! [`convert`], the one place where wire types and core types meet.
+//! [`convert`], the one place where wire types and core types meet, and [`transport`], how
+//! clients and workers connect (TLS, tokens).
 //!
 //! gRPC is the control plane only. Tensor bytes never travel in these messages.
 
@@ -11,6 +12,7 @@ pub mod v1 {
 }
 
 pub mod convert;
+pub mod transport;
 
 /// The largest gRPC message either side accepts (tonic's default is 4 MiB). Messages are kept
 /// small by design (reports are streamed in [`REPORT_CHUNK_BYTES`] pieces); this is the

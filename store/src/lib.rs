@@ -8,7 +8,7 @@
 //! profile files for what the environment leaves unset ([`profile`]).
 //! [`read_source_file`] reads a safetensors header with two range reads, never the data;
 //! [`spz::SpzReader`] reads an `.spz` archive by range; [`shared`] lets several processes write
-//! one object.
+//! one object; [`allow`] holds the `--allow` prefix lists.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload};
 use shardpress_core::header::{self, HeaderError};
 use shardpress_core::plan::SourceFile;
 
+pub mod allow;
 mod model;
 mod profile;
 pub mod shared;

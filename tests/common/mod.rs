@@ -63,11 +63,17 @@ pub struct TestCluster {
 }
 
 /// Starts a coordinator listening on `listen`, logging to `log`; returns it and its address.
-fn spawn_coordinator(listen: &str, log: &Path, extra: &[&str]) -> (Child, String) {
+fn spawn_coordinator(
+    listen: &str,
+    log: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, String) {
     let log = std::fs::File::create(log).unwrap();
     let mut coordinator = Command::new(BIN)
         .args(["coordinator", "--listen", listen])
         .args(extra)
+        .envs(env.iter().copied())
         .env("SHARDPRESS_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(log)
@@ -89,9 +95,14 @@ impl TestCluster {
 
     /// A cluster whose coordinator gets these arguments.
     pub fn start_with(args: &[&str]) -> Self {
+        Self::start_on("127.0.0.1:0", args, &[])
+    }
+
+    /// A cluster whose coordinator listens on `listen` with these arguments and environment.
+    pub fn start_on(listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("coordinator.log");
-        let (coordinator, addr) = spawn_coordinator("127.0.0.1:0", &log, args);
+        let (coordinator, addr) = spawn_coordinator(listen, &log, args, env);
         Self {
             dir,
             url: format!("http://{addr}"),
@@ -113,7 +124,7 @@ impl TestCluster {
         self.coordinators += 1;
         let name = format!("coordinator-{}", self.coordinators);
         let listen = self.url.trim_start_matches("http://").to_string();
-        let (coordinator, _) = spawn_coordinator(&listen, &self.log_path(&name), args);
+        let (coordinator, _) = spawn_coordinator(&listen, &self.log_path(&name), args, &[]);
         let _ = self.coordinator.kill();
         let _ = self.coordinator.wait();
         self.coordinator = coordinator;
@@ -135,6 +146,11 @@ impl TestCluster {
     }
 
     pub fn add_worker(&mut self, name: &str, extra: &[&str]) {
+        self.add_worker_with_env(name, extra, &[]);
+    }
+
+    /// A worker with these arguments and environment variables.
+    pub fn add_worker_with_env(&mut self, name: &str, extra: &[&str], env: &[(&str, &str)]) {
         let log = std::fs::File::create(self.log_path(name)).unwrap();
         let child = Command::new(BIN)
             .args([
@@ -147,6 +163,7 @@ impl TestCluster {
                 "1",
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .env("SHARDPRESS_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

@@ -26,6 +26,9 @@ pub enum TaskError {
     BadTensor { tensor: String, reason: String },
     #[error("compute failed on tensor {tensor:?}: {message}")]
     Compute { tensor: String, message: String },
+    /// A lease naming a location outside the worker's `--allow` prefixes.
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("task stopped: {0}")]
     Cancelled(String),
     #[error("tensor {tensor:?}: {pass} needs about {} in memory, over this worker's --memory-limit of {}; run it on a worker with --memory-limit of at least that, or use a pass that streams (see BENCHMARKS.md, peak memory per pass)", crate::memory::human_bytes(*needed), crate::memory::human_bytes(*limit))]
@@ -41,6 +44,8 @@ impl TaskError {
     pub fn is_retryable(&self) -> bool {
         match self {
             TaskError::Store(e) => e.is_retryable(),
+            // Another worker may be allowed there.
+            TaskError::Refused(_) => true,
             _ => false,
         }
     }

@@ -18,21 +18,27 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shardpress_proto::transport::{AuthChannel, ClientSecurity, Credentials};
 use shardpress_proto::v1::task_lease::Kind;
 use shardpress_proto::v1::{
     AcquireTaskRequest, FailTaskRequest, HeartbeatRequest, RegisterWorkerRequest, TaskLease,
     TaskRef,
 };
 use shardpress_proto::WorkerServiceClient;
-use tonic::transport::Channel;
+use shardpress_store::allow::AllowList;
 
 pub use error::TaskError;
 
 /// Worker settings.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Coordinator address, e.g. `http://127.0.0.1:50051`.
+    /// Coordinator address, e.g. `http://127.0.0.1:50051` (`https://` with TLS).
     pub coordinator_url: String,
+    /// TLS settings and the token sent with every call.
+    pub security: ClientSecurity,
+    /// The model and output locations this worker reads and writes, whatever its coordinator
+    /// asks (`--allow`); `None`: any.
+    pub allow: Option<AllowList>,
     /// Name shown in reports and logs.
     pub name: String,
     /// Threads for compression passes (0 = all cores).
@@ -55,6 +61,8 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             coordinator_url: "http://127.0.0.1:50051".into(),
+            security: ClientSecurity::default(),
+            allow: None,
             name: "worker".into(),
             threads: 0,
             chunk_bytes: 16 * 1024 * 1024,
@@ -75,33 +83,37 @@ pub enum WorkerError {
         seconds: u64,
         message: String,
     },
-    #[error("invalid coordinator URL {url:?}: {message}")]
-    InvalidUrl { url: String, message: String },
+    #[error(transparent)]
+    Transport(#[from] shardpress_proto::transport::TransportError),
+    #[error("the coordinator refused this worker: {0}")]
+    Refused(String),
     #[error("cannot start the compute pool: {0}")]
     Pool(String),
 }
 
-async fn connect(config: &WorkerConfig) -> Result<WorkerServiceClient<Channel>, WorkerError> {
-    let endpoint = Channel::from_shared(config.coordinator_url.clone()).map_err(|e| {
-        WorkerError::InvalidUrl {
-            url: config.coordinator_url.clone(),
-            message: e.to_string(),
-        }
-    })?;
-    let started = tokio::time::Instant::now();
-    loop {
-        match endpoint.connect().await {
-            Ok(channel) => {
-                return Ok(WorkerServiceClient::new(channel)
-                    .max_decoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES))
-            }
-            Err(e) if started.elapsed() >= config.unreachable_timeout => {
-                return Err(unreachable(config, started, e.to_string()))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
+/// The worker service's client; its [`Credentials`] carry the token and, once registered,
+/// the session.
+type Client = WorkerServiceClient<AuthChannel>;
+
+async fn connect(config: &WorkerConfig) -> Result<(Client, Credentials), WorkerError> {
+    let url = &config.coordinator_url;
+    let (channel, credentials) =
+        shardpress_proto::transport::connect(url, &config.security, config.unreachable_timeout)
+            .await
+            .map_err(|e| match e {
+                shardpress_proto::transport::TransportError::Unreachable { message, .. } => {
+                    WorkerError::Unreachable {
+                        url: url.clone(),
+                        seconds: config.unreachable_timeout.as_secs(),
+                        message,
+                    }
+                }
+                other => other.into(),
+            })?;
+    let client = WorkerServiceClient::with_interceptor(channel, credentials.clone())
+        .max_decoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(shardpress_proto::MAX_MESSAGE_BYTES);
+    Ok((client, credentials))
 }
 
 fn unreachable(config: &WorkerConfig, since: tokio::time::Instant, message: String) -> WorkerError {
@@ -120,8 +132,8 @@ pub async fn run_worker(
 ) -> Result<(), WorkerError> {
     cpu::init_pool(config.threads).map_err(WorkerError::Pool)?;
     tokio::pin!(shutdown);
-    let mut client = connect(&config).await?;
-    let mut worker_id = register(&mut client, &config).await?;
+    let (mut client, credentials) = connect(&config).await?;
+    let mut worker_id = register(&mut client, &credentials, &config).await?;
     let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
         let acquire = client.acquire_task(AcquireTaskRequest {
@@ -146,7 +158,7 @@ pub async fn run_worker(
             Err(status) if status.code() == tonic::Code::NotFound => {
                 tracing::warn!(error = %status.message(),
                     "the coordinator does not know this worker (restarted?); registering again");
-                worker_id = register(&mut client, &config).await?;
+                worker_id = register(&mut client, &credentials, &config).await?;
             }
             Err(status) => {
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
@@ -161,9 +173,11 @@ pub async fn run_worker(
 }
 
 /// Registers with the coordinator, retrying while it is unreachable (a coordinator being
-/// restarted) up to the configured timeout; returns the worker id it gave.
+/// restarted) up to the configured timeout; returns the worker id it gave and sends the
+/// session it gave with every later call. A refused token ends the worker at once.
 async fn register(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut Client,
+    credentials: &Credentials,
     config: &WorkerConfig,
 ) -> Result<String, WorkerError> {
     let started = tokio::time::Instant::now();
@@ -176,9 +190,19 @@ async fn register(
         };
         match client.register_worker(request).await {
             Ok(response) => {
-                let worker_id = response.into_inner().worker_id;
+                let response = response.into_inner();
+                credentials.set_session(&response.session);
+                let worker_id = response.worker_id;
                 tracing::info!(worker = %worker_id, coordinator = %config.coordinator_url, "registered");
                 return Ok(worker_id);
+            }
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                return Err(WorkerError::Refused(status.message().to_string()))
             }
             Err(status) if started.elapsed() >= config.unreachable_timeout => {
                 return Err(unreachable(config, started, status.message().into()))
@@ -196,7 +220,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// task at its next chunk, gives the lease back (re-leased at once elsewhere) and returns
 /// true.
 async fn run_lease(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut Client,
     config: &WorkerConfig,
     worker_id: &str,
     lease: TaskLease,
@@ -228,7 +252,7 @@ async fn run_lease(
 
 /// One lease with a heartbeat beside it, and its outcome reported.
 async fn lease_task(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut Client,
     config: &WorkerConfig,
     worker_id: &str,
     lease: TaskLease,
@@ -268,7 +292,10 @@ async fn lease_task(
         delay_per_chunk: config.delay_per_chunk,
         stall_before_finish: config.stall_before_finish,
     };
-    let result = task::execute(&lease, &ctx).await;
+    let result = match permitted(config, &lease) {
+        Ok(()) => task::execute(&lease, &ctx).await,
+        Err(refusal) => Err(refusal),
+    };
     heartbeat.abort();
     match result {
         Ok(mut report) => {
@@ -320,6 +347,22 @@ async fn lease_task(
     }
 }
 
+/// Refuses a lease whose model or output lies outside the worker's `--allow` prefixes: a
+/// coordinator (or something posing as one) cannot make it read or write elsewhere.
+fn permitted(config: &WorkerConfig, lease: &TaskLease) -> Result<(), TaskError> {
+    let Some(allow) = &config.allow else {
+        return Ok(());
+    };
+    for (what, url) in [("model", &lease.model_url), ("output", &lease.out_url)] {
+        if !url.is_empty() {
+            allow
+                .check(what, url)
+                .map_err(|e| TaskError::Refused(format!("worker {}: {e}", config.name)))?;
+        }
+    }
+    Ok(())
+}
+
 /// Deletes the staging object of an attempt whose result was refused (a stale attempt: the
 /// coordinator let it go, maybe long ago). An upload is the coordinator's to abort.
 async fn discard_staged(lease: &TaskLease) {
@@ -350,7 +393,7 @@ async fn discard_staged(lease: &TaskLease) {
 /// was given to another worker: it stops the task, so that it never commits an output of a
 /// lease it may no longer hold.
 async fn heartbeat_loop(
-    mut client: WorkerServiceClient<Channel>,
+    mut client: Client,
     task: TaskRef,
     ttl: Duration,
     progress: Arc<AtomicU64>,
