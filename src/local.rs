@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use shardpress_coordinator::journal::Claimant;
+use shardpress_coordinator::signing::SigningKey;
 use shardpress_coordinator::{Coordinator, CoordinatorConfig};
 use tokio::process::{Child, Command};
 
@@ -28,6 +29,9 @@ pub struct RunArgs {
     /// Lease time-to-live in seconds.
     #[arg(long, default_value_t = 15.0)]
     pub lease_ttl_secs: f64,
+    /// Sign the manifest with this Ed25519 secret key (see `coordinator --signing-key`).
+    #[arg(long, value_name = "PATH", env = "SHARDPRESS_SIGNING_KEY_FILE")]
+    pub signing_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -70,6 +74,7 @@ pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         bail!("--unassignable-timeout-secs must be a number of seconds, 0 or more");
     }
     config.unassignable_timeout = Duration::from_secs_f64(args.unassignable_timeout_secs);
+    config.signing_key = load_signing_key(args.signing_key.as_deref())?;
     let (listener, addr) = shardpress_coordinator::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -87,6 +92,19 @@ pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     }
     shardpress_coordinator::serve(listener, coordinator, shutdown_signal()).await?;
     Ok(())
+}
+
+/// `--signing-key`: the secret key, loaded at startup so that a bad file stops the command
+/// before any job runs.
+fn load_signing_key(
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<Option<std::sync::Arc<SigningKey>>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let key = SigningKey::load(path).context("cannot load the --signing-key")?;
+    tracing::info!(key = %key.id(), "signing manifests with the key in {}", path.display());
+    Ok(Some(std::sync::Arc::new(key)))
 }
 
 /// Worker processes of this binary; killed when dropped.
@@ -147,6 +165,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // the default action (ending this process at once) would leave running.
     let interrupted = crate::cli::shutdown_listener()?;
     let mut config = coordinator_config(args.lease_ttl_secs, args.job.task_budget_mb)?;
+    config.signing_key = load_signing_key(args.signing_key.as_deref())?;
     let threads = match args.threads {
         0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / args.workers).max(1),
         n => n,
@@ -227,9 +246,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         workers: args.workers,
         threads: 0,
         lease_ttl_secs: 15.0,
+        signing_key: None,
     })
     .await?;
-    client::verify(&out_dir.display().to_string()).await?;
+    client::verify(&out_dir.display().to_string(), None).await?;
     if args.keep_in.is_some() {
         say!(
             "model in {}, output in {}",
