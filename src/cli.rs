@@ -59,8 +59,11 @@ pub enum Command {
     GenModel(genmodel::GenModelArgs),
     /// Restore safetensors files (or chosen tensors) from an .spz archive.
     Decompress(decompress::DecompressArgs),
-    /// Re-check every object listed in an output's manifest.json against its checksum.
+    /// Re-check every object listed in an output's manifest.json against its checksum, and
+    /// with --key the manifest's signature.
     Verify(VerifyArgs),
+    /// Generate an Ed25519 key pair for signing manifests (`coordinator --signing-key`).
+    Keygen(KeygenArgs),
     /// List the built-in recipes (usable as `--recipe NAME`), or print one's YAML.
     Recipes(RecipesArgs),
 }
@@ -137,6 +140,11 @@ pub struct CoordinatorArgs {
     /// Fault injection for tests: pause this many ms before writing report and manifest.
     #[arg(long, default_value_t = 0, hide = true)]
     pub debug_finalize_delay_ms: u64,
+    /// Sign each job's manifest.json with this Ed25519 secret key (from `shardpress keygen`):
+    /// the signature is written as manifest.json.sig, and `verify --key PUBFILE` checks it.
+    /// The key is loaded at startup; a missing or bad file stops the coordinator.
+    #[arg(long, value_name = "PATH", env = "SHARDPRESS_SIGNING_KEY_FILE")]
+    pub signing_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -203,6 +211,22 @@ pub struct RecipesArgs {
 pub struct VerifyArgs {
     /// Output directory URL or path (holding manifest.json).
     pub out: String,
+    /// Public key file (PREFIX.pub from `shardpress keygen`): the manifest's signature
+    /// (manifest.json.sig) must be this key's over manifest.json's exact bytes; a missing,
+    /// foreign or broken signature fails. Without it the signature is not checked.
+    #[arg(long, value_name = "PUBFILE")]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct KeygenArgs {
+    /// Writes PREFIX.key (the secret key, mode 0600: give it to the coordinator only) and
+    /// PREFIX.pub (the public key, for `verify --key`).
+    #[arg(long, value_name = "PREFIX")]
+    pub out: PathBuf,
+    /// Replace existing key files.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Loads `--recipe`: a built-in name or a YAML file.
@@ -240,7 +264,8 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::inspect(args).await,
         Command::Plan(args) => plan::plan(args).await,
         Command::GenModel(args) => genmodel::gen_model(args),
-        Command::Verify(args) => client::verify(&args.out).await,
+        Command::Verify(args) => client::verify(&args.out, args.key.as_deref()).await,
+        Command::Keygen(args) => keygen(args),
         Command::Decompress(args) => decompress::decompress(args).await,
         Command::Recipes(RecipesArgs { show: Some(name) }) => {
             let recipe = Recipe::preset(&name)
@@ -329,6 +354,25 @@ fn coordinator_is_local(url: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `keygen`: a key pair from the operating system's random generator.
+fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    use rand::TryRngCore;
+    use shardpress_coordinator::signing::{write_key_pair, SigningKey};
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut seed)
+        .context("cannot get random bytes from the operating system for a key")?;
+    let key = SigningKey::from_seed(seed);
+    let (secret, public) = write_key_pair(&args.out, &key, args.force)?;
+    say!(
+        "key {}: secret key in {} (keep it private), public key in {}",
+        key.id(),
+        secret.display(),
+        public.display()
+    );
+    Ok(())
 }
 
 /// Listens for SIGINT and SIGTERM from now on (unlike [`shutdown_signal`], which starts

@@ -566,20 +566,44 @@ pub fn finish(status: &JobStatus, report: &str) -> anyhow::Result<()> {
     }
 }
 
-pub async fn verify(out: &str) -> anyhow::Result<()> {
+/// `verify`: the manifest's signature (with `key`, a public key file), then every object's
+/// checksum. A signature that does not check out fails, whatever the checksums say.
+pub async fn verify(out: &str, key: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use shardpress_coordinator::finalize::MANIFEST_NAME;
+    use shardpress_coordinator::signing::VerifyingKey;
+    use shardpress_coordinator::verify::{verify_output, SignatureCheck};
+    let key = key.map(VerifyingKey::load).transpose()?;
     let location = StoreLocation::open(out)?;
-    let (manifest, problems) = shardpress_coordinator::finalize::verify(&location).await?;
+    let checked = verify_output(&location, key.as_ref()).await?;
+    let (manifest, problems) = (&checked.manifest, &checked.problems);
+    for problem in problems {
+        eprintln!("MISMATCH {problem}");
+    }
+    let signed = match &checked.signature {
+        SignatureCheck::Invalid(e) => {
+            bail!(
+                "the signature of {} does not check out: {e}",
+                location.describe(MANIFEST_NAME)
+            )
+        }
+        SignatureCheck::Valid(id) => format!(", signature by key {id} valid"),
+        SignatureCheck::NotSigned => String::new(),
+        SignatureCheck::Unchecked(id) => {
+            let by = id
+                .as_ref()
+                .map(|id| format!(" by key {id}"))
+                .unwrap_or_default();
+            format!(", signed{by} (signature not checked: pass --key PUBFILE)")
+        }
+    };
     if problems.is_empty() {
         say!(
-            "ok: {} objects match {} (job {})",
+            "ok: {} objects match {} (job {}){signed}",
             manifest.objects.len(),
-            location.describe(shardpress_coordinator::finalize::MANIFEST_NAME),
+            location.describe(MANIFEST_NAME),
             manifest.job_id
         );
         return Ok(());
-    }
-    for problem in &problems {
-        eprintln!("MISMATCH {problem}");
     }
     bail!(
         "{} of {} objects do not match the manifest",

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use shardpress_coordinator::auth::AuthConfig;
 use shardpress_coordinator::journal::Claimant;
+use shardpress_coordinator::signing::SigningKey;
 use shardpress_coordinator::{Coordinator, CoordinatorConfig, ServerSecurity, ServerTls};
 use shardpress_proto::transport::ClientSecurity;
 use shardpress_store::allow::AllowList;
@@ -31,6 +32,9 @@ pub struct RunArgs {
     /// Lease time-to-live in seconds.
     #[arg(long, default_value_t = 15.0)]
     pub lease_ttl_secs: f64,
+    /// Sign the manifest with this Ed25519 secret key (see `coordinator --signing-key`).
+    #[arg(long, value_name = "PATH", env = "SHARDPRESS_SIGNING_KEY_FILE")]
+    pub signing_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -74,6 +78,7 @@ pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     }
     config.unassignable_timeout = Duration::from_secs_f64(args.unassignable_timeout_secs);
     let security = server_security(&args)?;
+    config.signing_key = load_signing_key(args.signing_key.as_deref())?;
     let (listener, addr) = shardpress_coordinator::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -149,6 +154,19 @@ fn server_security(args: &CoordinatorArgs) -> anyhow::Result<ServerSecurity> {
     Ok(ServerSecurity { auth, tls })
 }
 
+/// `--signing-key`: the secret key, loaded at startup so that a bad file stops the command
+/// before any job runs.
+fn load_signing_key(
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<Option<std::sync::Arc<SigningKey>>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let key = SigningKey::load(path).context("cannot load the --signing-key")?;
+    tracing::info!(key = %key.id(), "signing manifests with the key in {}", path.display());
+    Ok(Some(std::sync::Arc::new(key)))
+}
+
 /// Worker processes of this binary; killed when dropped.
 struct LocalWorkers {
     children: Vec<Child>,
@@ -213,6 +231,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // the default action (ending this process at once) would leave running.
     let interrupted = crate::cli::shutdown_listener()?;
     let mut config = coordinator_config(args.lease_ttl_secs, args.job.task_budget_mb)?;
+    config.signing_key = load_signing_key(args.signing_key.as_deref())?;
     let threads = match args.threads {
         0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / args.workers).max(1),
         n => n,
@@ -311,9 +330,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         workers: args.workers,
         threads: 0,
         lease_ttl_secs: 15.0,
+        signing_key: None,
     })
     .await?;
-    client::verify(&out_dir.display().to_string()).await?;
+    client::verify(&out_dir.display().to_string(), None).await?;
     if args.keep_in.is_some() {
         say!(
             "model in {}, output in {}",

@@ -1,6 +1,8 @@
 //! The coordinator's part between the steps of a job ([`advance`], run by the job's driver),
 //! and last its reassembly: the shard index, the model's companion files (config,
-//! tokenizer), `report.json`, the accuracy gates and, last, `manifest.json` — the commit point.
+//! tokenizer), `report.json`, the accuracy gates and, last, `manifest.json` — the commit point
+//! (with a signing key, its signature `manifest.json.sig` just before it). [`crate::verify`]
+//! checks an output against both.
 //! A job whose gates fail keeps its report (the evidence) but gets no manifest.
 //! Tensor bytes are never read here: shard checksums come from the workers, sizes from HEAD.
 //!
@@ -44,8 +46,11 @@ use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, PartRange};
 
 use crate::job::{JobSpec, Measured, Phase, TaskSlot};
 use crate::report::{build_report, Report, TaskReport};
+use crate::signing::{KeyId, SigningKey, SIGNATURE_NAME};
 use crate::state::Snapshot;
 use crate::Coordinator;
+
+pub use crate::verify::verify;
 
 pub const MANIFEST_NAME: &str = "manifest.json";
 pub const REPORT_NAME: &str = "report.json";
@@ -220,7 +225,8 @@ pub async fn advance(coordinator: &Arc<Coordinator>, job_id: &str) {
         Ok(finish) => {
             coordinator.start_finalizing(job_id);
             tokio::time::sleep(coordinator.config().finalize_delay).await;
-            reassemble(&spec, &tasks, &finish, report, job_id).await
+            let signing_key = coordinator.config().signing_key.as_deref();
+            reassemble(&spec, &tasks, &finish, report, job_id, signing_key).await
         }
     };
     let (state, message, report_json) = outcome.unwrap_or_else(|e| {
@@ -261,6 +267,7 @@ async fn reassemble(
     finish: &FinishPlan,
     report: Report,
     job_id: &str,
+    signing_key: Option<&SigningKey>,
 ) -> Result<(JobState, String, String), StoreError> {
     let out = StoreLocation::open(&spec.out_url)?;
     let model = StoreLocation::open(&spec.model_url)?;
@@ -346,12 +353,14 @@ async fn reassemble(
         recipe: spec.recipe.describe(),
         objects,
     };
-    put_json(&out, MANIFEST_NAME, json_bytes(&manifest)).await?;
+    let manifest_bytes = json_bytes(&manifest);
+    let signed = write_signature(&out, &manifest_bytes, signing_key).await?;
+    put_json(&out, MANIFEST_NAME, manifest_bytes).await?;
     // The manifest is the commit point: the journal of the job is no longer needed.
     if let Err(e) = crate::journal::Journal::at(out.clone()).remove().await {
         tracing::warn!(job = %job_id, "could not delete the job's journal: {e}");
     }
-    let message = match spec.format {
+    let mut message = match spec.format {
         OutputFormat::Safetensors | OutputFormat::CompressedTensors => format!(
             "compressed {} tensors in {} {} shards to {}",
             report.summary.tensors,
@@ -378,7 +387,28 @@ async fn reassemble(
             )
         }
     };
+    if let Some(key_id) = signed {
+        message.push_str(&format!("; manifest signed by key {key_id}"));
+    }
     Ok((JobState::Succeeded, message, report_json))
+}
+
+/// Writes the signature of `manifest` (its exact bytes) as [`SIGNATURE_NAME`], before the
+/// manifest: a manifest is never committed without its signature. Without a key, a stale
+/// signature (of an earlier job in this output) is removed, since it would not match.
+async fn write_signature(
+    out: &StoreLocation,
+    manifest: &[u8],
+    key: Option<&SigningKey>,
+) -> Result<Option<KeyId>, StoreError> {
+    let Some(key) = key else {
+        out.delete(SIGNATURE_NAME).await?;
+        return Ok(None);
+    };
+    let signature = key.sign(manifest);
+    out.put(SIGNATURE_NAME, Bytes::from(signature.to_text()))
+        .await?;
+    Ok(Some(signature.key_id))
 }
 
 /// What the measuring round's reports imply: the global cut of the summed magnitude
@@ -790,46 +820,4 @@ fn with_quantization_config(
         None => fields.remove("quantization_config"),
     };
     Ok(json_bytes(&config))
-}
-
-/// Re-hashes every object the manifest at `out` lists; returns the problems found.
-pub async fn verify(out: &StoreLocation) -> Result<(Manifest, Vec<String>), StoreError> {
-    let bytes = out.get(MANIFEST_NAME).await?;
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| StoreError::Invalid {
-        object: out.describe(MANIFEST_NAME),
-        reason: format!("not a shardpress manifest: {e}"),
-    })?;
-    let mut problems = Vec::new();
-    if manifest.objects.is_empty() {
-        problems.push(format!("{} lists no objects", out.describe(MANIFEST_NAME)));
-    }
-    // Whatever else is there did not come from this job: a leftover of another run or a
-    // stray file, which a reader of the folder would take for part of the output.
-    let listed: std::collections::HashSet<&str> =
-        manifest.objects.iter().map(|e| e.name.as_str()).collect();
-    for name in out.list_all().await? {
-        if name != MANIFEST_NAME && !listed.contains(name.as_str()) {
-            problems.push(format!(
-                "{}: not listed in the manifest (left by another run?)",
-                out.describe(&name)
-            ));
-        }
-    }
-    for entry in &manifest.objects {
-        match out.blake3(&entry.name).await {
-            Ok((_, size)) if size != entry.size => problems.push(format!(
-                "{}: size {size}, manifest says {}",
-                out.describe(&entry.name),
-                entry.size
-            )),
-            Ok((hash, _)) if hash != entry.blake3 => problems.push(format!(
-                "{}: blake3 {hash}, manifest says {}",
-                out.describe(&entry.name),
-                entry.blake3
-            )),
-            Ok(_) => {}
-            Err(e) => problems.push(e.to_string()),
-        }
-    }
-    Ok((manifest, problems))
 }

@@ -18,6 +18,8 @@
 //! - [`gguf`]: reading the config and tokenizer a GGUF file's head is made from;
 //! - [`report`]: the report's types and aggregation;
 //! - [`share`]: tensors stored once in an `.spz` archive because their records are identical;
+//! - [`signing`]: Ed25519 key files and the signature of `manifest.json`;
+//! - [`verify`]: an output checked against its manifest and signature;
 //! - [`error`]: the error enum and its one mapping to `tonic::Status`.
 
 pub mod archive;
@@ -33,8 +35,10 @@ pub mod report;
 pub mod routing;
 pub mod service;
 pub mod share;
+pub mod signing;
 pub mod state;
 pub mod submit;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,6 +71,8 @@ pub struct CoordinatorConfig {
     /// A job fails when one of its tasks needs more memory than every live worker's
     /// `--memory-limit` for this long (see [`routing`]).
     pub unassignable_timeout: Duration,
+    /// Signs each job's `manifest.json` (as `manifest.json.sig`, written before it).
+    pub signing_key: Option<Arc<signing::SigningKey>>,
 }
 
 impl Default for CoordinatorConfig {
@@ -79,6 +85,7 @@ impl Default for CoordinatorConfig {
             claimant: journal::Claimant::this_process("?"),
             claim_ttl: Duration::from_secs(30),
             unassignable_timeout: Duration::from_secs(60),
+            signing_key: None,
         }
     }
 }

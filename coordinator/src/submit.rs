@@ -445,6 +445,7 @@ async fn clear_output(
     let mut remove: Vec<String> = Vec::new();
     if let Some(listed) = manifest_lists {
         out.delete(MANIFEST_NAME).await?;
+        out.delete(crate::signing::SIGNATURE_NAME).await?;
         remove.extend(listed.into_iter().filter(|name| present.contains(name)));
     }
     let ours = |name: &str| {
@@ -458,7 +459,8 @@ async fn clear_output(
         out.remove_empty_dir(dir);
     }
     let kept: Vec<&String> = (present.iter())
-        .filter(|name| *name != MANIFEST_NAME && !remove.contains(name))
+        .filter(|name| *name != MANIFEST_NAME && *name != crate::signing::SIGNATURE_NAME)
+        .filter(|name| !remove.contains(name))
         .collect();
     Ok(match kept.first() {
         None => Vec::new(),
