@@ -5,9 +5,16 @@
 #   3. Python interop tests: Python's `safetensors` loads what the cluster wrote, a numpy reader
 #      of compressed-tensors unpacks its packed shards, `gguf` reads our GGUF files, llama.cpp
 #      (llama-cpp-python, built from its sdist on the first run) runs them, and hostile headers
-#      get the reference loader's verdict.
+#      get the reference loader's verdict; headless Chromium renders the status page and
+#      report.html.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Headless Chromium renders the status page and report.html (tests/python/test_status_page.py).
+if ! command -v chromium >/dev/null; then
+  sudo=(); [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update && "${sudo[@]}" apt-get install -y --no-install-recommends chromium
+fi
 
 venv=target/test-venv
 # (Re)create it when missing or broken, e.g. by an interrupted earlier run.

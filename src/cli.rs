@@ -137,6 +137,13 @@ pub struct CoordinatorArgs {
         value_delimiter = ','
     )]
     pub allow: Vec<String>,
+    /// Also serve HTTP on this address, e.g. 0.0.0.0:9090: Prometheus metrics at /metrics, a
+    /// status page at / (jobs, progress and ETA, workers and their tasks, a finished job's
+    /// per-layer errors) and its JSON at /api/status. Port 0 picks a free port, printed on
+    /// stdout after the gRPC address. Read-only and without a token: keep it on the cluster's
+    /// network. Default: off.
+    #[arg(long, env = "SHARDPRESS_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
     /// Fault injection for tests: pause this many ms before writing report and manifest.
     #[arg(long, default_value_t = 0, hide = true)]
     pub debug_finalize_delay_ms: u64,

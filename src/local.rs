@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use shardpress_coordinator::auth::AuthConfig;
+use shardpress_coordinator::http;
 use shardpress_coordinator::journal::Claimant;
 use shardpress_coordinator::signing::SigningKey;
 use shardpress_coordinator::{Coordinator, CoordinatorConfig, ServerSecurity, ServerTls};
@@ -90,6 +91,10 @@ pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         allow = %security.auth.allow.describe(),
         "security"
     );
+    let http = match args.http_listen {
+        Some(at) => Some(bind_http(at).await?),
+        None => None,
+    };
     std::io::stdout().flush().ok();
     config.claimant = Claimant::this_process(&addr.to_string());
     config.claim_ttl = Duration::from_secs_f64(args.claim_ttl_secs.max(1.0));
@@ -101,7 +106,19 @@ pub async fn serve_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         tracing::info!(job = %submitted.job_id, tasks = submitted.task_count,
             finished = submitted.resumed_tasks, "resumed the job in {out}");
     }
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = http.map(|listener| {
+        let stopped = async {
+            let _ = http_stopped.await;
+        };
+        tokio::spawn(http::serve(listener, coordinator.clone(), stopped))
+    });
     shardpress_coordinator::serve(listener, coordinator, security, shutdown_signal()).await?;
+    let _ = stop_http.send(());
+    if let Some(http) = http {
+        http.await?
+            .context("the HTTP server (--http-listen) failed")?;
+    }
     Ok(())
 }
 
@@ -165,6 +182,15 @@ fn load_signing_key(
     let key = SigningKey::load(path).context("cannot load the --signing-key")?;
     tracing::info!(key = %key.id(), "signing manifests with the key in {}", path.display());
     Ok(Some(std::sync::Arc::new(key)))
+}
+
+/// Binds the HTTP port of `--http-listen` and says where it is, after the gRPC address.
+async fn bind_http(at: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let (listener, addr) = shardpress_coordinator::bind(at)
+        .await
+        .with_context(|| format!("cannot listen on {at} for HTTP (--http-listen)"))?;
+    say!("shardpress coordinator metrics and status page listening on {addr}");
+    Ok(listener)
 }
 
 /// Worker processes of this binary; killed when dropped.

@@ -163,10 +163,11 @@ fn run_with_workers(model: &Path, out: &Path, workers: usize) {
     assert_success(&output, &format!("run --workers {workers}"));
 }
 
-/// Shards and index of an output, without the report (timings) and manifest (which hashes it).
+/// Shards and index of an output, without the reports (timings) and manifest (which hashes it).
 fn deterministic_objects(out: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut objects = manifest_objects(out);
     objects.remove("report.json");
+    objects.remove("report.html");
     objects
 }
 

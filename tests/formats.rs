@@ -222,7 +222,10 @@ fn a_gguf_file_is_byte_identical_whatever_the_number_of_workers() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["manifest.json", "model.gguf", "report.json"]);
+    assert_eq!(
+        names,
+        ["manifest.json", "model.gguf", "report.html", "report.json"]
+    );
     // A Mixtral-shaped model: each layer's experts, spread over several tasks, are written
     // into their stacked tensors identically whatever the number of workers.
     let moe = dir.path().join("moe");

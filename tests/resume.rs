@@ -34,6 +34,7 @@ fn journaled(out: &Path) -> BTreeSet<u32> {
 fn model_files(out: &Path) -> BTreeMap<String, (usize, String)> {
     let mut files = manifest_objects(out);
     files.remove("report.json");
+    files.remove("report.html");
     files.remove("manifest.json");
     let hashed = files.into_iter().map(|(name, bytes)| {
         let hash = blake3::hash(&bytes).to_hex().to_string();

@@ -1,8 +1,8 @@
 //! The coordinator's part between the steps of a job ([`advance`], run by the job's driver),
 //! and last its reassembly: the shard index, the model's companion files (config,
-//! tokenizer), `report.json`, the accuracy gates and, last, `manifest.json` — the commit point
-//! (with a signing key, its signature `manifest.json.sig` just before it). [`crate::verify`]
-//! checks an output against both.
+//! tokenizer), `report.json` and `report.html`, the accuracy gates and, last, `manifest.json` —
+//! the commit point (with a signing key, its signature `manifest.json.sig` just before it).
+//! [`crate::verify`] checks an output against both.
 //! A job whose gates fail keeps its report (the evidence) but gets no manifest.
 //! Tensor bytes are never read here: shard checksums come from the workers, sizes from HEAD.
 //!
@@ -323,6 +323,8 @@ async fn reassemble(
     let report_bytes = json_bytes(&report);
     let report_json = String::from_utf8_lossy(&report_bytes).into_owned();
     objects.push(put_json(&out, REPORT_NAME, report_bytes).await?);
+    let page = crate::report_html::render(&report).into_bytes();
+    objects.push(put_json(&out, crate::report_html::REPORT_HTML_NAME, page).await?);
     if !report.gates.passed {
         let worst: Vec<String> = report
             .gates

@@ -559,11 +559,11 @@ impl Job {
         Ok(true)
     }
 
-    /// Returns expired leases to the queue; true if any expired. A task that keeps losing its
+    /// Returns expired leases to the queue; how many expired. A task that keeps losing its
     /// lease fails the job after `max_attempts`.
-    pub fn expire_leases(&mut self, now: Instant, max_attempts: u32) -> bool {
+    pub fn expire_leases(&mut self, now: Instant, max_attempts: u32) -> usize {
         if self.state != JobState::Running {
-            return false;
+            return 0;
         }
         let mut expired = Vec::new();
         for (index, slot) in self.tasks.iter_mut().enumerate() {
@@ -587,7 +587,7 @@ impl Job {
                 None,
             );
         }
-        !expired.is_empty()
+        expired.len()
     }
 
     pub fn tasks_done(&self) -> usize {

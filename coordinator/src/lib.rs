@@ -2,8 +2,9 @@
 //!
 //! It plans a job from the model's safetensors headers (two range reads per file, never the
 //! data), leases tasks to workers that pull them, fences stale attempts, and when every task is
-//! done reassembles the model (index, config and tokenizer files), writes `report.json`, applies
-//! the recipe's accuracy gates and finally writes `manifest.json`, the commit point.
+//! done reassembles the model (index, config and tokenizer files), writes `report.json` (and
+//! `report.html`), applies the recipe's accuracy gates and finally writes `manifest.json`, the
+//! commit point.
 //!
 //! Layout:
 //! - [`job`]: a job's tasks and lease table, a plain state machine with no I/O;
@@ -16,7 +17,8 @@
 //! - [`finalize`]: reassembly, gates and the manifest;
 //! - [`assembly`]: an `.spz` archive or GGUF file assembled in slices by several workers;
 //! - [`gguf`]: reading the config and tokenizer a GGUF file's head is made from;
-//! - [`report`]: the report's types and aggregation;
+//! - [`report`]: the report's types and aggregation; [`report_html`]: the same as a page;
+//! - [`http`]: the HTTP port (`--http-listen`): Prometheus [`metrics`] and a status page;
 //! - [`share`]: tensors stored once in an `.spz` archive because their records are identical;
 //! - [`signing`]: Ed25519 key files and the signature of `manifest.json`;
 //! - [`verify`]: an output checked against its manifest and signature;
@@ -29,9 +31,12 @@ pub mod driver;
 pub mod error;
 pub mod finalize;
 pub mod gguf;
+pub mod http;
 pub mod job;
 pub mod journal;
+pub mod metrics;
 pub mod report;
+pub mod report_html;
 pub mod routing;
 pub mod service;
 pub mod share;

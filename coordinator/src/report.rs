@@ -317,7 +317,7 @@ fn weighted(tensors: &[&TensorReport], value: impl Fn(&TensorReport) -> f64) -> 
         / params as f64
 }
 
-fn summarize(
+pub(crate) fn summarize(
     tensors: &[TensorReport],
     tasks: &[TaskReport],
     wall_seconds: f64,
@@ -391,7 +391,7 @@ fn summarize(
     }
 }
 
-fn layer_reports(tensors: &[TensorReport]) -> Vec<LayerReport> {
+pub(crate) fn layer_reports(tensors: &[TensorReport]) -> Vec<LayerReport> {
     let mut groups: BTreeMap<(u64, String), Vec<&TensorReport>> = BTreeMap::new();
     for t in tensors {
         let key = match layer_index(&t.name) {

@@ -20,8 +20,10 @@ use crate::journal::{Journal, Recorded};
 use crate::{CoordinatorConfig, CoordinatorError};
 
 mod staging;
+mod view;
 use staging::discard_staged;
 pub use staging::Accepting;
+pub use view::{ClusterView, JobView, WorkerTask, WorkerView};
 
 /// The outcome of [`Coordinator::check_session`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +187,8 @@ pub struct Coordinator {
     epoch: String,
     inner: Mutex<Inner>,
     task_ready: Notify,
+    /// Counters of events, incremented where they happen (see [`crate::metrics`]).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// A job as its driver sees it between two steps.
@@ -214,6 +218,7 @@ impl Coordinator {
             epoch: base36(seconds),
             inner: Mutex::new(Inner::default()),
             task_ready: Notify::new(),
+            metrics: crate::metrics::Metrics::new(),
         })
     }
 
@@ -390,6 +395,7 @@ impl Coordinator {
         let Some((job_id, lease)) = leased else {
             return Ok(None);
         };
+        self.metrics.task_leased();
         inner.publish(&job_id, ttl);
         tracing::info!(job = %job_id, task = lease.task_index, attempt = lease.attempt,
             worker = %worker_id, "task leased");
@@ -439,6 +445,9 @@ impl Coordinator {
             Ok(false) => Completion::Accepted,
             Err(rejection) => Completion::Rejected(rejection),
         };
+        if let Completion::Accepted = completion {
+            inner.count_completion(&self.metrics, &task);
+        }
         inner.publish(&task.job_id, self.config.lease_ttl);
         drop(inner);
         // A completion may have queued slices of an archive assembled early.
@@ -458,7 +467,7 @@ impl Coordinator {
                 .job
                 .release(task.task_index, task.attempt, &task.worker_id)?;
         } else {
-            entry.job.fail(
+            let job_failed = entry.job.fail(
                 task.task_index,
                 task.attempt,
                 &task.worker_id,
@@ -467,6 +476,7 @@ impl Coordinator {
                 self.config.max_attempts,
                 Some(Instant::now()),
             )?;
+            self.metrics.task_failed(!job_failed);
         }
         inner.publish(&task.job_id, self.config.lease_ttl);
         drop(inner);
@@ -660,9 +670,12 @@ impl Coordinator {
         let limits = inner.live_limits(ttl);
         let timeout = self.config.unassignable_timeout;
         for (id, entry) in inner.jobs.iter_mut() {
+            let retries = entry.job.retries;
             let expired = entry.job.expire_leases(now, self.config.max_attempts);
+            let retried = entry.job.retries - retries;
+            self.metrics.leases_expired(expired as u64, retried.into());
             let stuck = entry.job.check_unassignable(&limits, now, timeout);
-            if expired || stuck {
+            if expired > 0 || stuck {
                 changed.push(id.clone());
             }
         }

@@ -56,19 +56,22 @@ pub fn gen_model(dir: &Path, size: &str, dtype: &str, max_shard_mb: u64) {
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub url: String,
+    /// The address of the coordinator's HTTP port, when started with `--http-listen`.
+    pub http: Option<String>,
     coordinator: Child,
     /// Coordinators started so far (each logs to `coordinator.log`, `coordinator-2.log`, …).
     coordinators: usize,
     workers: Vec<(String, Child)>,
 }
 
-/// Starts a coordinator listening on `listen`, logging to `log`; returns it and its address.
+/// Starts a coordinator listening on `listen`, logging to `log`; returns it, its address and,
+/// with `--http-listen`, its HTTP address (both read from its stdout).
 fn spawn_coordinator(
     listen: &str,
     log: &Path,
     extra: &[&str],
     env: &[(&str, &str)],
-) -> (Child, String) {
+) -> (Child, String, Option<String>) {
     let log = std::fs::File::create(log).unwrap();
     let mut coordinator = Command::new(BIN)
         .args(["coordinator", "--listen", listen])
@@ -79,13 +82,18 @@ fn spawn_coordinator(
         .stderr(log)
         .spawn()
         .expect("start coordinator");
-    let mut line = String::new();
-    BufReader::new(coordinator.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(addr.contains(':'), "unexpected coordinator banner {line:?}");
-    (coordinator, addr)
+    let mut stdout = BufReader::new(coordinator.stdout.take().unwrap());
+    let mut read_addr = || {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(addr.contains(':'), "unexpected coordinator banner {line:?}");
+        addr
+    };
+    let addr = read_addr();
+    // Read before the pipe closes: a coordinator whose stdout is gone exits.
+    let http = extra.contains(&"--http-listen").then(read_addr);
+    (coordinator, addr, http)
 }
 
 impl TestCluster {
@@ -102,10 +110,11 @@ impl TestCluster {
     pub fn start_on(listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("coordinator.log");
-        let (coordinator, addr) = spawn_coordinator(listen, &log, args, env);
+        let (coordinator, addr, http) = spawn_coordinator(listen, &log, args, env);
         Self {
             dir,
             url: format!("http://{addr}"),
+            http,
             coordinator,
             coordinators: 1,
             workers: Vec::new(),
@@ -124,7 +133,8 @@ impl TestCluster {
         self.coordinators += 1;
         let name = format!("coordinator-{}", self.coordinators);
         let listen = self.url.trim_start_matches("http://").to_string();
-        let (coordinator, _) = spawn_coordinator(&listen, &self.log_path(&name), args, &[]);
+        let (coordinator, _, http) = spawn_coordinator(&listen, &self.log_path(&name), args, &[]);
+        self.http = http;
         let _ = self.coordinator.kill();
         let _ = self.coordinator.wait();
         self.coordinator = coordinator;

@@ -94,7 +94,8 @@ def test_a_gguf_file_is_assembled_on_s3_in_parts_from_several_workers(s3_server,
     remote = client.get_object(Bucket="models", Key="big-gguf/model.gguf")["Body"].read()
     assert remote == local
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="models", Prefix="big-gguf/")["Contents"]]
-    assert sorted(keys) == ["big-gguf/manifest.json", "big-gguf/model.gguf", "big-gguf/report.json"]
+    assert sorted(keys) == ["big-gguf/manifest.json", "big-gguf/model.gguf", "big-gguf/report.html",
+                           "big-gguf/report.json"]
     assert client.list_multipart_uploads(Bucket="models").get("Uploads", []) == []
 
 

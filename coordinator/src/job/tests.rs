@@ -102,7 +102,7 @@ fn an_expired_lease_is_requeued_and_its_stale_result_rejected() {
     let mut job = job_with_tasks(1);
     let t0 = Instant::now();
     assert_eq!(job.lease_next("w1", TTL, t0), Some(0));
-    assert!(job.expire_leases(t0 + TTL, 5));
+    assert_eq!(job.expire_leases(t0 + TTL, 5), 1);
     assert_eq!(job.lease_next("w2", TTL, t0 + TTL), Some(0));
     let stale = job.complete(0, 1, "w1", CompleteTaskRequest::default(), Instant::now());
     assert_eq!(
@@ -136,7 +136,7 @@ fn only_the_lease_holder_may_report_and_given_up_attempts_are_discarded() {
     assert_eq!(job.complete(0, 1, "w9", Default::default(), t0), Err(other));
     job.heartbeat(0, 1, "w1", 0, TTL, t0).unwrap();
     // An expired attempt's staged output is given up; so is a cancelled job's.
-    assert!(job.expire_leases(t0 + TTL, 5));
+    assert_eq!(job.expire_leases(t0 + TTL, 5), 1);
     assert_eq!(job.discarded, vec![staged(0)]);
     assert_eq!(job.lease_next("w2", TTL, t0 + TTL), Some(0));
     job.tasks[0].staged = Some(staged(2));
@@ -189,7 +189,7 @@ fn heartbeats_keep_a_lease_alive() {
     let t0 = Instant::now();
     job.lease_next("w1", TTL, t0);
     job.heartbeat(0, 1, "w1", 50, TTL, t0 + TTL / 2).unwrap();
-    assert!(!job.expire_leases(t0 + TTL, 5));
+    assert_eq!(job.expire_leases(t0 + TTL, 5), 0);
     assert_eq!(job.status(1).bytes_done, 50);
 }
 
