@@ -461,9 +461,12 @@ def local_process(pod, container, folder: Path, secrets, rewrite):
         mounts[mount["mountPath"]] = str(local)
     args = []
     for arg in container["args"]:
-        for mount_path, local in mounts.items():
+        # One rewrite per argument, by the longest mount that holds it (a mount at /tmp must
+        # not rewrite a path already rewritten into the test's /tmp folder).
+        for mount_path, local in sorted(mounts.items(), key=lambda m: -len(m[0])):
             if arg.startswith(mount_path + "/"):
                 arg = local + arg[len(mount_path):]
+                break
         args.append(rewrite(arg))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SHARDPRESS_", "AWS_"))}
     for item in container.get("env", []):
