@@ -392,6 +392,10 @@ async fn reassemble(
     if let Some(key_id) = signed {
         message.push_str(&format!("; manifest signed by key {key_id}"));
     }
+    message.push_str(&format!(
+        "; charts and tables in {}",
+        out.describe(crate::report_html::REPORT_HTML_NAME)
+    ));
     Ok((JobState::Succeeded, message, report_json))
 }
 
