@@ -198,6 +198,11 @@ pub struct WorkerArgs {
     /// restarts within it finds the worker again (it registers anew) and resumes its jobs.
     #[arg(long, default_value_t = 600)]
     pub unreachable_timeout_secs: u64,
+    /// Exit successfully once no task has come for this many seconds (for one-shot runs,
+    /// e.g. workers as a Kubernetes Job that completes when the work is done). Default: run
+    /// until stopped.
+    #[arg(long, value_name = "SECS")]
+    pub exit_when_idle: Option<f64>,
     /// Fault injection for tests: sleep this many ms after each chunk.
     #[arg(long, default_value_t = 0, hide = true)]
     pub debug_delay_per_chunk_ms: u64,
@@ -331,6 +336,11 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         chunk_bytes: (args.chunk_mb.max(1.0 / 16.0) * 1024.0 * 1024.0) as usize,
         memory_limit: args.memory_limit,
         unreachable_timeout: Duration::from_secs(args.unreachable_timeout_secs),
+        exit_when_idle: match args.exit_when_idle {
+            Some(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
+            Some(_) => bail_bad("--exit-when-idle must be a positive number of seconds".into())?,
+            None => None,
+        },
         delay_per_chunk: Duration::from_millis(args.debug_delay_per_chunk_ms),
         stall_before_finish: Duration::from_millis(args.debug_stall_before_finish_ms),
     };

@@ -467,6 +467,28 @@ fn a_terminated_worker_gives_its_task_back_at_once_and_exits() {
 }
 
 #[test]
+fn a_worker_told_to_exit_when_idle_runs_its_tasks_then_exits() {
+    let mut cluster = TestCluster::start(15.0);
+    let model = cluster.dir.path().join("model");
+    gen_model(&model, "2MB", "bf16", 5000);
+    let out = cluster.dir.path().join("out");
+    // Idle for less than 3 s while the job is submitted: still there to run it.
+    cluster.add_worker("oneshot", &["--exit-when-idle", "3"]);
+    assert_success(&cluster.compress(&model, &out, RECIPE_INT4), "job");
+    let started = std::time::Instant::now();
+    while cluster.worker_alive("oneshot") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "an idle worker with --exit-when-idle 3 did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(cluster.log_path("oneshot")).unwrap();
+    assert!(log.contains("task completed"), "{log}");
+    assert!(log.contains("exiting"), "{log}");
+}
+
+#[test]
 fn jobs_are_listed_shown_followed_and_cancelled_from_the_command_line() {
     let mut cluster = TestCluster::start(10.0);
     cluster.add_worker(

@@ -50,6 +50,9 @@ pub struct WorkerConfig {
     pub memory_limit: Option<u64>,
     /// Give up when the coordinator has been unreachable this long.
     pub unreachable_timeout: Duration,
+    /// Exit (successfully) once no task has come for this long (`--exit-when-idle`, for
+    /// one-shot runs such as a Kubernetes Job); `None`: run until told to stop.
+    pub exit_when_idle: Option<Duration>,
     /// Fault injection for tests: sleep this long after every chunk.
     pub delay_per_chunk: Duration,
     /// Fault injection for tests: pause this long before finishing each output, whatever
@@ -68,6 +71,7 @@ impl Default for WorkerConfig {
             chunk_bytes: 16 * 1024 * 1024,
             memory_limit: None,
             unreachable_timeout: Duration::from_secs(600),
+            exit_when_idle: None,
             delay_per_chunk: Duration::ZERO,
             stall_before_finish: Duration::ZERO,
         }
@@ -135,10 +139,23 @@ pub async fn run_worker(
     let (mut client, credentials) = connect(&config).await?;
     let mut worker_id = register(&mut client, &credentials, &config).await?;
     let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut idle_since = tokio::time::Instant::now();
     loop {
+        if let Some(limit) = config.exit_when_idle {
+            if idle_since.elapsed() >= limit {
+                tracing::info!(
+                    idle_secs = limit.as_secs_f64(),
+                    "no task came for --exit-when-idle; exiting"
+                );
+                return Ok(());
+            }
+        }
         let acquire = client.acquire_task(AcquireTaskRequest {
             worker_id: worker_id.clone(),
-            wait_ms: 5_000,
+            // Long polls no longer than the idle limit, so that it is kept to.
+            wait_ms: config
+                .exit_when_idle
+                .map_or(5_000, |idle| idle.as_millis().clamp(100, 5_000) as u32),
         });
         let response = tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -152,6 +169,7 @@ pub async fn run_worker(
                     if run_lease(&mut client, &config, &worker_id, lease, shutdown).await {
                         return Ok(());
                     }
+                    idle_since = tokio::time::Instant::now();
                 }
             }
             // A restarted coordinator does not know this worker: register again and go on.
