@@ -173,49 +173,37 @@ impl tonic::service::Interceptor for Credentials {
 /// The endpoint for `url` with `security`'s TLS settings (`https://` needs TLS settings; TLS
 /// settings need `https://`).
 pub fn endpoint(url: &str, security: &ClientSecurity) -> Result<Endpoint, TransportError> {
-    let invalid = |message: String| TransportError::InvalidUrl {
+    let invalid = |message: &str| TransportError::InvalidUrl {
         url: url.to_string(),
-        message,
+        message: message.to_string(),
     };
-    let mut endpoint = Channel::from_shared(url.to_string()).map_err(|e| invalid(e.to_string()))?;
-    let https = url.starts_with("https://");
-    match (&security.tls, https) {
-        (Some(tls), true) => {
-            let mut config = ClientTlsConfig::new();
-            if let Some(ca) = &tls.ca_pem {
-                config = config.ca_certificate(Certificate::from_pem(ca));
-            } else {
-                return Err(invalid(
-                    "an https:// coordinator needs --tls-ca (the CA that signed its certificate)"
-                        .into(),
-                ));
-            }
-            if let Some((cert, key)) = &tls.identity_pem {
-                config = config.identity(Identity::from_pem(cert, key));
-            }
-            if let Some(domain) = &tls.domain {
-                config = config.domain_name(domain.clone());
-            }
-            endpoint = endpoint
-                .tls_config(config)
-                .map_err(|e| invalid(format!("TLS settings refused: {e}")))?;
-        }
-        (None, true) => {
-            return Err(invalid(
-                "an https:// coordinator needs --tls-ca (the CA that signed its certificate)"
-                    .into(),
-            ))
-        }
+    let endpoint = Channel::from_shared(url.to_string()).map_err(|e| invalid(&e.to_string()))?;
+    let tls = match (&security.tls, url.starts_with("https://")) {
+        (None, false) => return Ok(endpoint),
         (Some(_), false) => {
             return Err(invalid(
-                "TLS settings were given but the URL is not https:// (use https://HOST:PORT)"
-                    .into(),
+                "TLS settings were given but the URL is not https:// (use https://HOST:PORT)",
             ))
         }
-        (None, false) => {}
+        (None, true) => return Err(invalid(NEEDS_CA)),
+        (Some(tls), true) => tls,
+    };
+    let ca = tls.ca_pem.as_ref().ok_or_else(|| invalid(NEEDS_CA))?;
+    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let Some((cert, key)) = &tls.identity_pem {
+        config = config.identity(Identity::from_pem(cert, key));
     }
-    Ok(endpoint)
+    if let Some(domain) = &tls.domain {
+        config = config.domain_name(domain.clone());
+    }
+    endpoint
+        .tls_config(config)
+        .map_err(|e| invalid(&format!("TLS settings refused: {e}")))
 }
+
+/// Why an `https://` URL without a CA cannot be used.
+const NEEDS_CA: &str =
+    "an https:// coordinator needs --tls-ca (the CA that signed its certificate)";
 
 /// Connects to `url`, retrying for up to `patience` while the coordinator starts. A TLS
 /// handshake that fails (wrong CA, wrong name, a coordinator requiring a client certificate)
