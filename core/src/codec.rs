@@ -124,6 +124,11 @@ pub struct TensorPlan {
     pub fixed_values: Option<FixedValues>,
     /// The row/column pruning decision for the whole tensor, gathered the same way.
     pub fixed_structure: Option<FixedStructure>,
+    /// The calibrated method (GPTQ, SparseGPT, ...) that chooses this tensor's codes or
+    /// kept weights; its result, computed by the calibration round, comes in as
+    /// [`FixedValues::Solved`]. Without that result the data-free pass of `values` /
+    /// `structure` runs (and the report says the tensor was not calibrated).
+    pub calibrated: Option<crate::recipe::Calibrated>,
 }
 
 impl TensorPlan {
@@ -134,14 +139,13 @@ impl TensorPlan {
         dtype: DType,
         shape: &[u64],
     ) -> Result<TensorPlan, PlanError> {
-        let selected: Vec<(usize, &PassKind)> = recipe
-            .passes
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.targets.iter().any(|m| m.matches(name)))
-            .filter(|(_, p)| !p.ignore.iter().any(|m| m.matches(name)))
-            .map(|(i, p)| (i, &p.kind))
-            .collect();
+        let chosen = || {
+            (recipe.passes.iter().enumerate())
+                .filter(|(_, p)| p.targets.iter().any(|m| m.matches(name)))
+                .filter(|(_, p)| !p.ignore.iter().any(|m| m.matches(name)))
+        };
+        let selected: Vec<(usize, &PassKind)> = chosen().map(|(i, p)| (i, &p.kind)).collect();
+        let calibrated = chosen().find_map(|(_, p)| p.calibrated);
         if selected.is_empty() {
             return Ok(TensorPlan::default());
         }
@@ -224,6 +228,7 @@ impl TensorPlan {
             keep_non_finite_rows: false,
             fixed_values: None,
             fixed_structure: None,
+            calibrated,
         })
     }
 
@@ -299,7 +304,7 @@ impl TensorPlan {
     /// (the values stage's statistic is over the weights the structure keeps).
     pub fn pending_statistic(&self) -> Option<TensorStatistic> {
         use crate::recipe::Granularity::Tensor;
-        if self.whole_tensor_pass().is_some() {
+        if self.whole_tensor_pass().is_some() || self.is_solved() {
             return None;
         }
         let structure = match self.structure {
@@ -339,7 +344,9 @@ impl TensorPlan {
             *at = first_row;
         }
         if let Some(
-            FixedValues::LowRank { first_row: at, .. } | FixedValues::Hashed { first_row: at, .. },
+            FixedValues::LowRank { first_row: at, .. }
+            | FixedValues::Hashed { first_row: at, .. }
+            | FixedValues::Solved { first_row: at, .. },
         ) = &mut plan.fixed_values
         {
             *at = first_row;
@@ -375,16 +382,27 @@ impl TensorPlan {
         }
     }
 
-    /// `"prune 2:4 + rtn int4 sym g64"`, or empty for the identity.
+    /// `"prune 2:4 + rtn int4 sym g64"`, or empty for the identity. A calibrated method is
+    /// named only where its result is in the plan (`"gptq int4 asym g128"`).
     pub fn describe(&self) -> String {
+        let solved = matches!(self.fixed_values, Some(FixedValues::Solved { .. }));
+        let name = |kind: PassKind, calibrated: bool| match self.calibrated {
+            Some(method) if solved && method.prunes() == calibrated => method.describe(&kind),
+            _ => kind.describe(),
+        };
         let mut parts = Vec::new();
         if let Some(s) = self.structure {
-            parts.push(PassKind::Prune(s).describe());
+            parts.push(name(PassKind::Prune(s), true));
         }
         if let Some(v) = &self.values {
-            parts.push(v.describe());
+            parts.push(name(v.clone(), false));
         }
         parts.join(" + ")
+    }
+
+    /// True when the calibration round's result for this tensor is in the plan.
+    pub fn is_solved(&self) -> bool {
+        matches!(self.fixed_values, Some(FixedValues::Solved { .. }))
     }
 }
 
@@ -697,6 +715,15 @@ fn encode_values(
                     Some(&FixedValues::Range { lo, hi }) => {
                         quantize::rtn_codes_dequantize_in_range(cfg, &mut values, row_len, (lo, hi))
                     }
+                    Some(FixedValues::Solved { solved, first_row }) => match &**solved {
+                        crate::solved::Solved::Codes(codes) => {
+                            crate::solved::codes_rows(codes, cfg, *first_row, row_len, values.len())
+                                .inspect(|c| c.dequantize_into(&mut values))
+                        }
+                        crate::solved::Solved::Dense { .. } => {
+                            quantize::rtn_codes_dequantize(cfg, &mut values, row_len)
+                        }
+                    },
                     _ => quantize::rtn_codes_dequantize(cfg, &mut values, row_len),
                 },
                 Some(PassKind::Hqq(cfg)) => match fixed {
@@ -1036,7 +1063,7 @@ fn encode_chunk_with(
     if !plan.is_identity() {
         check_finite(dtype, input)?;
     }
-    if fused && plan.structure.is_none() {
+    if fused && plan.structure.is_none() && !plan.is_solved() {
         if let Some(pass @ PassKind::Quantize(cfg)) = &plan.values {
             if let Some(layout) =
                 rtn_fused::fused_layout(cfg, dtype, input.len() / dtype.size_bytes(), row_len)
@@ -1166,6 +1193,25 @@ fn encode_chunk_general_impl(
     }
     let mut original = vec![0f32; input.len() / dtype.size_bytes()];
     decode_to_f32(dtype, input, &mut original)?;
+    // A calibrated pruner's result: its kept (and updated) weights replace the chunk's, and
+    // its zeros are the mask (the error is still measured against the input).
+    let solved_dense = match &plan.fixed_values {
+        Some(FixedValues::Solved { solved, first_row }) if plan.structure.is_some() => {
+            let rows = solved
+                .dense_rows(*first_row, original.len())
+                .ok_or_else(|| {
+                    pass_err("prune")(format!(
+                        "the calibrated weights do not cover rows {first_row}..{} of {row_len}",
+                        first_row + rows
+                    ))
+                })?;
+            Some(rows)
+        }
+        _ => None,
+    };
+    if let Some(rows) = solved_dense {
+        original.copy_from_slice(rows);
+    }
     let values_pass = plan.values.as_ref();
     let values_stage = |values: Vec<f32>, row_len: usize| {
         encode_values(
@@ -1182,7 +1228,10 @@ fn encode_chunk_general_impl(
             (StructureMeta::Dense, Vec::new(), 0, out)
         }
         Some(PruneConfig::Magnitude { .. }) => {
-            let mask = magnitude_mask_of(plan, &original)?;
+            let mask = match solved_dense {
+                Some(_) => original.iter().map(|&w| w != 0.0).collect(),
+                None => magnitude_mask_of(plan, &original)?,
+            };
             let kept = sparse::compact(&original, &mask);
             let kept_len = kept.len().max(1);
             let mut out = values_stage(kept, kept_len)?;

@@ -45,6 +45,7 @@ pub mod quantize;
 pub mod recipe;
 mod rtn_fused;
 pub mod similarity;
+pub mod solved;
 pub mod sparse;
 pub mod spz;
 pub mod stream;

@@ -506,6 +506,7 @@ mod tests {
             max_rel_error: Some(0.2),
             min_cosine: Some(0.95),
             min_snr_db: Some(10.0),
+            ..Gates::default()
         };
         assert_eq!(m.check_gates(&g).len(), 3);
         assert!(m.check_gates(&Gates::default()).is_empty());

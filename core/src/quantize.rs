@@ -379,6 +379,19 @@ pub enum QuantizeError {
     NotTensorGranularity,
     #[error("a codebook of {len} levels for {bits}-bit codes (needs 2^{bits})")]
     CodebookLength { len: usize, bits: u8 },
+    #[error("the calibrated codes ({solved_bits}-bit, rows of {solved_row_len}) do not fit a {bits}-bit pass over rows of {row_len}")]
+    SolvedLayout {
+        solved_bits: u8,
+        solved_row_len: usize,
+        bits: u8,
+        row_len: usize,
+    },
+    #[error("rows {first_row}..{end} are beyond the {solved_rows} rows of the calibrated codes")]
+    SolvedRows {
+        first_row: usize,
+        end: usize,
+        solved_rows: usize,
+    },
 }
 
 /// Checks `bits` is in `2..=8`.

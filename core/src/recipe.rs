@@ -34,8 +34,66 @@ pub struct Recipe {
 #[derive(Debug, Clone)]
 pub struct PassSpec {
     pub kind: PassKind,
+    /// Set when the pass's result comes from a method fitted on calibration data (GPTQ,
+    /// AWQ, SparseGPT, Wanda); `kind` is then the stored form (integer codes, or an N:M or
+    /// magnitude pattern), exactly as the data-free pass of that kind stores it.
+    pub calibrated: Option<Calibrated>,
     pub targets: Vec<Matcher>,
     pub ignore: Vec<Matcher>,
+}
+
+/// A compression method fitted on calibration data, layer by layer: its result is stored in
+/// the same form as the data-free pass it replaces (RTN's codes, scales and zero points; a
+/// prune pass's pattern), so every output format carries it unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Calibrated {
+    /// GPTQ (Frantar et al. 2022): codes chosen column by column, each column's rounding
+    /// error compensated on the columns not yet quantized through the inverse Hessian of the
+    /// layer's inputs. `dampening` is the fraction of the Hessian's mean diagonal added to
+    /// it; `act_order` quantizes columns in decreasing order of their activation energy.
+    Gptq { dampening: f64, act_order: bool },
+    /// An activation-aware scale search (AWQ-style): each group's range is shrunk by the
+    /// factor that minimises the activation-weighted error.
+    Awq,
+    /// SparseGPT (Frantar & Alistarh 2023): a pruning mask chosen and the kept weights
+    /// updated to compensate, through the inverse Hessian.
+    SparseGpt { dampening: f64 },
+    /// Wanda (Sun et al. 2023): weights pruned by |w| times their input's activation norm.
+    Wanda,
+}
+
+impl Calibrated {
+    /// `"gptq"`, `"awq"`, `"sparsegpt"` or `"wanda"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Calibrated::Gptq { .. } => "gptq",
+            Calibrated::Awq => "awq",
+            Calibrated::SparseGpt { .. } => "sparsegpt",
+            Calibrated::Wanda => "wanda",
+        }
+    }
+
+    /// True for the methods that choose what a prune pass keeps (the others choose codes).
+    pub fn prunes(&self) -> bool {
+        matches!(self, Calibrated::SparseGpt { .. } | Calibrated::Wanda)
+    }
+
+    /// `kind`'s description with this method's name in place of the data-free one:
+    /// `"gptq int4 asym g128"`, `"sparsegpt 2:4"`.
+    pub fn describe(&self, kind: &PassKind) -> String {
+        let plain = kind.describe();
+        let rest = plain
+            .strip_prefix("rtn ")
+            .or_else(|| plain.strip_prefix("prune magnitude "))
+            .or_else(|| plain.strip_prefix("prune "))
+            .unwrap_or(&plain);
+        match self {
+            Calibrated::Gptq {
+                act_order: true, ..
+            } => format!("gptq {rest} act-order"),
+            _ => format!("{} {rest}", self.name()),
+        }
+    }
 }
 
 /// What a pass does. Passes fall in two stages: a *structure* stage (pruning, which decides
@@ -176,6 +234,12 @@ pub struct Gates {
     pub max_rel_error: Option<f64>,
     pub min_cosine: Option<f64>,
     pub min_snr_db: Option<f64>,
+    /// Function-space gates, checked against the evaluation of a calibrated job (see
+    /// `calibration`): an encoder's mean embedding cosine to the original model's, a
+    /// decoder's top-1 next-token agreement and mean KL divergence.
+    pub min_embedding_cosine: Option<f64>,
+    pub min_top1: Option<f64>,
+    pub max_kld: Option<f64>,
 }
 
 /// Selects tensors by exact name or by a fully anchored regex.
@@ -466,6 +530,9 @@ struct RawGates {
     max_rel_error: Option<f64>,
     min_cosine: Option<f64>,
     min_snr_db: Option<f64>,
+    min_embedding_cosine: Option<f64>,
+    min_top1: Option<f64>,
+    max_kld: Option<f64>,
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> RecipeError {
@@ -503,10 +570,37 @@ fn convert_gates(raw: Option<RawGates>) -> Result<Gates, RecipeError> {
             return Err(invalid("gates.min_snr_db", format!("{v} must be finite")));
         }
     }
+    if let Some(v) = raw.min_embedding_cosine {
+        if !(-1.0..=1.0).contains(&v) {
+            return Err(invalid(
+                "gates.min_embedding_cosine",
+                format!("{v} is outside [-1, 1]"),
+            ));
+        }
+    }
+    if let Some(v) = raw.min_top1 {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(invalid(
+                "gates.min_top1",
+                format!("{v} is outside [0, 1] (a fraction of tokens)"),
+            ));
+        }
+    }
+    if let Some(v) = raw.max_kld {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(invalid(
+                "gates.max_kld",
+                format!("{v} must be a non-negative number (nats)"),
+            ));
+        }
+    }
     Ok(Gates {
         max_rel_error: raw.max_rel_error,
         min_cosine: raw.min_cosine,
         min_snr_db: raw.min_snr_db,
+        min_embedding_cosine: raw.min_embedding_cosine,
+        min_top1: raw.min_top1,
+        max_kld: raw.max_kld,
     })
 }
 
@@ -530,7 +624,7 @@ macro_rules! gguf_weights {
 }
 
 /// The built-in recipes: (name, YAML).
-const PRESETS: [(&str, &str); 23] = [
+const PRESETS: [(&str, &str); 29] = [
     ("int8", concat!("name: int8\npasses:\n  - quantize: { bits: 8, granularity: channel }\n", weights!())),
     ("int8-g128", concat!("name: int8-g128\npasses:\n  - quantize: { bits: 8, granularity: group, group_size: 128 }\n", weights!())),
     ("int4-g128", concat!("name: int4-g128\npasses:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n", weights!())),
@@ -555,6 +649,14 @@ const PRESETS: [(&str, &str); 23] = [
     ("q4_k_m", concat!("name: q4_k_m\nformat: gguf\npasses:\n  - gguf: { type: q4_k_m }\n", gguf_weights!())),
     ("q6_k", concat!("name: q6_k\nformat: gguf\npasses:\n  - gguf: { type: q6_k }\n", gguf_weights!())),
     ("lossless", "name: lossless\nformat: spz\npasses: []\n"),
+    // Calibrated (they need --calibration): llm-compressor's GPTQ W4A16 schemes, and the
+    // calibrated counterparts of the data-free 2of4 and int4 presets.
+    ("gptq-w4a16", concat!("name: gptq-w4a16\npasses:\n  - quantize: { method: gptq, bits: 4, granularity: group, group_size: 128 }\n", weights!())),
+    ("gptq-w4a16-asym", concat!("name: gptq-w4a16-asym\npasses:\n  - quantize: { method: gptq, bits: 4, symmetric: false, granularity: group, group_size: 128 }\n", weights!())),
+    ("gptq-w8a16", concat!("name: gptq-w8a16\npasses:\n  - quantize: { method: gptq, bits: 8, granularity: channel }\n", weights!())),
+    ("awq-w4a16-asym", concat!("name: awq-w4a16-asym\npasses:\n  - quantize: { method: awq, bits: 4, symmetric: false, granularity: group, group_size: 128 }\n", weights!())),
+    ("sparsegpt-2of4", concat!("name: sparsegpt-2of4\npasses:\n  - prune: { method: sparsegpt, n: 2, m: 4 }\n", weights!())),
+    ("wanda-2of4", concat!("name: wanda-2of4\npasses:\n  - prune: { method: wanda, n: 2, m: 4 }\n", weights!())),
 ];
 
 impl Recipe {
@@ -635,6 +737,37 @@ impl Recipe {
         })
     }
 
+    /// The calibrated methods the recipe uses (empty: a data-free recipe).
+    pub fn calibrated_methods(&self) -> Vec<Calibrated> {
+        let mut methods: Vec<Calibrated> = Vec::new();
+        for method in self.passes.iter().filter_map(|p| p.calibrated) {
+            if !methods.contains(&method) {
+                methods.push(method);
+            }
+        }
+        methods
+    }
+
+    /// True when some pass needs calibration data.
+    pub fn needs_calibration(&self) -> bool {
+        self.passes.iter().any(|p| p.calibrated.is_some())
+    }
+
+    /// True when the recipe gates the function-space evaluation.
+    pub fn has_function_gates(&self) -> bool {
+        let g = &self.gates;
+        g.min_embedding_cosine.is_some() || g.min_top1.is_some() || g.max_kld.is_some()
+    }
+
+    /// The calibrated method of the pass that applies `kind` to `tensor_name`, if any.
+    pub fn calibrated_for(&self, tensor_name: &str) -> Option<(Calibrated, &PassKind)> {
+        self.passes
+            .iter()
+            .filter(|p| p.targets.iter().any(|m| m.matches(tensor_name)))
+            .filter(|p| !p.ignore.iter().any(|m| m.matches(tensor_name)))
+            .find_map(|p| p.calibrated.map(|c| (c, &p.kind)))
+    }
+
     /// A built-in recipe by name (see [`Recipe::preset_names`]).
     pub fn preset(name: &str) -> Option<Recipe> {
         let (_, yaml) = PRESETS.iter().find(|(n, _)| *n == name)?;
@@ -691,7 +824,12 @@ impl Recipe {
 
     /// One line, e.g. `"int4-g128: quantize 4-bit sym group 128"`.
     pub fn describe(&self) -> String {
-        let passes: Vec<String> = self.passes.iter().map(|p| p.kind.describe_long()).collect();
+        let passes: Vec<String> = (self.passes.iter())
+            .map(|p| match p.calibrated {
+                Some(method) => method.describe(&p.kind),
+                None => p.kind.describe_long(),
+            })
+            .collect();
         let passes = if passes.is_empty() {
             "no lossy pass (entropy coding only)".to_owned()
         } else {
@@ -726,6 +864,15 @@ impl Gates {
         }
         if let Some(v) = self.min_snr_db {
             parts.push(format!("snr >= {v} dB"));
+        }
+        if let Some(v) = self.min_embedding_cosine {
+            parts.push(format!("embedding cosine >= {v}"));
+        }
+        if let Some(v) = self.min_top1 {
+            parts.push(format!("top-1 agreement >= {v}"));
+        }
+        if let Some(v) = self.max_kld {
+            parts.push(format!("KL divergence <= {v}"));
         }
         parts.join(", ")
     }

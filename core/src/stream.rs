@@ -99,6 +99,12 @@ pub enum FixedValues {
         weights: Arc<crate::hashnet::HashedWeights>,
         first_row: usize,
     },
+    /// A calibrated method's result for the whole tensor (GPTQ's codes, SparseGPT's kept
+    /// weights), computed by the calibration round; `first_row` as above.
+    Solved {
+        solved: Arc<crate::solved::Solved>,
+        first_row: usize,
+    },
 }
 
 /// The structure stage's decision for the whole tensor.

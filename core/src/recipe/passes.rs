@@ -7,8 +7,8 @@
 
 use super::RecipeError;
 use super::{
-    invalid, Granularity, Matcher, PassKind, PassSpec, PruneConfig, QuantizeConfig, RankRule,
-    ScaleDtype,
+    invalid, Calibrated, Granularity, Matcher, PassKind, PassSpec, PruneConfig, QuantizeConfig,
+    RankRule, ScaleDtype,
 };
 use crate::gguf::FileType;
 use crate::hqq::HqqConfig;
@@ -46,6 +46,8 @@ enum QuantizeMethod {
     #[default]
     Rtn,
     Hqq,
+    Gptq,
+    Awq,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +61,8 @@ struct RawQuantize {
     group_size: Option<usize>,
     iterations: Option<usize>,
     zero_point: Option<ZeroPoint>,
+    act_order: Option<bool>,
+    dampening: Option<f64>,
 }
 
 /// How an HQQ pass stores zero points.
@@ -109,6 +113,8 @@ enum PruneMethod {
     Nm,
     Rows,
     Columns,
+    Sparsegpt,
+    Wanda,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -135,6 +141,7 @@ struct RawPrune {
     fraction: Option<f64>,
     norm: Option<RawNorm>,
     scope: Option<RawScope>,
+    dampening: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -160,6 +167,9 @@ struct RawHashed {
 }
 
 const DEFAULT_GROUP_SIZE: usize = 128;
+/// GPTQ's and SparseGPT's default dampening: 1 % of the Hessian's mean diagonal, as in the
+/// reference implementations and llm-compressor.
+const DEFAULT_DAMPENING: f64 = 0.01;
 const DEFAULT_HQQ_ITERATIONS: usize = 20;
 const DEFAULT_KMEANS_ITERATIONS: usize = 15;
 const DEFAULT_NF4_GROUP: usize = 64;
@@ -198,7 +208,33 @@ fn fraction_in(field: String, v: f64, lo_open: f64, hi_open: f64) -> Result<f64,
     }
 }
 
-fn convert_quantize(field: &str, raw: RawQuantize) -> Result<PassKind, RecipeError> {
+fn dampening(field: &str, raw: Option<f64>) -> Result<f64, RecipeError> {
+    match raw {
+        None => Ok(DEFAULT_DAMPENING),
+        Some(d) if d.is_finite() && d > 0.0 && d <= 1.0 => Ok(d),
+        Some(d) => Err(invalid(
+            format!("{field}.dampening"),
+            format!("{d} must lie in (0, 1] (a fraction of the Hessian's mean diagonal)"),
+        )),
+    }
+}
+
+fn convert_quantize(
+    field: &str,
+    raw: RawQuantize,
+) -> Result<(PassKind, Option<Calibrated>), RecipeError> {
+    let calibrated = matches!(raw.method, QuantizeMethod::Gptq | QuantizeMethod::Awq);
+    if !calibrated && (raw.act_order.is_some() || raw.dampening.is_some()) {
+        let key = if raw.act_order.is_some() {
+            "act_order"
+        } else {
+            "dampening"
+        };
+        return Err(invalid(
+            format!("{field}.{key}"),
+            "only allowed with method: gptq",
+        ));
+    }
     if !(2..=8).contains(&raw.bits) {
         return Err(invalid(
             format!("{field}.bits"),
@@ -206,7 +242,57 @@ fn convert_quantize(field: &str, raw: RawQuantize) -> Result<PassKind, RecipeErr
         ));
     }
     let granularity = granularity(field, raw.granularity, raw.group_size, DEFAULT_GROUP_SIZE)?;
+    let rtn = |granularity| QuantizeConfig {
+        bits: raw.bits,
+        symmetric: raw.symmetric.unwrap_or(true),
+        granularity,
+        scale_dtype: ScaleDtype::F16,
+    };
     match raw.method {
+        QuantizeMethod::Gptq | QuantizeMethod::Awq => {
+            let name = if raw.method == QuantizeMethod::Gptq {
+                "gptq"
+            } else {
+                "awq"
+            };
+            if granularity == Granularity::Tensor {
+                return Err(invalid(
+                    format!("{field}.granularity"),
+                    format!("{name} needs channel or group scales"),
+                ));
+            }
+            if raw.iterations.is_some() || raw.zero_point.is_some() {
+                let key = if raw.iterations.is_some() {
+                    "iterations"
+                } else {
+                    "zero_point"
+                };
+                return Err(invalid(
+                    format!("{field}.{key}"),
+                    "only allowed with method: hqq",
+                ));
+            }
+            let method = if raw.method == QuantizeMethod::Gptq {
+                Calibrated::Gptq {
+                    dampening: dampening(field, raw.dampening)?,
+                    act_order: raw.act_order.unwrap_or(false),
+                }
+            } else {
+                if raw.act_order.is_some() || raw.dampening.is_some() {
+                    let key = if raw.act_order.is_some() {
+                        "act_order"
+                    } else {
+                        "dampening"
+                    };
+                    return Err(invalid(
+                        format!("{field}.{key}"),
+                        "only allowed with method: gptq",
+                    ));
+                }
+                Calibrated::Awq
+            };
+            Ok((PassKind::Quantize(rtn(granularity)), Some(method)))
+        }
         QuantizeMethod::Rtn => {
             if raw.iterations.is_some() {
                 return Err(invalid(
@@ -220,12 +306,7 @@ fn convert_quantize(field: &str, raw: RawQuantize) -> Result<PassKind, RecipeErr
                     "only allowed with method: hqq (rtn's asymmetric zero points are integers)",
                 ));
             }
-            Ok(PassKind::Quantize(QuantizeConfig {
-                bits: raw.bits,
-                symmetric: raw.symmetric.unwrap_or(true),
-                granularity,
-                scale_dtype: ScaleDtype::F16,
-            }))
+            Ok((PassKind::Quantize(rtn(granularity)), None))
         }
         QuantizeMethod::Hqq => {
             if raw.symmetric == Some(true) {
@@ -241,13 +322,14 @@ fn convert_quantize(field: &str, raw: RawQuantize) -> Result<PassKind, RecipeErr
                     format!("{iterations} is outside 1..=1000"),
                 ));
             }
-            Ok(PassKind::Hqq(HqqConfig {
+            let hqq = HqqConfig {
                 bits: raw.bits,
                 granularity,
                 iterations,
                 integer_zero: raw.zero_point == Some(ZeroPoint::Integer),
                 scale_dtype: ScaleDtype::F16,
-            }))
+            };
+            Ok((PassKind::Hqq(hqq), None))
         }
     }
 }
@@ -333,7 +415,10 @@ fn convert_gguf(field: &str, raw: RawGguf) -> Result<PassKind, RecipeError> {
     })
 }
 
-fn convert_prune(field: &str, raw: RawPrune) -> Result<PassKind, RecipeError> {
+fn convert_prune(
+    field: &str,
+    raw: RawPrune,
+) -> Result<(PassKind, Option<Calibrated>), RecipeError> {
     let only = |name: &str, present: bool| -> Result<(), RecipeError> {
         if present {
             Err(invalid(
@@ -344,7 +429,35 @@ fn convert_prune(field: &str, raw: RawPrune) -> Result<PassKind, RecipeError> {
             Ok(())
         }
     };
+    if !matches!(raw.method, PruneMethod::Sparsegpt) {
+        only("dampening", raw.dampening.is_some())?;
+    }
+    let mut calibrated = None;
     let config = match raw.method {
+        PruneMethod::Sparsegpt | PruneMethod::Wanda => {
+            only("scope", raw.scope.is_some())?;
+            only("fraction", raw.fraction.is_some())?;
+            only("norm", raw.norm.is_some())?;
+            calibrated = Some(match raw.method {
+                PruneMethod::Sparsegpt => Calibrated::SparseGpt {
+                    dampening: dampening(field, raw.dampening)?,
+                },
+                _ => Calibrated::Wanda,
+            });
+            match (raw.sparsity, raw.n, raw.m) {
+                (Some(s), None, None) => PruneConfig::Magnitude {
+                    sparsity: fraction_in(format!("{field}.sparsity"), s, 0.0, 1.0)?,
+                    global: false,
+                },
+                (None, Some(n), Some(m)) => n_of_m(field, n, m)?,
+                _ => {
+                    return Err(invalid(
+                        field,
+                        "give either sparsity (unstructured) or both n and m (N:M)",
+                    ))
+                }
+            }
+        }
         PruneMethod::Magnitude => {
             only("n", raw.n.is_some())?;
             only("m", raw.m.is_some())?;
@@ -366,19 +479,7 @@ fn convert_prune(field: &str, raw: RawPrune) -> Result<PassKind, RecipeError> {
             let (Some(n), Some(m)) = (raw.n, raw.m) else {
                 return Err(invalid(field, "nm pruning needs both n and m"));
             };
-            if !(2..=16).contains(&m) {
-                return Err(invalid(
-                    format!("{field}.m"),
-                    format!("{m} is outside 2..=16"),
-                ));
-            }
-            if n == 0 || n >= m {
-                return Err(invalid(
-                    format!("{field}.n"),
-                    format!("{n} must be in 1..{m}"),
-                ));
-            }
-            PruneConfig::NOfM { n, m }
+            n_of_m(field, n, m)?
         }
         PruneMethod::Rows | PruneMethod::Columns => {
             only("scope", raw.scope.is_some())?;
@@ -400,7 +501,23 @@ fn convert_prune(field: &str, raw: RawPrune) -> Result<PassKind, RecipeError> {
             }
         }
     };
-    Ok(PassKind::Prune(config))
+    Ok((PassKind::Prune(config), calibrated))
+}
+
+fn n_of_m(field: &str, n: usize, m: usize) -> Result<PruneConfig, RecipeError> {
+    if !(2..=16).contains(&m) {
+        return Err(invalid(
+            format!("{field}.m"),
+            format!("{m} is outside 2..=16"),
+        ));
+    }
+    if n == 0 || n >= m {
+        return Err(invalid(
+            format!("{field}.n"),
+            format!("{n} must be in 1..{m}"),
+        ));
+    }
+    Ok(PruneConfig::NOfM { n, m })
 }
 
 fn convert_lowrank(field: &str, raw: RawLowRank) -> Result<PassKind, RecipeError> {
@@ -463,8 +580,11 @@ fn convert_hashed(field: &str, raw: RawHashed) -> Result<PassKind, RecipeError> 
 pub(super) fn convert_pass(index: usize, raw: RawPass) -> Result<PassSpec, RecipeError> {
     let field = format!("passes[{index}]");
     let mut kinds = Vec::new();
+    let mut calibrated = None;
     if let Some(q) = raw.quantize {
-        kinds.push(convert_quantize(&format!("{field}.quantize"), q)?);
+        let (kind, method) = convert_quantize(&format!("{field}.quantize"), q)?;
+        kinds.push(kind);
+        calibrated = calibrated.or(method);
     }
     if let Some(c) = raw.codebook {
         kinds.push(convert_codebook(&format!("{field}.codebook"), c)?);
@@ -473,7 +593,9 @@ pub(super) fn convert_pass(index: usize, raw: RawPass) -> Result<PassSpec, Recip
         kinds.push(convert_fp8(&format!("{field}.fp8"), f)?);
     }
     if let Some(p) = raw.prune {
-        kinds.push(convert_prune(&format!("{field}.prune"), p)?);
+        let (kind, method) = convert_prune(&format!("{field}.prune"), p)?;
+        kinds.push(kind);
+        calibrated = calibrated.or(method);
     }
     if let Some(l) = raw.lowrank {
         kinds.push(convert_lowrank(&format!("{field}.lowrank"), l)?);
@@ -518,6 +640,7 @@ pub(super) fn convert_pass(index: usize, raw: RawPass) -> Result<PassSpec, Recip
     };
     Ok(PassSpec {
         kind,
+        calibrated,
         targets: parse_all(&raw.targets)?,
         ignore: parse_all(&raw.ignore)?,
     })

@@ -37,7 +37,8 @@ fn parses_the_documented_example() {
         Gates {
             max_rel_error: Some(0.2),
             min_cosine: Some(0.98),
-            min_snr_db: Some(10.0)
+            min_snr_db: Some(10.0),
+            ..Gates::default()
         }
     );
     assert_eq!(
@@ -351,4 +352,86 @@ fn recipes_too_large_or_too_deeply_nested_are_refused_before_parsing() {
     // Brackets in quotes, comments and regexes are not nesting; a real recipe passes.
     let fine = "passes:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n    targets: ['re:.*layers\\.[0-9]+\\.mlp.*', \"[[[[\"]  # [[[[\n";
     Recipe::from_yaml(fine).unwrap();
+}
+
+#[test]
+fn calibrated_methods_parse_into_the_pass_that_stores_them() {
+    use crate::recipe::Calibrated;
+    let r = Recipe::preset("gptq-w4a16-asym").unwrap();
+    assert!(r.needs_calibration());
+    assert_eq!(
+        r.passes[0].calibrated,
+        Some(Calibrated::Gptq {
+            dampening: 0.01,
+            act_order: false
+        })
+    );
+    assert!(matches!(r.passes[0].kind, PassKind::Quantize(q) if !q.symmetric && q.bits == 4));
+    assert_eq!(r.describe(), "gptq-w4a16-asym: gptq int4 asym g128");
+    let yaml = "passes:\n  - quantize: { method: gptq, bits: 4, granularity: channel, act_order: true, dampening: 0.05 }\n    targets: ['re:.*']\n";
+    let r = Recipe::from_yaml(yaml).unwrap();
+    assert_eq!(
+        r.passes[0].calibrated,
+        Some(Calibrated::Gptq {
+            dampening: 0.05,
+            act_order: true
+        })
+    );
+    let r = Recipe::preset("sparsegpt-2of4").unwrap();
+    assert!(matches!(
+        r.passes[0].kind,
+        PassKind::Prune(PruneConfig::NOfM { n: 2, m: 4 })
+    ));
+    assert!(r.passes[0].calibrated.unwrap().prunes());
+    let yaml = "passes:\n  - prune: { method: wanda, sparsity: 0.5 }\n    targets: ['re:.*']\n";
+    let r = Recipe::from_yaml(yaml).unwrap();
+    assert_eq!(r.passes[0].calibrated, Some(Calibrated::Wanda));
+    assert!(!Recipe::preset("int4-g128").unwrap().needs_calibration());
+    let bad = [
+        (
+            "quantize: { method: gptq, bits: 4, granularity: tensor }",
+            "passes[0].quantize.granularity",
+        ),
+        (
+            "quantize: { bits: 4, granularity: channel, act_order: true }",
+            "passes[0].quantize.act_order",
+        ),
+        (
+            "quantize: { method: awq, bits: 4, granularity: channel, dampening: 0.1 }",
+            "passes[0].quantize.dampening",
+        ),
+        (
+            "quantize: { method: gptq, bits: 4, granularity: channel, dampening: 0 }",
+            "passes[0].quantize.dampening",
+        ),
+        (
+            "prune: { method: sparsegpt, sparsity: 0.5, n: 2, m: 4 }",
+            "passes[0].prune",
+        ),
+        (
+            "prune: { method: wanda, n: 2, m: 4, dampening: 0.1 }",
+            "passes[0].prune.dampening",
+        ),
+        (
+            "prune: { method: sparsegpt, sparsity: 0.5, scope: global }",
+            "passes[0].prune.scope",
+        ),
+    ];
+    for (pass, field) in bad {
+        let yaml = format!("passes:\n  - {pass}\n    targets: ['re:.*']\n");
+        let err = Recipe::from_yaml(&yaml).unwrap_err().to_string();
+        assert!(err.contains(field), "{pass}: {err}");
+    }
+}
+
+#[test]
+fn function_space_gates_are_validated() {
+    let yaml = "passes:\n  - quantize: { bits: 8, granularity: channel }\n    targets: ['re:.*']\ngates: { min_embedding_cosine: 0.98, min_top1: 0.9, max_kld: 0.05 }\n";
+    let r = Recipe::from_yaml(yaml).unwrap();
+    assert!(r.has_function_gates());
+    assert_eq!(r.gates.min_top1, Some(0.9));
+    for bad in ["min_top1: 1.5", "max_kld: -1", "min_embedding_cosine: 2"] {
+        let yaml = format!("passes:\n  - quantize: {{ bits: 8, granularity: channel }}\n    targets: ['re:.*']\ngates: {{ {bad} }}\n");
+        assert!(Recipe::from_yaml(&yaml).is_err(), "{bad}");
+    }
 }
