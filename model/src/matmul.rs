@@ -174,11 +174,11 @@ mod tests {
     fn naive_linear(x: &Matrix, w: &Matrix, bias: &[f32]) -> Vec<f64> {
         let mut out = Vec::new();
         for t in 0..x.rows {
-            for o in 0..w.rows {
+            for (o, b) in bias.iter().enumerate().take(w.rows) {
                 let dot: f64 = (0..x.cols)
                     .map(|i| x.data[t * x.cols + i] as f64 * w.data[o * w.cols + i] as f64)
                     .sum();
-                out.push(dot + bias[o] as f64);
+                out.push(dot + *b as f64);
             }
         }
         out

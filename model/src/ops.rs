@@ -281,7 +281,8 @@ mod tests {
             causal: true,
             window: None,
         };
-        let out = attention(&q, &k, &v, &[0..2], shape);
+        let one_sequence = [std::ops::Range { start: 0, end: 2 }];
+        let out = attention(&q, &k, &v, &one_sequence, shape);
         assert_eq!(&out.data[..2], &[3.0, 4.0]);
         // The second token mixes both values, weighted toward its own key.
         assert!(out.data[2] > 4.0 && out.data[2] < 5.0);
@@ -290,7 +291,8 @@ mod tests {
     #[test]
     fn rope_at_position_zero_is_the_identity_and_preserves_norms_later() {
         let mut x = Matrix::from_vec(2, 4, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]).unwrap();
-        rope(&mut x, &[0..2], 4, 10000.0);
+        let one_sequence = [std::ops::Range { start: 0, end: 2 }];
+        rope(&mut x, &one_sequence, 4, 10000.0);
         assert_eq!(&x.data[..4], &[1.0, 2.0, 3.0, 4.0]);
         let norm: f32 = x.data[4..].iter().map(|v| v * v).sum();
         assert!((norm - 30.0).abs() < 1e-4);
