@@ -30,8 +30,10 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 
 cargo build --bin shardpress
 cargo build -p shardpress-core --example gguf_fixture
+cargo build -p shardpress-model --example forward_dump
 cargo test --workspace
 
 SHARDPRESS_BIN="$PWD/target/debug/shardpress" \
   SHARDPRESS_GGUF_FIXTURE="$PWD/target/debug/examples/gguf_fixture" \
+  SHARDPRESS_FORWARD_DUMP="$PWD/target/debug/examples/forward_dump" \
   "$venv/bin/python" -m pytest -q tests/python

@@ -22,8 +22,11 @@
 //! - [`stream`]: whole-tensor statistics (per-tensor scales, magnitude cuts, row/column norms,
 //!   k-means histograms) gathered chunk by chunk, so those passes run in bounded memory;
 //!   `stream::solver` solves low-rank, per-tensor HQQ and hashed sharing over streamed passes.
+//! - [`calibrated`]: calibrated methods from a Linear's input Hessian (GPTQ, AWQ-style range
+//!   search, SparseGPT, Wanda) and the Hessian accumulator the workers fill.
 //! - [`memory`]: what a tensor's pass needs in memory (for worker limits and task routing).
 
+pub mod calibrated;
 pub mod codebook;
 pub mod codec;
 pub mod dct;

@@ -623,6 +623,19 @@ impl CodeKernel {
     fn dequantize(&self, code: f32) -> f32 {
         (code - self.zero) * self.scale
     }
+
+    /// The stored code of `x` and its dequantized value, exactly as [`rtn_codes`] and
+    /// [`AffineCodes::dequantize_into`] give them for a group with these parameters (an
+    /// all-zero group, scale 0, gives code `zero` and `+0.0`). For methods that quantize one
+    /// element at a time with RTN's group parameters (`crate::calibrated`).
+    #[inline(always)]
+    pub(crate) fn code_and_value(&self, x: f32) -> (u8, f32) {
+        if self.scale == 0.0 {
+            return (self.zero as u8, 0.0);
+        }
+        let code = self.code(x);
+        (Self::byte(code), self.dequantize(code))
+    }
 }
 
 /// Writes the RTN codes of `g` under `p` into `codes` (stored unsigned: symmetric codes are

@@ -1,0 +1,259 @@
+//! [`HessianAccumulator`]: the running sum `S = Σ x xᵀ` over a Linear's input rows `x`, in
+//! f64, kept as its upper triangle, plus the number of rows summed.
+//!
+//! Workers add calibration batches with [`HessianAccumulator::add_rows`] (a blocked
+//! `XᵀX` through matrixmultiply's dgemm, split over strips of output rows in parallel: each
+//! strip is written by one task, so the bits do not depend on the thread count), ship the
+//! sums as bytes ([`HessianAccumulator::to_bytes`]) and the partial sums are added in a fixed
+//! order ([`HessianAccumulator::merge`]). f64 addition is not associative: the same rows
+//! summed in a different grouping (other batches, another merge order) may differ in the last
+//! bits, so the pipeline fixes both.
+//!
+//! Byte layout (little-endian): magic `SPHESSIA` (8 bytes), version `u32` (1), `n: u64`,
+//! `rows: u64`, then the `n(n+1)/2` values of the upper triangle row by row as f64
+//! (`S_00 .. S_0(n-1), S_11 .. S_1(n-1), ...`). [`HessianAccumulator::from_bytes`] checks the
+//! length against `n` before allocating anything, and that every value is finite, diagonal
+//! values are not negative and an accumulator of zero rows is all zeros.
+
+use super::linalg::{dgemm, View};
+use super::CalibratedError;
+use rayon::prelude::*;
+
+/// The first 8 bytes of a serialized accumulator.
+const MAGIC: [u8; 8] = *b"SPHESSIA";
+/// The layout version written (and the only one read).
+const VERSION: u32 = 1;
+/// Bytes before the values: magic, version, n, rows.
+const HEADER_LEN: usize = 8 + 4 + 8 + 8;
+/// Input rows converted to f64 and multiplied at once (bounds the working copy).
+const CHUNK_ROWS: usize = 256;
+/// Output rows of `S` per parallel task.
+const STRIP: usize = 32;
+
+/// Sum of `x xᵀ` over the input rows `x` (length `n`) seen so far, in f64, and their count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HessianAccumulator {
+    n: usize,
+    rows: u64,
+    /// The upper triangle of `S`, row by row: row `i` holds `S_ii .. S_i(n-1)`.
+    upper: Vec<f64>,
+}
+
+/// Offset of row `i`'s first element (`S_ii`) in the packed upper triangle of an `n × n`.
+fn row_offset(n: usize, i: usize) -> usize {
+    // Σ_{k<i} (n - k)
+    i * n - i * i.saturating_sub(1) / 2
+}
+
+impl HessianAccumulator {
+    /// An empty accumulator for inputs of length `n`.
+    pub fn new(n: usize) -> Self {
+        HessianAccumulator {
+            n,
+            rows: 0,
+            upper: vec![0.0; n * (n + 1) / 2],
+        }
+    }
+
+    /// Adds the input rows in `rows` (row-major, each of length `n`) to the sum.
+    ///
+    /// Errors: `n` differs from [`Self::dim`], `rows.len()` is not a multiple of `n`, or an
+    /// input is NaN or infinite (nothing is added then).
+    pub fn add_rows(&mut self, rows: &[f32], n: usize) -> Result<(), CalibratedError> {
+        if n != self.n {
+            return Err(CalibratedError::ShapeMismatch(format!(
+                "input rows of {n} values for a Hessian of dimension {}",
+                self.n
+            )));
+        }
+        if n == 0 || rows.len() % n != 0 {
+            return Err(CalibratedError::ShapeMismatch(format!(
+                "{} values do not form whole input rows of {n}",
+                rows.len()
+            )));
+        }
+        if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
+            return Err(CalibratedError::NonFinite(format!(
+                "input row {} column {} is {}",
+                i / n,
+                i % n,
+                rows[i]
+            )));
+        }
+        for chunk in rows.chunks(CHUNK_ROWS * n) {
+            let x: Vec<f64> = chunk.iter().map(|&v| f64::from(v)).collect();
+            self.add_gram(&x, chunk.len() / n);
+        }
+        self.rows += (rows.len() / n) as u64;
+        Ok(())
+    }
+
+    /// `upper += upper triangle of XᵀX` for `X` (`m × n`, row-major f64).
+    fn add_gram(&mut self, x: &[f64], m: usize) {
+        let n = self.n;
+        // Split the packed triangle into strips of STRIP rows, each owned by one task.
+        let mut strips = Vec::with_capacity(n.div_ceil(STRIP));
+        let mut rest: &mut [f64] = &mut self.upper;
+        for i0 in (0..n).step_by(STRIP) {
+            let i1 = (i0 + STRIP).min(n);
+            let len = row_offset(n, i1) - row_offset(n, i0);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            strips.push((i0, i1, head));
+            rest = tail;
+        }
+        strips.into_par_iter().for_each(|(i0, i1, strip)| {
+            let (h, w) = (i1 - i0, n - i0);
+            let mut tmp = vec![0.0; h * w];
+            // tmp[a][b] = Σ_k X[k][i0 + a] · X[k][i0 + b]: A = Xᵀ (strided), B = X.
+            let cols = &x[i0..];
+            dgemm(
+                h,
+                m,
+                w,
+                1.0,
+                View::new(cols, 1, n),
+                View::new(cols, n, 1),
+                0.0,
+                &mut tmp,
+                w,
+            );
+            let mut off = 0;
+            for a in 0..h {
+                let row = &mut strip[off..off + (w - a)];
+                for (s, t) in row.iter_mut().zip(&tmp[a * w + a..(a + 1) * w]) {
+                    *s += t;
+                }
+                off += w - a;
+            }
+        });
+    }
+
+    /// Adds another accumulator's sums and row count (the partial sums of other batches).
+    pub fn merge(&mut self, other: &HessianAccumulator) -> Result<(), CalibratedError> {
+        if other.n != self.n {
+            return Err(CalibratedError::ShapeMismatch(format!(
+                "cannot merge a Hessian of dimension {} into one of dimension {}",
+                other.n, self.n
+            )));
+        }
+        let rows = self.rows.checked_add(other.rows).ok_or_else(|| {
+            CalibratedError::BadConfig("the merged row count overflows u64".into())
+        })?;
+        self.upper
+            .par_iter_mut()
+            .zip(other.upper.par_iter())
+            .for_each(|(a, b)| *a += b);
+        self.rows = rows;
+        Ok(())
+    }
+
+    /// Input rows summed so far.
+    pub fn rows_seen(&self) -> u64 {
+        self.rows
+    }
+
+    /// The input length `n` (the Hessian is `n × n`).
+    pub fn dim(&self) -> usize {
+        self.n
+    }
+
+    /// The serialized accumulator (see the module doc for the layout).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.upper.len() * 8);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.n as u64).to_le_bytes());
+        out.extend_from_slice(&self.rows.to_le_bytes());
+        for v in &self.upper {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// Parses [`Self::to_bytes`]' output, treating `bytes` as hostile: the length must be
+    /// exactly what the header's `n` implies (checked before allocating), values finite,
+    /// diagonal values not negative, and a zero row count must come with all-zero sums.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CalibratedError> {
+        let bad = |m: String| Err(CalibratedError::BadBytes(m));
+        if bytes.len() < HEADER_LEN {
+            return bad(format!(
+                "{} bytes is shorter than the {HEADER_LEN}-byte header",
+                bytes.len()
+            ));
+        }
+        if bytes[..8] != MAGIC {
+            return bad("the magic is not SPHESSIA".into());
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if version != VERSION {
+            return bad(format!("version {version} is not the supported {VERSION}"));
+        }
+        let (n, rows) = (u64_at(12), u64_at(20));
+        let values = usize::try_from(n)
+            .ok()
+            .and_then(|n| n.checked_add(1)?.checked_mul(n))
+            .map(|v| v / 2);
+        let expected = values
+            .and_then(|v| v.checked_mul(8))
+            .and_then(|b| b.checked_add(HEADER_LEN));
+        if expected != Some(bytes.len()) {
+            return bad(format!(
+                "{} bytes do not hold the upper triangle of a {n}x{n} Hessian",
+                bytes.len()
+            ));
+        }
+        let n = n as usize;
+        let upper: Vec<f64> = bytes[HEADER_LEN..]
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        if let Some(i) = upper.iter().position(|v| !v.is_finite()) {
+            return bad(format!("value {i} of the upper triangle is {}", upper[i]));
+        }
+        for i in 0..n {
+            let d = upper[row_offset(n, i)];
+            if d < 0.0 {
+                return bad(format!("diagonal entry {i} is negative ({d})"));
+            }
+        }
+        if rows == 0 && upper.iter().any(|&v| v != 0.0) {
+            return bad("zero rows seen but the sums are not zero".into());
+        }
+        Ok(HessianAccumulator { n, rows, upper })
+    }
+
+    /// The full `n × n` Hessian, row-major: `H = 2/rows · Σ x xᵀ` (the normalisation of the
+    /// GPTQ reference; all zeros when no rows were seen). The methods' results do not
+    /// depend on the factor (damping is relative to the mean diagonal); the proxy losses do.
+    pub fn hessian(&self) -> Vec<f64> {
+        let n = self.n;
+        let factor = if self.rows == 0 {
+            0.0
+        } else {
+            2.0 / self.rows as f64
+        };
+        let mut h = vec![0.0; n * n];
+        h.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
+            for (j, v) in row.iter_mut().enumerate() {
+                let (a, b) = if i <= j { (i, j) } else { (j, i) };
+                *v = factor * self.upper[row_offset(n, a) + (b - a)];
+            }
+        });
+        h
+    }
+
+    /// `‖X_j‖₂` for every input column `j` over all rows seen: `sqrt(S_jj)` (Wanda's norms).
+    pub fn column_norms(&self) -> Vec<f64> {
+        (0..self.n)
+            .map(|j| self.upper[row_offset(self.n, j)].sqrt())
+            .collect()
+    }
+
+    /// The diagonal of `S` (unnormalised).
+    pub(crate) fn raw_diagonal(&self) -> Vec<f64> {
+        (0..self.n)
+            .map(|j| self.upper[row_offset(self.n, j)])
+            .collect()
+    }
+}
