@@ -410,7 +410,16 @@ mod tests {
         let error = build(&scaled, &llama_names(2, true))
             .unwrap_err()
             .to_string();
-        assert!(error.contains("rope_scaling of type `yarn`"), "{error}");
+        assert!(
+            error.contains("rope_scaling of type `yarn` is not supported"),
+            "{error}"
+        );
+        let incomplete =
+            llama_config(r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#);
+        let error = build(&incomplete, &llama_names(2, true))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("needs `low_freq_factor`"), "{error}");
         let error = build(
             &llama_config("").replace("\"hidden_size\": 64,", ""),
             &llama_names(2, true),
