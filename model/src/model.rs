@@ -468,4 +468,109 @@ mod tests {
             .forward_layer(2, &weights, &mut hidden, &mut |_, _| {})
             .is_err());
     }
+
+    /// Random weights for the named tensors, shaped by `shape`.
+    fn random_weights(names: &[String], shape: impl Fn(&str) -> (usize, usize)) -> Weights {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        names
+            .iter()
+            .map(|name| {
+                let (rows, cols) = shape(name);
+                let data = (0..rows * cols)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        (state % 2001) as f32 / 4000.0 - 0.25
+                            + if name.contains("norm") { 1.0 } else { 0.0 }
+                    })
+                    .collect();
+                (name.clone(), Matrix { rows, cols, data })
+            })
+            .collect()
+    }
+
+    fn llama_shape(name: &str) -> (usize, usize) {
+        match name.rsplit('.').nth(1).unwrap_or("") {
+            "embed_tokens" | "lm_head" => (128, 64),
+            "q_proj" => (64, 64),
+            "k_proj" | "v_proj" => (32, 64),
+            "o_proj" => (64, 64),
+            "gate_proj" | "up_proj" => (96, 64),
+            "down_proj" => (64, 96),
+            _ => (1, 64),
+        }
+    }
+
+    #[test]
+    fn observe_sees_every_group_input_and_sequences_do_not_interact() {
+        let names = llama_names(2, true);
+        let model = build(&llama_config(""), &names).unwrap();
+        let weights = random_weights(&names, llama_shape);
+        let a: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
+        let b: Vec<u32> = vec![100, 7];
+        let mut batch = model.embed(&weights, &[a.clone(), b]).unwrap();
+        let mut alone = model.embed(&weights, &[a]).unwrap();
+        let groups = model.linear_groups(0);
+        let mut seen = Vec::new();
+        model
+            .forward_layer(0, &weights, &mut batch, &mut |group, input| {
+                seen.push((group, input.rows, input.cols))
+            })
+            .unwrap();
+        let expected: Vec<_> = groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| (g, 10, group.in_features))
+            .collect();
+        assert_eq!(seen, expected);
+        model
+            .forward_layer(0, &weights, &mut alone, &mut |_, _| {})
+            .unwrap();
+        assert_eq!(
+            batch.sequences[0], alone.sequences[0],
+            "a sequence's result depends on its batch"
+        );
+        assert_ne!(
+            batch.sequences[0].data,
+            model
+                .embed(&weights, &[vec![3, 1, 4, 1, 5, 9, 2, 6]])
+                .unwrap()
+                .sequences[0]
+                .data
+        );
+        // Causality: the first token's state does not depend on what follows it.
+        let mut prefix = model.embed(&weights, &[vec![3]]).unwrap();
+        model
+            .forward_layer(0, &weights, &mut prefix, &mut |_, _| {})
+            .unwrap();
+        assert_eq!(prefix.sequences[0].row(0), alone.sequences[0].row(0));
+        let Finished::Logits(logits) = model.finish(&weights, &batch).unwrap() else {
+            panic!("a decoder finishes with logits")
+        };
+        assert_eq!((logits[1].rows, logits[1].cols), (2, 128));
+    }
+
+    #[test]
+    fn a_weight_of_the_wrong_shape_is_reported_by_name() {
+        let names = llama_names(2, true);
+        let model = build(&llama_config(""), &names).unwrap();
+        let mut weights = random_weights(&names, llama_shape);
+        weights.insert(
+            "model.layers.0.mlp.up_proj.weight".into(),
+            Matrix::zeros(64, 96),
+        );
+        let mut hidden = model.embed(&weights, &[vec![1, 2, 3]]).unwrap();
+        let error = model
+            .forward_layer(0, &weights, &mut hidden, &mut |_, _| {})
+            .unwrap_err();
+        assert_eq!(
+            error,
+            ModelError::BadShape {
+                name: "model.layers.0.mlp.up_proj.weight".into(),
+                expected: "[96, 64]".into(),
+                found: "[64, 96] (6144 values)".into()
+            }
+        );
+    }
 }
