@@ -152,7 +152,8 @@ impl Model {
 
     /// Runs layer `layer` in place over every sequence; calls `observe(group_index, input)`
     /// with each LinearGroup's input rows before the group's matmul. The rows of all
-    /// sequences are stacked in order (Σ tokens × in_features), one call per group.
+    /// sequences are stacked in order (Σ tokens × in_features), one call per group. An empty
+    /// batch is left as it is, with no call.
     pub fn forward_layer(
         &self,
         layer: usize,
@@ -167,6 +168,9 @@ impl Model {
             )));
         }
         self.check_hidden(hidden)?;
+        if hidden.sequences.is_empty() {
+            return Ok(());
+        }
         match &self.architecture {
             Architecture::Bert(config) => {
                 bert::forward_layer(config, layer, weights, hidden, observe)
@@ -182,6 +186,12 @@ impl Model {
     /// sequence (tokens × vocab) after the final norm and lm_head.
     pub fn finish(&self, weights: &Weights, hidden: &Hidden) -> Result<Finished, ModelError> {
         self.check_hidden(hidden)?;
+        if hidden.sequences.is_empty() {
+            return Ok(match self.kind() {
+                ModelKind::Encoder => Finished::Embeddings(Vec::new()),
+                ModelKind::Decoder => Finished::Logits(Vec::new()),
+            });
+        }
         match &self.architecture {
             Architecture::Bert(_) => Ok(Finished::Embeddings(bert::mean_pool_normalize(hidden))),
             Architecture::Llama(config) => {

@@ -336,6 +336,15 @@ fn observe_sees_every_group_input_and_sequences_do_not_interact() {
         panic!("a decoder finishes with logits")
     };
     assert_eq!((logits[1].rows, logits[1].cols), (2, 128));
+    let mut empty = Hidden { sequences: vec![] };
+    let mut no_call = |_: usize, _: &Matrix| panic!("nothing to observe");
+    model
+        .forward_layer(1, &weights, &mut empty, &mut no_call)
+        .unwrap();
+    assert_eq!(
+        model.finish(&weights, &empty).unwrap(),
+        Finished::Logits(vec![])
+    );
 }
 
 #[test]
