@@ -61,6 +61,7 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     pub vocab_size: usize,
     pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
     /// Mistral's sliding attention window: token i sees tokens j with i − j < window.
     pub sliding_window: Option<usize>,
     /// Qwen3's per-head RMSNorm of queries and keys.
@@ -262,27 +263,108 @@ fn parse_bert(config: &Value, names: &HashSet<&str>) -> Result<BertConfig, Model
     Ok(parsed)
 }
 
-/// Refuses `rope_scaling` and partial rotary settings that we do not implement.
-fn check_rope(config: &Value) -> Result<(), ModelError> {
-    if let Some(scaling) = config.get("rope_scaling").filter(|value| !value.is_null()) {
-        let kind = scaling
-            .get("rope_type")
-            .or_else(|| scaling.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("unnamed");
-        if kind != "default" {
-            return Err(bad(format!(
-                "rope_scaling of type `{kind}` is not supported (only plain rotary embeddings)"
-            )));
-        }
-    }
+/// `rope_scaling` of config.json, as far as we implement it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Absent, null or `default`.
+    None,
+    /// `linear`: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// `llama3` (Llama 3.1+): low frequencies divided by `factor`, high ones kept, a smooth
+    /// blend in between, as transformers' `_compute_llama3_parameters`.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_positions: f64,
+    },
+}
+
+/// Parses `rope_scaling`, refusing types we do not implement, and partial rotary settings.
+fn rope_scaling(config: &Value) -> Result<RopeScaling, ModelError> {
     let partial = float_field(config, "partial_rotary_factor", 1.0)?;
     if partial != 1.0 {
         return Err(bad(format!(
             "partial_rotary_factor {partial} is not supported (only 1.0)"
         )));
     }
-    Ok(())
+    let Some(scaling) = config.get("rope_scaling").filter(|value| !value.is_null()) else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = scaling
+        .get("rope_type")
+        .or_else(|| scaling.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("unnamed");
+    let field = |key: &str| {
+        float_field(scaling, key, f64::NAN)
+            .map_err(|_| bad(format!("rope_scaling.{key} must be a positive number")))
+            .and_then(|x| {
+                if x.is_nan() {
+                    Err(bad(format!("rope_scaling of type `{kind}` needs `{key}`")))
+                } else {
+                    Ok(x)
+                }
+            })
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: field("factor")?,
+        }),
+        "llama3" => {
+            let scaling = RopeScaling::Llama3 {
+                factor: field("factor")?,
+                low_freq_factor: field("low_freq_factor")?,
+                high_freq_factor: field("high_freq_factor")?,
+                original_max_positions: field("original_max_position_embeddings")?,
+            };
+            match scaling {
+                RopeScaling::Llama3 {
+                    low_freq_factor,
+                    high_freq_factor,
+                    ..
+                } if high_freq_factor <= low_freq_factor => Err(bad(
+                    "rope_scaling: high_freq_factor must exceed low_freq_factor",
+                )),
+                _ => Ok(scaling),
+            }
+        }
+        _ => Err(bad(format!(
+            "rope_scaling of type `{kind}` is not supported (default, linear and llama3 are)"
+        ))),
+    }
+}
+
+impl LlamaConfig {
+    /// The rotary inverse frequencies θ^(−2i/d), i < d/2, after `rope_scaling`.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim as f64;
+        let plain = (0..self.head_dim / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d));
+        match self.rope_scaling {
+            RopeScaling::None => plain.collect(),
+            RopeScaling::Linear { factor } => plain.map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_positions,
+            } => plain
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < original_max_positions / high_freq_factor {
+                        f
+                    } else if wavelen > original_max_positions / low_freq_factor {
+                        f / factor
+                    } else {
+                        let smooth = (original_max_positions / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The sliding window to apply, refusing Qwen's per-layer variant.
@@ -310,7 +392,6 @@ fn parse_llama(
             "hidden_act `{activation}` is not supported for {model_type} (silu)"
         )));
     }
-    check_rope(config)?;
     let suffix = "embed_tokens.weight";
     let prefix = prefix_of(names, suffix).ok_or_else(|| ModelError::MissingTensor {
         name: format!("model.{suffix}"),
@@ -356,6 +437,7 @@ fn parse_llama(
         rms_norm_eps: float_field(config, "rms_norm_eps", 1e-6)?,
         vocab_size: usize_field(config, "vocab_size")?,
         rope_theta: float_field(config, "rope_theta", 10000.0)?,
+        rope_scaling: rope_scaling(config)?,
         sliding_window: sliding_window(model_type, config)?,
         // Qwen3 always normalises q/k and Qwen2 always has q/k/v biases: required for them
         // (a missing one is then reported), detected from the names for the others.

@@ -2,7 +2,7 @@
 //! with rotary grouped-query causal attention and a SwiGLU MLP, final norm and lm_head.
 //!
 //! As in Hugging Face transformers: rotary embeddings use the rotate_half convention with
-//! `inv_freq = θ^(−2i/d)`; Qwen2 adds q/k/v biases; Qwen3 RMS-normalises each query and key
+//! `inv_freq = θ^(−2i/d)`, optionally scaled (`linear`, `llama3`); Qwen2 adds q/k/v biases; Qwen3 RMS-normalises each query and key
 //! head before the rotation; Mistral may restrict attention to a sliding window.
 
 use crate::config::LlamaConfig;
@@ -209,8 +209,9 @@ fn attention_block(
             d,
         )?;
     }
-    ops::rope(&mut q, ranges, d, config.rope_theta);
-    ops::rope(&mut k, ranges, d, config.rope_theta);
+    let inv_freq = config.inv_freq();
+    ops::rope(&mut q, ranges, &inv_freq);
+    ops::rope(&mut k, ranges, &inv_freq);
     let shape = AttentionShape {
         heads: config.heads,
         kv_heads: config.kv_heads,

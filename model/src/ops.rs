@@ -89,12 +89,11 @@ pub fn map_in_place(x: &mut Matrix, f: impl Fn(f32) -> f32 + Sync) {
 }
 
 /// Hugging Face's rotary embedding (the rotate_half convention) on every head of `x`
-/// (tokens × heads·head_dim); positions restart at 0 for each sequence.
-pub fn rope(x: &mut Matrix, ranges: &[std::ops::Range<usize>], head_dim: usize, theta: f64) {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
-        .collect();
+/// (tokens × heads·head_dim, head_dim = 2·inv_freq.len()); positions restart at 0 for each
+/// sequence.
+pub fn rope(x: &mut Matrix, ranges: &[std::ops::Range<usize>], inv_freq: &[f64]) {
+    let half = inv_freq.len();
+    let head_dim = 2 * half;
     let mut positions = vec![0usize; x.rows];
     for range in ranges {
         for (position, row) in range.clone().enumerate() {
@@ -292,7 +291,8 @@ mod tests {
     fn rope_at_position_zero_is_the_identity_and_preserves_norms_later() {
         let mut x = Matrix::from_vec(2, 4, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]).unwrap();
         let one_sequence = [std::ops::Range { start: 0, end: 2 }];
-        rope(&mut x, &one_sequence, 4, 10000.0);
+        let inv_freq = [1.0, 0.01];
+        rope(&mut x, &one_sequence, &inv_freq);
         assert_eq!(&x.data[..4], &[1.0, 2.0, 3.0, 4.0]);
         let norm: f32 = x.data[4..].iter().map(|v| v * v).sum();
         assert!((norm - 30.0).abs() < 1e-4);

@@ -149,16 +149,21 @@ def test_minilm_long_text_is_truncated_like_python_tokenizers(minilm, tmp_path):
 
 HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, LAYERS, VOCAB = 64, 4, 2, 96, 2, 128
 ID_SEQUENCES = [[5], [1, 17, 99, 3, 64, 127, 0], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 50, 51]]
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 VARIANTS = {
-    "llama": {},
-    "qwen2": {"qkv_bias": True},
-    "qwen3": {"qk_norm": True, "head_dim": 32},
-    "mistral": {"sliding_window": 3, "tied": True},
+    "llama": {"model_type": "llama"},
+    "llama-rope-llama3": {"model_type": "llama", "rope_scaling": LLAMA3_SCALING},
+    "llama-rope-linear": {"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 4.0}},
+    "qwen2": {"model_type": "qwen2", "qkv_bias": True},
+    "qwen3": {"model_type": "qwen3", "qk_norm": True, "head_dim": 32},
+    "mistral": {"model_type": "mistral", "sliding_window": 3, "tied": True},
 }
 
 
-def generate_decoder(directory: Path, model_type: str, variant: dict) -> dict:
+def generate_decoder(directory: Path, variant: dict) -> dict:
     """Writes config.json and model.safetensors of a small random decoder; returns both."""
+    model_type = variant["model_type"]
     rng = np.random.default_rng(sum(map(ord, model_type)))
     head_dim = variant.get("head_dim", HIDDEN // HEADS)
     config = {
@@ -169,6 +174,7 @@ def generate_decoder(directory: Path, model_type: str, variant: dict) -> dict:
         "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "rope_theta": 10000.0,
         "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": bool(variant.get("tied")),
         "max_position_embeddings": 256, "sliding_window": variant.get("sliding_window"),
+        "rope_scaling": variant.get("rope_scaling"),
     }
     if "head_dim" in variant:
         config["head_dim"] = head_dim
@@ -210,10 +216,28 @@ def rms_norm(x, weight, eps):
     return x / np.sqrt((x ** 2).mean(axis=-1, keepdims=True) + eps) * weight
 
 
-def rotary(x, theta):
+def scaled_inv_freq(inv_freq, scaling):
+    """transformers' rope initialisations: linear, and llama3's _compute_llama3_parameters."""
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    assert kind == "llama3", kind
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+    return np.where(medium, smoothed, scaled)
+
+
+def rotary(x, theta, scaling=None):
     """Hugging Face's apply_rotary_pos_emb (rotate_half) on x of shape (tokens, heads, d)."""
     n, _, d = x.shape
-    inv_freq = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    inv_freq = scaled_inv_freq(1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d), scaling)
     angles = np.outer(np.arange(n, dtype=np.float64), inv_freq)
     emb = np.concatenate([angles, angles], axis=-1)[:, None, :]
     rotated = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], axis=-1)
@@ -246,7 +270,7 @@ def decoder_reference(w: dict, config: dict, ids: list):
         if p + "self_attn.q_norm.weight" in w:
             q = rms_norm(q, w[p + "self_attn.q_norm.weight"], eps)
             k = rms_norm(k, w[p + "self_attn.k_norm.weight"], eps)
-        q, k = rotary(q, theta), rotary(k, theta)
+        q, k = rotary(q, theta, config["rope_scaling"]), rotary(k, theta, config["rope_scaling"])
         k = np.repeat(k, heads // kv_heads, axis=1)
         v = np.repeat(v, heads // kv_heads, axis=1)
         scores = np.einsum("ihd,jhd->hij", q, k) / math.sqrt(d)
@@ -262,11 +286,11 @@ def decoder_reference(w: dict, config: dict, ids: list):
     return states, logits
 
 
-@pytest.mark.parametrize("model_type", list(VARIANTS))
-def test_generated_decoder_matches_numpy_reference(model_type, tmp_path):
-    config, weights = generate_decoder(tmp_path / model_type, model_type, VARIANTS[model_type])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_generated_decoder_matches_numpy_reference(name, tmp_path):
+    config, weights = generate_decoder(tmp_path / name, VARIANTS[name])
     args = [a for ids in ID_SEQUENCES for a in ("--ids", ",".join(map(str, ids)))]
-    dumped = forward_dump(tmp_path / model_type, tmp_path / "dump.safetensors", *args)
+    dumped = forward_dump(tmp_path / name, tmp_path / "dump.safetensors", *args)
     worst = 0.0
     for s, ids in enumerate(ID_SEQUENCES):
         assert dumped[f"ids.{s}"].tolist() == ids
@@ -274,24 +298,35 @@ def test_generated_decoder_matches_numpy_reference(model_type, tmp_path):
         for layer, reference in enumerate(states):
             error = relative_error(dumped[f"hidden.{layer}.{s}"], reference)
             worst = max(worst, error)
-            assert error < TOLERANCE, f"{model_type} sequence {s} layer {layer}: {error:.2e}"
+            assert error < TOLERANCE, f"{name} sequence {s} layer {layer}: {error:.2e}"
         error = relative_error(dumped[f"final.{s}"], logits)
-        assert error < TOLERANCE, f"{model_type} sequence {s} logits: {error:.2e}"
-    print(f"{model_type}: worst relative error {worst:.2e}")
+        assert error < TOLERANCE, f"{name} sequence {s} logits: {error:.2e}"
+    print(f"{name}: worst relative error {worst:.2e}")
 
 
 def test_sliding_window_changes_mistral_outputs(tmp_path):
     """Guards the reference itself: with a window of 3 the last token of a 12-token sequence
     must differ from full causal attention, or the mistral case above would prove nothing."""
-    config, weights = generate_decoder(tmp_path / "m", "mistral", VARIANTS["mistral"])
+    config, weights = generate_decoder(tmp_path / "m", VARIANTS["mistral"])
     windowed, _ = decoder_reference(weights, config, ID_SEQUENCES[2])
     full, _ = decoder_reference(weights, {**config, "sliding_window": None}, ID_SEQUENCES[2])
     assert np.allclose(windowed[1][:3], full[1][:3])
     assert relative_error(windowed[-1][-1], full[-1][-1]) > 1e-3
 
 
+def test_rope_scaling_changes_the_frequencies_it_should():
+    """Guards the scaled variants above: llama3 keeps the highest frequency, divides the
+    lowest by the factor and blends in between; linear divides all."""
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, 16, 2, dtype=np.float64) / 16)
+    llama3 = scaled_inv_freq(inv_freq, LLAMA3_SCALING)
+    assert llama3[0] == inv_freq[0] and math.isclose(llama3[-1], inv_freq[-1] / 8)
+    blended = (llama3 != inv_freq) & ~np.isclose(llama3, inv_freq / 8)
+    assert blended.any(), llama3 / inv_freq
+    assert np.allclose(scaled_inv_freq(inv_freq, VARIANTS["llama-rope-linear"]["rope_scaling"]), inv_freq / 4)
+
+
 def test_unknown_architecture_is_refused_with_a_clear_message(tmp_path):
-    generate_decoder(tmp_path / "m", "llama", {})
+    generate_decoder(tmp_path / "m", VARIANTS["llama"])
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["model_type"] = "gpt_neox"
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
