@@ -66,6 +66,10 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// List the built-in recipes (usable as `--recipe NAME`), or print one's YAML.
     Recipes(RecipesArgs),
+    /// Compare a compressed model's outputs with the original's on text samples, in this
+    /// process, layer by layer (embedding cosine; KL divergence, top-1 agreement and
+    /// perplexity). A job does the same across its workers with --eval.
+    Eval(crate::eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -291,6 +295,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<()> {
             say!("{}", recipe.source_yaml.trim_end());
             Ok(())
         }
+        Command::Eval(args) => crate::eval::eval(args).await,
         Command::Recipes(RecipesArgs { show: None }) => {
             for name in Recipe::preset_names() {
                 if let Some(recipe) = Recipe::preset(name) {

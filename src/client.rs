@@ -59,6 +59,28 @@ pub struct JobArgs {
     /// refused.
     #[arg(long)]
     pub overwrite: bool,
+    /// Calibration samples for a calibrated recipe (gptq-w4a16-asym, awq-w4a16-asym,
+    /// sparsegpt-2of4, wanda-2of4, or a recipe with quantize method gptq/awq or prune method
+    /// sparsegpt/wanda): a text file with one sample a line, or JSONL with a "text" field
+    /// (path, file://, s3://). The model's directory must hold config.json and
+    /// tokenizer.json (Llama-family decoders and BERT-family encoders).
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<String>,
+    /// How many samples of --calibration to use (the first N). Default: 128.
+    #[arg(long, value_name = "N")]
+    pub calibration_samples: Option<u32>,
+    /// Tokens per sample at most, for --calibration and --eval. Default: 512.
+    #[arg(long, value_name = "TOKENS")]
+    pub calibration_seq_len: Option<u32>,
+    /// Compare the compressed model's outputs with the original's on these samples (same
+    /// form as --calibration): embedding cosine for encoders; KL divergence, top-1 agreement
+    /// and perplexity for decoders. Written to report.json; the recipe's gates
+    /// min_embedding_cosine, min_top1 and max_kld check them.
+    #[arg(long, value_name = "FILE")]
+    pub eval: Option<String>,
+    /// How many samples of --eval to use (the first N). Default: 256.
+    #[arg(long, value_name = "N")]
+    pub eval_samples: Option<u32>,
 }
 
 /// Which coordinator to talk to, and how.
@@ -277,6 +299,21 @@ pub async fn submit(client: &mut JobClient, job: &JobArgs) -> anyhow::Result<Str
             .map_or(0, |mib| mib.saturating_mul(1 << 20)),
         allow_unmatched: job.allow_unmatched,
         overwrite: job.overwrite,
+        calibration_url: job
+            .calibration
+            .as_deref()
+            .map(resolved_here)
+            .transpose()?
+            .unwrap_or_default(),
+        calibration_samples: job.calibration_samples.unwrap_or(0),
+        calibration_seq_len: job.calibration_seq_len.unwrap_or(0),
+        eval_url: job
+            .eval
+            .as_deref()
+            .map(resolved_here)
+            .transpose()?
+            .unwrap_or_default(),
+        eval_samples: job.eval_samples.unwrap_or(0),
     };
     let response = client
         .submit_job(request)

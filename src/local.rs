@@ -352,6 +352,11 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             allow_unmatched: false,
             // The demo's own folder: a second run replaces the first's output.
             overwrite: true,
+            calibration: None,
+            calibration_samples: None,
+            calibration_seq_len: None,
+            eval: None,
+            eval_samples: None,
         },
         workers: args.workers,
         threads: 0,

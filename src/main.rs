@@ -12,6 +12,7 @@ macro_rules! say {
 mod cli;
 mod client;
 mod decompress;
+mod eval;
 mod genmodel;
 mod inspect;
 mod local;

@@ -65,6 +65,9 @@ pub fn print_summary(report: &Value) {
             100.0 * num(g, "target_sparsity")
         );
     }
+    if let Some(c) = report.get("calibration").filter(|c| c.is_object()) {
+        print_calibration(c);
+    }
     say!(
         "error        rel. Frobenius {:.5} (parameter-weighted), worst {}",
         num(s, "rel_fro_error_weighted"),
@@ -167,4 +170,44 @@ pub fn print_summary(report: &Value) {
         "format       {}",
         report["output_format"].as_str().unwrap_or("?")
     );
+}
+
+/// The calibration round and the function-space evaluation of `report.json`.
+fn print_calibration(c: &Value) {
+    let solved = c["tensors"].as_array().map_or(&[][..], Vec::as_slice);
+    if !solved.is_empty() {
+        let loss: f64 = solved.iter().map(|t| num(t, "proxy_loss")).sum();
+        let baseline: f64 = solved.iter().map(|t| num(t, "baseline_proxy_loss")).sum();
+        let method = solved[0]["method"].as_str().unwrap_or("?");
+        say!(
+            "calibrated   {} Linears ({method}) on {} samples ({} tokens): output error on the calibration inputs {:.3}x the data-free pass's",
+            solved.len(),
+            num(c, "calibration_samples"),
+            num(c, "calibration_tokens"),
+            if baseline > 0.0 { loss / baseline } else { 1.0 }
+        );
+    }
+    let skipped = c["not_calibrated"].as_array().map_or(0, Vec::len);
+    if skipped > 0 {
+        say!("             {skipped} targeted tensor(s) stored data-free (not_calibrated in report.json)");
+    }
+    let Some(e) = c.get("evaluation").filter(|e| e.is_object()) else {
+        return;
+    };
+    if let Some(mean) = e.get("mean_embedding_cosine").and_then(Value::as_f64) {
+        say!(
+            "evaluation   embedding cosine to the original {mean:.5} (mean), {:.5} (worst) over {} samples",
+            num(e, "min_embedding_cosine"),
+            num(e, "samples")
+        );
+    }
+    if let Some(top1) = e.get("top1_agreement").and_then(Value::as_f64) {
+        say!(
+            "evaluation   top-1 agreement {top1:.5}, KL divergence {:.5} nats/token over {} tokens; perplexity {:.3} -> {:.3}",
+            num(e, "mean_kld"),
+            num(e, "tokens"),
+            num(e, "perplexity_original"),
+            num(e, "perplexity_compressed")
+        );
+    }
 }

@@ -198,6 +198,20 @@ pub async fn advance(coordinator: &Arc<Coordinator>, job_id: &str) {
         return;
     };
     let names = coordinator.worker_names();
+    if phase == Phase::Calibrating {
+        let Some(calibration) = spec.calibration.as_ref() else {
+            return;
+        };
+        let reports: Vec<&CompleteTaskRequest> = (tasks.iter())
+            .filter_map(|t| t.result.as_ref().map(|r| &r.report))
+            .collect();
+        let outcome =
+            crate::calibration::conclude(calibration, &reports, started.elapsed().as_secs_f64());
+        tracing::info!(job = %job_id, steps = outcome.steps, solved = outcome.tensors.len(),
+            evaluation = ?outcome.evaluation, "calibrated; compressing");
+        coordinator.start_compression_calibrated(job_id, outcome);
+        return;
+    }
     if phase == Phase::Measuring {
         let measured = conclude_measuring(&spec, &tasks, started, &names);
         tracing::info!(job = %job_id, cut = ?measured.cut, sparsity = measured.pruned_fraction,
@@ -325,6 +339,14 @@ async fn reassemble(
     objects.push(put_json(&out, REPORT_NAME, report_bytes).await?);
     let page = crate::report_html::render(&report).into_bytes();
     objects.push(put_json(&out, crate::report_html::REPORT_HTML_NAME, page).await?);
+    if !report.gates.function_space.is_empty() {
+        let message = format!(
+            "function-space gate failed: {}. No manifest written; see {}",
+            report.gates.function_space.join("; "),
+            out.describe(REPORT_NAME)
+        );
+        return Ok((JobState::Failed, message, report_json));
+    }
     if !report.gates.passed {
         let worst: Vec<String> = report
             .gates
@@ -389,6 +411,9 @@ async fn reassemble(
             )
         }
     };
+    if let Some(outcome) = &spec.calibrated {
+        message.push_str(&crate::calibration::summary_line(outcome));
+    }
     if let Some(key_id) = signed {
         message.push_str(&format!("; manifest signed by key {key_id}"));
     }

@@ -40,6 +40,11 @@ pub struct JobSpec {
     /// twice: first measuring (magnitude histograms, sketches), then compressing with what
     /// the coordinator concluded from the measurements, kept here.
     pub measured: Option<Measured>,
+    /// A calibrated (or evaluated) job's first round: its steps, and the compressing
+    /// round's plan that runs after it (see [`crate::calibration`]).
+    pub calibration: Option<std::sync::Arc<crate::calibration::Calibration>>,
+    /// What the calibration round concluded, once it is over.
+    pub calibrated: Option<crate::calibration::CalibrationOutcome>,
 }
 
 /// What the measuring round concluded.
@@ -65,6 +70,18 @@ impl JobSpec {
         let needs = self.recipe.global_sparsity().is_some() || self.recipe.share_cosine.is_some();
         needs && self.measured.is_none()
     }
+
+    /// True while the job's tasks are its calibration round's steps.
+    pub fn calibrating(&self) -> bool {
+        self.calibration.is_some() && self.calibrated.is_none()
+    }
+
+    /// The object holding `tensor`'s calibrated result, once the round has written it.
+    pub fn solved_object(&self, tensor: &str) -> Option<&str> {
+        self.calibrated.as_ref()?;
+        let calibration = self.calibration.as_ref()?;
+        calibration.plan.solved.get(tensor).map(String::as_str)
+    }
 }
 
 /// The steps of a job. Workers run the tasks of the first three; when a step's last task is
@@ -72,6 +89,9 @@ impl JobSpec {
 /// ([`crate::driver`]) has done the coordinator's part and started the next step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// The calibration round's steps run (layer by layer: statistics, solving, forwarding;
+    /// the evaluation set through both models); nothing of the output is written yet.
+    Calibrating,
     /// Every task measures (magnitude histograms, tensor sketches) and writes nothing: the
     /// first round of a job with a global prune or near-identical sharing.
     Measuring,
@@ -87,6 +107,7 @@ pub enum Phase {
 impl Phase {
     pub fn label(self) -> &'static str {
         match self {
+            Phase::Calibrating => "calibrating",
             Phase::Measuring => "measuring",
             Phase::Compressing => "compressing",
             Phase::Assembling => "assembling",
@@ -125,6 +146,9 @@ pub struct TaskSlot {
     pub staged: Option<StagedOutput>,
     /// What the task needs in memory beyond streamed chunks (see [`crate::routing`]).
     pub need: Option<crate::routing::TaskNeed>,
+    /// Tasks that must be done before this one is leased (a calibration step reads their
+    /// objects).
+    pub deps: Vec<u32>,
 }
 
 impl TaskSlot {
@@ -142,6 +166,7 @@ impl TaskSlot {
             assemble,
             staged: None,
             need: None,
+            deps: Vec::new(),
         }
     }
 
@@ -230,22 +255,31 @@ pub struct Job {
 
 impl Job {
     pub fn new(id: String, spec: JobSpec, plan: Vec<PlannedTask>, now: Instant) -> Self {
-        let tasks = plan
-            .into_iter()
-            .map(|plan| {
-                let need = crate::routing::task_need(&spec, &plan);
-                TaskSlot {
-                    need,
-                    ..TaskSlot::pending(plan, None)
-                }
-            })
-            .collect();
-        let (phase, message) = match spec.measuring() {
-            true => (
-                Phase::Measuring,
-                "round 1 of 2: measuring (magnitudes, sketches)".to_string(),
-            ),
-            false => (Phase::Compressing, String::new()),
+        let (tasks, phase, message) = match &spec.calibration {
+            Some(calibration) if spec.calibrating() => {
+                let steps = calibration.step_tasks().into_iter();
+                let tasks = (steps.zip(&calibration.plan.steps))
+                    .map(|(plan, step)| TaskSlot {
+                        deps: step.deps.clone(),
+                        ..TaskSlot::pending(plan, None)
+                    })
+                    .collect();
+                let message = format!(
+                    "round 1 of 2: calibrating layer by layer ({} steps)",
+                    calibration.plan.steps.len()
+                );
+                (tasks, Phase::Calibrating, message)
+            }
+            _ => {
+                let (phase, message) = match spec.measuring() {
+                    true => (
+                        Phase::Measuring,
+                        "round 1 of 2: measuring (magnitudes, sketches)".to_string(),
+                    ),
+                    false => (Phase::Compressing, String::new()),
+                };
+                (compressing_slots(&spec, plan), phase, message)
+            }
         };
         Self {
             id,
@@ -268,6 +302,7 @@ impl Job {
     /// [`Job::start_compression`].
     pub fn restore(&mut self, recorded: Recorded) {
         let round = match self.phase {
+            Phase::Calibrating => Round::Calibrate,
             Phase::Measuring => Round::Measure,
             _ => Round::Compress,
         };
@@ -340,6 +375,45 @@ impl Job {
         }
     }
 
+    /// Ends the calibration round: the compressing round's tasks replace its steps, and
+    /// store each calibrated tensor's result (task numbers start again from 0; a late
+    /// report of a step is refused, as the job's tasks are then other ones).
+    pub fn start_compression_calibrated(
+        &mut self,
+        outcome: crate::calibration::CalibrationOutcome,
+    ) {
+        if self.state != JobState::Finalizing || self.phase != Phase::Calibrating {
+            return;
+        }
+        let Some(calibration) = self.spec.calibration.clone() else {
+            return;
+        };
+        self.spec.calibrated = Some(outcome);
+        for slot in &mut self.tasks {
+            self.discarded.extend(slot.staged.take());
+        }
+        // Attempt numbers go on past the round's, so no step's attempt can pass for a
+        // compressing task's.
+        let attempts = self.tasks.iter().map(|t| t.attempt).max().unwrap_or(0);
+        self.tasks = compressing_slots(&self.spec, calibration.compress_plan.clone());
+        for slot in &mut self.tasks {
+            slot.attempt = attempts;
+        }
+        self.phase = Phase::Compressing;
+        self.message = "round 2 of 2: compressing".into();
+        self.state = JobState::Running;
+        for recorded in std::mem::take(&mut self.restored_later) {
+            self.restore(recorded);
+        }
+    }
+
+    /// True when every task `slot` waits for is done.
+    fn ready(&self, slot: &TaskSlot) -> bool {
+        (slot.deps.iter()).all(|&d| {
+            (self.tasks.get(d as usize)).is_some_and(|t| matches!(t.status, TaskStatus::Done))
+        })
+    }
+
     /// Leases the lowest-numbered pending assembly slice, else the lowest-numbered pending
     /// task, to `worker`, if the job is running.
     pub fn lease_next(&mut self, worker: &str, ttl: Duration, now: Instant) -> Option<usize> {
@@ -358,8 +432,9 @@ impl Job {
         if self.state != JobState::Running {
             return None;
         }
-        let leasable =
-            |t: &TaskSlot| t.leasable(now) && crate::routing::fits(t.need.as_ref(), memory_limit);
+        let leasable = |t: &TaskSlot| {
+            t.leasable(now) && crate::routing::fits(t.need.as_ref(), memory_limit) && self.ready(t)
+        };
         // Assembly first: its parts are fresh in the page cache, and deleted once copied.
         let index = (self.tasks.iter())
             .position(|t| t.assemble.is_some() && leasable(t))
@@ -703,3 +778,16 @@ impl Job {
 
 #[cfg(test)]
 mod tests;
+
+/// The compressing round's task slots of `plan`.
+fn compressing_slots(spec: &JobSpec, plan: Vec<PlannedTask>) -> Vec<TaskSlot> {
+    plan.into_iter()
+        .map(|plan| {
+            let need = crate::routing::task_need(spec, &plan);
+            TaskSlot {
+                need,
+                ..TaskSlot::pending(plan, None)
+            }
+        })
+        .collect()
+}

@@ -48,6 +48,8 @@ const LOAD_CONCURRENCY: usize = 32;
 /// sharing measure every task before compressing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Round {
+    /// A step of a calibrated job's calibration round.
+    Calibrate,
     Measure,
     Compress,
 }
@@ -55,6 +57,7 @@ pub enum Round {
 impl Round {
     fn prefix(self) -> &'static str {
         match self {
+            Round::Calibrate => "k",
             Round::Measure => "m",
             Round::Compress => "c",
         }
@@ -79,6 +82,18 @@ pub struct JournalHead {
     /// BLAKE3 of the plan (every task's tensors, their source byte ranges, output names): a
     /// model changed since the job started plans differently.
     pub plan_blake3: String,
+    /// A calibrated or evaluated job: where its samples come from, and a digest of them as
+    /// tokenized (other samples make another job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<JournalCalibration>,
+}
+
+/// The calibration part of [`JournalHead`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalCalibration {
+    pub request: crate::calibration::CalibrationRequest,
+    pub tokens_blake3: String,
+    pub steps: u32,
 }
 
 impl JournalHead {
@@ -102,6 +117,11 @@ impl JournalHead {
             assembly_slice_bytes: spec.assembly_slice_bytes,
             tasks: plan.len() as u32,
             plan_blake3: plan_digest(plan),
+            calibration: spec.calibration.as_ref().map(|c| JournalCalibration {
+                request: c.request.clone(),
+                tokens_blake3: c.digest.clone(),
+                steps: c.plan.steps.len() as u32,
+            }),
         }
     }
 
@@ -117,6 +137,7 @@ impl JournalHead {
                 h.assembly_slice_bytes,
                 h.tasks,
                 h.plan_blake3.clone(),
+                h.calibration.clone(),
             )
         };
         key(self) == key(other)
@@ -124,6 +145,9 @@ impl JournalHead {
 
     /// The submission that resumes this job.
     pub fn request(&self) -> SubmitJobRequest {
+        let calibration = (self.calibration.as_ref())
+            .map(|c| c.request.clone())
+            .unwrap_or_default();
         SubmitJobRequest {
             model_url: self.model_url.clone(),
             out_url: self.out_url.clone(),
@@ -134,6 +158,11 @@ impl JournalHead {
             assembly_slice_bytes: self.assembly_slice_bytes,
             // The recipe was checked when the job began.
             allow_unmatched: true,
+            calibration_url: calibration.calibration_url,
+            calibration_samples: calibration.calibration_samples,
+            calibration_seq_len: calibration.calibration_seq_len,
+            eval_url: calibration.eval_url,
+            eval_samples: calibration.eval_samples,
             ..Default::default()
         }
     }
@@ -418,6 +447,7 @@ impl Journal {
                 let stem = name.strip_suffix(".pb")?;
                 let (round, task) = stem.split_once('-')?;
                 let round = match round {
+                    "k" => Round::Calibrate,
                     "m" => Round::Measure,
                     "c" => Round::Compress,
                     _ => return None,
@@ -464,6 +494,7 @@ impl Journal {
             .buffer_unordered(LOAD_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await?;
+        self.out.remove_local_tree(crate::calibration::CALIB_DIR);
         self.out.remove_empty_dir(DONE_DIR);
         self.out.remove_empty_dir(JOURNAL_DIR);
         Ok(())

@@ -27,6 +27,7 @@
 pub mod archive;
 pub mod assembly;
 pub mod auth;
+pub mod calibration;
 pub mod driver;
 pub mod error;
 pub mod finalize;

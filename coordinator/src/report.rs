@@ -25,6 +25,11 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub global_prune: Option<GlobalPruneReport>,
     pub gates: GateVerdict,
+    /// Calibrated or evaluated jobs: what each calibrated Linear gained over the data-free
+    /// pass on the calibration inputs, and the compressed model's outputs compared with the
+    /// original's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::calibration::CalibrationOutcome>,
     pub layers: Vec<LayerReport>,
     /// Jobs that measure first: that round's tasks (`tasks` lists the compressing round).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -99,6 +104,9 @@ pub struct GateVerdict {
     pub min_snr_db: Option<f64>,
     pub passed: bool,
     pub violations: Vec<GateViolation>,
+    /// Function-space gates (embedding cosine, top-1 agreement, KL divergence) that failed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub function_space: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -253,7 +261,12 @@ pub fn build_report(
         }
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    let gates = check_gates(&spec.recipe.gates, &tensors);
+    let mut gates = check_gates(&spec.recipe.gates, &tensors);
+    let evaluation = (spec.calibrated.as_ref()).and_then(|c| c.evaluation.as_ref());
+    if let Some(evaluation) = evaluation {
+        gates.function_space = evaluation.failed_gates(&spec.recipe.gates);
+        gates.passed &= gates.function_space.is_empty();
+    }
     let mut summary = summarize(&tensors, &task_reports, wall_seconds, retries);
     if let Some(m) = &spec.measured {
         summary.measuring_seconds = Some(m.seconds);
@@ -294,6 +307,7 @@ pub fn build_report(
             })
         }),
         gates,
+        calibration: spec.calibrated.clone(),
         layers: layer_reports(&tensors),
         measuring_tasks: spec
             .measured
@@ -480,6 +494,7 @@ pub fn check_gates(gates: &Gates, tensors: &[TensorReport]) -> GateVerdict {
         min_snr_db: gates.min_snr_db,
         passed: violations.is_empty(),
         violations,
+        function_space: Vec::new(),
     }
 }
 
@@ -512,6 +527,7 @@ mod tests {
             max_rel_error: Some(0.1),
             min_cosine: None,
             min_snr_db: None,
+            ..Gates::default()
         };
         let tensors = [
             tensor("a", 0.05, 0.99),
@@ -534,6 +550,7 @@ mod tests {
             max_rel_error: Some(0.5),
             min_cosine: Some(0.8),
             min_snr_db: Some(1.0),
+            ..Gates::default()
         };
         assert!(check_gates(&gates, &[tensor("a", 0.05, 0.99)]).passed);
     }

@@ -59,6 +59,11 @@ impl JobService for JobApi {
         let request = request.into_inner();
         self.auth
             .check_locations(&caller, &request.model_url, &request.out_url)?;
+        for data in [&request.calibration_url, &request.eval_url] {
+            if !data.is_empty() {
+                self.auth.check_locations(&caller, data, &request.out_url)?;
+            }
+        }
         let submitted = crate::submit::submit(&self.coordinator, request, caller.owner()).await?;
         Ok(Response::new(SubmitJobResponse {
             job_id: submitted.job_id,

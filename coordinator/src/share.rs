@@ -87,6 +87,7 @@ mod tests {
             leased_at_seconds: 0.0,
             retry_at: None,
             need: None,
+            deps: Vec::new(),
             result: Some(TaskOutcome {
                 worker: "w".into(),
                 attempt: 1,

@@ -604,6 +604,30 @@ impl Coordinator {
         self.task_ready.notify_waiters();
     }
 
+    /// Ends the calibration round: the compressing round's tasks replace its steps (but
+    /// those an earlier run of the job finished).
+    pub fn start_compression_calibrated(
+        &self,
+        job_id: &str,
+        outcome: crate::calibration::CalibrationOutcome,
+    ) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.jobs.get_mut(job_id) {
+            entry.job.start_compression_calibrated(outcome);
+            discard_staged(
+                &entry.job.spec.out_url,
+                &entry.journal,
+                std::mem::take(&mut entry.job.discarded),
+            );
+            if entry.job.tasks_done() == entry.job.tasks.len() {
+                entry.job.finish(JobState::Finalizing, String::new());
+            }
+        }
+        inner.publish(job_id, self.config.lease_ttl);
+        drop(inner);
+        self.task_ready.notify_waiters();
+    }
+
     /// A copy of what the job's driver needs (see [`Snapshot`]).
     pub fn snapshot(&self, job_id: &str) -> Option<Snapshot> {
         let inner = self.lock();
@@ -710,6 +734,7 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
         tensors: (slot.plan.tensors.iter())
             .map(|t| {
                 let mut slice = TensorSlice::from(t);
+                slice.solved = spec.solved_object(&t.name).unwrap_or_default().to_string();
                 slice.share_candidate = measured
                     .and_then(|m| m.share_candidates.get(&t.name))
                     .map(|a| Box::new(TensorSlice::from(a)));
@@ -721,6 +746,7 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
     };
     let kind = match (&slot.assemble, job.phase) {
         (Some(assemble), _) => Kind::Assemble(assemble.clone()),
+        (None, Phase::Calibrating) => Kind::Calibrate(calibrate_task(job, index)),
         (None, Phase::Measuring) => Kind::Measure(MeasureTask {
             work: Some(work()),
             magnitudes: spec.recipe.global_sparsity().is_some(),
@@ -746,5 +772,46 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
         output_name: slot.plan.output_name.clone(),
         staged: None,
         kind: Some(kind),
+    }
+}
+
+/// The lease of calibration step `index` (see [`crate::calibration`]).
+fn calibrate_task(job: &Job, index: usize) -> shardpress_proto::v1::CalibrateTask {
+    use crate::calibration::StepKind;
+    use shardpress_proto::v1::calibrate_task::Step;
+    let spec = &job.spec;
+    let Some(calibration) = spec.calibration.as_ref() else {
+        return Default::default();
+    };
+    let Some(step) = calibration.plan.steps.get(index) else {
+        return Default::default();
+    };
+    let kind = match step.kind {
+        StepKind::Embed => Step::Embed,
+        StepKind::Stats => Step::Stats,
+        StepKind::Solve => Step::Solve,
+        StepKind::Forward => Step::Forward,
+        StepKind::Eval => Step::Eval,
+    };
+    shardpress_proto::v1::CalibrateTask {
+        step: kind as i32,
+        work: Some(TensorWork {
+            recipe_yaml: spec.recipe.source_yaml.clone(),
+            tensors: (job.tasks[index].plan.tensors.iter())
+                .map(TensorSlice::from)
+                .collect(),
+            format: spec.format.as_str().to_string(),
+            model_facts: spec.facts.to_json(),
+        }),
+        config_json: calibration.config_json.clone(),
+        model_tensors: calibration.model_tensors.clone(),
+        layer: step.layer,
+        inputs: step.inputs.clone(),
+        sequences: (step.sequences.iter())
+            .map(|ids| shardpress_proto::v1::TokenSequence { ids: ids.clone() })
+            .collect(),
+        compressed: step.compressed,
+        solved: step.solved.iter().cloned().collect(),
+        group: step.group,
     }
 }

@@ -155,6 +155,8 @@ pub async fn output_size(planned: &Planned) -> Result<Option<u64>, CoordinatorEr
         in_place: None,
         early_assembly: None,
         measured: None,
+        calibration: None,
+        calibrated: None,
     };
     let tasks: Vec<&PlannedTask> = planned.plan.iter().collect();
     let finish = crate::finalize::finish_plan(&spec, &tasks)
@@ -186,7 +188,7 @@ pub async fn submit(
     }
     let Planned {
         model,
-        files: _,
+        files,
         recipe,
         format,
         facts,
@@ -205,8 +207,23 @@ pub async fn submit(
             model.root.identity()
         )));
     }
+    // A calibrated or evaluated job's first round: its samples read and tokenized, and
+    // its steps planned, before anything is written.
+    let calibration = crate::calibration::prepare(
+        &request,
+        &model.root,
+        &files,
+        &recipe,
+        format,
+        &facts,
+        &plan,
+    )
+    .await?;
     let _reserved = coordinator.reserve_output(&out.identity())?;
-    let task_count = plan.len() as u32;
+    let task_count = plan.len() as u32
+        + calibration
+            .as_ref()
+            .map_or(0, |c| c.plan.steps.len() as u32);
     let total_bytes = plan.iter().map(|t| t.input_bytes).sum();
     let mut spec = JobSpec {
         model_url: model.root.url().to_string(),
@@ -221,6 +238,8 @@ pub async fn submit(
         in_place: None,
         early_assembly: None,
         measured: None,
+        calibration: calibration.map(std::sync::Arc::new),
+        calibrated: None,
     };
     let journal = Journal::at(out.clone());
     let head = JournalHead::new(&coordinator.new_job_id(), &request, &spec, &plan);
@@ -288,7 +307,8 @@ pub async fn submit(
         spec.early_assembly = Some(early);
     }
     journal.claim(&config.claimant, &job_id).await?;
-    let restored = still_there(&out, &plan, spec.in_place.is_some(), restored).await?;
+    let steps = spec.calibration.as_ref().map(|c| c.plan.steps.as_slice());
+    let restored = still_there(&out, &plan, steps, spec.in_place.is_some(), restored).await?;
     let journal_seconds = journal_read.elapsed().as_secs_f64();
     let resumed_tasks = restored
         .iter()
@@ -313,17 +333,26 @@ pub async fn submit(
 async fn still_there(
     out: &StoreLocation,
     plan: &[PlannedTask],
+    steps: Option<&[crate::calibration::CalibStep]>,
     in_place: bool,
     restored: Vec<Recorded>,
 ) -> Result<Vec<Recorded>, CoordinatorError> {
     let checks = restored.into_iter().map(|recorded| async move {
-        let Some(task) = plan.get(recorded.task as usize) else {
-            return Ok(None);
+        let output = match recorded.round {
+            Round::Calibrate => match steps.and_then(|s| s.get(recorded.task as usize)) {
+                Some(step) => step.output.as_str(),
+                None => return Ok(None),
+            },
+            _ => match plan.get(recorded.task as usize) {
+                Some(task) => task.output_name.as_str(),
+                None => return Ok(None),
+            },
         };
-        if recorded.round == Round::Measure || in_place {
+        let in_place = in_place && recorded.round == Round::Compress;
+        if recorded.round == Round::Measure || in_place || output.is_empty() {
             return Ok(Some(recorded));
         }
-        let size = match out.size(&task.output_name).await {
+        let size = match out.size(output).await {
             Ok(size) => Some(size),
             Err(shardpress_store::StoreError::NotFound { .. }) => None,
             Err(e) => return Err(e),

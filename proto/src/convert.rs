@@ -37,6 +37,7 @@ impl From<&PlannedTensor> for TensorSlice {
                 scales: Some(wire_scales(&p.scales)),
                 zero_points: p.zero_points.as_ref().map(wire_scales),
             }),
+            solved: String::new(),
         }
     }
 }

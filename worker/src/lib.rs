@@ -9,6 +9,7 @@
 //! [`memory`] (the `--memory-limit` budget: chunk size and what cannot fit), [`error`] (what can fail and whether a retry elsewhere may help), and the lease loop here.
 
 pub mod assemble;
+pub mod calibrate;
 pub mod cpu;
 pub mod error;
 pub mod memory;
@@ -287,6 +288,7 @@ async fn lease_task(
         Some(Kind::Compress(_)) => "compress",
         Some(Kind::Measure(_)) => "measure",
         Some(Kind::Assemble(_)) => "assemble",
+        Some(Kind::Calibrate(_)) => "calibrate",
         None => "none",
     };
     tracing::info!(job = %lease.job_id, task = lease.task_index, attempt = lease.attempt,

@@ -93,6 +93,7 @@ pub async fn execute(
         Some(Kind::Compress(task)) => compress(lease, task, ctx).await,
         Some(Kind::Measure(task)) => measure(lease, task, ctx).await,
         Some(Kind::Assemble(slice)) => crate::assemble::assemble(lease, slice, ctx).await,
+        Some(Kind::Calibrate(step)) => crate::calibrate::calibrate(lease, step, ctx).await,
         None => Err(TaskError::BadLease(
             "the lease names no kind of task (a coordinator of another version?)".into(),
         )),
@@ -168,6 +169,7 @@ async fn compress(
     for plan in &mut plans {
         set_global_cut(plan, task.global_cut.as_ref())?;
     }
+    crate::calibrate::attach_solved(&out, slices, &tensors, &mut plans).await?;
     let described: Vec<(TensorDesc<'_>, &TensorPlan)> =
         tensors.iter().map(describe).zip(&plans).collect();
     let prefix = task_prefix(format.spec(), &described).map_err(|e| TaskError::BadTensor {
@@ -662,9 +664,9 @@ async fn compress_tensor(
 
 /// A chunk of whole rows as passes see it (FP8 with scales decoded to BF16), and how many
 /// stored bytes it was read from (what progress counts).
-struct Chunk {
-    values: Bytes,
-    stored_len: u64,
+pub(crate) struct Chunk {
+    pub(crate) values: Bytes,
+    pub(crate) stored_len: u64,
 }
 
 /// The next chunk from [`read_ahead`], timing the wait; stops when the lease is lost.
@@ -684,7 +686,7 @@ async fn next_chunk(
 
 /// Spawns a reader that fetches the chunks in order, a few ahead of the consumer, decoding
 /// FP8 stored with scales (read first) to BF16.
-fn read_ahead(
+pub(crate) fn read_ahead(
     model: &StoreLocation,
     tensor: &PlannedTensor,
     ranges: Vec<std::ops::Range<u64>>,
@@ -848,5 +850,21 @@ mod tests {
             "{no_work}"
         );
         assert!(!no_work.is_retryable());
+    }
+}
+
+/// A whole tensor's bytes as passes see them (FP8 with scales and packed codes decoded to
+/// BF16), read in one range.
+pub async fn read_tensor(
+    model: &StoreLocation,
+    tensor: &PlannedTensor,
+) -> Result<Bytes, TaskError> {
+    let mut chunks = read_ahead(model, tensor, vec![tensor.data_start..tensor.data_end]);
+    match chunks.recv().await {
+        Some(chunk) => Ok(chunk?.values),
+        None => Err(TaskError::BadTensor {
+            tensor: tensor.name.clone(),
+            reason: "nothing was read".into(),
+        }),
     }
 }

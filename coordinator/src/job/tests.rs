@@ -27,6 +27,8 @@ fn job_with_tasks(n: usize) -> Job {
         in_place: None,
         early_assembly: None,
         measured: None,
+        calibration: None,
+        calibrated: None,
     };
     Job::new("job-1".into(), spec, plan, Instant::now())
 }

@@ -58,6 +58,7 @@ fn report(tensors: Vec<TensorReport>, tasks: Vec<TaskReport>, gates: &Gates) -> 
         summary,
         global_prune: None,
         gates: check_gates(gates, &tensors),
+        calibration: None,
         layers: layer_reports(&tensors),
         measuring_tasks: Vec::new(),
         tasks,
@@ -70,6 +71,7 @@ fn no_gates() -> Gates {
         max_rel_error: None,
         min_cosine: None,
         min_snr_db: None,
+        ..Gates::default()
     }
 }
 

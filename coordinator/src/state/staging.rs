@@ -57,6 +57,7 @@ impl Coordinator {
             return None;
         }
         let round = match job.phase {
+            Phase::Calibrating => Round::Calibrate,
             Phase::Measuring => Round::Measure,
             _ => Round::Compress,
         };
@@ -79,6 +80,10 @@ impl Coordinator {
         let writes_own_object = match &lease.kind {
             Some(Kind::Compress(task)) => task.write_at.is_none(),
             Some(Kind::Assemble(slice)) => slice.slices == 1 && !slice.hash_only,
+            Some(Kind::Calibrate(step)) => {
+                !lease.output_name.is_empty()
+                    && step.step != shardpress_proto::v1::calibrate_task::Step::Eval as i32
+            }
             Some(Kind::Measure(_)) | None => false,
         };
         if !writes_own_object {

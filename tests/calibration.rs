@@ -1,0 +1,290 @@
+//! Calibrated compression through real processes: GPTQ on a generated Llama, layer by layer
+//! through the object store, with the output identical for any number of workers and when a
+//! worker dies mid-step; the function-space evaluation reported and gated; bad input refused
+//! before anything is written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+const CALIBRATION: &str = "data/calibration.txt";
+const EVALUATION: &str = "data/eval.txt";
+
+fn repo_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
+}
+
+/// `shardpress run` of `recipe` on `model` with the repository's calibration and evaluation
+/// samples (a few of them, to keep the test short).
+fn run_calibrated(
+    model: &Path,
+    out: &Path,
+    recipe: &str,
+    workers: usize,
+    extra: &[&str],
+) -> std::process::Output {
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--workers".into(),
+        workers.to_string(),
+        "--threads".into(),
+        "1".into(),
+        "--model".into(),
+        path(model),
+        "--out".into(),
+        path(out),
+        "--recipe".into(),
+        recipe.into(),
+        "--eval".into(),
+        path(&repo_file(EVALUATION)),
+        "--eval-samples".into(),
+        "16".into(),
+        "--calibration-seq-len".into(),
+        "64".into(),
+    ];
+    if !extra.contains(&"--no-calibration") {
+        args.extend(["--calibration".into(), path(&repo_file(CALIBRATION))]);
+        args.extend(["--calibration-samples".into(), "32".into()]);
+    }
+    args.extend(
+        extra
+            .iter()
+            .filter(|a| **a != "--no-calibration")
+            .map(|a| a.to_string()),
+    );
+    shardpress(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+/// The output's shards and index, without the reports (timings) and the manifest.
+fn deterministic_objects(out: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut objects = manifest_objects(out);
+    objects.remove("report.json");
+    objects.remove("report.html");
+    objects
+}
+
+#[test]
+fn gptq_on_a_generated_llama_beats_rtn_and_is_the_same_for_1_and_3_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let one = dir.path().join("one");
+    let output = run_calibrated(&model, &one, "gptq-w4a16-asym", 1, &[]);
+    assert_success(&output, "gptq with 1 worker");
+    let three = dir.path().join("three");
+    let output = run_calibrated(&model, &three, "gptq-w4a16-asym", 3, &[]);
+    assert_success(&output, "gptq with 3 workers");
+    let message = String::from_utf8_lossy(&output.stdout).into_owned() + &stderr(&output);
+    assert!(message.contains("Linears calibrated"), "{message}");
+    assert_eq!(deterministic_objects(&one), deterministic_objects(&three));
+    // Nothing of the round is left behind.
+    assert!(
+        files_under(&three)
+            .iter()
+            .all(|f| !f.starts_with(".shardpress")),
+        "{:?}",
+        files_under(&three)
+    );
+
+    let gptq = report(&three);
+    let calibration = &gptq["calibration"];
+    let solved = calibration["tensors"].as_array().unwrap();
+    let layers = gptq["layers"].as_array().unwrap().len();
+    assert!(solved.len() >= 7, "{solved:?}");
+    for t in solved {
+        assert!(
+            t["method"]
+                .as_str()
+                .unwrap()
+                .starts_with("gptq int4 asym g128"),
+            "{t}"
+        );
+        assert!(t["rows_seen"].as_u64().unwrap() > 100, "{t}");
+    }
+    // On the calibration inputs, every Linear's output error is below RTN's.
+    let (loss, baseline) = solved.iter().fold((0.0, 0.0), |(l, b), t| {
+        (
+            l + t["proxy_loss"].as_f64().unwrap(),
+            b + t["baseline_proxy_loss"].as_f64().unwrap(),
+        )
+    });
+    assert!(
+        loss < 0.9 * baseline,
+        "gptq {loss} vs rtn {baseline} over {layers} layers"
+    );
+    // The tensors' passes say GPTQ, and the shards hold exactly the codes (the report's
+    // per-tensor error is measured on them).
+    let tensors = gptq["tensors"].as_array().unwrap();
+    let q_proj = tensors
+        .iter()
+        .find(|t| t["name"] == "model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
+    assert!(
+        q_proj["pass"].as_str().unwrap().starts_with("gptq"),
+        "{q_proj}"
+    );
+
+    // The same evaluation of RTN at the same bits: GPTQ's outputs are closer to the original.
+    let rtn = dir.path().join("rtn");
+    let output = run_calibrated(&model, &rtn, "int4-g128-asym", 2, &["--no-calibration"]);
+    assert_success(&output, "rtn with --eval");
+    let rtn = report(&rtn);
+    let kld = |r: &serde_json::Value| r["calibration"]["evaluation"]["mean_kld"].as_f64().unwrap();
+    let top1 = |r: &serde_json::Value| {
+        r["calibration"]["evaluation"]["top1_agreement"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(kld(&gptq) > 0.0 && kld(&rtn) > 0.0);
+    assert!(
+        kld(&gptq) < kld(&rtn),
+        "KL divergence gptq {} vs rtn {}",
+        kld(&gptq),
+        kld(&rtn)
+    );
+    assert!((0.0..=1.0).contains(&top1(&gptq)));
+    let evaluation = &gptq["calibration"]["evaluation"];
+    assert!(
+        evaluation["perplexity_original"].as_f64().unwrap() > 1.0,
+        "{evaluation}"
+    );
+    assert!(evaluation["tokens"].as_u64().unwrap() > 50, "{evaluation}");
+}
+
+#[test]
+fn a_function_space_gate_fails_the_job_without_a_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let recipe = dir.path().join("gated.yaml");
+    std::fs::write(
+        &recipe,
+        "name: gated\npasses:\n  - quantize: { bits: 2, granularity: channel }\n    targets: ['re:.*proj\\.weight$']\ngates: { max_kld: 0.000001 }\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let output = run_calibrated(
+        &model,
+        &out,
+        recipe.to_str().unwrap(),
+        2,
+        &["--no-calibration"],
+    );
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("function-space gate failed"), "{message}");
+    assert!(message.contains("KL divergence"), "{message}");
+    assert!(!out.join("manifest.json").exists());
+    let report = report(&out);
+    assert_eq!(report["gates"]["passed"], false);
+}
+
+#[test]
+fn a_worker_killed_mid_step_leaves_the_output_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let reference = dir.path().join("reference");
+    assert_success(
+        &run_calibrated(&model, &reference, "gptq-w4a16-asym", 2, &[]),
+        "reference run",
+    );
+
+    let mut cluster = TestCluster::start(1.0);
+    // A slow victim: a pause after each tensor it reads, so it is surely mid-step.
+    cluster.add_worker("victim", &["--debug-delay-per-chunk-ms", "300"]);
+    let out = dir.path().join("out");
+    let calibration = repo_file(CALIBRATION);
+    let eval = repo_file(EVALUATION);
+    let mut client = cluster
+        .compress_command(&model, &out, "gptq-w4a16-asym")
+        .args(["--calibration", calibration.to_str().unwrap()])
+        .args(["--calibration-samples", "32", "--calibration-seq-len", "64"])
+        .args(["--eval", eval.to_str().unwrap(), "--eval-samples", "16"])
+        .spawn()
+        .unwrap();
+    cluster.wait_for_log("victim", "task acquired", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.kill_worker("victim");
+    cluster.add_worker("healthy", &[]);
+    let status = client.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(cluster.log_path("coordinator")).unwrap();
+    assert!(
+        log.contains("expired"),
+        "the victim's lease never expired:\n{log}"
+    );
+    assert_eq!(
+        deterministic_objects(&out),
+        deterministic_objects(&reference)
+    );
+}
+
+#[test]
+fn bad_calibration_input_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let refused = |model: &Path, extra: &[&str], expected: &str| {
+        let out = dir.path().join("out");
+        let output = run_calibrated(model, &out, "gptq-w4a16-asym", 1, extra);
+        assert!(!output.status.success(), "{extra:?} was accepted");
+        let message = stderr(&output);
+        assert!(message.contains(expected), "{extra:?}: {message}");
+        assert!(
+            !out.exists() || files_under(&out).is_empty(),
+            "{:?}",
+            files_under(&out)
+        );
+    };
+    // No calibration data for a calibrated recipe.
+    refused(&model, &["--no-calibration"], "needs calibration data");
+    // An empty and a missing calibration file.
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    refused(
+        &model,
+        &["--no-calibration", "--calibration", empty.to_str().unwrap()],
+        "empty.txt",
+    );
+    let missing = dir.path().join("missing.txt");
+    refused(
+        &model,
+        &[
+            "--no-calibration",
+            "--calibration",
+            missing.to_str().unwrap(),
+        ],
+        "missing.txt",
+    );
+    // A model without its tokenizer.
+    let no_tokenizer = dir.path().join("no-tokenizer");
+    copy_model(&model, &no_tokenizer);
+    std::fs::remove_file(no_tokenizer.join("tokenizer.json")).unwrap();
+    refused(&no_tokenizer, &[], "tokenizer.json is missing");
+    // An architecture the forward engine does not know.
+    let unknown = dir.path().join("unknown");
+    copy_model(&model, &unknown);
+    let config = std::fs::read_to_string(unknown.join("config.json")).unwrap();
+    let config = config
+        .replace("\"llama\"", "\"gpt_neox\"")
+        .replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
+    std::fs::write(unknown.join("config.json"), config).unwrap();
+    refused(&unknown, &[], "unknown model architecture");
+}
+
+fn copy_model(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
