@@ -20,10 +20,11 @@
 //! count. (Matrix products run in matrixmultiply's kernels, which it picks per CPU at run
 //! time: an FMA and a non-FMA machine may differ in the last bits.)
 //!
-//! Memory: the factorisations run in f64 on a full `cols × cols` matrix: a 28672-wide
-//! Hessian (a large down_proj) is 6.5 GB in f64, plus a second one of that size for the
-//! inverse factor. A blocked, out-of-core variant is left for later; the accumulator itself
-//! keeps only the upper triangle (3.3 GB for that width).
+//! Memory: the factorisations run in f64 on full `cols × cols` matrices: a 28672-wide
+//! Hessian (a large down_proj) is 6.5 GB in f64, and GPTQ/SparseGPT hold about three such
+//! matrices at their peak (the Hessian, the factor, the inverse factor). A blocked,
+//! out-of-core variant is left for later; the accumulator itself keeps only the upper
+//! triangle (3.3 GB for that width).
 //!
 //! Layout: [`hessian`] (the accumulator and its bytes), [`linalg`] (Cholesky, the inverse
 //! factor, checked dgemm, the proxy loss), [`obs`] (the column sweep with lazy block updates

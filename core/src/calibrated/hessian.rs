@@ -257,3 +257,95 @@ impl HessianAccumulator {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{correlated_inputs, hessian_of};
+    use super::*;
+
+    #[test]
+    fn accumulator_matches_the_definition_and_merges_halves() {
+        let n = 45; // strips of the triangle are 32 rows: a partial one
+        let x = correlated_inputs(600, n, 21);
+        let all = hessian_of(&x, n);
+        let (first, second) = x.split_at(300 * n);
+        let mut merged = hessian_of(first, n);
+        merged.merge(&hessian_of(second, n)).unwrap();
+        assert_eq!(merged.rows_seen(), 600);
+        let (h, hm) = (all.hessian(), merged.hessian());
+        for i in 0..n {
+            for j in 0..n {
+                let want: f64 = 2.0 / 600.0
+                    * x.chunks(n)
+                        .map(|r| f64::from(r[i]) * f64::from(r[j]))
+                        .sum::<f64>();
+                let tol = 1e-12 * (h[i * n + i] * h[j * n + j]).sqrt();
+                assert!((h[i * n + j] - want).abs() <= tol, "({i},{j})");
+                assert!((hm[i * n + j] - want).abs() <= tol, "({i},{j}) merged");
+                assert_eq!(h[i * n + j], h[j * n + i]);
+            }
+        }
+        let norms = all.column_norms();
+        for (j, norm) in norms.iter().enumerate() {
+            let want = x
+                .chunks(n)
+                .map(|r| f64::from(r[j]).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!((norm - want).abs() <= 1e-12 * want);
+        }
+        // Small integers: every sum is exact, so halves + merge equal one pass bit for bit
+        // (more rows than one internal chunk, too).
+        let ints: Vec<f32> = (0..700 * n)
+            .map(|i| ((i * 7919 % 13) as f32) - 6.0)
+            .collect();
+        let once = hessian_of(&ints, n);
+        let mut halves = hessian_of(&ints[..350 * n], n);
+        halves.merge(&hessian_of(&ints[350 * n..], n)).unwrap();
+        assert_eq!(once, halves);
+    }
+
+    #[test]
+    fn accumulator_bytes_round_trip_and_hostile_bytes_are_refused() {
+        let n = 9;
+        let acc = hessian_of(&correlated_inputs(50, n, 2), n);
+        let bytes = acc.to_bytes();
+        assert_eq!(bytes.len(), 28 + n * (n + 1) / 2 * 8);
+        assert_eq!(HessianAccumulator::from_bytes(&bytes).unwrap(), acc);
+        for len in 0..bytes.len() {
+            assert!(
+                matches!(
+                    HessianAccumulator::from_bytes(&bytes[..len]),
+                    Err(CalibratedError::BadBytes(_))
+                ),
+                "truncated to {len}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(HessianAccumulator::from_bytes(&longer).is_err());
+        let patched = |at: usize, with: &[u8]| {
+            let mut b = bytes.clone();
+            b[at..at + with.len()].copy_from_slice(with);
+            HessianAccumulator::from_bytes(&b)
+        };
+        let refused = |r: Result<HessianAccumulator, CalibratedError>, what: &str| match r {
+            Err(CalibratedError::BadBytes(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("{what}: {other:?}"),
+        };
+        refused(patched(0, b"X"), "magic");
+        refused(patched(8, &2u32.to_le_bytes()), "version");
+        // A huge n with few bytes: refused from the length alone, nothing allocated.
+        refused(patched(12, &u64::MAX.to_le_bytes()), "upper triangle");
+        refused(patched(12, &(1u64 << 31).to_le_bytes()), "upper triangle");
+        refused(patched(28, &f64::NAN.to_le_bytes()), "value 0");
+        refused(patched(28 + 8, &f64::INFINITY.to_le_bytes()), "value 1");
+        refused(patched(28, &(-1.0f64).to_le_bytes()), "negative");
+        refused(patched(20, &0u64.to_le_bytes()), "zero rows");
+        let empty = HessianAccumulator::new(3);
+        assert_eq!(
+            HessianAccumulator::from_bytes(&empty.to_bytes()).unwrap(),
+            empty
+        );
+    }
+}
