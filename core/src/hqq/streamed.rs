@@ -227,8 +227,8 @@ impl StreamedHqq {
                     self.start_scoring()
                 } else {
                     (self.best_err, self.best_z) = (err, z);
-                    let next = (totals[0] / self.n as f64) as f32;
-                    self.iterate_or_score(next, beta * self.solver.kappa, done + 1)
+                    let next = self.solver.next_zero(z, totals[0] / self.n as f64);
+                    self.iterate_or_score(next, beta * self.solver.growth(), done + 1)
                 };
             }
             Step::Score { s, z, round } => {
@@ -257,10 +257,10 @@ impl StreamedHqq {
         ((1u32 << self.cfg.bits) - 1) as f32
     }
 
-    /// The next half-quadratic iteration, or the first least-squares round once
-    /// `done` iterations have run.
+    /// The next half-quadratic step, or the first least-squares round once `done` steps
+    /// (see [`Solver::steps`]) have run.
     fn iterate_or_score(&mut self, z: f32, beta: f32, done: usize) -> Step {
-        match done < self.cfg.iterations {
+        match done < self.solver.steps(self.cfg.iterations) {
             true => Step::Iterate { z, beta, done },
             false => self.start_scoring(),
         }

@@ -291,3 +291,117 @@ fn integer_zeros_on_a_grid_never_lose_to_rtn_on_that_grid() {
         assert!(e_int < e_rtn * 0.975, "{e_int} vs rtn {e_rtn}");
     }
 }
+
+/// Groups are solved in batches: a group's result must not depend on its batch (a row alone
+/// or inside the matrix, at any offset), nor on the vector width (baseline or AVX2 copy).
+#[test]
+fn batched_groups_do_not_depend_on_their_batch_or_the_cpu() {
+    let x = sample("student-t3", 24 * 200, 0.05, 13);
+    for cfg in [
+        HqqConfig::new(4, Granularity::Group(64)),
+        HqqConfig {
+            integer_zero: true,
+            scale_dtype: ScaleDtype::Bf16,
+            ..HqqConfig::new(3, Granularity::Group(32))
+        },
+        HqqConfig::new(4, Granularity::Channel),
+    ] {
+        let whole = hqq_codes(&cfg, &x, 200).unwrap();
+        let per_row = whole.groups_per_row();
+        for (r, row) in x.chunks(200).enumerate().step_by(5) {
+            let alone = hqq_codes(&cfg, row, 200).unwrap();
+            assert_eq!(
+                alone.codes,
+                whole.codes[r * 200..(r + 1) * 200],
+                "{cfg:?} row {r}"
+            );
+            assert_eq!(alone.scales, whole.scales[r * per_row..(r + 1) * per_row]);
+            assert_eq!(alone.zeros, whole.zeros[r * per_row..(r + 1) * per_row]);
+        }
+        let baseline = crate::dtype::with_baseline(|| hqq_codes(&cfg, &x, 200).unwrap());
+        assert_eq!(
+            baseline, whole,
+            "{cfg:?}: baseline and dispatched copies differ"
+        );
+    }
+}
+
+/// The batched, over-relaxed solver is at least as accurate as the reference solver (one
+/// group at a time, one reference iteration per step), up to 0.5 %.
+#[test]
+fn batched_solver_error_matches_the_reference() {
+    for dist in ["gaussian", "student-t3"] {
+        let x = sample(dist, 64 * ROW_LEN, 0.02, 17);
+        for cfg in [
+            HqqConfig::new(4, Granularity::Group(64)),
+            HqqConfig::new(3, Granularity::Group(128)),
+            HqqConfig {
+                integer_zero: true,
+                scale_dtype: ScaleDtype::Bf16,
+                ..HqqConfig::new(4, Granularity::Group(128))
+            },
+        ] {
+            let e_new = rel_fro(&x, &dequant(&hqq_codes(&cfg, &x, ROW_LEN).unwrap()));
+            let reference = hqq_codes_unbatched(&cfg, &x, ROW_LEN).unwrap();
+            let e_ref = rel_fro(&x, &dequant(&reference));
+            eprintln!("{dist} {cfg:?}: batched {e_new:.6} reference {e_ref:.6}");
+            assert!(e_new <= e_ref * 1.005, "{dist} {cfg:?}: {e_new} vs {e_ref}");
+        }
+    }
+}
+
+/// MiniLM's 36 Linear weights (`MINILM=path/to/model.safetensors`): hqq4 and integer-zero
+/// error of the batched solver against the reference solver and asymmetric RTN, weighted by
+/// tensor norm as report.json weights them: `MINILM=... cargo test --release -p
+/// shardpress-core --lib hqq::tests::minilm_error -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn minilm_error() {
+    let path = std::env::var("MINILM").expect("MINILM names model.safetensors");
+    let bytes = std::fs::read(path).expect("reads the model");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("a safetensors file");
+    let hqq4 = HqqConfig::new(4, Granularity::Group(64));
+    let int_zero = HqqConfig {
+        integer_zero: true,
+        scale_dtype: ScaleDtype::Bf16,
+        ..HqqConfig::new(4, Granularity::Group(128))
+    };
+    // [err^2 new, err^2 reference, err^2 rtn] per config, and the squared norm.
+    let mut sums = [[0f64; 3]; 2];
+    let mut norm = 0f64;
+    let mut count = 0;
+    for (name, view) in st.tensors() {
+        let linear = name.contains("encoder.layer") && name.ends_with(".weight");
+        if !linear || view.shape().len() != 2 || view.dtype() != safetensors::Dtype::F32 {
+            continue;
+        }
+        count += 1;
+        let x: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let row_len = view.shape()[1];
+        let n2: f64 = x.iter().map(|&v| f64::from(v).powi(2)).sum();
+        norm += n2;
+        for (i, cfg) in [hqq4, int_zero].iter().enumerate() {
+            let new = dequant(&hqq_codes(cfg, &x, row_len).unwrap());
+            let reference = dequant(&hqq_codes_unbatched(cfg, &x, row_len).unwrap());
+            let g = cfg.granularity;
+            let r = rtn(4, false, g, &x, row_len);
+            sums[i][0] += sq_err(&x, &new);
+            sums[i][1] += sq_err(&x, &reference);
+            sums[i][2] += sq_err(&x, &r);
+        }
+    }
+    assert_eq!(count, 36, "MiniLM has 6 layers x 6 Linear weights");
+    for (name, s) in ["hqq4 g64", "hqq4 g128 integer zero"].iter().zip(sums) {
+        let [new, reference, rtn] = s.map(|e| (e / norm).sqrt());
+        eprintln!(
+            "MiniLM {name}: batched {new:.6}, reference {reference:.6} ({:+.3} %), rtn asym \
+             {rtn:.6}",
+            100.0 * (new / reference - 1.0)
+        );
+        assert!(new <= reference * 1.005 && new < rtn, "{name}");
+    }
+}
