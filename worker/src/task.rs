@@ -815,6 +815,23 @@ async fn decode_chunk(
     })
 }
 
+/// A whole tensor's bytes as passes see them (FP8 with scales and packed codes decoded to
+/// BF16), read in one range.
+pub async fn read_tensor(
+    model: &StoreLocation,
+    tensor: &PlannedTensor,
+) -> Result<Bytes, TaskError> {
+    let whole = std::iter::once(tensor.data_start..tensor.data_end).collect();
+    let mut chunks = read_ahead(model, tensor, whole);
+    match chunks.recv().await {
+        Some(chunk) => Ok(chunk?.values),
+        None => Err(TaskError::BadTensor {
+            tensor: tensor.name.clone(),
+            reason: "nothing was read".into(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -850,21 +867,5 @@ mod tests {
             "{no_work}"
         );
         assert!(!no_work.is_retryable());
-    }
-}
-
-/// A whole tensor's bytes as passes see them (FP8 with scales and packed codes decoded to
-/// BF16), read in one range.
-pub async fn read_tensor(
-    model: &StoreLocation,
-    tensor: &PlannedTensor,
-) -> Result<Bytes, TaskError> {
-    let mut chunks = read_ahead(model, tensor, vec![tensor.data_start..tensor.data_end]);
-    match chunks.recv().await {
-        Some(chunk) => Ok(chunk?.values),
-        None => Err(TaskError::BadTensor {
-            tensor: tensor.name.clone(),
-            reason: "nothing was read".into(),
-        }),
     }
 }
