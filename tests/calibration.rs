@@ -241,6 +241,86 @@ fn a_worker_killed_mid_step_leaves_the_output_unchanged() {
 }
 
 #[test]
+fn a_coordinator_killed_mid_calibration_resumes_without_redoing_finished_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let reference = dir.path().join("reference");
+    assert_success(
+        &run_calibrated(
+            &model,
+            &reference,
+            "gptq-w4a16-asym",
+            2,
+            &["--task-budget-mb", "1"],
+        ),
+        "reference run",
+    );
+    let mut cluster = TestCluster::start(5.0);
+    for name in ["a", "b"] {
+        cluster.add_worker(name, &["--debug-delay-per-chunk-ms", "100"]);
+    }
+    let out = cluster.dir.path().join("out");
+    let calibration = repo_file(CALIBRATION);
+    let eval = repo_file(EVALUATION);
+    let compress = |cluster: &TestCluster| {
+        let mut command = cluster.compress_command(&model, &out, "gptq-w4a16-asym");
+        command
+            .args(["--calibration", calibration.to_str().unwrap()])
+            .args(["--calibration-samples", "32", "--calibration-seq-len", "64"])
+            .args(["--eval", eval.to_str().unwrap(), "--eval-samples", "16"]);
+        command
+    };
+    let mut first = compress(&cluster)
+        .args(["--reconnect-secs", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill the coordinator once a few calibration steps are journaled.
+    let done = out.join(".shardpress/done");
+    let started = std::time::Instant::now();
+    let steps_done = || {
+        std::fs::read_dir(&done).map_or(0, |d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("k-"))
+            })
+            .count()
+        })
+    };
+    while steps_done() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no step was journaled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.kill_coordinator();
+    let finished_before = steps_done();
+    assert!(!first.wait().unwrap().success());
+    cluster.restart_coordinator(&["--lease-ttl-secs", "5"]);
+    let again = compress(&cluster).output().unwrap();
+    assert_success(&again, "the calibrated job submitted again");
+    assert!(stderr(&again).contains("resuming:"), "{}", stderr(&again));
+    assert_same_objects(&out, &reference);
+    assert!(
+        !out.join(".shardpress").exists(),
+        "the journal outlived the job"
+    );
+    // The steps finished before the kill were not leased again.
+    let log = std::fs::read_to_string(cluster.log_path("coordinator-2")).unwrap();
+    let leased = log.lines().filter(|l| l.contains("task leased")).count();
+    let report = report(&out);
+    let steps = report["calibration"]["steps"].as_u64().unwrap() as usize;
+    let compressing = report["tasks"].as_array().unwrap().len();
+    assert!(
+        leased <= steps + compressing - finished_before,
+        "{leased} leases after the restart for {steps} steps ({finished_before} done before) and {compressing} tasks"
+    );
+}
+
+#[test]
 fn bad_calibration_input_is_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");

@@ -312,7 +312,7 @@ pub async fn submit(
     let journal_seconds = journal_read.elapsed().as_secs_f64();
     let resumed_tasks = restored
         .iter()
-        .filter(|r| r.round == Round::Compress)
+        .filter(|r| r.round != Round::Measure)
         .count() as u32;
     tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,
         bytes = total_bytes, recipe = %spec.recipe.describe(), resumed_tasks, journal_seconds,
