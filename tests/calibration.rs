@@ -166,6 +166,36 @@ fn gptq_on_a_generated_llama_beats_rtn_and_is_the_same_for_1_and_3_workers() {
         "{evaluation}"
     );
     assert!(evaluation["tokens"].as_u64().unwrap() > 50, "{evaluation}");
+
+    // `shardpress eval`, in one process on the written files, finds what the job reported.
+    let json = dir.path().join("eval.json");
+    let output = shardpress(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--compressed",
+        three.to_str().unwrap(),
+        "--data",
+        repo_file(EVALUATION).to_str().unwrap(),
+        "--samples",
+        "16",
+        "--seq-len",
+        "64",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_success(&output, "shardpress eval");
+    let alone: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for key in ["mean_kld", "top1_agreement", "perplexity_compressed"] {
+        let (a, b) = (
+            alone[key].as_f64().unwrap(),
+            evaluation[key].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+            "{key}: eval {a}, job {b}"
+        );
+    }
 }
 
 #[test]

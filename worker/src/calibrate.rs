@@ -479,7 +479,16 @@ async fn compressed_weights(
                 tensor: step.out.describe(object),
                 reason: e.to_string(),
             })?;
-            let data = solved.weights();
+            // As the output holds them: in the tensor's dtype (a BF16 model's dequantized
+            // weights are BF16 on disk, and BF16 where it is served).
+            let mut data = solved.weights();
+            let mut bytes = vec![0u8; data.len() * tensor.dtype.size_bytes()];
+            shardpress_core::dtype::encode_from_f32(tensor.dtype, &data, &mut bytes)
+                .and_then(|()| decode_to_f32(tensor.dtype, &bytes, &mut data))
+                .map_err(|e| TaskError::BadTensor {
+                    tensor: tensor.name.clone(),
+                    reason: e.to_string(),
+                })?;
             if data.len() != rows * cols {
                 return Err(TaskError::BadTensor {
                     tensor: step.out.describe(object),
