@@ -361,7 +361,8 @@ pub struct Calibration {
 }
 
 impl Calibration {
-    /// The compressing round's task slot plans for the round's steps.
+    /// The round's steps as the job's tasks: each with the model tensors it reads and the
+    /// object it writes.
     pub fn step_tasks(&self) -> Vec<PlannedTask> {
         (self.plan.steps.iter().enumerate())
             .map(|(index, step)| {

@@ -389,8 +389,12 @@ impl Job {
             return;
         };
         self.spec.calibrated = Some(outcome);
+        // Steps still running (none, unless the round ended by a restored journal) commit
+        // nothing now.
         for slot in &mut self.tasks {
-            self.discarded.extend(slot.staged.take());
+            if !matches!(slot.status, TaskStatus::Done) {
+                self.discarded.extend(slot.staged.take());
+            }
         }
         // Attempt numbers go on past the round's, so no step's attempt can pass for a
         // compressing task's.
