@@ -357,6 +357,7 @@ async fn solve(
         .calibrated
         .ok_or_else(|| bad_lease(format!("the recipe calibrates no pass of {}", tensor.name)))?;
     let weight = read_matrix(&step.store, tensor, ctx).await?;
+    let described_plan = plan.clone();
     let name = tensor.name.clone();
     let rows_seen = hessian.rows_seen();
     let (solved, stats) = cpu::run(move || solve_matrix(&plan, method, &weight, &hessian))
@@ -367,15 +368,7 @@ async fn solve(
             message,
         })?;
     let described = {
-        let mut plan = TensorPlan::for_output(
-            &step.recipe,
-            step.format,
-            &step.facts,
-            &tensor.name,
-            tensor.dtype,
-            &tensor.shape,
-        )
-        .map_err(|e| bad_lease(e.to_string()))?;
+        let mut plan = described_plan;
         plan.fixed_values = Some(shardpress_core::stream::FixedValues::Solved {
             solved: Arc::new(solved.clone()),
             first_row: 0,
