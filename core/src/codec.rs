@@ -133,11 +133,26 @@ pub struct TensorPlan {
 
 impl TensorPlan {
     /// The plan for `name` under `recipe`, or why the recipe's passes cannot be combined on it.
+    /// A width the recipe's mixed precision chose for the tensor replaces its quantizing
+    /// pass's.
     pub fn for_tensor(
         recipe: &Recipe,
         name: &str,
         dtype: DType,
         shape: &[u64],
+    ) -> Result<TensorPlan, PlanError> {
+        let chosen = (recipe.mixed_precision.as_ref()).and_then(|m| m.chosen.get(name).copied());
+        TensorPlan::for_tensor_at(recipe, name, dtype, shape, chosen)
+    }
+
+    /// [`Self::for_tensor`] with the quantizing pass at `bits` wide (`None`: as the recipe
+    /// says).
+    fn for_tensor_at(
+        recipe: &Recipe,
+        name: &str,
+        dtype: DType,
+        shape: &[u64],
+        bits: Option<u8>,
     ) -> Result<TensorPlan, PlanError> {
         let chosen = || {
             (recipe.passes.iter().enumerate())
@@ -219,9 +234,13 @@ impl TensorPlan {
                 )));
             }
         }
+        let values = values.map(|(_, v)| match bits.and_then(|b| v.with_bits(b)) {
+            Some(narrowed) => narrowed,
+            None => v.clone(),
+        });
         Ok(TensorPlan {
             structure: structure.map(|(_, s)| s),
-            values: values.map(|(_, v)| v.clone()),
+            values,
             note: String::new(),
             global_cut: None,
             gguf: None,
@@ -243,7 +262,20 @@ impl TensorPlan {
         dtype: DType,
         shape: &[u64],
     ) -> Result<TensorPlan, PlanError> {
-        let mut plan = TensorPlan::for_tensor(recipe, name, dtype, shape)?;
+        let chosen = (recipe.mixed_precision.as_ref()).and_then(|m| m.chosen.get(name).copied());
+        TensorPlan::for_output_at(recipe, format, model, (name, dtype, shape), chosen)
+    }
+
+    /// [`Self::for_output`] with the quantizing pass at `bits` wide (`None`: as the recipe
+    /// says): one of a mixed-precision job's candidates.
+    pub fn for_output_at(
+        recipe: &Recipe,
+        format: crate::format::OutputFormat,
+        model: &crate::format::ModelFacts,
+        (name, dtype, shape): (&str, DType, &[u64]),
+        bits: Option<u8>,
+    ) -> Result<TensorPlan, PlanError> {
+        let mut plan = TensorPlan::for_tensor_at(recipe, name, dtype, shape, bits)?;
         plan.keep_non_finite_rows = recipe.keep_non_finite_rows && !plan.is_identity();
         if let Some(PassKind::Ggml { file_type, ty }) = plan.values.as_mut() {
             *ty = Some(crate::format::gguf::resolve_type(
@@ -253,6 +285,14 @@ impl TensorPlan {
         let tensor = crate::format::TensorDesc { name, dtype, shape };
         format.spec().adapt_plan(tensor, &mut plan, model)?;
         Ok(plan)
+    }
+
+    /// True when the plan's values stage is a quantizing pass whose width a recipe's mixed
+    /// precision chooses.
+    pub fn has_width(&self) -> bool {
+        self.values
+            .as_ref()
+            .is_some_and(|v| v.with_bits(4).is_some())
     }
 
     /// True for a magnitude prune against a global target, which needs [`Self::global_cut`].

@@ -24,6 +24,7 @@
 //!   `stream::solver` solves low-rank, per-tensor HQQ and hashed sharing over streamed passes.
 //! - [`calibrated`]: calibrated methods from a Linear's input Hessian (GPTQ, AWQ-style range
 //!   search, SparseGPT, Wanda) and the Hessian accumulator the workers fill.
+//! - [`precision`]: mixed precision to a bit budget (each quantized tensor's width).
 //! - [`memory`]: what a tensor's pass needs in memory (for worker limits and task routing).
 
 pub mod calibrated;
@@ -43,6 +44,7 @@ pub mod lowrank;
 pub mod memory;
 pub mod metrics;
 pub mod plan;
+pub mod precision;
 pub mod prune;
 pub mod quantize;
 pub mod recipe;

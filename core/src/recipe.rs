@@ -26,8 +26,44 @@ pub struct Recipe {
     /// (the tensor's other rows compressed) instead of failing the job; only outputs that can
     /// hold values in the input dtype (`--format safetensors`, `spz`) can store them.
     pub keep_non_finite_rows: bool,
+    /// Mixed precision to a bit budget (see [`crate::precision`]): the bit widths the
+    /// quantizing passes may use per tensor, the average to meet, and once the job has
+    /// measured them, each tensor's choice.
+    pub mixed_precision: Option<MixedPrecision>,
     /// The YAML this recipe was parsed from (shipped to workers verbatim).
     pub source_yaml: String,
+}
+
+/// `mixed_precision:` of a recipe: the quantizing passes' tensors get one of `candidates`
+/// bit widths each (their granularity, symmetry and method unchanged), chosen so that the
+/// tensors together store at most `target_bpw` bits per weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixedPrecision {
+    pub target_bpw: f64,
+    /// The widths to choose from; `None`: [`MixedPrecision::default_candidates`].
+    pub candidates: Option<Vec<u8>>,
+    /// Tensor name -> its width: what the job's measuring round chose (written into the
+    /// recipe the job's later rounds run, and into the output's report). A tensor not
+    /// listed keeps its pass's width.
+    pub chosen: std::collections::BTreeMap<String, u8>,
+}
+
+impl MixedPrecision {
+    /// The widths tried when a recipe names none: what `format` can store (compressed-tensors'
+    /// pack-quantized holds 4 and 8 bits; the other formats any width from 2 to 8).
+    pub fn default_candidates(format: OutputFormat) -> Vec<u8> {
+        match format {
+            OutputFormat::CompressedTensors => vec![4, 8],
+            _ => vec![3, 4, 5, 6, 8],
+        }
+    }
+
+    /// The widths to choose from for an output in `format`.
+    pub fn candidates_for(&self, format: OutputFormat) -> Vec<u8> {
+        self.candidates
+            .clone()
+            .unwrap_or_else(|| MixedPrecision::default_candidates(format))
+    }
 }
 
 /// One pass and the tensors it applies to.
@@ -457,6 +493,16 @@ impl PassKind {
         }
     }
 
+    /// This quantizing pass at `bits` wide (RTN and HQQ; a calibrated method's pass is its
+    /// RTN form); `None` for passes without a bit width to choose.
+    pub fn with_bits(&self, bits: u8) -> Option<PassKind> {
+        match self {
+            PassKind::Quantize(q) => Some(PassKind::Quantize(QuantizeConfig { bits, ..*q })),
+            PassKind::Hqq(h) => Some(PassKind::Hqq(crate::hqq::HqqConfig { bits, ..*h })),
+            _ => None,
+        }
+    }
+
     /// True for pruning passes (the structure stage).
     pub fn is_structure(&self) -> bool {
         matches!(self, PassKind::Prune(_))
@@ -506,6 +552,18 @@ struct RawRecipe {
     share: Option<RawShare>,
     #[serde(default)]
     non_finite: Option<NonFinite>,
+    #[serde(default)]
+    mixed_precision: Option<RawMixedPrecision>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMixedPrecision {
+    target_bpw: f64,
+    #[serde(default)]
+    candidates: Option<Vec<u8>>,
+    #[serde(default)]
+    chosen: std::collections::BTreeMap<String, u8>,
 }
 
 /// What a job does with NaN and infinite weights in a tensor it compresses.
@@ -544,6 +602,84 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> RecipeError {
 
 mod passes;
 use passes::RawPass;
+
+fn convert_mixed_precision(
+    raw: RawMixedPrecision,
+    passes: &[PassSpec],
+) -> Result<MixedPrecision, RecipeError> {
+    let target = raw.target_bpw;
+    if !(target.is_finite() && target > 0.0 && target <= 32.0) {
+        return Err(invalid(
+            "mixed_precision.target_bpw",
+            format!("{target} must be a number of bits per weight in (0, 32]"),
+        ));
+    }
+    if !passes.iter().any(|p| p.kind.with_bits(4).is_some()) {
+        return Err(invalid(
+            "mixed_precision",
+            "needs a quantize pass (rtn, hqq, gptq or awq) whose width it chooses per tensor",
+        ));
+    }
+    let width = |field: String, bits: u8| {
+        if (2..=8).contains(&bits) {
+            Ok(bits)
+        } else {
+            Err(invalid(field, format!("{bits} is outside 2..=8")))
+        }
+    };
+    if let Some(candidates) = &raw.candidates {
+        if candidates.is_empty() {
+            return Err(invalid(
+                "mixed_precision.candidates",
+                "lists no width (leave it out for the format's default)",
+            ));
+        }
+        for (i, &bits) in candidates.iter().enumerate() {
+            width(format!("mixed_precision.candidates[{i}]"), bits)?;
+            if candidates[..i].contains(&bits) {
+                return Err(invalid(
+                    format!("mixed_precision.candidates[{i}]"),
+                    format!("{bits} is listed twice"),
+                ));
+            }
+        }
+    }
+    for (name, &bits) in &raw.chosen {
+        width(format!("mixed_precision.chosen[{name:?}]"), bits)?;
+    }
+    Ok(MixedPrecision {
+        target_bpw: target,
+        candidates: raw.candidates,
+        chosen: raw.chosen,
+    })
+}
+
+/// Parses `yaml`, lets `edit` change its `mixed_precision` mapping (created if absent), and
+/// writes it back.
+fn edit_mixed_precision(
+    yaml: &str,
+    edit: impl FnOnce(&mut serde_norway::Mapping),
+) -> Result<String, RecipeError> {
+    check_recipe_shape(yaml)?;
+    let yaml_error = |e: serde_norway::Error| RecipeError::Yaml {
+        message: e.to_string(),
+        line: e.location().map(|l| l.line()),
+        column: e.location().map(|l| l.column()),
+    };
+    let mut document: serde_norway::Value = serde_norway::from_str(yaml).map_err(yaml_error)?;
+    let root = document
+        .as_mapping_mut()
+        .ok_or_else(|| invalid("(the recipe)", "is not a mapping of fields"))?;
+    let key = serde_norway::Value::from("mixed_precision");
+    let section = root
+        .entry(key)
+        .or_insert_with(|| serde_norway::Value::Mapping(Default::default()));
+    let section = section
+        .as_mapping_mut()
+        .ok_or_else(|| invalid("mixed_precision", "is not a mapping of fields"))?;
+    edit(section);
+    serde_norway::to_string(&document).map_err(yaml_error)
+}
 
 fn convert_gates(raw: Option<RawGates>) -> Result<Gates, RecipeError> {
     let Some(raw) = raw else {
@@ -714,6 +850,10 @@ impl Recipe {
             }
             share => share.map(|s| s.cosine),
         };
+        let mixed_precision = match raw.mixed_precision {
+            Some(raw) => Some(convert_mixed_precision(raw, &passes)?),
+            None => None,
+        };
         Ok(Recipe {
             name: raw.name.unwrap_or_else(|| "custom".to_owned()),
             format,
@@ -721,8 +861,41 @@ impl Recipe {
             gates: convert_gates(raw.gates)?,
             share_cosine,
             keep_non_finite_rows: raw.non_finite == Some(NonFinite::Keep),
+            mixed_precision,
             source_yaml: yaml.to_owned(),
         })
+    }
+
+    /// `yaml` with `mixed_precision.target_bpw` set to `target_bpw` (the CLI's
+    /// `--target-bpw`), checked by parsing the result.
+    pub fn with_target_bpw(yaml: &str, target_bpw: f64) -> Result<String, RecipeError> {
+        let edited = edit_mixed_precision(yaml, |section| {
+            section.insert("target_bpw".into(), target_bpw.into());
+        })?;
+        Recipe::from_yaml(&edited)?;
+        Ok(edited)
+    }
+
+    /// This recipe with `mixed_precision.chosen` set to `bits` (the measuring round's choice).
+    pub fn with_chosen_bits(
+        &self,
+        bits: &std::collections::BTreeMap<String, u8>,
+    ) -> Result<Recipe, RecipeError> {
+        let edited = edit_mixed_precision(&self.source_yaml, |section| {
+            let chosen: serde_norway::Mapping = (bits.iter())
+                .map(|(name, &b)| (name.as_str().into(), u64::from(b).into()))
+                .collect();
+            section.insert("chosen".into(), serde_norway::Value::Mapping(chosen));
+        })?;
+        Recipe::from_yaml(&edited)
+    }
+
+    /// True when the job must measure its quantized tensors' candidate widths before it
+    /// compresses: the recipe has a bit budget and no choice yet.
+    pub fn needs_precision_choice(&self) -> bool {
+        self.mixed_precision
+            .as_ref()
+            .is_some_and(|m| m.chosen.is_empty())
     }
 
     /// The sparsity of the recipe's global magnitude prune, if it has one: such a job first

@@ -435,3 +435,83 @@ fn function_space_gates_are_validated() {
         assert!(Recipe::from_yaml(&yaml).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn mixed_precision_is_validated_and_its_choice_applies_per_tensor() {
+    let base = Recipe::preset("gptq-w4a16-asym").unwrap();
+    let yaml = Recipe::with_target_bpw(&base.source_yaml, 4.5).unwrap();
+    let r = Recipe::from_yaml(&yaml).unwrap();
+    let mixed = r.mixed_precision.clone().unwrap();
+    assert_eq!(mixed.target_bpw, 4.5);
+    assert!(r.needs_precision_choice());
+    assert_eq!(
+        mixed.candidates_for(OutputFormat::CompressedTensors),
+        vec![4, 8]
+    );
+    // The choice goes into the recipe and into every plan made from it.
+    let name = "model.layers.0.mlp.down_proj.weight";
+    let chosen = [(name.to_string(), 8u8)].into_iter().collect();
+    let resolved = r.with_chosen_bits(&chosen).unwrap();
+    assert!(!resolved.needs_precision_choice());
+    assert_eq!(resolved.name, "gptq-w4a16-asym");
+    let width = |recipe: &Recipe, tensor: &str| {
+        let plan = crate::codec::TensorPlan::for_tensor(
+            recipe,
+            tensor,
+            crate::dtype::DType::BF16,
+            &[8, 128],
+        )
+        .unwrap();
+        match plan.values {
+            Some(PassKind::Quantize(q)) => q.bits,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(width(&resolved, name), 8);
+    assert_eq!(width(&resolved, "model.layers.0.mlp.up_proj.weight"), 4);
+    assert_eq!(width(&r, name), 4);
+    // The calibrated method stays.
+    assert!(resolved.calibrated_for(name).is_some());
+
+    let pass = "passes:\n  - quantize: { bits: 4, granularity: group, group_size: 64 }\n    targets: ['re:.*']\n";
+    let bad = [
+        (
+            "mixed_precision: { target_bpw: 0 }",
+            "mixed_precision.target_bpw",
+        ),
+        (
+            "mixed_precision: { target_bpw: .nan }",
+            "mixed_precision.target_bpw",
+        ),
+        (
+            "mixed_precision: { target_bpw: 4.5, candidates: [] }",
+            "mixed_precision.candidates",
+        ),
+        (
+            "mixed_precision: { target_bpw: 4.5, candidates: [4, 9] }",
+            "mixed_precision.candidates[1]",
+        ),
+        (
+            "mixed_precision: { target_bpw: 4.5, candidates: [4, 4] }",
+            "mixed_precision.candidates[1]",
+        ),
+        (
+            "mixed_precision: { target_bpw: 4.5, chosen: { a: 1 } }",
+            "mixed_precision.chosen",
+        ),
+        (
+            "mixed_precision: { target_bpw: 4.5, budget: 3 }",
+            "unknown field",
+        ),
+    ];
+    for (section, field) in bad {
+        let err = Recipe::from_yaml(&format!("{pass}{section}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{section}: {err}");
+    }
+    let prune_only = "passes:\n  - prune: { method: nm, n: 2, m: 4 }\n    targets: ['re:.*']\nmixed_precision: { target_bpw: 4 }\n";
+    let err = Recipe::from_yaml(prune_only).unwrap_err().to_string();
+    assert!(err.contains("needs a quantize pass"), "{err}");
+    assert!(Recipe::with_target_bpw(pass, -1.0).is_err());
+}
