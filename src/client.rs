@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use shardpress_core::recipe::Recipe;
 use shardpress_proto::transport::{AuthChannel, ClientSecurity};
 use shardpress_proto::v1::{
     CancelJobRequest, GetJobRequest, JobState, JobStatus, ListJobsRequest, SubmitJobRequest,
@@ -81,6 +82,17 @@ pub struct JobArgs {
     /// How many samples of --eval to use (the first N). Default: 256.
     #[arg(long, value_name = "N")]
     pub eval_samples: Option<u32>,
+    /// Mixed precision to a bit budget: every tensor the recipe quantizes gets its own width
+    /// (3, 4, 5, 6 or 8 bits; 4 or 8 for compressed-tensors; a recipe's
+    /// `mixed_precision.candidates` names others) so that together they store at most this
+    /// many bits per weight (scales and zero points included) with the least predicted
+    /// error. The job first encodes every tensor at every candidate width (a measuring
+    /// round), weighs each width's relative weight error against its bits, then compresses
+    /// (with a calibrated recipe: calibrates each tensor at its chosen width).
+    /// report.json's `mixed_precision` lists every tensor's width. Sets the recipe's
+    /// `mixed_precision.target_bpw`.
+    #[arg(long, value_name = "BITS")]
+    pub target_bpw: Option<f64>,
 }
 
 /// Which coordinator to talk to, and how.
@@ -290,7 +302,11 @@ pub async fn submit(client: &mut JobClient, job: &JobArgs) -> anyhow::Result<Str
     let request = SubmitJobRequest {
         model_url: resolved_here(&job.model)?,
         out_url: resolved_here(&job.out)?,
-        recipe_yaml: load_recipe(&job.recipe)?,
+        recipe_yaml: match job.target_bpw {
+            None => load_recipe(&job.recipe)?,
+            Some(bpw) => Recipe::with_target_bpw(&load_recipe(&job.recipe)?, bpw)
+                .map_err(|e| crate::BadRequest(format!("--target-bpw {bpw}: {e}")))?,
+        },
         task_budget_bytes: job.task_budget_mb * 1024 * 1024,
         format: job.format.clone().unwrap_or_default(),
         max_file_bytes: job.max_file_mb.map_or(0, |mb| mb.saturating_mul(1_000_000)),

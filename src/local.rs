@@ -357,6 +357,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             calibration_seq_len: None,
             eval: None,
             eval_samples: None,
+            target_bpw: None,
         },
         workers: args.workers,
         threads: 0,

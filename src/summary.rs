@@ -65,6 +65,24 @@ pub fn print_summary(report: &Value) {
             100.0 * num(g, "target_sparsity")
         );
     }
+    if let Some(m) = report.get("mixed_precision").filter(|m| m.is_object()) {
+        let widths: Vec<String> = (m["widths"].as_object().into_iter().flatten())
+            .rev()
+            .map(|(bits, count)| format!("{bits}-bit x{}", count.as_u64().unwrap_or(0)))
+            .collect();
+        say!(
+            "mixed prec.  {:.4} bits/weight stored on the quantized tensors (target {}): {}",
+            num(m, "bits_per_weight"),
+            num(m, "target_bpw"),
+            widths.join(", ")
+        );
+        say!(
+            "             predicted error (sum of squared relative errors) {:.4e}, {:.4e} at the narrowest width ({:.4} bits/weight)",
+            num(m, "predicted_error"),
+            num(m, "narrowest_error"),
+            num(m, "narrowest_bits_per_weight")
+        );
+    }
     if let Some(c) = report.get("calibration").filter(|c| c.is_object()) {
         print_calibration(c);
     }

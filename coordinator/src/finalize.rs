@@ -44,11 +44,12 @@ use shardpress_core::similarity;
 use shardpress_core::spz::{self, SpzBlob, SpzFile, SpzIndex, SpzTensor};
 use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, PartRange};
 
-use crate::job::{JobSpec, Measured, Phase, TaskSlot};
+use crate::job::{JobSpec, Measured, MeasuredPrecision, Phase, TaskSlot};
 use crate::report::{build_report, Report, TaskReport};
 use crate::signing::{KeyId, SigningKey, SIGNATURE_NAME};
 use crate::state::Snapshot;
 use crate::Coordinator;
+use shardpress_core::precision::{self, Candidate, TensorCandidates};
 
 pub use crate::verify::verify;
 
@@ -214,9 +215,31 @@ pub async fn advance(coordinator: &Arc<Coordinator>, job_id: &str) {
     }
     if phase == Phase::Measuring {
         let measured = conclude_measuring(&spec, &tasks, started, &names);
+        let recipe = match &measured.precision {
+            None => Ok(None),
+            Some(p) => (p.choice.as_ref())
+                .map_err(|e| format!("mixed precision: {e}"))
+                .and_then(|choice| {
+                    let recipe = spec.recipe.with_chosen_bits(&choice.bits);
+                    recipe
+                        .map(Some)
+                        .map_err(|e| format!("mixed precision: {e}"))
+                }),
+        };
+        let recipe = match recipe {
+            Ok(recipe) => recipe,
+            Err(message) => {
+                tracing::warn!(job = %job_id, "{message}");
+                coordinator.set_outcome(job_id, JobState::Failed, message, String::new());
+                return;
+            }
+        };
         tracing::info!(job = %job_id, cut = ?measured.cut, sparsity = measured.pruned_fraction,
-            share_candidates = measured.share_candidates.len(), "measured; compressing");
-        coordinator.start_compression(job_id, measured);
+            share_candidates = measured.share_candidates.len(),
+            precision = ?measured.precision.as_ref().and_then(|p| p.choice.as_ref().ok())
+                .map(|c| c.bits_per_weight),
+            "measured; compressing");
+        coordinator.start_compression(job_id, measured, recipe);
         return;
     }
     let wall = started.elapsed().as_secs_f64();
@@ -484,6 +507,24 @@ fn conclude_measuring(
         } else {
             dropped / params as f64
         };
+    }
+    if let Some(mixed) = spec.recipe.mixed_precision.as_ref() {
+        let tensors: Vec<TensorCandidates> = (reports.iter())
+            .flat_map(|r| &r.precision)
+            .map(|t| TensorCandidates {
+                name: t.name.clone(),
+                params: t.params,
+                candidates: (t.candidates.iter())
+                    .map(|c| Candidate {
+                        bits: c.bits.min(u32::from(u8::MAX)) as u8,
+                        bits_per_weight: c.bits_per_weight,
+                        rel_error_sq: c.rel_error_sq,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let choice = precision::choose(&tensors, mixed.target_bpw);
+        measured.precision = Some(MeasuredPrecision { tensors, choice });
     }
     if let Some(threshold) = spec.recipe.share_cosine {
         let planned: HashMap<&str, &PlannedTensor> = tasks

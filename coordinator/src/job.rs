@@ -62,12 +62,25 @@ pub struct Measured {
     pub share_candidates: HashMap<String, PlannedTensor>,
     /// The round's tasks as the report lists them (the compressing round reuses the slots).
     pub tasks: Vec<crate::report::TaskReport>,
+    /// Mixed precision: every quantized tensor's measured candidates, and the choice.
+    pub precision: Option<MeasuredPrecision>,
+}
+
+/// What the measuring round found for a recipe's mixed precision.
+#[derive(Debug, Clone)]
+pub struct MeasuredPrecision {
+    pub tensors: Vec<shardpress_core::precision::TensorCandidates>,
+    /// The widths chosen, or why no choice meets the budget (the job fails with it).
+    pub choice:
+        Result<shardpress_core::precision::Choice, shardpress_core::precision::PrecisionError>,
 }
 
 impl JobSpec {
     /// True while the job's tasks only measure (see [`JobSpec::measured`]).
     pub fn measuring(&self) -> bool {
-        let needs = self.recipe.global_sparsity().is_some() || self.recipe.share_cosine.is_some();
+        let needs = self.recipe.global_sparsity().is_some()
+            || self.recipe.share_cosine.is_some()
+            || self.recipe.needs_precision_choice();
         needs && self.measured.is_none()
     }
 
@@ -255,32 +268,19 @@ pub struct Job {
 
 impl Job {
     pub fn new(id: String, spec: JobSpec, plan: Vec<PlannedTask>, now: Instant) -> Self {
-        let (tasks, phase, message) = match &spec.calibration {
-            Some(calibration) if spec.calibrating() => {
-                let steps = calibration.step_tasks().into_iter();
-                let tasks = (steps.zip(&calibration.plan.steps))
-                    .map(|(plan, step)| TaskSlot {
-                        deps: step.deps.clone(),
-                        ..TaskSlot::pending(plan, None)
-                    })
-                    .collect();
-                let message = format!(
-                    "round 1 of 2: calibrating layer by layer ({} steps)",
-                    calibration.plan.steps.len()
-                );
-                (tasks, Phase::Calibrating, message)
+        let (tasks, phase) = match &spec.calibration {
+            Some(calibration) if spec.calibrating() && !spec.measuring() => {
+                (calibration_slots(calibration), Phase::Calibrating)
             }
             _ => {
-                let (phase, message) = match spec.measuring() {
-                    true => (
-                        Phase::Measuring,
-                        "round 1 of 2: measuring (magnitudes, sketches)".to_string(),
-                    ),
-                    false => (Phase::Compressing, String::new()),
+                let phase = match spec.measuring() {
+                    true => Phase::Measuring,
+                    false => Phase::Compressing,
                 };
-                (compressing_slots(&spec, plan), phase, message)
+                (compressing_slots(&spec, plan), phase)
             }
         };
+        let message = round_message(&spec, phase);
         Self {
             id,
             spec,
@@ -298,16 +298,21 @@ impl Job {
     }
 
     /// Marks a task finished with the result an earlier run of this job recorded (see
-    /// [`crate::journal`]); a compressing result of a job still measuring waits for
-    /// [`Job::start_compression`].
+    /// [`crate::journal`]); a result of a later round (rounds run measuring, calibrating,
+    /// compressing) waits for that round to start.
     pub fn restore(&mut self, recorded: Recorded) {
+        let rank = |round: Round| match round {
+            Round::Measure => 0,
+            Round::Calibrate => 1,
+            Round::Compress => 2,
+        };
         let round = match self.phase {
             Phase::Calibrating => Round::Calibrate,
             Phase::Measuring => Round::Measure,
             _ => Round::Compress,
         };
         if recorded.round != round {
-            if recorded.round == Round::Compress {
+            if rank(recorded.round) > rank(round) {
                 self.restored_later.push(recorded);
             }
             return;
@@ -355,19 +360,31 @@ impl Job {
 
     /// Ends the measuring round: every task runs again, now compressing with what was
     /// `measured` (attempt numbers go on, so a late report of the measuring round is
-    /// refused as stale).
-    pub fn start_compression(&mut self, measured: Measured) {
+    /// refused as stale), or a calibrated job's calibration round starts. `recipe`: the
+    /// recipe the later rounds run (with the widths mixed precision chose), when it changed.
+    pub fn start_compression(&mut self, measured: Measured, recipe: Option<Recipe>) {
         if self.state != JobState::Finalizing || self.phase != Phase::Measuring {
             return;
         }
         self.spec.measured = Some(measured);
-        self.phase = Phase::Compressing;
-        self.message = "round 2 of 2: compressing".into();
+        if let Some(recipe) = recipe {
+            self.spec.recipe = recipe;
+        }
+        let attempts = self.tasks.iter().map(|t| t.attempt).max().unwrap_or(0);
+        match self.spec.calibration.clone() {
+            Some(calibration) if self.spec.calibrating() => {
+                self.tasks = calibration_slots(&calibration);
+                self.phase = Phase::Calibrating;
+            }
+            _ => self.phase = Phase::Compressing,
+        }
+        self.message = round_message(&self.spec, self.phase);
         for slot in &mut self.tasks {
             slot.status = TaskStatus::Pending;
             slot.failures = 0;
             slot.progress_bytes = 0;
             slot.result = None;
+            slot.attempt = slot.attempt.max(attempts);
         }
         self.state = JobState::Running;
         for recorded in std::mem::take(&mut self.restored_later) {
@@ -404,7 +421,7 @@ impl Job {
             slot.attempt = attempts;
         }
         self.phase = Phase::Compressing;
-        self.message = "round 2 of 2: compressing".into();
+        self.message = round_message(&self.spec, self.phase);
         self.state = JobState::Running;
         for recorded in std::mem::take(&mut self.restored_later) {
             self.restore(recorded);
@@ -782,6 +799,50 @@ impl Job {
 
 #[cfg(test)]
 mod tests;
+
+/// The calibration round's task slots: its steps, each waiting for those it reads.
+fn calibration_slots(calibration: &crate::calibration::Calibration) -> Vec<TaskSlot> {
+    let steps = calibration.step_tasks().into_iter();
+    (steps.zip(&calibration.plan.steps))
+        .map(|(plan, step)| TaskSlot {
+            deps: step.deps.clone(),
+            ..TaskSlot::pending(plan, None)
+        })
+        .collect()
+}
+
+/// What a job in `phase` says it does: "round k of n: ..." when it has more than one round
+/// (measuring, calibrating, compressing), nothing when it only compresses.
+fn round_message(spec: &JobSpec, phase: Phase) -> String {
+    let measuring = spec.recipe.global_sparsity().is_some()
+        || spec.recipe.share_cosine.is_some()
+        || spec
+            .measured
+            .as_ref()
+            .is_some_and(|m| m.precision.is_some())
+        || spec.recipe.needs_precision_choice();
+    let calibrating = spec.calibration.is_some();
+    let rounds = 1 + usize::from(measuring) + usize::from(calibrating);
+    let (round, what) = match phase {
+        Phase::Measuring => {
+            let what = match spec.recipe.needs_precision_choice() {
+                true => "measuring (candidate widths of the quantized tensors)".to_string(),
+                false => "measuring (magnitudes, sketches)".to_string(),
+            };
+            (1, what)
+        }
+        Phase::Calibrating => {
+            let steps = spec.calibration.as_ref().map_or(0, |c| c.plan.steps.len());
+            let what = format!("calibrating layer by layer ({steps} steps)");
+            (1 + usize::from(measuring), what)
+        }
+        _ => (rounds, "compressing".to_string()),
+    };
+    match rounds {
+        1 => String::new(),
+        _ => format!("round {round} of {rounds}: {what}"),
+    }
+}
 
 /// The compressing round's task slots of `plan`.
 fn compressing_slots(spec: &JobSpec, plan: Vec<PlannedTask>) -> Vec<TaskSlot> {

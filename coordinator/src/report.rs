@@ -30,6 +30,10 @@ pub struct Report {
     /// original's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration: Option<crate::calibration::CalibrationOutcome>,
+    /// Mixed precision to a bit budget: the width each quantized tensor got, and what it
+    /// stores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mixed_precision: Option<PrecisionReport>,
     pub layers: Vec<LayerReport>,
     /// Jobs that measure first: that round's tasks (`tasks` lists the compressing round).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -78,6 +82,79 @@ pub struct Summary {
     /// Near-identical sharing: pairs shortlisted from the sketches (each then checked exactly).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub share_candidates: Option<usize>,
+}
+
+/// `mixed_precision` of report.json.
+#[derive(Debug, Serialize)]
+pub struct PrecisionReport {
+    pub target_bpw: f64,
+    /// Bits per weight the quantized tensors store, from the compressing round's results.
+    pub bits_per_weight: f64,
+    /// What the measuring round predicted: bits per weight, and the summed squared relative
+    /// error of the choice and of every tensor at the narrowest width.
+    pub predicted_bits_per_weight: f64,
+    pub predicted_error: f64,
+    pub narrowest_error: f64,
+    pub narrowest_bits_per_weight: f64,
+    /// Width -> how many tensors got it.
+    pub widths: BTreeMap<u8, usize>,
+    pub tensors: Vec<PrecisionTensorReport>,
+}
+
+/// One quantized tensor's width, what it stores, and every candidate measured.
+#[derive(Debug, Serialize)]
+pub struct PrecisionTensorReport {
+    pub name: String,
+    pub bits: u8,
+    pub params: u64,
+    pub bits_per_weight: f64,
+    pub rel_fro_error: Option<f64>,
+    pub candidates: Vec<shardpress_core::precision::Candidate>,
+}
+
+/// The report's `mixed_precision`, from the measuring round's choice and the compressing
+/// round's tensors.
+fn precision_report(spec: &JobSpec, tensors: &[TensorReport]) -> Option<PrecisionReport> {
+    let measured = spec.measured.as_ref()?.precision.as_ref()?;
+    let choice = measured.choice.as_ref().ok()?;
+    let results: HashMap<&str, &TensorReport> =
+        tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut rows = Vec::new();
+    let mut widths = BTreeMap::new();
+    let (mut bits, mut params) = (0.0, 0u64);
+    for candidates in &measured.tensors {
+        let Some(&width) = choice.bits.get(&candidates.name) else {
+            continue;
+        };
+        let result = results.get(candidates.name.as_str());
+        let stored = result.map_or(0.0, |r| r.bits_per_weight);
+        bits += stored * candidates.params as f64;
+        params += candidates.params;
+        *widths.entry(width).or_insert(0) += 1;
+        rows.push(PrecisionTensorReport {
+            name: candidates.name.clone(),
+            bits: width,
+            params: candidates.params,
+            bits_per_weight: stored,
+            rel_fro_error: result.and_then(|r| r.rel_fro_error),
+            candidates: candidates.candidates.clone(),
+        });
+    }
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    Some(PrecisionReport {
+        target_bpw: choice.target_bpw,
+        bits_per_weight: if params == 0 {
+            0.0
+        } else {
+            bits / params as f64
+        },
+        predicted_bits_per_weight: choice.bits_per_weight,
+        predicted_error: choice.predicted_error,
+        narrowest_error: choice.cheapest_error,
+        narrowest_bits_per_weight: choice.cheapest_bpw,
+        widths,
+        tensors: rows,
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -308,6 +385,7 @@ pub fn build_report(
         }),
         gates,
         calibration: spec.calibrated.clone(),
+        mixed_precision: precision_report(spec, &tensors),
         layers: layer_reports(&tensors),
         measuring_tasks: spec
             .measured

@@ -590,10 +590,15 @@ impl Coordinator {
     /// Ends the measuring round and requeues every task to compress with what was measured
     /// (but those an earlier run of the job finished; when that is all of them, the job's
     /// driver goes on at once).
-    pub fn start_compression(&self, job_id: &str, measured: Measured) {
+    pub fn start_compression(
+        &self,
+        job_id: &str,
+        measured: Measured,
+        recipe: Option<shardpress_core::recipe::Recipe>,
+    ) {
         let mut inner = self.lock();
         if let Some(entry) = inner.jobs.get_mut(job_id) {
-            entry.job.start_compression(measured);
+            entry.job.start_compression(measured, recipe);
             // An earlier run of the job compressed every task already.
             if entry.job.tasks_done() == entry.job.tasks.len() {
                 entry.job.finish(JobState::Finalizing, String::new());
@@ -751,6 +756,7 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
             work: Some(work()),
             magnitudes: spec.recipe.global_sparsity().is_some(),
             sketches: spec.recipe.share_cosine.is_some(),
+            precision: spec.recipe.needs_precision_choice(),
         }),
         (None, _) => Kind::Compress(CompressTask {
             work: Some(work()),

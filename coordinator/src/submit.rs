@@ -3,7 +3,7 @@
 //! splits the tensors into tasks. Every problem is reported here, before any work starts.
 
 use futures::{StreamExt, TryStreamExt};
-use shardpress_core::codec::TensorPlan;
+use shardpress_core::codec::{PlanError, TensorPlan};
 use shardpress_core::dtype::DType;
 use shardpress_core::format::gguf as gguf_format;
 use shardpress_core::format::spz as spz_format;
@@ -101,9 +101,24 @@ pub async fn plan_job(
     let mut plan = plan_tasks_with(&files, budget, &weight_shapes)?;
     // Every tensor's pass combination, and whether the format can store it, is checked
     // now, not mid-job (FP8 weights with scales as the BF16 tensors they are decoded to).
+    // So is every width a mixed-precision job may choose.
+    let widths = (recipe.mixed_precision.as_ref()).map(|m| m.candidates_for(format));
     for t in plan.iter().flat_map(|task| &task.tensors) {
-        TensorPlan::for_output(&recipe, format, &facts, &t.name, t.dtype, &t.shape)
-            .map_err(|e| CoordinatorError::InvalidRequest(format!("{}: {e}", t.source_file)))?;
+        let refused =
+            |e: PlanError| CoordinatorError::InvalidRequest(format!("{}: {e}", t.source_file));
+        let planned = TensorPlan::for_output(&recipe, format, &facts, &t.name, t.dtype, &t.shape)
+            .map_err(refused)?;
+        for &bits in widths.iter().flatten().filter(|_| planned.has_width()) {
+            let described = (t.name.as_str(), t.dtype, &t.shape[..]);
+            TensorPlan::for_output_at(&recipe, format, &facts, described, Some(bits)).map_err(
+                |e| {
+                    CoordinatorError::InvalidRequest(format!(
+                        "{}: mixed_precision candidate {bits} bits: {e}",
+                        t.source_file
+                    ))
+                },
+            )?;
+        }
         if format == OutputFormat::Spz && t.is_decoded() {
             let stored = match &t.scales {
                 Some(scales) => format!("FP8 with scales ({})", scales.name),

@@ -952,9 +952,22 @@ impl Recipe {
         PRESETS.iter().map(|(n, _)| *n).collect()
     }
 
-    /// True when this is a built-in recipe, unchanged.
+    /// True when this is a built-in recipe, unchanged but for a bit budget
+    /// (`mixed_precision`, e.g. from `--target-bpw`).
     pub fn is_builtin(&self) -> bool {
-        Recipe::preset(&self.name).is_some_and(|p| p.source_yaml == self.source_yaml)
+        let Some(preset) = Recipe::preset(&self.name) else {
+            return false;
+        };
+        if preset.source_yaml == self.source_yaml {
+            return true;
+        }
+        let without_budget = |yaml: &str| {
+            let mut value: serde_norway::Value = serde_norway::from_str(yaml).ok()?;
+            value.as_mapping_mut()?.remove("mixed_precision");
+            Some(value)
+        };
+        without_budget(&self.source_yaml)
+            .is_some_and(|v| Some(v) == without_budget(&preset.source_yaml))
     }
 
     /// The `targets` and `ignore` entries that select none of `names` (a typo, or a module

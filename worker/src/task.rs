@@ -19,8 +19,8 @@ use shardpress_core::recipe::{OutputFormat, Recipe};
 use shardpress_core::similarity::Sketcher;
 use shardpress_proto::v1::task_lease::Kind;
 use shardpress_proto::v1::{
-    CompleteTaskRequest, CompressTask, MeasureTask, TaskLease, TensorResult, TensorSketch,
-    TensorSlice, TensorWork,
+    CompleteTaskRequest, CompressTask, MeasureTask, PrecisionCandidate, PrecisionCandidates,
+    TaskLease, TensorResult, TensorSketch, TensorSlice, TensorWork,
 };
 use shardpress_store::StoreLocation;
 use tokio::sync::mpsc;
@@ -262,15 +262,33 @@ async fn measure(
 ) -> Result<CompleteTaskRequest, TaskError> {
     let started = Instant::now();
     let Work {
+        recipe,
+        format,
+        facts,
         model,
         tensors,
         plans,
-        ..
     } = Work::of(lease, task.work.as_ref())?;
     let mut timings = Timings::default();
     let mut histogram = vec![0u64; MAGNITUDE_BINS];
     let mut sketches = Vec::new();
+    let mut precision = Vec::new();
+    let widths = (recipe.mixed_precision.as_ref())
+        .filter(|_| task.precision)
+        .map(|m| m.candidates_for(format));
     for (tensor, plan) in tensors.iter().zip(&plans) {
+        if let Some(widths) = widths.as_ref().filter(|_| plan.has_width()) {
+            let candidates = (widths.iter())
+                .map(|&bits| {
+                    let described = (tensor.name.as_str(), tensor.dtype, &tensor.shape[..]);
+                    TensorPlan::for_output_at(&recipe, format, &facts, described, Some(bits))
+                        .map(|plan| (bits, plan))
+                        .map_err(|e| TaskError::BadLease(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let measured = measure_widths(&model, tensor, candidates, ctx, &mut timings).await?;
+            precision.push(measured);
+        }
         let with_histogram = task.magnitudes && plan.needs_global_cut();
         let with_sketch =
             task.sketches && tensor.shape.len() >= 2 && tensor.dtype.is_decodable_float();
@@ -330,7 +348,72 @@ async fn measure(
             Vec::new()
         },
         sketches,
+        precision,
         ..Default::default()
+    })
+}
+
+/// Mixed precision's measurement of one tensor: its chunks, read once, encoded under each
+/// candidate width's plan, with the stored bits and the error of each (see
+/// `shardpress_core::precision`).
+async fn measure_widths(
+    model: &StoreLocation,
+    tensor: &PlannedTensor,
+    candidates: Vec<(u8, TensorPlan)>,
+    ctx: &TaskContext,
+    timings: &mut Timings,
+) -> Result<PrecisionCandidates, TaskError> {
+    let mut prepared = Vec::with_capacity(candidates.len());
+    let mut chunk_bytes = ctx.chunk_bytes;
+    for (bits, plan) in candidates {
+        let (plan, bytes) = statistics::prepare_plan(model, tensor, plan, ctx, timings).await?;
+        // The candidates share their structure stage, which alone fixes chunk sizes.
+        chunk_bytes = chunk_bytes.min(bytes);
+        prepared.push((bits, Arc::new(plan), ErrorAccumulator::new(), 0u64));
+    }
+    let row_len = row_len_of(&tensor.shape).max(1) as usize;
+    let mut chunks = read_ahead(
+        model,
+        tensor,
+        chunk_ranges(tensor, row_len as u64, chunk_bytes),
+    );
+    let (dtype, mut first_row) = (tensor.dtype, 0usize);
+    while let Some(Chunk {
+        values: input,
+        stored_len,
+    }) = next_chunk(&mut chunks, ctx, timings).await?
+    {
+        let compute_started = Instant::now();
+        let chunk_first_row = first_row;
+        first_row += input.len() / (row_len * dtype.size_bytes()).max(1);
+        prepared = cpu::run_codec(&tensor.name, move || {
+            for (_, plan, acc, repr_bits) in &mut prepared {
+                let plan = plan.for_chunk(chunk_first_row);
+                let output =
+                    TensorWriter::Reconstruction.chunk(&plan, dtype, row_len, &input, acc)?;
+                *repr_bits += output.repr_bits;
+            }
+            Ok(prepared)
+        })
+        .await?;
+        timings.compute += compute_started.elapsed();
+        ctx.progress.fetch_add(stored_len, Ordering::Relaxed);
+    }
+    let params = elements(tensor);
+    let candidates = (prepared.into_iter())
+        .map(|(bits, _, acc, repr_bits)| {
+            let rel = acc.finish().rel_fro_error;
+            PrecisionCandidate {
+                bits: u32::from(bits),
+                bits_per_weight: repr_bits as f64 / params.max(1) as f64,
+                rel_error_sq: rel * rel,
+            }
+        })
+        .collect();
+    Ok(PrecisionCandidates {
+        name: tensor.name.clone(),
+        params,
+        candidates,
     })
 }
 

@@ -72,17 +72,20 @@ fn a_global_prune_job_measures_first_then_compresses_every_task_again() {
         cut: Some(cut),
         ..Default::default()
     };
-    job.start_compression(measured(cut));
+    job.start_compression(measured(cut), None);
     assert_eq!(job.state, JobState::Running);
     assert_eq!(job.phase, Phase::Compressing);
     let cut_now = |job: &Job| job.spec.measured.as_ref().and_then(|m| m.cut);
     assert_eq!(cut_now(&job), Some(cut));
     assert_eq!(job.tasks_done(), 0);
     // A second call (a duplicate finalize) changes nothing.
-    job.start_compression(measured(GlobalCut {
-        bin: 1,
-        tie_fraction: 0.0,
-    }));
+    job.start_compression(
+        measured(GlobalCut {
+            bin: 1,
+            tie_fraction: 0.0,
+        }),
+        None,
+    );
     assert_eq!(cut_now(&job), Some(cut));
     // Round two leases are new attempts: a late round-one report is stale.
     assert_eq!(job.lease_next("w2", TTL, t0), Some(0));

@@ -59,6 +59,7 @@ fn report(tensors: Vec<TensorReport>, tasks: Vec<TaskReport>, gates: &Gates) -> 
         global_prune: None,
         gates: check_gates(gates, &tensors),
         calibration: None,
+        mixed_precision: None,
         layers: layer_reports(&tensors),
         measuring_tasks: Vec::new(),
         tasks,

@@ -1,0 +1,264 @@
+//! Mixed precision to a bit budget through real processes: a measuring round encodes every
+//! quantized tensor at every candidate width, the coordinator chooses, and the compressing
+//! round (after a calibration round, for GPTQ) stores each tensor at its width. The budget is
+//! met on disk, the report's figures are what the shards hold, the choice is the same for any
+//! number of workers, and impossible budgets or widths are refused clearly.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use common::*;
+
+fn run(
+    model: &Path,
+    out: &Path,
+    recipe: &str,
+    workers: usize,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "run",
+        "--threads",
+        "1",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--recipe",
+        recipe,
+    ];
+    let workers = workers.to_string();
+    args.extend(["--workers", &workers]);
+    args.extend(extra);
+    shardpress(&args)
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+fn f(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// The most distinct values in any run of `group` weights of a row of `values`.
+fn most_distinct_per_group(values: &[f32], row_len: usize, group: usize) -> usize {
+    (values.chunks(row_len))
+        .flat_map(|row| row.chunks(group))
+        .map(|g| g.iter().map(|v| v.to_bits()).collect::<BTreeSet<_>>().len())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_bit_budget_is_met_on_disk_and_spent_where_the_error_falls_most() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let budget = "4.6";
+    let three = dir.path().join("three");
+    let output = run(
+        &model,
+        &three,
+        "int4-g128-asym",
+        3,
+        &["--target-bpw", budget],
+    );
+    assert_success(&output, "mixed precision with 3 workers");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned() + &stderr(&output);
+    assert!(printed.contains("mixed prec."), "{printed}");
+    let one = dir.path().join("one");
+    let output = run(&model, &one, "int4-g128-asym", 1, &["--target-bpw", budget]);
+    assert_success(&output, "mixed precision with 1 worker");
+    let (a, b) = (manifest_objects(&one), manifest_objects(&three));
+    for (name, bytes) in a.iter().filter(|(n, _)| n.ends_with(".safetensors")) {
+        assert!(bytes == &b[name], "{name} differs between 1 and 3 workers");
+    }
+
+    let mixed = report(&three);
+    let m = &mixed["mixed_precision"];
+    assert_eq!(f(&m["target_bpw"]), 4.6);
+    let stored = f(&m["bits_per_weight"]);
+    assert!(
+        stored <= 4.6 && stored > f(&m["narrowest_bits_per_weight"]),
+        "{m}"
+    );
+    assert!(f(&m["predicted_error"]) < f(&m["narrowest_error"]), "{m}");
+    let rows = m["tensors"].as_array().unwrap();
+    let widths: BTreeSet<u64> = rows.iter().map(|t| t["bits"].as_u64().unwrap()).collect();
+    assert!(widths.len() >= 2, "one width for every tensor: {widths:?}");
+
+    // Every figure is what the shards hold: the report's tensors at their widths, the
+    // stored bits and errors exactly as measured, the average over the tensors' own rows.
+    let tensors: BTreeMap<&str, &serde_json::Value> = (mixed["tensors"].as_array().unwrap())
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t))
+        .collect();
+    let written = load_tensors(&three);
+    let (mut bits, mut params) = (0.0, 0.0);
+    for row in rows {
+        let name = row["name"].as_str().unwrap();
+        let width = row["bits"].as_u64().unwrap();
+        let tensor = tensors[name];
+        assert!(
+            tensor["pass"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("rtn int{width} asym g128")),
+            "{tensor}"
+        );
+        let chosen = (row["candidates"].as_array().unwrap())
+            .iter()
+            .find(|c| c["bits"].as_u64() == Some(width))
+            .unwrap();
+        assert_eq!(
+            f(&chosen["bits_per_weight"]),
+            f(&tensor["bits_per_weight"]),
+            "{name}"
+        );
+        let error = f(&tensor["rel_fro_error"]);
+        let measured = f(&chosen["rel_error_sq"]);
+        assert!(
+            (error * error - measured).abs() <= 1e-9 * measured,
+            "{name}: {error}² vs {measured}"
+        );
+        bits += f(&tensor["bits_per_weight"]) * f(&tensor["params"]);
+        params += f(&tensor["params"]);
+        // The dequantized weights hold at most 2^width values per group of 128, and a
+        // tensor wider than 4 bits more than 16 somewhere.
+        let (dtype, shape, data) = &written[name];
+        let values = decode(*dtype, data);
+        let distinct = most_distinct_per_group(&values, shape[1], 128);
+        assert!(
+            distinct <= 1 << width,
+            "{name}: {distinct} values at {width} bits"
+        );
+        if width > 4 {
+            assert!(
+                distinct > 16,
+                "{name}: only {distinct} values at {width} bits"
+            );
+        }
+    }
+    assert!(
+        (bits / params - stored).abs() < 1e-9,
+        "{} vs {stored}",
+        bits / params
+    );
+
+    // The same budget buys a lower error than the plain 4-bit recipe.
+    let plain = dir.path().join("plain");
+    assert_success(&run(&model, &plain, "int4-g128-asym", 2, &[]), "plain int4");
+    let plain = report(&plain);
+    let weighted = |r: &serde_json::Value| f(&r["summary"]["rel_fro_error_weighted"]);
+    assert!(
+        weighted(&mixed) < weighted(&plain),
+        "{} vs {}",
+        weighted(&mixed),
+        weighted(&plain)
+    );
+}
+
+#[test]
+fn gptq_calibrates_each_tensor_at_its_chosen_width() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let out = dir.path().join("out");
+    let calibration = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/calibration.txt");
+    let output = run(
+        &model,
+        &out,
+        "gptq-w4a16-asym",
+        2,
+        &[
+            "--target-bpw",
+            "4.6",
+            "--calibration",
+            calibration.to_str().unwrap(),
+            "--calibration-samples",
+            "16",
+            "--calibration-seq-len",
+            "32",
+        ],
+    );
+    assert_success(&output, "gptq with a bit budget");
+    let r = report(&out);
+    let chosen: BTreeMap<&str, u64> = (r["mixed_precision"]["tensors"].as_array().unwrap())
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["bits"].as_u64().unwrap()))
+        .collect();
+    assert!(f(&r["mixed_precision"]["bits_per_weight"]) <= 4.6);
+    let solved = r["calibration"]["tensors"].as_array().unwrap();
+    assert!(solved.len() >= 7);
+    let mut wider = 0;
+    for t in solved {
+        let name = t["name"].as_str().unwrap();
+        let width = chosen[name];
+        wider += usize::from(width > 4);
+        let method = t["method"].as_str().unwrap();
+        assert!(
+            method.starts_with(&format!("gptq int{width} asym g128")),
+            "{name}: {method}"
+        );
+    }
+    assert!(wider > 0, "no calibrated tensor got more than 4 bits");
+}
+
+#[test]
+fn impossible_budgets_and_widths_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "1MB", "bf16", 5000);
+    // Below what the narrowest candidate stores: the job fails after measuring, no output.
+    let out = dir.path().join("low");
+    let output = run(&model, &out, "int4-g128-asym", 2, &["--target-bpw", "2.5"]);
+    assert!(!output.status.success());
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned() + &stderr(&output);
+    assert!(
+        printed.contains("below the") && printed.contains("bits/weight"),
+        "{printed}"
+    );
+    assert!(!out.join("manifest.json").exists());
+
+    // compressed-tensors packs 4 and 8 bits only: a 3-bit candidate is refused at submit.
+    let recipe = dir.path().join("three-bit.yaml");
+    std::fs::write(
+        &recipe,
+        "passes:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n    targets: ['re:.*proj\\.weight']\nmixed_precision: { target_bpw: 4.5, candidates: [3, 4, 8] }\n",
+    )
+    .unwrap();
+    let out = dir.path().join("ct");
+    let output = run(
+        &model,
+        &out,
+        recipe.to_str().unwrap(),
+        1,
+        &["--format", "compressed-tensors"],
+    );
+    assert!(!output.status.success());
+    let printed = stderr(&output);
+    assert!(
+        printed.contains("mixed_precision candidate 3 bits"),
+        "{printed}"
+    );
+    assert!(files_under(&out).is_empty(), "{:?}", files_under(&out));
+
+    // No width to choose in a GGUF preset; a nonsense budget.
+    for (recipe, budget, expected) in [
+        ("q4_k_m", "4.5", "needs a quantize pass"),
+        ("int4-g128", "0", "target_bpw"),
+    ] {
+        let out = dir.path().join("refused");
+        let output = run(&model, &out, recipe, 1, &["--target-bpw", budget]);
+        assert!(!output.status.success());
+        assert!(
+            stderr(&output).contains(expected),
+            "{recipe}: {}",
+            stderr(&output)
+        );
+        assert!(!out.join("manifest.json").exists());
+    }
+}
