@@ -272,6 +272,19 @@ fn a_worker_killed_mid_step_leaves_the_output_unchanged() {
 
 #[test]
 fn a_coordinator_killed_mid_calibration_resumes_without_redoing_finished_steps() {
+    coordinator_killed_mid_calibration(&[]);
+}
+
+/// The same with a bit budget: the job measures, then calibrates, then compresses, and a
+/// restart mid-calibration keeps the measuring round's choice and the finished steps.
+#[test]
+fn a_mixed_precision_job_killed_mid_calibration_resumes_with_the_same_choice() {
+    coordinator_killed_mid_calibration(&["--target-bpw", "4.6"]);
+}
+
+/// Kills the coordinator once a few calibration steps of a GPTQ job (with `extra` flags) are
+/// journaled, restarts it, and checks the resumed job's output against an uninterrupted run.
+fn coordinator_killed_mid_calibration(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     gen_model(&model, "4MB", "bf16", 5000);
@@ -282,7 +295,7 @@ fn a_coordinator_killed_mid_calibration_resumes_without_redoing_finished_steps()
             &reference,
             "gptq-w4a16-asym",
             2,
-            &["--task-budget-mb", "1"],
+            &[&["--task-budget-mb", "1"][..], extra].concat(),
         ),
         "reference run",
     );
@@ -298,7 +311,8 @@ fn a_coordinator_killed_mid_calibration_resumes_without_redoing_finished_steps()
         command
             .args(["--calibration", calibration.to_str().unwrap()])
             .args(["--calibration-samples", "32", "--calibration-seq-len", "64"])
-            .args(["--eval", eval.to_str().unwrap(), "--eval-samples", "16"]);
+            .args(["--eval", eval.to_str().unwrap(), "--eval-samples", "16"])
+            .args(extra);
         command
     };
     let mut first = compress(&cluster)
@@ -344,6 +358,11 @@ fn a_coordinator_killed_mid_calibration_resumes_without_redoing_finished_steps()
     let report = report(&out);
     let steps = report["calibration"]["steps"].as_u64().unwrap() as usize;
     let compressing = report["tasks"].as_array().unwrap().len();
+    // A measuring round's tasks (all finished before the kill) are not leased again either.
+    let measuring = report["measuring_tasks"].as_array().map_or(0, Vec::len);
+    if !extra.is_empty() {
+        assert!(measuring > 0 && report["mixed_precision"].is_object());
+    }
     assert!(
         leased <= steps + compressing - finished_before,
         "{leased} leases after the restart for {steps} steps ({finished_before} done before) and {compressing} tasks"
