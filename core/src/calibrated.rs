@@ -15,7 +15,14 @@
 //! Every method reports [`MethodStats`]: the proxy loss `tr(ΔW H ΔWᵀ)` of its result and of
 //! the data-free baseline (RTN codes for quantizers, magnitude pruning with the same target
 //! for sparsifiers), both against the undamped Hessian, so a caller can check the method paid
-//! off. Results are deterministic: rows are processed in strips of a fixed size in parallel,
+//! off.
+//!
+//! **No statistics.** A Linear whose Hessian carries no information — no calibration row
+//! reached it (an expert of a mixture-of-experts layer no calibration token was routed to)
+//! or every input it saw was zero — gets its method's data-free equivalent instead of an
+//! error: RTN codes for GPTQ (GPTQ with `H = I` gives exactly those) and AWQ, magnitude
+//! pruning with the same target for SparseGPT and Wanda ([`has_statistics`]). Its stats are
+//! then zero losses and no dead columns. Results are deterministic: rows are processed in strips of a fixed size in parallel,
 //! and every reduction runs in a fixed order, so the bits do not depend on rayon's thread
 //! count. (Matrix products run in matrixmultiply's kernels, which it picks per CPU at run
 //! time: an FMA and a non-FMA machine may differ in the last bits.)
@@ -119,7 +126,8 @@ impl SparsityTarget {
 }
 
 /// Checks a weight of `weight.len()` values in rows of `cols` against a Hessian of
-/// dimension `dim`, and that every weight is finite; returns the number of rows.
+/// dimension `dim`, and that every weight is finite; returns the number of rows. (A Hessian
+/// of no rows passes: see [`has_statistics`].)
 pub(crate) fn check_weight(
     weight: &[f32],
     cols: usize,
@@ -137,11 +145,6 @@ pub(crate) fn check_weight(
             hessian.dim()
         )));
     }
-    if hessian.rows_seen() == 0 {
-        return Err(CalibratedError::BadConfig(
-            "the Hessian has seen no calibration rows".into(),
-        ));
-    }
     if let Some(i) = weight.iter().position(|w| !w.is_finite()) {
         return Err(CalibratedError::NonFinite(format!(
             "weight at row {} column {} is {}",
@@ -151,6 +154,23 @@ pub(crate) fn check_weight(
         )));
     }
     Ok(weight.len() / cols)
+}
+
+/// Whether `hessian` carries calibration statistics: some rows were seen and some input was
+/// not always zero. Without them the methods return their data-free equivalents (see the
+/// module doc).
+pub fn has_statistics(hessian: &HessianAccumulator) -> bool {
+    hessian.rows_seen() > 0 && hessian.raw_diagonal().iter().any(|&d| d > 0.0)
+}
+
+/// The stats of a data-free fallback: `H = 0`, so both proxy losses are 0; no column is
+/// treated as dead (its weights are kept).
+pub(crate) fn no_statistics_stats() -> MethodStats {
+    MethodStats {
+        proxy_loss: 0.0,
+        rtn_proxy_loss: 0.0,
+        dead_columns: 0,
+    }
 }
 
 /// The proxy loss `tr(ΔW H ΔWᵀ)` of `result` against `weight` (both rows of `n`).

@@ -6,6 +6,10 @@
 //! the prefix is read off the checkpoint's own names, and a missing `lm_head.weight` means the
 //! head is tied to the input embedding. Settings we do not implement are refused here, once,
 //! with a message naming them, rather than producing wrong activations later.
+//!
+//! Mixture-of-experts decoders (`mixtral`, `qwen2_moe`, `qwen3_moe`) are Llama-family
+//! decoders whose [`LlamaConfig::moe`] describes the router and experts ([`MoeConfig`]);
+//! every other MoE family is refused with a message saying so.
 
 use std::collections::HashSet;
 
@@ -14,7 +18,19 @@ use serde_json::Value;
 use crate::ModelError;
 
 /// Architectures this crate runs, as named in `model_type`.
-pub const SUPPORTED: [&str; 5] = ["bert", "llama", "mistral", "qwen2", "qwen3"];
+pub const SUPPORTED: [&str; 8] = [
+    "bert",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+];
+
+/// The mixture-of-experts architectures among [`SUPPORTED`].
+pub const SUPPORTED_MOE: [&str; 3] = ["mixtral", "qwen2_moe", "qwen3_moe"];
 
 /// The parsed configuration of a supported model.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +89,53 @@ pub struct LlamaConfig {
     pub prefix: String,
     /// `lm_head.weight`, or the input embedding when the head is tied.
     pub lm_head: String,
+    /// The router and experts of a mixture-of-experts model (`None` for dense models).
+    pub moe: Option<MoeConfig>,
+}
+
+/// How a mixture-of-experts checkpoint names its router and experts (within a layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeNaming {
+    /// Mixtral: `block_sparse_moe.gate` (router), `block_sparse_moe.experts.{e}.w1` (gate),
+    /// `.w3` (up), `.w2` (down).
+    Mixtral,
+    /// Qwen2-MoE / Qwen3-MoE: `mlp.gate` (router), `mlp.experts.{e}.gate_proj`, `.up_proj`,
+    /// `.down_proj`; Qwen2-MoE's `mlp.shared_expert.*` and `mlp.shared_expert_gate`.
+    Qwen,
+}
+
+/// The sparse MLP of a mixture-of-experts decoder, as transformers' MixtralSparseMoeBlock /
+/// Qwen2MoeSparseMoeBlock / Qwen3MoeSparseMoeBlock run it: router logits, softmax over all
+/// experts, the `top_k` most probable, their probabilities renormalised to sum to 1 when
+/// `normalize_top_k`, each chosen expert a SwiGLU MLP weighted by its probability, plus the
+/// shared expert gated by a sigmoid when there is one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub naming: MoeNaming,
+    /// `num_local_experts` (Mixtral) / `num_experts` (Qwen).
+    pub experts: usize,
+    /// `num_experts_per_tok`.
+    pub top_k: usize,
+    /// Each expert's intermediate size (`intermediate_size` for Mixtral,
+    /// `moe_intermediate_size` for Qwen).
+    pub expert_intermediate_size: usize,
+    /// Renormalise the chosen experts' probabilities (always for Mixtral; Qwen's
+    /// `norm_topk_prob`).
+    pub normalize_top_k: bool,
+    /// Qwen2-MoE's `shared_expert_intermediate_size` (its shared expert); `None`: no shared
+    /// expert.
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// Qwen's `decoder_sparse_step`: layer `l` is sparse when `(l + 1) % step == 0` (1: all).
+    pub decoder_sparse_step: usize,
+    /// Qwen's `mlp_only_layers`: layers with a dense MLP of `intermediate_size`.
+    pub mlp_only_layers: Vec<usize>,
+}
+
+impl MoeConfig {
+    /// Whether `layer`'s MLP is the sparse mixture of experts (else a dense SwiGLU MLP).
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        !self.mlp_only_layers.contains(&layer) && (layer + 1) % self.decoder_sparse_step == 0
+    }
 }
 
 fn bad(message: impl Into<String>) -> ModelError {
@@ -161,10 +224,14 @@ fn model_type(config: &Value) -> Result<String, ModelError> {
         .and_then(Value::as_array)
         .map(|names| names.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
+    // MoE classes first: "Qwen2Moe…" also starts with "Qwen2".
     let by_class = [
         ("Bert", "bert"),
         ("Llama", "llama"),
+        ("Mixtral", "mixtral"),
         ("Mistral", "mistral"),
+        ("Qwen2Moe", "qwen2_moe"),
+        ("Qwen3Moe", "qwen3_moe"),
         ("Qwen2", "qwen2"),
         ("Qwen3", "qwen3"),
     ];
@@ -198,17 +265,18 @@ pub fn parse(config_json: &str, tensor_names: &[&str]) -> Result<Architecture, M
         return Err(bad("the top level is not a JSON object"));
     }
     let model_type = model_type(&config)?;
-    if is_moe(&model_type, &config) {
+    if !SUPPORTED_MOE.contains(&model_type.as_str()) && is_moe(&model_type, &config) {
         return Err(bad(format!(
             "`{model_type}` is a mixture-of-experts model: MoE routing is not supported yet \
-             (supported: {})",
+             for it (mixture-of-experts models supported: {}; all supported: {})",
+            SUPPORTED_MOE.join(", "),
             SUPPORTED.join(", ")
         )));
     }
     let names: HashSet<&str> = tensor_names.iter().copied().collect();
     match model_type.as_str() {
         "bert" => parse_bert(&config, &names).map(Architecture::Bert),
-        "llama" | "mistral" | "qwen2" | "qwen3" => {
+        "llama" | "mistral" | "qwen2" | "qwen3" | "mixtral" | "qwen2_moe" | "qwen3_moe" => {
             parse_llama(&model_type, &config, &names).map(Architecture::Llama)
         }
         _ => Err(ModelError::UnknownArchitecture { found: model_type }),
@@ -370,10 +438,14 @@ impl LlamaConfig {
 /// The sliding window to apply, refusing Qwen's per-layer variant.
 fn sliding_window(model_type: &str, config: &Value) -> Result<Option<usize>, ModelError> {
     match model_type {
-        "mistral" => optional_usize(config, "sliding_window"),
-        "qwen2" | "qwen3" if bool_field(config, "use_sliding_window") => Err(bad(format!(
-            "{model_type} with use_sliding_window = true is not supported"
-        ))),
+        "mistral" | "mixtral" => optional_usize(config, "sliding_window"),
+        "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe"
+            if bool_field(config, "use_sliding_window") =>
+        {
+            Err(bad(format!(
+                "{model_type} with use_sliding_window = true is not supported"
+            )))
+        }
         _ => Ok(None),
     }
 }
@@ -439,13 +511,77 @@ fn parse_llama(
         rope_theta: float_field(config, "rope_theta", 10000.0)?,
         rope_scaling: rope_scaling(config)?,
         sliding_window: sliding_window(model_type, config)?,
-        // Qwen3 always normalises q/k and Qwen2 always has q/k/v biases: required for them
-        // (a missing one is then reported), detected from the names for the others.
-        qk_norm: model_type == "qwen3" || has("self_attn.q_norm.weight"),
-        qkv_bias: model_type == "qwen2" || has("self_attn.q_proj.bias"),
+        // Qwen3 always normalises q/k and Qwen2 always has q/k/v biases (so do their MoE
+        // variants): required for them (a missing one is then reported), detected from the
+        // names for the others.
+        qk_norm: matches!(model_type, "qwen3" | "qwen3_moe") || has("self_attn.q_norm.weight"),
+        qkv_bias: matches!(model_type, "qwen2" | "qwen2_moe") || has("self_attn.q_proj.bias"),
         o_bias: has("self_attn.o_proj.bias"),
         mlp_bias: has("mlp.gate_proj.bias"),
         prefix,
         lm_head,
+        moe: parse_moe(model_type, config)?,
     })
+}
+
+/// The mixture-of-experts settings of `mixtral`, `qwen2_moe` and `qwen3_moe` (None for the
+/// dense types).
+fn parse_moe(model_type: &str, config: &Value) -> Result<Option<MoeConfig>, ModelError> {
+    let moe = match model_type {
+        "mixtral" => MoeConfig {
+            naming: MoeNaming::Mixtral,
+            experts: usize_field(config, "num_local_experts")?,
+            top_k: usize_field(config, "num_experts_per_tok")?,
+            expert_intermediate_size: usize_field(config, "intermediate_size")?,
+            normalize_top_k: true,
+            shared_expert_intermediate_size: None,
+            decoder_sparse_step: 1,
+            mlp_only_layers: Vec::new(),
+        },
+        "qwen2_moe" | "qwen3_moe" => MoeConfig {
+            naming: MoeNaming::Qwen,
+            experts: usize_field(config, "num_experts")?,
+            top_k: usize_field(config, "num_experts_per_tok")?,
+            expert_intermediate_size: usize_field(config, "moe_intermediate_size")?,
+            normalize_top_k: bool_field(config, "norm_topk_prob"),
+            shared_expert_intermediate_size: if model_type == "qwen2_moe" {
+                Some(usize_field(config, "shared_expert_intermediate_size")?)
+            } else {
+                None
+            },
+            decoder_sparse_step: optional_usize(config, "decoder_sparse_step")?.unwrap_or(1),
+            mlp_only_layers: layer_list(config, "mlp_only_layers")?,
+        },
+        _ => return Ok(None),
+    };
+    if moe.top_k > moe.experts {
+        return Err(bad(format!(
+            "num_experts_per_tok {} exceeds the {} experts",
+            moe.top_k, moe.experts
+        )));
+    }
+    // `router_jitter_noise` and the auxiliary-loss settings act in training only.
+    Ok(Some(moe))
+}
+
+/// An optional list of layer indices (absent or null → empty).
+fn layer_list(config: &Value, key: &str) -> Result<Vec<usize>, ModelError> {
+    match config.get(key) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| {
+                item.as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "`{key}` must list layer indices (integers >= 0), found {item}"
+                        ))
+                    })
+            })
+            .collect(),
+        Some(other) => Err(bad(format!(
+            "`{key}` must be a list of layer indices, found {other}"
+        ))),
+    }
 }

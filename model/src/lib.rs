@@ -6,11 +6,13 @@
 //!
 //! - [`config`]: `config.json` plus the checkpoint's tensor names → a [`Model`] (architecture,
 //!   shapes, tensor names of every part). Supported: `bert` encoders and the Llama family
-//!   (`llama`, `mistral`, `qwen2`, `qwen3`); mixture-of-experts models are refused.
+//!   (`llama`, `mistral`, `qwen2`, `qwen3`) with its mixture-of-experts members (`mixtral`,
+//!   `qwen2_moe`, `qwen3_moe`); other mixture-of-experts models are refused.
 //! - [`Model`] ([`model`]): `embed` → `forward_layer` (one block, in place, reporting each
 //!   Linear group's input to an observer) → `finish` (pooled embeddings or logits).
-//!   The architectures live in [`bert`] and [`llama`], their shared kernels in [`ops`] and the
-//!   matrix products (matrixmultiply, split over rayon) in [`matmul`].
+//!   The architectures live in [`bert`] and [`llama`] (its expert routing in [`moe`]), their
+//!   shared kernels in [`ops`] and the matrix products (matrixmultiply, split over rayon) in
+//!   [`matmul`].
 //! - [`Hidden`] ([`hidden`]): the activations between layers and their byte format for the
 //!   object store, validated as hostile input.
 //! - [`Tokenizer`] ([`tokenizer`]): Hugging Face `tokenizers` with the model's special tokens.
@@ -24,6 +26,7 @@ pub mod hidden;
 pub mod llama;
 pub mod matmul;
 pub mod model;
+pub mod moe;
 pub mod ops;
 pub mod samples;
 pub mod tokenizer;
@@ -40,7 +43,8 @@ pub enum ModelError {
     /// `model_type` / `architectures` of config.json name an architecture we do not run.
     #[error(
         "unknown model architecture `{found}`: supported are bert (BertModel, BertForMaskedLM), \
-         llama, mistral, qwen2 and qwen3"
+         llama, mistral, qwen2 and qwen3, and the mixture-of-experts mixtral, qwen2_moe and \
+         qwen3_moe"
     )]
     UnknownArchitecture { found: String },
     /// config.json is malformed, lacks a setting, or asks for a feature we do not implement.

@@ -3,14 +3,19 @@
 //!
 //! As in Hugging Face transformers: rotary embeddings use the rotate_half convention with
 //! `inv_freq = θ^(−2i/d)`, optionally scaled (`linear`, `llama3`); Qwen2 adds q/k/v biases; Qwen3 RMS-normalises each query and key
-//! head before the rotation; Mistral may restrict attention to a sliding window.
+//! head before the rotation; Mistral (and Mixtral) may restrict attention to a sliding window.
+//!
+//! Mixture-of-experts members (mixtral, qwen2_moe, qwen3_moe) share everything but the MLP of
+//! their sparse layers, which [`crate::moe`] runs; their dense layers (Qwen's
+//! `mlp_only_layers` / `decoder_sparse_step`) are the plain SwiGLU MLP.
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, MoeConfig};
 use crate::matmul::linear;
+use crate::moe;
 use crate::ops::{self, fetch, fetch_vector, AttentionShape};
 use crate::{Hidden, LinearGroup, Matrix, ModelError, Weights};
 
-fn in_layer(config: &LlamaConfig, layer: usize, part: &str) -> String {
+pub(crate) fn in_layer(config: &LlamaConfig, layer: usize, part: &str) -> String {
     format!("{}layers.{layer}.{part}", config.prefix)
 }
 
@@ -43,6 +48,14 @@ fn linears(config: &LlamaConfig) -> [(&'static str, usize, bool); 7] {
     ]
 }
 
+/// The mixture-of-experts settings when `layer`'s MLP is sparse; `None` for a dense MLP.
+fn sparse_moe(config: &LlamaConfig, layer: usize) -> Option<&MoeConfig> {
+    config.moe.as_ref().filter(|moe| moe.is_sparse(layer))
+}
+
+/// The groups of the dense block's Linears: 0 q/k/v, 1 o, 2 gate/up, 3 down.
+const FIRST_MLP_GROUP: usize = 2;
+
 pub fn layer_tensors(config: &LlamaConfig, layer: usize) -> Vec<String> {
     let mut names = vec![in_layer(config, layer, "input_layernorm.weight")];
     if config.qk_norm {
@@ -50,16 +63,49 @@ pub fn layer_tensors(config: &LlamaConfig, layer: usize) -> Vec<String> {
         names.push(in_layer(config, layer, "self_attn.k_norm.weight"));
     }
     names.push(in_layer(config, layer, "post_attention_layernorm.weight"));
-    for (linear, _, bias) in linears(config) {
+    let sparse = sparse_moe(config, layer);
+    for (linear, group, bias) in linears(config) {
+        if sparse.is_some() && group >= FIRST_MLP_GROUP {
+            continue;
+        }
         names.push(in_layer(config, layer, &format!("{linear}.weight")));
         if bias {
             names.push(in_layer(config, layer, &format!("{linear}.bias")));
         }
     }
+    if let Some(moe) = sparse {
+        names.extend(
+            moe::layer_weights(moe)
+                .iter()
+                .map(|part| in_layer(config, layer, &format!("{part}.weight"))),
+        );
+    }
     names
 }
 
+/// The Linear groups of a layer in forward order. A sparse MoE layer has q/k/v and o, then
+/// per expert its gate+up (input: the tokens routed to it) and down, then the shared
+/// expert's two groups when there is one; its routers are not Linears to calibrate.
 pub fn linear_groups(config: &LlamaConfig, layer: usize) -> Vec<LinearGroup> {
+    let mut groups = dense_linear_groups(config, layer);
+    if let Some(moe) = sparse_moe(config, layer) {
+        groups.truncate(FIRST_MLP_GROUP);
+        groups.extend(moe::linear_groups(moe, config.hidden_size).into_iter().map(
+            |(parts, in_features)| {
+                LinearGroup {
+                    weights: parts
+                        .iter()
+                        .map(|part| in_layer(config, layer, &format!("{part}.weight")))
+                        .collect(),
+                    in_features,
+                }
+            },
+        ));
+    }
+    groups
+}
+
+fn dense_linear_groups(config: &LlamaConfig, layer: usize) -> Vec<LinearGroup> {
     let attention_width = config.heads * config.head_dim;
     let in_features = [
         config.hidden_size,
@@ -108,7 +154,7 @@ pub fn embed(
 }
 
 /// One Linear of the block, with its bias when the checkpoint has one.
-fn project(
+pub(crate) fn project(
     config: &LlamaConfig,
     weights: &Weights,
     layer: usize,
@@ -135,6 +181,32 @@ fn project(
         None
     };
     Ok(linear(input, weight, bias))
+}
+
+/// A SwiGLU MLP `down(silu(gate(x)) · up(x))` over `input` (named by the layer-relative
+/// gate, up and down Linears), reporting gate+up's input as group `first_group` and down's
+/// input as group `first_group + 1` (0-row matrices when `input` has no rows).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn swiglu(
+    config: &LlamaConfig,
+    weights: &Weights,
+    layer: usize,
+    [gate_name, up_name, down_name]: [&str; 3],
+    intermediate: usize,
+    input: &Matrix,
+    first_group: usize,
+    observe: &mut dyn FnMut(usize, &Matrix),
+) -> Result<Matrix, ModelError> {
+    observe(first_group, input);
+    let mut gate = project(config, weights, layer, gate_name, input, intermediate)?;
+    let up = project(config, weights, layer, up_name, input, intermediate)?;
+    ops::map_in_place(&mut gate, ops::silu);
+    gate.data
+        .iter_mut()
+        .zip(&up.data)
+        .for_each(|(g, u)| *g *= u);
+    observe(first_group + 1, &gate);
+    project(config, weights, layer, down_name, &gate, config.hidden_size)
 }
 
 /// A copy of `x` through the named RMSNorm (over `width`-wide chunks).
@@ -245,30 +317,27 @@ pub fn forward_layer(
         &x,
         h,
     )?;
-    observe(2, &input);
-    let mut gate = project(
-        config,
-        weights,
-        layer,
-        "mlp.gate_proj",
-        &input,
-        config.intermediate_size,
-    )?;
-    let up = project(
-        config,
-        weights,
-        layer,
-        "mlp.up_proj",
-        &input,
-        config.intermediate_size,
-    )?;
-    ops::map_in_place(&mut gate, ops::silu);
-    gate.data
-        .iter_mut()
-        .zip(&up.data)
-        .for_each(|(g, u)| *g *= u);
-    observe(3, &gate);
-    let down = project(config, weights, layer, "mlp.down_proj", &gate, h)?;
+    let down = match sparse_moe(config, layer) {
+        Some(moe) => moe::sparse_block(
+            config,
+            moe,
+            layer,
+            weights,
+            &input,
+            FIRST_MLP_GROUP,
+            observe,
+        )?,
+        None => swiglu(
+            config,
+            weights,
+            layer,
+            ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+            config.intermediate_size,
+            &input,
+            FIRST_MLP_GROUP,
+            observe,
+        )?,
+    };
     x.data.iter_mut().zip(&down.data).for_each(|(a, b)| *a += b);
     hidden.sequences = ops::unstack(&x, &ranges);
     Ok(())

@@ -73,7 +73,7 @@ impl Model {
         }
     }
 
-    /// `bert`, `llama`, `mistral`, `qwen2` or `qwen3`.
+    /// `bert`, `llama`, `mistral`, `qwen2`, `qwen3`, `mixtral`, `qwen2_moe` or `qwen3_moe`.
     pub fn architecture(&self) -> &str {
         match &self.architecture {
             Architecture::Bert(_) => "bert",
@@ -152,8 +152,10 @@ impl Model {
 
     /// Runs layer `layer` in place over every sequence; calls `observe(group_index, input)`
     /// with each LinearGroup's input rows before the group's matmul. The rows of all
-    /// sequences are stacked in order (Σ tokens × in_features), one call per group. An empty
-    /// batch is left as it is, with no call.
+    /// sequences are stacked in order (Σ tokens × in_features), one call per group. An
+    /// expert's groups of a mixture-of-experts layer get only the rows of the tokens routed to
+    /// it, in token order (a 0-row matrix when none is). An empty batch is left as it is,
+    /// with no call.
     pub fn forward_layer(
         &self,
         layer: usize,

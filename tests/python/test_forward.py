@@ -6,7 +6,13 @@ independent float64 numpy references written here:
   Hugging Face's Python `tokenizers`;
 - generated Llama-shaped decoders (random weights, config written here): llama, qwen2 (q/k/v
   biases), qwen3 (per-head q/k RMSNorm, explicit head_dim) and mistral (sliding window, tied
-  embeddings): every hidden state and the logits, on token ids given directly.
+  embeddings): every hidden state and the logits, on token ids given directly;
+- generated mixture-of-experts decoders: mixtral (sliding window), qwen2_moe (shared expert
+  with its sigmoid gate, a dense `mlp_only_layers` layer, top-k not renormalised) and
+  qwen3_moe (renormalised top-k; `decoder_sparse_step` 2), with the sparse MLP written here
+  from transformers' Mixtral/Qwen2Moe/Qwen3MoeSparseMoeBlock: softmax over all router
+  logits, top-k, renormalise (Mixtral always, Qwen when `norm_topk_prob`), each chosen
+  expert's SwiGLU output weighted and summed, plus sigmoid(shared_expert_gate) × shared expert.
 
 Agreement is measured as max |ours − reference| / max |reference| per tensor, and must be
 below 1e-5.
@@ -158,17 +164,60 @@ VARIANTS = {
     "qwen2": {"model_type": "qwen2", "qkv_bias": True},
     "qwen3": {"model_type": "qwen3", "qk_norm": True, "head_dim": 32},
     "mistral": {"model_type": "mistral", "sliding_window": 3, "tied": True},
+    "mixtral": {"model_type": "mixtral", "sliding_window": 5, "experts": 4, "top_k": 2},
+    "qwen2_moe": {"model_type": "qwen2_moe", "qkv_bias": True, "experts": 6, "top_k": 2,
+                  "moe_intermediate": 24, "shared_intermediate": 40, "mlp_only_layers": [1]},
+    "qwen3_moe": {"model_type": "qwen3_moe", "qk_norm": True, "head_dim": 32, "experts": 8,
+                  "top_k": 3, "moe_intermediate": 24, "norm_topk_prob": True},
+    "qwen3_moe-sparse-step": {"model_type": "qwen3_moe", "qk_norm": True, "experts": 4, "top_k": 1,
+                              "moe_intermediate": 24, "decoder_sparse_step": 2},
 }
+CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+           "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+           "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
-def generate_decoder(directory: Path, variant: dict) -> dict:
+def moe_settings(variant: dict) -> dict:
+    """The config.json keys of a mixture-of-experts variant (empty for dense ones)."""
+    model_type = variant["model_type"]
+    if model_type == "mixtral":
+        return {"num_local_experts": variant["experts"], "num_experts_per_tok": variant["top_k"]}
+    if model_type not in ("qwen2_moe", "qwen3_moe"):
+        return {}
+    settings = {"num_experts": variant["experts"], "num_experts_per_tok": variant["top_k"],
+                "moe_intermediate_size": variant["moe_intermediate"],
+                "norm_topk_prob": variant.get("norm_topk_prob", False),
+                "decoder_sparse_step": variant.get("decoder_sparse_step", 1),
+                "mlp_only_layers": variant.get("mlp_only_layers", [])}
+    if model_type == "qwen2_moe":
+        settings["shared_expert_intermediate_size"] = variant["shared_intermediate"]
+    return settings
+
+
+def sparse_layer(config: dict, layer: int) -> bool:
+    """Whether transformers builds a sparse MoE block for `layer` (Mixtral: every layer)."""
+    if config["model_type"] == "mixtral":
+        return True
+    if config["model_type"] not in ("qwen2_moe", "qwen3_moe"):
+        return False
+    return (layer not in config["mlp_only_layers"]
+            and (layer + 1) % config["decoder_sparse_step"] == 0)
+
+
+def expert_names(config: dict, e: int) -> tuple:
+    """(router, gate, up, down) names of expert e, relative to the layer."""
+    if config["model_type"] == "mixtral":
+        return ("block_sparse_moe.gate",) + tuple(f"block_sparse_moe.experts.{e}.{w}" for w in ("w1", "w3", "w2"))
+    return ("mlp.gate",) + tuple(f"mlp.experts.{e}.{w}_proj" for w in ("gate", "up", "down"))
+
+
+def generate_decoder(directory: Path, variant: dict, write: bool = True) -> dict:
     """Writes config.json and model.safetensors of a small random decoder; returns both."""
     model_type = variant["model_type"]
     rng = np.random.default_rng(sum(map(ord, model_type)))
     head_dim = variant.get("head_dim", HIDDEN // HEADS)
     config = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                           "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}[model_type]],
+        "architectures": [CLASSES[model_type]],
         "model_type": model_type, "hidden_size": HIDDEN, "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS, "intermediate_size": INTERMEDIATE,
         "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "rope_theta": 10000.0,
@@ -178,6 +227,9 @@ def generate_decoder(directory: Path, variant: dict) -> dict:
     }
     if "head_dim" in variant:
         config["head_dim"] = head_dim
+    config.update(moe_settings(variant))
+    # Mixtral's experts are intermediate_size wide; Qwen's moe_intermediate_size.
+    expert_width = INTERMEDIATE if model_type == "mixtral" else variant.get("moe_intermediate")
 
     def matrix(rows, cols):
         return (rng.standard_normal((rows, cols)) / math.sqrt(cols)).astype(np.float32)
@@ -197,18 +249,34 @@ def generate_decoder(directory: Path, variant: dict) -> dict:
         w[p + "self_attn.k_proj.weight"] = matrix(KV_HEADS * head_dim, HIDDEN)
         w[p + "self_attn.v_proj.weight"] = matrix(KV_HEADS * head_dim, HIDDEN)
         w[p + "self_attn.o_proj.weight"] = matrix(HIDDEN, HEADS * head_dim)
-        w[p + "mlp.gate_proj.weight"] = matrix(INTERMEDIATE, HIDDEN)
-        w[p + "mlp.up_proj.weight"] = matrix(INTERMEDIATE, HIDDEN)
-        w[p + "mlp.down_proj.weight"] = matrix(HIDDEN, INTERMEDIATE)
+        if sparse_layer(config, layer):
+            for e in range(variant["experts"]):
+                router, gate, up, down = expert_names(config, e)
+                w[p + gate + ".weight"] = matrix(expert_width, HIDDEN)
+                w[p + up + ".weight"] = matrix(expert_width, HIDDEN)
+                w[p + down + ".weight"] = matrix(HIDDEN, expert_width)
+            # Router logits of a few units, so that the top-k choice is clear-cut.
+            w[p + router + ".weight"] = 3 * matrix(variant["experts"], HIDDEN)
+            if "shared_intermediate" in variant:
+                width = variant["shared_intermediate"]
+                w[p + "mlp.shared_expert.gate_proj.weight"] = matrix(width, HIDDEN)
+                w[p + "mlp.shared_expert.up_proj.weight"] = matrix(width, HIDDEN)
+                w[p + "mlp.shared_expert.down_proj.weight"] = matrix(HIDDEN, width)
+                w[p + "mlp.shared_expert_gate.weight"] = matrix(1, HIDDEN)
+        else:
+            w[p + "mlp.gate_proj.weight"] = matrix(INTERMEDIATE, HIDDEN)
+            w[p + "mlp.up_proj.weight"] = matrix(INTERMEDIATE, HIDDEN)
+            w[p + "mlp.down_proj.weight"] = matrix(HIDDEN, INTERMEDIATE)
         if variant.get("qkv_bias"):
             for name, size in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)):
                 w[p + f"self_attn.{name}_proj.bias"] = (0.5 * rng.standard_normal(size * head_dim)).astype(np.float32)
         if variant.get("qk_norm"):
             w[p + "self_attn.q_norm.weight"] = norm(head_dim)
             w[p + "self_attn.k_norm.weight"] = norm(head_dim)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config))
-    save_file(w, str(directory / "model.safetensors"))
+    if write:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(config))
+        save_file(w, str(directory / "model.safetensors"))
     return config, w
 
 
@@ -244,13 +312,51 @@ def rotary(x, theta, scaling=None):
     return x * np.cos(emb) + rotated * np.sin(emb)
 
 
-def decoder_reference(w: dict, config: dict, ids: list):
-    """Hidden states and logits of a Llama-family decoder, in float64."""
+def swiglu(w: dict, prefix: str, gate: str, up: str, down: str, h):
+    g = h @ w[prefix + gate + ".weight"].T
+    return (g / (1.0 + np.exp(-g)) * (h @ w[prefix + up + ".weight"].T)) @ w[prefix + down + ".weight"].T
+
+
+def moe_block(w: dict, config: dict, prefix: str, h, routing: list):
+    """The sparse MoE block of transformers (Mixtral / Qwen2Moe / Qwen3MoeSparseMoeBlock) on
+    h (tokens × hidden): softmax over all router logits, top-k, renormalised when the model
+    says so, the chosen experts' outputs weighted and summed, plus Qwen2-MoE's gated shared
+    expert. Appends (chosen experts, top-k margin) per token to `routing`."""
+    top_k = config["num_experts_per_tok"]
+    experts = config.get("num_local_experts", config.get("num_experts"))
+    router = expert_names(config, 0)[0]
+    probabilities = softmax(h @ w[prefix + router + ".weight"].T)
+    order = np.argsort(-probabilities, axis=-1, kind="stable")
+    chosen = order[:, :top_k]
+    top = np.take_along_axis(probabilities, chosen, axis=-1)
+    if config["model_type"] == "mixtral" or config.get("norm_topk_prob"):
+        top = top / top.sum(axis=-1, keepdims=True)
+    sorted_probabilities = np.take_along_axis(probabilities, order, axis=-1)
+    margin = (sorted_probabilities[:, top_k - 1] - sorted_probabilities[:, top_k]
+              if top_k < experts else np.ones(len(h)))
+    routing.extend(zip(map(tuple, chosen), margin))
+    out = np.zeros_like(h)
+    for e in range(experts):
+        tokens, slot = np.nonzero(chosen == e)
+        if len(tokens):
+            _, gate, up, down = expert_names(config, e)
+            out[tokens] += top[tokens, slot, None] * swiglu(w, prefix, gate, up, down, h[tokens])
+    if config["model_type"] == "qwen2_moe":
+        shared = swiglu(w, prefix, "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+                        "mlp.shared_expert.down_proj", h)
+        out += shared / (1.0 + np.exp(-(h @ w[prefix + "mlp.shared_expert_gate.weight"].T)))
+    return out
+
+
+def decoder_reference(w: dict, config: dict, ids: list, routing=None):
+    """Hidden states and logits of a Llama-family decoder (dense or MoE), in float64; the MoE
+    routing decisions are appended to `routing` when given."""
     w = {name: value.astype(np.float64) for name, value in w.items()}
+    routing = [] if routing is None else routing
     eps, theta = config["rms_norm_eps"], config["rope_theta"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     d = config.get("head_dim", config["hidden_size"] // heads)
-    window = config["sliding_window"] if config["model_type"] == "mistral" else None
+    window = config["sliding_window"] if config["model_type"] in ("mistral", "mixtral") else None
     n = len(ids)
     i, j = np.arange(n)[:, None], np.arange(n)[None, :]
     masked = (j > i) | ((i - j >= window) if window else False)
@@ -278,8 +384,11 @@ def decoder_reference(w: dict, config: dict, ids: list):
         context = np.einsum("hij,jhd->ihd", softmax(scores), v).reshape(n, heads * d)
         x = x + proj("self_attn.o_proj", context)
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
-        gate = proj("mlp.gate_proj", h)
-        x = x + proj("mlp.down_proj", gate / (1.0 + np.exp(-gate)) * proj("mlp.up_proj", h))
+        if sparse_layer(config, layer):
+            x = x + moe_block(w, config, p, h, routing)
+        else:
+            gate = proj("mlp.gate_proj", h)
+            x = x + proj("mlp.down_proj", gate / (1.0 + np.exp(-gate)) * proj("mlp.up_proj", h))
         states.append(x)
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
     logits = rms_norm(x, w["model.norm.weight"], eps) @ head.T
@@ -292,16 +401,36 @@ def test_generated_decoder_matches_numpy_reference(name, tmp_path):
     args = [a for ids in ID_SEQUENCES for a in ("--ids", ",".join(map(str, ids)))]
     dumped = forward_dump(tmp_path / name, tmp_path / "dump.safetensors", *args)
     worst = 0.0
+    routing = []
     for s, ids in enumerate(ID_SEQUENCES):
         assert dumped[f"ids.{s}"].tolist() == ids
-        states, logits = decoder_reference(weights, config, ids)
+        states, logits = decoder_reference(weights, config, ids, routing)
         for layer, reference in enumerate(states):
             error = relative_error(dumped[f"hidden.{layer}.{s}"], reference)
             worst = max(worst, error)
             assert error < TOLERANCE, f"{name} sequence {s} layer {layer}: {error:.2e}"
         error = relative_error(dumped[f"final.{s}"], logits)
         assert error < TOLERANCE, f"{name} sequence {s} logits: {error:.2e}"
+    if "experts" in VARIANTS[name]:
+        # The comparison is meaningful only if float32 rounding cannot flip a top-k choice,
+        # and the MoE path is exercised only if the routing actually spreads over experts.
+        assert min(margin for _, margin in routing) > 1e-4, name
+        used = {e for chosen, _ in routing for e in chosen}
+        assert len(used) >= min(VARIANTS[name]["experts"], 3), (name, used)
     print(f"{name}: worst relative error {worst:.2e}")
+
+
+def test_moe_reference_routing_matters():
+    """Guards the MoE reference: renormalising the top-k changes the output of a model that
+    does not, and Qwen2-MoE's shared expert contributes."""
+    config, weights = generate_decoder(Path("/nonexistent"), VARIANTS["qwen2_moe"], write=False)
+    ids = ID_SEQUENCES[2]
+    states, _ = decoder_reference(weights, config, ids)
+    renormalised, _ = decoder_reference(weights, {**config, "norm_topk_prob": True}, ids)
+    assert relative_error(renormalised[1], states[1]) > 1e-3
+    no_shared = {**weights, **{k: np.zeros_like(v) for k, v in weights.items() if "shared_expert_gate" in k}}
+    halved, _ = decoder_reference(no_shared, config, ids)  # sigmoid(0) = 1/2 of the shared expert
+    assert relative_error(halved[1], states[1]) > 1e-3
 
 
 def test_sliding_window_changes_mistral_outputs(tmp_path):

@@ -21,7 +21,10 @@
 //! compressed-tensors nor GGUF readers apply. So only the clipping half of AWQ's search is
 //! done here; the codes stay plain RTN-format codes.
 
-use super::{check_weight, proxy_against, CalibratedError, HessianAccumulator, MethodStats};
+use super::{
+    check_weight, has_statistics, no_statistics_stats, proxy_against, CalibratedError,
+    HessianAccumulator, MethodStats,
+};
 use crate::quantize::{
     abs_max, check_bits, layout, min_max, params_from_range, rtn_codes, AffineCodes, CodeKernel,
 };
@@ -71,8 +74,9 @@ fn search_group(cfg: &QuantizeConfig, g: &[f32], weights: &[f64], codes: &mut [u
 /// AWQ-style codes of `weight` (rows of `cols`, f32 row-major) under `quant`, in RTN's
 /// format, using `diag(H)` from `hessian`; see the module doc.
 ///
-/// Errors: shapes that disagree, no calibration rows, a non-finite weight, bits outside
-/// 2..=8.
+/// A Hessian without statistics ([`super::has_statistics`]) gives RTN's codes.
+///
+/// Errors: shapes that disagree, a non-finite weight, bits outside 2..=8.
 pub fn awq_codes(
     quant: &QuantizeConfig,
     weight: &[f32],
@@ -84,6 +88,9 @@ pub fn awq_codes(
     let diag = hessian.raw_diagonal();
     let rtn =
         rtn_codes(quant, weight, cols).map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
+    if !has_statistics(hessian) {
+        return Ok((rtn, no_statistics_stats()));
+    }
     let mut out = rtn.clone();
     if quant.granularity == Granularity::Tensor {
         if !weight.is_empty() {

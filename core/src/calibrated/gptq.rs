@@ -27,8 +27,11 @@
 //! columns zeroed), as the reference's `static_groups`. The stored layout is therefore the
 //! plain contiguous one and needs no `g_idx` permutation in any output format.
 
-use super::obs::{blocks, prepare, sweep, ColumnRule};
-use super::{check_weight, proxy_against, CalibratedError, HessianAccumulator, MethodStats};
+use super::obs::{blocks, check_dampening, prepare, sweep, ColumnRule};
+use super::{
+    check_weight, has_statistics, no_statistics_stats, proxy_against, CalibratedError,
+    HessianAccumulator, MethodStats,
+};
 use crate::quantize::{check_bits, group_params, layout, rtn_codes, AffineCodes, CodeKernel};
 use crate::recipe::{Granularity, QuantizeConfig};
 use rayon::prelude::*;
@@ -112,8 +115,11 @@ impl ColumnRule<RowCodes<'_>> for GptqRule<'_> {
 /// GPTQ codes of `weight` (rows of `cols`, f32 row-major) under `cfg.quant`, using the
 /// calibration statistics in `hessian`; see the module doc.
 ///
-/// Errors: shapes that disagree, no calibration rows, a non-finite weight, bits outside
-/// 2..=8, `block_size == 0`, a negative or non-finite dampening, or a Hessian that stays
+/// A Hessian without statistics ([`super::has_statistics`]: no rows, or only zero inputs)
+/// gives RTN's codes, which are what GPTQ computes with `H = I`.
+///
+/// Errors: shapes that disagree, a non-finite weight, bits outside 2..=8,
+/// `block_size == 0`, a negative or non-finite dampening, or a Hessian that stays
 /// indefinite after the damping retries.
 pub fn gptq_codes(
     cfg: &GptqConfig,
@@ -128,7 +134,13 @@ pub fn gptq_codes(
             "block_size must be at least 1".into(),
         ));
     }
+    check_dampening(cfg.dampening)?;
     let quant = &cfg.quant;
+    if !has_statistics(hessian) {
+        let rtn = rtn_codes(quant, weight, cols)
+            .map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
+        return Ok((rtn, no_statistics_stats()));
+    }
     let (row_len, group_len) = layout(quant.granularity, weight.len(), cols);
     // Within a row: one group per `group_len` columns (the whole row for per-tensor).
     let (row_group_len, groups_per_row) = match quant.granularity {

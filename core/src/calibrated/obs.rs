@@ -117,6 +117,16 @@ pub(crate) struct Prepared {
     pub(crate) dead: Vec<bool>,
 }
 
+/// Refuses a dampening that is negative, NaN or infinite.
+pub(crate) fn check_dampening(dampening: f64) -> Result<(), CalibratedError> {
+    if !(dampening >= 0.0 && dampening.is_finite()) {
+        return Err(CalibratedError::BadConfig(format!(
+            "dampening {dampening} is not a finite fraction >= 0"
+        )));
+    }
+    Ok(())
+}
+
 /// Builds the [`Prepared`] inputs as the GPTQ/SparseGPT reference does: dead columns
 /// (`H_jj == 0`) get `H_jj = 1` and zero weights; with `act_order` columns are visited in
 /// descending `diag(H)` order (ties: lower index first); damping `dampening · mean(diag H)`.
@@ -127,11 +137,7 @@ pub(crate) fn prepare(
     dampening: f64,
     act_order: bool,
 ) -> Result<Prepared, CalibratedError> {
-    if !(dampening >= 0.0 && dampening.is_finite()) {
-        return Err(CalibratedError::BadConfig(format!(
-            "dampening {dampening} is not a finite fraction >= 0"
-        )));
-    }
+    check_dampening(dampening)?;
     let mut h = hessian.hessian();
     let dead: Vec<bool> = (0..n).map(|j| h[j * n + j] == 0.0).collect();
     for j in (0..n).filter(|&j| dead[j]) {

@@ -19,10 +19,10 @@
 //! Ties are broken by position (the lower index is pruned first). Pruned weights are exactly
 //! 0 in the result; kept ones carry the OBS updates.
 
-use super::obs::{blocks, prepare, sweep, ColumnRule};
+use super::obs::{blocks, check_dampening, prepare, sweep, ColumnRule};
 use super::{
-    check_weight, magnitude_baseline, proxy_against, prune_smallest, CalibratedError,
-    HessianAccumulator, MethodStats, SparsityTarget,
+    check_weight, has_statistics, magnitude_baseline, no_statistics_stats, proxy_against,
+    prune_smallest, CalibratedError, HessianAccumulator, MethodStats, SparsityTarget,
 };
 use std::ops::Range;
 
@@ -92,9 +92,12 @@ impl ColumnRule<RowMask> for NmRule<'_> {
 /// SparseGPT-pruned and updated `weight` (rows of `cols`, f32 row-major), with zeros
 /// exactly where pruned; see the module doc for the masks.
 ///
-/// Errors: shapes that disagree, no calibration rows, a non-finite weight, a target out of
-/// range (or `cols` not a multiple of N:M's `m`), `block_size == 0`, a negative or
-/// non-finite dampening, or a Hessian that stays indefinite after the damping retries.
+/// A Hessian without statistics ([`super::has_statistics`]) gives magnitude pruning with
+/// the same target (the data-free baseline), unchanged kept weights.
+///
+/// Errors: shapes that disagree, a non-finite weight, a target out of range (or `cols` not
+/// a multiple of N:M's `m`), `block_size == 0`, a negative or non-finite dampening, or a
+/// Hessian that stays indefinite after the damping retries.
 pub fn sparsegpt(
     target: SparsityTarget,
     dampening: f64,
@@ -108,6 +111,13 @@ pub fn sparsegpt(
     if block_size == 0 {
         return Err(CalibratedError::BadConfig(
             "block_size must be at least 1".into(),
+        ));
+    }
+    check_dampening(dampening)?;
+    if !has_statistics(hessian) {
+        return Ok((
+            magnitude_baseline(target, weight, cols)?,
+            no_statistics_stats(),
         ));
     }
     let mut prep = prepare(weight, cols, hessian, dampening, false)?;

@@ -370,10 +370,51 @@ fn mismatched_shapes_and_bad_configs_are_errors() {
     ));
     let q = quant(4, true, Granularity::Group(4));
     let gcfg = GptqConfig::new(q);
-    // No rows yet.
+    // No rows yet: the data-free result (see no_statistics_falls_back_to_data_free_methods),
+    // but a bad configuration is still refused.
+    assert!(gptq_codes(&gcfg, &[0.1; 16], 8, &acc).is_ok());
     assert!(matches!(
-        gptq_codes(&gcfg, &[0.1; 16], 8, &acc),
+        gptq_codes(
+            &GptqConfig {
+                block_size: 0,
+                ..gcfg
+            },
+            &[0.1; 16],
+            8,
+            &acc
+        ),
         Err(CalibratedError::BadConfig(_))
+    ));
+    assert!(matches!(
+        gptq_codes(
+            &GptqConfig {
+                dampening: f64::NAN,
+                ..gcfg
+            },
+            &[0.1; 16],
+            8,
+            &acc
+        ),
+        Err(CalibratedError::BadConfig(_))
+    ));
+    assert!(matches!(
+        sparsegpt(
+            SparsityTarget::NOfM { n: 2, m: 4 },
+            -1.0,
+            128,
+            &[0.1; 16],
+            8,
+            &acc
+        ),
+        Err(CalibratedError::BadConfig(_))
+    ));
+    assert!(matches!(
+        wanda(SparsityTarget::Unstructured(1.5), &[0.1; 16], 8, &acc),
+        Err(CalibratedError::BadConfig(_))
+    ));
+    assert!(matches!(
+        awq_codes(&q, &[0.1; 12], 8, &acc),
+        Err(CalibratedError::ShapeMismatch(_))
     ));
     acc.add_rows(&correlated_inputs(20, 8, 1), 8).unwrap();
     let w = weight(2, 8, 3);
@@ -456,6 +497,78 @@ fn mismatched_shapes_and_bad_configs_are_errors() {
 }
 
 /// Runs `f` inside a rayon pool of `threads` threads.
+/// An expert no calibration token was routed to has a Hessian of no rows (and inputs that
+/// were all zero give an all-zero one): every method falls back to its data-free equivalent.
+#[test]
+fn no_statistics_falls_back_to_data_free_methods() {
+    let (rows, cols) = (12, 64);
+    let w = weight(rows, cols, 41);
+    let no_rows = HessianAccumulator::new(cols);
+    let zero_inputs = hessian_of(&vec![0.0; 5 * cols], cols);
+    assert_eq!(zero_inputs.rows_seen(), 5);
+    let informative = correlated_hessian(cols);
+    assert!(!has_statistics(&no_rows) && !has_statistics(&zero_inputs));
+    assert!(has_statistics(&informative));
+    // Rows e_j: H = 2/cols · I, a scaled identity (GPTQ's result ignores the scale).
+    let mut identity_rows = vec![0.0f32; cols * cols];
+    for j in 0..cols {
+        identity_rows[j * cols + j] = 1.0;
+    }
+    let identity = hessian_of(&identity_rows, cols);
+    let zero_stats = MethodStats {
+        proxy_loss: 0.0,
+        rtn_proxy_loss: 0.0,
+        dead_columns: 0,
+    };
+    for empty in [&no_rows, &zero_inputs] {
+        for q in [
+            quant(4, false, Granularity::Group(16)),
+            quant(3, true, Granularity::Channel),
+            quant(4, true, Granularity::Tensor),
+        ] {
+            let rtn = rtn_codes(&q, &w, cols).unwrap();
+            for act_order in [false, true] {
+                let cfg = GptqConfig {
+                    act_order,
+                    ..GptqConfig::new(q)
+                };
+                let (codes, stats) = gptq_codes(&cfg, &w, cols, empty).unwrap();
+                assert_eq!(codes, rtn, "{q:?} act_order {act_order}");
+                assert_eq!(stats, zero_stats);
+                if !act_order && q.granularity != Granularity::Tensor {
+                    let (with_identity, _) = gptq_codes(&cfg, &w, cols, &identity).unwrap();
+                    assert_eq!(codes, with_identity, "GPTQ with H = I, {q:?}");
+                }
+            }
+            let (codes, stats) = awq_codes(&q, &w, cols, empty).unwrap();
+            assert_eq!((codes, stats), (rtn, zero_stats));
+        }
+        for target in [
+            SparsityTarget::Unstructured(0.5),
+            SparsityTarget::Unstructured(0.3),
+            SparsityTarget::NOfM { n: 2, m: 4 },
+        ] {
+            let magnitude = magnitude_baseline(target, &w, cols).unwrap();
+            assert_eq!(zeros_per_row(&magnitude, cols)[0], target.pruned_upto(cols));
+            let (pruned, stats) = sparsegpt(target, 0.01, 128, &w, cols, empty).unwrap();
+            assert_eq!(
+                (pruned, stats),
+                (magnitude.clone(), zero_stats),
+                "{target:?}"
+            );
+            let (pruned, stats) = wanda(target, &w, cols, empty).unwrap();
+            assert_eq!((pruned, stats), (magnitude, zero_stats), "{target:?}");
+        }
+    }
+    // With statistics the methods do differ from the data-free results.
+    let q = quant(4, false, Granularity::Group(16));
+    let (codes, _) = gptq_codes(&GptqConfig::new(q), &w, cols, &informative).unwrap();
+    assert_ne!(codes, rtn_codes(&q, &w, cols).unwrap());
+    let target = SparsityTarget::NOfM { n: 2, m: 4 };
+    let (pruned, _) = wanda(target, &w, cols, &informative).unwrap();
+    assert_ne!(pruned, magnitude_baseline(target, &w, cols).unwrap());
+}
+
 fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

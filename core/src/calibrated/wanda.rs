@@ -7,16 +7,19 @@
 //! pruned first. Rows are independent and run in parallel.
 
 use super::{
-    check_weight, magnitude_baseline, proxy_against, prune_smallest, CalibratedError,
-    HessianAccumulator, MethodStats, SparsityTarget,
+    check_weight, has_statistics, magnitude_baseline, no_statistics_stats, proxy_against,
+    prune_smallest, CalibratedError, HessianAccumulator, MethodStats, SparsityTarget,
 };
 use rayon::prelude::*;
 
 /// Wanda-pruned `weight` (rows of `cols`, f32 row-major): pruned weights are 0, the rest
 /// unchanged.
 ///
-/// Errors: shapes that disagree, no calibration rows, a non-finite weight, or a target out
-/// of range (or `cols` not a multiple of N:M's `m`).
+/// A Hessian without statistics ([`super::has_statistics`]: every norm 0) gives magnitude
+/// pruning with the same target.
+///
+/// Errors: shapes that disagree, a non-finite weight, or a target out of range (or `cols`
+/// not a multiple of N:M's `m`).
 pub fn wanda(
     target: SparsityTarget,
     weight: &[f32],
@@ -25,6 +28,12 @@ pub fn wanda(
 ) -> Result<(Vec<f32>, MethodStats), CalibratedError> {
     check_weight(weight, cols, hessian)?;
     target.check(cols)?;
+    if !has_statistics(hessian) {
+        return Ok((
+            magnitude_baseline(target, weight, cols)?,
+            no_statistics_stats(),
+        ));
+    }
     let norms = hessian.column_norms();
     let mut result = weight.to_vec();
     result.par_chunks_mut(cols).for_each(|row| {

@@ -181,19 +181,28 @@ fn unknown_and_moe_architectures_and_unsupported_settings_are_refused() {
     assert!(error
         .to_string()
         .contains("llama, mistral, qwen2 and qwen3"));
-    let mixtral = llama_config(r#", "num_local_experts": 8"#).replace("\"llama\"", "\"mixtral\"");
-    let error = build(&mixtral, &llama_names(2, true))
+    // mixtral / qwen2_moe / qwen3_moe run (tests/moe.rs); other MoE families stay refused.
+    let deepseek =
+        llama_config(r#", "n_routed_experts": 256"#).replace("\"llama\"", "\"deepseek_v3\"");
+    let error = build(&deepseek, &llama_names(2, true))
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("mixture-of-experts") && error.contains("not supported yet"),
+        error.contains("`deepseek_v3` is a mixture-of-experts model")
+            && error.contains("not supported yet")
+            && error.contains("mixtral, qwen2_moe, qwen3_moe"),
         "{error}"
     );
-    let qwen_moe = r#"{"model_type": "qwen3_moe", "num_experts": 128}"#;
-    assert!(build(qwen_moe, &[])
+    let olmoe = r#"{"model_type": "olmoe", "num_experts": 64}"#;
+    assert!(build(olmoe, &[])
         .unwrap_err()
         .to_string()
         .contains("not supported yet"));
+    let llama_with_experts = llama_config(r#", "num_local_experts": 8"#);
+    assert!(build(&llama_with_experts, &llama_names(2, true))
+        .unwrap_err()
+        .to_string()
+        .contains("mixture-of-experts"));
     let scaled = llama_config(r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#);
     let error = build(&scaled, &llama_names(2, true))
         .unwrap_err()
@@ -369,3 +378,5 @@ fn a_weight_of_the_wrong_shape_is_reported_by_name() {
         }
     );
 }
+
+mod moe;
