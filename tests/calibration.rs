@@ -429,3 +429,70 @@ fn copy_model(from: &Path, to: &Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
+
+/// A generated Mixtral: each token goes to 2 of 4 experts, so each expert's Linears are
+/// calibrated on the tokens routed to it (together twice the attention's tokens), and the
+/// output is the same for any number of workers.
+#[test]
+fn gptq_on_a_generated_mixtral_calibrates_each_expert_on_its_routed_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let output = shardpress(&[
+        "gen-model",
+        "--out",
+        model.to_str().unwrap(),
+        "--size",
+        "8MB",
+        "--experts",
+        "4",
+        "--expert-width",
+        "256",
+    ]);
+    assert_success(&output, "gen-model --experts 4");
+    let one = dir.path().join("one");
+    assert_success(
+        &run_calibrated(&model, &one, "gptq-w4a16-asym", 1, &[]),
+        "mixtral gptq with 1 worker",
+    );
+    let three = dir.path().join("three");
+    assert_success(
+        &run_calibrated(&model, &three, "gptq-w4a16-asym", 3, &[]),
+        "mixtral gptq with 3 workers",
+    );
+    assert_same_objects(&one, &three);
+    let r = report(&three);
+    let solved = r["calibration"]["tensors"].as_array().unwrap();
+    let rows = |name: &str| {
+        let t = solved.iter().find(|t| t["name"] == name);
+        t.unwrap_or_else(|| panic!("{name} not calibrated"))["rows_seen"]
+            .as_u64()
+            .unwrap()
+    };
+    for layer in 0..2 {
+        let attention = rows(&format!("model.layers.{layer}.self_attn.q_proj.weight"));
+        let experts: Vec<u64> = (0..4)
+            .map(|e| {
+                rows(&format!(
+                    "model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight"
+                ))
+            })
+            .collect();
+        assert_eq!(
+            experts.iter().sum::<u64>(),
+            2 * attention,
+            "layer {layer}: {experts:?}"
+        );
+        for e in 0..4 {
+            let down = rows(&format!(
+                "model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight"
+            ));
+            assert_eq!(down, experts[e], "layer {layer} expert {e}");
+        }
+    }
+    // The router is not a calibrated Linear (the preset leaves it unquantized).
+    assert!(!solved
+        .iter()
+        .any(|t| t["name"].as_str().unwrap().ends_with(".gate.weight")));
+    let kld = r["calibration"]["evaluation"]["mean_kld"].as_f64().unwrap();
+    assert!(kld > 0.0 && kld.is_finite(), "{kld}");
+}
