@@ -9,9 +9,9 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use shardpress_coordinator::calibration::Evaluation;
+use shardpress_coordinator::calibration::{read_object, Evaluation};
 use shardpress_core::plan::PlannedTensor;
-use shardpress_model::{Hidden, Model, ModelKind, Tokenizer, Weights};
+use shardpress_model::{Hidden, Model, Tokenizer, Weights};
 use shardpress_proto::v1::{EvalResult, SubmitJobRequest};
 use shardpress_store::StoreLocation;
 
@@ -112,15 +112,7 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
         .map_err(|e| {
             crate::BadRequest(format!("{}: {e}", original.root.describe("tokenizer.json")))
         })?;
-    let (location, name) = match args.data.trim_end_matches('/').rsplit_once('/') {
-        Some((parent, name)) => (
-            StoreLocation::open(if parent.is_empty() { "/" } else { parent })?,
-            name.to_string(),
-        ),
-        None => (StoreLocation::open(".")?, args.data.clone()),
-    };
-    let data = location
-        .get(&name)
+    let (location, name, data) = read_object(&args.data)
         .await
         .map_err(|e| crate::BadRequest(format!("--data: {e}")))?;
     let texts = shardpress_model::parse_samples(&data, &location.describe(&name))
@@ -168,7 +160,7 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let result: EvalResult =
         shardpress_worker::calibrate::compare(finished_original, finished_compressed, &sequences)
             .map_err(|e| anyhow::anyhow!(e))?;
-    let evaluation = summarize(&result, sequences.len(), tokens, model.kind());
+    let evaluation = Evaluation::of(&[&result], sequences.len(), tokens, model.kind());
     if let Some(mean) = evaluation.mean_embedding_cosine {
         say!(
             "embedding cosine to the original {mean:.5} (mean), {:.5} (worst) over {} samples",
@@ -190,25 +182,4 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
-}
-
-/// The evaluation a job reports, from one comparison.
-fn summarize(result: &EvalResult, samples: usize, tokens: u64, kind: ModelKind) -> Evaluation {
-    let per_token = |sum: f64| (result.tokens > 0).then(|| sum / result.tokens as f64);
-    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-    let decoder = kind == ModelKind::Decoder;
-    Evaluation {
-        samples,
-        tokens,
-        mean_embedding_cosine: mean(&result.cosines),
-        min_embedding_cosine: result.cosines.iter().copied().reduce(f64::min),
-        mean_kld: per_token(result.kld_sum).filter(|_| decoder),
-        top1_agreement: per_token(result.top1_agree as f64).filter(|_| decoder),
-        perplexity_original: per_token(result.nll_original)
-            .map(f64::exp)
-            .filter(|_| decoder),
-        perplexity_compressed: per_token(result.nll_compressed)
-            .map(f64::exp)
-            .filter(|_| decoder),
-    }
 }

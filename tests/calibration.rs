@@ -59,6 +59,32 @@ fn run_calibrated(
     shardpress(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// A generated 4 MB Llama in `dir/model` and its GPTQ output by an uninterrupted 2-worker run
+/// (with `extra` flags) in `dir/reference`: what a run that loses a process must reproduce.
+fn model_and_reference(dir: &Path, extra: &[&str]) -> (PathBuf, PathBuf) {
+    let model = dir.join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let reference = dir.join("reference");
+    let flags = [&["--task-budget-mb", "1"][..], extra].concat();
+    assert_success(
+        &run_calibrated(&model, &reference, "gptq-w4a16-asym", 2, &flags),
+        "reference run",
+    );
+    (model, reference)
+}
+
+/// `shardpress compress` of a GPTQ job with the calibration and evaluation samples
+/// [`run_calibrated`] uses, to `cluster`.
+fn calibrated_compress(cluster: &TestCluster, model: &Path, out: &Path) -> std::process::Command {
+    let (calibration, eval) = (repo_file(CALIBRATION), repo_file(EVALUATION));
+    let mut command = cluster.compress_command(model, out, "gptq-w4a16-asym");
+    command
+        .args(["--calibration", calibration.to_str().unwrap()])
+        .args(["--calibration-samples", "32", "--calibration-seq-len", "64"])
+        .args(["--eval", eval.to_str().unwrap(), "--eval-samples", "16"]);
+    command
+}
+
 fn report(out: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
 }
@@ -229,33 +255,12 @@ fn a_function_space_gate_fails_the_job_without_a_manifest() {
 #[test]
 fn a_worker_killed_mid_step_leaves_the_output_unchanged() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    gen_model(&model, "4MB", "bf16", 5000);
-    let reference = dir.path().join("reference");
-    assert_success(
-        &run_calibrated(
-            &model,
-            &reference,
-            "gptq-w4a16-asym",
-            2,
-            &["--task-budget-mb", "1"],
-        ),
-        "reference run",
-    );
-
+    let (model, reference) = model_and_reference(dir.path(), &[]);
     let mut cluster = TestCluster::start(1.0);
     // A slow victim: a pause after each tensor it reads, so it is surely mid-step.
     cluster.add_worker("victim", &["--debug-delay-per-chunk-ms", "300"]);
     let out = dir.path().join("out");
-    let calibration = repo_file(CALIBRATION);
-    let eval = repo_file(EVALUATION);
-    let mut client = cluster
-        .compress_command(&model, &out, "gptq-w4a16-asym")
-        .args(["--calibration", calibration.to_str().unwrap()])
-        .args(["--calibration-samples", "32", "--calibration-seq-len", "64"])
-        .args(["--eval", eval.to_str().unwrap(), "--eval-samples", "16"])
-        .spawn()
-        .unwrap();
+    let mut client = calibrated_compress(&cluster, &model, &out).spawn().unwrap();
     cluster.wait_for_log("victim", "task acquired", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
     cluster.kill_worker("victim");
@@ -286,33 +291,15 @@ fn a_mixed_precision_job_killed_mid_calibration_resumes_with_the_same_choice() {
 /// journaled, restarts it, and checks the resumed job's output against an uninterrupted run.
 fn coordinator_killed_mid_calibration(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    gen_model(&model, "4MB", "bf16", 5000);
-    let reference = dir.path().join("reference");
-    assert_success(
-        &run_calibrated(
-            &model,
-            &reference,
-            "gptq-w4a16-asym",
-            2,
-            &[&["--task-budget-mb", "1"][..], extra].concat(),
-        ),
-        "reference run",
-    );
+    let (model, reference) = model_and_reference(dir.path(), extra);
     let mut cluster = TestCluster::start(5.0);
     for name in ["a", "b"] {
         cluster.add_worker(name, &["--debug-delay-per-chunk-ms", "100"]);
     }
     let out = cluster.dir.path().join("out");
-    let calibration = repo_file(CALIBRATION);
-    let eval = repo_file(EVALUATION);
     let compress = |cluster: &TestCluster| {
-        let mut command = cluster.compress_command(&model, &out, "gptq-w4a16-asym");
-        command
-            .args(["--calibration", calibration.to_str().unwrap()])
-            .args(["--calibration-samples", "32", "--calibration-seq-len", "64"])
-            .args(["--eval", eval.to_str().unwrap(), "--eval-samples", "16"])
-            .args(extra);
+        let mut command = calibrated_compress(cluster, &model, &out);
+        command.args(extra);
         command
     };
     let mut first = compress(&cluster)

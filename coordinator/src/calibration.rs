@@ -383,7 +383,9 @@ impl Calibration {
 }
 
 /// Reads an object given by URL (or path): a text file of samples.
-async fn read_object(url: &str) -> Result<(StoreLocation, String, bytes::Bytes), CoordinatorError> {
+pub async fn read_object(
+    url: &str,
+) -> Result<(StoreLocation, String, bytes::Bytes), CoordinatorError> {
     let trimmed = url.trim_end_matches('/');
     let (parent, name) = match trimmed.rsplit_once('/') {
         Some(("", name)) => ("/", name),
@@ -669,6 +671,37 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
+    /// The evaluation of `samples` samples (`tokens` tokens) from the comparisons of their
+    /// batches (`EvalResult`s, in any order): means over samples or tokens; next-token figures
+    /// only for a decoder.
+    pub fn of(
+        evals: &[&shardpress_proto::v1::EvalResult],
+        samples: usize,
+        tokens: u64,
+        kind: ModelKind,
+    ) -> Evaluation {
+        let cosines: Vec<f64> = (evals.iter())
+            .flat_map(|e| e.cosines.iter().copied())
+            .collect();
+        let compared: u64 = evals.iter().map(|e| e.tokens).sum();
+        let decoder = kind == ModelKind::Decoder;
+        let per_token = |sum: f64| (decoder && compared > 0).then(|| sum / compared as f64);
+        let sum = |f: fn(&shardpress_proto::v1::EvalResult) -> f64| {
+            evals.iter().map(|e| f(e)).sum::<f64>()
+        };
+        Evaluation {
+            samples,
+            tokens,
+            mean_embedding_cosine: (!cosines.is_empty())
+                .then(|| cosines.iter().sum::<f64>() / cosines.len() as f64),
+            min_embedding_cosine: cosines.iter().copied().reduce(f64::min),
+            mean_kld: per_token(sum(|e| e.kld_sum)),
+            top1_agreement: per_token(evals.iter().map(|e| e.top1_agree as f64).sum()),
+            perplexity_original: per_token(sum(|e| e.nll_original)).map(f64::exp),
+            perplexity_compressed: per_token(sum(|e| e.nll_compressed)).map(f64::exp),
+        }
+    }
+
     /// The evaluation's failed gates, described.
     pub fn failed_gates(&self, gates: &shardpress_core::recipe::Gates) -> Vec<String> {
         let mut failed = Vec::new();
@@ -756,26 +789,12 @@ pub fn conclude(
         .collect();
     let evals: Vec<_> = reports.iter().filter_map(|r| r.eval.as_ref()).collect();
     let evaluation = (!evals.is_empty()).then(|| {
-        let cosines: Vec<f64> = evals
-            .iter()
-            .flat_map(|e| e.cosines.iter().copied())
-            .collect();
-        let tokens: u64 = evals.iter().map(|e| e.tokens).sum();
-        let per_token = |sum: f64| (tokens > 0).then(|| sum / tokens as f64);
-        let sum = |f: fn(&shardpress_proto::v1::EvalResult) -> f64| {
-            evals.iter().map(|e| f(e)).sum::<f64>()
-        };
-        Evaluation {
-            samples: calibration.eval_samples,
-            tokens: calibration.eval_tokens,
-            mean_embedding_cosine: (!cosines.is_empty())
-                .then(|| cosines.iter().sum::<f64>() / cosines.len() as f64),
-            min_embedding_cosine: cosines.iter().copied().reduce(f64::min),
-            mean_kld: per_token(sum(|e| e.kld_sum)),
-            top1_agreement: per_token(evals.iter().map(|e| e.top1_agree as f64).sum()),
-            perplexity_original: per_token(sum(|e| e.nll_original)).map(f64::exp),
-            perplexity_compressed: per_token(sum(|e| e.nll_compressed)).map(f64::exp),
-        }
+        Evaluation::of(
+            &evals,
+            calibration.eval_samples,
+            calibration.eval_tokens,
+            calibration.kind,
+        )
     });
     CalibrationOutcome {
         seconds,
