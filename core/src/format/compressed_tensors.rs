@@ -601,6 +601,17 @@ fn weight_args(scheme: Scheme) -> Option<(Value, &'static str)> {
     }
 }
 
+/// A config group's target for one module: its name as an anchored regex, with a leading
+/// `model.` optional, so that both the `*ForCausalLM` class (vLLM, transformers'
+/// `AutoModelForCausalLM`), whose modules are named as the checkpoint's tensors, and the bare
+/// model under it (`AutoModel`), whose names lack that prefix, match it.
+fn module_target(module: &str) -> String {
+    match module.strip_prefix("model.") {
+        Some(rest) => format!("re:^(model\\.)?{}$", regex::escape(rest)),
+        None => format!("re:^{}$", regex::escape(module)),
+    }
+}
+
 /// The `quantization_config` for `config.json`, as llm-compressor writes it, from every
 /// tensor of the job and its plan: one config group per distinct scheme (targeting `Linear`
 /// when there is one scheme, else the modules by anchored regex), `ignore` listing every
@@ -629,10 +640,7 @@ pub fn quantization_config(tensors: &[(TensorDesc<'_>, &TensorPlan)]) -> Value {
         let targets: Vec<String> = if single {
             vec!["Linear".to_owned()]
         } else {
-            modules
-                .iter()
-                .map(|m| format!("re:^{}$", regex::escape(m)))
-                .collect()
+            modules.iter().map(|m| module_target(m)).collect()
         };
         config_groups.insert(
             format!("group_{i}"),

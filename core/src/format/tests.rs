@@ -701,3 +701,59 @@ fn packed_rows_decode_like_the_whole_tensor() {
         );
     }
 }
+
+#[test]
+fn mixed_widths_get_one_group_each_targeting_their_modules_with_or_without_the_model_prefix() {
+    let layers = [
+        ("model.layers.0.mlp.down_proj.weight", vec![64u64, 256]),
+        ("model.layers.1.mlp.down_proj.weight", vec![64, 256]),
+        ("model.layers.10.mlp.down_proj.weight", vec![64, 256]),
+    ];
+    let base = Recipe::preset("w4a16").unwrap();
+    let chosen = [(layers[1].0.to_string(), 8u8)].into_iter().collect();
+    let yaml = Recipe::with_target_bpw(&base.source_yaml, 5.0).unwrap();
+    let recipe = Recipe::from_yaml(&yaml)
+        .unwrap()
+        .with_chosen_bits(&chosen)
+        .unwrap();
+    let plans: Vec<TensorPlan> = (layers.iter())
+        .map(|(n, s)| {
+            let facts = ModelFacts::default();
+            TensorPlan::for_output(
+                &recipe,
+                OutputFormat::CompressedTensors,
+                &facts,
+                n,
+                DType::BF16,
+                s,
+            )
+            .unwrap()
+        })
+        .collect();
+    let tensors: Vec<(TensorDesc<'_>, &TensorPlan)> = (layers.iter().zip(&plans))
+        .map(|((name, shape), plan)| {
+            let desc = TensorDesc {
+                name,
+                dtype: DType::BF16,
+                shape,
+            };
+            (desc, plan)
+        })
+        .collect();
+    let q = quantization_config(&tensors);
+    let groups = q["config_groups"].as_object().unwrap();
+    assert_eq!(groups.len(), 2, "{q}");
+    let eight = (groups.values())
+        .find(|g| g["weights"]["num_bits"] == 8)
+        .unwrap();
+    let targets = eight["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 1, "{eight}");
+    let pattern = targets[0].as_str().unwrap().strip_prefix("re:").unwrap();
+    let re = regex::Regex::new(pattern).unwrap();
+    // The causal-LM class's module name and the bare model's both match; no other layer does.
+    assert!(re.is_match("model.layers.1.mlp.down_proj"));
+    assert!(re.is_match("layers.1.mlp.down_proj"));
+    assert!(!re.is_match("model.layers.10.mlp.down_proj"));
+    assert!(!re.is_match("layers.11.mlp.down_proj"));
+    assert_eq!(q["format"], "pack-quantized");
+}
