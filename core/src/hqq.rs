@@ -112,6 +112,13 @@ pub(crate) struct Solver {
     /// Over-relaxation of the zero update, `z += relax * (z_hqq - z)`: each step stands for
     /// `relax` reference iterations (see [`Solver::steps`]).
     pub relax: f64,
+    /// Over-relaxation of the batched least-squares refit of real f16 pairs: the refitted
+    /// `(a, c)` of `x ~ a q + c` is moved `refit_relax` times as far from the scored pair.
+    pub refit_relax: f64,
+    /// Least-squares rounds of the batched solver for real f16 pairs (over-relaxed).
+    pub relaxed_refit_rounds: usize,
+    /// Whether the batched solver runs the half-quadratic steps for integer zeros.
+    pub integer_zero_hqq: bool,
 }
 
 impl Solver {
@@ -137,12 +144,18 @@ pub(crate) const SOLVER: Solver = Solver {
     kappa: 1.01,
     refit_rounds: 5,
     relax: 5.0,
+    refit_relax: 1.5,
+    relaxed_refit_rounds: 3,
+    integer_zero_hqq: false,
 };
 
 /// The solver before over-relaxation (one reference iteration per step), which
 /// [`hqq_codes_unbatched`] runs for comparison.
 pub(crate) const REFERENCE_SOLVER: Solver = Solver {
     relax: 1.0,
+    refit_relax: 1.0,
+    relaxed_refit_rounds: 5,
+    integer_zero_hqq: true,
     ..SOLVER
 };
 

@@ -40,8 +40,6 @@ type Lanes = [f32; WIDTH];
 pub(crate) struct Scratch {
     /// The groups, transposed: `x[i][lane]`.
     x: Vec<Lanes>,
-    /// `x * inv` (the groups in code units of the min-max scale).
-    y: Vec<Lanes>,
     /// The chosen codes, transposed.
     codes: Vec<[u8; WIDTH]>,
 }
@@ -202,8 +200,12 @@ pub(crate) fn hqq_batch(
     }
 
     if hqq.iter().any(|&h| h) {
-        let best_zero = optimize_zeros(scratch, &hqq, &inv, &zero, qmax, iterations, solver);
         let x = &scratch.x[..];
+        let iterations = match storage {
+            Storage::IntegerZero(_) if !solver.integer_zero_hqq => 0,
+            _ => iterations,
+        };
+        let best_zero = optimize_zeros(x, &hqq, &inv, &zero, qmax, iterations, solver);
         let mut best = [f64::INFINITY; WIDTH];
         let mut current = [None; WIDTH];
         for l in 0..WIDTH {
@@ -212,7 +214,11 @@ pub(crate) fn hqq_batch(
                 current[l] = storage.store(f64::from(scale[l]), f64::from(best_zero[l]), qmax);
             }
         }
-        for _ in 0..=solver.refit_rounds {
+        let rounds = match storage {
+            Storage::F16Pair => solver.relaxed_refit_rounds,
+            Storage::IntegerZero(_) => solver.refit_rounds,
+        };
+        for _ in 0..=rounds {
             if current.iter().all(Option::is_none) {
                 break;
             }
@@ -225,53 +231,105 @@ pub(crate) fn hqq_batch(
             }
             let is = s.map(|v| 1.0 / v);
             let [sse, sq, sqq, sqx] = score_pass(x, &s, &is, &z, qmax);
+            let next = match storage {
+                Storage::F16Pair => {
+                    let sums = [sq, sqq, sum_x, sqx];
+                    refit_f16_lanes(n, &sums, &s, &z, solver.refit_relax)
+                }
+                Storage::IntegerZero(_) => std::array::from_fn(|l| match current[l] {
+                    Some(_) => storage.refit(n, [sq[l], sqq[l], sum_x[l], sqx[l]], qmax),
+                    None => None,
+                }),
+            };
             for l in 0..WIDTH {
                 let Some(pair) = current[l] else { continue };
                 if sse[l] < best[l] {
                     best[l] = sse[l];
                     choice[l] = Choice::Hqq(pair.0, pair.1);
                 }
-                let next = storage.refit(n, [sq[l], sqq[l], sum_x[l], sqx[l]], qmax);
-                current[l] = if next == Some(pair) { None } else { next };
+                current[l] = if next[l] == Some(pair) { None } else { next[l] };
             }
         }
     }
 
-    // The codes of each lane's choice, in one sweep.
-    let mut is_hqq = [false; WIDTH];
+    // The HQQ codes of every lane in one sweep; RTN lanes are then coded on their own.
     let (mut is, mut z) = ([1f32; WIDTH], [0f32; WIDTH]);
     for l in 0..WIDTH {
         if let Choice::Hqq(sl, zl) = choice[l] {
-            (is_hqq[l], is[l], z[l]) = (true, 1.0 / sl, zl);
+            (is[l], z[l]) = (1.0 / sl, zl);
         }
     }
     scratch.codes.clear();
     scratch.codes.resize(len, [0; WIDTH]);
-    write_codes(&scratch.x, &is_hqq, &is, &z, &rtn, qmax, &mut scratch.codes);
+    write_codes(&scratch.x, &is, &z, qmax, &mut scratch.codes);
     for l in 0..count {
+        let (g, c) = &mut batch[l];
         match choice[l] {
-            Choice::Scalar => {
-                let (g, c) = &mut batch[l];
-                out[l] = hqq_group(bits, iterations, solver, storage, g, c);
+            Choice::Scalar => out[l] = hqq_group(bits, iterations, solver, storage, g, c),
+            Choice::Rtn => {
+                let r = &rtn;
+                for (c, &v) in c.iter_mut().zip(g.iter()) {
+                    *c = r.code(l, v) as u8;
+                }
+                out[l] = rtn_params[l];
             }
-            Choice::Rtn | Choice::Hqq(..) => {
-                for (c, row) in batch[l].1.iter_mut().zip(&scratch.codes) {
+            Choice::Hqq(sl, zl) => {
+                for (c, row) in c.iter_mut().zip(&scratch.codes) {
                     *c = row[l];
                 }
-                out[l] = match choice[l] {
-                    Choice::Hqq(sl, zl) => (sl, zl),
-                    _ => rtn_params[l],
-                };
+                out[l] = (sl, zl);
             }
         }
     }
+}
+
+/// `v` rounded to the nearest f16 value, ties to even, by way of f32 (as an F16C conversion
+/// of an f64 does; infinite on overflow). Normal
+/// f16 magnitudes are rounded with integer arithmetic on the f32 bits; the rest (subnormal
+/// f16, overflow, NaN) through [`half::f16`].
+#[inline(always)]
+fn round_f16(v: f64) -> f32 {
+    let v = v as f32;
+    let a = v.abs();
+    if (6.103_515_6e-5..65_504.0).contains(&a) {
+        let b = v.to_bits();
+        f32::from_bits((b + 0x0FFF + ((b >> 13) & 1)) & 0xFFFF_E000)
+    } else {
+        half::f16::from_f32(v).to_f32()
+    }
+}
+
+/// The least-squares refit of [`Storage::refit`] for real f16 pairs in every lane at once:
+/// `x ~ a q + c` from the sums `[q, q^2, x, q x]` of the codes of the pair `(s, z)`,
+/// moved `relax` times as far from `(s, -z s)` (over-relaxation), then
+/// `(s, z) = (a, -c / a)` rounded to f16; `None` where the fit or its rounding is not a
+/// valid pair.
+fn refit_f16_lanes(
+    n: f64,
+    [sq, sqq, sx, sqx]: &[[f64; WIDTH]; 4],
+    s: &Lanes,
+    z: &Lanes,
+    relax: f64,
+) -> [Option<(f32, f32)>; WIDTH] {
+    std::array::from_fn(|l| {
+        let den = n * sqq[l] - sq[l] * sq[l];
+        let a = (n * sqx[l] - sq[l] * sx[l]) / den;
+        let c = (sx[l] - a * sq[l]) / n;
+        let (s0, c0) = (f64::from(s[l]), -f64::from(z[l]) * f64::from(s[l]));
+        let a = s0 + relax * (a - s0);
+        let c = c0 + relax * (c - c0);
+        let zero = -c / a;
+        let fits = den > 0.0 && a > 0.0 && a.is_finite();
+        let (s, z) = (round_f16(a), round_f16(zero));
+        (fits && s > 0.0 && s.is_finite() && z.is_finite()).then_some((s, z))
+    })
 }
 
 /// Step 2 for every lane with `active` set: the half-quadratic zero iterations at the fixed
 /// scale `1 / inv`, from `start`, each lane stopping once its mean absolute error stops
 /// decreasing. Returns each lane's zero with the lowest mean absolute error seen.
 fn optimize_zeros(
-    scratch: &mut Scratch,
+    x: &[Lanes],
     active: &[bool; WIDTH],
     inv: &Lanes,
     start: &Lanes,
@@ -279,15 +337,7 @@ fn optimize_zeros(
     iterations: usize,
     solver: &Solver,
 ) -> Lanes {
-    let n = scratch.x.len() as f64;
-    scratch.y.clear();
-    scratch.y.extend(
-        scratch
-            .x
-            .iter()
-            .map(|row| std::array::from_fn(|l| row[l] * inv[l])),
-    );
-    let y = &scratch.y[..];
+    let n = x.len() as f64;
     let p1 = solver.lp_norm - 1.0;
     let mut running = *active;
     let mut z = *start;
@@ -296,14 +346,16 @@ fn optimize_zeros(
     let mut inv_beta = [1.0 / solver.beta; WIDTH];
     let mut beta = [solver.beta; WIDTH];
     let growth = solver.growth();
-    for _ in 0..solver.steps(iterations) {
+    // The last step's zero is taken without measuring its error (the least-squares rounds
+    // score it), so `steps` updates take `steps - 1` passes.
+    for _ in 1..solver.steps(iterations) {
         if !running.iter().any(|&r| r) {
             break;
         }
         let [update, abs_err] = if solver.lp_norm == 0.5 {
-            hqq_pass(y, &z, &inv_beta, qmax)
+            hqq_pass(x, inv, &z, &inv_beta, qmax)
         } else {
-            hqq_pass_lp(y, &z, &inv_beta, qmax, p1)
+            hqq_pass_lp(x, inv, &z, &inv_beta, qmax, p1)
         };
         for l in 0..WIDTH {
             if !running[l] {
@@ -320,26 +372,38 @@ fn optimize_zeros(
             inv_beta[l] = 1.0 / beta[l];
         }
     }
+    for l in 0..WIDTH {
+        if running[l] {
+            best_z[l] = z[l];
+        }
+    }
     best_z
 }
 
 /// One half-quadratic pass (`p = 1/2`) of every lane at its zero `z`:
 /// `[sum (q - y + shrink(e)), sum |e|]`, with the shrinkage threshold `1 / (beta sqrt|e|)`.
 #[inline(always)]
-fn hqq_pass_body(y: &[Lanes], z: &Lanes, inv_beta: &Lanes, qmax: f32) -> [[f64; WIDTH]; 2] {
-    let (z, inv_beta) = (*z, *inv_beta);
+fn hqq_pass_body(
+    x: &[Lanes],
+    inv: &Lanes,
+    z: &Lanes,
+    inv_beta: &Lanes,
+    qmax: f32,
+) -> [[f64; WIDTH]; 2] {
+    let (inv, z, inv_beta) = (*inv, *z, *inv_beta);
     let mut total = [[0f64; WIDTH]; 2];
-    for run in y.chunks(FLUSH) {
+    for run in x.chunks(FLUSH) {
         let mut update = [0f32; WIDTH];
         let mut abs_err = [0f32; WIDTH];
         for row in run {
             for l in 0..WIDTH {
-                let t = row[l] + z[l];
+                let y = row[l] * inv[l];
+                let t = y + z[l];
                 let q = code(t, qmax);
                 let e = t - q;
                 let ae = e.abs();
                 let shrunk = at_least_zero(ae - inv_beta[l] / ae.sqrt()).copysign(e);
-                update[l] += q - row[l] + shrunk;
+                update[l] += q - y + shrunk;
                 abs_err[l] += ae;
             }
         }
@@ -352,19 +416,27 @@ fn hqq_pass_body(y: &[Lanes], z: &Lanes, inv_beta: &Lanes, qmax: f32) -> [[f64; 
 }
 
 crate::dtype::avx2_dispatch!(
-    fn hqq_pass(y: &[Lanes], z: &Lanes, inv_beta: &Lanes, qmax: f32) -> [[f64; WIDTH]; 2]
-        => hqq_pass_body
+    fn hqq_pass(x: &[Lanes], inv: &Lanes, z: &Lanes, inv_beta: &Lanes, qmax: f32)
+        -> [[f64; WIDTH]; 2] => hqq_pass_body
 );
 
 /// [`hqq_pass`] for any `p` (threshold `|e|^(p-1) / beta` by [`super::fast_pow`]).
-fn hqq_pass_lp(y: &[Lanes], z: &Lanes, inv_beta: &Lanes, qmax: f32, p1: f32) -> [[f64; WIDTH]; 2] {
-    lane_sums(y, |l, row| {
-        let t = row[l] + z[l];
+fn hqq_pass_lp(
+    x: &[Lanes],
+    inv: &Lanes,
+    z: &Lanes,
+    inv_beta: &Lanes,
+    qmax: f32,
+    p1: f32,
+) -> [[f64; WIDTH]; 2] {
+    lane_sums(x, |l, row| {
+        let y = row[l] * inv[l];
+        let t = y + z[l];
         let q = code(t, qmax);
         let e = t - q;
         let ae = e.abs();
         let shrunk = at_least_zero(ae - super::fast_pow(ae, p1) * inv_beta[l]).copysign(e);
-        [q - row[l] + shrunk, ae]
+        [q - y + shrunk, ae]
     })
 }
 
@@ -439,37 +511,20 @@ crate::dtype::avx2_dispatch!(
     fn rtn_pass(x: &[Lanes], rtn: &RtnLanes) -> [[f64; WIDTH]; 2] => rtn_pass_body
 );
 
-/// The codes of every lane's choice: HQQ's `round(clamp(x / s + z))` (`is = 1 / s`) where
-/// `is_hqq`, the RTN candidate's otherwise.
+/// The HQQ codes `round(clamp(x / s + z))` (`is = 1 / s`) of every lane.
 #[inline(always)]
-fn write_codes_body(
-    x: &[Lanes],
-    is_hqq: &[bool; WIDTH],
-    is: &Lanes,
-    z: &Lanes,
-    rtn: &RtnLanes,
-    qmax: f32,
-    out: &mut [[u8; WIDTH]],
-) {
-    let (is_hqq, is, z, rtn) = (*is_hqq, *is, *z, *rtn);
+fn write_codes_body(x: &[Lanes], is: &Lanes, z: &Lanes, qmax: f32, out: &mut [[u8; WIDTH]]) {
+    let (is, z) = (*is, *z);
     for (row, c) in x.iter().zip(out.iter_mut()) {
         for l in 0..WIDTH {
-            let xv = row[l];
-            let h = code(xv * is[l] + z[l], qmax);
-            let r = rtn.code(l, xv);
-            c[l] = if is_hqq[l] { h } else { r } as u8;
+            // `v + 2^23` for `0 <= v < 2^23` holds `round(v)` in its low mantissa bits.
+            let biased = clamp(row[l] * is[l] + z[l], 0.0, qmax) + ROUND_MAGIC;
+            c[l] = biased.to_bits() as u8;
         }
     }
 }
 
 crate::dtype::avx2_dispatch!(
-    fn write_codes(
-        x: &[Lanes],
-        is_hqq: &[bool; WIDTH],
-        is: &Lanes,
-        z: &Lanes,
-        rtn: &RtnLanes,
-        qmax: f32,
-        out: &mut [[u8; WIDTH]],
-    ) => write_codes_body
+    fn write_codes(x: &[Lanes], is: &Lanes, z: &Lanes, qmax: f32, out: &mut [[u8; WIDTH]])
+        => write_codes_body
 );
