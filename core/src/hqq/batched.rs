@@ -40,8 +40,8 @@ type Lanes = [f32; WIDTH];
 pub(crate) struct Scratch {
     /// The groups, transposed: `x[i][lane]`.
     x: Vec<Lanes>,
-    /// The chosen codes, transposed.
-    codes: Vec<[u8; WIDTH]>,
+    /// The HQQ codes, transposed.
+    codes: Vec<[u32; WIDTH]>,
 }
 
 /// `v` clamped to `[lo, hi]` with plain compares (`minps`/`maxps`; `v` is never NaN here).
@@ -136,9 +136,17 @@ pub(crate) fn hqq_batch(
     // Transpose (missing lanes are all-zero groups, handed to the scalar path below).
     scratch.x.clear();
     scratch.x.resize(len, [0.0; WIDTH]);
-    for (l, (g, _)) in batch.iter().take(count).enumerate() {
-        for (row, &v) in scratch.x.iter_mut().zip(g.iter()) {
-            row[l] = v;
+    if count == WIDTH {
+        // Row by row: sixteen loads and two vector stores per row.
+        let groups: [&[f32]; WIDTH] = std::array::from_fn(|l| &batch[l].0[..len]);
+        for (i, row) in scratch.x.iter_mut().enumerate() {
+            *row = std::array::from_fn(|l| groups[l][i]);
+        }
+    } else {
+        for (l, (g, _)) in batch.iter().take(count).enumerate() {
+            for (row, &v) in scratch.x.iter_mut().zip(g.iter()) {
+                row[l] = v;
+            }
         }
     }
     let x = &scratch.x[..];
@@ -275,7 +283,7 @@ pub(crate) fn hqq_batch(
             }
             Choice::Hqq(sl, zl) => {
                 for (c, row) in c.iter_mut().zip(&scratch.codes) {
-                    *c = row[l];
+                    *c = row[l] as u8;
                 }
                 out[l] = (sl, zl);
             }
@@ -283,21 +291,61 @@ pub(crate) fn hqq_batch(
     }
 }
 
-/// `v` rounded to the nearest f16 value, ties to even, by way of f32 (as an F16C conversion
-/// of an f64 does; infinite on overflow). Normal
-/// f16 magnitudes are rounded with integer arithmetic on the f32 bits; the rest (subnormal
-/// f16, overflow, NaN) through [`half::f16`].
+/// `v` rounded to the nearest f16 value, ties to even, for `2^-14 <= |v| < 65504` (normal
+/// f16 magnitudes), with integer arithmetic on the f32 bits.
 #[inline(always)]
-fn round_f16(v: f64) -> f32 {
-    let v = v as f32;
+fn round_f16_normal(v: f32) -> f32 {
+    let b = v.to_bits();
+    f32::from_bits((b + 0x0FFF + ((b >> 13) & 1)) & 0xFFFF_E000)
+}
+
+/// Whether [`round_f16_normal`] applies to `v`.
+#[inline(always)]
+fn f16_normal(v: f32) -> bool {
     let a = v.abs();
-    if (6.103_515_6e-5..65_504.0).contains(&a) {
-        let b = v.to_bits();
-        f32::from_bits((b + 0x0FFF + ((b >> 13) & 1)) & 0xFFFF_E000)
-    } else {
-        half::f16::from_f32(v).to_f32()
+    (6.103_515_6e-5..65_504.0).contains(&a)
+}
+
+/// `v` rounded to the nearest f16 value, ties to even, by way of f32 (as an F16C conversion
+/// of an f64 does; infinite on overflow).
+fn round_f16(v: f32) -> f32 {
+    match f16_normal(v) {
+        true => round_f16_normal(v),
+        false => half::f16::from_f32(v).to_f32(),
     }
 }
+
+/// The over-relaxed least-squares fits of [`refit_f16_lanes`] before rounding: `(a, zero)`
+/// as f32, and whether the fit is valid.
+#[inline(always)]
+fn refit_lanes_body(
+    n: f64,
+    sums: &[[f64; WIDTH]; 4],
+    s: &Lanes,
+    z: &Lanes,
+    relax: f64,
+) -> (Lanes, Lanes, [bool; WIDTH]) {
+    let [sq, sqq, sx, sqx] = sums;
+    let (mut a_out, mut z_out, mut fits) = ([0f32; WIDTH], [0f32; WIDTH], [false; WIDTH]);
+    let inv_n = 1.0 / n;
+    for l in 0..WIDTH {
+        let den = n * sqq[l] - sq[l] * sq[l];
+        let a = (n * sqx[l] - sq[l] * sx[l]) / den;
+        let c = (sx[l] - a * sq[l]) * inv_n;
+        let (s0, c0) = (f64::from(s[l]), -f64::from(z[l]) * f64::from(s[l]));
+        let a = s0 + relax * (a - s0);
+        let c = c0 + relax * (c - c0);
+        fits[l] = den > 0.0 && a > 0.0 && a < f64::from(f32::MAX);
+        a_out[l] = a as f32;
+        z_out[l] = (-c / a) as f32;
+    }
+    (a_out, z_out, fits)
+}
+
+crate::dtype::avx2_dispatch!(
+    fn refit_lanes(n: f64, sums: &[[f64; WIDTH]; 4], s: &Lanes, z: &Lanes, relax: f64)
+        -> (Lanes, Lanes, [bool; WIDTH]) => refit_lanes_body
+);
 
 /// The least-squares refit of [`Storage::refit`] for real f16 pairs in every lane at once:
 /// `x ~ a q + c` from the sums `[q, q^2, x, q x]` of the codes of the pair `(s, z)`,
@@ -306,23 +354,23 @@ fn round_f16(v: f64) -> f32 {
 /// valid pair.
 fn refit_f16_lanes(
     n: f64,
-    [sq, sqq, sx, sqx]: &[[f64; WIDTH]; 4],
+    sums: &[[f64; WIDTH]; 4],
     s: &Lanes,
     z: &Lanes,
     relax: f64,
 ) -> [Option<(f32, f32)>; WIDTH] {
-    std::array::from_fn(|l| {
-        let den = n * sqq[l] - sq[l] * sq[l];
-        let a = (n * sqx[l] - sq[l] * sx[l]) / den;
-        let c = (sx[l] - a * sq[l]) / n;
-        let (s0, c0) = (f64::from(s[l]), -f64::from(z[l]) * f64::from(s[l]));
-        let a = s0 + relax * (a - s0);
-        let c = c0 + relax * (c - c0);
-        let zero = -c / a;
-        let fits = den > 0.0 && a > 0.0 && a.is_finite();
-        let (s, z) = (round_f16(a), round_f16(zero));
-        (fits && s > 0.0 && s.is_finite() && z.is_finite()).then_some((s, z))
-    })
+    let (a, zero, fits) = refit_lanes(n, sums, s, z, relax);
+    let mut out = [None; WIDTH];
+    for l in 0..WIDTH {
+        let (s, z) = match f16_normal(a[l]) && f16_normal(zero[l]) {
+            true => (round_f16_normal(a[l]), round_f16_normal(zero[l])),
+            false => (round_f16(a[l]), round_f16(zero[l])),
+        };
+        if fits[l] && s > 0.0 && s.is_finite() && z.is_finite() {
+            out[l] = Some((s, z));
+        }
+    }
+    out
 }
 
 /// Step 2 for every lane with `active` set: the half-quadratic zero iterations at the fixed
@@ -513,18 +561,18 @@ crate::dtype::avx2_dispatch!(
 
 /// The HQQ codes `round(clamp(x / s + z))` (`is = 1 / s`) of every lane.
 #[inline(always)]
-fn write_codes_body(x: &[Lanes], is: &Lanes, z: &Lanes, qmax: f32, out: &mut [[u8; WIDTH]]) {
+fn write_codes_body(x: &[Lanes], is: &Lanes, z: &Lanes, qmax: f32, out: &mut [[u32; WIDTH]]) {
     let (is, z) = (*is, *z);
     for (row, c) in x.iter().zip(out.iter_mut()) {
         for l in 0..WIDTH {
             // `v + 2^23` for `0 <= v < 2^23` holds `round(v)` in its low mantissa bits.
             let biased = clamp(row[l] * is[l] + z[l], 0.0, qmax) + ROUND_MAGIC;
-            c[l] = biased.to_bits() as u8;
+            c[l] = biased.to_bits() & 0xFF;
         }
     }
 }
 
 crate::dtype::avx2_dispatch!(
-    fn write_codes(x: &[Lanes], is: &Lanes, z: &Lanes, qmax: f32, out: &mut [[u8; WIDTH]])
+    fn write_codes(x: &[Lanes], is: &Lanes, z: &Lanes, qmax: f32, out: &mut [[u32; WIDTH]])
         => write_codes_body
 );
