@@ -425,6 +425,35 @@ fn bench_like_matrix(rows: usize, seed: u64) -> Vec<f32> {
     out
 }
 
+/// The batched refit's f16 rounding agrees with `half` on every f16 value, the midpoints
+/// between neighbours (ties to even) and points near them, normal or not.
+#[test]
+fn batched_f16_rounding_matches_half() {
+    let mut checked = 0;
+    for bits in 0..=0x7BFFu16 {
+        let v = f16::from_bits(bits).to_f32();
+        let next = f16::from_bits(bits + 1).to_f32();
+        let mid = 0.5 * (v + next);
+        for x in [
+            v,
+            mid,
+            f32::from_bits(mid.to_bits() - 1),
+            f32::from_bits(mid.to_bits() + 1),
+        ] {
+            for x in [x, -x] {
+                let expected = f16::from_f32(x).to_f32();
+                assert_eq!(batched::round_f16(x).to_bits(), expected.to_bits(), "{x:e}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 200_000);
+    assert_eq!(batched::round_f16(1e6), f32::INFINITY);
+}
+
+/// Error of solver settings on a matrix like the `hqq` bench's, against the reference solver
+/// (how the batched shortcuts were chosen): `cargo test --release -p shardpress-core --lib
+/// hqq::tests::speed_variants -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn speed_variants() {
