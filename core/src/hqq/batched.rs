@@ -11,14 +11,16 @@
 //! reduced across lanes.
 //!
 //! Every lane runs the steps of [`super::hqq_group`] (see the module docs of [`super`]) on its
-//! own group: the same min-max start, half-quadratic steps with the same early stop
-//! (lanes that stop are frozen while the others go on), the same least-squares rounds with the
-//! same fixed-point stop, and the same per-group choice against the same asymmetric RTN
-//! candidate, scored by its squared error. Only the order of the sums differs (per lane, in f32
-//! over runs of [`FLUSH`] elements, added in f64), so the result can differ from
-//! [`super::hqq_group`]'s in the last bits of the sums. A lane's result depends only on its
-//! own group, never on the other lanes, so it does not depend on how groups are batched or on
-//! the thread count.
+//! own group, with the batched shortcuts described there: the same min-max start,
+//! half-quadratic steps with the same early stop (lanes that stop are frozen while the others
+//! go on) but without the pass that would only measure the last step's zero (integer zeros
+//! skip these steps), least-squares rounds with the same fixed-point stop (over-relaxed, and 3
+//! of them, for real f16 pairs; their f16 rounding goes by way of f32, as an F16C conversion
+//! does, whatever the CPU), and the same per-group choice against the same asymmetric RTN
+//! candidate, scored by its squared error, so a group is never worse than RTN. The sums are
+//! per lane, in f32 over runs of [`FLUSH`] elements, added in f64. A lane's result depends
+//! only on its own group, never on the other lanes, so it does not depend on how groups are
+//! batched or on the thread count.
 //!
 //! Groups that hold NaN or infinities, all-zero groups and lanes without a group are handed
 //! to [`super::hqq_group`] (which falls back to RTN for them).
@@ -40,10 +42,8 @@ type Lanes = [f32; WIDTH];
 pub(crate) struct Scratch {
     /// The groups, transposed: `x[i][lane]`.
     x: Vec<Lanes>,
-    /// `x * inv` (the groups in code units of the min-max scale).
-    y: Vec<Lanes>,
-    /// The chosen codes, transposed.
-    codes: Vec<[u8; WIDTH]>,
+    /// The HQQ codes, transposed.
+    codes: Vec<[u32; WIDTH]>,
 }
 
 /// `v` clamped to `[lo, hi]` with plain compares (`minps`/`maxps`; `v` is never NaN here).
@@ -138,9 +138,20 @@ pub(crate) fn hqq_batch(
     // Transpose (missing lanes are all-zero groups, handed to the scalar path below).
     scratch.x.clear();
     scratch.x.resize(len, [0.0; WIDTH]);
-    for (l, (g, _)) in batch.iter().take(count).enumerate() {
-        for (row, &v) in scratch.x.iter_mut().zip(g.iter()) {
-            row[l] = v;
+    if count == WIDTH {
+        // Four lanes at a time: four loads and one 16-byte store per row (four group
+        // pointers stay in registers, sixteen would not).
+        for (quad, groups) in batch.chunks_exact(4).enumerate() {
+            let [g0, g1, g2, g3] = [0, 1, 2, 3].map(|k| &groups[k].0[..len]);
+            for (i, row) in scratch.x.iter_mut().enumerate() {
+                row[4 * quad..4 * quad + 4].copy_from_slice(&[g0[i], g1[i], g2[i], g3[i]]);
+            }
+        }
+    } else {
+        for (l, (g, _)) in batch.iter().take(count).enumerate() {
+            for (row, &v) in scratch.x.iter_mut().zip(g.iter()) {
+                row[l] = v;
+            }
         }
     }
     let x = &scratch.x[..];
@@ -202,8 +213,12 @@ pub(crate) fn hqq_batch(
     }
 
     if hqq.iter().any(|&h| h) {
-        let best_zero = optimize_zeros(scratch, &hqq, &inv, &zero, qmax, iterations, solver);
         let x = &scratch.x[..];
+        let iterations = match storage {
+            Storage::IntegerZero(_) if !solver.integer_zero_hqq => 0,
+            _ => iterations,
+        };
+        let best_zero = optimize_zeros(x, &hqq, &inv, &zero, qmax, iterations, solver);
         let mut best = [f64::INFINITY; WIDTH];
         let mut current = [None; WIDTH];
         for l in 0..WIDTH {
@@ -212,7 +227,11 @@ pub(crate) fn hqq_batch(
                 current[l] = storage.store(f64::from(scale[l]), f64::from(best_zero[l]), qmax);
             }
         }
-        for _ in 0..=solver.refit_rounds {
+        let rounds = match storage {
+            Storage::F16Pair => solver.relaxed_refit_rounds,
+            Storage::IntegerZero(_) => solver.refit_rounds,
+        };
+        for _ in 0..=rounds {
             if current.iter().all(Option::is_none) {
                 break;
             }
@@ -225,53 +244,145 @@ pub(crate) fn hqq_batch(
             }
             let is = s.map(|v| 1.0 / v);
             let [sse, sq, sqq, sqx] = score_pass(x, &s, &is, &z, qmax);
+            let next = match storage {
+                Storage::F16Pair => {
+                    let sums = [sq, sqq, sum_x, sqx];
+                    refit_f16_lanes(n, &sums, &s, &z, solver.refit_relax)
+                }
+                Storage::IntegerZero(_) => std::array::from_fn(|l| match current[l] {
+                    Some(_) => storage.refit(n, [sq[l], sqq[l], sum_x[l], sqx[l]], qmax),
+                    None => None,
+                }),
+            };
             for l in 0..WIDTH {
                 let Some(pair) = current[l] else { continue };
                 if sse[l] < best[l] {
                     best[l] = sse[l];
                     choice[l] = Choice::Hqq(pair.0, pair.1);
                 }
-                let next = storage.refit(n, [sq[l], sqq[l], sum_x[l], sqx[l]], qmax);
-                current[l] = if next == Some(pair) { None } else { next };
+                current[l] = if next[l] == Some(pair) { None } else { next[l] };
             }
         }
     }
 
-    // The codes of each lane's choice, in one sweep.
-    let mut is_hqq = [false; WIDTH];
+    // The HQQ codes of every lane in one sweep; RTN lanes are then coded on their own.
     let (mut is, mut z) = ([1f32; WIDTH], [0f32; WIDTH]);
     for l in 0..WIDTH {
         if let Choice::Hqq(sl, zl) = choice[l] {
-            (is_hqq[l], is[l], z[l]) = (true, 1.0 / sl, zl);
+            (is[l], z[l]) = (1.0 / sl, zl);
         }
     }
     scratch.codes.clear();
     scratch.codes.resize(len, [0; WIDTH]);
-    write_codes(&scratch.x, &is_hqq, &is, &z, &rtn, qmax, &mut scratch.codes);
+    write_codes(&scratch.x, &is, &z, qmax, &mut scratch.codes);
     for l in 0..count {
+        let (g, c) = &mut batch[l];
         match choice[l] {
-            Choice::Scalar => {
-                let (g, c) = &mut batch[l];
-                out[l] = hqq_group(bits, iterations, solver, storage, g, c);
-            }
-            Choice::Rtn | Choice::Hqq(..) => {
-                for (c, row) in batch[l].1.iter_mut().zip(&scratch.codes) {
-                    *c = row[l];
+            Choice::Scalar => out[l] = hqq_group(bits, iterations, solver, storage, g, c),
+            Choice::Rtn => {
+                let r = &rtn;
+                for (c, &v) in c.iter_mut().zip(g.iter()) {
+                    *c = r.code(l, v) as u8;
                 }
-                out[l] = match choice[l] {
-                    Choice::Hqq(sl, zl) => (sl, zl),
-                    _ => rtn_params[l],
-                };
+                out[l] = rtn_params[l];
+            }
+            Choice::Hqq(sl, zl) => {
+                for (c, row) in c.iter_mut().zip(&scratch.codes) {
+                    *c = row[l] as u8;
+                }
+                out[l] = (sl, zl);
             }
         }
     }
+}
+
+/// `v` rounded to the nearest f16 value, ties to even, for `2^-14 <= |v| < 65504` (normal
+/// f16 magnitudes), with integer arithmetic on the f32 bits.
+#[inline(always)]
+fn round_f16_normal(v: f32) -> f32 {
+    let b = v.to_bits();
+    f32::from_bits((b + 0x0FFF + ((b >> 13) & 1)) & 0xFFFF_E000)
+}
+
+/// Whether [`round_f16_normal`] applies to `v`.
+#[inline(always)]
+fn f16_normal(v: f32) -> bool {
+    let a = v.abs();
+    (6.103_515_6e-5..65_504.0).contains(&a)
+}
+
+/// `v` rounded to the nearest f16 value, ties to even, by way of f32 (as an F16C conversion
+/// of an f64 does; infinite on overflow).
+pub(super) fn round_f16(v: f32) -> f32 {
+    match f16_normal(v) {
+        true => round_f16_normal(v),
+        false => half::f16::from_f32(v).to_f32(),
+    }
+}
+
+/// The over-relaxed least-squares fits of [`refit_f16_lanes`] before rounding: `(a, zero)`
+/// as f32, and whether the fit is valid.
+#[inline(always)]
+fn refit_lanes_body(
+    n: f64,
+    sums: &[[f64; WIDTH]; 4],
+    s: &Lanes,
+    z: &Lanes,
+    relax: f64,
+) -> (Lanes, Lanes, [bool; WIDTH]) {
+    let [sq, sqq, sx, sqx] = sums;
+    let (mut a_out, mut z_out, mut fits) = ([0f32; WIDTH], [0f32; WIDTH], [false; WIDTH]);
+    let inv_n = 1.0 / n;
+    for l in 0..WIDTH {
+        let den = n * sqq[l] - sq[l] * sq[l];
+        let a = (n * sqx[l] - sq[l] * sx[l]) / den;
+        let c = (sx[l] - a * sq[l]) * inv_n;
+        let (s0, c0) = (f64::from(s[l]), -f64::from(z[l]) * f64::from(s[l]));
+        let a = s0 + relax * (a - s0);
+        let c = c0 + relax * (c - c0);
+        fits[l] = den > 0.0 && a > 0.0 && a < f64::from(f32::MAX);
+        a_out[l] = a as f32;
+        z_out[l] = (-c / a) as f32;
+    }
+    (a_out, z_out, fits)
+}
+
+crate::dtype::avx2_dispatch!(
+    fn refit_lanes(n: f64, sums: &[[f64; WIDTH]; 4], s: &Lanes, z: &Lanes, relax: f64)
+        -> (Lanes, Lanes, [bool; WIDTH]) => refit_lanes_body
+);
+
+/// The least-squares refit of [`Storage::refit`] for real f16 pairs in every lane at once:
+/// `x ~ a q + c` from the sums `[q, q^2, x, q x]` of the codes of the pair `(s, z)`,
+/// moved `relax` times as far from `(s, -z s)` (over-relaxation), then
+/// `(s, z) = (a, -c / a)` rounded to f16; `None` where the fit or its rounding is not a
+/// valid pair.
+fn refit_f16_lanes(
+    n: f64,
+    sums: &[[f64; WIDTH]; 4],
+    s: &Lanes,
+    z: &Lanes,
+    relax: f64,
+) -> [Option<(f32, f32)>; WIDTH] {
+    let (a, zero, fits) = refit_lanes(n, sums, s, z, relax);
+    let mut out = [None; WIDTH];
+    for l in 0..WIDTH {
+        let (s, z) = match f16_normal(a[l]) && f16_normal(zero[l]) {
+            true => (round_f16_normal(a[l]), round_f16_normal(zero[l])),
+            false => (round_f16(a[l]), round_f16(zero[l])),
+        };
+        if fits[l] && s > 0.0 && s.is_finite() && z.is_finite() {
+            out[l] = Some((s, z));
+        }
+    }
+    out
 }
 
 /// Step 2 for every lane with `active` set: the half-quadratic zero iterations at the fixed
 /// scale `1 / inv`, from `start`, each lane stopping once its mean absolute error stops
 /// decreasing. Returns each lane's zero with the lowest mean absolute error seen.
 fn optimize_zeros(
-    scratch: &mut Scratch,
+    x: &[Lanes],
     active: &[bool; WIDTH],
     inv: &Lanes,
     start: &Lanes,
@@ -279,15 +390,7 @@ fn optimize_zeros(
     iterations: usize,
     solver: &Solver,
 ) -> Lanes {
-    let n = scratch.x.len() as f64;
-    scratch.y.clear();
-    scratch.y.extend(
-        scratch
-            .x
-            .iter()
-            .map(|row| std::array::from_fn(|l| row[l] * inv[l])),
-    );
-    let y = &scratch.y[..];
+    let n = x.len() as f64;
     let p1 = solver.lp_norm - 1.0;
     let mut running = *active;
     let mut z = *start;
@@ -296,14 +399,16 @@ fn optimize_zeros(
     let mut inv_beta = [1.0 / solver.beta; WIDTH];
     let mut beta = [solver.beta; WIDTH];
     let growth = solver.growth();
-    for _ in 0..solver.steps(iterations) {
+    // The last step's zero is taken without measuring its error (the least-squares rounds
+    // score it), so `steps` updates take `steps - 1` passes.
+    for _ in 1..solver.steps(iterations) {
         if !running.iter().any(|&r| r) {
             break;
         }
         let [update, abs_err] = if solver.lp_norm == 0.5 {
-            hqq_pass(y, &z, &inv_beta, qmax)
+            hqq_pass(x, inv, &z, &inv_beta, qmax)
         } else {
-            hqq_pass_lp(y, &z, &inv_beta, qmax, p1)
+            hqq_pass_lp(x, inv, &z, &inv_beta, qmax, p1)
         };
         for l in 0..WIDTH {
             if !running[l] {
@@ -320,26 +425,38 @@ fn optimize_zeros(
             inv_beta[l] = 1.0 / beta[l];
         }
     }
+    for l in 0..WIDTH {
+        if running[l] {
+            best_z[l] = z[l];
+        }
+    }
     best_z
 }
 
 /// One half-quadratic pass (`p = 1/2`) of every lane at its zero `z`:
 /// `[sum (q - y + shrink(e)), sum |e|]`, with the shrinkage threshold `1 / (beta sqrt|e|)`.
 #[inline(always)]
-fn hqq_pass_body(y: &[Lanes], z: &Lanes, inv_beta: &Lanes, qmax: f32) -> [[f64; WIDTH]; 2] {
-    let (z, inv_beta) = (*z, *inv_beta);
+fn hqq_pass_body(
+    x: &[Lanes],
+    inv: &Lanes,
+    z: &Lanes,
+    inv_beta: &Lanes,
+    qmax: f32,
+) -> [[f64; WIDTH]; 2] {
+    let (inv, z, inv_beta) = (*inv, *z, *inv_beta);
     let mut total = [[0f64; WIDTH]; 2];
-    for run in y.chunks(FLUSH) {
+    for run in x.chunks(FLUSH) {
         let mut update = [0f32; WIDTH];
         let mut abs_err = [0f32; WIDTH];
         for row in run {
             for l in 0..WIDTH {
-                let t = row[l] + z[l];
+                let y = row[l] * inv[l];
+                let t = y + z[l];
                 let q = code(t, qmax);
                 let e = t - q;
                 let ae = e.abs();
                 let shrunk = at_least_zero(ae - inv_beta[l] / ae.sqrt()).copysign(e);
-                update[l] += q - row[l] + shrunk;
+                update[l] += q - y + shrunk;
                 abs_err[l] += ae;
             }
         }
@@ -352,19 +469,27 @@ fn hqq_pass_body(y: &[Lanes], z: &Lanes, inv_beta: &Lanes, qmax: f32) -> [[f64; 
 }
 
 crate::dtype::avx2_dispatch!(
-    fn hqq_pass(y: &[Lanes], z: &Lanes, inv_beta: &Lanes, qmax: f32) -> [[f64; WIDTH]; 2]
-        => hqq_pass_body
+    fn hqq_pass(x: &[Lanes], inv: &Lanes, z: &Lanes, inv_beta: &Lanes, qmax: f32)
+        -> [[f64; WIDTH]; 2] => hqq_pass_body
 );
 
 /// [`hqq_pass`] for any `p` (threshold `|e|^(p-1) / beta` by [`super::fast_pow`]).
-fn hqq_pass_lp(y: &[Lanes], z: &Lanes, inv_beta: &Lanes, qmax: f32, p1: f32) -> [[f64; WIDTH]; 2] {
-    lane_sums(y, |l, row| {
-        let t = row[l] + z[l];
+fn hqq_pass_lp(
+    x: &[Lanes],
+    inv: &Lanes,
+    z: &Lanes,
+    inv_beta: &Lanes,
+    qmax: f32,
+    p1: f32,
+) -> [[f64; WIDTH]; 2] {
+    lane_sums(x, |l, row| {
+        let y = row[l] * inv[l];
+        let t = y + z[l];
         let q = code(t, qmax);
         let e = t - q;
         let ae = e.abs();
         let shrunk = at_least_zero(ae - super::fast_pow(ae, p1) * inv_beta[l]).copysign(e);
-        [q - row[l] + shrunk, ae]
+        [q - y + shrunk, ae]
     })
 }
 
@@ -439,37 +564,20 @@ crate::dtype::avx2_dispatch!(
     fn rtn_pass(x: &[Lanes], rtn: &RtnLanes) -> [[f64; WIDTH]; 2] => rtn_pass_body
 );
 
-/// The codes of every lane's choice: HQQ's `round(clamp(x / s + z))` (`is = 1 / s`) where
-/// `is_hqq`, the RTN candidate's otherwise.
+/// The HQQ codes `round(clamp(x / s + z))` (`is = 1 / s`) of every lane.
 #[inline(always)]
-fn write_codes_body(
-    x: &[Lanes],
-    is_hqq: &[bool; WIDTH],
-    is: &Lanes,
-    z: &Lanes,
-    rtn: &RtnLanes,
-    qmax: f32,
-    out: &mut [[u8; WIDTH]],
-) {
-    let (is_hqq, is, z, rtn) = (*is_hqq, *is, *z, *rtn);
+fn write_codes_body(x: &[Lanes], is: &Lanes, z: &Lanes, qmax: f32, out: &mut [[u32; WIDTH]]) {
+    let (is, z) = (*is, *z);
     for (row, c) in x.iter().zip(out.iter_mut()) {
         for l in 0..WIDTH {
-            let xv = row[l];
-            let h = code(xv * is[l] + z[l], qmax);
-            let r = rtn.code(l, xv);
-            c[l] = if is_hqq[l] { h } else { r } as u8;
+            // `v + 2^23` for `0 <= v < 2^23` holds `round(v)` in its low mantissa bits.
+            let biased = clamp(row[l] * is[l] + z[l], 0.0, qmax) + ROUND_MAGIC;
+            c[l] = biased.to_bits() & 0xFF;
         }
     }
 }
 
 crate::dtype::avx2_dispatch!(
-    fn write_codes(
-        x: &[Lanes],
-        is_hqq: &[bool; WIDTH],
-        is: &Lanes,
-        z: &Lanes,
-        rtn: &RtnLanes,
-        qmax: f32,
-        out: &mut [[u8; WIDTH]],
-    ) => write_codes_body
+    fn write_codes(x: &[Lanes], is: &Lanes, z: &Lanes, qmax: f32, out: &mut [[u32; WIDTH]])
+        => write_codes_body
 );

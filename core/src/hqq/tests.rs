@@ -405,3 +405,132 @@ fn minilm_error() {
         assert!(new <= reference * 1.005 && new < rtn, "{name}");
     }
 }
+
+/// The `hqq` bench's matrix (rows of per-row std `0.02 exp(0.3 z)`, 1 weight in 2000 x5),
+/// `rows x 1024`, as BF16 values.
+fn bench_like_matrix(rows: usize, seed: u64) -> Vec<f32> {
+    let g = sample("gaussian", rows * 1025 + rows, 1.0, seed);
+    let u = sample("laplace", rows * 1024, 1.0, seed + 1);
+    let mut out = Vec::with_capacity(rows * 1024);
+    for r in 0..rows {
+        let std = 0.02 * (0.3 * f64::from(g[rows * 1024 + r])).exp();
+        for c in 0..1024 {
+            let mut v = f64::from(g[r * 1024 + c]) * std;
+            if u[r * 1024 + c].abs() > 7.6 {
+                v *= 5.0;
+            }
+            out.push(half::bf16::from_f64(v).to_f32());
+        }
+    }
+    out
+}
+
+/// The batched refit's f16 rounding agrees with `half` on every f16 value, the midpoints
+/// between neighbours (ties to even) and points near them, normal or not.
+#[test]
+fn batched_f16_rounding_matches_half() {
+    let mut checked = 0;
+    for bits in 0..=0x7BFFu16 {
+        let v = f16::from_bits(bits).to_f32();
+        let next = f16::from_bits(bits + 1).to_f32();
+        let mid = 0.5 * (v + next);
+        for x in [
+            v,
+            mid,
+            f32::from_bits(mid.to_bits() - 1),
+            f32::from_bits(mid.to_bits() + 1),
+        ] {
+            for x in [x, -x] {
+                let expected = f16::from_f32(x).to_f32();
+                assert_eq!(batched::round_f16(x).to_bits(), expected.to_bits(), "{x:e}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 200_000);
+    assert_eq!(batched::round_f16(1e6), f32::INFINITY);
+}
+
+/// Error of solver settings on a matrix like the `hqq` bench's, against the reference solver
+/// (how the batched shortcuts were chosen): `cargo test --release -p shardpress-core --lib
+/// hqq::tests::speed_variants -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn speed_variants() {
+    let x = bench_like_matrix(512, 3);
+    let hqq4 = HqqConfig::new(4, Granularity::Group(64));
+    let int_zero = HqqConfig {
+        integer_zero: true,
+        scale_dtype: ScaleDtype::Bf16,
+        ..HqqConfig::new(4, Granularity::Group(128))
+    };
+    for cfg in [hqq4, int_zero] {
+        let e_ref = rel_fro(&x, &dequant(&hqq_codes_unbatched(&cfg, &x, 1024).unwrap()));
+        let mut line = format!(
+            "{:?} g{:?} ref {e_ref:.6}:",
+            cfg.integer_zero, cfg.granularity
+        );
+        for (iterations, refit_rounds, refit_relax, integer_zero_hqq) in [
+            (20usize, 5usize, 1.0, true),
+            (20, 3, 1.0, true),
+            (20, 5, 1.0, false),
+            (20, 4, 1.0, false),
+            (20, 3, 1.0, false),
+            (20, 3, 1.5, true),
+            (20, 2, 1.5, true),
+            (20, 3, 2.0, true),
+            (20, 2, 2.0, true),
+            (15, 3, 1.5, true),
+        ] {
+            let s = Solver {
+                refit_rounds,
+                relaxed_refit_rounds: refit_rounds,
+                refit_relax,
+                integer_zero_hqq,
+                ..SOLVER
+            };
+            let c = HqqConfig { iterations, ..cfg };
+            let e = rel_fro(&x, &dequant(&hqq_codes_with(&c, &s, &x, 1024).unwrap()));
+            line += &format!(
+                "\n  it{iterations} r{refit_rounds} w{refit_relax} hqq-int {integer_zero_hqq}: {e:.6} ({:+.3} %)",
+                100.0 * (e / e_ref - 1.0),
+            );
+        }
+        eprintln!("{line}");
+    }
+}
+
+/// Runs one configuration 10 times on one thread (`PROBE=rtn|hqq4|int|none`), for
+/// `perf stat -e cycles` comparisons on a loaded machine.
+#[test]
+#[ignore]
+fn speed_probe() {
+    let x = bench_like_matrix(1024, 3);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let hqq4 = HqqConfig::new(4, Granularity::Group(64));
+    let int_zero = HqqConfig {
+        integer_zero: true,
+        scale_dtype: ScaleDtype::Bf16,
+        ..HqqConfig::new(4, Granularity::Group(128))
+    };
+    let rtn_cfg = QuantizeConfig {
+        bits: 4,
+        symmetric: false,
+        granularity: Granularity::Group(64),
+        scale_dtype: ScaleDtype::F16,
+    };
+    let probe = std::env::var("PROBE").unwrap_or_default();
+    pool.install(|| {
+        for _ in 0..10 {
+            match probe.as_str() {
+                "rtn" => assert!(!rtn_codes(&rtn_cfg, &x, 1024).unwrap().codes.is_empty()),
+                "hqq4" => assert!(!hqq_codes(&hqq4, &x, 1024).unwrap().codes.is_empty()),
+                "int" => assert!(!hqq_codes(&int_zero, &x, 1024).unwrap().codes.is_empty()),
+                _ => {}
+            }
+        }
+    });
+}
