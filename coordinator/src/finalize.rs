@@ -215,20 +215,18 @@ pub async fn advance(coordinator: &Arc<Coordinator>, job_id: &str) {
     }
     if phase == Phase::Measuring {
         let measured = conclude_measuring(&spec, &tasks, started, &names);
-        let recipe = match &measured.precision {
+        // Mixed precision: the later rounds run the recipe with the chosen widths.
+        let recipe = match measured.precision.as_ref().map(|p| &p.choice) {
             None => Ok(None),
-            Some(p) => (p.choice.as_ref())
-                .map_err(|e| format!("mixed precision: {e}"))
-                .and_then(|choice| {
-                    let recipe = spec.recipe.with_chosen_bits(&choice.bits);
-                    recipe
-                        .map(Some)
-                        .map_err(|e| format!("mixed precision: {e}"))
-                }),
+            Some(Ok(choice)) => (spec.recipe.with_chosen_bits(&choice.bits))
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            Some(Err(e)) => Err(e.to_string()),
         };
         let recipe = match recipe {
             Ok(recipe) => recipe,
-            Err(message) => {
+            Err(e) => {
+                let message = format!("mixed precision: {e}");
                 tracing::warn!(job = %job_id, "{message}");
                 coordinator.set_outcome(job_id, JobState::Failed, message, String::new());
                 return;

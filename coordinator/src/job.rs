@@ -76,12 +76,18 @@ pub struct MeasuredPrecision {
 }
 
 impl JobSpec {
-    /// True while the job's tasks only measure (see [`JobSpec::measured`]).
-    pub fn measuring(&self) -> bool {
-        let needs = self.recipe.global_sparsity().is_some()
+    /// True for a job whose first round measures: a global magnitude prune, near-identical
+    /// sharing, or mixed precision (see [`JobSpec::measured`]).
+    pub fn has_measuring_round(&self) -> bool {
+        self.measured.is_some()
+            || self.recipe.global_sparsity().is_some()
             || self.recipe.share_cosine.is_some()
-            || self.recipe.needs_precision_choice();
-        needs && self.measured.is_none()
+            || self.recipe.needs_precision_choice()
+    }
+
+    /// True while the job's tasks only measure.
+    pub fn measuring(&self) -> bool {
+        self.has_measuring_round() && self.measured.is_none()
     }
 
     /// True while the job's tasks are its calibration round's steps.
@@ -814,13 +820,7 @@ fn calibration_slots(calibration: &crate::calibration::Calibration) -> Vec<TaskS
 /// What a job in `phase` says it does: "round k of n: ..." when it has more than one round
 /// (measuring, calibrating, compressing), nothing when it only compresses.
 fn round_message(spec: &JobSpec, phase: Phase) -> String {
-    let measuring = spec.recipe.global_sparsity().is_some()
-        || spec.recipe.share_cosine.is_some()
-        || spec
-            .measured
-            .as_ref()
-            .is_some_and(|m| m.precision.is_some())
-        || spec.recipe.needs_precision_choice();
+    let measuring = spec.has_measuring_round();
     let calibrating = spec.calibration.is_some();
     let rounds = 1 + usize::from(measuring) + usize::from(calibrating);
     let (round, what) = match phase {
