@@ -226,6 +226,8 @@ impl HessianAccumulator {
     /// The full `n × n` Hessian, row-major: `H = 2/rows · Σ x xᵀ` (the normalisation of the
     /// GPTQ reference; all zeros when no rows were seen). The methods' results do not
     /// depend on the factor (damping is relative to the mean diagonal); the proxy losses do.
+    /// This is a dense `n × n` copy (6.6 GB at n = 28672): the methods do not use it, they
+    /// read the packed triangle.
     pub fn hessian(&self) -> Vec<f64> {
         let n = self.n;
         let factor = self.normalisation();
