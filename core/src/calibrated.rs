@@ -27,11 +27,14 @@
 //! count. (Matrix products run in matrixmultiply's kernels, which it picks per CPU at run
 //! time: an FMA and a non-FMA machine may differ in the last bits.)
 //!
-//! Memory: the factorisations run in f64 on full `cols × cols` matrices: a 28672-wide
-//! Hessian (a large down_proj) is 6.5 GB in f64, and GPTQ/SparseGPT hold about three such
-//! matrices at their peak (the Hessian, the factor, the inverse factor). A blocked,
-//! out-of-core variant is left for later; the accumulator itself keeps only the upper
-//! triangle (3.3 GB for that width).
+//! **Memory.** A SOLVE of an `n`-wide Linear holds at most one `n × n` f64 matrix besides
+//! the accumulator's packed triangle: GPTQ and SparseGPT write the damped (permuted,)
+//! reversed Hessian straight from the triangle into one buffer, then factor, invert and
+//! rotate it in place into the inverse factor `U`, which is freed after the sweep; the proxy
+//! losses, AWQ and Wanda read the packed triangle directly. Besides that: `O(n · 64)`
+//! scratch, `O(n · 32)` per worker thread, and the weight-shaped buffers (the f64 working
+//! copy of the weight, the results and the baselines). [`solve_memory_bytes`] bounds the
+//! total; at n = 28672 the `n × n` buffer is 6.6 GB and the triangle 3.3 GB.
 //!
 //! Layout: [`hessian`] (the accumulator and its bytes), [`linalg`] (Cholesky, the inverse
 //! factor, checked dgemm, the proxy loss), [`obs`] (the column sweep with lazy block updates
@@ -52,6 +55,52 @@ pub use gptq::{gptq_codes, GptqConfig};
 pub use hessian::HessianAccumulator;
 pub use sparsegpt::sparsegpt;
 pub use wanda::wanda;
+
+/// Bytes per element of a `rows × n` weight that a SOLVE may hold at once, counted
+/// generously: the caller's f32 weight (4), the f64 working copy of the sweep (8), a result
+/// and a baseline with their decoded f32 values (≤ 10), group scales and zeros of both
+/// (≤ 4 for groups of ≥ 4 columns), masks (1), rounded up.
+const WEIGHT_BYTES_PER_ELEMENT: u64 = 28;
+/// Per worker thread: a strip of rows of `n` f64 values twice (the proxy loss's `Δ`, the
+/// sweep's errors) is `2 · 32 · 8` bytes per column, plus matrixmultiply's packing buffers
+/// (at most `(64 + 1024) · 256` f64 per product) and small per-task vectors.
+const THREAD_BYTES_PER_COLUMN: u64 = 2 * 32 * 8;
+/// See [`THREAD_BYTES_PER_COLUMN`]: the fixed part per thread.
+const THREAD_FIXED_BYTES: u64 = (64 + 1024) * 256 * 8 + (1 << 20);
+
+/// An upper bound on the heap bytes a SOLVE step holds at its peak for an `n`-wide Linear
+/// (`in_features = n`) with `rows` output rows, for every method here ([`gptq_codes`] with
+/// or without act-order, [`sparsegpt`], [`awq_codes`], [`wanda`]), *including* its inputs:
+/// the accumulator's packed triangle and the f32 weight. It is the sum of
+/// - one `n × n` f64 matrix (`8n²`: the inverse factor, built in place) and the packed
+///   triangle (`4n(n+1)`);
+/// - 28 bytes per weight element (the f32 weight, the f64 working copy, the result, the
+///   data-free baseline, group parameters, masks);
+/// - `O(n)` scratch: three `n × 64` f64 panels and 64 bytes per column of per-column vectors;
+/// - 256 bytes per row for the sweep's per-row states;
+/// - per thread of rayon's current pool ([`rayon::current_num_threads`], the pool the
+///   methods run in): `512 n` bytes of strip scratch and 3 MiB for matrixmultiply's packing.
+///
+/// Measured peaks (core/tests/solve_memory.rs) are about 60 % of it at n = 1024, rows 512.
+/// Not counted: allocator fragmentation. Saturates at `u64::MAX` instead of overflowing.
+pub fn solve_memory_bytes(n: usize, rows: usize) -> u64 {
+    let (n, rows) = (n as u64, rows as u64);
+    let threads = rayon::current_num_threads() as u64;
+    let square = n.saturating_mul(n).saturating_mul(8);
+    let triangle = n.saturating_mul(n.saturating_add(1)).saturating_mul(4);
+    let weights = rows
+        .saturating_mul(n)
+        .saturating_mul(WEIGHT_BYTES_PER_ELEMENT);
+    let scratch = n.saturating_mul(3 * 64 * 8 + 64);
+    let per_row = rows.saturating_mul(256);
+    let per_thread = n
+        .saturating_mul(THREAD_BYTES_PER_COLUMN)
+        .saturating_add(THREAD_FIXED_BYTES)
+        .saturating_mul(threads);
+    [triangle, weights, scratch, per_row, per_thread]
+        .iter()
+        .fold(square, |total, &part| total.saturating_add(part))
+}
 
 /// Why a calibrated method (or the accumulator) refused its input.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -173,14 +222,21 @@ pub(crate) fn no_statistics_stats() -> MethodStats {
     }
 }
 
-/// The proxy loss `tr(ΔW H ΔWᵀ)` of `result` against `weight` (both rows of `n`).
-pub(crate) fn proxy_against(weight: &[f32], result: &[f32], n: usize, h: &[f64]) -> f64 {
-    let delta: Vec<f64> = weight
-        .par_iter()
-        .zip(result)
-        .map(|(&w, &r)| f64::from(r) - f64::from(w))
-        .collect();
-    linalg::proxy_loss(&delta, h, n)
+/// The proxy loss `tr(ΔW H ΔWᵀ)` of `result` against `weight` (both rows of `n`), with the
+/// normalised `H` of `hessian`, read from its packed triangle (no `n × n` copy).
+pub(crate) fn proxy_against(
+    weight: &[f32],
+    result: &[f32],
+    n: usize,
+    hessian: &HessianAccumulator,
+) -> f64 {
+    linalg::proxy_loss(
+        weight,
+        result,
+        n,
+        hessian.packed_upper(),
+        hessian.normalisation(),
+    )
 }
 
 /// The magnitude-pruning baseline of a sparsifier: per row, the same exact count for

@@ -117,12 +117,11 @@ pub fn awq_codes(
                 }
             });
     }
-    let h = hessian.hessian();
     let mut values = vec![0.0f32; weight.len()];
     rtn.dequantize_into(&mut values);
-    let rtn_proxy_loss = proxy_against(weight, &values, cols, &h);
+    let rtn_proxy_loss = proxy_against(weight, &values, cols, hessian);
     out.dequantize_into(&mut values);
-    let mut proxy_loss = proxy_against(weight, &values, cols, &h);
+    let mut proxy_loss = proxy_against(weight, &values, cols, hessian);
     if proxy_loss > rtn_proxy_loss {
         out = rtn;
         proxy_loss = rtn_proxy_loss;

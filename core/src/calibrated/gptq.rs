@@ -181,16 +181,18 @@ pub fn gptq_codes(
             &blocks(cols, cfg.block_size, align),
         );
     }
+    // The n × n factor and the f64 weight are done with: free them before the proxy losses.
+    drop(std::mem::take(&mut prep.u));
+    drop(std::mem::take(&mut prep.w));
     let mut result = vec![0.0f32; weight.len()];
     out.dequantize_into(&mut result);
-    let h = hessian.hessian();
     let rtn =
         rtn_codes(quant, weight, cols).map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
     let mut rtn_values = vec![0.0f32; weight.len()];
     rtn.dequantize_into(&mut rtn_values);
     let stats = MethodStats {
-        proxy_loss: proxy_against(weight, &result, cols, &h),
-        rtn_proxy_loss: proxy_against(weight, &rtn_values, cols, &h),
+        proxy_loss: proxy_against(weight, &result, cols, hessian),
+        rtn_proxy_loss: proxy_against(weight, &rtn_values, cols, hessian),
         dead_columns: prep.dead.iter().filter(|&&d| d).count(),
     };
     Ok((out, stats))
@@ -229,7 +231,9 @@ fn row_states(
 }
 
 /// Static group kernels computed from the original weights with dead columns zeroed, as
-/// RTN computes them; their scales and zeros are written into `out`.
+/// RTN computes them; their scales and zeros are written into `out`. Each group is copied
+/// (dead columns zeroed) on its own, so no second weight-sized buffer is made except for
+/// the single group of [`Granularity::Tensor`].
 fn static_kernels(
     quant: &QuantizeConfig,
     weight: &[f32],
@@ -237,25 +241,39 @@ fn static_kernels(
     dead: &[bool],
     out: &mut AffineCodes,
 ) -> Vec<CodeKernel> {
-    let zeroed: Vec<f32> = weight
-        .par_chunks(cols)
-        .flat_map_iter(|row| row.iter().zip(dead).map(|(&w, &d)| if d { 0.0 } else { w }))
-        .collect();
-    let groups: Vec<&[f32]> = match quant.granularity {
-        Granularity::Tensor if zeroed.is_empty() => Vec::new(),
-        Granularity::Tensor => vec![&zeroed[..]],
-        _ => zeroed
-            .chunks(cols)
-            .flat_map(|row| row.chunks(out.group_len.max(1)))
-            .collect(),
+    let zeroed = |values: &[f32], dead: &[bool]| -> Vec<f32> {
+        values
+            .iter()
+            .zip(dead)
+            .map(|(&w, &d)| if d { 0.0 } else { w })
+            .collect()
     };
-    let kernels: Vec<(f32, CodeKernel)> = groups
-        .par_iter()
-        .map(|g| {
-            let p = group_params(quant, g);
-            (p.scale, CodeKernel::new(quant, &p))
-        })
-        .collect();
+    let params = |g: &[f32]| {
+        let p = group_params(quant, g);
+        (p.scale, CodeKernel::new(quant, &p))
+    };
+    let kernels: Vec<(f32, CodeKernel)> = match quant.granularity {
+        Granularity::Tensor if weight.is_empty() => Vec::new(),
+        Granularity::Tensor => {
+            let all: Vec<f32> = weight
+                .par_chunks(cols)
+                .flat_map_iter(|row| zeroed(row, dead))
+                .collect();
+            vec![params(&all)]
+        }
+        _ => {
+            let group_len = out.group_len.max(1);
+            weight
+                .par_chunks(cols)
+                .flat_map_iter(|row| {
+                    (0..cols).step_by(group_len).map(move |g0| {
+                        let g1 = (g0 + group_len).min(cols);
+                        params(&zeroed(&row[g0..g1], &dead[g0..g1]))
+                    })
+                })
+                .collect()
+        }
+    };
     for (i, (scale, k)) in kernels.iter().enumerate() {
         out.scales[i] = *scale;
         out.zeros[i] = k.zero;

@@ -40,7 +40,7 @@ pub struct HessianAccumulator {
 }
 
 /// Offset of row `i`'s first element (`S_ii`) in the packed upper triangle of an `n × n`.
-fn row_offset(n: usize, i: usize) -> usize {
+pub(crate) fn row_offset(n: usize, i: usize) -> usize {
     // Σ_{k<i} (n - k)
     i * n - i * i.saturating_sub(1) / 2
 }
@@ -226,13 +226,11 @@ impl HessianAccumulator {
     /// The full `n × n` Hessian, row-major: `H = 2/rows · Σ x xᵀ` (the normalisation of the
     /// GPTQ reference; all zeros when no rows were seen). The methods' results do not
     /// depend on the factor (damping is relative to the mean diagonal); the proxy losses do.
+    /// This is a dense `n × n` copy (6.6 GB at n = 28672): the methods do not use it, they
+    /// read the packed triangle.
     pub fn hessian(&self) -> Vec<f64> {
         let n = self.n;
-        let factor = if self.rows == 0 {
-            0.0
-        } else {
-            2.0 / self.rows as f64
-        };
+        let factor = self.normalisation();
         let mut h = vec![0.0; n * n];
         h.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
             for (j, v) in row.iter_mut().enumerate() {
@@ -241,6 +239,22 @@ impl HessianAccumulator {
             }
         });
         h
+    }
+
+    /// The packed upper triangle of `S` (unnormalised), row by row: row `i` holds
+    /// `S_ii .. S_i(n-1)` from [`row_offset`]`(n, i)` on.
+    pub(crate) fn packed_upper(&self) -> &[f64] {
+        &self.upper
+    }
+
+    /// The factor taking `S` to the normalised `H` of [`Self::hessian`]: `2 / rows` (0
+    /// when no rows were seen).
+    pub(crate) fn normalisation(&self) -> f64 {
+        if self.rows == 0 {
+            0.0
+        } else {
+            2.0 / self.rows as f64
+        }
     }
 
     /// `‖X_j‖₂` for every input column `j` over all rows seen: `sqrt(S_jj)` (Wanda's norms).

@@ -8,7 +8,10 @@
 //! with positive diagonal is unique) in half of that: with `P` the index reversal, factor
 //! `P H P = L Lᵀ`; then `H = (P L P)(P L P)ᵀ` with `P L P` upper triangular, so
 //! `H⁻¹ = (P L P)⁻ᵀ (P L P)⁻¹` and `U = (P L P)⁻¹ = P L⁻¹ P`: one Cholesky and one
-//! triangular inverse.
+//! triangular inverse. All three steps (Cholesky, the inverse of `L`, and the rotation
+//! `U[i][j] = L⁻¹[n-1-i][n-1-j]`) run in place in one `n × n` buffer, with `O(n · PANEL)`
+//! scratch; the proxy loss reads the accumulator's packed triangle, so a SOLVE holds one
+//! `n × n` matrix at most.
 //!
 //! Every parallel loop writes disjoint rows with a fixed split (strips of [`STRIP`] rows)
 //! and reductions are summed in a fixed order, so results do not depend on the thread count.
@@ -196,109 +199,173 @@ pub(crate) fn cholesky_in_place(a: &mut [f64], n: usize) -> Result<(), usize> {
     Ok(())
 }
 
-/// `L⁻¹` of a lower triangular `L` (row-major lower triangle of `l`, positive diagonal),
-/// returned transposed: row `j` of the result holds column `j` of `L⁻¹` (zero before `j`).
+/// Inverts in place the lower triangular `L` held in the lower triangle of the row-major
+/// `n × n` matrix `a` (positive diagonal): afterwards the lower triangle holds `X = L⁻¹`;
+/// the strict upper triangle is not read and is left as it was.
 ///
-/// Blocked forward substitution: rows of the result are split into blocks of [`PANEL`]
-/// (columns of `L⁻¹`), each an independent task; within one, every later block of
-/// [`PANEL`] entries is the dgemm of the entries already solved with the matching part of
-/// `L`, then a small triangular solve. (Column-by-column substitution streams all of `L`
-/// once per column: memory-bound and an order of magnitude slower at n = 4096.)
-fn lower_inverse_transposed(l: &[f64], n: usize) -> Vec<f64> {
-    let mut xt = vec![0.0; n * n];
-    xt.par_chunks_mut(PANEL * n.max(1))
-        .enumerate()
-        .for_each(|(b, rows)| {
-            let j0 = b * PANEL;
-            let nb = rows.len() / n;
-            let j1 = j0 + nb;
-            for jj in 0..nb {
-                let j = j0 + jj;
-                let xj = &mut rows[jj * n..(jj + 1) * n];
-                xj[j] = 1.0 / l[j * n + j];
-                for i in j + 1..j1 {
-                    xj[i] = -dot(&l[i * n + j..i * n + i], &xj[j..i]) / l[i * n + i];
-                }
-            }
-            let mut tmp = vec![0.0; nb * PANEL];
-            for i0 in (j1..n).step_by(PANEL) {
-                let i1 = (i0 + PANEL).min(n);
-                let w = i1 - i0;
-                // tmp[jj][ii] = Σ_{k in j0..i0} Xt[j0+jj][k] · L[i0+ii][k] (Xt is 0 for k < j).
-                dgemm(
-                    nb,
-                    i0 - j0,
-                    w,
-                    1.0,
-                    View::new(&rows[j0..], n, 1),
-                    View::new(&l[i0 * n + j0..], 1, n),
-                    0.0,
-                    &mut tmp,
-                    w,
-                );
-                for jj in 0..nb {
-                    let xj = &mut rows[jj * n..(jj + 1) * n];
-                    for i in i0..i1 {
-                        let s = tmp[jj * w + (i - i0)] + dot(&l[i * n + i0..i * n + i], &xj[i0..i]);
-                        xj[i] = -s / l[i * n + i];
-                    }
-                }
-            }
-        });
-    xt
-}
-
-/// The upper triangular `U` (row-major, zeros below the diagonal) with `(H + λI)⁻¹ = Uᵀ U`,
-/// for the symmetric `h` (`n × n`), `λ = damping`. Errors with the failing pivot (in `h`'s
-/// indexing) when `H + λI` is not numerically positive definite.
-fn inverse_upper_factor(h: &[f64], n: usize, damping: f64) -> Result<Vec<f64>, usize> {
-    // P (H + λI) P: reverse rows and columns.
-    let mut a = vec![0.0; n * n];
-    a.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
-        let src = &h[(n - 1 - i) * n..(n - i) * n];
-        for (j, v) in row.iter_mut().enumerate().take(i + 1) {
-            *v = src[n - 1 - j];
+/// LAPACK dtrtri's blocked right-to-left order: for each block column `J` of [`PANEL`]
+/// columns, from the last, the trailing `X[J+1:, J+1:]` is already inverted and
+/// `X[J+1:, J] = -(X[J+1:, J+1:] · L[J+1:, J]) · X_JJ` (from `X L = I`). The lower
+/// triangular times panel product needs all of `L[J+1:, J]` before any of it is
+/// overwritten, so it goes to an `(n - J_end) × PANEL` scratch, computed in parallel over
+/// strips of [`STRIP`] rows (dgemm for the part left of the strip, row updates inside it);
+/// the diagonal block is inverted in place first, sequentially. Memory: the scratch and one
+/// `PANEL × PANEL` block besides `a`.
+pub(crate) fn invert_lower_in_place(a: &mut [f64], n: usize) {
+    if n == 0 {
+        return;
+    }
+    let mut scratch = vec![0.0; n.saturating_sub(1) * PANEL];
+    let mut diag_block = vec![0.0; PANEL * PANEL];
+    let last = (n - 1) / PANEL * PANEL;
+    for j0 in (0..=last).rev().step_by(PANEL) {
+        let j1 = (j0 + PANEL).min(n);
+        let w = j1 - j0;
+        invert_diagonal_block(a, n, j0, j1);
+        if j1 == n {
+            continue;
         }
-        row[i] += damping;
-    });
-    cholesky_in_place(&mut a, n).map_err(|i| n - 1 - i)?;
-    let xt = lower_inverse_transposed(&a, n);
-    drop(a);
-    // U[i][j] = (L⁻¹)[n-1-i][n-1-j] = xt[n-1-j][n-1-i] for j >= i: a transpose, done in
-    // tiles so both sides stay in cache.
-    let mut u = vec![0.0; n * n];
-    u.par_chunks_mut(PANEL * n.max(1))
-        .enumerate()
-        .for_each(|(b, strip)| {
-            let i0 = b * PANEL;
-            let m = strip.len() / n;
-            for j0 in (i0..n).step_by(PANEL) {
-                for j in j0..(j0 + PANEL).min(n) {
-                    let src = &xt[(n - 1 - j) * n..(n - j) * n];
-                    for r in 0..m.min(j + 1 - i0) {
-                        strip[r * n + j] = src[n - 1 - (i0 + r)];
+        let below = n - j1;
+        {
+            let x: &[f64] = a;
+            scratch[..below * w]
+                .par_chunks_mut(STRIP * w)
+                .enumerate()
+                .for_each(|(s, t)| {
+                    let r0 = j1 + s * STRIP;
+                    let m = t.len() / w;
+                    // t[rr][c] = Σ_{k in j1..r0} X[r0+rr][k] · L[k][j0+c] (X is 0 right of r).
+                    dgemm(
+                        m,
+                        r0 - j1,
+                        w,
+                        1.0,
+                        View::new(&x[r0 * n + j1..], n, 1),
+                        View::new(&x[j1 * n + j0..], n, 1),
+                        0.0,
+                        t,
+                        w,
+                    );
+                    // ... plus the strip's own rows of X: k in r0..=r.
+                    for (rr, trow) in t.chunks_mut(w).enumerate() {
+                        let r = r0 + rr;
+                        for k in r0..=r {
+                            let xv = x[r * n + k];
+                            for (tv, lv) in trow.iter_mut().zip(&x[k * n + j0..k * n + j1]) {
+                                *tv += xv * lv;
+                            }
+                        }
                     }
-                }
+                });
+        }
+        // X_JJ with zeros above its diagonal (the strict upper part of `a` is scratch).
+        for r in 0..w {
+            for c in 0..w {
+                diag_block[r * w + c] = if c <= r {
+                    a[(j0 + r) * n + j0 + c]
+                } else {
+                    0.0
+                };
             }
-        });
-    Ok(u)
+        }
+        let t: &[f64] = &scratch[..below * w];
+        let xjj: &[f64] = &diag_block[..w * w];
+        a[j1 * n..]
+            .par_chunks_mut(STRIP * n)
+            .enumerate()
+            .for_each(|(s, rows)| {
+                let m = rows.len() / n;
+                dgemm(
+                    m,
+                    w,
+                    w,
+                    -1.0,
+                    View::new(&t[s * STRIP * w..], w, 1),
+                    View::new(xjj, w, 1),
+                    0.0,
+                    &mut rows[j0..],
+                    n,
+                );
+            });
+    }
 }
 
-/// [`inverse_upper_factor`] of `h` damped by `dampening · mean(diag h)`, retried up to
-/// [`DAMPING_RETRIES`] times with 10× the damping (starting from `0.01 · mean` when the
-/// configured damping is 0) before giving up.
+/// Inverts in place the diagonal block `[j0, j1)²` of the lower triangular matrix in `a`
+/// (LAPACK dtrti2, right to left): column `j` of the inverse is `-X_jj · X[j+1:, j+1:] ·
+/// L[j+1:, j]`, rows updated from the bottom so that every `L` entry is read before it is
+/// overwritten.
+fn invert_diagonal_block(a: &mut [f64], n: usize, j0: usize, j1: usize) {
+    for j in (j0..j1).rev() {
+        let xjj = 1.0 / a[j * n + j];
+        a[j * n + j] = xjj;
+        for r in (j + 1..j1).rev() {
+            let mut s = 0.0;
+            for k in j + 1..=r {
+                s += a[r * n + k] * a[k * n + j];
+            }
+            a[r * n + j] = -xjj * s;
+        }
+    }
+}
+
+/// Turns the lower triangular `X` in the lower triangle of `a` into the upper triangular
+/// `U[i][j] = X[n-1-i][n-1-j]` in place, zeros below the diagonal: a 180° rotation, so row
+/// `i` of `U` is row `n-1-i` of `a` reversed (rows swapped in pairs, in parallel).
+fn rotate_lower_to_upper(a: &mut [f64], n: usize) {
+    if n == 0 {
+        return;
+    }
+    let half = n / 2;
+    let (top, rest) = a.split_at_mut(half * n);
+    let (middle, bottom) = rest.split_at_mut((n - 2 * half) * n);
+    top.par_chunks_mut(n)
+        .zip(bottom.par_chunks_mut(n).rev())
+        .enumerate()
+        .for_each(|(i, (upper_row, lower_row))| {
+            upper_row.swap_with_slice(lower_row);
+            upper_row.reverse();
+            lower_row.reverse();
+            upper_row[..i].fill(0.0);
+            lower_row[..n - 1 - i].fill(0.0);
+        });
+    if !middle.is_empty() {
+        middle.reverse();
+        middle[..half].fill(0.0);
+    }
+}
+
+/// Overwrites `a`, whose lower triangle holds `P (H + λI) P` (`P` the index reversal; the
+/// strict upper triangle is not read), with the upper triangular `U` (row-major, zeros below
+/// the diagonal) with `(H + λI)⁻¹ = Uᵀ U`: Cholesky, triangular inverse and rotation, all in
+/// place (see the module doc). Errors with the failing pivot (in `H`'s indexing) when
+/// `H + λI` is not numerically positive definite.
+fn inverse_upper_factor_in_place(a: &mut [f64], n: usize) -> Result<(), usize> {
+    cholesky_in_place(a, n).map_err(|i| n - 1 - i)?;
+    invert_lower_in_place(a, n);
+    rotate_lower_to_upper(a, n);
+    Ok(())
+}
+
+/// The inverse factor `U` of `H` damped by `dampening · mean_diagonal`, in one `n × n`
+/// buffer: `fill(a, λ)` must write the lower triangle (diagonal included) of
+/// `P (H + λI) P` into `a` (`P` the index reversal; the rest of `a` is scratch), and is
+/// called again for each retry, with 10× the damping (starting from `0.01 · mean` when the
+/// configured damping is 0), up to [`DAMPING_RETRIES`] times before giving up.
 pub(crate) fn damped_inverse_factor(
-    h: &[f64],
     n: usize,
     dampening: f64,
+    mean_diagonal: f64,
+    fill: impl Fn(&mut [f64], f64),
 ) -> Result<Vec<f64>, CalibratedError> {
-    let mean = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n.max(1) as f64;
+    let mean = mean_diagonal;
     let first = dampening * mean;
     let mut damping = first;
     let mut pivot = 0;
+    let mut a = vec![0.0; n * n];
     for _ in 0..=DAMPING_RETRIES {
-        match inverse_upper_factor(h, n, damping) {
-            Ok(u) => return Ok(u),
+        fill(&mut a, damping);
+        match inverse_upper_factor_in_place(&mut a, n) {
+            Ok(()) => return Ok(a),
             Err(p) => pivot = p,
         }
         damping = if damping > 0.0 {
@@ -313,49 +380,86 @@ pub(crate) fn damped_inverse_factor(
     )))
 }
 
-/// `tr(Δ H Δᵀ) = Σ_r Δ_r H Δ_rᵀ` for `delta` (`rows × n`, row-major) and a symmetric `h`
-/// (`n × n`), reading only `h`'s upper triangle: `Δ H Δᵀ = Σ H_jj Δ_j² + 2 Δ S Δᵀ` with `S`
-/// the strict upper triangle, so half the flops of `Δ H`. `T = Δ S` is built per block of
-/// [`PANEL`] columns (dgemm for the rows above the block, short dot products inside it), in
-/// strips of rows; each strip's sum is kept apart and the sums are added in order.
-pub(crate) fn proxy_loss(delta: &[f64], h: &[f64], n: usize) -> f64 {
+/// `tr(Δ H Δᵀ) = Σ_r Δ_r H Δ_rᵀ` for `Δ = result - weight` (both `rows × n`, f32
+/// row-major; `Δ` formed in f64) and the symmetric `H = factor · S`, `S` given by its packed
+/// upper triangle `upper` (the layout of [`super::hessian`]): `Δ H Δᵀ = Σ H_jj Δ_j² +
+/// 2 Δ S' Δᵀ` with `S'` the strict upper triangle, half the flops of `Δ H`.
+///
+/// Per block `J` of [`PANEL`] columns, `H[..J_end, J]` strictly above the diagonal is copied
+/// out of the packed triangle once into an `n × PANEL` scratch (zeros on and below the
+/// diagonal); then each strip of [`STRIP`] rows forms its `Δ[:, ..J_end]` and computes
+/// `T = Δ[:, ..J_end] · panel` (dgemm) and its share of the sum. Each strip's sum is kept
+/// apart across blocks and the strips' sums are added in order, so the result does not
+/// depend on the thread count. No `n × n` matrix and no `rows × n` copy is made.
+pub(crate) fn proxy_loss(
+    weight: &[f32],
+    result: &[f32],
+    n: usize,
+    upper: &[f64],
+    factor: f64,
+) -> f64 {
     if n == 0 {
         return 0.0;
     }
-    let partial: Vec<f64> = delta
-        .par_chunks(STRIP * n)
-        .map(|strip| {
-            let m = strip.len() / n;
-            let mut t = vec![0.0; m * n];
-            for j0 in (0..n).step_by(PANEL) {
-                let j1 = (j0 + PANEL).min(n);
-                dgemm(
-                    m,
-                    j0,
-                    j1 - j0,
-                    1.0,
-                    View::new(strip, n, 1),
-                    View::new(&h[j0..], n, 1),
-                    0.0,
-                    &mut t[j0..],
-                    n,
-                );
-                for r in 0..m {
-                    let d = &strip[r * n..(r + 1) * n];
-                    for j in j0..j1 {
-                        t[r * n + j] += dot(&d[j0..j], &h[j * n + j0..j * n + j]);
+    let strips = weight.len().div_ceil(STRIP * n);
+    let mut partial = vec![0.0; strips];
+    let mut panel = vec![0.0; n * PANEL.min(n)];
+    for j0 in (0..n).step_by(PANEL) {
+        let j1 = (j0 + PANEL).min(n);
+        let w = j1 - j0;
+        let panel = &mut panel[..j1 * w];
+        panel.par_chunks_mut(w).enumerate().for_each(|(k, row)| {
+            let off = super::hessian::row_offset(n, k);
+            for (c, v) in row.iter_mut().enumerate() {
+                let j = j0 + c;
+                *v = if k < j {
+                    factor * upper[off + (j - k)]
+                } else {
+                    0.0
+                };
+            }
+        });
+        let panel: &[f64] = panel;
+        let diag: Vec<f64> = (j0..j1)
+            .map(|j| factor * upper[super::hessian::row_offset(n, j)])
+            .collect();
+        let sums: Vec<f64> = weight
+            .par_chunks(STRIP * n)
+            .zip(result.par_chunks(STRIP * n))
+            .map(|(ws, rs)| {
+                let m = ws.len() / n;
+                let mut d = vec![0.0; m * j1];
+                for (r, drow) in d.chunks_mut(j1).enumerate() {
+                    let (wr, rr) = (&ws[r * n..r * n + j1], &rs[r * n..r * n + j1]);
+                    for ((dv, &wv), &rv) in drow.iter_mut().zip(wr).zip(rr) {
+                        *dv = f64::from(rv) - f64::from(wv);
                     }
                 }
-            }
-            let mut sum = 0.0;
-            for (r, d) in strip.chunks(n).enumerate() {
-                for (j, &x) in d.iter().enumerate() {
-                    sum += x * (2.0 * t[r * n + j] + h[j * n + j] * x);
+                let mut t = vec![0.0; m * w];
+                dgemm(
+                    m,
+                    j1,
+                    w,
+                    1.0,
+                    View::new(&d, j1, 1),
+                    View::new(panel, w, 1),
+                    0.0,
+                    &mut t,
+                    w,
+                );
+                let mut sum = 0.0;
+                for (drow, trow) in d.chunks(j1).zip(t.chunks(w)) {
+                    for ((&x, &tv), &hjj) in drow[j0..].iter().zip(trow).zip(&diag) {
+                        sum += x * (2.0 * tv + hjj * x);
+                    }
                 }
-            }
-            sum
-        })
-        .collect();
+                sum
+            })
+            .collect();
+        for (p, s) in partial.iter_mut().zip(sums) {
+            *p += s;
+        }
+    }
     partial.iter().sum()
 }
 
@@ -381,6 +485,75 @@ mod tests {
             h[i * n + i] += n as f64 * 0.1;
         }
         h
+    }
+
+    /// Writes `P (H + λI) P`'s lower triangle from the dense symmetric `h`, with garbage
+    /// in the strict upper triangle (which must not be read).
+    fn fill_reversed(h: &[f64], n: usize) -> impl Fn(&mut [f64], f64) + '_ {
+        move |a: &mut [f64], damping: f64| {
+            for i in 0..n {
+                for j in 0..n {
+                    a[i * n + j] = if j <= i {
+                        h[(n - 1 - i) * n + (n - 1 - j)]
+                    } else {
+                        f64::NAN
+                    };
+                }
+                a[i * n + i] += damping;
+            }
+        }
+    }
+
+    /// The inverse factor of the dense `h + damping·I`.
+    fn inverse_upper_factor(h: &[f64], n: usize, damping: f64) -> Result<Vec<f64>, usize> {
+        let mut a = vec![0.0; n * n];
+        fill_reversed(h, n)(&mut a, damping);
+        inverse_upper_factor_in_place(&mut a, n)?;
+        Ok(a)
+    }
+
+    /// [`damped_inverse_factor`] of the dense `h`.
+    fn damped_dense(h: &[f64], n: usize, dampening: f64) -> Result<Vec<f64>, CalibratedError> {
+        let mean = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n.max(1) as f64;
+        damped_inverse_factor(n, dampening, mean, fill_reversed(h, n))
+    }
+
+    /// The packed upper triangle of the dense symmetric `h`.
+    fn packed(h: &[f64], n: usize) -> Vec<f64> {
+        (0..n)
+            .flat_map(|i| h[i * n + i..(i + 1) * n].iter().copied())
+            .collect()
+    }
+
+    #[test]
+    fn lower_inverse_in_place_matches_the_definition() {
+        // Sizes around the panel (64) and strip (32) boundaries, several panels.
+        for n in [1, 2, 31, 63, 64, 65, 150, 200] {
+            let h = spd(n, 5 + n as u64);
+            let mut a = h.clone();
+            cholesky_in_place(&mut a, n).unwrap();
+            let l: Vec<f64> = (0..n * n)
+                .map(|e| if e % n <= e / n { a[e] } else { 0.0 })
+                .collect();
+            for (e, v) in a.iter_mut().enumerate() {
+                if e % n > e / n {
+                    *v = 12345.0; // scratch above the diagonal: must be left alone
+                }
+            }
+            invert_lower_in_place(&mut a, n);
+            for i in 0..n {
+                for j in 0..n {
+                    if j > i {
+                        assert_eq!(a[i * n + j], 12345.0, "n {n}: upper ({i},{j}) touched");
+                        continue;
+                    }
+                    // (X L)[i][j] = Σ_{k=j..=i} X[i][k] L[k][j]
+                    let v: f64 = (j..=i).map(|k| a[i * n + k] * l[k * n + j]).sum();
+                    let want = if i == j { 1.0 } else { 0.0 };
+                    assert!((v - want).abs() < 1e-10, "n {n}: ({i},{j}) = {v}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -433,7 +606,7 @@ mod tests {
             h[i * n + i] = 1.0;
         }
         h[0] = -1000.0; // mean diagonal -997/4 < 0: more damping only makes it worse
-        let err = damped_inverse_factor(&h, n, 0.01).unwrap_err();
+        let err = damped_dense(&h, n, 0.01).unwrap_err();
         assert!(
             matches!(err, CalibratedError::NotPositiveDefinite(ref m) if m.contains("retries"))
         );
@@ -445,26 +618,32 @@ mod tests {
         let n = 3;
         let h = vec![1.0; n * n];
         assert!(inverse_upper_factor(&h, n, 0.0).is_err());
-        assert!(damped_inverse_factor(&h, n, 0.0).is_ok());
+        assert!(damped_dense(&h, n, 0.0).is_ok());
     }
 
     #[test]
     fn proxy_loss_matches_the_definition() {
-        let n = 40;
-        let h = spd(n, 11);
-        let rows = 70;
-        let delta: Vec<f64> = (0..rows * n)
-            .map(|i| ((i * 37 % 101) as f64 - 50.0) / 50.0)
-            .collect();
-        let mut want = 0.0;
-        for r in 0..rows {
-            for i in 0..n {
-                for j in 0..n {
-                    want += delta[r * n + i] * h[i * n + j] * delta[r * n + j];
+        // Several column panels (the last partial) and strips of rows (the last partial).
+        for (n, rows) in [(40, 70), (150, 45)] {
+            let h = spd(n, 11);
+            let factor = 0.37;
+            let weight: Vec<f32> = (0..rows * n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            let result: Vec<f32> = (0..rows * n)
+                .map(|i| ((i * 53 % 89) as f32 - 44.0) / 40.0)
+                .collect();
+            let mut want = 0.0;
+            for r in 0..rows {
+                let d = |i: usize| f64::from(result[r * n + i]) - f64::from(weight[r * n + i]);
+                for i in 0..n {
+                    for j in 0..n {
+                        want += d(i) * factor * h[i * n + j] * d(j);
+                    }
                 }
             }
+            let got = proxy_loss(&weight, &result, n, &packed(&h, n), factor);
+            assert!((got - want).abs() < 1e-9 * want.abs(), "{got} vs {want}");
         }
-        let got = proxy_loss(&delta, &h, n);
-        assert!((got - want).abs() < 1e-9 * want.abs(), "{got} vs {want}");
     }
 }

@@ -12,6 +12,7 @@
 //! A row's sweep depends only on that row (and `U`), so rows run in parallel in strips of
 //! [`STRIP`] rows: the split is fixed, so results do not depend on the thread count.
 
+use super::hessian::row_offset;
 use super::linalg::{damped_inverse_factor, dgemm, View, STRIP};
 use super::{CalibratedError, HessianAccumulator};
 use rayon::prelude::*;
@@ -130,6 +131,10 @@ pub(crate) fn check_dampening(dampening: f64) -> Result<(), CalibratedError> {
 /// Builds the [`Prepared`] inputs as the GPTQ/SparseGPT reference does: dead columns
 /// (`H_jj == 0`) get `H_jj = 1` and zero weights; with `act_order` columns are visited in
 /// descending `diag(H)` order (ties: lower index first); damping `dampening · mean(diag H)`.
+///
+/// Memory: the damped, permuted and reversed matrix is written straight from the
+/// accumulator's packed triangle into the one `n × n` buffer that becomes `U` (no dense
+/// copy of `H`, no permuted copy); the f64 weight is allocated after `U`.
 pub(crate) fn prepare(
     weight: &[f32],
     n: usize,
@@ -138,28 +143,55 @@ pub(crate) fn prepare(
     act_order: bool,
 ) -> Result<Prepared, CalibratedError> {
     check_dampening(dampening)?;
-    let mut h = hessian.hessian();
-    let dead: Vec<bool> = (0..n).map(|j| h[j * n + j] == 0.0).collect();
-    for j in (0..n).filter(|&j| dead[j]) {
-        h[j * n + j] = 1.0;
-    }
+    let factor = hessian.normalisation();
+    let upper = hessian.packed_upper();
+    let raw = hessian.raw_diagonal();
+    let dead: Vec<bool> = raw.iter().map(|&s| factor * s == 0.0).collect();
+    let diag: Vec<f64> = raw
+        .iter()
+        .zip(&dead)
+        .map(|(&s, &d)| if d { 1.0 } else { factor * s })
+        .collect();
+    drop(raw);
     let perm = act_order.then(|| {
         let mut p: Vec<usize> = (0..n).collect();
-        p.sort_by(|&a, &b| h[b * n + b].total_cmp(&h[a * n + a]).then(a.cmp(&b)));
+        p.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]).then(a.cmp(&b)));
         p
     });
-    if let Some(p) = &perm {
-        let mut hp = vec![0.0; n * n];
-        hp.par_chunks_mut(n).enumerate().for_each(|(a, row)| {
-            let src = &h[p[a] * n..(p[a] + 1) * n];
-            for (v, &pb) in row.iter_mut().zip(p) {
-                *v = src[pb];
+    let mean = diag.iter().sum::<f64>() / n.max(1) as f64;
+    // H_xy in original indexing (dead diagonals 1).
+    let entry = |x: usize, y: usize| -> f64 {
+        if x == y {
+            diag[x]
+        } else {
+            let (lo, hi) = if x < y { (x, y) } else { (y, x) };
+            factor * upper[row_offset(n, lo) + (hi - lo)]
+        }
+    };
+    // Lower triangle of P (H_perm + λI) P: a[i][j] = H[q(n-1-i)][q(n-1-j)], q the order.
+    let fill = |a: &mut [f64], damping: f64| {
+        a.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
+            let r = n - 1 - i;
+            match &perm {
+                None => {
+                    // H[r][n-1-j] for j <= i: packed row r read backwards.
+                    let src = &upper[row_offset(n, r)..row_offset(n, r) + i + 1];
+                    for (v, s) in row[..i].iter_mut().zip(src.iter().rev()) {
+                        *v = factor * s;
+                    }
+                    row[i] = diag[r];
+                }
+                Some(p) => {
+                    let x = p[r];
+                    for (j, v) in row[..=i].iter_mut().enumerate() {
+                        *v = entry(x, p[n - 1 - j]);
+                    }
+                }
             }
+            row[i] += damping;
         });
-        h = hp;
-    }
-    let u = damped_inverse_factor(&h, n, dampening)?;
-    drop(h);
+    };
+    let u = damped_inverse_factor(n, dampening, mean, fill)?;
     let mut w = vec![0.0; weight.len()];
     w.par_chunks_mut(n)
         .zip(weight.par_chunks(n))

@@ -151,12 +151,14 @@ pub fn sparsegpt(
             sweep(&rule, &mut states, &mut prep.w, cols, &prep.u, &b);
         }
     }
+    // The n × n factor is done with: free it (and the f64 weight) before the proxy losses.
+    drop(std::mem::take(&mut prep.u));
     let result: Vec<f32> = prep.w.iter().map(|&v| v as f32).collect();
+    drop(std::mem::take(&mut prep.w));
     let baseline = magnitude_baseline(target, weight, cols)?;
-    let h = hessian.hessian();
     let stats = MethodStats {
-        proxy_loss: proxy_against(weight, &result, cols, &h),
-        rtn_proxy_loss: proxy_against(weight, &baseline, cols, &h),
+        proxy_loss: proxy_against(weight, &result, cols, hessian),
+        rtn_proxy_loss: proxy_against(weight, &baseline, cols, hessian),
         dead_columns: prep.dead.iter().filter(|&&d| d).count(),
     };
     Ok((result, stats))

@@ -60,10 +60,9 @@ pub fn wanda(
         }
     });
     let baseline = magnitude_baseline(target, weight, cols)?;
-    let h = hessian.hessian();
     let stats = MethodStats {
-        proxy_loss: proxy_against(weight, &result, cols, &h),
-        rtn_proxy_loss: proxy_against(weight, &baseline, cols, &h),
+        proxy_loss: proxy_against(weight, &result, cols, hessian),
+        rtn_proxy_loss: proxy_against(weight, &baseline, cols, hessian),
         dead_columns: norms.iter().filter(|&&x| x == 0.0).count(),
     };
     Ok((result, stats))
