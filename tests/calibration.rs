@@ -483,3 +483,30 @@ fn gptq_on_a_generated_mixtral_calibrates_each_expert_on_its_routed_tokens() {
     let kld = r["calibration"]["evaluation"]["mean_kld"].as_f64().unwrap();
     assert!(kld > 0.0 && kld.is_finite(), "{kld}");
 }
+
+/// Calibration steps declare what they hold (STATS its layer's Hessians, SOLVE its Linear's
+/// Hessian and factors), so a worker whose `--memory-limit` is too small is not leased them,
+/// and the job says which step waits for a larger worker instead of running it into the limit.
+#[test]
+fn a_calibration_step_waits_for_a_worker_whose_memory_limit_holds_its_hessians() {
+    let mut cluster =
+        TestCluster::start_with(&["--lease-ttl-secs", "30", "--unassignable-timeout-secs", "2"]);
+    let model = cluster.dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    cluster.add_worker("small", &["--memory-limit", "5MB"]);
+    cluster.wait_for_log("small", "registered", Duration::from_secs(20));
+    let out = cluster.dir.path().join("out");
+    let result = calibrated_compress(&cluster, &model, &out)
+        .output()
+        .unwrap();
+    assert!(
+        !result.status.success(),
+        "layer 0's steps ran on a 5 MB worker"
+    );
+    let err = stderr(&result);
+    for needle in ["Hessian", "--memory-limit", "5.0 MB", "model.layers.0."] {
+        assert!(err.contains(needle), "error should name {needle:?}: {err}");
+    }
+    assert!(!out.join("manifest.json").exists());
+    assert!(cluster.worker_alive("small"), "never leased, not killed");
+}

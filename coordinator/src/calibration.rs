@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
+use shardpress_core::calibrated::solve_memory_bytes;
 use shardpress_core::codec::TensorPlan;
 use shardpress_core::format::ModelFacts;
 use shardpress_core::plan::{PlannedTask, PlannedTensor, SourceFile};
@@ -379,6 +380,63 @@ impl Calibration {
                 }
             })
             .collect()
+    }
+}
+
+impl Calibration {
+    /// What step `index` holds in memory beyond its reads, for `--memory-limit` routing
+    /// ([`crate::routing`]): every step its model tensors in f32; STATS also the Hessian of
+    /// each Linear group of its layer; SOLVE its Linear's summed Hessian, the one being added
+    /// and the method's factors ([`solve_memory_bytes`], whose thread-dependent scratch is
+    /// counted for this process's threads). `None` for a step without tensors.
+    pub fn step_need(&self, index: usize) -> Option<crate::routing::TaskNeed> {
+        let step = self.plan.steps.get(index)?;
+        let tensors: Vec<&PlannedTensor> = (step.tensors.iter())
+            .filter_map(|t| self.tensors.get(t))
+            .collect();
+        let width = |t: &PlannedTensor| t.shape.get(1).copied().unwrap_or(1);
+        let triangle = |n: u64| n.saturating_mul(n + 1) / 2 * 8;
+        let weights: u64 = (tensors.iter())
+            .map(|t| t.shape.iter().product::<u64>().saturating_mul(4))
+            .sum();
+        let (bytes, pass) = match step.kind {
+            StepKind::Solve => {
+                // The bound counts the summed Hessian and the weight in f32; add the batch's
+                // Hessian being summed.
+                let t = tensors.first()?;
+                let (rows, n) = (t.shape.first().copied().unwrap_or(1), width(t));
+                let solve = solve_memory_bytes(n as usize, rows as usize);
+                (
+                    solve.saturating_add(triangle(n)),
+                    "calibration solve (Hessian and factors)",
+                )
+            }
+            StepKind::Stats => {
+                // One Hessian per Linear group of the layer: the widths its SOLVE steps read.
+                let mut groups: Vec<(u32, u64)> = (self.plan.steps.iter())
+                    .filter(|s| s.kind == StepKind::Solve && s.layer == step.layer)
+                    .filter_map(|s| {
+                        let t = self.tensors.get(s.tensors.first()?)?;
+                        Some((s.group, width(t)))
+                    })
+                    .collect();
+                groups.sort_unstable();
+                groups.dedup_by_key(|g| g.0);
+                let hessians = groups.iter().map(|&(_, n)| triangle(n)).sum::<u64>();
+                let bytes = weights.saturating_add(hessians);
+                (bytes, "calibration statistics (a Hessian per Linear group)")
+            }
+            _ => (weights, "calibration forward (the layer's weights in f32)"),
+        };
+        let tensor = (tensors.iter())
+            .max_by_key(|t| t.shape.iter().product::<u64>())?
+            .name
+            .clone();
+        Some(crate::routing::TaskNeed {
+            bytes,
+            tensor,
+            pass: pass.to_string(),
+        })
     }
 }
 

@@ -809,9 +809,10 @@ mod tests;
 /// The calibration round's task slots: its steps, each waiting for those it reads.
 fn calibration_slots(calibration: &crate::calibration::Calibration) -> Vec<TaskSlot> {
     let steps = calibration.step_tasks().into_iter();
-    (steps.zip(&calibration.plan.steps))
-        .map(|(plan, step)| TaskSlot {
+    (steps.zip(&calibration.plan.steps).enumerate())
+        .map(|(index, (plan, step))| TaskSlot {
             deps: step.deps.clone(),
+            need: calibration.step_need(index),
             ..TaskSlot::pending(plan, None)
         })
         .collect()
