@@ -28,17 +28,6 @@ fn run_calibrated(
 ) -> std::process::Output {
     let path = |p: &Path| p.to_str().unwrap().to_string();
     let mut args: Vec<String> = vec![
-        "run".into(),
-        "--workers".into(),
-        workers.to_string(),
-        "--threads".into(),
-        "1".into(),
-        "--model".into(),
-        path(model),
-        "--out".into(),
-        path(out),
-        "--recipe".into(),
-        recipe.into(),
         "--eval".into(),
         path(&repo_file(EVALUATION)),
         "--eval-samples".into(),
@@ -56,7 +45,8 @@ fn run_calibrated(
             .filter(|a| **a != "--no-calibration")
             .map(|a| a.to_string()),
     );
-    shardpress(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_job(model, out, recipe, workers, &args)
 }
 
 /// A generated 4 MB Llama in `dir/model` and its GPTQ output by an uninterrupted 2-worker run
@@ -83,10 +73,6 @@ fn calibrated_compress(cluster: &TestCluster, model: &Path, out: &Path) -> std::
         .args(["--calibration-samples", "32", "--calibration-seq-len", "64"])
         .args(["--eval", eval.to_str().unwrap(), "--eval-samples", "16"]);
     command
-}
-
-fn report(out: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
 }
 
 /// The output's shards and index, without the reports (timings) and the manifest.

@@ -11,34 +11,6 @@ use std::path::Path;
 
 use common::*;
 
-fn run(
-    model: &Path,
-    out: &Path,
-    recipe: &str,
-    workers: usize,
-    extra: &[&str],
-) -> std::process::Output {
-    let mut args = vec![
-        "run",
-        "--threads",
-        "1",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--recipe",
-        recipe,
-    ];
-    let workers = workers.to_string();
-    args.extend(["--workers", &workers]);
-    args.extend(extra);
-    shardpress(&args)
-}
-
-fn report(out: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
-}
-
 fn f(v: &serde_json::Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
@@ -59,7 +31,7 @@ fn a_bit_budget_is_met_on_disk_and_spent_where_the_error_falls_most() {
     gen_model(&model, "4MB", "bf16", 5000);
     let budget = "4.6";
     let three = dir.path().join("three");
-    let output = run(
+    let output = run_job(
         &model,
         &three,
         "int4-g128-asym",
@@ -70,7 +42,7 @@ fn a_bit_budget_is_met_on_disk_and_spent_where_the_error_falls_most() {
     let printed = String::from_utf8_lossy(&output.stdout).into_owned() + &stderr(&output);
     assert!(printed.contains("mixed prec."), "{printed}");
     let one = dir.path().join("one");
-    let output = run(&model, &one, "int4-g128-asym", 1, &["--target-bpw", budget]);
+    let output = run_job(&model, &one, "int4-g128-asym", 1, &["--target-bpw", budget]);
     assert_success(&output, "mixed precision with 1 worker");
     let (a, b) = (manifest_objects(&one), manifest_objects(&three));
     for (name, bytes) in a.iter().filter(|(n, _)| n.ends_with(".safetensors")) {
@@ -150,7 +122,10 @@ fn a_bit_budget_is_met_on_disk_and_spent_where_the_error_falls_most() {
 
     // The same budget buys a lower error than the plain 4-bit recipe.
     let plain = dir.path().join("plain");
-    assert_success(&run(&model, &plain, "int4-g128-asym", 2, &[]), "plain int4");
+    assert_success(
+        &run_job(&model, &plain, "int4-g128-asym", 2, &[]),
+        "plain int4",
+    );
     let plain = report(&plain);
     let weighted = |r: &serde_json::Value| f(&r["summary"]["rel_fro_error_weighted"]);
     assert!(
@@ -168,7 +143,7 @@ fn gptq_calibrates_each_tensor_at_its_chosen_width() {
     gen_model(&model, "4MB", "bf16", 5000);
     let out = dir.path().join("out");
     let calibration = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/calibration.txt");
-    let output = run(
+    let output = run_job(
         &model,
         &out,
         "gptq-w4a16-asym",
@@ -214,7 +189,7 @@ fn impossible_budgets_and_widths_are_refused() {
     gen_model(&model, "1MB", "bf16", 5000);
     // Below what the narrowest candidate stores: the job fails after measuring, no output.
     let out = dir.path().join("low");
-    let output = run(&model, &out, "int4-g128-asym", 2, &["--target-bpw", "2.5"]);
+    let output = run_job(&model, &out, "int4-g128-asym", 2, &["--target-bpw", "2.5"]);
     assert!(!output.status.success());
     let printed = String::from_utf8_lossy(&output.stdout).into_owned() + &stderr(&output);
     assert!(
@@ -231,7 +206,7 @@ fn impossible_budgets_and_widths_are_refused() {
     )
     .unwrap();
     let out = dir.path().join("ct");
-    let output = run(
+    let output = run_job(
         &model,
         &out,
         recipe.to_str().unwrap(),
@@ -252,7 +227,7 @@ fn impossible_budgets_and_widths_are_refused() {
         ("int4-g128", "0", "target_bpw"),
     ] {
         let out = dir.path().join("refused");
-        let output = run(&model, &out, recipe, 1, &["--target-bpw", budget]);
+        let output = run_job(&model, &out, recipe, 1, &["--target-bpw", budget]);
         assert!(!output.status.success());
         assert!(
             stderr(&output).contains(expected),

@@ -43,10 +43,6 @@ fn model_files(out: &Path) -> BTreeMap<String, (usize, String)> {
     hashed.collect()
 }
 
-fn report(out: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
-}
-
 /// Task indices a coordinator's log shows leased.
 fn leased(log: &Path) -> Vec<u32> {
     let log = std::fs::read_to_string(log).unwrap();

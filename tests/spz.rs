@@ -30,10 +30,6 @@ fn decompress(archive: &Path, out: &Path, extra: &[&str]) -> std::process::Outpu
     shardpress(&args)
 }
 
-fn report(out: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
-}
-
 #[test]
 fn every_preset_runs_distributed_and_the_archive_restores_the_same_tensors() {
     let mut cluster = TestCluster::start(10.0);

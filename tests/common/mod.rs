@@ -22,6 +22,32 @@ pub fn shardpress(args: &[&str]) -> Output {
         .expect("run shardpress")
 }
 
+/// An output's `report.json`.
+pub fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json")).unwrap()
+}
+
+/// `shardpress run` of `recipe` on `model` into `out` with `workers` worker processes of one
+/// thread each, and `extra` flags.
+pub fn run_job(model: &Path, out: &Path, recipe: &str, workers: usize, extra: &[&str]) -> Output {
+    let workers = workers.to_string();
+    let mut args = vec![
+        "run",
+        "--workers",
+        &workers,
+        "--threads",
+        "1",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--recipe",
+        recipe,
+    ];
+    args.extend(extra);
+    shardpress(&args)
+}
+
 /// A process's stderr as text.
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
