@@ -9,7 +9,8 @@
 #      process's peak resident memory (/usr/bin/time's maximum over the run and its workers),
 #      and the calibrated layers' output error against RTN's on the calibration inputs.
 #   3. Mixed precision on MiniLM-L6 (--target-bpw): RTN and GPTQ with each Linear's width
-#      chosen among 3, 4, 5, 6 and 8 bits to budgets of 4.25, 4.5 and 5 bits/weight; bits per
+#      chosen among 3, 4, 5, 6 and 8 bits to budgets of 4.25, 4.5 and 5 bits/weight, next to
+#      the same recipes without a budget; bits per
 #      weight stored, the widths, and the embedding cosine as in part 1.
 # Usage: bash bench/calibrated.sh [WORKDIR]   (SHARDPRESS_BIN=path uses that binary, else the
 #        release build; MINILM=dir overrides the model directory; LLAMA_SIZE=1GB; PART=1|2|3)
@@ -88,20 +89,26 @@ if [ "${PART:-3}" = 3 ] || [ -z "${PART:-}" ]; then
   echo "| recipe | budget | bits/weight stored | widths (tensors) | mean cosine | worst cosine | wall s |"
   echo "|---|---:|---:|---|---:|---:|---:|"
   for recipe in int4-g128-asym gptq-w4a16-asym; do
-    for budget in 4.25 4.5 5; do
+    for budget in none 4.25 4.5 5; do
       args=()
       case $recipe in gptq-*) args=(--calibration "$calibration");; esac
+      [ "$budget" = none ] || args+=(--target-bpw "$budget")
       out=$work/minilm-mixed-$recipe-$budget
       start=$(date +%s.%N)
       "$bin" run --workers 3 --model "$minilm" --recipe "$recipe" --out "$out" --overwrite \
-        --target-bpw "$budget" --eval "$eval" "${args[@]}" >/dev/null 2>"$out.log"
+        --eval "$eval" "${args[@]}" >/dev/null 2>"$out.log"
       end=$(date +%s.%N)
       "$python" - "$out/report.json" "$recipe" "$budget" "$(echo "$end - $start" | bc)" <<'PY'
 import json, sys
 report, recipe, budget, seconds = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], float(sys.argv[4])
-m, e = report["mixed_precision"], report["calibration"]["evaluation"]
-widths = ", ".join(f"{b}-bit x{n}" for b, n in sorted(m["widths"].items(), key=lambda w: -int(w[0])))
-print(f"| {recipe} | {budget} | {m['bits_per_weight']:.4f} | {widths} | {e['mean_embedding_cosine']:.5f} | "
+e = report["calibration"]["evaluation"]
+m = report.get("mixed_precision")
+if m:
+    bpw = m["bits_per_weight"]
+    widths = ", ".join(f"{b}-bit x{n}" for b, n in sorted(m["widths"].items(), key=lambda w: -int(w[0])))
+else:
+    bpw, widths = report["summary"]["bits_per_weight_compressed"], "one width"
+print(f"| {recipe} | {budget} | {bpw:.4f} | {widths} | {e['mean_embedding_cosine']:.5f} | "
       f"{e['min_embedding_cosine']:.5f} | {seconds:.1f} |")
 PY
     done
