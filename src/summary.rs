@@ -76,6 +76,15 @@ pub fn print_summary(report: &Value) {
             num(m, "target_bpw"),
             widths.join(", ")
         );
+        let weighted = num(m, "calibration_weighted_tensors") as u64;
+        let scored = match weighted {
+            0 => "by weight error".to_string(),
+            n => format!(
+                "{n} tensors by output error on {} calibration samples, the rest by weight error",
+                num(m, "calibration_samples")
+            ),
+        };
+        say!("             widths chosen {scored}");
         say!(
             "             predicted error (sum of squared relative errors) {:.4e}, {:.4e} at the narrowest width ({:.4} bits/weight)",
             num(m, "predicted_error"),

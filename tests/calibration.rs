@@ -273,9 +273,30 @@ fn a_mixed_precision_job_killed_mid_calibration_resumes_with_the_same_choice() {
     coordinator_killed_mid_calibration(&["--target-bpw", "4.6"]);
 }
 
-/// Kills the coordinator once a few calibration steps of a GPTQ job (with `extra` flags) are
-/// journaled, restarts it, and checks the resumed job's output against an uninterrupted run.
+/// The same killed while the measuring round's sensitivity steps run (the calibration
+/// batches through the original layers, each Linear's widths scored): the finished steps
+/// and their objects are kept, the rest run again, and the choice is the same.
+#[test]
+fn a_mixed_precision_job_killed_mid_sensitivity_resumes_with_the_same_choice() {
+    coordinator_killed_mid(&["--target-bpw", "4.6"], Round::Sensitivity);
+}
+
 fn coordinator_killed_mid_calibration(extra: &[&str]) {
+    coordinator_killed_mid(extra, Round::Calibration);
+}
+
+/// When [`coordinator_killed_mid`] kills the coordinator.
+#[derive(PartialEq)]
+enum Round {
+    /// Once the measuring round's sensitivity pass has written its statistics.
+    Sensitivity,
+    /// Once a few calibration steps are journaled.
+    Calibration,
+}
+
+/// Kills the coordinator mid-`round` of a GPTQ job (with `extra` flags), restarts it, and
+/// checks the resumed job's output against an uninterrupted run.
+fn coordinator_killed_mid(extra: &[&str], round: Round) {
     let dir = tempfile::tempdir().unwrap();
     let (model, reference) = model_and_reference(dir.path(), extra);
     let mut cluster = TestCluster::start(5.0);
@@ -294,27 +315,39 @@ fn coordinator_killed_mid_calibration(extra: &[&str]) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Kill the coordinator once a few calibration steps are journaled.
     let done = out.join(".shardpress/done");
     let started = std::time::Instant::now();
-    let steps_done = || {
-        std::fs::read_dir(&done).map_or(0, |d| {
+    let count = |dir: &Path, prefix: &str| {
+        std::fs::read_dir(dir).map_or(0, |d| {
             d.filter(|e| {
                 e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("k-"))
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with(prefix))
             })
             .count()
         })
     };
-    while steps_done() < 3 {
+    let sensitivity_stats = out.join(".shardpress/calib/ms");
+    let ready = || match round {
+        // Both batches' statistics of the (one-layer) model: the sensitivity steps are next.
+        Round::Sensitivity => count(&sensitivity_stats, "") >= 2,
+        Round::Calibration => count(&done, "k-") >= 3,
+    };
+    while !ready() {
         assert!(
             started.elapsed() < Duration::from_secs(120),
-            "no step was journaled"
+            "no step was journaled: {:?}",
+            files_under(&out)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     cluster.kill_coordinator();
-    let finished_before = steps_done();
+    let finished_before = match round {
+        Round::Sensitivity => {
+            assert_eq!(count(&done, "k-"), 0, "the measuring round was over");
+            count(&done, "m-")
+        }
+        Round::Calibration => count(&done, "k-"),
+    };
     assert!(!first.wait().unwrap().success());
     cluster.restart_coordinator(&["--lease-ttl-secs", "5"]);
     let again = compress(&cluster).output().unwrap();
@@ -336,9 +369,13 @@ fn coordinator_killed_mid_calibration(extra: &[&str]) {
     if !extra.is_empty() {
         assert!(measuring > 0 && report["mixed_precision"].is_object());
     }
+    let rerun = match round {
+        Round::Sensitivity => measuring,
+        Round::Calibration => 0,
+    };
     assert!(
-        leased <= steps + compressing - finished_before,
-        "{leased} leases after the restart for {steps} steps ({finished_before} done before) and {compressing} tasks"
+        leased <= rerun + steps + compressing - finished_before,
+        "{leased} leases after the restart for {rerun} measuring tasks and steps, {steps} steps ({finished_before} done before) and {compressing} tasks"
     );
 }
 

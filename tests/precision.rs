@@ -182,6 +182,115 @@ fn gptq_calibrates_each_tensor_at_its_chosen_width() {
     assert!(wider > 0, "no calibrated tensor got more than 4 bits");
 }
 
+/// With calibration data a data-free recipe's widths are chosen by the error each causes in
+/// its layer's output on held-out calibration inputs: every Linear of the transformer blocks
+/// is scored so, the choice and the output are the same for 1 and 3 workers, and the budget
+/// is met. Calibration data without a budget to spend it on is refused.
+#[test]
+fn calibration_data_scores_the_widths_of_a_data_free_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let calibration = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/calibration.txt");
+    let calibration = calibration.to_str().unwrap();
+    let flags = [
+        "--calibration",
+        calibration,
+        "--calibration-samples",
+        "40",
+        "--calibration-seq-len",
+        "32",
+    ];
+    let refused = dir.path().join("refused");
+    let output = run_job(&model, &refused, "int4-g128-asym", 1, &flags);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("no bit budget"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(files_under(&refused).is_empty());
+
+    let budget = [&flags[..], &["--target-bpw", "4.6"]].concat();
+    let three = dir.path().join("three");
+    let output = run_job(&model, &three, "int4-g128-asym", 3, &budget);
+    assert_success(&output, "calibration-scored mixed precision, 3 workers");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.contains("by output error on 40 calibration samples"),
+        "{printed}"
+    );
+    let one = dir.path().join("one");
+    let output = run_job(&model, &one, "int4-g128-asym", 1, &budget);
+    assert_success(&output, "calibration-scored mixed precision, 1 worker");
+    let (a, b) = (manifest_objects(&one), manifest_objects(&three));
+    for (name, bytes) in a.iter().filter(|(n, _)| n.ends_with(".safetensors")) {
+        assert!(bytes == &b[name], "{name} differs between 1 and 3 workers");
+    }
+    let r = report(&three);
+    let m = &r["mixed_precision"];
+    assert!(f(&m["bits_per_weight"]) <= 4.6, "{m}");
+    assert_eq!(f(&m["calibration_samples"]), 40.0);
+    let rows = m["tensors"].as_array().unwrap();
+    let mut weighted = 0;
+    for row in rows {
+        let name = row["name"].as_str().unwrap();
+        let in_block = name.contains(".layers.");
+        assert_eq!(
+            row["calibration_weighted"].as_bool(),
+            Some(in_block),
+            "{name}"
+        );
+        weighted += usize::from(in_block);
+        // Each width is scored by what it does: wider, smaller error.
+        let errors: Vec<f64> = (row["candidates"].as_array().unwrap())
+            .iter()
+            .map(|c| f(&c["rel_error_sq"]))
+            .collect();
+        assert!(errors.windows(2).all(|w| w[1] < w[0]), "{name}: {errors:?}");
+    }
+    assert!(
+        weighted >= 7,
+        "{weighted} tensors scored on the calibration data"
+    );
+    assert_eq!(
+        m["calibration_weighted_tensors"].as_u64(),
+        Some(weighted as u64)
+    );
+    // The layer-output score is not the weight error the measuring tasks report.
+    let plain = dir.path().join("plain");
+    let output = run_job(
+        &model,
+        &plain,
+        "int4-g128-asym",
+        2,
+        &["--target-bpw", "4.6"],
+    );
+    assert_success(&output, "weight-error mixed precision");
+    let by_weights = report(&plain);
+    let first = |r: &serde_json::Value| {
+        let rows = r["mixed_precision"]["tensors"].as_array().unwrap();
+        let row = rows
+            .iter()
+            .find(|t| t["calibration_weighted"] == true)
+            .unwrap_or(&rows[0]);
+        (
+            row["name"].clone(),
+            f(&row["candidates"][0]["rel_error_sq"]),
+        )
+    };
+    let (name, scored) = first(&r);
+    let unweighted = (by_weights["mixed_precision"]["tensors"].as_array().unwrap())
+        .iter()
+        .find(|t| t["name"] == name)
+        .map(|t| f(&t["candidates"][0]["rel_error_sq"]))
+        .unwrap();
+    assert!(
+        (scored - unweighted).abs() > 1e-3 * unweighted,
+        "{name}: {scored} vs {unweighted}"
+    );
+}
+
 #[test]
 fn impossible_budgets_and_widths_are_refused() {
     let dir = tempfile::tempdir().unwrap();

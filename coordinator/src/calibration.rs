@@ -52,6 +52,7 @@ pub enum StepKind {
     Solve,
     Forward,
     Eval,
+    Sensitivity,
 }
 
 /// One step of the round: a task of the job.
@@ -73,6 +74,8 @@ pub struct CalibStep {
     pub compressed: bool,
     /// FORWARD (compressed): the layer's calibrated tensors and their results' objects.
     pub solved: Vec<(String, String)>,
+    /// SENSITIVITY: the held-out hidden states its widths are scored on.
+    pub scored_on: String,
     /// Steps (indexes) whose output this one reads.
     pub deps: Vec<u32>,
 }
@@ -91,6 +94,12 @@ impl CalibStep {
                 if self.compressed { " (compressed)" } else { "" }
             ),
             StepKind::Eval => format!("eval {}", self.input_tail()),
+            StepKind::Sensitivity => {
+                format!(
+                    "sensitivity {}",
+                    self.tensors.first().map_or("", String::as_str)
+                )
+            }
         }
     }
 
@@ -161,6 +170,16 @@ fn hidden_name(stream: char, layer: usize, batch: usize) -> String {
     format!("{CALIB_DIR}/h/{stream}{layer:03}-b{batch:04}")
 }
 
+/// How [`plan_layers`] passes the calibration batches through the layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LayerPass {
+    /// The calibration round: SOLVE each Linear, forward through the layer as compressed.
+    Calibrate,
+    /// The measuring round of mixed precision: score each Linear's candidate widths
+    /// (SENSITIVITY), forward through the original layer.
+    Sensitivity,
+}
+
 /// Plans the round (pure). `calibrated` says which Linears the recipe calibrates; with no
 /// calibration batches only the evaluation runs (a data-free recipe evaluated), with no
 /// evaluation batches only the calibration.
@@ -171,97 +190,18 @@ pub fn plan_steps(
     evaluation: &[Vec<Vec<u32>>],
 ) -> StepPlan {
     let mut plan = StepPlan::default();
+    let (solves, solved_of) = plan_layers(
+        &mut plan,
+        layout,
+        calibrated,
+        calibration,
+        LayerPass::Calibrate,
+    );
     let push = |plan: &mut StepPlan, step: CalibStep| -> u32 {
         plan.steps.push(step);
         plan.steps.len() as u32 - 1
     };
-    let base = |kind, layer: usize| CalibStep {
-        kind,
-        layer: layer as u32,
-        group: 0,
-        inputs: Vec::new(),
-        output: String::new(),
-        tensors: Vec::new(),
-        sequences: Vec::new(),
-        compressed: false,
-        solved: Vec::new(),
-        deps: Vec::new(),
-    };
-    let calibrated_groups = |layer: &LayerLayout| -> Vec<(usize, Vec<String>)> {
-        (layer.groups.iter().enumerate())
-            .map(|(i, g)| (i, g.iter().filter(|t| calibrated(t)).cloned().collect()))
-            .filter(|(_, g): &(usize, Vec<String>)| !g.is_empty())
-            .collect()
-    };
-    let last = (layout.layers.iter()).rposition(|l| !calibrated_groups(l).is_empty());
-    // Per layer: the SOLVE steps a compressed forward of it waits for.
-    let mut solves: Vec<Vec<u32>> = vec![Vec::new(); layout.layers.len()];
-    let mut solved_of: Vec<Vec<(String, String)>> = vec![Vec::new(); layout.layers.len()];
-    if let (Some(last), false) = (last, calibration.is_empty()) {
-        let mut producers: Vec<(u32, String)> = Vec::new();
-        for (b, batch) in calibration.iter().enumerate() {
-            let output = hidden_name('c', 0, b);
-            let step = CalibStep {
-                output: output.clone(),
-                tensors: layout.embedding.clone(),
-                sequences: batch.clone(),
-                ..base(StepKind::Embed, 0)
-            };
-            producers.push((push(&mut plan, step), output));
-        }
-        for (k, layer) in layout.layers.iter().enumerate().take(last + 1) {
-            let groups = calibrated_groups(layer);
-            if !groups.is_empty() {
-                let mut stats = Vec::new();
-                for (b, (producer, input)) in producers.iter().enumerate() {
-                    let step = CalibStep {
-                        inputs: vec![input.clone()],
-                        output: format!("{CALIB_DIR}/s/{k:03}-b{b:04}"),
-                        tensors: layer.tensors.clone(),
-                        deps: vec![*producer],
-                        ..base(StepKind::Stats, k)
-                    };
-                    stats.push(push(&mut plan, step));
-                }
-                let stats_objects: Vec<String> = (stats.iter())
-                    .map(|&s| plan.steps[s as usize].output.clone())
-                    .collect();
-                for (group, tensors) in groups {
-                    for tensor in tensors {
-                        let output = format!("{CALIB_DIR}/w/{tensor}");
-                        let step = CalibStep {
-                            group: group as u32,
-                            inputs: stats_objects.clone(),
-                            output: output.clone(),
-                            tensors: vec![tensor.clone()],
-                            deps: stats.clone(),
-                            ..base(StepKind::Solve, k)
-                        };
-                        solves[k].push(push(&mut plan, step));
-                        solved_of[k].push((tensor.clone(), output.clone()));
-                        plan.solved.insert(tensor, output);
-                    }
-                }
-            }
-            if k == last {
-                break;
-            }
-            for (b, (producer, input)) in producers.iter_mut().enumerate() {
-                let output = hidden_name('c', k + 1, b);
-                let step = CalibStep {
-                    inputs: vec![input.clone()],
-                    output: output.clone(),
-                    tensors: layer.tensors.clone(),
-                    compressed: true,
-                    solved: solved_of[k].clone(),
-                    deps: [vec![*producer], solves[k].clone()].concat(),
-                    ..base(StepKind::Forward, k)
-                };
-                *producer = push(&mut plan, step);
-                *input = output;
-            }
-        }
-    }
+    let base = base_step;
     for (e, batch) in evaluation.iter().enumerate() {
         let output = hidden_name('e', 0, e);
         let step = CalibStep {
@@ -311,6 +251,165 @@ pub fn plan_steps(
     plan
 }
 
+/// Plans the sensitivity steps of mixed precision with calibration data (pure): the
+/// calibration batches through the *original* layers, and per Linear that `measured` names
+/// one SENSITIVITY step reading its layer's statistics. They run in the measuring round, so
+/// the widths are chosen on what the Linears' inputs really are before anything is solved.
+pub fn plan_sensitivity(
+    layout: &ModelLayout,
+    measured: &dyn Fn(&str) -> bool,
+    calibration: &[Vec<Vec<u32>>],
+) -> StepPlan {
+    let mut plan = StepPlan::default();
+    plan_layers(
+        &mut plan,
+        layout,
+        measured,
+        calibration,
+        LayerPass::Sensitivity,
+    );
+    plan
+}
+
+fn base_step(kind: StepKind, layer: usize) -> CalibStep {
+    CalibStep {
+        kind,
+        layer: layer as u32,
+        group: 0,
+        inputs: Vec::new(),
+        output: String::new(),
+        tensors: Vec::new(),
+        sequences: Vec::new(),
+        compressed: false,
+        solved: Vec::new(),
+        scored_on: String::new(),
+        deps: Vec::new(),
+    }
+}
+
+/// Per layer: the SOLVE steps a compressed forward of it waits for, and its calibrated
+/// tensors with their results' objects.
+type LayerSolves = (Vec<Vec<u32>>, Vec<Vec<(String, String)>>);
+
+/// Appends to `plan` the calibration batches' way through the layers up to the last one
+/// holding a Linear that `picked` names: EMBED, then per layer STATS, one step per picked
+/// Linear, and FORWARD to the next layer (see [`LayerPass`]).
+fn plan_layers(
+    plan: &mut StepPlan,
+    layout: &ModelLayout,
+    picked: &dyn Fn(&str) -> bool,
+    calibration: &[Vec<Vec<u32>>],
+    pass: LayerPass,
+) -> LayerSolves {
+    let push = |plan: &mut StepPlan, step: CalibStep| -> u32 {
+        plan.steps.push(step);
+        plan.steps.len() as u32 - 1
+    };
+    let base = base_step;
+    let (stream, stats_dir) = match pass {
+        LayerPass::Calibrate => ('c', "s"),
+        LayerPass::Sensitivity => ('m', "ms"),
+    };
+    let picked_groups = |layer: &LayerLayout| -> Vec<(usize, Vec<String>)> {
+        (layer.groups.iter().enumerate())
+            .map(|(i, g)| (i, g.iter().filter(|t| picked(t)).cloned().collect()))
+            .filter(|(_, g): &(usize, Vec<String>)| !g.is_empty())
+            .collect()
+    };
+    let last = (layout.layers.iter()).rposition(|l| !picked_groups(l).is_empty());
+    let mut solves: Vec<Vec<u32>> = vec![Vec::new(); layout.layers.len()];
+    let mut solved_of: Vec<Vec<(String, String)>> = vec![Vec::new(); layout.layers.len()];
+    let (Some(last), false) = (last, calibration.is_empty()) else {
+        return (solves, solved_of);
+    };
+    let mut producers: Vec<(u32, String)> = Vec::new();
+    for (b, batch) in calibration.iter().enumerate() {
+        let output = hidden_name(stream, 0, b);
+        let step = CalibStep {
+            output: output.clone(),
+            tensors: layout.embedding.clone(),
+            sequences: batch.clone(),
+            ..base(StepKind::Embed, 0)
+        };
+        producers.push((push(plan, step), output));
+    }
+    for (k, layer) in layout.layers.iter().enumerate().take(last + 1) {
+        let groups = picked_groups(layer);
+        if !groups.is_empty() {
+            let mut stats = Vec::new();
+            for (b, (producer, input)) in producers.iter().enumerate() {
+                let step = CalibStep {
+                    inputs: vec![input.clone()],
+                    output: format!("{CALIB_DIR}/{stats_dir}/{k:03}-b{b:04}"),
+                    tensors: layer.tensors.clone(),
+                    deps: vec![*producer],
+                    ..base(StepKind::Stats, k)
+                };
+                stats.push(push(plan, step));
+            }
+            let stats_objects: Vec<String> = (stats.iter())
+                .map(|&s| plan.steps[s as usize].output.clone())
+                .collect();
+            for (group, tensors) in groups {
+                for tensor in tensors {
+                    let step = CalibStep {
+                        group: group as u32,
+                        inputs: stats_objects.clone(),
+                        tensors: vec![tensor.clone()],
+                        deps: stats.clone(),
+                        ..base(StepKind::Solve, k)
+                    };
+                    if pass == LayerPass::Sensitivity {
+                        // Scored on batch 0's inputs to the layer, fitted on the others.
+                        let (producer, held_out) = &producers[0];
+                        let rest = layer.tensors.iter().filter(|t| **t != tensor);
+                        let step = CalibStep {
+                            kind: StepKind::Sensitivity,
+                            tensors: [vec![tensor.clone()], rest.cloned().collect()].concat(),
+                            scored_on: held_out.clone(),
+                            deps: [stats.clone(), vec![*producer]].concat(),
+                            ..step
+                        };
+                        push(plan, step);
+                        continue;
+                    }
+                    let output = format!("{CALIB_DIR}/w/{tensor}");
+                    let step = CalibStep {
+                        output: output.clone(),
+                        ..step
+                    };
+                    solves[k].push(push(plan, step));
+                    solved_of[k].push((tensor.clone(), output.clone()));
+                    plan.solved.insert(tensor, output);
+                }
+            }
+        }
+        if k == last {
+            break;
+        }
+        for (b, (producer, input)) in producers.iter_mut().enumerate() {
+            let output = hidden_name(stream, k + 1, b);
+            let compressed = pass == LayerPass::Calibrate;
+            let step = CalibStep {
+                inputs: vec![input.clone()],
+                output: output.clone(),
+                tensors: layer.tensors.clone(),
+                compressed,
+                solved: if compressed {
+                    solved_of[k].clone()
+                } else {
+                    Vec::new()
+                },
+                deps: [vec![*producer], solves[k].clone()].concat(),
+                ..base(StepKind::Forward, k)
+            };
+            *producer = push(plan, step);
+            *input = output;
+        }
+    }
+    (solves, solved_of)
+}
+
 /// What the submission asked for, as the journal records it (so a resumed job reads the
 /// same data).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
@@ -347,6 +446,10 @@ pub struct Calibration {
     pub model_tensors: Vec<String>,
     pub kind: ModelKind,
     pub plan: StepPlan,
+    /// Mixed precision with calibration data: the measuring round's steps that score each
+    /// Linear's candidate widths on its calibration inputs (run after the data-free
+    /// measuring tasks, numbered on from them).
+    pub sensitivity: StepPlan,
     /// Every model tensor the steps read, by name.
     pub tensors: HashMap<String, PlannedTensor>,
     /// The compressing round's tasks, run once the round is over.
@@ -365,15 +468,24 @@ impl Calibration {
     /// The round's steps as the job's tasks: each with the model tensors it reads and the
     /// object it writes.
     pub fn step_tasks(&self) -> Vec<PlannedTask> {
-        (self.plan.steps.iter().enumerate())
+        self.tasks_of(&self.plan.steps, 0, "calibrate")
+    }
+
+    /// The sensitivity steps as tasks numbered from `first` (see [`Calibration::sensitivity`]).
+    pub fn sensitivity_tasks(&self, first: u32) -> Vec<PlannedTask> {
+        self.tasks_of(&self.sensitivity.steps, first, "sensitivity")
+    }
+
+    fn tasks_of(&self, steps: &[CalibStep], first: u32, group: &str) -> Vec<PlannedTask> {
+        (steps.iter().enumerate())
             .map(|(index, step)| {
                 let tensors: Vec<PlannedTensor> = (step.tensors.iter())
                     .filter_map(|t| self.tensors.get(t).cloned())
                     .collect();
                 let input_bytes = tensors.iter().map(PlannedTensor::byte_len).sum();
                 PlannedTask {
-                    index: index as u32,
-                    group: "calibrate".into(),
+                    index: first + index as u32,
+                    group: group.into(),
                     tensors,
                     output_name: step.output.clone(),
                     input_bytes,
@@ -389,8 +501,8 @@ impl Calibration {
     /// each Linear group of its layer; SOLVE its Linear's summed Hessian, the one being added
     /// and the method's factors ([`solve_memory_bytes`], whose thread-dependent scratch is
     /// counted for this process's threads). `None` for a step without tensors.
-    pub fn step_need(&self, index: usize) -> Option<crate::routing::TaskNeed> {
-        let step = self.plan.steps.get(index)?;
+    pub fn step_need(&self, steps: &[CalibStep], index: usize) -> Option<crate::routing::TaskNeed> {
+        let step = steps.get(index)?;
         let tensors: Vec<&PlannedTensor> = (step.tensors.iter())
             .filter_map(|t| self.tensors.get(t))
             .collect();
@@ -400,21 +512,27 @@ impl Calibration {
             .map(|t| t.shape.iter().product::<u64>().saturating_mul(4))
             .sum();
         let (bytes, pass) = match step.kind {
-            StepKind::Solve => {
+            StepKind::Solve | StepKind::Sensitivity => {
                 // The bound counts the summed Hessian and the weight in f32; add the batch's
-                // Hessian being summed.
+                // Hessian being summed. A sensitivity step solves one width at a time, and
+                // holds its layer's weights in f32 for the forward that scores it.
                 let t = tensors.first()?;
                 let (rows, n) = (t.shape.first().copied().unwrap_or(1), width(t));
                 let solve = solve_memory_bytes(n as usize, rows as usize);
-                (
-                    solve.saturating_add(triangle(n)),
-                    "calibration solve (Hessian and factors)",
-                )
+                let bytes = solve.saturating_add(triangle(n));
+                match step.kind {
+                    StepKind::Solve => (bytes, "calibration solve (Hessian and factors)"),
+                    _ => (
+                        bytes.saturating_add(weights),
+                        "sensitivity (Hessian, factors and the layer's weights)",
+                    ),
+                }
             }
             StepKind::Stats => {
                 // One Hessian per Linear group of the layer: the widths its SOLVE steps read.
-                let mut groups: Vec<(u32, u64)> = (self.plan.steps.iter())
-                    .filter(|s| s.kind == StepKind::Solve && s.layer == step.layer)
+                let per_linear = [StepKind::Solve, StepKind::Sensitivity];
+                let mut groups: Vec<(u32, u64)> = (steps.iter())
+                    .filter(|s| per_linear.contains(&s.kind) && s.layer == step.layer)
                     .filter_map(|s| {
                         let t = self.tensors.get(s.tensors.first()?)?;
                         Some((s.group, width(t)))
@@ -516,9 +634,11 @@ pub async fn prepare(
             methods.join(" and ")
         )));
     }
-    if methods.is_empty() && !asked.calibration_url.is_empty() {
+    // Mixed precision uses calibration data to score the widths, whatever the method.
+    let choosing_widths = recipe.needs_precision_choice();
+    if methods.is_empty() && !asked.calibration_url.is_empty() && !choosing_widths {
         return Err(invalid(format!(
-            "--calibration was given, but recipe {} has no calibrated method (quantize method gptq or awq, prune method sparsegpt or wanda); leave it out, or use --eval to measure the model's outputs",
+            "--calibration was given, but recipe {} has no calibrated method (quantize method gptq or awq, prune method sparsegpt or wanda) and no bit budget (mixed_precision / --target-bpw) to choose widths for; leave it out, or use --eval to measure the model's outputs",
             recipe.name
         )));
     }
@@ -577,13 +697,20 @@ pub async fn prepare(
         .collect();
     let mut not_calibrated = Vec::new();
     let mut calibrated = std::collections::HashSet::new();
+    // Mixed precision: the Linears whose width is chosen, scored on their inputs.
+    let mut measured = std::collections::HashSet::new();
     for t in plan.iter().flat_map(|t| &t.tensors) {
+        let tensor_plan = || {
+            TensorPlan::for_output(recipe, format, facts, &t.name, t.dtype, &t.shape)
+                .map_err(|e| invalid(format!("{}: {e}", t.source_file)))
+        };
+        if choosing_widths && in_groups.contains(t.name.as_str()) && tensor_plan()?.has_width() {
+            measured.insert(t.name.clone());
+        }
         if recipe.calibrated_for(&t.name).is_none() {
             continue;
         }
-        let tensor_plan = TensorPlan::for_output(recipe, format, facts, &t.name, t.dtype, &t.shape)
-            .map_err(|e| invalid(format!("{}: {e}", t.source_file)))?;
-        if tensor_plan.calibrated.is_none() {
+        if tensor_plan()?.calibrated.is_none() {
             continue;
         }
         if !in_groups.contains(t.name.as_str()) {
@@ -626,6 +753,7 @@ pub async fn prepare(
         &calibration,
         &evaluation,
     );
+    let sensitivity = plan_sensitivity(&layout, &|t| measured.contains(t), &calibration);
     let mut hasher = blake3::Hasher::new();
     for batch in calibration.iter().chain(&evaluation) {
         for sequence in batch {
@@ -645,6 +773,7 @@ pub async fn prepare(
         model_tensors,
         kind: model.kind(),
         plan: steps,
+        sensitivity,
         tensors,
         compress_plan: plan.to_vec(),
         calibration_samples,

@@ -507,11 +507,20 @@ fn conclude_measuring(
         };
     }
     if let Some(mixed) = spec.recipe.mixed_precision.as_ref() {
+        // A tensor scored on the calibration data (a sensitivity step) is chosen by that
+        // score, not by its weight error (every quantized tensor has the latter).
+        let weighted: std::collections::HashSet<&str> = (reports.iter())
+            .flat_map(|r| &r.precision)
+            .filter(|t| t.calibration_weighted)
+            .map(|t| t.name.as_str())
+            .collect();
         let tensors: Vec<TensorCandidates> = (reports.iter())
             .flat_map(|r| &r.precision)
+            .filter(|t| t.calibration_weighted || !weighted.contains(t.name.as_str()))
             .map(|t| TensorCandidates {
                 name: t.name.clone(),
                 params: t.params,
+                calibration_weighted: t.calibration_weighted,
                 candidates: (t.candidates.iter())
                     .map(|c| Candidate {
                         bits: c.bits.min(u32::from(u8::MAX)) as u8,

@@ -13,6 +13,7 @@ use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, JobState, JobStat
 
 use shardpress_store::staged::StagedOutput;
 
+use crate::calibration::StepKind;
 use crate::journal::{Recorded, Round};
 
 /// What the job was asked to do.
@@ -90,9 +91,21 @@ impl JobSpec {
         self.has_measuring_round() && self.measured.is_none()
     }
 
-    /// True while the job's tasks are its calibration round's steps.
+    /// True for a job with a calibration round (its calibration data can also serve only
+    /// to score mixed precision's widths, in the measuring round).
+    pub fn has_calibration_round(&self) -> bool {
+        (self.calibration.as_ref()).is_some_and(|c| !c.plan.steps.is_empty())
+    }
+
+    /// True while the job's tasks are (or are still to be) its calibration round's steps.
     pub fn calibrating(&self) -> bool {
-        self.calibration.is_some() && self.calibrated.is_none()
+        self.has_calibration_round() && self.calibrated.is_none()
+    }
+
+    /// The measuring round's sensitivity steps (see
+    /// [`crate::calibration::Calibration::sensitivity`]).
+    pub fn sensitivity_steps(&self) -> &[crate::calibration::CalibStep] {
+        (self.calibration.as_ref()).map_or(&[], |c| c.sensitivity.steps.as_slice())
     }
 
     /// The object holding `tensor`'s calibrated result, once the round has written it.
@@ -279,11 +292,16 @@ impl Job {
                 (calibration_slots(calibration), Phase::Calibrating)
             }
             _ => {
-                let phase = match spec.measuring() {
+                let measuring = spec.measuring();
+                let mut tasks = compressing_slots(&spec, plan);
+                let phase = match measuring {
                     true => Phase::Measuring,
                     false => Phase::Compressing,
                 };
-                (compressing_slots(&spec, plan), phase)
+                if let (true, Some(calibration)) = (measuring, &spec.calibration) {
+                    tasks.extend(sensitivity_slots(calibration, tasks.len() as u32));
+                }
+                (tasks, phase)
             }
         };
         let message = round_message(&spec, phase);
@@ -377,6 +395,10 @@ impl Job {
             self.spec.recipe = recipe;
         }
         let attempts = self.tasks.iter().map(|t| t.attempt).max().unwrap_or(0);
+        // The sensitivity steps end with the round (they follow its measuring tasks).
+        let measuring_tasks =
+            (self.tasks.len()).saturating_sub(self.spec.sensitivity_steps().len());
+        self.tasks.truncate(measuring_tasks);
         match self.spec.calibration.clone() {
             Some(calibration) if self.spec.calibrating() => {
                 self.tasks = calibration_slots(&calibration);
@@ -808,11 +830,31 @@ mod tests;
 
 /// The calibration round's task slots: its steps, each waiting for those it reads.
 fn calibration_slots(calibration: &crate::calibration::Calibration) -> Vec<TaskSlot> {
-    let steps = calibration.step_tasks().into_iter();
-    (steps.zip(&calibration.plan.steps).enumerate())
+    let steps = &calibration.plan.steps;
+    step_slots(calibration, steps, calibration.step_tasks(), 0)
+}
+
+/// The measuring round's sensitivity steps as slots numbered from `first`.
+fn sensitivity_slots(calibration: &crate::calibration::Calibration, first: u32) -> Vec<TaskSlot> {
+    let steps = &calibration.sensitivity.steps;
+    step_slots(
+        calibration,
+        steps,
+        calibration.sensitivity_tasks(first),
+        first,
+    )
+}
+
+fn step_slots(
+    calibration: &crate::calibration::Calibration,
+    steps: &[crate::calibration::CalibStep],
+    tasks: Vec<PlannedTask>,
+    first: u32,
+) -> Vec<TaskSlot> {
+    (tasks.into_iter().zip(steps).enumerate())
         .map(|(index, (plan, step))| TaskSlot {
-            deps: step.deps.clone(),
-            need: calibration.step_need(index),
+            deps: step.deps.iter().map(|d| d + first).collect(),
+            need: calibration.step_need(steps, index),
             ..TaskSlot::pending(plan, None)
         })
         .collect()
@@ -822,11 +864,19 @@ fn calibration_slots(calibration: &crate::calibration::Calibration) -> Vec<TaskS
 /// (measuring, calibrating, compressing), nothing when it only compresses.
 fn round_message(spec: &JobSpec, phase: Phase) -> String {
     let measuring = spec.has_measuring_round();
-    let calibrating = spec.calibration.is_some();
+    let calibrating = spec.has_calibration_round();
     let rounds = 1 + usize::from(measuring) + usize::from(calibrating);
     let (round, what) = match phase {
         Phase::Measuring => {
+            let sensitivity = spec.calibration.as_ref().map_or(0, |c| {
+                let steps = &c.sensitivity.steps;
+                let scoring = (steps.iter()).filter(|s| s.kind == StepKind::Sensitivity);
+                scoring.count()
+            });
             let what = match spec.recipe.needs_precision_choice() {
+                true if sensitivity > 0 => format!(
+                    "measuring (candidate widths of the quantized tensors, {sensitivity} scored on the calibration data)"
+                ),
                 true => "measuring (candidate widths of the quantized tensors)".to_string(),
                 false => "measuring (magnitudes, sketches)".to_string(),
             };

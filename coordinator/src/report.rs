@@ -98,6 +98,10 @@ pub struct PrecisionReport {
     pub narrowest_bits_per_weight: f64,
     /// Width -> how many tensors got it.
     pub widths: BTreeMap<u8, usize>,
+    /// How many tensors were scored by their output error on the calibration data (the
+    /// others by their weight error), and on how many calibration samples.
+    pub calibration_weighted_tensors: usize,
+    pub calibration_samples: usize,
     pub tensors: Vec<PrecisionTensorReport>,
 }
 
@@ -109,6 +113,9 @@ pub struct PrecisionTensorReport {
     pub params: u64,
     pub bits_per_weight: f64,
     pub rel_fro_error: Option<f64>,
+    /// The candidates' `rel_error_sq` is the relative output error on the calibration
+    /// inputs, `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`, rather than `‖ΔW‖² / ‖W‖²`.
+    pub calibration_weighted: bool,
     pub candidates: Vec<shardpress_core::precision::Candidate>,
 }
 
@@ -137,6 +144,7 @@ fn precision_report(spec: &JobSpec, tensors: &[TensorReport]) -> Option<Precisio
             params: candidates.params,
             bits_per_weight: stored,
             rel_fro_error: result.and_then(|r| r.rel_fro_error),
+            calibration_weighted: candidates.calibration_weighted,
             candidates: candidates.candidates.clone(),
         });
     }
@@ -153,6 +161,10 @@ fn precision_report(spec: &JobSpec, tensors: &[TensorReport]) -> Option<Precisio
         narrowest_error: choice.cheapest_error,
         narrowest_bits_per_weight: choice.cheapest_bpw,
         widths,
+        calibration_weighted_tensors: rows.iter().filter(|r| r.calibration_weighted).count(),
+        calibration_samples: (spec.calibration.as_ref())
+            .filter(|c| !c.sensitivity.steps.is_empty())
+            .map_or(0, |c| c.calibration_samples),
         tensors: rows,
     })
 }

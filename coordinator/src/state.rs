@@ -749,9 +749,23 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
         format: spec.format.as_str().to_string(),
         model_facts: spec.facts.to_json(),
     };
+    // The measuring round's sensitivity steps follow its measuring tasks.
+    let sensitivity = match job.phase {
+        Phase::Measuring => spec.sensitivity_steps(),
+        _ => &[],
+    };
+    let first_sensitivity = job.tasks.len().saturating_sub(sensitivity.len());
     let kind = match (&slot.assemble, job.phase) {
         (Some(assemble), _) => Kind::Assemble(assemble.clone()),
-        (None, Phase::Calibrating) => Kind::Calibrate(calibrate_task(job, index)),
+        (None, Phase::Calibrating) => {
+            let step = (spec.calibration.as_ref()).and_then(|c| c.plan.steps.get(index));
+            Kind::Calibrate(step.map_or_else(Default::default, |s| calibrate_task(job, index, s)))
+        }
+        (None, Phase::Measuring) if index >= first_sensitivity => Kind::Calibrate(calibrate_task(
+            job,
+            index,
+            &sensitivity[index - first_sensitivity],
+        )),
         (None, Phase::Measuring) => Kind::Measure(MeasureTask {
             work: Some(work()),
             magnitudes: spec.recipe.global_sparsity().is_some(),
@@ -781,15 +795,17 @@ fn lease_for(job: &Job, index: usize, ttl: Duration) -> TaskLease {
     }
 }
 
-/// The lease of calibration step `index` (see [`crate::calibration`]).
-fn calibrate_task(job: &Job, index: usize) -> shardpress_proto::v1::CalibrateTask {
+/// The lease of the job's task `index`, calibration step `step` (see
+/// [`crate::calibration`]).
+fn calibrate_task(
+    job: &Job,
+    index: usize,
+    step: &crate::calibration::CalibStep,
+) -> shardpress_proto::v1::CalibrateTask {
     use crate::calibration::StepKind;
     use shardpress_proto::v1::calibrate_task::Step;
     let spec = &job.spec;
     let Some(calibration) = spec.calibration.as_ref() else {
-        return Default::default();
-    };
-    let Some(step) = calibration.plan.steps.get(index) else {
         return Default::default();
     };
     let kind = match step.kind {
@@ -798,6 +814,7 @@ fn calibrate_task(job: &Job, index: usize) -> shardpress_proto::v1::CalibrateTas
         StepKind::Solve => Step::Solve,
         StepKind::Forward => Step::Forward,
         StepKind::Eval => Step::Eval,
+        StepKind::Sensitivity => Step::Sensitivity,
     };
     shardpress_proto::v1::CalibrateTask {
         step: kind as i32,
@@ -819,5 +836,6 @@ fn calibrate_task(job: &Job, index: usize) -> shardpress_proto::v1::CalibrateTas
         compressed: step.compressed,
         solved: step.solved.iter().cloned().collect(),
         group: step.group,
+        scored_on: step.scored_on.clone(),
     }
 }

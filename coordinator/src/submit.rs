@@ -236,9 +236,9 @@ pub async fn submit(
     .await?;
     let _reserved = coordinator.reserve_output(&out.identity())?;
     let task_count = plan.len() as u32
-        + calibration
-            .as_ref()
-            .map_or(0, |c| c.plan.steps.len() as u32);
+        + (calibration.as_ref()).map_or(0, |c| {
+            (c.plan.steps.len() + c.sensitivity.steps.len()) as u32
+        });
     let total_bytes = plan.iter().map(|t| t.input_bytes).sum();
     let mut spec = JobSpec {
         model_url: model.root.url().to_string(),
@@ -323,11 +323,17 @@ pub async fn submit(
     }
     journal.claim(&config.claimant, &job_id).await?;
     let steps = spec.calibration.as_ref().map(|c| c.plan.steps.as_slice());
-    let restored = still_there(&out, &plan, steps, spec.in_place.is_some(), restored).await?;
+    let rounds = Rounds {
+        plan: &plan,
+        steps,
+        sensitivity: spec.sensitivity_steps(),
+    };
+    let restored = still_there(&out, &rounds, spec.in_place.is_some(), restored).await?;
     let journal_seconds = journal_read.elapsed().as_secs_f64();
+    // A measuring task's result is not kept work (it writes nothing); a sensitivity step's is.
     let resumed_tasks = restored
         .iter()
-        .filter(|r| r.round != Round::Measure)
+        .filter(|r| r.round != Round::Measure || r.task as usize >= plan.len())
         .count() as u32;
     tracing::info!(model = %spec.model_url, out = %spec.out_url, tasks = task_count,
         bytes = total_bytes, recipe = %spec.recipe.describe(), resumed_tasks, journal_seconds,
@@ -343,28 +349,48 @@ pub async fn submit(
     })
 }
 
+/// A job's tasks by round, as [`still_there`] checks them.
+#[derive(Clone, Copy)]
+struct Rounds<'a> {
+    plan: &'a [PlannedTask],
+    steps: Option<&'a [crate::calibration::CalibStep]>,
+    sensitivity: &'a [crate::calibration::CalibStep],
+}
+
 /// The journaled results whose output is still where the task wrote it, with the size it
 /// reported (a part that an early assembly slice consumed is gone: its task runs again).
 async fn still_there(
     out: &StoreLocation,
-    plan: &[PlannedTask],
-    steps: Option<&[crate::calibration::CalibStep]>,
+    rounds: &Rounds<'_>,
     in_place: bool,
     restored: Vec<Recorded>,
 ) -> Result<Vec<Recorded>, CoordinatorError> {
+    let Rounds {
+        plan,
+        steps,
+        sensitivity,
+    } = *rounds;
     let checks = restored.into_iter().map(|recorded| async move {
+        let task = recorded.task as usize;
         let output = match recorded.round {
-            Round::Calibrate => match steps.and_then(|s| s.get(recorded.task as usize)) {
+            Round::Calibrate => match steps.and_then(|s| s.get(task)) {
                 Some(step) => step.output.as_str(),
                 None => return Ok(None),
             },
-            _ => match plan.get(recorded.task as usize) {
+            // The measuring tasks write nothing; its sensitivity steps (after them) write
+            // what later steps read.
+            Round::Measure if task < plan.len() => return Ok(Some(recorded)),
+            Round::Measure => match sensitivity.get(task - plan.len()) {
+                Some(step) => step.output.as_str(),
+                None => return Ok(None),
+            },
+            _ => match plan.get(task) {
                 Some(task) => task.output_name.as_str(),
                 None => return Ok(None),
             },
         };
         let in_place = in_place && recorded.round == Round::Compress;
-        if recorded.round == Round::Measure || in_place || output.is_empty() {
+        if in_place || output.is_empty() {
             return Ok(Some(recorded));
         }
         let size = match out.size(output).await {

@@ -6,8 +6,11 @@
 //! quantizing pass targets, what each candidate bit width costs (its bits per weight, exactly
 //! as the codec stores it) and the error it causes: the squared relative Frobenius error of
 //! the weight, `‖ΔW‖² / ‖W‖²`, which for a Linear fed inputs of no preferred direction is its
-//! relative output error. Summing it over tensors treats every Linear as one stage of the
-//! network whose relative error adds to the output's. [`choose`] then picks one candidate per
+//! relative output error. With calibration data the error is measured on the inputs the
+//! Linear really sees: `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)` with `H = XᵀX` of its calibration inputs,
+//! the relative squared error of its outputs, for the result the recipe's method (GPTQ, AWQ)
+//! gives at that width ([`TensorCandidates::calibration_weighted`]). Summing it over tensors
+//! treats every Linear as one stage of the network whose relative error adds to the output's. [`choose`] then picks one candidate per
 //! tensor: the cheapest for everyone first, then the upgrades that buy the most error per bit
 //! (along each tensor's lower convex hull of cost and error) while the budget allows. The
 //! chosen widths go back into the recipe ([`crate::recipe::MixedPrecision::chosen`]), so
@@ -32,6 +35,8 @@ pub struct TensorCandidates {
     /// Weights in the tensor.
     pub params: u64,
     pub candidates: Vec<Candidate>,
+    /// The errors are relative output errors on the calibration inputs, not weight errors.
+    pub calibration_weighted: bool,
 }
 
 /// What [`choose`] decided.
@@ -204,6 +209,7 @@ mod tests {
 
     fn tensor(name: &str, params: u64, points: &[(u8, f64, f64)]) -> TensorCandidates {
         TensorCandidates {
+            calibration_weighted: false,
             name: name.into(),
             params,
             candidates: points

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use shardpress_core::calibrated::{
-    awq_codes, gptq_codes, sparsegpt, wanda, GptqConfig, HessianAccumulator, SparsityTarget,
+    awq_codes, gptq_codes, has_statistics, sparsegpt, wanda, GptqConfig, HessianAccumulator,
+    SparsityTarget,
 };
 use shardpress_core::codec::{encode_chunk, TensorPlan};
 use shardpress_core::dtype::decode_to_f32;
@@ -22,7 +23,8 @@ use shardpress_core::solved::Solved;
 use shardpress_model::{eval, Finished, Hidden, Matrix, Model, Weights};
 use shardpress_proto::v1::calibrate_task::Step;
 use shardpress_proto::v1::{
-    CalibrateTask, CalibratedTensor, CompleteTaskRequest, EvalResult, TaskLease, TensorSlice,
+    CalibrateTask, CalibratedTensor, CompleteTaskRequest, EvalResult, PrecisionCandidate,
+    PrecisionCandidates, TaskLease, TensorSlice,
 };
 use shardpress_store::StoreLocation;
 
@@ -109,6 +111,12 @@ pub async fn calibrate(
             Some(bytes)
         }
         Step::Forward => Some(forward(&step_ctx, task, ctx).await?),
+        Step::Sensitivity => {
+            report
+                .precision
+                .extend(sensitivity(&step_ctx, task, ctx).await?);
+            None
+        }
         Step::Eval => {
             report.eval = Some(evaluate(&step_ctx, task, ctx).await?);
             None
@@ -332,18 +340,7 @@ async fn solve(
         .tensors
         .first()
         .ok_or_else(|| bad_lease("a solve step names no weight"))?;
-    let mut hessian: Option<HessianAccumulator> = None;
-    for name in &task.inputs {
-        let part = read_accumulator(&step.out, name, task.group as usize).await?;
-        match &mut hessian {
-            None => hessian = Some(part),
-            Some(sum) => sum.merge(&part).map_err(|e| TaskError::BadTensor {
-                tensor: step.out.describe(name),
-                reason: e.to_string(),
-            })?,
-        }
-    }
-    let hessian = hessian.ok_or_else(|| bad_lease("a solve step names no statistics"))?;
+    let hessian = summed_hessian(step, task, |_| true).await?;
     let plan = TensorPlan::for_output(
         &step.recipe,
         step.format,
@@ -387,6 +384,130 @@ async fn solve(
             seconds: started.elapsed().as_secs_f64(),
         },
     ))
+}
+
+/// The Hessian of the step's Linear group: the batches' statistics summed in batch order.
+async fn summed_hessian(
+    step: &StepContext,
+    task: &CalibrateTask,
+    batches: impl Fn(usize) -> bool,
+) -> Result<HessianAccumulator, TaskError> {
+    let mut hessian: Option<HessianAccumulator> = None;
+    for (_, name) in task.inputs.iter().enumerate().filter(|(b, _)| batches(*b)) {
+        let part = read_accumulator(&step.out, name, task.group as usize).await?;
+        match &mut hessian {
+            None => hessian = Some(part),
+            Some(sum) => sum.merge(&part).map_err(|e| TaskError::BadTensor {
+                tensor: step.out.describe(name),
+                reason: e.to_string(),
+            })?,
+        }
+    }
+    hessian.ok_or_else(|| bad_lease("the step names no statistics"))
+}
+
+/// Scores each candidate width of one Linear (a SENSITIVITY step of mixed precision): per
+/// width, the tensor as the output would store it (the recipe's calibrated method fitted at
+/// that width on the step's statistics, or its data-free pass), its stored bits per weight,
+/// and the relative squared error `‖Y_w − Y‖² / ‖Y‖²` it causes in the output `Y` of its
+/// layer on a held-out batch of the layer's inputs, the rest of the layer as the original.
+/// The layer's output, not the Linear's: an error in a query or key is damped by the
+/// softmax, one in the MLP's input goes through its activation, and the layer's output is
+/// what the next layer reads. `None` when no calibration input reached the Linear (an
+/// expert no token was routed to): its weight error, from the measuring tasks, then decides.
+async fn sensitivity(
+    step: &StepContext,
+    task: &CalibrateTask,
+    ctx: &TaskContext,
+) -> Result<Option<PrecisionCandidates>, TaskError> {
+    let tensor = step
+        .tensors
+        .first()
+        .ok_or_else(|| bad_lease("a sensitivity step names no weight"))?;
+    let widths = (step.recipe.mixed_precision.as_ref())
+        .map(|m| m.candidates_for(step.format))
+        .ok_or_else(|| bad_lease("a sensitivity step for a recipe with no mixed_precision"))?;
+    if task.scored_on.is_empty() {
+        return Err(bad_lease("a sensitivity step names no held-out batch"));
+    }
+    // Fitted on every batch but the held-out one (batch 0), unless it is the only one.
+    let hessian = summed_hessian(step, task, |b| b > 0 || task.inputs.len() == 1).await?;
+    if !has_statistics(&hessian) {
+        return Ok(None);
+    }
+    let described = (tensor.name.as_str(), tensor.dtype, &tensor.shape[..]);
+    let plans = (widths.iter())
+        .map(|&bits| {
+            TensorPlan::for_output_at(
+                &step.recipe,
+                step.format,
+                &step.facts,
+                described,
+                Some(bits),
+            )
+            .map(|plan| (bits, plan))
+            .map_err(|e| bad_lease(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes = read_bytes(&step.store, tensor, ctx).await?;
+    let weight = to_matrix(tensor, bytes.clone()).await?;
+    let mut weights = Weights::new();
+    for other in &step.tensors[1..] {
+        let matrix = read_matrix(&step.store, other, ctx).await?;
+        weights.insert(other.name.clone(), matrix);
+    }
+    let hidden = read_hidden(step, &task.scored_on).await?;
+    let (dtype, name, params) = (tensor.dtype, tensor.name.clone(), weight.data.len());
+    let (model, layer) = (step.model.clone(), task.layer as usize);
+    compute(&tensor.name, move || {
+        let (rows, cols) = (weight.rows, weight.cols);
+        let forward = |weights: &Weights| {
+            let mut out = hidden.clone();
+            (model.forward_layer(layer, weights, &mut out, &mut |_, _| {}))
+                .map(|()| out.sequences)
+                .map_err(|e| e.to_string())
+        };
+        weights.insert(name.clone(), weight.clone());
+        let original = forward(&weights)?;
+        let energy: f64 = (original.iter().flat_map(|m| &m.data))
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum();
+        if energy == 0.0 {
+            return Ok(None);
+        }
+        let mut candidates = Vec::with_capacity(plans.len());
+        for (bits, mut plan) in plans {
+            if let Some(method) = plan.calibrated {
+                let (solved, _) = solve_matrix(&plan, method, &weight, &hessian)?;
+                plan.fixed_values = Some(shardpress_core::stream::FixedValues::Solved {
+                    solved: Arc::new(solved),
+                    first_row: 0,
+                });
+            }
+            let chunk = encode_chunk(&plan, dtype, cols, &bytes).map_err(|e| e.to_string())?;
+            let mut stored = vec![0f32; params];
+            decode_to_f32(dtype, &chunk.reconstruction, &mut stored).map_err(|e| e.to_string())?;
+            let data = stored;
+            weights.insert(name.clone(), Matrix { rows, cols, data });
+            let output = forward(&weights)?;
+            let error: f64 = (output.iter().zip(&original))
+                .flat_map(|(a, b)| a.data.iter().zip(&b.data))
+                .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                .sum();
+            candidates.push(PrecisionCandidate {
+                bits: u32::from(bits),
+                bits_per_weight: chunk.repr_bits as f64 / params.max(1) as f64,
+                rel_error_sq: error / energy,
+            });
+        }
+        Ok(Some(PrecisionCandidates {
+            name,
+            params: params as u64,
+            candidates,
+            calibration_weighted: true,
+        }))
+    })
+    .await
 }
 
 /// Runs `method` on one Linear's weight.

@@ -414,6 +414,7 @@ async fn measure_widths(
         name: tensor.name.clone(),
         params,
         candidates,
+        calibration_weighted: false,
     })
 }
 

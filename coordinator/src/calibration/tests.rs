@@ -107,6 +107,66 @@ fn every_step_waits_for_exactly_the_objects_it_reads() {
 }
 
 #[test]
+fn sensitivity_steps_score_each_linear_on_the_original_model_and_share_no_object() {
+    let measured = |t: &str| !t.ends_with(".k");
+    let sensitivity = plan_sensitivity(&layout(3), &measured, &batches(3));
+    // 3 embeds, per layer 3 stats and 2 sensitivity steps (q, o), 3 forwards for the first
+    // two layers, none compressed, no solve.
+    assert_eq!(count(&sensitivity, StepKind::Embed), 3);
+    assert_eq!(count(&sensitivity, StepKind::Stats), 9);
+    assert_eq!(count(&sensitivity, StepKind::Sensitivity), 6);
+    assert_eq!(count(&sensitivity, StepKind::Forward), 6);
+    assert_eq!(count(&sensitivity, StepKind::Solve), 0);
+    assert!(sensitivity.solved.is_empty());
+    let steps = &sensitivity.steps;
+    for (i, step) in steps.iter().enumerate() {
+        assert!(
+            !step.compressed && step.solved.is_empty(),
+            "{}",
+            step.label()
+        );
+        let reads = step.inputs.iter().chain(Some(&step.scored_on));
+        for input in reads.filter(|i| !i.is_empty()) {
+            let producer = steps.iter().position(|s| &s.output == input).unwrap() as u32;
+            assert!(
+                step.deps.contains(&producer),
+                "{} reads {input}",
+                step.label()
+            );
+        }
+        assert!(step.deps.iter().all(|&d| (d as usize) < i));
+    }
+    // A sensitivity step: its Linear first, then the rest of its layer; fitted on every
+    // batch's statistics, scored on batch 0's inputs to the layer; it writes nothing.
+    let o1 = (steps.iter())
+        .find(|s| s.kind == StepKind::Sensitivity && s.tensors[0] == "l1.o")
+        .unwrap();
+    assert_eq!(o1.tensors, ["l1.o", "l1.q", "l1.k", "l1.norm"]);
+    assert_eq!(o1.group, 1);
+    assert_eq!(o1.inputs.len(), 3);
+    assert_eq!(o1.scored_on, format!("{CALIB_DIR}/h/m001-b0000"));
+    assert!(o1.output.is_empty());
+    assert_eq!(o1.label(), "sensitivity l1.o");
+    // Beside the calibration round of the same job, no object is written twice.
+    let calibration = plan_steps(&layout(3), &measured, &batches(3), &batches(1));
+    let mut outputs: Vec<&String> = (steps.iter().chain(&calibration.steps))
+        .map(|s| &s.output)
+        .filter(|o| !o.is_empty())
+        .collect();
+    let before = outputs.len();
+    outputs.sort();
+    outputs.dedup();
+    assert_eq!(outputs.len(), before);
+    // Nothing measured, or no batches: no steps.
+    assert!(plan_sensitivity(&layout(3), &|_| false, &batches(3))
+        .steps
+        .is_empty());
+    assert!(plan_sensitivity(&layout(3), &measured, &[])
+        .steps
+        .is_empty());
+}
+
+#[test]
 fn calibration_stops_at_the_last_calibrated_layer_and_evaluation_alone_needs_no_solve() {
     let only_first = plan_steps(&layout(4), &|t| t.starts_with("l0."), &batches(3), &[]);
     assert_eq!(count(&only_first, StepKind::Stats), 3);
