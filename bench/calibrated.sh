@@ -8,12 +8,18 @@
 #      and 2 workers, 32 calibration samples of at most 128 tokens; wall time, the largest
 #      process's peak resident memory (/usr/bin/time's maximum over the run and its workers),
 #      and the calibrated layers' output error against RTN's on the calibration inputs.
-#   3. Mixed precision on MiniLM-L6 (--target-bpw): RTN and GPTQ with each Linear's width
-#      chosen among 3, 4, 5, 6 and 8 bits to budgets of 4.25, 4.5 and 5 bits/weight, next to
-#      the same recipes without a budget; bits per
+#   3. Mixed precision on MiniLM-L6 (--target-bpw): RTN, HQQ and GPTQ with each Linear's
+#      width chosen among 3, 4, 5, 6 and 8 bits to budgets of 4.25, 4.5 and 5 bits/weight,
+#      next to the same recipes without a budget. "weights" scores the widths by weight error
+#      (no calibration data); "calibration" by the error each width causes in its layer's
+#      output on held-out calibration inputs (GPTQ always has calibration data). Bits per
 #      weight stored, the widths, and the embedding cosine as in part 1.
+#   4. What scoring the widths on calibration data costs: the generated Llama of part 2 with
+#      gptq-w4a16-asym, 2 workers, without a budget and with --target-bpw 4.5 (a measuring
+#      round whose sensitivity steps fit GPTQ at 5 widths per Linear and run a layer forward
+#      per width); wall time, peak RSS and the evaluation's KL divergence and top-1 agreement.
 # Usage: bash bench/calibrated.sh [WORKDIR]   (SHARDPRESS_BIN=path uses that binary, else the
-#        release build; MINILM=dir overrides the model directory; LLAMA_SIZE=1GB; PART=1|2|3)
+#        release build; MINILM=dir overrides the model directory; LLAMA_SIZE=1GB; PART=1|2|3|4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -86,21 +92,27 @@ fi
 if [ "${PART:-3}" = 3 ] || [ -z "${PART:-}" ]; then
   echo
   echo "MiniLM-L6, mixed precision (--target-bpw), 3 workers, evaluated on $(grep -c . "$eval") held-out sentences"
-  echo "| recipe | budget | bits/weight stored | widths (tensors) | mean cosine | worst cosine | wall s |"
-  echo "|---|---:|---:|---|---:|---:|---:|"
-  for recipe in int4-g128-asym gptq-w4a16-asym; do
-    for budget in none 4.25 4.5 5; do
-      args=()
-      case $recipe in gptq-*) args=(--calibration "$calibration");; esac
-      [ "$budget" = none ] || args+=(--target-bpw "$budget")
-      out=$work/minilm-mixed-$recipe-$budget
-      start=$(date +%s.%N)
-      "$bin" run --workers 3 --model "$minilm" --recipe "$recipe" --out "$out" --overwrite \
-        --eval "$eval" "${args[@]}" >/dev/null 2>"$out.log"
-      end=$(date +%s.%N)
-      "$python" - "$out/report.json" "$recipe" "$budget" "$(echo "$end - $start" | bc)" <<'PY'
+  echo "| recipe | budget | widths scored by | bits/weight stored | widths (tensors) | mean cosine | worst cosine | wall s |"
+  echo "|---|---:|---|---:|---|---:|---:|---:|"
+  for run in "int4-g128-asym none -" "int4-g128-asym 4.5 weights" "int4-g128-asym 4.25 calibration" \
+      "int4-g128-asym 4.5 calibration" "int4-g128-asym 5 calibration" \
+      "hqq4 none -" "hqq4 4.5 weights" "hqq4 4.5 calibration" \
+      "gptq-w4a16-asym none -" "gptq-w4a16-asym 4.25 calibration" \
+      "gptq-w4a16-asym 4.5 calibration" "gptq-w4a16-asym 5 calibration"; do
+    read -r recipe budget scored <<<"$run"
+    args=()
+    case $recipe in gptq-*) args=(--calibration "$calibration");; esac
+    [ "$scored" = calibration ] && args=(--calibration "$calibration")
+    [ "$budget" = none ] || args+=(--target-bpw "$budget")
+    out=$work/minilm-mixed-$recipe-$budget-$scored
+    start=$(date +%s.%N)
+    "$bin" run --workers 3 --model "$minilm" --recipe "$recipe" --out "$out" --overwrite \
+      --eval "$eval" "${args[@]}" >/dev/null 2>"$out.log"
+    end=$(date +%s.%N)
+    "$python" - "$out/report.json" "$recipe" "$budget" "$scored" "$(echo "$end - $start" | bc)" <<'PY'
 import json, sys
-report, recipe, budget, seconds = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], float(sys.argv[4])
+report, recipe, budget, scored = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], sys.argv[4]
+seconds = float(sys.argv[5])
 e = report["calibration"]["evaluation"]
 m = report.get("mixed_precision")
 if m:
@@ -108,9 +120,39 @@ if m:
     widths = ", ".join(f"{b}-bit x{n}" for b, n in sorted(m["widths"].items(), key=lambda w: -int(w[0])))
 else:
     bpw, widths = report["summary"]["bits_per_weight_compressed"], "one width"
-print(f"| {recipe} | {budget} | {bpw:.4f} | {widths} | {e['mean_embedding_cosine']:.5f} | "
+print(f"| {recipe} | {budget} | {scored} | {bpw:.4f} | {widths} | {e['mean_embedding_cosine']:.5f} | "
       f"{e['min_embedding_cosine']:.5f} | {seconds:.1f} |")
 PY
-    done
+  done
+fi
+
+if [ "${PART:-4}" = 4 ] || [ -z "${PART:-}" ]; then
+  size=${LLAMA_SIZE:-1GB}
+  model=$work/llama-$size
+  [ -f "$model/config.json" ] || "$bin" gen-model --out "$model" --size "$size" >/dev/null
+  echo
+  echo "Generated Llama ($size BF16): gptq-w4a16-asym, 2 workers, 32 calibration samples of <= 128 tokens, 16 eval samples"
+  echo "| budget | wall s | of which measuring s | peak RSS of the largest process (MiB) | bits/weight stored | KL divergence | top-1 agreement |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|"
+  for budget in none 4.5; do
+    args=()
+    [ "$budget" = none ] || args=(--target-bpw "$budget")
+    out=$work/llama-gptq-budget-$budget
+    /usr/bin/time -v -o "$work/time-budget-$budget.txt" "$bin" run --workers 2 --model "$model" \
+      --recipe gptq-w4a16-asym --out "$out" --overwrite --calibration "$calibration" \
+      --calibration-samples 32 --calibration-seq-len 128 --eval "$eval" --eval-samples 16 \
+      "${args[@]}" >/dev/null 2>"$work/llama-budget-$budget.log"
+    wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$work/time-budget-$budget.txt")
+    rss=$(awk -F': ' '/Maximum resident set size/ {print int($2 / 1024)}' "$work/time-budget-$budget.txt")
+    "$python" - "$out/report.json" "$budget" "$wall" "$rss" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+e = r["calibration"]["evaluation"]
+m = r.get("mixed_precision")
+bpw = m["bits_per_weight"] if m else r["summary"]["bits_per_weight_compressed"]
+measuring = r["summary"].get("measuring_seconds")
+measuring = f"{measuring:.0f}" if measuring is not None else "-"
+print(f"| {sys.argv[2]} | {sys.argv[3]} | {measuring} | {sys.argv[4]} | {bpw:.4f} | {e['mean_kld']:.5f} | {e['top1_agreement']:.4f} |")
+PY
   done
 fi

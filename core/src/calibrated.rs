@@ -51,7 +51,7 @@ mod wanda;
 use rayon::prelude::*;
 
 pub use awq::awq_codes;
-pub use gptq::{gptq_codes, GptqConfig};
+pub use gptq::{gptq_codes, gptq_codes_with, GptqConfig, GptqFactor};
 pub use hessian::HessianAccumulator;
 pub use sparsegpt::sparsegpt;
 pub use wanda::wanda;
@@ -182,16 +182,24 @@ pub(crate) fn check_weight(
     cols: usize,
     hessian: &HessianAccumulator,
 ) -> Result<usize, CalibratedError> {
+    check_weight_dim(weight, cols, hessian.dim())
+}
+
+/// [`check_weight`] against a Hessian of dimension `dim`.
+pub(crate) fn check_weight_dim(
+    weight: &[f32],
+    cols: usize,
+    dim: usize,
+) -> Result<usize, CalibratedError> {
     if cols == 0 || weight.len() % cols != 0 {
         return Err(CalibratedError::ShapeMismatch(format!(
             "{} weights do not form whole rows of {cols} columns",
             weight.len()
         )));
     }
-    if hessian.dim() != cols {
+    if dim != cols {
         return Err(CalibratedError::ShapeMismatch(format!(
-            "the Hessian is {0}x{0} but the weight has {cols} input columns",
-            hessian.dim()
+            "the Hessian is {dim}x{dim} but the weight has {cols} input columns"
         )));
     }
     if let Some(i) = weight.iter().position(|w| !w.is_finite()) {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use shardpress_core::calibrated::{
-    awq_codes, gptq_codes, has_statistics, sparsegpt, wanda, GptqConfig, HessianAccumulator,
-    SparsityTarget,
+    awq_codes, gptq_codes, gptq_codes_with, has_statistics, sparsegpt, wanda, GptqConfig,
+    GptqFactor, HessianAccumulator, SparsityTarget,
 };
 use shardpress_core::codec::{encode_chunk, TensorPlan};
 use shardpress_core::dtype::decode_to_f32;
@@ -476,9 +476,36 @@ async fn sensitivity(
             return Ok(None);
         }
         let mut candidates = Vec::with_capacity(plans.len());
+        // GPTQ's inverse-Hessian factor does not depend on the width: computed once.
+        let mut gptq_factor: Option<GptqFactor> = None;
         for (bits, mut plan) in plans {
             if let Some(method) = plan.calibrated {
-                let (solved, _) = solve_matrix(&plan, method, &weight, &hessian)?;
+                let solved = match (method, &plan.values) {
+                    (
+                        Calibrated::Gptq {
+                            dampening,
+                            act_order,
+                        },
+                        Some(PassKind::Quantize(quant)),
+                    ) => {
+                        let factor = match gptq_factor.take() {
+                            Some(factor) => factor,
+                            None => GptqFactor::new(&hessian, dampening, act_order)
+                                .map_err(|e| e.to_string())?,
+                        };
+                        let cfg = GptqConfig {
+                            quant: *quant,
+                            dampening,
+                            act_order,
+                            block_size: BLOCK_SIZE,
+                        };
+                        let codes = gptq_codes_with(&cfg, &factor, &weight.data, cols)
+                            .map_err(|e| e.to_string())?;
+                        gptq_factor = Some(factor);
+                        Solved::Codes(codes)
+                    }
+                    _ => solve_matrix(&plan, method, &weight, &hessian)?.0,
+                };
                 plan.fixed_values = Some(shardpress_core::stream::FixedValues::Solved {
                     solved: Arc::new(solved),
                     first_row: 0,

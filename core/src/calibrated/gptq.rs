@@ -27,10 +27,10 @@
 //! columns zeroed), as the reference's `static_groups`. The stored layout is therefore the
 //! plain contiguous one and needs no `g_idx` permutation in any output format.
 
-use super::obs::{blocks, check_dampening, prepare, sweep, ColumnRule};
+use super::obs::{blocks, check_dampening, inverse_factor, sweep, ColumnRule, InverseFactor};
 use super::{
-    check_weight, has_statistics, no_statistics_stats, proxy_against, CalibratedError,
-    HessianAccumulator, MethodStats,
+    check_weight, check_weight_dim, has_statistics, no_statistics_stats, proxy_against,
+    CalibratedError, HessianAccumulator, MethodStats,
 };
 use crate::quantize::{check_bits, group_params, layout, rtn_codes, AffineCodes, CodeKernel};
 use crate::recipe::{Granularity, QuantizeConfig};
@@ -127,27 +127,116 @@ pub fn gptq_codes(
     cols: usize,
     hessian: &HessianAccumulator,
 ) -> Result<(AffineCodes, MethodStats), CalibratedError> {
-    let rows = check_weight(weight, cols, hessian)?;
-    check_bits(cfg.quant.bits).map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
-    if cfg.block_size == 0 {
-        return Err(CalibratedError::BadConfig(
-            "block_size must be at least 1".into(),
-        ));
-    }
-    check_dampening(cfg.dampening)?;
+    check_weight(weight, cols, hessian)?;
+    check_config(cfg)?;
     let quant = &cfg.quant;
     if !has_statistics(hessian) {
         let rtn = rtn_codes(quant, weight, cols)
             .map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
         return Ok((rtn, no_statistics_stats()));
     }
+    let factor = inverse_factor(cols, hessian, cfg.dampening, cfg.act_order)?;
+    let out = sweep_codes(cfg, &factor, weight, cols);
+    // The n × n factor is done with: free it before the proxy losses.
+    let dead_columns = factor.dead.iter().filter(|&&d| d).count();
+    drop(factor);
+    let mut result = vec![0.0f32; weight.len()];
+    out.dequantize_into(&mut result);
+    let rtn =
+        rtn_codes(quant, weight, cols).map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
+    let mut rtn_values = vec![0.0f32; weight.len()];
+    rtn.dequantize_into(&mut rtn_values);
+    let stats = MethodStats {
+        proxy_loss: proxy_against(weight, &result, cols, hessian),
+        rtn_proxy_loss: proxy_against(weight, &rtn_values, cols, hessian),
+        dead_columns,
+    };
+    Ok((out, stats))
+}
+
+/// GPTQ's inverse-Hessian factor of one Linear: it depends on the Hessian, the dampening
+/// and act-order only, so one factor serves every quantizer fitted on the same Hessian
+/// ([`gptq_codes_with`]; mixed precision scores each candidate width so). Holds one
+/// `n × n` f64 matrix.
+pub struct GptqFactor {
+    factor: InverseFactor,
+    cols: usize,
+    dampening: f64,
+    act_order: bool,
+}
+
+impl GptqFactor {
+    /// The factor of `hessian` for `dampening` and `act_order` (as [`GptqConfig`] has them).
+    /// Errors: a bad dampening, no calibration statistics in `hessian`, or a Hessian that
+    /// stays indefinite after the damping retries.
+    pub fn new(
+        hessian: &HessianAccumulator,
+        dampening: f64,
+        act_order: bool,
+    ) -> Result<GptqFactor, CalibratedError> {
+        check_dampening(dampening)?;
+        if !has_statistics(hessian) {
+            return Err(CalibratedError::BadConfig(
+                "the Hessian holds no calibration statistics".into(),
+            ));
+        }
+        let cols = hessian.dim();
+        Ok(GptqFactor {
+            factor: inverse_factor(cols, hessian, dampening, act_order)?,
+            cols,
+            dampening,
+            act_order,
+        })
+    }
+}
+
+/// [`gptq_codes`]' codes (identical, bit for bit) with a factor computed once, and without
+/// the proxy losses. Errors as [`gptq_codes`], and when `factor` was built for another
+/// input width, dampening or act-order than `weight` and `cfg` have.
+pub fn gptq_codes_with(
+    cfg: &GptqConfig,
+    factor: &GptqFactor,
+    weight: &[f32],
+    cols: usize,
+) -> Result<AffineCodes, CalibratedError> {
+    check_weight_dim(weight, cols, factor.cols)?;
+    check_config(cfg)?;
+    if (cfg.dampening, cfg.act_order) != (factor.dampening, factor.act_order) {
+        return Err(CalibratedError::BadConfig(format!(
+            "a factor for dampening {}, act_order {} used with dampening {}, act_order {}",
+            factor.dampening, factor.act_order, cfg.dampening, cfg.act_order
+        )));
+    }
+    Ok(sweep_codes(cfg, &factor.factor, weight, cols))
+}
+
+/// Refuses bits outside 2..=8, `block_size == 0` and a bad dampening.
+fn check_config(cfg: &GptqConfig) -> Result<(), CalibratedError> {
+    check_bits(cfg.quant.bits).map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
+    if cfg.block_size == 0 {
+        return Err(CalibratedError::BadConfig(
+            "block_size must be at least 1".into(),
+        ));
+    }
+    check_dampening(cfg.dampening)
+}
+
+/// The sweep: `weight`'s codes under `cfg`, its errors spread through `factor`.
+fn sweep_codes(
+    cfg: &GptqConfig,
+    factor: &InverseFactor,
+    weight: &[f32],
+    cols: usize,
+) -> AffineCodes {
+    let quant = &cfg.quant;
+    let rows = weight.len() / cols.max(1);
     let (row_len, group_len) = layout(quant.granularity, weight.len(), cols);
     // Within a row: one group per `group_len` columns (the whole row for per-tensor).
     let (row_group_len, groups_per_row) = match quant.granularity {
         Granularity::Tensor => (cols, 1),
         _ => (group_len, cols.div_ceil(group_len.max(1))),
     };
-    let mut prep = prepare(weight, cols, hessian, cfg.dampening, cfg.act_order)?;
+    let mut w = factor.ordered_weight(weight, cols);
     let total_groups = match quant.granularity {
         Granularity::Tensor => usize::from(rows > 0),
         _ => rows * groups_per_row,
@@ -161,41 +250,26 @@ pub fn gptq_codes(
         zeros: vec![0.0; total_groups],
     };
     let fixed = (cfg.act_order || quant.granularity == Granularity::Tensor)
-        .then(|| static_kernels(quant, weight, cols, &prep.dead, &mut out));
+        .then(|| static_kernels(quant, weight, cols, &factor.dead, &mut out));
     let rule = GptqRule {
         quant,
         group_len: row_group_len,
         groups_per_row,
-        perm: prep.perm.as_deref(),
+        perm: factor.perm.as_deref(),
         fixed: fixed.as_deref(),
     };
-    {
-        let mut states = row_states(&mut out, cols, groups_per_row, fixed.is_none());
-        let align = if fixed.is_some() { 1 } else { row_group_len };
-        sweep(
-            &rule,
-            &mut states,
-            &mut prep.w,
-            cols,
-            &prep.u,
-            &blocks(cols, cfg.block_size, align),
-        );
-    }
-    // The n × n factor and the f64 weight are done with: free them before the proxy losses.
-    drop(std::mem::take(&mut prep.u));
-    drop(std::mem::take(&mut prep.w));
-    let mut result = vec![0.0f32; weight.len()];
-    out.dequantize_into(&mut result);
-    let rtn =
-        rtn_codes(quant, weight, cols).map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
-    let mut rtn_values = vec![0.0f32; weight.len()];
-    rtn.dequantize_into(&mut rtn_values);
-    let stats = MethodStats {
-        proxy_loss: proxy_against(weight, &result, cols, hessian),
-        rtn_proxy_loss: proxy_against(weight, &rtn_values, cols, hessian),
-        dead_columns: prep.dead.iter().filter(|&&d| d).count(),
-    };
-    Ok((out, stats))
+    let mut states = row_states(&mut out, cols, groups_per_row, fixed.is_none());
+    let align = if fixed.is_some() { 1 } else { row_group_len };
+    sweep(
+        &rule,
+        &mut states,
+        &mut w,
+        cols,
+        &factor.u,
+        &blocks(cols, cfg.block_size, align),
+    );
+    drop(states);
+    out
 }
 
 /// The per-row sweep states over `out`'s slices (scales and zeros only when the groups are

@@ -105,17 +105,33 @@ pub(crate) fn blocks(n: usize, block_size: usize, align: usize) -> Vec<Range<usi
     out
 }
 
-/// The inputs of a sweep: the weight as f64 (dead columns zeroed, columns permuted when a
-/// permutation is asked for) and the inverse factor of the damped Hessian in that order.
-pub(crate) struct Prepared {
-    /// `rows × n`, in processing order.
-    pub(crate) w: Vec<f64>,
+/// The inverse factor of a Linear's damped Hessian, in the order a sweep visits its
+/// columns: it depends on the Hessian only, so every weight (or quantizer) swept with the
+/// same Hessian can share it.
+pub(crate) struct InverseFactor {
     /// Upper `U` with `(H + λI)⁻¹ = Uᵀ U`, in processing order.
     pub(crate) u: Vec<f64>,
     /// Processing position → original column (`None`: the identity).
     pub(crate) perm: Option<Vec<usize>>,
     /// Per original column: `H_jj == 0` (never active in calibration).
     pub(crate) dead: Vec<bool>,
+}
+
+impl InverseFactor {
+    /// `weight` (rows of `n`) as a sweep reads it: f64, dead columns zeroed, columns in
+    /// processing order.
+    pub(crate) fn ordered_weight(&self, weight: &[f32], n: usize) -> Vec<f64> {
+        let mut w = vec![0.0; weight.len()];
+        w.par_chunks_mut(n.max(1))
+            .zip(weight.par_chunks(n.max(1)))
+            .for_each(|(out, row)| {
+                for (j, o) in out.iter_mut().enumerate() {
+                    let c = self.perm.as_ref().map_or(j, |p| p[j]);
+                    *o = if self.dead[c] { 0.0 } else { f64::from(row[c]) };
+                }
+            });
+        w
+    }
 }
 
 /// Refuses a dampening that is negative, NaN or infinite.
@@ -128,20 +144,19 @@ pub(crate) fn check_dampening(dampening: f64) -> Result<(), CalibratedError> {
     Ok(())
 }
 
-/// Builds the [`Prepared`] inputs as the GPTQ/SparseGPT reference does: dead columns
-/// (`H_jj == 0`) get `H_jj = 1` and zero weights; with `act_order` columns are visited in
+/// The [`InverseFactor`] as the GPTQ/SparseGPT reference builds it: dead columns
+/// (`H_jj == 0`) get `H_jj = 1` (and zero weights); with `act_order` columns are visited in
 /// descending `diag(H)` order (ties: lower index first); damping `dampening · mean(diag H)`.
 ///
 /// Memory: the damped, permuted and reversed matrix is written straight from the
 /// accumulator's packed triangle into the one `n × n` buffer that becomes `U` (no dense
-/// copy of `H`, no permuted copy); the f64 weight is allocated after `U`.
-pub(crate) fn prepare(
-    weight: &[f32],
+/// copy of `H`, no permuted copy).
+pub(crate) fn inverse_factor(
     n: usize,
     hessian: &HessianAccumulator,
     dampening: f64,
     act_order: bool,
-) -> Result<Prepared, CalibratedError> {
+) -> Result<InverseFactor, CalibratedError> {
     check_dampening(dampening)?;
     let factor = hessian.normalisation();
     let upper = hessian.packed_upper();
@@ -192,16 +207,7 @@ pub(crate) fn prepare(
         });
     };
     let u = damped_inverse_factor(n, dampening, mean, fill)?;
-    let mut w = vec![0.0; weight.len()];
-    w.par_chunks_mut(n)
-        .zip(weight.par_chunks(n))
-        .for_each(|(out, row)| {
-            for (j, o) in out.iter_mut().enumerate() {
-                let c = perm.as_ref().map_or(j, |p| p[j]);
-                *o = if dead[c] { 0.0 } else { f64::from(row[c]) };
-            }
-        });
-    Ok(Prepared { w, u, perm, dead })
+    Ok(InverseFactor { u, perm, dead })
 }
 
 #[cfg(test)]

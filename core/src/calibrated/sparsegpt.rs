@@ -19,7 +19,7 @@
 //! Ties are broken by position (the lower index is pruned first). Pruned weights are exactly
 //! 0 in the result; kept ones carry the OBS updates.
 
-use super::obs::{blocks, check_dampening, prepare, sweep, ColumnRule};
+use super::obs::{blocks, check_dampening, inverse_factor, sweep, ColumnRule};
 use super::{
     check_weight, has_statistics, magnitude_baseline, no_statistics_stats, proxy_against,
     prune_smallest, CalibratedError, HessianAccumulator, MethodStats, SparsityTarget,
@@ -120,7 +120,8 @@ pub fn sparsegpt(
             no_statistics_stats(),
         ));
     }
-    let mut prep = prepare(weight, cols, hessian, dampening, false)?;
+    let mut factor = inverse_factor(cols, hessian, dampening, false)?;
+    let mut w = factor.ordered_weight(weight, cols);
     let new_row = || RowMask {
         pruned: Vec::new(),
         start: 0,
@@ -133,33 +134,33 @@ pub fn sparsegpt(
             sweep(
                 &SparseRule { target },
                 &mut states,
-                &mut prep.w,
+                &mut w,
                 cols,
-                &prep.u,
+                &factor.u,
                 &b,
             );
         }
         SparsityTarget::NOfM { n, m } => {
             // Whole runs per block.
             let b = blocks(cols, (block_size / m).max(1) * m, m);
-            let u_diag: Vec<f64> = (0..cols).map(|i| prep.u[i * cols + i]).collect();
+            let u_diag: Vec<f64> = (0..cols).map(|i| factor.u[i * cols + i]).collect();
             let rule = NmRule {
                 n,
                 m,
                 u_diag: &u_diag,
             };
-            sweep(&rule, &mut states, &mut prep.w, cols, &prep.u, &b);
+            sweep(&rule, &mut states, &mut w, cols, &factor.u, &b);
         }
     }
     // The n × n factor is done with: free it (and the f64 weight) before the proxy losses.
-    drop(std::mem::take(&mut prep.u));
-    let result: Vec<f32> = prep.w.iter().map(|&v| v as f32).collect();
-    drop(std::mem::take(&mut prep.w));
+    drop(std::mem::take(&mut factor.u));
+    let result: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+    drop(std::mem::take(&mut w));
     let baseline = magnitude_baseline(target, weight, cols)?;
     let stats = MethodStats {
         proxy_loss: proxy_against(weight, &result, cols, hessian),
         rtn_proxy_loss: proxy_against(weight, &baseline, cols, hessian),
-        dead_columns: prep.dead.iter().filter(|&&d| d).count(),
+        dead_columns: factor.dead.iter().filter(|&&d| d).count(),
     };
     Ok((result, stats))
 }

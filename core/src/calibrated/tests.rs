@@ -618,3 +618,39 @@ fn results_do_not_depend_on_the_thread_count() {
     let three = in_pool(3, run);
     assert!(one == three, "results differ between 1 and 3 threads");
 }
+
+#[test]
+fn one_factor_serves_every_width_with_the_codes_of_a_full_run() {
+    let h = correlated_hessian(COLS);
+    let w = weight(ROWS, COLS, 23);
+    for act_order in [false, true] {
+        let factor = GptqFactor::new(&h, 0.01, act_order).unwrap();
+        for bits in [3, 4, 8] {
+            let cfg = GptqConfig {
+                act_order,
+                ..GptqConfig::new(quant(bits, false, Granularity::Group(64)))
+            };
+            let (full, _) = gptq_codes(&cfg, &w, COLS, &h).unwrap();
+            let shared = gptq_codes_with(&cfg, &factor, &w, COLS).unwrap();
+            assert!(shared == full, "{bits} bits, act_order {act_order}");
+        }
+    }
+    // A factor of other settings or another width is refused.
+    let factor = GptqFactor::new(&h, 0.01, false).unwrap();
+    let other = GptqConfig {
+        dampening: 0.1,
+        ..GptqConfig::new(quant(4, false, Granularity::Group(64)))
+    };
+    assert!(matches!(
+        gptq_codes_with(&other, &factor, &w, COLS),
+        Err(CalibratedError::BadConfig(_))
+    ));
+    let cfg = GptqConfig::new(quant(4, false, Granularity::Group(64)));
+    let narrow = weight(ROWS, COLS / 2, 3);
+    assert!(matches!(
+        gptq_codes_with(&cfg, &factor, &narrow, COLS / 2),
+        Err(CalibratedError::ShapeMismatch(_))
+    ));
+    // No statistics: no factor.
+    assert!(GptqFactor::new(&HessianAccumulator::new(COLS), 0.01, false).is_err());
+}
