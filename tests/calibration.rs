@@ -210,6 +210,59 @@ fn gptq_on_a_generated_llama_beats_rtn_and_is_the_same_for_1_and_3_workers() {
     }
 }
 
+/// The evaluation sees the model as the output stores it: a recipe that quantizes only the
+/// embeddings and the head changes the outputs it reports, and `shardpress eval` on the
+/// written files finds the same.
+#[test]
+fn the_evaluation_includes_quantized_embeddings_and_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let recipe = dir.path().join("ends.yaml");
+    std::fs::write(
+        &recipe,
+        "name: ends\npasses:\n  - quantize: { bits: 3, granularity: group, group_size: 32 }\n    targets: ['re:.*(embed_tokens|lm_head)\\.weight$']\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let output = run_calibrated(
+        &model,
+        &out,
+        recipe.to_str().unwrap(),
+        2,
+        &["--no-calibration"],
+    );
+    assert_success(&output, "embeddings and head quantized, evaluated");
+    let r = report(&out);
+    let evaluation = &r["calibration"]["evaluation"];
+    let kld = evaluation["mean_kld"].as_f64().unwrap();
+    assert!(kld > 1e-4, "{evaluation}");
+    assert!(
+        evaluation["top1_agreement"].as_f64().unwrap() < 1.0,
+        "{evaluation}"
+    );
+    let json = dir.path().join("eval.json");
+    let output = shardpress(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--compressed",
+        out.to_str().unwrap(),
+        "--data",
+        repo_file(EVALUATION).to_str().unwrap(),
+        "--samples",
+        "16",
+        "--seq-len",
+        "64",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_success(&output, "shardpress eval");
+    let alone: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let a = alone["mean_kld"].as_f64().unwrap();
+    assert!((a - kld).abs() <= 1e-9 * kld, "eval {a}, job {kld}");
+}
+
 #[test]
 fn a_function_space_gate_fails_the_job_without_a_manifest() {
     let dir = tempfile::tempdir().unwrap();

@@ -16,8 +16,8 @@
 //!
 //! Each step depends only on the steps whose objects it reads, so the batches of layer
 //! `k+1` start as soon as their own inputs exist. With an evaluation set, its batches go
-//! through every layer twice (the original, and as compressed), and EVAL compares the final
-//! states. The compressing round then stores each calibrated tensor's result exactly.
+//! through the model twice, the original and as the output stores it (embeddings, every layer
+//! and the head as compressed), and EVAL compares the two outputs. The compressing round then stores each calibrated tensor's result exactly.
 
 use std::collections::HashMap;
 
@@ -203,18 +203,20 @@ pub fn plan_steps(
     };
     let base = base_step;
     for (e, batch) in evaluation.iter().enumerate() {
-        let output = hidden_name('e', 0, e);
-        let step = CalibStep {
-            output: output.clone(),
-            tensors: layout.embedding.clone(),
-            sequences: batch.clone(),
-            ..base(StepKind::Embed, 0)
-        };
-        let embedded = push(&mut plan, step);
         let mut finals = Vec::new();
         let mut deps = Vec::new();
+        // The original model, and the model as the output stores it (its embeddings, every
+        // layer and its head as compressed).
         for (stream, compressed) in [('o', false), ('q', true)] {
-            let (mut producer, mut input) = (embedded, output.clone());
+            let output = hidden_name(stream, 0, e);
+            let step = CalibStep {
+                output: output.clone(),
+                tensors: layout.embedding.clone(),
+                sequences: batch.clone(),
+                compressed,
+                ..base(StepKind::Embed, 0)
+            };
+            let (mut producer, mut input) = (push(&mut plan, step), output);
             for (k, layer) in layout.layers.iter().enumerate() {
                 let next = hidden_name(stream, k + 1, e);
                 let step = CalibStep {
@@ -243,6 +245,7 @@ pub fn plan_steps(
             inputs: finals,
             tensors: layout.head.clone(),
             sequences: batch.clone(),
+            compressed: true,
             deps,
             ..base(StepKind::Eval, layout.layers.len())
         };
@@ -544,6 +547,11 @@ impl Calibration {
                 let bytes = weights.saturating_add(hessians);
                 (bytes, "calibration statistics (a Hessian per Linear group)")
             }
+            // The head twice: as the original has it and as the output stores it.
+            StepKind::Eval => (
+                weights.saturating_mul(2),
+                "evaluation (the original and compressed head in f32)",
+            ),
             _ => (weights, "calibration forward (the layer's weights in f32)"),
         };
         let tensor = (tensors.iter())

@@ -241,7 +241,10 @@ async fn embed(
     task: &CalibrateTask,
     ctx: &TaskContext,
 ) -> Result<Vec<u8>, TaskError> {
-    let weights = read_weights(step, ctx).await?;
+    let weights = match task.compressed {
+        true => compressed_weights(step, task, ctx).await?,
+        false => read_weights(step, ctx).await?,
+    };
     let sequences: Vec<Vec<u32>> = task.sequences.iter().map(|s| s.ids.clone()).collect();
     let model = step.model.clone();
     compute("embeddings", move || {
@@ -701,6 +704,11 @@ async fn evaluate(
         return Err(bad_lease("an eval step reads two final states"));
     };
     let weights = read_weights(step, ctx).await?;
+    // The compressed model's head as the output stores it.
+    let stored = match task.compressed {
+        true => Some(compressed_weights(step, task, ctx).await?),
+        false => None,
+    };
     let original = read_hidden(step, original).await?;
     let compressed = read_hidden(step, compressed).await?;
     let model = step.model.clone();
@@ -710,7 +718,7 @@ async fn evaluate(
             .finish(&weights, &original)
             .map_err(|e| e.to_string())?;
         let b = model
-            .finish(&weights, &compressed)
+            .finish(stored.as_ref().unwrap_or(&weights), &compressed)
             .map_err(|e| e.to_string())?;
         compare(a, b, &sequences)
     })

@@ -40,8 +40,8 @@ fn every_step_waits_for_exactly_the_objects_it_reads() {
         &batches(1),
     );
     // Calibration: 2 embeds, per layer 2 stats, 2 solves (q, o), and 2 forwards for the
-    // first two layers; evaluation: 1 embed, 3 x 2 forwards, 1 eval.
-    assert_eq!(count(&plan, StepKind::Embed), 3);
+    // first two layers; evaluation: 2 embeds (original, compressed), 3 x 2 forwards, 1 eval.
+    assert_eq!(count(&plan, StepKind::Embed), 4);
     assert_eq!(count(&plan, StepKind::Stats), 6);
     assert_eq!(count(&plan, StepKind::Solve), 6);
     assert_eq!(count(&plan, StepKind::Forward), 4 + 6);
@@ -189,6 +189,16 @@ fn calibration_stops_at_the_last_calibrated_layer_and_evaluation_alone_needs_no_
     );
     assert_eq!(eval.sequences, batches(2)[0]);
     assert_eq!(eval.tensors, vec!["head".to_string()]);
+    // The compressed stream starts from the embeddings as compressed, and ends with the head
+    // as compressed.
+    assert!(eval.compressed);
+    let embeds: Vec<&CalibStep> = (eval_only.steps.iter())
+        .filter(|s| s.kind == StepKind::Embed && s.sequences == batches(2)[0])
+        .collect();
+    assert_eq!(embeds.len(), 2);
+    for embed in embeds {
+        assert_eq!(embed.compressed, embed.output.ends_with("q000-b0000"));
+    }
 }
 
 #[test]
