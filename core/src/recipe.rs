@@ -1022,6 +1022,20 @@ impl Recipe {
             passes.join(", then ")
         };
         let mut line = format!("{}: {}", self.name, passes);
+        if let Some(mixed) = &self.mixed_precision {
+            // The default candidates depend on the job's output format, not known here.
+            let widths = match &mixed.candidates {
+                Some(c) => {
+                    let c: Vec<String> = c.iter().map(u8::to_string).collect();
+                    format!("widths of {} bits", c.join("/"))
+                }
+                None => "widths".to_string(),
+            };
+            line.push_str(&format!(
+                "; {widths} mixed to {} bits/weight",
+                mixed.target_bpw
+            ));
+        }
         if let Some(c) = self.share_cosine {
             line.push_str(&format!(
                 "; tensors with cosine >= {c} to an earlier one stored once"

@@ -445,6 +445,10 @@ fn mixed_precision_is_validated_and_its_choice_applies_per_tensor() {
     assert_eq!(mixed.target_bpw, 4.5);
     assert!(r.needs_precision_choice());
     assert_eq!(
+        r.describe(),
+        "gptq-w4a16-asym: gptq int4 asym g128; widths mixed to 4.5 bits/weight"
+    );
+    assert_eq!(
         mixed.candidates_for(OutputFormat::CompressedTensors),
         vec![4, 8]
     );
