@@ -49,6 +49,30 @@ fn run_calibrated(
     run_job(model, out, recipe, workers, &args)
 }
 
+/// `shardpress eval` of `compressed` against `model`, in one process on the written files,
+/// on the samples the jobs here evaluate: its JSON.
+fn eval_alone(model: &Path, compressed: &Path) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("eval.json");
+    let output = shardpress(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--compressed",
+        compressed.to_str().unwrap(),
+        "--data",
+        repo_file(EVALUATION).to_str().unwrap(),
+        "--samples",
+        "16",
+        "--seq-len",
+        "64",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_success(&output, "shardpress eval");
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
 /// A generated 4 MB Llama in `dir/model` and its GPTQ output by an uninterrupted 2-worker run
 /// (with `extra` flags) in `dir/reference`: what a run that loses a process must reproduce.
 fn model_and_reference(dir: &Path, extra: &[&str]) -> (PathBuf, PathBuf) {
@@ -180,24 +204,7 @@ fn gptq_on_a_generated_llama_beats_rtn_and_is_the_same_for_1_and_3_workers() {
     assert!(evaluation["tokens"].as_u64().unwrap() > 50, "{evaluation}");
 
     // `shardpress eval`, in one process on the written files, finds what the job reported.
-    let json = dir.path().join("eval.json");
-    let output = shardpress(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--compressed",
-        three.to_str().unwrap(),
-        "--data",
-        repo_file(EVALUATION).to_str().unwrap(),
-        "--samples",
-        "16",
-        "--seq-len",
-        "64",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert_success(&output, "shardpress eval");
-    let alone: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let alone = eval_alone(&model, &three);
     for key in ["mean_kld", "top1_agreement", "perplexity_compressed"] {
         let (a, b) = (
             alone[key].as_f64().unwrap(),
@@ -241,24 +248,7 @@ fn the_evaluation_includes_quantized_embeddings_and_head() {
         evaluation["top1_agreement"].as_f64().unwrap() < 1.0,
         "{evaluation}"
     );
-    let json = dir.path().join("eval.json");
-    let output = shardpress(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--compressed",
-        out.to_str().unwrap(),
-        "--data",
-        repo_file(EVALUATION).to_str().unwrap(),
-        "--samples",
-        "16",
-        "--seq-len",
-        "64",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert_success(&output, "shardpress eval");
-    let alone: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let alone = eval_alone(&model, &out);
     let a = alone["mean_kld"].as_f64().unwrap();
     assert!((a - kld).abs() <= 1e-9 * kld, "eval {a}, job {kld}");
 }

@@ -219,22 +219,8 @@ pub fn plan_steps(
             let (mut producer, mut input) = (push(&mut plan, step), output);
             for (k, layer) in layout.layers.iter().enumerate() {
                 let next = hidden_name(stream, k + 1, e);
-                let step = CalibStep {
-                    inputs: vec![input.clone()],
-                    output: next.clone(),
-                    tensors: layer.tensors.clone(),
-                    compressed,
-                    solved: if compressed {
-                        solved_of[k].clone()
-                    } else {
-                        Vec::new()
-                    },
-                    deps: match compressed {
-                        true => [vec![producer], solves[k].clone()].concat(),
-                        false => vec![producer],
-                    },
-                    ..base(StepKind::Forward, k)
-                };
+                let solved = compressed.then(|| (&solves[k][..], &solved_of[k][..]));
+                let step = forward_step(k, layer, (producer, &input), &next, solved);
                 producer = push(&mut plan, step);
                 input = next;
             }
@@ -252,6 +238,37 @@ pub fn plan_steps(
         push(&mut plan, step);
     }
     plan
+}
+
+/// A layer's SOLVE steps and their results' objects (tensor, object).
+type LayerSolved<'a> = (&'a [u32], &'a [(String, String)]);
+
+/// FORWARD of layer `k` from `input` (written by step `producer`) to `output`: through the
+/// original layer, or, given the layer's SOLVE steps and their results' objects, as
+/// compressed (after those steps).
+fn forward_step(
+    k: usize,
+    layer: &LayerLayout,
+    (producer, input): (u32, &str),
+    output: &str,
+    solved: Option<LayerSolved<'_>>,
+) -> CalibStep {
+    let step = CalibStep {
+        inputs: vec![input.to_string()],
+        output: output.to_string(),
+        tensors: layer.tensors.clone(),
+        deps: vec![producer],
+        ..base_step(StepKind::Forward, k)
+    };
+    match solved {
+        None => step,
+        Some((solves, solved)) => CalibStep {
+            compressed: true,
+            solved: solved.to_vec(),
+            deps: [&step.deps[..], solves].concat(),
+            ..step
+        },
+    }
 }
 
 /// Plans the sensitivity steps of mixed precision with calibration data (pure): the
@@ -392,20 +409,9 @@ fn plan_layers(
         }
         for (b, (producer, input)) in producers.iter_mut().enumerate() {
             let output = hidden_name(stream, k + 1, b);
-            let compressed = pass == LayerPass::Calibrate;
-            let step = CalibStep {
-                inputs: vec![input.clone()],
-                output: output.clone(),
-                tensors: layer.tensors.clone(),
-                compressed,
-                solved: if compressed {
-                    solved_of[k].clone()
-                } else {
-                    Vec::new()
-                },
-                deps: [vec![*producer], solves[k].clone()].concat(),
-                ..base(StepKind::Forward, k)
-            };
+            let solved =
+                (pass == LayerPass::Calibrate).then(|| (&solves[k][..], &solved_of[k][..]));
+            let step = forward_step(k, layer, (*producer, input), &output, solved);
             *producer = push(plan, step);
             *input = output;
         }

@@ -93,10 +93,12 @@ fn every_step_waits_for_exactly_the_objects_it_reads() {
         ]
     );
     assert_eq!(solve.group, 0);
-    // Outputs are unique.
-    let mut outputs: Vec<&String> = plan
-        .steps
-        .iter()
+    assert_unique_outputs(&plan.steps);
+}
+
+/// No object is written by two steps.
+fn assert_unique_outputs<'a>(steps: impl IntoIterator<Item = &'a CalibStep>) {
+    let mut outputs: Vec<&String> = (steps.into_iter())
         .map(|s| &s.output)
         .filter(|o| !o.is_empty())
         .collect();
@@ -149,14 +151,7 @@ fn sensitivity_steps_score_each_linear_on_the_original_model_and_share_no_object
     assert_eq!(o1.label(), "sensitivity l1.o");
     // Beside the calibration round of the same job, no object is written twice.
     let calibration = plan_steps(&layout(3), &measured, &batches(3), &batches(1));
-    let mut outputs: Vec<&String> = (steps.iter().chain(&calibration.steps))
-        .map(|s| &s.output)
-        .filter(|o| !o.is_empty())
-        .collect();
-    let before = outputs.len();
-    outputs.sort();
-    outputs.dedup();
-    assert_eq!(outputs.len(), before);
+    assert_unique_outputs(steps.iter().chain(&calibration.steps));
     // Nothing measured, or no batches: no steps.
     assert!(plan_sensitivity(&layout(3), &|_| false, &batches(3))
         .steps
