@@ -289,6 +289,19 @@ fn calibration_data_scores_the_widths_of_a_data_free_recipe() {
         (scored - unweighted).abs() > 1e-3 * unweighted,
         "{name}: {scored} vs {unweighted}"
     );
+    // `score: weights` keeps the weight error even with calibration data (GPTQ here).
+    let recipe = dir.path().join("gptq-weights.yaml");
+    std::fs::write(
+        &recipe,
+        "passes:\n  - quantize: { method: gptq, bits: 4, symmetric: false, granularity: group, group_size: 128 }\n    targets: ['re:.*proj\\.weight$']\nmixed_precision: { target_bpw: 4.6, score: weights }\n",
+    )
+    .unwrap();
+    let cheap = dir.path().join("cheap");
+    let output = run_job(&model, &cheap, recipe.to_str().unwrap(), 2, &flags);
+    assert_success(&output, "gptq with widths scored by weight error");
+    let m = &report(&cheap)["mixed_precision"];
+    assert_eq!(m["calibration_weighted_tensors"].as_u64(), Some(0), "{m}");
+    assert!(f(&m["bits_per_weight"]) <= 4.6, "{m}");
 }
 
 #[test]

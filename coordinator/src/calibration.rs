@@ -26,7 +26,7 @@ use shardpress_core::calibrated::solve_memory_bytes;
 use shardpress_core::codec::TensorPlan;
 use shardpress_core::format::ModelFacts;
 use shardpress_core::plan::{PlannedTask, PlannedTensor, SourceFile};
-use shardpress_core::recipe::{OutputFormat, Recipe};
+use shardpress_core::recipe::{OutputFormat, PrecisionScore, Recipe};
 use shardpress_model::{Model, ModelKind, Tokenizer};
 use shardpress_proto::v1::{CalibratedTensor, CompleteTaskRequest, SubmitJobRequest};
 use shardpress_store::StoreLocation;
@@ -648,11 +648,13 @@ pub async fn prepare(
             methods.join(" and ")
         )));
     }
-    // Mixed precision uses calibration data to score the widths, whatever the method.
-    let choosing_widths = recipe.needs_precision_choice();
+    // Mixed precision uses calibration data to score the widths, whatever the method
+    // (unless the recipe asks for weight error).
+    let choosing_widths = recipe.needs_precision_choice()
+        && (recipe.mixed_precision.as_ref()).is_some_and(|m| m.score == PrecisionScore::Outputs);
     if methods.is_empty() && !asked.calibration_url.is_empty() && !choosing_widths {
         return Err(invalid(format!(
-            "--calibration was given, but recipe {} has no calibrated method (quantize method gptq or awq, prune method sparsegpt or wanda) and no bit budget (mixed_precision / --target-bpw) to choose widths for; leave it out, or use --eval to measure the model's outputs",
+            "--calibration was given, but recipe {} has no calibrated method (quantize method gptq or awq, prune method sparsegpt or wanda) and no bit budget (--target-bpw, or mixed_precision with its default score: outputs) whose widths it would score; leave it out, or use --eval to measure the model's outputs",
             recipe.name
         )));
     }

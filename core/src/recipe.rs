@@ -46,6 +46,22 @@ pub struct MixedPrecision {
     /// recipe the job's later rounds run, and into the output's report). A tensor not
     /// listed keeps its pass's width.
     pub chosen: std::collections::BTreeMap<String, u8>,
+    /// How each width's error is scored when the job has calibration data.
+    pub score: PrecisionScore,
+}
+
+/// How mixed precision scores a candidate width of a Linear in a transformer block.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionScore {
+    /// By the error it causes in its layer's output on held-out calibration inputs, when the
+    /// job has calibration data (else by weight error). Costs one more pass of the
+    /// calibration batches through the model, and per Linear and width a fit and a layer
+    /// forward.
+    #[default]
+    Outputs,
+    /// By its relative weight error `‖ΔW‖² / ‖W‖²` alone (cheap: one encode per width).
+    Weights,
 }
 
 impl MixedPrecision {
@@ -564,6 +580,8 @@ struct RawMixedPrecision {
     candidates: Option<Vec<u8>>,
     #[serde(default)]
     chosen: std::collections::BTreeMap<String, u8>,
+    #[serde(default)]
+    score: PrecisionScore,
 }
 
 /// What a job does with NaN and infinite weights in a tensor it compresses.
@@ -651,6 +669,7 @@ fn convert_mixed_precision(
         target_bpw: target,
         candidates: raw.candidates,
         chosen: raw.chosen,
+        score: raw.score,
     })
 }
 

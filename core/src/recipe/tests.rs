@@ -448,6 +448,15 @@ fn mixed_precision_is_validated_and_its_choice_applies_per_tensor() {
         r.describe(),
         "gptq-w4a16-asym: gptq int4 asym g128; widths mixed to 4.5 bits/weight"
     );
+    assert_eq!(mixed.score, PrecisionScore::Outputs);
+    let weights = yaml.replace("target_bpw: 4.5", "target_bpw: 4.5\n  score: weights");
+    let weights = Recipe::from_yaml(&weights)
+        .unwrap()
+        .mixed_precision
+        .unwrap();
+    assert_eq!(weights.score, PrecisionScore::Weights);
+    let bad = yaml.replace("target_bpw: 4.5", "target_bpw: 4.5\n  score: hessian");
+    assert!(Recipe::from_yaml(&bad).is_err());
     assert_eq!(
         mixed.candidates_for(OutputFormat::CompressedTensors),
         vec![4, 8]
