@@ -119,6 +119,9 @@ pub(crate) struct Solver {
     /// Over-relaxation of the zero update, `z += relax * (z_hqq - z)`: each step stands for
     /// `relax` reference iterations (see [`Solver::steps`]).
     pub relax: f64,
+    /// [`Solver::relax`] of the batched solver (one step standing for more reference
+    /// iterations than in the one-group solver: fewer passes).
+    pub batched_relax: f64,
     /// Over-relaxation of the batched least-squares refit of real f16 pairs: the refitted
     /// `(a, c)` of `x ~ a q + c` is moved `refit_relax` times as far from the scored pair.
     pub refit_relax: f64,
@@ -126,6 +129,12 @@ pub(crate) struct Solver {
     pub relaxed_refit_rounds: usize,
     /// Whether the batched solver runs the half-quadratic steps for integer zeros.
     pub integer_zero_hqq: bool,
+    /// Over-relaxation of the batched least-squares refit of integer zeros: the fitted real
+    /// zero and the refitted scale are moved `int_refit_relax` times as far from the scored
+    /// pair before they are rounded.
+    pub int_refit_relax: f64,
+    /// Least-squares rounds of the batched solver for integer zeros (over-relaxed).
+    pub int_refit_rounds: usize,
 }
 
 impl Solver {
@@ -151,9 +160,12 @@ pub(crate) const SOLVER: Solver = Solver {
     kappa: 1.01,
     refit_rounds: 5,
     relax: 5.0,
-    refit_relax: 1.5,
+    batched_relax: 10.0,
+    refit_relax: 1.8,
     relaxed_refit_rounds: 3,
     integer_zero_hqq: false,
+    int_refit_relax: 2.5,
+    int_refit_rounds: 2,
 };
 
 /// The solver before over-relaxation (one reference iteration per step), which
@@ -161,8 +173,11 @@ pub(crate) const SOLVER: Solver = Solver {
 pub(crate) const REFERENCE_SOLVER: Solver = Solver {
     relax: 1.0,
     refit_relax: 1.0,
+    batched_relax: 1.0,
     relaxed_refit_rounds: 5,
     integer_zero_hqq: true,
+    int_refit_relax: 1.0,
+    int_refit_rounds: 5,
     ..SOLVER
 };
 
@@ -379,7 +394,25 @@ impl Storage {
     /// The least-squares pair for fixed codes with sums `ls` (see [`refit`]), stored; for
     /// integer zeros the fitted zero is rounded and the scale refitted for it alone.
     fn refit(self, n: f64, ls: [f64; 4], qmax: f32) -> Option<(f32, f32)> {
+        self.refit_relaxed(n, ls, qmax, None)
+    }
+
+    /// [`Storage::refit`]; for integer zeros with `from = Some((pair, w))`, the fitted real
+    /// zero and the refitted scale are first moved `w` times as far from the scored `pair`
+    /// (over-relaxation).
+    fn refit_relaxed(
+        self,
+        n: f64,
+        ls: [f64; 4],
+        qmax: f32,
+        from: Option<((f32, f32), f64)>,
+    ) -> Option<(f32, f32)> {
         let (a, zero) = refit(n, ls)?;
+        let relax = |old: f32, new: f64| match from {
+            Some((_, w)) => f64::from(old) + w * (new - f64::from(old)),
+            None => new,
+        };
+        let zero = from.map_or(zero, |((_, z0), _)| relax(z0, zero));
         match self {
             Storage::F16Pair => to_f16_pair(a, zero),
             Storage::IntegerZero(_) => {
@@ -400,6 +433,10 @@ impl Storage {
                     (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
                     (a, b) => a.or(b),
                 };
+                let best = best.map(|(gain, scale, z)| match from {
+                    Some(((s0, _), _)) => (gain, relax(s0, scale), z),
+                    None => (gain, scale, z),
+                });
                 best.and_then(|(_, scale, z)| self.store(scale, z, qmax))
             }
         }
@@ -586,7 +623,12 @@ fn encode(
                     }
                     let mut results = Vec::with_capacity(scales.len());
                     for list in [&mut whole, &mut last] {
-                        for batch in list.chunks_mut(batched::WIDTH) {
+                        for start in (0..list.len()).step_by(batched::WIDTH) {
+                            let end = (start + batched::WIDTH).min(list.len());
+                            // The next batch's weights start coming into cache while this
+                            // one is solved.
+                            batched::prefetch(&list[end..(end + batched::WIDTH).min(list.len())]);
+                            let batch = &mut list[start..end];
                             let mut pairs = [(0f32, 0f32); batched::WIDTH];
                             batched::hqq_batch(
                                 bits, iterations, solver, storage, batch, &mut pairs, scratch,

@@ -192,23 +192,30 @@ pub(crate) fn hqq_batch(
         }
     }
 
-    let iterations = match storage {
+    let hqq_iterations = match storage {
         Storage::IntegerZero(_) if !solver.integer_zero_hqq => 0,
         _ => iterations,
     };
-    // The RTN candidate's squared error and the sum of x (the same for every refit), in the
-    // first half-quadratic pass when there is one.
-    let (rtn_sse, sum_x, best_zero) =
-        optimize_zeros(x, &rtn, &hqq, &inv, &zero, qmax, iterations, solver);
-    for l in 0..WIDTH {
-        hqq[l] &= rtn_sse[l].is_finite();
-    }
+    // The RTN candidate's squared error and the sum of x (the same for every refit), measured
+    // in the first half-quadratic pass when there is one, else in the first least-squares
+    // round, else alone.
+    let any_hqq = hqq.iter().any(|&h| h);
+    // One half-quadratic step stands for `batched_relax` reference iterations here.
+    let batched = Solver {
+        relax: solver.batched_relax,
+        ..*solver
+    };
+    let (rtn_sums, best_zero) =
+        optimize_zeros(x, &rtn, &hqq, &inv, &zero, qmax, hqq_iterations, &batched);
+    let mut rtn_sums = match (rtn_sums, any_hqq) {
+        (None, false) => Some(rtn_pass(x, &rtn)),
+        (sums, _) => sums,
+    };
 
-    if hqq.iter().any(|&h| h) {
-        let mut best = [f64::INFINITY; WIDTH];
+    if any_hqq {
+        let mut best = [f64::NAN; WIDTH];
         let mut current = [None; WIDTH];
         for l in 0..WIDTH {
-            best[l] = rtn_sse[l];
             if hqq[l] {
                 current[l] = match storage {
                     Storage::F16Pair => {
@@ -223,7 +230,7 @@ pub(crate) fn hqq_batch(
         }
         let rounds = match storage {
             Storage::F16Pair => solver.relaxed_refit_rounds,
-            Storage::IntegerZero(_) => solver.refit_rounds,
+            Storage::IntegerZero(_) => solver.int_refit_rounds,
         };
         for _ in 0..=rounds {
             if current.iter().all(Option::is_none) {
@@ -237,14 +244,37 @@ pub(crate) fn hqq_batch(
                 }
             }
             let is = s.map(|v| 1.0 / v);
-            let [sse, sq, sqq, sqx] = score_pass(x, &s, &is, &z, qmax);
+            let [sse, sq, sqq, sqx] = match rtn_sums {
+                Some(_) => score_pass(x, &s, &is, &z, qmax),
+                None => {
+                    let [sse, sq, sqq, sqx, rtn_sse, sum_x] =
+                        rtn_score_pass(x, &rtn, &s, &is, &z, qmax);
+                    rtn_sums = Some([rtn_sse, sum_x]);
+                    [sse, sq, sqq, sqx]
+                }
+            };
+            let [rtn_sse, sum_x] = rtn_sums.unwrap_or([[f64::NAN; WIDTH]; 2]);
+            for l in 0..WIDTH {
+                // A lane whose RTN error is not finite keeps the RTN result.
+                if !rtn_sse[l].is_finite() {
+                    current[l] = None;
+                }
+                if best[l].is_nan() {
+                    best[l] = rtn_sse[l];
+                }
+            }
             let next = match storage {
                 Storage::F16Pair => {
                     let sums = [sq, sqq, sum_x, sqx];
                     refit_f16_lanes(n, &sums, &s, &z, solver.refit_relax)
                 }
                 Storage::IntegerZero(_) => std::array::from_fn(|l| match current[l] {
-                    Some(_) => storage.refit(n, [sq[l], sqq[l], sum_x[l], sqx[l]], qmax),
+                    Some(pair) => {
+                        let ls = [sq[l], sqq[l], sum_x[l], sqx[l]];
+                        let from = (solver.int_refit_relax != 1.0)
+                            .then_some((pair, solver.int_refit_relax));
+                        storage.refit_relaxed(n, ls, qmax, from)
+                    }
                     None => None,
                 }),
             };
@@ -275,6 +305,20 @@ pub(crate) fn hqq_batch(
             }
         }
     }
+}
+
+/// Asks the CPU to bring the weights of `groups` into cache (a hint: no effect on results).
+pub(crate) fn prefetch(groups: &[(&[f32], &mut [u8])]) {
+    #[cfg(target_arch = "x86_64")]
+    for (g, _) in groups {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for line in g.chunks(16) {
+            // SAFETY: prefetching is a hint that never faults; the address is in `g`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast::<i8>()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = groups;
 }
 
 /// What [`transpose_scan`] finds in each lane: min, max (NaN skipped) and `sum x * 0`
@@ -493,8 +537,8 @@ fn refit_f16_lanes(
 /// Step 2 for every lane with `active` set: the half-quadratic zero iterations at the fixed
 /// scale `1 / inv`, from `start`, each lane stopping once its mean absolute error stops
 /// decreasing. Returns the RTN candidate's squared error in every lane and the lane's sum
-/// of `x` (measured in the first pass), and each lane's zero with the lowest mean absolute
-/// error seen.
+/// of `x` when a pass measured them (the first, for `p = 1/2`), and each lane's zero with
+/// the lowest mean absolute error seen.
 #[allow(clippy::too_many_arguments)]
 fn optimize_zeros(
     x: &[Lanes],
@@ -505,7 +549,7 @@ fn optimize_zeros(
     qmax: f32,
     iterations: usize,
     solver: &Solver,
-) -> ([f64; WIDTH], [f64; WIDTH], Lanes) {
+) -> (Option<[[f64; WIDTH]; 2]>, Lanes) {
     let n = x.len() as f64;
     let p1 = solver.lp_norm - 1.0;
     let mut running = *active;
@@ -519,17 +563,14 @@ fn optimize_zeros(
     // score it), so `steps` updates take `steps - 1` passes.
     let passes = solver.steps(iterations).saturating_sub(1);
     let fused = solver.lp_norm == 0.5 && passes > 0 && active.iter().any(|&a| a);
-    let (mut rtn_sse, mut sum_x) = ([0f64; WIDTH], [0f64; WIDTH]);
-    if !fused {
-        [rtn_sse, sum_x] = rtn_pass(x, rtn);
-    }
+    let mut rtn_sums = None;
     for pass in 0..passes {
         if !running.iter().any(|&r| r) {
             break;
         }
         let [update, abs_err] = if pass == 0 && fused {
             let [update, abs_err, sse, sum] = rtn_hqq_pass(x, rtn, inv, &z, &inv_beta, qmax);
-            (rtn_sse, sum_x) = (sse, sum);
+            rtn_sums = Some([sse, sum]);
             [update, abs_err]
         } else if solver.lp_norm == 0.5 {
             hqq_pass(x, inv, &z, &inv_beta, qmax)
@@ -556,7 +597,7 @@ fn optimize_zeros(
             best_z[l] = z[l];
         }
     }
-    (rtn_sse, sum_x, best_z)
+    (rtn_sums, best_z)
 }
 
 /// `1 / sqrt(a)` for `a >= 0` to about 0.2 %: the classic bit-level estimate refined by one
@@ -676,13 +717,21 @@ fn hqq_pass_lp(
 }
 
 /// One least-squares round of every lane at its stored pair `(s, z)` (`is = 1 / s`):
-/// `[sum (x - dq)^2, sum q, sum q^2, sum q*x]`.
+/// `[sum (x - dq)^2, sum q, sum q^2, sum q*x]`; with `RTN`, also the RTN candidate's
+/// squared error and the sum of `x` (what [`rtn_pass`] measures).
 #[inline(always)]
-fn score_pass_body(x: &[Lanes], s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32) -> [[f64; WIDTH]; 4] {
-    let (s, is, z) = (*s, *is, *z);
-    let mut total = [[0f64; WIDTH]; 4];
+fn score_pass_generic<const RTN: bool>(
+    x: &[Lanes],
+    rtn: &RtnLanes,
+    s: &Lanes,
+    is: &Lanes,
+    z: &Lanes,
+    qmax: f32,
+) -> [[f64; WIDTH]; 6] {
+    let (s, is, z, rtn) = (*s, *is, *z, *rtn);
+    let mut total = [[0f64; WIDTH]; 6];
     for run in x.chunks(FLUSH) {
-        let mut part = [[0f32; WIDTH]; 4];
+        let mut part = [[0f32; WIDTH]; 6];
         for row in run {
             for l in 0..WIDTH {
                 let xv = row[l];
@@ -692,9 +741,14 @@ fn score_pass_body(x: &[Lanes], s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32) -> 
                 part[1][l] += q;
                 part[2][l] += q * q;
                 part[3][l] += q * xv;
+                if RTN {
+                    let d = xv - (rtn.code(l, xv) - rtn.zero[l]) * rtn.scale[l];
+                    part[4][l] += d * d;
+                    part[5][l] += xv;
+                }
             }
         }
-        for k in 0..4 {
+        for k in 0..if RTN { 6 } else { 4 } {
             for l in 0..WIDTH {
                 total[k][l] += f64::from(part[k][l]);
             }
@@ -703,9 +757,34 @@ fn score_pass_body(x: &[Lanes], s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32) -> 
     total
 }
 
+#[inline(always)]
+fn score_pass_body(x: &[Lanes], s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32) -> [[f64; WIDTH]; 4] {
+    let [sse, sq, sqq, sqx, _, _] =
+        score_pass_generic::<false>(x, &RtnLanes::default(), s, is, z, qmax);
+    [sse, sq, sqq, sqx]
+}
+
 crate::dtype::avx2_dispatch!(
     fn score_pass(x: &[Lanes], s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32) -> [[f64; WIDTH]; 4]
         => score_pass_body
+);
+
+#[inline(always)]
+fn rtn_score_pass_body(
+    x: &[Lanes],
+    rtn: &RtnLanes,
+    s: &Lanes,
+    is: &Lanes,
+    z: &Lanes,
+    qmax: f32,
+) -> [[f64; WIDTH]; 6] {
+    score_pass_generic::<true>(x, rtn, s, is, z, qmax)
+}
+
+crate::dtype::avx2_dispatch!(
+    /// [`score_pass`] and [`rtn_pass`] in one sweep: `[sse, q, q^2, q x, RTN error, x]`.
+    fn rtn_score_pass(x: &[Lanes], rtn: &RtnLanes, s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32)
+        -> [[f64; WIDTH]; 6] => rtn_score_pass_body
 );
 
 /// `max(v, 0)` with a plain compare.
