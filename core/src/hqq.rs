@@ -625,13 +625,14 @@ fn encode(
                     for list in [&mut whole, &mut last] {
                         for start in (0..list.len()).step_by(batched::WIDTH) {
                             let end = (start + batched::WIDTH).min(list.len());
-                            // The next batch's weights start coming into cache while this
-                            // one is solved.
-                            batched::prefetch(&list[end..(end + batched::WIDTH).min(list.len())]);
-                            let batch = &mut list[start..end];
+                            // The next batch's weights come into cache while this one is
+                            // solved.
+                            let (head, tail) = list.split_at_mut(end);
+                            let next = &tail[..batched::WIDTH.min(tail.len())];
+                            let batch = &mut head[start..];
                             let mut pairs = [(0f32, 0f32); batched::WIDTH];
                             batched::hqq_batch(
-                                bits, iterations, solver, storage, batch, &mut pairs, scratch,
+                                bits, iterations, solver, storage, batch, next, &mut pairs, scratch,
                             );
                             results.extend_from_slice(&pairs[..batch.len()]);
                         }

@@ -119,12 +119,14 @@ enum Choice {
 
 /// Quantizes the groups of `batch` (at most [`WIDTH`] pairs of a group and its codes, all of
 /// one length) into their codes, returning each group's stored `(scale, zero)` in `out`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn hqq_batch(
     bits: u8,
     iterations: usize,
     solver: &Solver,
     storage: Storage,
     batch: &mut [(&[f32], &mut [u8])],
+    next: &[(&[f32], &mut [u8])],
     out: &mut [(f32, f32)],
     scratch: &mut Scratch,
 ) {
@@ -159,6 +161,16 @@ pub(crate) fn hqq_batch(
     };
     let x = &scratch.x[..len];
     let Scanned { lo, hi, poison } = scanned;
+    // The next batch is prefetched a quarter at a time between the passes (all at once, the
+    // prefetches wait for each other).
+    let quarter = next.len().div_ceil(4).max(1);
+    let mut next_quarters = next.chunks(quarter);
+    let mut prefetch_quarter = || {
+        if let Some(groups) = next_quarters.next() {
+            prefetch(groups);
+        }
+    };
+    prefetch_quarter();
 
     let mut choice = [Choice::Scalar; WIDTH];
     let mut rtn = RtnLanes::default();
@@ -207,6 +219,7 @@ pub(crate) fn hqq_batch(
     };
     let (rtn_sums, best_zero) =
         optimize_zeros(x, &rtn, &hqq, &inv, &zero, qmax, hqq_iterations, &batched);
+    prefetch_quarter();
     let mut rtn_sums = match (rtn_sums, any_hqq) {
         (None, false) => Some(rtn_pass(x, &rtn)),
         (sums, _) => sums,
@@ -243,6 +256,7 @@ pub(crate) fn hqq_batch(
                     (s[l], z[l]) = (sl, zl);
                 }
             }
+            prefetch_quarter();
             let is = s.map(|v| 1.0 / v);
             let [sse, sq, sqq, sqx] = match rtn_sums {
                 Some(_) => score_pass(x, &s, &is, &z, qmax),
@@ -287,6 +301,10 @@ pub(crate) fn hqq_batch(
                 current[l] = if next[l] == Some(pair) { None } else { next[l] };
             }
         }
+    }
+
+    for _ in 0..4 {
+        prefetch_quarter();
     }
 
     // The codes of every lane, from its group in place.
