@@ -280,7 +280,8 @@ pub(crate) fn hqq_batch(
             let next = match storage {
                 Storage::F16Pair => {
                     let sums = [sq, sqq, sum_x, sqx];
-                    refit_f16_lanes(n, &sums, &s, &z, solver.refit_relax)
+                    let active = current.map(|c| c.is_some());
+                    refit_f16_lanes(n, &sums, &s, &z, solver.refit_relax, &active)
                 }
                 Storage::IntegerZero(_) => std::array::from_fn(|l| match current[l] {
                     Some(pair) => {
@@ -530,17 +531,21 @@ crate::dtype::avx2_dispatch!(
 /// `x ~ a q + c` from the sums `[q, q^2, x, q x]` of the codes of the pair `(s, z)`,
 /// moved `relax` times as far from `(s, -z s)` (over-relaxation), then
 /// `(s, z) = (a, -c / a)` rounded to f16; `None` where the fit or its rounding is not a
-/// valid pair.
+/// valid pair (and in lanes not `active`).
 fn refit_f16_lanes(
     n: f64,
     sums: &[[f64; WIDTH]; 4],
     s: &Lanes,
     z: &Lanes,
     relax: f64,
+    active: &[bool; WIDTH],
 ) -> [Option<(f32, f32)>; WIDTH] {
     let (a, zero, fits) = refit_lanes(n, sums, s, z, relax);
     let mut out = [None; WIDTH];
     for l in 0..WIDTH {
+        if !(active[l] && fits[l]) {
+            continue;
+        }
         let (s, z) = match f16_normal(a[l]) && f16_normal(zero[l]) {
             true => (round_f16_normal(a[l]), round_f16_normal(zero[l])),
             false => (round_f16(a[l]), round_f16(zero[l])),
