@@ -53,12 +53,16 @@
 //! solved [`batched`]: 16 groups at once in a struct-of-arrays layout, so every pass over the
 //! groups is one vectorized sweep without horizontal sums (AVX2 where the CPU has it, picked
 //! at run time, bit-identical to the baseline x86-64 copy). The batched solver also takes
-//! three measured shortcuts ([`Solver`]): the last half-quadratic step's zero is kept without
-//! a pass to measure it (the least-squares rounds score it), so 20 iterations take 3 passes;
-//! the least-squares refit of real f16 pairs is over-relaxed (`(a, c)` moved 1.5 times as far
-//! from the scored pair), which reaches a lower error in 3 rounds than the plain refit in 5;
-//! and integer zeros skip the half-quadratic steps (the min-max start refitted 5 times ended
-//! lower than the half-quadratic start on the bench matrix and on MiniLM). Longer groups use
+//! measured shortcuts ([`Solver`]): one half-quadratic step stands for 10 reference
+//! iterations ([`Solver::batched_relax`]; 20 iterations are 2 steps) and the last step's zero
+//! is kept without a pass to measure it (the least-squares rounds score it), so 20 iterations
+//! take one pass, which also measures the RTN candidate; the least-squares refit of real f16
+//! pairs is over-relaxed (`(a, c)` moved 1.8 times as far from the scored pair), 3 rounds;
+//! integer zeros skip the half-quadratic steps (the min-max start refitted ended lower than
+//! the half-quadratic start on the bench matrix and on MiniLM) and over-relax their refit
+//! (real zero and scale moved 2.5 times as far before rounding), 2 rounds. On the bench
+//! matrix and on MiniLM each of these ends below the reference solver's error (the ignored
+//! test `speed_variants` compares the settings). Longer groups use
 //! [`hqq_group`],
 //! whose loops are branch-free with 8 independent f32 accumulator lanes, and (for one huge
 //! group) fixed 16Ki-element blocks summed in parallel in a fixed order. Either way results do

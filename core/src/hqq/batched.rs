@@ -14,13 +14,22 @@
 //! own group, with the batched shortcuts described there: the same min-max start,
 //! half-quadratic steps with the same early stop (lanes that stop are frozen while the others
 //! go on) but without the pass that would only measure the last step's zero (integer zeros
-//! skip these steps), least-squares rounds with the same fixed-point stop (over-relaxed, and 3
-//! of them, for real f16 pairs; their f16 rounding goes by way of f32, as an F16C conversion
-//! does, whatever the CPU), and the same per-group choice against the same asymmetric RTN
-//! candidate, scored by its squared error, so a group is never worse than RTN. The sums are
-//! per lane, in f32 over runs of [`FLUSH`] elements, added in f64. A lane's result depends
-//! only on its own group, never on the other lanes, so it does not depend on how groups are
-//! batched or on the thread count.
+//! skip these steps), and with the shrinkage threshold `1 / (beta sqrt|e|)` from a
+//! bit-level reciprocal square root estimate and one Newton step ([`rsqrt`]: IEEE operations,
+//! so the same bits on every CPU; 0.2 % is plenty for a threshold), least-squares rounds
+//! with the same fixed-point stop (over-relaxed; their f16 rounding goes by way of f32, as an
+//! F16C conversion does, whatever the CPU), and the same per-group choice against the same
+//! asymmetric RTN candidate, scored by its squared error, so a group is never worse than RTN.
+//! The sums are per lane, in f32 over runs of [`FLUSH`] elements, added in f64. A lane's
+//! result depends only on its own group, never on the other lanes, so it does not depend on
+//! how groups are batched or on the thread count.
+//!
+//! Where the time goes is kept down by doing as few sweeps as possible: the transposition
+//! (8 x 8 blocks by AVX2 shuffles) also scans min, max and NaN; the RTN candidate's error is
+//! measured in the first half-quadratic pass (or the first least-squares round when there is
+//! none); the codes are written from each group in place (no transposed code buffer to
+//! gather); and the next batch's weights are prefetched a quarter at a time between the
+//! passes.
 //!
 //! Groups that hold NaN or infinities, all-zero groups and lanes without a group are handed
 //! to [`super::hqq_group`] (which falls back to RTN for them).

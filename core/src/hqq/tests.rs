@@ -305,6 +305,8 @@ fn batched_groups_do_not_depend_on_their_batch_or_the_cpu() {
             ..HqqConfig::new(3, Granularity::Group(32))
         },
         HqqConfig::new(4, Granularity::Channel),
+        // 20 is not a multiple of the 8 x 8 transposition blocks.
+        HqqConfig::new(4, Granularity::Group(20)),
     ] {
         let whole = hqq_codes(&cfg, &x, 200).unwrap();
         let per_row = whole.groups_per_row();
