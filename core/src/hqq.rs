@@ -53,12 +53,16 @@
 //! solved [`batched`]: 16 groups at once in a struct-of-arrays layout, so every pass over the
 //! groups is one vectorized sweep without horizontal sums (AVX2 where the CPU has it, picked
 //! at run time, bit-identical to the baseline x86-64 copy). The batched solver also takes
-//! three measured shortcuts ([`Solver`]): the last half-quadratic step's zero is kept without
-//! a pass to measure it (the least-squares rounds score it), so 20 iterations take 3 passes;
-//! the least-squares refit of real f16 pairs is over-relaxed (`(a, c)` moved 1.5 times as far
-//! from the scored pair), which reaches a lower error in 3 rounds than the plain refit in 5;
-//! and integer zeros skip the half-quadratic steps (the min-max start refitted 5 times ended
-//! lower than the half-quadratic start on the bench matrix and on MiniLM). Longer groups use
+//! measured shortcuts ([`Solver`]): one half-quadratic step stands for 10 reference
+//! iterations ([`Solver::batched_relax`]; 20 iterations are 2 steps) and the last step's zero
+//! is kept without a pass to measure it (the least-squares rounds score it), so 20 iterations
+//! take one pass, which also measures the RTN candidate; the least-squares refit of real f16
+//! pairs is over-relaxed (`(a, c)` moved 1.8 times as far from the scored pair), 3 rounds;
+//! integer zeros skip the half-quadratic steps (the min-max start refitted ended lower than
+//! the half-quadratic start on the bench matrix and on MiniLM) and over-relax their refit
+//! (real zero and scale moved 2.5 times as far before rounding), 2 rounds. On the bench
+//! matrix and on MiniLM each of these ends below the reference solver's error (the ignored
+//! test `speed_variants` compares the settings). Longer groups use
 //! [`hqq_group`],
 //! whose loops are branch-free with 8 independent f32 accumulator lanes, and (for one huge
 //! group) fixed 16Ki-element blocks summed in parallel in a fixed order. Either way results do
@@ -119,6 +123,9 @@ pub(crate) struct Solver {
     /// Over-relaxation of the zero update, `z += relax * (z_hqq - z)`: each step stands for
     /// `relax` reference iterations (see [`Solver::steps`]).
     pub relax: f64,
+    /// [`Solver::relax`] of the batched solver (one step standing for more reference
+    /// iterations than in the one-group solver: fewer passes).
+    pub batched_relax: f64,
     /// Over-relaxation of the batched least-squares refit of real f16 pairs: the refitted
     /// `(a, c)` of `x ~ a q + c` is moved `refit_relax` times as far from the scored pair.
     pub refit_relax: f64,
@@ -126,6 +133,12 @@ pub(crate) struct Solver {
     pub relaxed_refit_rounds: usize,
     /// Whether the batched solver runs the half-quadratic steps for integer zeros.
     pub integer_zero_hqq: bool,
+    /// Over-relaxation of the batched least-squares refit of integer zeros: the fitted real
+    /// zero and the refitted scale are moved `int_refit_relax` times as far from the scored
+    /// pair before they are rounded.
+    pub int_refit_relax: f64,
+    /// Least-squares rounds of the batched solver for integer zeros (over-relaxed).
+    pub int_refit_rounds: usize,
 }
 
 impl Solver {
@@ -151,9 +164,12 @@ pub(crate) const SOLVER: Solver = Solver {
     kappa: 1.01,
     refit_rounds: 5,
     relax: 5.0,
-    refit_relax: 1.5,
+    batched_relax: 10.0,
+    refit_relax: 1.8,
     relaxed_refit_rounds: 3,
     integer_zero_hqq: false,
+    int_refit_relax: 2.5,
+    int_refit_rounds: 2,
 };
 
 /// The solver before over-relaxation (one reference iteration per step), which
@@ -161,8 +177,11 @@ pub(crate) const SOLVER: Solver = Solver {
 pub(crate) const REFERENCE_SOLVER: Solver = Solver {
     relax: 1.0,
     refit_relax: 1.0,
+    batched_relax: 1.0,
     relaxed_refit_rounds: 5,
     integer_zero_hqq: true,
+    int_refit_relax: 1.0,
+    int_refit_rounds: 5,
     ..SOLVER
 };
 
@@ -379,7 +398,25 @@ impl Storage {
     /// The least-squares pair for fixed codes with sums `ls` (see [`refit`]), stored; for
     /// integer zeros the fitted zero is rounded and the scale refitted for it alone.
     fn refit(self, n: f64, ls: [f64; 4], qmax: f32) -> Option<(f32, f32)> {
+        self.refit_relaxed(n, ls, qmax, None)
+    }
+
+    /// [`Storage::refit`]; for integer zeros with `from = Some((pair, w))`, the fitted real
+    /// zero and the refitted scale are first moved `w` times as far from the scored `pair`
+    /// (over-relaxation).
+    fn refit_relaxed(
+        self,
+        n: f64,
+        ls: [f64; 4],
+        qmax: f32,
+        from: Option<((f32, f32), f64)>,
+    ) -> Option<(f32, f32)> {
         let (a, zero) = refit(n, ls)?;
+        let relax = |old: f32, new: f64| match from {
+            Some((_, w)) => f64::from(old) + w * (new - f64::from(old)),
+            None => new,
+        };
+        let zero = from.map_or(zero, |((_, z0), _)| relax(z0, zero));
         match self {
             Storage::F16Pair => to_f16_pair(a, zero),
             Storage::IntegerZero(_) => {
@@ -400,6 +437,10 @@ impl Storage {
                     (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
                     (a, b) => a.or(b),
                 };
+                let best = best.map(|(gain, scale, z)| match from {
+                    Some(((s0, _), _)) => (gain, relax(s0, scale), z),
+                    None => (gain, scale, z),
+                });
                 best.and_then(|(_, scale, z)| self.store(scale, z, qmax))
             }
         }
@@ -586,10 +627,16 @@ fn encode(
                     }
                     let mut results = Vec::with_capacity(scales.len());
                     for list in [&mut whole, &mut last] {
-                        for batch in list.chunks_mut(batched::WIDTH) {
+                        for start in (0..list.len()).step_by(batched::WIDTH) {
+                            let end = (start + batched::WIDTH).min(list.len());
+                            // The next batch's weights come into cache while this one is
+                            // solved.
+                            let (head, tail) = list.split_at_mut(end);
+                            let next = &tail[..batched::WIDTH.min(tail.len())];
+                            let batch = &mut head[start..];
                             let mut pairs = [(0f32, 0f32); batched::WIDTH];
                             batched::hqq_batch(
-                                bits, iterations, solver, storage, batch, &mut pairs, scratch,
+                                bits, iterations, solver, storage, batch, next, &mut pairs, scratch,
                             );
                             results.extend_from_slice(&pairs[..batch.len()]);
                         }

@@ -14,13 +14,22 @@
 //! own group, with the batched shortcuts described there: the same min-max start,
 //! half-quadratic steps with the same early stop (lanes that stop are frozen while the others
 //! go on) but without the pass that would only measure the last step's zero (integer zeros
-//! skip these steps), least-squares rounds with the same fixed-point stop (over-relaxed, and 3
-//! of them, for real f16 pairs; their f16 rounding goes by way of f32, as an F16C conversion
-//! does, whatever the CPU), and the same per-group choice against the same asymmetric RTN
-//! candidate, scored by its squared error, so a group is never worse than RTN. The sums are
-//! per lane, in f32 over runs of [`FLUSH`] elements, added in f64. A lane's result depends
-//! only on its own group, never on the other lanes, so it does not depend on how groups are
-//! batched or on the thread count.
+//! skip these steps), and with the shrinkage threshold `1 / (beta sqrt|e|)` from a
+//! bit-level reciprocal square root estimate and one Newton step ([`rsqrt`]: IEEE operations,
+//! so the same bits on every CPU; 0.2 % is plenty for a threshold), least-squares rounds
+//! with the same fixed-point stop (over-relaxed; their f16 rounding goes by way of f32, as an
+//! F16C conversion does, whatever the CPU), and the same per-group choice against the same
+//! asymmetric RTN candidate, scored by its squared error, so a group is never worse than RTN.
+//! The sums are per lane, in f32 over runs of [`FLUSH`] elements, added in f64. A lane's
+//! result depends only on its own group, never on the other lanes, so it does not depend on
+//! how groups are batched or on the thread count.
+//!
+//! Where the time goes is kept down by doing as few sweeps as possible: the transposition
+//! (8 x 8 blocks by AVX2 shuffles) also scans min, max and NaN; the RTN candidate's error is
+//! measured in the first half-quadratic pass (or the first least-squares round when there is
+//! none); the codes are written from each group in place (no transposed code buffer to
+//! gather); and the next batch's weights are prefetched a quarter at a time between the
+//! passes.
 //!
 //! Groups that hold NaN or infinities, all-zero groups and lanes without a group are handed
 //! to [`super::hqq_group`] (which falls back to RTN for them).
@@ -42,8 +51,6 @@ type Lanes = [f32; WIDTH];
 pub(crate) struct Scratch {
     /// The groups, transposed: `x[i][lane]`.
     x: Vec<Lanes>,
-    /// The HQQ codes, transposed.
-    codes: Vec<[u32; WIDTH]>,
 }
 
 /// `v` clamped to `[lo, hi]` with plain compares (`minps`/`maxps`; `v` is never NaN here).
@@ -121,12 +128,14 @@ enum Choice {
 
 /// Quantizes the groups of `batch` (at most [`WIDTH`] pairs of a group and its codes, all of
 /// one length) into their codes, returning each group's stored `(scale, zero)` in `out`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn hqq_batch(
     bits: u8,
     iterations: usize,
     solver: &Solver,
     storage: Storage,
     batch: &mut [(&[f32], &mut [u8])],
+    next: &[(&[f32], &mut [u8])],
     out: &mut [(f32, f32)],
     scratch: &mut Scratch,
 ) {
@@ -135,40 +144,42 @@ pub(crate) fn hqq_batch(
     let qmax = ((1u32 << bits) - 1) as f32;
     let n = len as f64;
 
-    // Transpose (missing lanes are all-zero groups, handed to the scalar path below).
-    scratch.x.clear();
-    scratch.x.resize(len, [0.0; WIDTH]);
-    if count == WIDTH {
-        // Four lanes at a time: four loads and one 16-byte store per row (four group
-        // pointers stay in registers, sixteen would not).
-        for (quad, groups) in batch.chunks_exact(4).enumerate() {
-            let [g0, g1, g2, g3] = [0, 1, 2, 3].map(|k| &groups[k].0[..len]);
-            for (i, row) in scratch.x.iter_mut().enumerate() {
-                row[4 * quad..4 * quad + 4].copy_from_slice(&[g0[i], g1[i], g2[i], g3[i]]);
-            }
-        }
-    } else {
-        for (l, (g, _)) in batch.iter().take(count).enumerate() {
-            for (row, &v) in scratch.x.iter_mut().zip(g.iter()) {
-                row[l] = v;
-            }
-        }
-    }
-    let x = &scratch.x[..];
-
-    // Scan: min and max (plain compares skip NaN), and `sum x * 0`, which is NaN exactly
+    // Transpose (missing lanes are all-zero groups, handed to the scalar path below) and
+    // scan: min and max (plain compares skip NaN), and `sum x * 0`, which is NaN exactly
     // when the lane holds a NaN or an infinity.
-    let mut lo = [f32::INFINITY; WIDTH];
-    let mut hi = [f32::NEG_INFINITY; WIDTH];
-    let mut poison = [0f32; WIDTH];
-    for row in x {
-        for l in 0..WIDTH {
-            let v = row[l];
-            lo[l] = if v < lo[l] { v } else { lo[l] };
-            hi[l] = if v > hi[l] { v } else { hi[l] };
-            poison[l] += v * 0.0;
-        }
+    if scratch.x.len() < len {
+        scratch.x.resize(len, [0.0; WIDTH]);
     }
+    let x = &mut scratch.x[..len];
+    let scanned = match count == WIDTH {
+        true => {
+            let groups: [&[f32]; WIDTH] = std::array::from_fn(|l| &batch[l].0[..len]);
+            transpose_scan(&groups, x)
+        }
+        false => {
+            for row in x.iter_mut() {
+                *row = [0.0; WIDTH];
+            }
+            for (l, (g, _)) in batch.iter().take(count).enumerate() {
+                for (row, &v) in x.iter_mut().zip(g.iter()) {
+                    row[l] = v;
+                }
+            }
+            scan_rows(x)
+        }
+    };
+    let x = &scratch.x[..len];
+    let Scanned { lo, hi, poison } = scanned;
+    // The next batch is prefetched a quarter at a time between the passes (all at once, the
+    // prefetches wait for each other).
+    let quarter = next.len().div_ceil(4).max(1);
+    let mut next_quarters = next.chunks(quarter);
+    let mut prefetch_quarter = || {
+        if let Some(groups) = next_quarters.next() {
+            prefetch(groups);
+        }
+    };
+    prefetch_quarter();
 
     let mut choice = [Choice::Scalar; WIDTH];
     let mut rtn = RtnLanes::default();
@@ -176,10 +187,13 @@ pub(crate) fn hqq_batch(
     let mut inv = [1f32; WIDTH];
     let mut scale = [1f32; WIDTH];
     let mut zero = [0f32; WIDTH];
-    for l in 0..count {
+    let mut hqq = [false; WIDTH];
+    for l in 0..WIDTH {
+        // Neutral constants, so an unused lane computes finite numbers.
+        (rtn.scale[l], rtn.zero[l], rtn.top[l]) = (1.0, 0.0, qmax);
         let range = hi[l] - lo[l];
         let finite = range.is_finite() && lo[l].is_finite() && hi[l].is_finite();
-        if poison[l] != 0.0 || !finite {
+        if l >= count || poison[l] != 0.0 || !finite {
             continue;
         }
         let r = RtnAsym::new(bits, storage.rtn_grid(), lo[l].min(0.0), hi[l].max(0.0));
@@ -189,22 +203,9 @@ pub(crate) fn hqq_batch(
         rtn_params[l] = (r.scale, r.zero);
         (rtn.scale[l], rtn.zero[l], rtn.top[l]) = (r.scale, r.zero, qmax - r.zero);
         choice[l] = Choice::Rtn;
-    }
-    for (l, c) in choice.iter().enumerate() {
-        if *c == Choice::Scalar {
-            // Neutral constants, so the unused lane computes finite numbers.
-            (rtn.scale[l], rtn.zero[l], rtn.top[l]) = (1.0, 0.0, qmax);
-        }
-    }
-
-    // The RTN candidate's squared error, and the sum of x (the same for every refit).
-    let [rtn_sse, sum_x] = rtn_pass(x, &rtn);
-
-    // Lanes HQQ runs on, their min-max scale and start zero.
-    let mut hqq = [false; WIDTH];
-    for l in 0..count {
-        let range = hi[l] - lo[l];
-        if choice[l] == Choice::Rtn && rtn_sse[l].is_finite() && range > 0.0 && len >= 2 {
+        // Lanes HQQ runs on (those whose RTN error turns out infinite are dropped below),
+        // their min-max scale and start zero.
+        if range > 0.0 && len >= 2 {
             hqq[l] = true;
             scale[l] = range / qmax;
             inv[l] = qmax / range;
@@ -212,24 +213,46 @@ pub(crate) fn hqq_batch(
         }
     }
 
-    if hqq.iter().any(|&h| h) {
-        let x = &scratch.x[..];
-        let iterations = match storage {
-            Storage::IntegerZero(_) if !solver.integer_zero_hqq => 0,
-            _ => iterations,
-        };
-        let best_zero = optimize_zeros(x, &hqq, &inv, &zero, qmax, iterations, solver);
-        let mut best = [f64::INFINITY; WIDTH];
+    let hqq_iterations = match storage {
+        Storage::IntegerZero(_) if !solver.integer_zero_hqq => 0,
+        _ => iterations,
+    };
+    // The RTN candidate's squared error and the sum of x (the same for every refit), measured
+    // in the first half-quadratic pass when there is one, else in the first least-squares
+    // round, else alone.
+    let any_hqq = hqq.iter().any(|&h| h);
+    // One half-quadratic step stands for `batched_relax` reference iterations here.
+    let batched = Solver {
+        relax: solver.batched_relax,
+        ..*solver
+    };
+    let (rtn_sums, best_zero) =
+        optimize_zeros(x, &rtn, &hqq, &inv, &zero, qmax, hqq_iterations, &batched);
+    prefetch_quarter();
+    let mut rtn_sums = match (rtn_sums, any_hqq) {
+        (None, false) => Some(rtn_pass(x, &rtn)),
+        (sums, _) => sums,
+    };
+
+    if any_hqq {
+        let mut best = [f64::NAN; WIDTH];
         let mut current = [None; WIDTH];
         for l in 0..WIDTH {
-            best[l] = rtn_sse[l];
             if hqq[l] {
-                current[l] = storage.store(f64::from(scale[l]), f64::from(best_zero[l]), qmax);
+                current[l] = match storage {
+                    Storage::F16Pair => {
+                        let (s, z) = (round_f16(scale[l]), round_f16(best_zero[l]));
+                        (s > 0.0 && s.is_finite() && z.is_finite()).then_some((s, z))
+                    }
+                    Storage::IntegerZero(_) => {
+                        storage.store(f64::from(scale[l]), f64::from(best_zero[l]), qmax)
+                    }
+                };
             }
         }
         let rounds = match storage {
             Storage::F16Pair => solver.relaxed_refit_rounds,
-            Storage::IntegerZero(_) => solver.refit_rounds,
+            Storage::IntegerZero(_) => solver.int_refit_rounds,
         };
         for _ in 0..=rounds {
             if current.iter().all(Option::is_none) {
@@ -242,15 +265,40 @@ pub(crate) fn hqq_batch(
                     (s[l], z[l]) = (sl, zl);
                 }
             }
+            prefetch_quarter();
             let is = s.map(|v| 1.0 / v);
-            let [sse, sq, sqq, sqx] = score_pass(x, &s, &is, &z, qmax);
+            let [sse, sq, sqq, sqx] = match rtn_sums {
+                Some(_) => score_pass(x, &s, &is, &z, qmax),
+                None => {
+                    let [sse, sq, sqq, sqx, rtn_sse, sum_x] =
+                        rtn_score_pass(x, &rtn, &s, &is, &z, qmax);
+                    rtn_sums = Some([rtn_sse, sum_x]);
+                    [sse, sq, sqq, sqx]
+                }
+            };
+            let [rtn_sse, sum_x] = rtn_sums.unwrap_or([[f64::NAN; WIDTH]; 2]);
+            for l in 0..WIDTH {
+                // A lane whose RTN error is not finite keeps the RTN result.
+                if !rtn_sse[l].is_finite() {
+                    current[l] = None;
+                }
+                if best[l].is_nan() {
+                    best[l] = rtn_sse[l];
+                }
+            }
             let next = match storage {
                 Storage::F16Pair => {
                     let sums = [sq, sqq, sum_x, sqx];
-                    refit_f16_lanes(n, &sums, &s, &z, solver.refit_relax)
+                    let active = current.map(|c| c.is_some());
+                    refit_f16_lanes(n, &sums, &s, &z, solver.refit_relax, &active)
                 }
                 Storage::IntegerZero(_) => std::array::from_fn(|l| match current[l] {
-                    Some(_) => storage.refit(n, [sq[l], sqq[l], sum_x[l], sqx[l]], qmax),
+                    Some(pair) => {
+                        let ls = [sq[l], sqq[l], sum_x[l], sqx[l]];
+                        let from = (solver.int_refit_relax != 1.0)
+                            .then_some((pair, solver.int_refit_relax));
+                        storage.refit_relaxed(n, ls, qmax, from)
+                    }
                     None => None,
                 }),
             };
@@ -265,35 +313,171 @@ pub(crate) fn hqq_batch(
         }
     }
 
-    // The HQQ codes of every lane in one sweep; RTN lanes are then coded on their own.
-    let (mut is, mut z) = ([1f32; WIDTH], [0f32; WIDTH]);
-    for l in 0..WIDTH {
-        if let Choice::Hqq(sl, zl) = choice[l] {
-            (is[l], z[l]) = (1.0 / sl, zl);
-        }
+    for _ in 0..4 {
+        prefetch_quarter();
     }
-    scratch.codes.clear();
-    scratch.codes.resize(len, [0; WIDTH]);
-    write_codes(&scratch.x, &is, &z, qmax, &mut scratch.codes);
+
+    // The codes of every lane, from its group in place.
     for l in 0..count {
         let (g, c) = &mut batch[l];
         match choice[l] {
             Choice::Scalar => out[l] = hqq_group(bits, iterations, solver, storage, g, c),
             Choice::Rtn => {
-                let r = &rtn;
-                for (c, &v) in c.iter_mut().zip(g.iter()) {
-                    *c = r.code(l, v) as u8;
-                }
+                let (s, z, top) = (rtn.scale[l], rtn.zero[l], rtn.top[l]);
+                write_rtn_codes(g, s, z, top, c);
                 out[l] = rtn_params[l];
             }
             Choice::Hqq(sl, zl) => {
-                for (c, row) in c.iter_mut().zip(&scratch.codes) {
-                    *c = row[l] as u8;
-                }
+                write_codes(g, 1.0 / sl, zl, qmax, c);
                 out[l] = (sl, zl);
             }
         }
     }
+}
+
+/// Asks the CPU to bring the weights of `groups` into cache (a hint: no effect on results).
+pub(crate) fn prefetch(groups: &[(&[f32], &mut [u8])]) {
+    #[cfg(target_arch = "x86_64")]
+    for (g, _) in groups {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for line in g.chunks(16) {
+            // SAFETY: prefetching is a hint that never faults; the address is in `g`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast::<i8>()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = groups;
+}
+
+/// What [`transpose_scan`] finds in each lane: min, max (NaN skipped) and `sum x * 0`
+/// (NaN exactly when the lane holds a NaN or an infinity).
+struct Scanned {
+    lo: Lanes,
+    hi: Lanes,
+    poison: Lanes,
+}
+
+/// [`Scanned`] of transposed rows.
+fn scan_rows(x: &[Lanes]) -> Scanned {
+    let mut lo = [f32::INFINITY; WIDTH];
+    let mut hi = [f32::NEG_INFINITY; WIDTH];
+    let mut poison = [0f32; WIDTH];
+    for row in x {
+        for l in 0..WIDTH {
+            let v = row[l];
+            lo[l] = if v < lo[l] { v } else { lo[l] };
+            hi[l] = if v > hi[l] { v } else { hi[l] };
+            poison[l] += v * 0.0;
+        }
+    }
+    Scanned { lo, hi, poison }
+}
+
+/// Transposes [`WIDTH`] groups of `x.len()` weights into `x` (`x[i][lane]`) and scans them:
+/// with AVX2, 8 x 8 blocks moved by shuffles with the scan on the transposed rows; otherwise
+/// four lanes at a time, then [`scan_rows`]. Both give the same rows and the same scan (the
+/// compares see every lane's weights in order).
+fn transpose_scan(groups: &[&[f32]; WIDTH], x: &mut [Lanes]) -> Scanned {
+    #[cfg(target_arch = "x86_64")]
+    if crate::dtype::has_avx2() && groups.iter().all(|g| g.len() >= x.len()) {
+        // SAFETY: the CPU has AVX2 (checked just now), and every group holds at least
+        // `x.len()` weights (checked just now), which is all `transpose_scan_avx2` reads.
+        return unsafe { transpose_scan_avx2(groups, x) };
+    }
+    let len = x.len();
+    for (quad, g) in groups.chunks_exact(4).enumerate() {
+        // Four loads and one 16-byte store per row (four group pointers stay in registers,
+        // sixteen would not).
+        let [g0, g1, g2, g3] = [0, 1, 2, 3].map(|k| &g[k][..len]);
+        for (i, row) in x.iter_mut().enumerate() {
+            row[4 * quad..4 * quad + 4].copy_from_slice(&[g0[i], g1[i], g2[i], g3[i]]);
+        }
+    }
+    scan_rows(x)
+}
+
+/// [`transpose_scan`] with AVX2 shuffles.
+///
+/// # Safety
+/// The CPU must have AVX2, and every group must hold at least `x.len()` weights.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_scan_avx2(groups: &[&[f32]; WIDTH], x: &mut [Lanes]) -> Scanned {
+    use std::arch::x86_64::*;
+    let len = x.len();
+    let whole = len / 8 * 8;
+    let mut lo = [_mm256_set1_ps(f32::INFINITY); 2];
+    let mut hi = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
+    let mut poison = [_mm256_setzero_ps(); 2];
+    let zero = _mm256_setzero_ps();
+    let out = x.as_mut_ptr().cast::<f32>();
+    for i in (0..whole).step_by(8) {
+        for half in 0..2 {
+            // SAFETY: `i + 8 <= len <= groups[k].len()`.
+            let r: [__m256; 8] = std::array::from_fn(|k| unsafe {
+                _mm256_loadu_ps(groups[8 * half + k].as_ptr().add(i))
+            });
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let rows = [
+                _mm256_permute2f128_ps::<0x20>(s0, s4),
+                _mm256_permute2f128_ps::<0x20>(s1, s5),
+                _mm256_permute2f128_ps::<0x20>(s2, s6),
+                _mm256_permute2f128_ps::<0x20>(s3, s7),
+                _mm256_permute2f128_ps::<0x31>(s0, s4),
+                _mm256_permute2f128_ps::<0x31>(s1, s5),
+                _mm256_permute2f128_ps::<0x31>(s2, s6),
+                _mm256_permute2f128_ps::<0x31>(s3, s7),
+            ];
+            for (j, &v) in rows.iter().enumerate() {
+                // MINPS/MAXPS return their second operand unless the first compares
+                // less/greater: the scalar `if v < lo { v } else { lo }`.
+                lo[half] = _mm256_min_ps(v, lo[half]);
+                hi[half] = _mm256_max_ps(v, hi[half]);
+                poison[half] = _mm256_add_ps(poison[half], _mm256_mul_ps(v, zero));
+                // SAFETY: row `i + j < len` of `x`, lanes `8 half .. 8 half + 8`.
+                unsafe { _mm256_storeu_ps(out.add((i + j) * WIDTH + 8 * half), v) };
+            }
+        }
+    }
+    let mut scanned = Scanned {
+        lo: [0.0; WIDTH],
+        hi: [0.0; WIDTH],
+        poison: [0.0; WIDTH],
+    };
+    for half in 0..2 {
+        // SAFETY: each destination holds 8 lanes from `8 half`.
+        unsafe {
+            _mm256_storeu_ps(scanned.lo.as_mut_ptr().add(8 * half), lo[half]);
+            _mm256_storeu_ps(scanned.hi.as_mut_ptr().add(8 * half), hi[half]);
+            _mm256_storeu_ps(scanned.poison.as_mut_ptr().add(8 * half), poison[half]);
+        }
+    }
+    for i in whole..len {
+        for l in 0..WIDTH {
+            let v = groups[l][i];
+            x[i][l] = v;
+            let (lo, hi) = (&mut scanned.lo[l], &mut scanned.hi[l]);
+            *lo = if v < *lo { v } else { *lo };
+            *hi = if v > *hi { v } else { *hi };
+            scanned.poison[l] += v * 0.0;
+        }
+    }
+    scanned
 }
 
 /// `v` rounded to the nearest f16 value, ties to even, for `2^-14 <= |v| < 65504` (normal
@@ -356,17 +540,21 @@ crate::dtype::avx2_dispatch!(
 /// `x ~ a q + c` from the sums `[q, q^2, x, q x]` of the codes of the pair `(s, z)`,
 /// moved `relax` times as far from `(s, -z s)` (over-relaxation), then
 /// `(s, z) = (a, -c / a)` rounded to f16; `None` where the fit or its rounding is not a
-/// valid pair.
+/// valid pair (and in lanes not `active`).
 fn refit_f16_lanes(
     n: f64,
     sums: &[[f64; WIDTH]; 4],
     s: &Lanes,
     z: &Lanes,
     relax: f64,
+    active: &[bool; WIDTH],
 ) -> [Option<(f32, f32)>; WIDTH] {
     let (a, zero, fits) = refit_lanes(n, sums, s, z, relax);
     let mut out = [None; WIDTH];
     for l in 0..WIDTH {
+        if !(active[l] && fits[l]) {
+            continue;
+        }
         let (s, z) = match f16_normal(a[l]) && f16_normal(zero[l]) {
             true => (round_f16_normal(a[l]), round_f16_normal(zero[l])),
             false => (round_f16(a[l]), round_f16(zero[l])),
@@ -380,16 +568,20 @@ fn refit_f16_lanes(
 
 /// Step 2 for every lane with `active` set: the half-quadratic zero iterations at the fixed
 /// scale `1 / inv`, from `start`, each lane stopping once its mean absolute error stops
-/// decreasing. Returns each lane's zero with the lowest mean absolute error seen.
+/// decreasing. Returns the RTN candidate's squared error in every lane and the lane's sum
+/// of `x` when a pass measured them (the first, for `p = 1/2`), and each lane's zero with
+/// the lowest mean absolute error seen.
+#[allow(clippy::too_many_arguments)]
 fn optimize_zeros(
     x: &[Lanes],
+    rtn: &RtnLanes,
     active: &[bool; WIDTH],
     inv: &Lanes,
     start: &Lanes,
     qmax: f32,
     iterations: usize,
     solver: &Solver,
-) -> Lanes {
+) -> (Option<[[f64; WIDTH]; 2]>, Lanes) {
     let n = x.len() as f64;
     let p1 = solver.lp_norm - 1.0;
     let mut running = *active;
@@ -401,11 +593,18 @@ fn optimize_zeros(
     let growth = solver.growth();
     // The last step's zero is taken without measuring its error (the least-squares rounds
     // score it), so `steps` updates take `steps - 1` passes.
-    for _ in 1..solver.steps(iterations) {
+    let passes = solver.steps(iterations).saturating_sub(1);
+    let fused = solver.lp_norm == 0.5 && passes > 0 && active.iter().any(|&a| a);
+    let mut rtn_sums = None;
+    for pass in 0..passes {
         if !running.iter().any(|&r| r) {
             break;
         }
-        let [update, abs_err] = if solver.lp_norm == 0.5 {
+        let [update, abs_err] = if pass == 0 && fused {
+            let [update, abs_err, sse, sum] = rtn_hqq_pass(x, rtn, inv, &z, &inv_beta, qmax);
+            rtn_sums = Some([sse, sum]);
+            [update, abs_err]
+        } else if solver.lp_norm == 0.5 {
             hqq_pass(x, inv, &z, &inv_beta, qmax)
         } else {
             hqq_pass_lp(x, inv, &z, &inv_beta, qmax, p1)
@@ -430,11 +629,69 @@ fn optimize_zeros(
             best_z[l] = z[l];
         }
     }
-    best_z
+    (rtn_sums, best_z)
+}
+
+/// `1 / sqrt(a)` for `a >= 0` to about 0.2 %: the classic bit-level estimate refined by one
+/// Newton step, IEEE operations only (the same bits on every CPU, unlike `rsqrtps`); finite
+/// (about `2e19`) for `a = 0`.
+#[inline(always)]
+fn rsqrt(a: f32) -> f32 {
+    let y = f32::from_bits(0x5F37_5A86u32.wrapping_sub(a.to_bits() >> 1));
+    let half_a = 0.5 * a;
+    y * (1.5 - half_a * y * y)
 }
 
 /// One half-quadratic pass (`p = 1/2`) of every lane at its zero `z`:
-/// `[sum (q - y + shrink(e)), sum |e|]`, with the shrinkage threshold `1 / (beta sqrt|e|)`.
+/// `[sum (q - y + shrink(e)), sum |e|]`, with the shrinkage threshold `1 / (beta sqrt|e|)`
+/// (by [`rsqrt`]); with `RTN`, also the RTN candidate's squared error and the sum of `x`
+/// (what [`rtn_pass`] measures).
+#[inline(always)]
+fn hqq_pass_generic<const RTN: bool>(
+    x: &[Lanes],
+    rtn: &RtnLanes,
+    inv: &Lanes,
+    z: &Lanes,
+    inv_beta: &Lanes,
+    qmax: f32,
+) -> [[f64; WIDTH]; 4] {
+    let (inv, z, inv_beta, rtn) = (*inv, *z, *inv_beta, *rtn);
+    let mut total = [[0f64; WIDTH]; 4];
+    for run in x.chunks(FLUSH) {
+        let mut update = [0f32; WIDTH];
+        let mut abs_err = [0f32; WIDTH];
+        let mut sse = [0f32; WIDTH];
+        let mut sum = [0f32; WIDTH];
+        for row in run {
+            for l in 0..WIDTH {
+                let xv = row[l];
+                let y = xv * inv[l];
+                let t = y + z[l];
+                let q = code(t, qmax);
+                let e = t - q;
+                let ae = e.abs();
+                let shrunk = at_least_zero(ae - inv_beta[l] * rsqrt(ae)).copysign(e);
+                update[l] += q - y + shrunk;
+                abs_err[l] += ae;
+                if RTN {
+                    let d = xv - (rtn.code(l, xv) - rtn.zero[l]) * rtn.scale[l];
+                    sse[l] += d * d;
+                    sum[l] += xv;
+                }
+            }
+        }
+        for l in 0..WIDTH {
+            total[0][l] += f64::from(update[l]);
+            total[1][l] += f64::from(abs_err[l]);
+            if RTN {
+                total[2][l] += f64::from(sse[l]);
+                total[3][l] += f64::from(sum[l]);
+            }
+        }
+    }
+    total
+}
+
 #[inline(always)]
 fn hqq_pass_body(
     x: &[Lanes],
@@ -443,35 +700,33 @@ fn hqq_pass_body(
     inv_beta: &Lanes,
     qmax: f32,
 ) -> [[f64; WIDTH]; 2] {
-    let (inv, z, inv_beta) = (*inv, *z, *inv_beta);
-    let mut total = [[0f64; WIDTH]; 2];
-    for run in x.chunks(FLUSH) {
-        let mut update = [0f32; WIDTH];
-        let mut abs_err = [0f32; WIDTH];
-        for row in run {
-            for l in 0..WIDTH {
-                let y = row[l] * inv[l];
-                let t = y + z[l];
-                let q = code(t, qmax);
-                let e = t - q;
-                let ae = e.abs();
-                let shrunk = at_least_zero(ae - inv_beta[l] / ae.sqrt()).copysign(e);
-                update[l] += q - y + shrunk;
-                abs_err[l] += ae;
-            }
-        }
-        for l in 0..WIDTH {
-            total[0][l] += f64::from(update[l]);
-            total[1][l] += f64::from(abs_err[l]);
-        }
-    }
-    total
+    let [update, abs_err, _, _] =
+        hqq_pass_generic::<false>(x, &RtnLanes::default(), inv, z, inv_beta, qmax);
+    [update, abs_err]
 }
 
 crate::dtype::avx2_dispatch!(
     fn hqq_pass(x: &[Lanes], inv: &Lanes, z: &Lanes, inv_beta: &Lanes, qmax: f32)
         -> [[f64; WIDTH]; 2] => hqq_pass_body
 );
+
+crate::dtype::avx2_dispatch!(
+    /// [`hqq_pass`] and [`rtn_pass`] in one sweep: `[update, |e|, RTN error, sum x]`.
+    fn rtn_hqq_pass(x: &[Lanes], rtn: &RtnLanes, inv: &Lanes, z: &Lanes, inv_beta: &Lanes,
+        qmax: f32) -> [[f64; WIDTH]; 4] => rtn_hqq_pass_body
+);
+
+#[inline(always)]
+fn rtn_hqq_pass_body(
+    x: &[Lanes],
+    rtn: &RtnLanes,
+    inv: &Lanes,
+    z: &Lanes,
+    inv_beta: &Lanes,
+    qmax: f32,
+) -> [[f64; WIDTH]; 4] {
+    hqq_pass_generic::<true>(x, rtn, inv, z, inv_beta, qmax)
+}
 
 /// [`hqq_pass`] for any `p` (threshold `|e|^(p-1) / beta` by [`super::fast_pow`]).
 fn hqq_pass_lp(
@@ -494,13 +749,21 @@ fn hqq_pass_lp(
 }
 
 /// One least-squares round of every lane at its stored pair `(s, z)` (`is = 1 / s`):
-/// `[sum (x - dq)^2, sum q, sum q^2, sum q*x]`.
+/// `[sum (x - dq)^2, sum q, sum q^2, sum q*x]`; with `RTN`, also the RTN candidate's
+/// squared error and the sum of `x` (what [`rtn_pass`] measures).
 #[inline(always)]
-fn score_pass_body(x: &[Lanes], s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32) -> [[f64; WIDTH]; 4] {
-    let (s, is, z) = (*s, *is, *z);
-    let mut total = [[0f64; WIDTH]; 4];
+fn score_pass_generic<const RTN: bool>(
+    x: &[Lanes],
+    rtn: &RtnLanes,
+    s: &Lanes,
+    is: &Lanes,
+    z: &Lanes,
+    qmax: f32,
+) -> [[f64; WIDTH]; 6] {
+    let (s, is, z, rtn) = (*s, *is, *z, *rtn);
+    let mut total = [[0f64; WIDTH]; 6];
     for run in x.chunks(FLUSH) {
-        let mut part = [[0f32; WIDTH]; 4];
+        let mut part = [[0f32; WIDTH]; 6];
         for row in run {
             for l in 0..WIDTH {
                 let xv = row[l];
@@ -510,9 +773,14 @@ fn score_pass_body(x: &[Lanes], s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32) -> 
                 part[1][l] += q;
                 part[2][l] += q * q;
                 part[3][l] += q * xv;
+                if RTN {
+                    let d = xv - (rtn.code(l, xv) - rtn.zero[l]) * rtn.scale[l];
+                    part[4][l] += d * d;
+                    part[5][l] += xv;
+                }
             }
         }
-        for k in 0..4 {
+        for k in 0..if RTN { 6 } else { 4 } {
             for l in 0..WIDTH {
                 total[k][l] += f64::from(part[k][l]);
             }
@@ -521,9 +789,34 @@ fn score_pass_body(x: &[Lanes], s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32) -> 
     total
 }
 
+#[inline(always)]
+fn score_pass_body(x: &[Lanes], s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32) -> [[f64; WIDTH]; 4] {
+    let [sse, sq, sqq, sqx, _, _] =
+        score_pass_generic::<false>(x, &RtnLanes::default(), s, is, z, qmax);
+    [sse, sq, sqq, sqx]
+}
+
 crate::dtype::avx2_dispatch!(
     fn score_pass(x: &[Lanes], s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32) -> [[f64; WIDTH]; 4]
         => score_pass_body
+);
+
+#[inline(always)]
+fn rtn_score_pass_body(
+    x: &[Lanes],
+    rtn: &RtnLanes,
+    s: &Lanes,
+    is: &Lanes,
+    z: &Lanes,
+    qmax: f32,
+) -> [[f64; WIDTH]; 6] {
+    score_pass_generic::<true>(x, rtn, s, is, z, qmax)
+}
+
+crate::dtype::avx2_dispatch!(
+    /// [`score_pass`] and [`rtn_pass`] in one sweep: `[sse, q, q^2, q x, RTN error, x]`.
+    fn rtn_score_pass(x: &[Lanes], rtn: &RtnLanes, s: &Lanes, is: &Lanes, z: &Lanes, qmax: f32)
+        -> [[f64; WIDTH]; 6] => rtn_score_pass_body
 );
 
 /// `max(v, 0)` with a plain compare.
@@ -564,20 +857,30 @@ crate::dtype::avx2_dispatch!(
     fn rtn_pass(x: &[Lanes], rtn: &RtnLanes) -> [[f64; WIDTH]; 2] => rtn_pass_body
 );
 
-/// The HQQ codes `round(clamp(x / s + z))` (`is = 1 / s`) of every lane.
+/// The HQQ codes `round(clamp(x / s + z))` (`is = 1 / s`) of one group.
 #[inline(always)]
-fn write_codes_body(x: &[Lanes], is: &Lanes, z: &Lanes, qmax: f32, out: &mut [[u32; WIDTH]]) {
-    let (is, z) = (*is, *z);
-    for (row, c) in x.iter().zip(out.iter_mut()) {
-        for l in 0..WIDTH {
-            // `v + 2^23` for `0 <= v < 2^23` holds `round(v)` in its low mantissa bits.
-            let biased = clamp(row[l] * is[l] + z[l], 0.0, qmax) + ROUND_MAGIC;
-            c[l] = biased.to_bits() & 0xFF;
-        }
+fn write_codes_body(g: &[f32], is: f32, z: f32, qmax: f32, out: &mut [u8]) {
+    for (c, &v) in out.iter_mut().zip(g) {
+        // `v + 2^23` for `0 <= v < 2^23` holds `round(v)` in its low mantissa bits.
+        let biased = clamp(v * is + z, 0.0, qmax) + ROUND_MAGIC;
+        *c = (biased.to_bits() & 0xFF) as u8;
     }
 }
 
 crate::dtype::avx2_dispatch!(
-    fn write_codes(x: &[Lanes], is: &Lanes, z: &Lanes, qmax: f32, out: &mut [[u32; WIDTH]])
-        => write_codes_body
+    fn write_codes(g: &[f32], is: f32, z: f32, qmax: f32, out: &mut [u8]) => write_codes_body
+);
+
+/// The RTN candidate's codes of one group (the arithmetic of [`RtnLanes::code`]).
+#[inline(always)]
+fn write_rtn_codes_body(g: &[f32], scale: f32, zero: f32, top: f32, out: &mut [u8]) {
+    for (c, &v) in out.iter_mut().zip(g) {
+        let y = clamp(v / scale, -zero, top);
+        *c = (round_half_away(y) + zero) as u8;
+    }
+}
+
+crate::dtype::avx2_dispatch!(
+    fn write_rtn_codes(g: &[f32], scale: f32, zero: f32, top: f32, out: &mut [u8])
+        => write_rtn_codes_body
 );

@@ -305,6 +305,8 @@ fn batched_groups_do_not_depend_on_their_batch_or_the_cpu() {
             ..HqqConfig::new(3, Granularity::Group(32))
         },
         HqqConfig::new(4, Granularity::Channel),
+        // 20 is not a multiple of the 8 x 8 transposition blocks.
+        HqqConfig::new(4, Granularity::Group(20)),
     ] {
         let whole = hqq_codes(&cfg, &x, 200).unwrap();
         let per_row = whole.groups_per_row();
@@ -470,29 +472,34 @@ fn speed_variants() {
             "{:?} g{:?} ref {e_ref:.6}:",
             cfg.integer_zero, cfg.granularity
         );
-        for (iterations, refit_rounds, refit_relax, integer_zero_hqq) in [
-            (20usize, 5usize, 1.0, true),
-            (20, 3, 1.0, true),
-            (20, 5, 1.0, false),
-            (20, 4, 1.0, false),
-            (20, 3, 1.0, false),
-            (20, 3, 1.5, true),
-            (20, 2, 1.5, true),
-            (20, 3, 2.0, true),
-            (20, 2, 2.0, true),
-            (15, 3, 1.5, true),
+        for (relax, refit_rounds, refit_relax, int_refit_relax) in [
+            (5.0, 3usize, 1.5, 1.0),
+            (7.0, 3, 1.5, 1.0),
+            (8.0, 3, 1.5, 1.0),
+            (10.0, 3, 1.5, 1.0),
+            (10.0, 3, 1.8, 1.0),
+            (10.0, 2, 1.8, 1.0),
+            (10.0, 2, 2.0, 1.0),
+            (10.0, 2, 2.2, 1.0),
+            (10.0, 2, 2.5, 1.0),
+            (10.0, 2, 1.6, 1.0),
+            (5.0, 5, 1.5, 1.0),
+            (5.0, 3, 1.5, 2.0),
+            (5.0, 2, 1.5, 2.0),
+            (5.0, 2, 1.5, 2.5),
+            (5.0, 3, 1.5, 2.5),
         ] {
             let s = Solver {
-                refit_rounds,
+                batched_relax: relax,
+                int_refit_rounds: refit_rounds,
                 relaxed_refit_rounds: refit_rounds,
                 refit_relax,
-                integer_zero_hqq,
+                int_refit_relax,
                 ..SOLVER
             };
-            let c = HqqConfig { iterations, ..cfg };
-            let e = rel_fro(&x, &dequant(&hqq_codes_with(&c, &s, &x, 1024).unwrap()));
+            let e = rel_fro(&x, &dequant(&hqq_codes_with(&cfg, &s, &x, 1024).unwrap()));
             line += &format!(
-                "\n  it{iterations} r{refit_rounds} w{refit_relax} hqq-int {integer_zero_hqq}: {e:.6} ({:+.3} %)",
+                "\n  relax {relax} rounds {refit_rounds} refit-relax {refit_relax} int-relax {int_refit_relax}: {e:.6} ({:+.3} %)",
                 100.0 * (e / e_ref - 1.0),
             );
         }
