@@ -17,7 +17,13 @@
 //! Each step depends only on the steps whose objects it reads, so the batches of layer
 //! `k+1` start as soon as their own inputs exist. With an evaluation set, its batches go
 //! through the model twice, the original and as the output stores it (embeddings, every layer
-//! and the head as compressed), and EVAL compares the two outputs. The compressing round then stores each calibrated tensor's result exactly.
+//! and the head as compressed), and EVAL compares the two outputs.
+//!
+//! Mixed precision with calibration data adds steps to the job's *measuring* round
+//! ([`plan_sensitivity`]): the calibration batches through the original layers (EMBED, STATS,
+//! FORWARD), and per Linear a SENSITIVITY step that scores each candidate width by the error
+//! it causes in its layer's output on a held-out batch, so the widths are chosen before the
+//! calibration round fits anything. The compressing round then stores each calibrated tensor's result exactly.
 
 use std::collections::HashMap;
 

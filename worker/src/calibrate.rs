@@ -1,7 +1,8 @@
 //! One step of a calibrated job's calibration round (see the coordinator's `calibration`
 //! module): embed a token batch, gather a layer's input Hessians, solve a Linear with its
 //! calibrated method, forward a batch through a layer (original, or as compressed), or
-//! compare the original and compressed model's outputs. A step reads one layer's weights and
+//! compare the original and compressed model's outputs; or, in a mixed-precision job's
+//! measuring round, score a Linear's candidate widths by its layer's output. A step reads one layer's weights and
 //! one batch's hidden states, and writes one object (the lease's staged output).
 
 use std::collections::HashMap;
