@@ -15,9 +15,10 @@
 #      output on held-out calibration inputs (GPTQ always has calibration data). Bits per
 #      weight stored, the widths, and the embedding cosine as in part 1.
 #   4. What scoring the widths on calibration data costs: the generated Llama of part 2 with
-#      gptq-w4a16-asym, 2 workers, without a budget and with --target-bpw 4.5 (a measuring
+#      gptq-w4a16-asym, 2 workers, without a budget, with --target-bpw 4.5 (a measuring
 #      round whose sensitivity steps fit GPTQ at 5 widths per Linear and run a layer forward
-#      per width); wall time, peak RSS and the evaluation's KL divergence and top-1 agreement.
+#      per width), and with 4.5 scored by weight error (mixed_precision.score: weights); wall
+#      time, peak RSS and the evaluation's KL divergence and top-1 agreement.
 # Usage: bash bench/calibrated.sh [WORKDIR]   (SHARDPRESS_BIN=path uses that binary, else the
 #        release build; MINILM=dir overrides the model directory; LLAMA_SIZE=1GB; PART=1|2|3|4)
 set -euo pipefail
@@ -134,12 +135,26 @@ if [ "${PART:-4}" = 4 ] || [ -z "${PART:-}" ]; then
   echo "Generated Llama ($size BF16): gptq-w4a16-asym, 2 workers, 32 calibration samples of <= 128 tokens, 16 eval samples"
   echo "| budget | wall s | of which measuring s | peak RSS of the largest process (MiB) | bits/weight stored | KL divergence | top-1 agreement |"
   echo "|---:|---:|---:|---:|---:|---:|---:|"
-  for budget in none 4.5; do
-    args=()
-    [ "$budget" = none ] || args=(--target-bpw "$budget")
+  # gptq-w4a16-asym with its widths scored by weight error (mixed_precision.score: weights).
+  weights_recipe=$work/gptq-w4a16-asym-weights.yaml
+  cat >"$weights_recipe" <<'YAML'
+name: gptq-w4a16-asym-weights
+passes:
+  - quantize: { method: gptq, bits: 4, symmetric: false, granularity: group, group_size: 128 }
+    targets: ['re:.*\.weight$']
+    ignore: ['re:(?i).*(embed|lm_head|norm).*']
+mixed_precision: { target_bpw: 4.5, score: weights }
+YAML
+  for budget in none 4.5 4.5-weights; do
+    args=(--recipe gptq-w4a16-asym)
+    case $budget in
+      none) ;;
+      4.5-weights) args=(--recipe "$weights_recipe") ;;
+      *) args+=(--target-bpw "$budget") ;;
+    esac
     out=$work/llama-gptq-budget-$budget
     /usr/bin/time -v -o "$work/time-budget-$budget.txt" "$bin" run --workers 2 --model "$model" \
-      --recipe gptq-w4a16-asym --out "$out" --overwrite --calibration "$calibration" \
+      --out "$out" --overwrite --calibration "$calibration" \
       --calibration-samples 32 --calibration-seq-len 128 --eval "$eval" --eval-samples 16 \
       "${args[@]}" >/dev/null 2>"$work/llama-budget-$budget.log"
     wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$work/time-budget-$budget.txt")
