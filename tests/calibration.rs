@@ -49,6 +49,24 @@ fn run_calibrated(
     run_job(model, out, recipe, workers, &args)
 }
 
+/// A generated 4 MB Llama in `dir/model` compressed by the data-free recipe `yaml` into
+/// `dir/out` (2 workers) and evaluated: the model, the output and the run's result.
+fn run_evaluated(dir: &Path, yaml: &str) -> (PathBuf, PathBuf, std::process::Output) {
+    let model = dir.join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let recipe = dir.join("recipe.yaml");
+    std::fs::write(&recipe, yaml).unwrap();
+    let out = dir.join("out");
+    let output = run_calibrated(
+        &model,
+        &out,
+        recipe.to_str().unwrap(),
+        2,
+        &["--no-calibration"],
+    );
+    (model, out, output)
+}
+
 /// `shardpress eval` of `compressed` against `model`, in one process on the written files,
 /// on the samples the jobs here evaluate: its JSON.
 fn eval_alone(model: &Path, compressed: &Path) -> serde_json::Value {
@@ -223,21 +241,9 @@ fn gptq_on_a_generated_llama_beats_rtn_and_is_the_same_for_1_and_3_workers() {
 #[test]
 fn the_evaluation_includes_quantized_embeddings_and_head() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    gen_model(&model, "4MB", "bf16", 5000);
-    let recipe = dir.path().join("ends.yaml");
-    std::fs::write(
-        &recipe,
+    let (model, out, output) = run_evaluated(
+        dir.path(),
         "name: ends\npasses:\n  - quantize: { bits: 3, granularity: group, group_size: 32 }\n    targets: ['re:.*(embed_tokens|lm_head)\\.weight$']\n",
-    )
-    .unwrap();
-    let out = dir.path().join("out");
-    let output = run_calibrated(
-        &model,
-        &out,
-        recipe.to_str().unwrap(),
-        2,
-        &["--no-calibration"],
     );
     assert_success(&output, "embeddings and head quantized, evaluated");
     let r = report(&out);
@@ -256,21 +262,9 @@ fn the_evaluation_includes_quantized_embeddings_and_head() {
 #[test]
 fn a_function_space_gate_fails_the_job_without_a_manifest() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    gen_model(&model, "4MB", "bf16", 5000);
-    let recipe = dir.path().join("gated.yaml");
-    std::fs::write(
-        &recipe,
+    let (_, out, output) = run_evaluated(
+        dir.path(),
         "name: gated\npasses:\n  - quantize: { bits: 2, granularity: channel }\n    targets: ['re:.*proj\\.weight$']\ngates: { max_kld: 0.000001 }\n",
-    )
-    .unwrap();
-    let out = dir.path().join("out");
-    let output = run_calibrated(
-        &model,
-        &out,
-        recipe.to_str().unwrap(),
-        2,
-        &["--no-calibration"],
     );
     assert!(!output.status.success());
     let message = stderr(&output);

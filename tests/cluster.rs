@@ -145,21 +145,7 @@ fn three_worker_processes_compress_a_sharded_model_matching_an_independent_dequa
 }
 
 fn run_with_workers(model: &Path, out: &Path, workers: usize) {
-    let output = shardpress(&[
-        "run",
-        "--workers",
-        &workers.to_string(),
-        "--threads",
-        "1",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--recipe",
-        RECIPE_INT4,
-        "--task-budget-mb",
-        "1",
-    ]);
+    let output = run_job(model, out, RECIPE_INT4, workers, &["--task-budget-mb", "1"]);
     assert_success(&output, &format!("run --workers {workers}"));
 }
 

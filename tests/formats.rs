@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{assert_success, gen_model, load_tensors, shardpress};
+use common::{assert_success, gen_model, load_tensors, run_job, shardpress};
 use shardpress_core::dtype::{encode_from_f32, DType};
 use shardpress_core::format::compressed_tensors::dequantize_packed;
 use shardpress_core::gguf::{architecture, parse_header, row_permutation, tensor_name};
@@ -24,26 +24,8 @@ fn run(model: &Path, out: &Path, recipe: &str, format: &str, workers: usize) {
 }
 
 fn run_with(model: &Path, out: &Path, recipe: &str, format: &str, workers: usize, extra: &[&str]) {
-    let workers = workers.to_string();
-    let mut args = vec![
-        "run",
-        "--workers",
-        &workers,
-        "--threads",
-        "1",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--recipe",
-        recipe,
-        "--format",
-        format,
-        "--task-budget-mb",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    let output = shardpress(&args);
+    let flags = [&["--format", format, "--task-budget-mb", "1"][..], extra].concat();
+    let output = run_job(model, out, recipe, workers, &flags);
     assert_success(&output, &format!("run --recipe {recipe} --format {format}"));
     assert_success(&shardpress(&["verify", out.to_str().unwrap()]), "verify");
 }
