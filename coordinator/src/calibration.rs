@@ -722,20 +722,21 @@ pub async fn prepare(
     // Mixed precision: the Linears whose width is chosen, scored on their inputs.
     let mut measured = std::collections::HashSet::new();
     for t in plan.iter().flat_map(|t| &t.tensors) {
-        let tensor_plan = || {
-            TensorPlan::for_output(recipe, format, facts, &t.name, t.dtype, &t.shape)
-                .map_err(|e| invalid(format!("{}: {e}", t.source_file)))
-        };
-        if choosing_widths && in_groups.contains(t.name.as_str()) && tensor_plan()?.has_width() {
+        let in_group = in_groups.contains(t.name.as_str());
+        let scored = choosing_widths && in_group;
+        if !scored && recipe.calibrated_for(&t.name).is_none() {
+            continue;
+        }
+        // Planned once: whether its width is chosen, and whether it is calibrated.
+        let tensor_plan = TensorPlan::for_output(recipe, format, facts, &t.name, t.dtype, &t.shape)
+            .map_err(|e| invalid(format!("{}: {e}", t.source_file)))?;
+        if scored && tensor_plan.has_width() {
             measured.insert(t.name.clone());
         }
-        if recipe.calibrated_for(&t.name).is_none() {
+        if tensor_plan.calibrated.is_none() {
             continue;
         }
-        if tensor_plan()?.calibrated.is_none() {
-            continue;
-        }
-        if !in_groups.contains(t.name.as_str()) {
+        if !in_group {
             not_calibrated.push((
                 t.name.clone(),
                 "not a Linear of a transformer block: stored data-free".to_string(),
