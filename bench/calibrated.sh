@@ -19,8 +19,11 @@
 #      round whose sensitivity steps fit GPTQ at 5 widths per Linear and run a layer forward
 #      per width), and with 4.5 scored by weight error (mixed_precision.score: weights); wall
 #      time, peak RSS and the evaluation's KL divergence and top-1 agreement.
+#   5. Candidates that change the group size: RTN and GPTQ (asymmetric, groups of 128) on
+#      MiniLM with widths scored on the calibration data, choosing among bits only ([4, 8]:
+#      what compressed-tensors packs; [3, 4, 5, 6, 8]) or also among groups of 64 and 32.
 # Usage: bash bench/calibrated.sh [WORKDIR]   (SHARDPRESS_BIN=path uses that binary, else the
-#        release build; MINILM=dir overrides the model directory; LLAMA_SIZE=1GB; PART=1|2|3|4)
+#        release build; MINILM=dir overrides the model directory; LLAMA_SIZE=1GB; PART=1|2|3|4|5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -118,7 +121,7 @@ e = report["calibration"]["evaluation"]
 m = report.get("mixed_precision")
 if m:
     bpw = m["bits_per_weight"]
-    widths = ", ".join(f"{b}-bit x{n}" for b, n in sorted(m["widths"].items(), key=lambda w: -int(w[0])))
+    widths = ", ".join(f"{b}-bit x{n}" for b, n in sorted(m["widths"].items(), key=lambda w: (-int(w[0][0]), w[0])))
 else:
     bpw, widths = report["summary"]["bits_per_weight_compressed"], "one width"
 print(f"| {recipe} | {budget} | {scored} | {bpw:.4f} | {widths} | {e['mean_embedding_cosine']:.5f} | "
@@ -168,6 +171,39 @@ bpw = m["bits_per_weight"] if m else r["summary"]["bits_per_weight_compressed"]
 measuring = r["summary"].get("measuring_seconds")
 measuring = f"{measuring:.0f}" if measuring is not None else "-"
 print(f"| {sys.argv[2]} | {sys.argv[3]} | {measuring} | {sys.argv[4]} | {bpw:.4f} | {e['mean_kld']:.5f} | {e['top1_agreement']:.4f} |")
+PY
+  done
+fi
+
+if [ "${PART:-5}" = 5 ] || [ -z "${PART:-}" ]; then
+  # Mixed precision whose candidates also change the group size (the recipes' own groups are
+  # 128 wide), scored on the calibration data, next to the same recipes choosing bits only.
+  echo
+  echo "MiniLM-L6, mixed precision with group-size candidates, 3 workers, widths scored on the calibration data"
+  echo "| recipe | budget | candidates | bits/weight stored | widths (tensors) | mean cosine | worst cosine | wall s |"
+  echo "|---|---:|---|---:|---|---:|---:|---:|"
+  targets="    targets: ['re:.*\\.weight\$']\n    ignore: ['re:(?i).*(embed|norm).*']\n"
+  for run in "rtn 4.5 [4,8]" "rtn 4.5 [4,'4g64','4g32',8]" "rtn 4.5 [3,4,5,6,8]" \
+      "rtn 4.5 [3,'3g32',4,'4g64','4g32',5,6,8]" "gptq 4.5 [4,8]" "gptq 4.5 [4,'4g64','4g32',8]" \
+      "gptq 4.5 [3,4,5,6,8]" "gptq 4.5 [3,'3g32',4,'4g64','4g32',5,6,8]" "gptq 4.25 [4,8]" \
+      "gptq 4.25 [4,'4g64','4g32',8]"; do
+    read -r method budget candidates <<<"$run"
+    recipe=$work/groups-$method-$budget-$(echo "$candidates" | tr -cd '0-9g,').yaml
+    printf "passes:\n  - quantize: { method: %s, bits: 4, symmetric: false, granularity: group, group_size: 128 }\n$targets" \
+      "$method" >"$recipe"
+    printf "mixed_precision: { target_bpw: %s, candidates: %s }\n" "$budget" "$candidates" >>"$recipe"
+    out=${recipe%.yaml}
+    start=$(date +%s.%N)
+    "$bin" run --workers 3 --model "$minilm" --recipe "$recipe" --out "$out" --overwrite \
+      --eval "$eval" --calibration "$calibration" >/dev/null 2>"$out.log"
+    end=$(date +%s.%N)
+    "$python" - "$out/report.json" "$method" "$budget" "$candidates" "$(echo "$end - $start" | bc)" <<'PY'
+import json, sys
+report, method, budget, candidates = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], sys.argv[4]
+e, m = report["calibration"]["evaluation"], report["mixed_precision"]
+widths = ", ".join(f"{b} x{n}" for b, n in sorted(m["widths"].items(), key=lambda w: (-int(w[0][0]), w[0])))
+print(f"| {method} asym g128 | {budget} | {candidates} | {m['bits_per_weight']:.4f} | {widths} | "
+      f"{e['mean_embedding_cosine']:.5f} | {e['min_embedding_cosine']:.5f} | {float(sys.argv[5]):.1f} |")
 PY
   done
 fi

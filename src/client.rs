@@ -84,11 +84,13 @@ pub struct JobArgs {
     pub eval_samples: Option<u32>,
     /// Mixed precision to a bit budget: every tensor the recipe quantizes gets its own width
     /// (3, 4, 5, 6 or 8 bits; 4 or 8 for compressed-tensors; a recipe's
-    /// `mixed_precision.candidates` names others) so that together they store at most this
-    /// many bits per weight (scales and zero points included) with the least predicted
-    /// error. The job first encodes every tensor at every candidate width (a measuring
-    /// round), weighs each width's relative weight error against its bits, then compresses
-    /// (with a calibrated recipe: calibrates each tensor at its chosen width).
+    /// `mixed_precision.candidates` names others, and may change the group size too:
+    /// `[4, "4g32", "8c"]`) so that together they store at most this many bits per weight
+    /// (scales and zero points included) with the least predicted error. The job first
+    /// encodes every tensor at every candidate width (a measuring round) and scores each
+    /// width: with --calibration, by the error it causes in its layer's output on held-out
+    /// calibration samples, else by its relative weight error. It then compresses (with a
+    /// calibrated recipe: calibrates each tensor at its chosen width).
     /// report.json's `mixed_precision` lists every tensor's width. Sets the recipe's
     /// `mixed_precision.target_bpw`.
     #[arg(long, value_name = "BITS")]

@@ -68,7 +68,17 @@ pub fn print_summary(report: &Value) {
     if let Some(m) = report.get("mixed_precision").filter(|m| m.is_object()) {
         let widths: Vec<String> = (m["widths"].as_object().into_iter().flatten())
             .rev()
-            .map(|(bits, count)| format!("{bits}-bit x{}", count.as_u64().unwrap_or(0)))
+            .map(|(width, count)| {
+                let count = count.as_u64().unwrap_or(0);
+                let split = width
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(width.len());
+                match &width[split..] {
+                    "" => format!("{width}-bit x{count}"),
+                    "c" => format!("{}-bit per channel x{count}", &width[..split]),
+                    rest => format!("{}-bit {rest} x{count}", &width[..split]),
+                }
+            })
             .collect();
         say!(
             "mixed prec.  {:.4} bits/weight stored on the quantized tensors (target {}): {}",

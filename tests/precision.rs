@@ -182,6 +182,90 @@ fn gptq_calibrates_each_tensor_at_its_chosen_width() {
     assert!(wider > 0, "no calibrated tensor got more than 4 bits");
 }
 
+/// A candidate may change the group size as well as the bits: the tensors that get it are
+/// stored in groups of that size (at most 16 values per group of 32 at 4 bits), counted at
+/// what those groups cost, and compressed-tensors gets a config group for them.
+#[test]
+fn candidates_may_change_the_group_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    gen_model(&model, "4MB", "bf16", 5000);
+    let recipe = dir.path().join("groups.yaml");
+    std::fs::write(
+        &recipe,
+        "passes:\n  - quantize: { bits: 4, symmetric: false, granularity: group, group_size: 128 }\n    targets: ['re:.*proj\\.weight']\nmixed_precision: { target_bpw: 4.5, candidates: [4, '4g32', 8] }\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let output = run_job(&model, &out, recipe.to_str().unwrap(), 2, &[]);
+    assert_success(&output, "candidates with a group size");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned() + &stderr(&output);
+    assert!(printed.contains("4-bit g32 x"), "{printed}");
+    let r = report(&out);
+    let m = &r["mixed_precision"];
+    assert!(f(&m["bits_per_weight"]) <= 4.5, "{m}");
+    assert!(m["widths"]["4g32"].as_u64().unwrap_or(0) > 0, "{m}");
+    let tensors: BTreeMap<&str, &serde_json::Value> = (r["tensors"].as_array().unwrap())
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t))
+        .collect();
+    let written = load_tensors(&out);
+    let (mut narrow, mut plain) = (0, 0);
+    for row in m["tensors"].as_array().unwrap() {
+        let name = row["name"].as_str().unwrap();
+        let pass = tensors[name]["pass"].as_str().unwrap();
+        let (dtype, shape, data) = &written[name];
+        let values = decode(*dtype, data);
+        match (row["bits"].as_u64(), row["group_size"].as_u64()) {
+            (Some(4), Some(32)) => {
+                narrow += 1;
+                assert!(pass.starts_with("rtn int4 asym g32"), "{name}: {pass}");
+                assert!(
+                    most_distinct_per_group(&values, shape[1], 32) <= 16,
+                    "{name}"
+                );
+                // Groups of 128 hold more than 16 values: the scales really are per 32.
+                assert!(
+                    most_distinct_per_group(&values, shape[1], 128) > 16,
+                    "{name}"
+                );
+            }
+            (Some(bits), None) => {
+                plain += 1;
+                assert!(
+                    pass.starts_with(&format!("rtn int{bits} asym g128")),
+                    "{name}: {pass}"
+                );
+            }
+            other => panic!("{name}: unexpected width {other:?}"),
+        }
+    }
+    assert!(
+        narrow > 0 && plain > 0,
+        "{narrow} in groups of 32, {plain} others"
+    );
+
+    // compressed-tensors: one config group per scheme, groups of 32 among them.
+    let ct = dir.path().join("ct");
+    let output = run_job(
+        &model,
+        &ct,
+        recipe.to_str().unwrap(),
+        2,
+        &["--format", "compressed-tensors"],
+    );
+    assert_success(&output, "candidates with a group size, compressed-tensors");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ct.join("config.json")).unwrap()).unwrap();
+    let groups = config["quantization_config"]["config_groups"]
+        .as_object()
+        .unwrap();
+    let sizes: BTreeSet<u64> = (groups.values())
+        .filter_map(|g| g["weights"]["group_size"].as_u64())
+        .collect();
+    assert!(sizes.contains(&32) && sizes.contains(&128), "{groups:?}");
+}
+
 /// With calibration data a data-free recipe's widths are chosen by the error each causes in
 /// its layer's output on held-out calibration inputs: every Linear of the transformer blocks
 /// is scored so, the choice and the output are the same for 1 and 3 workers, and the budget
@@ -338,7 +422,7 @@ fn impossible_budgets_and_widths_are_refused() {
     assert!(!output.status.success());
     let printed = stderr(&output);
     assert!(
-        printed.contains("mixed_precision candidate 3 bits"),
+        printed.contains("mixed_precision candidate 3 (3 bits)"),
         "{printed}"
     );
     assert!(files_under(&out).is_empty(), "{:?}", files_under(&out));

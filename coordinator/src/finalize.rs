@@ -39,17 +39,17 @@ use shardpress_core::header::header_len_from_prefix;
 use shardpress_core::plan::PlannedTask;
 use shardpress_core::plan::PlannedTensor;
 use shardpress_core::prune::{GlobalCut, MAGNITUDE_BINS};
-use shardpress_core::recipe::OutputFormat;
+use shardpress_core::recipe::{OutputFormat, Width};
 use shardpress_core::similarity;
 use shardpress_core::spz::{self, SpzBlob, SpzFile, SpzIndex, SpzTensor};
-use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, PartRange};
+use shardpress_proto::v1::{AssembleSlice, CompleteTaskRequest, PartRange, PrecisionCandidates};
 
 use crate::job::{JobSpec, Measured, MeasuredPrecision, Phase, TaskSlot};
 use crate::report::{build_report, Report, TaskReport};
 use crate::signing::{KeyId, SigningKey, SIGNATURE_NAME};
 use crate::state::Snapshot;
 use crate::Coordinator;
-use shardpress_core::precision::{self, Candidate, TensorCandidates};
+use shardpress_core::precision::{self, Candidate, PrecisionError, TensorCandidates};
 
 pub use crate::verify::verify;
 
@@ -218,7 +218,7 @@ pub async fn advance(coordinator: &Arc<Coordinator>, job_id: &str) {
         // Mixed precision: the later rounds run the recipe with the chosen widths.
         let recipe = match measured.precision.as_ref().map(|p| &p.choice) {
             None => Ok(None),
-            Some(Ok(choice)) => (spec.recipe.with_chosen_bits(&choice.bits))
+            Some(Ok(choice)) => (spec.recipe.with_chosen_widths(&choice.widths))
                 .map(Some)
                 .map_err(|e| e.to_string()),
             Some(Err(e)) => Err(e.to_string()),
@@ -463,6 +463,38 @@ async fn write_signature(
     Ok(Some(signature.key_id))
 }
 
+/// The workers' measured widths as the chooser takes them, or the first one that is not
+/// among the recipe's `candidates` (a worker's report is not trusted to name only those).
+fn precision_candidates(
+    measured: &[&PrecisionCandidates],
+    candidates: &[Width],
+) -> Result<Vec<TensorCandidates>, PrecisionError> {
+    (measured.iter())
+        .map(|t| {
+            let widths = (t.candidates.iter()).map(|c| {
+                let text = format!("{}{}", c.bits, c.granularity);
+                match Width::parse(&text) {
+                    Ok(width) if candidates.contains(&width) => Ok(Candidate {
+                        width,
+                        bits_per_weight: c.bits_per_weight,
+                        rel_error_sq: c.rel_error_sq,
+                    }),
+                    _ => Err(PrecisionError::UnknownWidth {
+                        tensor: t.name.clone(),
+                        width: text,
+                    }),
+                }
+            });
+            Ok(TensorCandidates {
+                name: t.name.clone(),
+                params: t.params,
+                calibration_weighted: t.calibration_weighted,
+                candidates: widths.collect::<Result<_, _>>()?,
+            })
+        })
+        .collect()
+}
+
 /// What the measuring round's reports imply: the global cut of the summed magnitude
 /// histograms, and the shortlist of near-identical tensor pairs from their sketches.
 fn conclude_measuring(
@@ -514,23 +546,18 @@ fn conclude_measuring(
             .filter(|t| t.calibration_weighted)
             .map(|t| t.name.as_str())
             .collect();
-        let tensors: Vec<TensorCandidates> = (reports.iter())
+        let scores: Vec<&PrecisionCandidates> = (reports.iter())
             .flat_map(|r| &r.precision)
             .filter(|t| t.calibration_weighted || !weighted.contains(t.name.as_str()))
-            .map(|t| TensorCandidates {
-                name: t.name.clone(),
-                params: t.params,
-                calibration_weighted: t.calibration_weighted,
-                candidates: (t.candidates.iter())
-                    .map(|c| Candidate {
-                        bits: c.bits.min(u32::from(u8::MAX)) as u8,
-                        bits_per_weight: c.bits_per_weight,
-                        rel_error_sq: c.rel_error_sq,
-                    })
-                    .collect(),
-            })
             .collect();
-        let choice = precision::choose(&tensors, mixed.target_bpw);
+        let tensors = precision_candidates(&scores, &mixed.candidates_for(spec.format));
+        let (tensors, choice) = match tensors {
+            Ok(tensors) => {
+                let choice = precision::choose(&tensors, mixed.target_bpw);
+                (tensors, choice)
+            }
+            Err(e) => (Vec::new(), Err(e)),
+        };
         measured.precision = Some(MeasuredPrecision { tensors, choice });
     }
     if let Some(threshold) = spec.recipe.share_cosine {
@@ -899,4 +926,36 @@ fn with_quantization_config(
         None => fields.remove("quantization_config"),
     };
     Ok(json_bytes(&config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardpress_proto::v1::PrecisionCandidate;
+
+    #[test]
+    fn measured_widths_are_read_back_and_unknown_ones_refused() {
+        let measured = |bits: u32, granularity: &str| PrecisionCandidates {
+            name: "w".into(),
+            params: 64,
+            candidates: vec![PrecisionCandidate {
+                bits,
+                granularity: granularity.into(),
+                bits_per_weight: 4.5,
+                rel_error_sq: 0.01,
+            }],
+            calibration_weighted: false,
+        };
+        let candidates = [Width::bits(4), Width::parse("4g32").unwrap()];
+        let read = precision_candidates(&[&measured(4, "g32")], &candidates).unwrap();
+        assert_eq!(read[0].candidates[0].width, candidates[1]);
+        let read = precision_candidates(&[&measured(4, "")], &candidates).unwrap();
+        assert_eq!(read[0].candidates[0].width, candidates[0]);
+        for (bits, granularity) in [(4, "g64"), (8, ""), (4, "x"), (300, "")] {
+            let err = precision_candidates(&[&measured(bits, granularity)], &candidates)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("not one of the recipe's candidates"), "{err}");
+        }
+    }
 }

@@ -97,7 +97,7 @@ pub struct PrecisionReport {
     pub narrowest_error: f64,
     pub narrowest_bits_per_weight: f64,
     /// Width -> how many tensors got it.
-    pub widths: BTreeMap<u8, usize>,
+    pub widths: BTreeMap<String, usize>,
     /// How many tensors were scored by their output error on the calibration data (the
     /// others by their weight error), and on how many calibration samples.
     pub calibration_weighted_tensors: usize,
@@ -109,7 +109,9 @@ pub struct PrecisionReport {
 #[derive(Debug, Serialize)]
 pub struct PrecisionTensorReport {
     pub name: String,
-    pub bits: u8,
+    /// `bits`, and `group_size` when the width changed the pass's granularity.
+    #[serde(flatten)]
+    pub width: shardpress_core::recipe::Width,
     pub params: u64,
     pub bits_per_weight: f64,
     pub rel_fro_error: Option<f64>,
@@ -130,17 +132,17 @@ fn precision_report(spec: &JobSpec, tensors: &[TensorReport]) -> Option<Precisio
     let mut widths = BTreeMap::new();
     let (mut bits, mut params) = (0.0, 0u64);
     for candidates in &measured.tensors {
-        let Some(&width) = choice.bits.get(&candidates.name) else {
+        let Some(&width) = choice.widths.get(&candidates.name) else {
             continue;
         };
         let result = results.get(candidates.name.as_str());
         let stored = result.map_or(0.0, |r| r.bits_per_weight);
         bits += stored * candidates.params as f64;
         params += candidates.params;
-        *widths.entry(width).or_insert(0) += 1;
+        *widths.entry(width.to_string()).or_insert(0) += 1;
         rows.push(PrecisionTensorReport {
             name: candidates.name.clone(),
-            bits: width,
+            width,
             params: candidates.params,
             bits_per_weight: stored,
             rel_fro_error: result.and_then(|r| r.rel_fro_error),

@@ -108,13 +108,14 @@ pub async fn plan_job(
             |e: PlanError| CoordinatorError::InvalidRequest(format!("{}: {e}", t.source_file));
         let planned = TensorPlan::for_output(&recipe, format, &facts, &t.name, t.dtype, &t.shape)
             .map_err(refused)?;
-        for &bits in widths.iter().flatten().filter(|_| planned.has_width()) {
+        for &width in widths.iter().flatten().filter(|_| planned.has_width()) {
             let described = (t.name.as_str(), t.dtype, &t.shape[..]);
-            TensorPlan::for_output_at(&recipe, format, &facts, described, Some(bits)).map_err(
+            TensorPlan::for_output_at(&recipe, format, &facts, described, Some(width)).map_err(
                 |e| {
                     CoordinatorError::InvalidRequest(format!(
-                        "{}: mixed_precision candidate {bits} bits: {e}",
-                        t.source_file
+                        "{}: mixed_precision candidate {width} ({}): {e}",
+                        t.source_file,
+                        width.describe()
                     ))
                 },
             )?;

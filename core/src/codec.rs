@@ -31,7 +31,7 @@ use crate::dtype::{self, decode_to_f32, encode_from_f32, DType, DTypeError};
 use crate::entropy::{self, Layout};
 use crate::metrics::ErrorAccumulator;
 use crate::prune::GlobalCut;
-use crate::recipe::{PassKind, PruneConfig, RankRule, Recipe};
+use crate::recipe::{PassKind, PruneConfig, RankRule, Recipe, Width};
 use crate::stream::{FixedStructure, FixedValues, TensorStatistic};
 use crate::{codebook, fp8, ggml_fused, hashnet, hqq, lowrank, prune, quantize, rtn_fused, sparse};
 use half::f16;
@@ -145,14 +145,13 @@ impl TensorPlan {
         TensorPlan::for_tensor_at(recipe, name, dtype, shape, chosen)
     }
 
-    /// [`Self::for_tensor`] with the quantizing pass at `bits` wide (`None`: as the recipe
-    /// says).
+    /// [`Self::for_tensor`] with the quantizing pass at `width` (`None`: as the recipe says).
     fn for_tensor_at(
         recipe: &Recipe,
         name: &str,
         dtype: DType,
         shape: &[u64],
-        bits: Option<u8>,
+        width: Option<Width>,
     ) -> Result<TensorPlan, PlanError> {
         let chosen = || {
             (recipe.passes.iter().enumerate())
@@ -234,7 +233,7 @@ impl TensorPlan {
                 )));
             }
         }
-        let values = values.map(|(_, v)| match bits.and_then(|b| v.with_bits(b)) {
+        let values = values.map(|(_, v)| match width.and_then(|w| w.apply(v)) {
             Some(narrowed) => narrowed,
             None => v.clone(),
         });
@@ -266,16 +265,16 @@ impl TensorPlan {
         TensorPlan::for_output_at(recipe, format, model, (name, dtype, shape), chosen)
     }
 
-    /// [`Self::for_output`] with the quantizing pass at `bits` wide (`None`: as the recipe
-    /// says): one of a mixed-precision job's candidates.
+    /// [`Self::for_output`] with the quantizing pass at `width` (`None`: as the recipe says):
+    /// one of a mixed-precision job's candidates.
     pub fn for_output_at(
         recipe: &Recipe,
         format: crate::format::OutputFormat,
         model: &crate::format::ModelFacts,
         (name, dtype, shape): (&str, DType, &[u64]),
-        bits: Option<u8>,
+        width: Option<Width>,
     ) -> Result<TensorPlan, PlanError> {
-        let mut plan = TensorPlan::for_tensor_at(recipe, name, dtype, shape, bits)?;
+        let mut plan = TensorPlan::for_tensor_at(recipe, name, dtype, shape, width)?;
         plan.keep_non_finite_rows = recipe.keep_non_finite_rows && !plan.is_identity();
         if let Some(PassKind::Ggml { file_type, ty }) = plan.values.as_mut() {
             *ty = Some(crate::format::gguf::resolve_type(

@@ -1,9 +1,10 @@
-//! Mixed precision to a bit budget: which bit width each quantized tensor gets so that the
-//! quantized tensors average at most a target number of bits per weight while the predicted
-//! error is as small as it can be.
+//! Mixed precision to a bit budget: which width (bits per code, and optionally a group size)
+//! each quantized tensor gets so that the quantized tensors average at most a target number
+//! of bits per weight while the predicted error is as small as it can be.
 //!
 //! A job with `mixed_precision: { target_bpw: 4.5 }` first measures, for every tensor a
-//! quantizing pass targets, what each candidate bit width costs (its bits per weight, exactly
+//! quantizing pass targets, what each candidate width ([`Width`]: `4`, `"4g32"`, `"8c"`)
+//! costs (its bits per weight, exactly
 //! as the codec stores it) and the error it causes: the squared relative Frobenius error of
 //! the weight, `‖ΔW‖² / ‖W‖²`, which for a Linear fed inputs of no preferred direction is its
 //! relative output error. With calibration data the error is measured on the inputs the
@@ -18,10 +19,13 @@
 
 use std::collections::BTreeMap;
 
+use crate::recipe::Width;
+
 /// One candidate width of one tensor, as measured.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Candidate {
-    pub bits: u8,
+    #[serde(flatten)]
+    pub width: Width,
     /// Stored bits per weight (codes, scales, zero points, masks) under this width.
     pub bits_per_weight: f64,
     /// `‖ΔW‖² / ‖W‖²` under this width.
@@ -43,8 +47,8 @@ pub struct TensorCandidates {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Choice {
     pub target_bpw: f64,
-    /// Tensor name -> chosen bit width.
-    pub bits: BTreeMap<String, u8>,
+    /// Tensor name -> chosen width.
+    pub widths: BTreeMap<String, Width>,
     /// Bits per weight of the choice over every measured tensor (what the codec stores).
     pub bits_per_weight: f64,
     /// Σ `rel_error_sq` of the choice, and of the cheapest and the most precise candidates
@@ -59,12 +63,14 @@ pub struct Choice {
 pub enum PrecisionError {
     #[error("target of {target} bits/weight is below the {cheapest:.4} bits/weight that the narrowest candidates store; lower the narrowest candidate or raise mixed_precision.target_bpw")]
     BelowCheapest { target: f64, cheapest: f64 },
+    #[error("tensor {tensor}: a width {width:?} was measured, which is not one of the recipe's candidates")]
+    UnknownWidth { tensor: String, width: String },
     #[error("tensor {tensor}: no candidate was measured")]
     NoCandidates { tensor: String },
-    #[error("tensor {tensor}: candidate {bits} bits measured as {what}")]
+    #[error("tensor {tensor}: candidate {width} measured as {what}")]
     BadMeasurement {
         tensor: String,
-        bits: u8,
+        width: Width,
         what: String,
     },
 }
@@ -80,7 +86,7 @@ pub fn choose(tensors: &[TensorCandidates], target_bpw: f64) -> Result<Choice, P
         for c in &tensor.candidates {
             let bad = |what: String| PrecisionError::BadMeasurement {
                 tensor: tensor.name.clone(),
-                bits: c.bits,
+                width: c.width,
                 what,
             };
             if !(c.bits_per_weight.is_finite() && c.bits_per_weight >= 0.0) {
@@ -145,8 +151,8 @@ pub fn choose(tensors: &[TensorCandidates], target_bpw: f64) -> Result<Choice, P
     let chosen = |i: usize| &hulls[i][at[i]];
     Ok(Choice {
         target_bpw,
-        bits: (0..hulls.len())
-            .map(|i| (sorted[i].name.clone(), chosen(i).bits))
+        widths: (0..hulls.len())
+            .map(|i| (sorted[i].name.clone(), chosen(i).width))
             .collect(),
         bits_per_weight: if params == 0 {
             0.0
@@ -167,7 +173,7 @@ fn lower_hull(candidates: &[Candidate]) -> Vec<Candidate> {
     sorted.sort_by(|a, b| {
         (a.bits_per_weight.total_cmp(&b.bits_per_weight))
             .then(a.rel_error_sq.total_cmp(&b.rel_error_sq))
-            .then(a.bits.cmp(&b.bits))
+            .then(a.width.cmp(&b.width))
     });
     let mut hull: Vec<Candidate> = Vec::new();
     for c in sorted {
@@ -215,7 +221,7 @@ mod tests {
             candidates: points
                 .iter()
                 .map(|&(bits, bits_per_weight, rel_error_sq)| Candidate {
-                    bits,
+                    width: Width::bits(bits),
                     bits_per_weight,
                     rel_error_sq,
                 })
@@ -267,14 +273,17 @@ mod tests {
         ];
         let choice = choose(&tensors, 5.25).unwrap();
         assert!(choice.bits_per_weight <= 5.25 + 1e-12);
-        assert!(choice.bits["b"] > choice.bits["a"], "{choice:?}");
+        assert!(
+            choice.widths["b"].bits > choice.widths["a"].bits,
+            "{choice:?}"
+        );
         assert_eq!(choice.predicted_error, brute_force(&tensors, 5.25));
         // A budget at the cheapest: everyone at 3 bits.
         let low = choose(&tensors, 3.25).unwrap();
-        assert!(low.bits.values().all(|&b| b == 3));
+        assert!(low.widths.values().all(|w| w.bits == 3));
         // Enough for everything: everyone at 8 bits.
         let high = choose(&tensors, 9.0).unwrap();
-        assert!(high.bits.values().all(|&b| b == 8));
+        assert!(high.widths.values().all(|w| w.bits == 8));
     }
 
     #[test]
@@ -323,7 +332,7 @@ mod tests {
         );
         for target in [4.25, 5.25, 6.0, 8.25] {
             let choice = choose(std::slice::from_ref(&t), target).unwrap();
-            assert_ne!(choice.bits["a"], 5);
+            assert_ne!(choice.widths["a"].bits, 5);
         }
     }
 

@@ -35,19 +35,155 @@ pub struct Recipe {
 }
 
 /// `mixed_precision:` of a recipe: the quantizing passes' tensors get one of `candidates`
-/// bit widths each (their granularity, symmetry and method unchanged), chosen so that the
-/// tensors together store at most `target_bpw` bits per weight.
+/// widths each (a bit width, and optionally a group size or per-channel scales in place of
+/// the pass's granularity; symmetry and method unchanged), chosen so that the tensors
+/// together store at most `target_bpw` bits per weight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MixedPrecision {
     pub target_bpw: f64,
     /// The widths to choose from; `None`: [`MixedPrecision::default_candidates`].
-    pub candidates: Option<Vec<u8>>,
+    pub candidates: Option<Vec<Width>>,
     /// Tensor name -> its width: what the job's measuring round chose (written into the
     /// recipe the job's later rounds run, and into the output's report). A tensor not
     /// listed keeps its pass's width.
-    pub chosen: std::collections::BTreeMap<String, u8>,
+    pub chosen: std::collections::BTreeMap<String, Width>,
     /// How each width's error is scored when the job has calibration data.
     pub score: PrecisionScore,
+}
+
+/// One width mixed precision may give a tensor: `bits` per code, and the scales' granularity
+/// (`None`: the pass's own). Written in a recipe as `4` (the pass's granularity), `"4g64"`
+/// (groups of 64 weights) or `"8c"` (one scale per output channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Width {
+    pub bits: u8,
+    /// Serialized as `group_size` (a number, or `"channel"`), left out for the pass's own.
+    #[serde(
+        rename = "group_size",
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_granularity"
+    )]
+    pub granularity: Option<Granularity>,
+}
+
+fn serialize_granularity<S: serde::Serializer>(
+    granularity: &Option<Granularity>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match granularity {
+        Some(Granularity::Group(g)) => serializer.serialize_u64(*g as u64),
+        Some(Granularity::Channel) => serializer.serialize_str("channel"),
+        Some(Granularity::Tensor) => serializer.serialize_str("tensor"),
+        None => serializer.serialize_none(),
+    }
+}
+
+impl Width {
+    /// `bits` at the pass's own granularity.
+    pub fn bits(bits: u8) -> Width {
+        Width {
+            bits,
+            granularity: None,
+        }
+    }
+
+    /// Parses `4`, `4g64` or `8c`; checks the bits are 2..=8 and a group size is 1..=2²⁰.
+    pub fn parse(text: &str) -> Result<Width, String> {
+        let bad = || {
+            format!("{text:?} is not a width: write 4, \"4g64\" (4 bits, groups of 64) or \"8c\" (8 bits, per channel)")
+        };
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let bits: u8 = text[..digits].parse().map_err(|_| bad())?;
+        let granularity = match &text[digits..] {
+            "" => None,
+            "c" => Some(Granularity::Channel),
+            rest => {
+                let group = rest.strip_prefix('g').ok_or_else(bad)?;
+                let group: usize = group.parse().map_err(|_| bad())?;
+                if !(1..=1 << 20).contains(&group) {
+                    return Err(format!(
+                        "{text:?}: group size {group} is outside 1..=1048576"
+                    ));
+                }
+                Some(Granularity::Group(group))
+            }
+        };
+        if !(2..=8).contains(&bits) {
+            return Err(format!("{text:?}: {bits} bits is outside 2..=8"));
+        }
+        Ok(Width { bits, granularity })
+    }
+
+    /// `"3 bits"`, `"4 bits in groups of 32"`, `"8 bits per channel"`.
+    pub fn describe(&self) -> String {
+        match self.granularity {
+            None => format!("{} bits", self.bits),
+            Some(Granularity::Group(g)) => format!("{} bits in groups of {g}", self.bits),
+            Some(Granularity::Channel) => format!("{} bits per channel", self.bits),
+            Some(Granularity::Tensor) => format!("{} bits per tensor", self.bits),
+        }
+    }
+
+    /// What [`Width::parse`] reads after the bits: `""`, `"g64"` or `"c"`.
+    pub fn granularity_suffix(&self) -> String {
+        let text = self.to_string();
+        text[text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len())..]
+            .to_owned()
+    }
+
+    /// `kind` at this width, or `None` when `kind` is not a pass whose width can change.
+    pub fn apply(&self, kind: &PassKind) -> Option<PassKind> {
+        let mut narrowed = kind.with_bits(self.bits)?;
+        if let Some(granularity) = self.granularity {
+            match &mut narrowed {
+                PassKind::Quantize(q) => q.granularity = granularity,
+                PassKind::Hqq(h) => h.granularity = granularity,
+                _ => return None,
+            }
+        }
+        Some(narrowed)
+    }
+
+    /// The YAML value this width is written as: a number, or a string with a granularity.
+    fn to_yaml(self) -> serde_norway::Value {
+        match self.granularity {
+            None => u64::from(self.bits).into(),
+            Some(_) => self.to_string().into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Width {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.bits)?;
+        match self.granularity {
+            None => Ok(()),
+            Some(Granularity::Group(g)) => write!(f, "g{g}"),
+            Some(Granularity::Channel) => write!(f, "c"),
+            Some(Granularity::Tensor) => write!(f, "t"),
+        }
+    }
+}
+
+/// A width as a recipe writes it: a bare number or a string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawWidth {
+    Bits(u64),
+    Text(String),
+}
+
+impl RawWidth {
+    fn parse(self) -> Result<Width, String> {
+        match self {
+            RawWidth::Bits(bits) => Width::parse(&bits.to_string()),
+            RawWidth::Text(text) => Width::parse(&text),
+        }
+    }
 }
 
 /// How mixed precision scores a candidate width of a Linear in a transformer block.
@@ -66,16 +202,18 @@ pub enum PrecisionScore {
 
 impl MixedPrecision {
     /// The widths tried when a recipe names none: what `format` can store (compressed-tensors'
-    /// pack-quantized holds 4 and 8 bits; the other formats any width from 2 to 8).
-    pub fn default_candidates(format: OutputFormat) -> Vec<u8> {
-        match format {
-            OutputFormat::CompressedTensors => vec![4, 8],
-            _ => vec![3, 4, 5, 6, 8],
-        }
+    /// pack-quantized holds 4 and 8 bits; the other formats any width from 2 to 8), at the
+    /// pass's granularity.
+    pub fn default_candidates(format: OutputFormat) -> Vec<Width> {
+        let bits: &[u8] = match format {
+            OutputFormat::CompressedTensors => &[4, 8],
+            _ => &[3, 4, 5, 6, 8],
+        };
+        bits.iter().map(|&b| Width::bits(b)).collect()
     }
 
     /// The widths to choose from for an output in `format`.
-    pub fn candidates_for(&self, format: OutputFormat) -> Vec<u8> {
+    pub fn candidates_for(&self, format: OutputFormat) -> Vec<Width> {
         self.candidates
             .clone()
             .unwrap_or_else(|| MixedPrecision::default_candidates(format))
@@ -270,7 +408,9 @@ impl ScaleDtype {
 }
 
 /// How many weights share one scale.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Granularity {
     /// One scale per row (output channel).
     Channel,
@@ -577,9 +717,9 @@ struct RawRecipe {
 struct RawMixedPrecision {
     target_bpw: f64,
     #[serde(default)]
-    candidates: Option<Vec<u8>>,
+    candidates: Option<Vec<RawWidth>>,
     #[serde(default)]
-    chosen: std::collections::BTreeMap<String, u8>,
+    chosen: std::collections::BTreeMap<String, RawWidth>,
     #[serde(default)]
     score: PrecisionScore,
 }
@@ -638,37 +778,37 @@ fn convert_mixed_precision(
             "needs a quantize pass (rtn, hqq, gptq or awq) whose width it chooses per tensor",
         ));
     }
-    let width = |field: String, bits: u8| {
-        if (2..=8).contains(&bits) {
-            Ok(bits)
-        } else {
-            Err(invalid(field, format!("{bits} is outside 2..=8")))
-        }
-    };
-    if let Some(candidates) = &raw.candidates {
-        if candidates.is_empty() {
+    let candidates = match raw.candidates {
+        None => None,
+        Some(candidates) if candidates.is_empty() => {
             return Err(invalid(
                 "mixed_precision.candidates",
                 "lists no width (leave it out for the format's default)",
-            ));
+            ))
         }
-        for (i, &bits) in candidates.iter().enumerate() {
-            width(format!("mixed_precision.candidates[{i}]"), bits)?;
-            if candidates[..i].contains(&bits) {
-                return Err(invalid(
-                    format!("mixed_precision.candidates[{i}]"),
-                    format!("{bits} is listed twice"),
-                ));
+        Some(candidates) => {
+            let mut widths: Vec<Width> = Vec::with_capacity(candidates.len());
+            for (i, raw) in candidates.into_iter().enumerate() {
+                let field = || format!("mixed_precision.candidates[{i}]");
+                let width = raw.parse().map_err(|reason| invalid(field(), reason))?;
+                if widths.contains(&width) {
+                    return Err(invalid(field(), format!("{width} is listed twice")));
+                }
+                widths.push(width);
             }
+            Some(widths)
         }
-    }
-    for (name, &bits) in &raw.chosen {
-        width(format!("mixed_precision.chosen[{name:?}]"), bits)?;
+    };
+    let mut chosen = std::collections::BTreeMap::new();
+    for (name, raw) in raw.chosen {
+        let width = (raw.parse())
+            .map_err(|reason| invalid(format!("mixed_precision.chosen[{name:?}]"), reason))?;
+        chosen.insert(name, width);
     }
     Ok(MixedPrecision {
         target_bpw: target,
-        candidates: raw.candidates,
-        chosen: raw.chosen,
+        candidates,
+        chosen,
         score: raw.score,
     })
 }
@@ -895,14 +1035,15 @@ impl Recipe {
         Ok(edited)
     }
 
-    /// This recipe with `mixed_precision.chosen` set to `bits` (the measuring round's choice).
-    pub fn with_chosen_bits(
+    /// This recipe with `mixed_precision.chosen` set to `widths` (the measuring round's
+    /// choice).
+    pub fn with_chosen_widths(
         &self,
-        bits: &std::collections::BTreeMap<String, u8>,
+        widths: &std::collections::BTreeMap<String, Width>,
     ) -> Result<Recipe, RecipeError> {
         let edited = edit_mixed_precision(&self.source_yaml, |section| {
-            let chosen: serde_norway::Mapping = (bits.iter())
-                .map(|(name, &b)| (name.as_str().into(), u64::from(b).into()))
+            let chosen: serde_norway::Mapping = (widths.iter())
+                .map(|(name, w)| (name.as_str().into(), w.to_yaml()))
                 .collect();
             section.insert("chosen".into(), serde_norway::Value::Mapping(chosen));
         })?;
@@ -1045,7 +1186,7 @@ impl Recipe {
             // The default candidates depend on the job's output format, not known here.
             let widths = match &mixed.candidates {
                 Some(c) => {
-                    let c: Vec<String> = c.iter().map(u8::to_string).collect();
+                    let c: Vec<String> = c.iter().map(Width::to_string).collect();
                     format!("widths of {} bits", c.join("/"))
                 }
                 None => "widths".to_string(),

@@ -441,15 +441,15 @@ async fn sensitivity(
     }
     let described = (tensor.name.as_str(), tensor.dtype, &tensor.shape[..]);
     let plans = (widths.iter())
-        .map(|&bits| {
+        .map(|&width| {
             TensorPlan::for_output_at(
                 &step.recipe,
                 step.format,
                 &step.facts,
                 described,
-                Some(bits),
+                Some(width),
             )
-            .map(|plan| (bits, plan))
+            .map(|plan| (width, plan))
             .map_err(|e| bad_lease(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -482,7 +482,7 @@ async fn sensitivity(
         let mut candidates = Vec::with_capacity(plans.len());
         // GPTQ's inverse-Hessian factor does not depend on the width: computed once.
         let mut gptq_factor: Option<GptqFactor> = None;
-        for (bits, mut plan) in plans {
+        for (width, mut plan) in plans {
             if let Some(method) = plan.calibrated {
                 let solved = match (method, &plan.values) {
                     (
@@ -526,7 +526,8 @@ async fn sensitivity(
                 .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
                 .sum();
             candidates.push(PrecisionCandidate {
-                bits: u32::from(bits),
+                bits: u32::from(width.bits),
+                granularity: width.granularity_suffix(),
                 bits_per_weight: chunk.repr_bits as f64 / params.max(1) as f64,
                 rel_error_sq: error / energy,
             });

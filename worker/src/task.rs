@@ -15,7 +15,7 @@ use shardpress_core::metrics::ErrorAccumulator;
 use shardpress_core::plan::PlannedTensor;
 use shardpress_core::prune::{magnitude_histogram, GlobalCut, MAGNITUDE_BINS};
 use shardpress_core::quantize::row_len_of;
-use shardpress_core::recipe::{OutputFormat, Recipe};
+use shardpress_core::recipe::{OutputFormat, Recipe, Width};
 use shardpress_core::similarity::Sketcher;
 use shardpress_proto::v1::task_lease::Kind;
 use shardpress_proto::v1::{
@@ -279,10 +279,10 @@ async fn measure(
     for (tensor, plan) in tensors.iter().zip(&plans) {
         if let Some(widths) = widths.as_ref().filter(|_| plan.has_width()) {
             let candidates = (widths.iter())
-                .map(|&bits| {
+                .map(|&width| {
                     let described = (tensor.name.as_str(), tensor.dtype, &tensor.shape[..]);
-                    TensorPlan::for_output_at(&recipe, format, &facts, described, Some(bits))
-                        .map(|plan| (bits, plan))
+                    TensorPlan::for_output_at(&recipe, format, &facts, described, Some(width))
+                        .map(|plan| (width, plan))
                         .map_err(|e| TaskError::BadLease(e.to_string()))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -359,17 +359,17 @@ async fn measure(
 async fn measure_widths(
     model: &StoreLocation,
     tensor: &PlannedTensor,
-    candidates: Vec<(u8, TensorPlan)>,
+    candidates: Vec<(Width, TensorPlan)>,
     ctx: &TaskContext,
     timings: &mut Timings,
 ) -> Result<PrecisionCandidates, TaskError> {
     let mut prepared = Vec::with_capacity(candidates.len());
     let mut chunk_bytes = ctx.chunk_bytes;
-    for (bits, plan) in candidates {
+    for (width, plan) in candidates {
         let (plan, bytes) = statistics::prepare_plan(model, tensor, plan, ctx, timings).await?;
         // The candidates share their structure stage, which alone fixes chunk sizes.
         chunk_bytes = chunk_bytes.min(bytes);
-        prepared.push((bits, Arc::new(plan), ErrorAccumulator::new(), 0u64));
+        prepared.push((width, Arc::new(plan), ErrorAccumulator::new(), 0u64));
     }
     let row_len = row_len_of(&tensor.shape).max(1) as usize;
     let mut chunks = read_ahead(
@@ -401,10 +401,11 @@ async fn measure_widths(
     }
     let params = elements(tensor);
     let candidates = (prepared.into_iter())
-        .map(|(bits, _, acc, repr_bits)| {
+        .map(|(width, _, acc, repr_bits)| {
             let rel = acc.finish().rel_fro_error;
             PrecisionCandidate {
-                bits: u32::from(bits),
+                bits: u32::from(width.bits),
+                granularity: width.granularity_suffix(),
                 bits_per_weight: repr_bits as f64 / params.max(1) as f64,
                 rel_error_sq: rel * rel,
             }

@@ -6,7 +6,7 @@ use super::*;
 use crate::codec::decode_frame;
 use crate::dtype::{decode_to_f32, encode_from_f32};
 use crate::fp8::e4m3_to_f32;
-use crate::recipe::{PassKind, Recipe};
+use crate::recipe::{PassKind, Recipe, Width};
 
 fn bf16_bytes(xs: &[f32]) -> Vec<u8> {
     let mut out = vec![0u8; xs.len() * 2];
@@ -710,11 +710,16 @@ fn mixed_widths_get_one_group_each_targeting_their_modules_with_or_without_the_m
         ("model.layers.10.mlp.down_proj.weight", vec![64, 256]),
     ];
     let base = Recipe::preset("w4a16").unwrap();
-    let chosen = [(layers[1].0.to_string(), 8u8)].into_iter().collect();
+    let chosen = [
+        (layers[1].0.to_string(), Width::bits(8)),
+        (layers[2].0.to_string(), Width::parse("4g32").unwrap()),
+    ]
+    .into_iter()
+    .collect();
     let yaml = Recipe::with_target_bpw(&base.source_yaml, 5.0).unwrap();
     let recipe = Recipe::from_yaml(&yaml)
         .unwrap()
-        .with_chosen_bits(&chosen)
+        .with_chosen_widths(&chosen)
         .unwrap();
     let plans: Vec<TensorPlan> = (layers.iter())
         .map(|(n, s)| {
@@ -742,7 +747,18 @@ fn mixed_widths_get_one_group_each_targeting_their_modules_with_or_without_the_m
         .collect();
     let q = quantization_config(&tensors);
     let groups = q["config_groups"].as_object().unwrap();
-    assert_eq!(groups.len(), 2, "{q}");
+    // 4 bits in groups of 128 (the recipe's), 8 bits, and 4 bits in groups of 32.
+    assert_eq!(groups.len(), 3, "{q}");
+    let narrow = (groups.values())
+        .find(|g| g["weights"]["group_size"] == 32)
+        .unwrap();
+    assert_eq!(narrow["weights"]["num_bits"], 4, "{narrow}");
+    let targets = narrow["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 1, "{narrow}");
+    assert!(
+        targets[0].as_str().unwrap().contains("layers\\.10\\."),
+        "{narrow}"
+    );
     let eight = (groups.values())
         .find(|g| g["weights"]["num_bits"] == 8)
         .unwrap();

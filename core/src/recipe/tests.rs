@@ -459,12 +459,12 @@ fn mixed_precision_is_validated_and_its_choice_applies_per_tensor() {
     assert!(Recipe::from_yaml(&bad).is_err());
     assert_eq!(
         mixed.candidates_for(OutputFormat::CompressedTensors),
-        vec![4, 8]
+        vec![Width::bits(4), Width::bits(8)]
     );
     // The choice goes into the recipe and into every plan made from it.
     let name = "model.layers.0.mlp.down_proj.weight";
-    let chosen = [(name.to_string(), 8u8)].into_iter().collect();
-    let resolved = r.with_chosen_bits(&chosen).unwrap();
+    let chosen = [(name.to_string(), Width::bits(8))].into_iter().collect();
+    let resolved = r.with_chosen_widths(&chosen).unwrap();
     assert!(!resolved.needs_precision_choice());
     assert_eq!(resolved.name, "gptq-w4a16-asym");
     let width = |recipe: &Recipe, tensor: &str| {
@@ -527,4 +527,60 @@ fn mixed_precision_is_validated_and_its_choice_applies_per_tensor() {
     let err = Recipe::from_yaml(prune_only).unwrap_err().to_string();
     assert!(err.contains("needs a quantize pass"), "{err}");
     assert!(Recipe::with_target_bpw(pass, -1.0).is_err());
+}
+
+#[test]
+fn mixed_precision_candidates_may_change_the_group_size() {
+    let yaml = "passes:\n  - quantize: { bits: 4, granularity: group, group_size: 128 }\n    targets: ['re:.*']\nmixed_precision: { target_bpw: 4.5, candidates: [4, '4g32', 8c, 3g64] }\n";
+    let r = Recipe::from_yaml(yaml).unwrap();
+    let candidates = r
+        .mixed_precision
+        .as_ref()
+        .unwrap()
+        .candidates
+        .clone()
+        .unwrap();
+    let written: Vec<String> = candidates.iter().map(|w| w.to_string()).collect();
+    assert_eq!(written, ["4", "4g32", "8c", "3g64"]);
+    let plan_of = |recipe: &Recipe| {
+        let plan =
+            crate::codec::TensorPlan::for_tensor(recipe, "w", crate::dtype::DType::BF16, &[8, 256])
+                .unwrap();
+        match plan.values {
+            Some(PassKind::Quantize(q)) => (q.bits, q.granularity),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(plan_of(&r), (4, Granularity::Group(128)));
+    for (width, expected) in [
+        (candidates[1], (4, Granularity::Group(32))),
+        (candidates[2], (8, Granularity::Channel)),
+        (candidates[0], (4, Granularity::Group(128))),
+    ] {
+        let chosen = [("w".to_string(), width)].into_iter().collect();
+        let resolved = r.with_chosen_widths(&chosen).unwrap();
+        assert_eq!(
+            resolved.mixed_precision.as_ref().unwrap().chosen["w"],
+            width
+        );
+        assert_eq!(plan_of(&resolved), expected, "{width}");
+    }
+    let pass = "passes:\n  - quantize: { bits: 4, granularity: group, group_size: 64 }\n    targets: ['re:.*']\n";
+    for (candidates, reason) in [
+        ("[4, '4x']", "is not a width"),
+        ("['g32']", "is not a width"),
+        ("['4g0']", "group size 0"),
+        ("['9g32']", "9 bits"),
+        ("['4g32', 4g32]", "listed twice"),
+        ("[4, '4g']", "is not a width"),
+    ] {
+        let section = format!("mixed_precision: {{ target_bpw: 4.5, candidates: {candidates} }}");
+        let err = Recipe::from_yaml(&format!("{pass}{section}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mixed_precision.candidates") && err.contains(reason),
+            "{candidates}: {err}"
+        );
+    }
 }
