@@ -22,8 +22,12 @@
 #   5. Candidates that change the group size: RTN and GPTQ (asymmetric, groups of 128) on
 #      MiniLM with widths scored on the calibration data, choosing among bits only ([4, 8]:
 #      what compressed-tensors packs; [3, 4, 5, 6, 8]) or also among groups of 64 and 32.
+#   6. GGUF block types chosen to a budget: a generated 16 MB Llama (GGUF_SIZE) with q4_k_m
+#      (llama-quantize's rules), then --target-bpw at q4_k_m's own bits/weight with the types
+#      (Q4_K/Q5_K/Q6_K/Q8_0) scored by weight error and on 32 calibration samples; KL
+#      divergence and top-1 agreement on 16 evaluation samples.
 # Usage: bash bench/calibrated.sh [WORKDIR]   (SHARDPRESS_BIN=path uses that binary, else the
-#        release build; MINILM=dir overrides the model directory; LLAMA_SIZE=1GB; PART=1|2|3|4|5)
+#        release build; MINILM=dir overrides the model directory; LLAMA_SIZE=1GB; PART=1..6)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -205,5 +209,44 @@ widths = ", ".join(f"{b} x{n}" for b, n in sorted(m["widths"].items(), key=lambd
 print(f"| {method} asym g128 | {budget} | {candidates} | {m['bits_per_weight']:.4f} | {widths} | "
       f"{e['mean_embedding_cosine']:.5f} | {e['min_embedding_cosine']:.5f} | {float(sys.argv[5]):.1f} |")
 PY
+  done
+fi
+
+if [ "${PART:-6}" = 6 ] || [ -z "${PART:-}" ]; then
+  size=${GGUF_SIZE:-16MB}
+  model=$work/llama-gguf-$size
+  [ -f "$model/config.json" ] || "$bin" gen-model --out "$model" --size "$size" >/dev/null
+  evaluation=(--eval "$eval" --eval-samples 16)
+  echo
+  echo "Generated Llama ($size BF16), GGUF, 2 workers, evaluated on 16 samples"
+  echo "| recipe | types chosen by | bits/weight (block-quantized tensors) | types (tensors) | KL divergence | top-1 agreement | wall s |"
+  echo "|---|---|---:|---|---:|---:|---:|"
+  row() {  # out label seconds
+    "$python" - "$1/report.json" "$1/model.gguf" "$2" "$3" <<'PY'
+import collections, json, sys
+import gguf
+report, path, label, seconds = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], float(sys.argv[4])
+tensors = [t for t in gguf.GGUFReader(path).tensors if t.tensor_type.name not in ("F32", "F16", "BF16")]
+bits = sum(8 * int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+types = collections.Counter(t.tensor_type.name for t in tensors)
+e = report["calibration"]["evaluation"]
+print(f"| q4_k_m | {label} | {bits:.4f} | {', '.join(f'{k} x{v}' for k, v in sorted(types.items()))} | "
+      f"{e['mean_kld']:.5f} | {e['top1_agreement']:.4f} | {seconds:.1f} |")
+PY
+  }
+  out=$work/gguf-q4_k_m
+  start=$(date +%s.%N)
+  "$bin" run --workers 2 --model "$model" --recipe q4_k_m --out "$out" --overwrite "${evaluation[@]}" \
+    >/dev/null 2>"$out.log"
+  row "$out" "llama-quantize's rules (no budget)" "$(echo "$(date +%s.%N) - $start" | bc)"
+  budget=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["summary"]["bits_per_weight_compressed"])' "$out/report.json")
+  for scored in weights calibration; do
+    args=(--target-bpw "$budget")
+    [ "$scored" = calibration ] && args+=(--calibration "$calibration" --calibration-samples 32 --calibration-seq-len 64)
+    out=$work/gguf-q4_k_m-$scored
+    start=$(date +%s.%N)
+    "$bin" run --workers 2 --model "$model" --recipe q4_k_m --out "$out" --overwrite "${evaluation[@]}" \
+      "${args[@]}" >/dev/null 2>"$out.log"
+    row "$out" "$scored, budget $(printf %.4f "$budget")" "$(echo "$(date +%s.%N) - $start" | bc)"
   done
 fi

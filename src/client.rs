@@ -83,7 +83,8 @@ pub struct JobArgs {
     #[arg(long, value_name = "N")]
     pub eval_samples: Option<u32>,
     /// Mixed precision to a bit budget: every tensor the recipe quantizes gets its own width
-    /// (3, 4, 5, 6 or 8 bits; 4 or 8 for compressed-tensors; a recipe's
+    /// (3, 4, 5, 6 or 8 bits; 4 or 8 for compressed-tensors; Q4_K, Q5_K, Q6_K or Q8_0 for
+    /// a gguf recipe such as q4_k_m; a recipe's
     /// `mixed_precision.candidates` names others, and may change the group size too:
     /// `[4, "4g32", "8c"]`) so that together they store at most this many bits per weight
     /// (scales and zero points included) with the least predicted error. The job first

@@ -427,9 +427,21 @@ fn impossible_budgets_and_widths_are_refused() {
     );
     assert!(files_under(&out).is_empty(), "{:?}", files_under(&out));
 
-    // No width to choose in a GGUF preset; a nonsense budget.
+    // GGUF has no type narrower than Q4_K (4.5 bits/weight), nor a 3-bit width; a nonsense
+    // budget.
+    let gguf_three = dir.path().join("gguf-three.yaml");
+    std::fs::write(
+        &gguf_three,
+        "passes:\n  - gguf: { type: q4_k_m }\n    targets: ['re:.*']\nmixed_precision: { target_bpw: 4.5, candidates: [3, 4] }\n",
+    )
+    .unwrap();
     for (recipe, budget, expected) in [
-        ("q4_k_m", "4.5", "needs a quantize pass"),
+        ("q4_k_m", "4.4", "below the 4.5000 bits/weight"),
+        (
+            gguf_three.to_str().unwrap(),
+            "4.5",
+            "not a width of a gguf pass",
+        ),
         ("int4-g128", "0", "target_bpw"),
     ] {
         let out = dir.path().join("refused");

@@ -297,6 +297,10 @@ pub async fn submit(
             (head.job_id.clone(), Vec::new())
         }
     };
+    // Written in place at offsets the layout fixes now, unless mixed precision will change
+    // the tensors' types (and so their sizes) after measuring: such a job's parts are
+    // assembled at the end, from the layout of the widths chosen.
+    let gguf_files = gguf_files.filter(|_| !spec.recipe.needs_precision_choice());
     if let Some(files) = gguf_files {
         if out.shared_writes() == Some(SharedWrites::PositionedFile) {
             let staging = |name: &str| crate::assembly::staging_name(gguf_format::PARTS_DIR, name);

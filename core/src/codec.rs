@@ -277,9 +277,15 @@ impl TensorPlan {
         let mut plan = TensorPlan::for_tensor_at(recipe, name, dtype, shape, width)?;
         plan.keep_non_finite_rows = recipe.keep_non_finite_rows && !plan.is_identity();
         if let Some(PassKind::Ggml { file_type, ty }) = plan.values.as_mut() {
-            *ty = Some(crate::format::gguf::resolve_type(
-                model, *file_type, name, shape,
-            )?);
+            let preset = crate::format::gguf::resolve_type(model, *file_type, name, shape)?;
+            // A chosen width replaces the type only of tensors the file type block-quantizes
+            // (norms and biases stay as they are), with llama.cpp's fallback for rows that are
+            // not whole blocks of it.
+            let ncols = shape.last().copied().unwrap_or(0);
+            *ty = Some(match *ty {
+                Some(chosen) if preset.is_quantized() => crate::gguf::type_fallback(chosen, ncols),
+                _ => preset,
+            });
         }
         let tensor = crate::format::TensorDesc { name, dtype, shape };
         format.spec().adapt_plan(tensor, &mut plan, model)?;
@@ -287,11 +293,14 @@ impl TensorPlan {
     }
 
     /// True when the plan's values stage is a quantizing pass whose width a recipe's mixed
-    /// precision chooses.
+    /// precision chooses (for a `gguf` pass: an output plan whose type is block-quantized).
     pub fn has_width(&self) -> bool {
-        self.values
-            .as_ref()
-            .is_some_and(|v| v.with_bits(4).is_some())
+        match &self.values {
+            // An output plan's resolved type: only block-quantized tensors get a width.
+            Some(PassKind::Ggml { ty, .. }) => ty.is_some_and(|t| t.is_quantized()),
+            Some(v) => v.with_bits(4).is_some(),
+            None => false,
+        }
     }
 
     /// True for a magnitude prune against a global target, which needs [`Self::global_cut`].

@@ -37,7 +37,7 @@ mod tests;
 
 pub use llama::{
     architecture, expert_index, extra_tensors, map_tensor, metadata, permute_rows, row_permutation,
-    tensor_name, tensor_type, tensor_type_in, Arch, FileType, HParams, TypeContext,
+    tensor_name, tensor_type, tensor_type_in, type_fallback, Arch, FileType, HParams, TypeContext,
 };
 pub use quants::GgmlType;
 pub use tokenizer::{detect_pre_tokenizer, tokenizer_metadata, TokenizerFiles};

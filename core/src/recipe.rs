@@ -203,7 +203,8 @@ pub enum PrecisionScore {
 impl MixedPrecision {
     /// The widths tried when a recipe names none: what `format` can store (compressed-tensors'
     /// pack-quantized holds 4 and 8 bits; the other formats any width from 2 to 8), at the
-    /// pass's granularity.
+    /// pass's granularity. (A recipe with a `gguf` pass gets [`GGUF_WIDTHS`] whatever the
+    /// format.)
     pub fn default_candidates(format: OutputFormat) -> Vec<Width> {
         let bits: &[u8] = match format {
             OutputFormat::CompressedTensors => &[4, 8],
@@ -650,11 +651,17 @@ impl PassKind {
     }
 
     /// This quantizing pass at `bits` wide (RTN and HQQ; a calibrated method's pass is its
-    /// RTN form); `None` for passes without a bit width to choose.
+    /// RTN form; a `gguf` pass with [`crate::gguf::GgmlType::for_width`]'s type, which the
+    /// output plan applies to the tensors the file type block-quantizes); `None` for passes
+    /// without a bit width to choose, and for a width a `gguf` pass has no type for.
     pub fn with_bits(&self, bits: u8) -> Option<PassKind> {
         match self {
             PassKind::Quantize(q) => Some(PassKind::Quantize(QuantizeConfig { bits, ..*q })),
             PassKind::Hqq(h) => Some(PassKind::Hqq(crate::hqq::HqqConfig { bits, ..*h })),
+            PassKind::Ggml { file_type, .. } => Some(PassKind::Ggml {
+                file_type: *file_type,
+                ty: Some(crate::gguf::GgmlType::for_width(bits)?),
+            }),
             _ => None,
         }
     }
@@ -775,10 +782,14 @@ fn convert_mixed_precision(
     if !passes.iter().any(|p| p.kind.with_bits(4).is_some()) {
         return Err(invalid(
             "mixed_precision",
-            "needs a quantize pass (rtn, hqq, gptq or awq) whose width it chooses per tensor",
+            "needs a quantize pass (rtn, hqq, gptq or awq) or a gguf pass whose width it chooses per tensor",
         ));
     }
+    let gguf = passes
+        .iter()
+        .any(|p| matches!(p.kind, PassKind::Ggml { .. }));
     let candidates = match raw.candidates {
+        None if gguf => Some(GGUF_WIDTHS.iter().map(|&b| Width::bits(b)).collect()),
         None => None,
         Some(candidates) if candidates.is_empty() => {
             return Err(invalid(
@@ -791,6 +802,9 @@ fn convert_mixed_precision(
             for (i, raw) in candidates.into_iter().enumerate() {
                 let field = || format!("mixed_precision.candidates[{i}]");
                 let width = raw.parse().map_err(|reason| invalid(field(), reason))?;
+                if gguf {
+                    gguf_width(width).map_err(|reason| invalid(field(), reason))?;
+                }
                 if widths.contains(&width) {
                     return Err(invalid(field(), format!("{width} is listed twice")));
                 }
@@ -801,8 +815,11 @@ fn convert_mixed_precision(
     };
     let mut chosen = std::collections::BTreeMap::new();
     for (name, raw) in raw.chosen {
-        let width = (raw.parse())
-            .map_err(|reason| invalid(format!("mixed_precision.chosen[{name:?}]"), reason))?;
+        let field = || format!("mixed_precision.chosen[{name:?}]");
+        let width = raw.parse().map_err(|reason| invalid(field(), reason))?;
+        if gguf {
+            gguf_width(width).map_err(|reason| invalid(field(), reason))?;
+        }
         chosen.insert(name, width);
     }
     Ok(MixedPrecision {
@@ -811,6 +828,19 @@ fn convert_mixed_precision(
         chosen,
         score: raw.score,
     })
+}
+
+/// The widths a `gguf` pass's tensors may get: Q4_K, Q5_K, Q6_K and Q8_0.
+pub const GGUF_WIDTHS: [u8; 4] = [4, 5, 6, 8];
+
+/// Checks that a `gguf` pass has a block type for `width`.
+fn gguf_width(width: Width) -> Result<(), String> {
+    if width.granularity.is_some() || crate::gguf::GgmlType::for_width(width.bits).is_none() {
+        return Err(format!(
+            "{width} is not a width of a gguf pass: its widths are 4 (Q4_K), 5 (Q5_K), 6 (Q6_K) and 8 (Q8_0)"
+        ));
+    }
+    Ok(())
 }
 
 /// Parses `yaml`, lets `edit` change its `mixed_precision` mapping (created if absent), and

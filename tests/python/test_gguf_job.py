@@ -289,3 +289,50 @@ def test_what_gguf_cannot_hold_is_refused_at_submit_with_no_output(model, case, 
     assert "panicked" not in message, message
     assert not (out / "model.gguf").exists() and not (out / "manifest.json").exists()
     assert not (out / ".gguf-parts").exists()
+
+
+WIDTH_TYPES = {4: T.Q4_K, 5: T.Q5_K, 6: T.Q6_K, 8: T.Q8_0}
+
+
+def test_a_bit_budget_gives_each_tensor_its_measured_type(model, inputs):
+    """q4_k_m with --target-bpw 5: each block-quantized tensor gets the type of the width the
+    measuring round chose for it (Q4_K, Q5_K, Q6_K or Q8_0), norms stay F32, the budget is met
+    by the bytes in the file, and the GGUF dequantizes to the safetensors output of the same
+    job (the same choice whatever the format)."""
+    config, source = inputs
+    outs = {}
+    for fmt in ("gguf", "safetensors"):
+        outs[fmt] = model / f"budget-{fmt}"
+        shardpress("run", "--workers", "2", "--model", model / "model", "--out", outs[fmt],
+                   "--recipe", "q4_k_m", "--format", fmt, "--target-bpw", "5")
+    report = json.loads((outs["gguf"] / "report.json").read_text())
+    mixed = report["mixed_precision"]
+    widths = {t["name"]: t["bits"] for t in mixed["tensors"]}
+    assert widths == {t["name"]: t["bits"] for t in json.loads(
+        (outs["safetensors"] / "report.json").read_text())["mixed_precision"]["tensors"]}
+
+    reader = gguf.GGUFReader(outs["gguf"] / "model.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    dense = read_dir(outs["safetensors"])
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    stored_bits, params, types_seen = 0, 0, set()
+    for hf, (dtype, raw_in) in source.items():
+        t = tensors[gguf_name(hf)]
+        types_seen.add(t.tensor_type)
+        if hf in widths:
+            assert t.tensor_type == WIDTH_TYPES[widths[hf]], (hf, t.tensor_type.name, widths[hf])
+            stored_bits += 8 * int(t.n_bytes)
+            params += int(raw_in.size)
+        else:
+            assert t.tensor_type == T.F32 and raw_in.ndim == 1, (hf, t.tensor_type.name)
+        values = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        kind = t.name.split(".")[-2]
+        if kind in heads:
+            hf_order = np.empty_like(values)
+            hf_order[permutation(values.shape[0], heads[kind])] = values
+            values = hf_order
+        assert np.array_equal(from_f32(dtype, values), dense[hf][1]), hf
+    assert len(types_seen & set(WIDTH_TYPES.values())) >= 2, types_seen
+    assert abs(stored_bits / params - mixed["bits_per_weight"]) < 1e-9, (
+        stored_bits / params, mixed["bits_per_weight"])
+    assert mixed["bits_per_weight"] <= 5.0

@@ -1175,20 +1175,27 @@ pub fn tensor_type_in(
             ty = G::Q6_K;
         }
     }
-    // tensor_type_fallback
-    let mut out = ty;
-    if ncols % ty.block_size() as u64 != 0 {
-        out = match ty {
-            G::Q4_K => G::Q5_0,
-            G::Q5_K => G::Q5_1,
-            G::Q6_K => G::Q8_0,
-            other => other,
-        };
-        if ncols % out.block_size() as u64 != 0 {
-            out = G::F16;
-        }
+    type_fallback(ty, ncols)
+}
+
+/// `ty`, or what llama.cpp stores instead when rows of `ncols` values are not a whole number
+/// of its blocks (`tensor_type_fallback`: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16).
+pub fn type_fallback(ty: GgmlType, ncols: u64) -> GgmlType {
+    use GgmlType as G;
+    if ncols % ty.block_size() as u64 == 0 {
+        return ty;
     }
-    out
+    let out = match ty {
+        G::Q4_K => G::Q5_0,
+        G::Q5_K => G::Q5_1,
+        G::Q6_K => G::Q8_0,
+        other => other,
+    };
+    if ncols % out.block_size() as u64 != 0 {
+        G::F16
+    } else {
+        out
+    }
 }
 
 /// [`tensor_type_in`] for a model with `n_layers` layers, a separate `output.weight` and not a

@@ -129,6 +129,23 @@ impl GgmlType {
             .ok_or_else(|| GgufError::UnknownTypeName(name.to_string()))
     }
 
+    /// The block type a mixed-precision width of `bits` gives a tensor of a `gguf` pass:
+    /// 4 -> Q4_K, 5 -> Q5_K, 6 -> Q6_K, 8 -> Q8_0 (no other width has a k-quant here).
+    pub fn for_width(bits: u8) -> Option<GgmlType> {
+        match bits {
+            4 => Some(GgmlType::Q4_K),
+            5 => Some(GgmlType::Q5_K),
+            6 => Some(GgmlType::Q6_K),
+            8 => Some(GgmlType::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// True for the block-quantized types (not F32, F16 or BF16).
+    pub fn is_quantized(self) -> bool {
+        self.block_size() > 1
+    }
+
     /// Values per block (1 for the float types).
     pub fn block_size(self) -> usize {
         match self {

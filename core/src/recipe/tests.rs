@@ -584,3 +584,37 @@ fn mixed_precision_candidates_may_change_the_group_size() {
         );
     }
 }
+
+#[test]
+fn a_gguf_recipe_mixes_block_types() {
+    let yaml =
+        Recipe::with_target_bpw(&Recipe::preset("q4_k_m").unwrap().source_yaml, 5.0).unwrap();
+    let r = Recipe::from_yaml(&yaml).unwrap();
+    let mixed = r.mixed_precision.as_ref().unwrap();
+    // Q4_K, Q5_K, Q6_K and Q8_0, whatever the output format.
+    for format in [OutputFormat::Gguf, OutputFormat::Safetensors] {
+        let widths: Vec<u8> = mixed
+            .candidates_for(format)
+            .iter()
+            .map(|w| w.bits)
+            .collect();
+        assert_eq!(widths, GGUF_WIDTHS);
+    }
+    let PassKind::Ggml { file_type, .. } = r.passes[0].kind else {
+        panic!("{:?}", r.passes[0].kind)
+    };
+    assert_eq!(
+        Width::bits(6).apply(&r.passes[0].kind),
+        Some(PassKind::Ggml {
+            file_type,
+            ty: Some(crate::gguf::GgmlType::Q6_K)
+        })
+    );
+    for bad in ["[3, 4]", "['4g32', 5]", "[4, 8c]"] {
+        let edited = format!(
+            "passes:\n  - gguf: {{ type: q4_k_m }}\n    targets: ['re:.*']\nmixed_precision: {{ target_bpw: 5, candidates: {bad} }}\n"
+        );
+        let err = Recipe::from_yaml(&edited).unwrap_err().to_string();
+        assert!(err.contains("not a width of a gguf pass"), "{bad}: {err}");
+    }
+}
