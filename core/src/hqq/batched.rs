@@ -20,6 +20,11 @@
 //! with the same fixed-point stop (over-relaxed; their f16 rounding goes by way of f32, as an
 //! F16C conversion does, whatever the CPU), and the same per-group choice against the same
 //! asymmetric RTN candidate, scored by its squared error, so a group is never worse than RTN.
+//! Every squared error (each candidate's and RTN's) is summed in code units,
+//! `s^2 sum (t - round(clamp(t)))^2` with `t = x / s + z` computed by the reciprocal of `s`
+//! (for RTN too, whose written codes still come from the exact division of
+//! [`RtnAsym::code`]): `sum (x - (q - z) s)^2` up to f32 rounding, in 3 operations a weight
+//! instead of 5, and without RTN's division in the pass that measures it.
 //! The sums are per lane, in f32 over runs of [`FLUSH`] elements, added in f64. A lane's
 //! result depends only on its own group, never on the other lanes, so it does not depend on
 //! how groups are batched or on the thread count.
@@ -28,8 +33,11 @@
 //! (8 x 8 blocks by AVX2 shuffles) also scans min, max and NaN; the RTN candidate's error is
 //! measured in the first half-quadratic pass (or the first least-squares round when there is
 //! none); the codes are written from each group in place (no transposed code buffer to
-//! gather); and the next batch's weights are prefetched a quarter at a time between the
-//! passes.
+//! gather); the next batch's weights are prefetched a quarter at a time between the
+//! passes; the RTN candidates of all lanes are set up at once ([`rtn_setup`], bit for bit
+//! `RtnAsym::new`); and a least-squares round of real f16 pairs (score pass, refit, f16
+//! rounding, choice) is one AVX2-dispatched function whose per-lane bookkeeping is selects
+//! on plain arrays ([`Rounds`]), not branches on `Option`s.
 //!
 //! Groups that hold NaN or infinities, all-zero groups and lanes without a group are handed
 //! to [`super::hqq_group`] (which falls back to RTN for them).
@@ -1032,7 +1040,8 @@ crate::dtype::avx2_dispatch!(
     fn write_codes(g: &[f32], is: f32, z: f32, qmax: f32, out: &mut [u8]) => write_codes_body
 );
 
-/// The RTN candidate's codes of one group (the arithmetic of [`RtnLanes::code`]).
+/// The RTN candidate's codes of one group (the arithmetic of [`RtnAsym::code`]: an exact
+/// division, as `rtn_codes` computes them).
 #[inline(always)]
 fn write_rtn_codes_body(g: &[f32], scale: f32, zero: f32, top: f32, out: &mut [u8]) {
     for (c, &v) in out.iter_mut().zip(g) {
