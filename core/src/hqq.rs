@@ -52,7 +52,9 @@
 //! **Speed.** Groups of up to [`MAX_BATCHED_LEN`] weights (group and channel granularity) are
 //! solved [`batched`]: 16 groups at once in a struct-of-arrays layout, so every pass over the
 //! groups is one vectorized sweep without horizontal sums (AVX2 where the CPU has it, picked
-//! at run time, bit-identical to the baseline x86-64 copy). The batched solver also takes
+//! at run time, bit-identical to the baseline x86-64 copy); it scores squared errors in
+//! code units by the reciprocal of the scale (the exact error up to f32 rounding; see
+//! `batched`). The batched solver also takes
 //! measured shortcuts ([`Solver`]): one half-quadratic step stands for 10 reference
 //! iterations ([`Solver::batched_relax`]; 20 iterations are 2 steps) and the last step's zero
 //! is kept without a pass to measure it (the least-squares rounds score it), so 20 iterations

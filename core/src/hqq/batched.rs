@@ -20,6 +20,11 @@
 //! with the same fixed-point stop (over-relaxed; their f16 rounding goes by way of f32, as an
 //! F16C conversion does, whatever the CPU), and the same per-group choice against the same
 //! asymmetric RTN candidate, scored by its squared error, so a group is never worse than RTN.
+//! Every squared error (each candidate's and RTN's) is summed in code units,
+//! `s^2 sum (t - round(clamp(t)))^2` with `t = x / s + z` computed by the reciprocal of `s`
+//! (for RTN too, whose written codes still come from the exact division of
+//! [`RtnAsym::code`]): `sum (x - (q - z) s)^2` up to f32 rounding, in 3 operations a weight
+//! instead of 5, and without RTN's division in the pass that measures it.
 //! The sums are per lane, in f32 over runs of [`FLUSH`] elements, added in f64. A lane's
 //! result depends only on its own group, never on the other lanes, so it does not depend on
 //! how groups are batched or on the thread count.
@@ -28,14 +33,18 @@
 //! (8 x 8 blocks by AVX2 shuffles) also scans min, max and NaN; the RTN candidate's error is
 //! measured in the first half-quadratic pass (or the first least-squares round when there is
 //! none); the codes are written from each group in place (no transposed code buffer to
-//! gather); and the next batch's weights are prefetched a quarter at a time between the
-//! passes.
+//! gather); the next batch's weights are prefetched a quarter at a time between the
+//! passes; the RTN candidates of all lanes are set up at once ([`rtn_setup`], bit for bit
+//! `RtnAsym::new`); and a least-squares round of real f16 pairs (score pass, refit, f16
+//! rounding, choice) is one AVX2-dispatched function whose per-lane bookkeeping is selects
+//! on plain arrays ([`Rounds`]), not branches on `Option`s.
 //!
 //! Groups that hold NaN or infinities, all-zero groups and lanes without a group are handed
 //! to [`super::hqq_group`] (which falls back to RTN for them).
 
 use super::{hqq_group, Solver, Storage};
 use crate::quantize::{round_half_away, RtnAsym};
+use crate::recipe::ScaleDtype;
 
 /// Groups solved together.
 pub(crate) const WIDTH: usize = 16;
@@ -44,7 +53,7 @@ const FLUSH: usize = 16;
 /// `2^23`: `(v + M) - M` rounds `0 <= v < 2^23` to the nearest integer, ties to even.
 const ROUND_MAGIC: f32 = 8_388_608.0;
 
-type Lanes = [f32; WIDTH];
+pub(super) type Lanes = [f32; WIDTH];
 
 /// Buffers reused across batches (one per rayon task).
 #[derive(Default)]
@@ -97,21 +106,30 @@ fn lane_sums<const K: usize>(
     total
 }
 
-/// The RTN candidate of one lane in the arithmetic of [`RtnAsym::code`] (asymmetric, codes
-/// `[0, qmax]`, non-zero scale), as per-lane constants.
+/// The RTN candidate of one lane (asymmetric, codes `[0, qmax]`, non-zero scale), as
+/// per-lane constants.
 #[derive(Clone, Copy, Default)]
 struct RtnLanes {
     scale: Lanes,
+    /// `1 / scale`.
+    inv: Lanes,
     zero: Lanes,
     /// `qmax - zero`.
     top: Lanes,
 }
 
 impl RtnLanes {
+    /// The squared rounding error of `x` in code units, `(t - round(clamp(t)))^2` with
+    /// `t = x / scale + zero` (by the reciprocal): the RTN candidate's squared error over
+    /// `scale^2`. The codes written are those of [`RtnAsym::code`] (an exact division, ties
+    /// away from zero); where the reciprocal or the tie rule picks the other neighbour of a
+    /// midpoint, both neighbours are half a step away, so the error is the same up to f32
+    /// rounding, like every error scored here.
     #[inline(always)]
-    fn code(&self, l: usize, x: f32) -> f32 {
-        let y = clamp(x / self.scale[l], -self.zero[l], self.top[l]);
-        round_half_away(y) + self.zero[l]
+    fn code_error(&self, l: usize, x: f32, qmax: f32) -> f32 {
+        let t = x * self.inv[l] + self.zero[l];
+        let e = t - code(t, qmax);
+        e * e
     }
 }
 
@@ -188,20 +206,28 @@ pub(crate) fn hqq_batch(
     let mut scale = [1f32; WIDTH];
     let mut zero = [0f32; WIDTH];
     let mut hqq = [false; WIDTH];
+    let (fast_scale, fast_zero, fast) = rtn_setup(&lo, &hi, storage.rtn_grid(), qmax);
     for l in 0..WIDTH {
         // Neutral constants, so an unused lane computes finite numbers.
-        (rtn.scale[l], rtn.zero[l], rtn.top[l]) = (1.0, 0.0, qmax);
+        (rtn.scale[l], rtn.inv[l], rtn.zero[l], rtn.top[l]) = (1.0, 1.0, 0.0, qmax);
         let range = hi[l] - lo[l];
         let finite = range.is_finite() && lo[l].is_finite() && hi[l].is_finite();
         if l >= count || poison[l] != 0.0 || !finite {
             continue;
         }
-        let r = RtnAsym::new(bits, storage.rtn_grid(), lo[l].min(0.0), hi[l].max(0.0));
-        if r.scale == 0.0 {
+        let (r_scale, r_zero) = match fast[l] {
+            true => (fast_scale[l], fast_zero[l]),
+            false => {
+                let r = RtnAsym::new(bits, storage.rtn_grid(), lo[l].min(0.0), hi[l].max(0.0));
+                (r.scale, r.zero)
+            }
+        };
+        if r_scale == 0.0 {
             continue;
         }
-        rtn_params[l] = (r.scale, r.zero);
-        (rtn.scale[l], rtn.zero[l], rtn.top[l]) = (r.scale, r.zero, qmax - r.zero);
+        rtn_params[l] = (r_scale, r_zero);
+        (rtn.scale[l], rtn.zero[l], rtn.top[l]) = (r_scale, r_zero, qmax - r_zero);
+        rtn.inv[l] = 1.0 / r_scale;
         choice[l] = Choice::Rtn;
         // Lanes HQQ runs on (those whose RTN error turns out infinite are dropped below),
         // their min-max scale and start zero.
@@ -230,85 +256,94 @@ pub(crate) fn hqq_batch(
         optimize_zeros(x, &rtn, &hqq, &inv, &zero, qmax, hqq_iterations, &batched);
     prefetch_quarter();
     let mut rtn_sums = match (rtn_sums, any_hqq) {
-        (None, false) => Some(rtn_pass(x, &rtn)),
+        (None, false) => Some(rtn_pass(x, &rtn, qmax)),
         (sums, _) => sums,
     };
 
     if any_hqq {
-        let mut best = [f64::NAN; WIDTH];
-        let mut current = [None; WIDTH];
+        let mut st = Rounds {
+            active: [false; WIDTH],
+            cur_s: [1.0; WIDTH],
+            cur_z: [0.0; WIDTH],
+            best: [f64::NAN; WIDTH],
+            won: [false; WIDTH],
+            best_s: [0.0; WIDTH],
+            best_z: [0.0; WIDTH],
+        };
         for l in 0..WIDTH {
-            if hqq[l] {
-                current[l] = match storage {
-                    Storage::F16Pair => {
-                        let (s, z) = (round_f16(scale[l]), round_f16(best_zero[l]));
-                        (s > 0.0 && s.is_finite() && z.is_finite()).then_some((s, z))
-                    }
-                    Storage::IntegerZero(_) => {
-                        storage.store(f64::from(scale[l]), f64::from(best_zero[l]), qmax)
-                    }
-                };
+            if !hqq[l] {
+                continue;
+            }
+            let start = match storage {
+                Storage::F16Pair => {
+                    let (s, z) = (round_f16(scale[l]), round_f16(best_zero[l]));
+                    (s > 0.0 && s.is_finite() && z.is_finite()).then_some((s, z))
+                }
+                Storage::IntegerZero(_) => {
+                    storage.store(f64::from(scale[l]), f64::from(best_zero[l]), qmax)
+                }
+            };
+            if let Some((s, z)) = start {
+                (st.active[l], st.cur_s[l], st.cur_z[l]) = (true, s, z);
             }
         }
         let rounds = match storage {
             Storage::F16Pair => solver.relaxed_refit_rounds,
             Storage::IntegerZero(_) => solver.int_refit_rounds,
         };
-        for _ in 0..=rounds {
-            if current.iter().all(Option::is_none) {
+        for round in 0..=rounds {
+            if !st.active.iter().any(|&a| a) {
                 break;
             }
-            let mut s = [1f32; WIDTH];
-            let mut z = [0f32; WIDTH];
-            for l in 0..WIDTH {
-                if let Some((sl, zl)) = current[l] {
-                    (s[l], z[l]) = (sl, zl);
-                }
-            }
             prefetch_quarter();
-            let is = s.map(|v| 1.0 / v);
+            if let (Storage::F16Pair, Some([rtn_sse, sum_x])) = (storage, rtn_sums) {
+                if round == 0 {
+                    st.start(&rtn_sse);
+                }
+                f16_round(x, &mut st, &sum_x, n, solver.refit_relax, qmax);
+                continue;
+            }
+            let is = st.cur_s.map(|v| 1.0 / v);
             let [sse, sq, sqq, sqx] = match rtn_sums {
-                Some(_) => score_pass(x, &s, &is, &z, qmax),
+                Some(_) => score_pass(x, &st.cur_s, &is, &st.cur_z, qmax),
                 None => {
                     let [sse, sq, sqq, sqx, rtn_sse, sum_x] =
-                        rtn_score_pass(x, &rtn, &s, &is, &z, qmax);
+                        rtn_score_pass(x, &rtn, &st.cur_s, &is, &st.cur_z, qmax);
                     rtn_sums = Some([rtn_sse, sum_x]);
                     [sse, sq, sqq, sqx]
                 }
             };
             let [rtn_sse, sum_x] = rtn_sums.unwrap_or([[f64::NAN; WIDTH]; 2]);
-            for l in 0..WIDTH {
-                // A lane whose RTN error is not finite keeps the RTN result.
-                if !rtn_sse[l].is_finite() {
-                    current[l] = None;
-                }
-                if best[l].is_nan() {
-                    best[l] = rtn_sse[l];
-                }
+            if round == 0 {
+                st.start(&rtn_sse);
             }
-            let next = match storage {
+            let (next_s, next_z, valid) = match storage {
                 Storage::F16Pair => {
                     let sums = [sq, sqq, sum_x, sqx];
-                    let active = current.map(|c| c.is_some());
-                    refit_f16_lanes(n, &sums, &s, &z, solver.refit_relax, &active)
+                    refit_f16_lanes(n, &sums, &st.cur_s, &st.cur_z, solver.refit_relax)
                 }
-                Storage::IntegerZero(_) => std::array::from_fn(|l| match current[l] {
-                    Some(pair) => {
+                Storage::IntegerZero(_) => {
+                    let (mut next_s, mut next_z) = (st.cur_s, st.cur_z);
+                    let mut valid = [false; WIDTH];
+                    for l in 0..WIDTH {
+                        if !st.active[l] {
+                            continue;
+                        }
                         let ls = [sq[l], sqq[l], sum_x[l], sqx[l]];
                         let from = (solver.int_refit_relax != 1.0)
-                            .then_some((pair, solver.int_refit_relax));
-                        storage.refit_relaxed(n, ls, qmax, from)
+                            .then_some(((st.cur_s[l], st.cur_z[l]), solver.int_refit_relax));
+                        if let Some((s, z)) = storage.refit_relaxed(n, ls, qmax, from) {
+                            (next_s[l], next_z[l], valid[l]) = (s, z, true);
+                        }
                     }
-                    None => None,
-                }),
-            };
-            for l in 0..WIDTH {
-                let Some(pair) = current[l] else { continue };
-                if sse[l] < best[l] {
-                    best[l] = sse[l];
-                    choice[l] = Choice::Hqq(pair.0, pair.1);
+                    (next_s, next_z, valid)
                 }
-                current[l] = if next[l] == Some(pair) { None } else { next[l] };
+            };
+            st.update(&sse, &next_s, &next_z, &valid);
+        }
+        for (l, choice) in choice.iter_mut().enumerate() {
+            if st.won[l] {
+                *choice = Choice::Hqq(st.best_s[l], st.best_z[l]);
             }
         }
     }
@@ -334,6 +369,125 @@ pub(crate) fn hqq_batch(
         }
     }
 }
+
+/// [`RtnAsym::new`]'s scale and zero for the range `[min(lo, 0), max(hi, 0)]` in every lane
+/// whose raw scale `range / qmax` is finite and a normal number of `grid` (rounding it up
+/// to the grid is then a bit operation), and in which lanes that holds (the others must call
+/// [`RtnAsym::new`]): the same operations as `quantize::params_from_range`, on all lanes at
+/// once (a test compares the two).
+#[inline(always)]
+fn rtn_setup_body(
+    lo: &Lanes,
+    hi: &Lanes,
+    grid: ScaleDtype,
+    qmax: f32,
+) -> (Lanes, Lanes, [bool; WIDTH]) {
+    // Bits added before clearing them (rounding up to the grid), and the raw scales whose
+    // rounded value is a normal, finite number of the grid.
+    let (mask, min, max) = match grid {
+        ScaleDtype::F16 => (0x1FFFu32, 6.103_515_6e-5f32, 65_504.0f32),
+        ScaleDtype::Bf16 => (0xFFFF, f32::MIN_POSITIVE, 3.389_531_4e38),
+        ScaleDtype::F32 => (0, f32::MIN_POSITIVE, f32::MAX),
+    };
+    let (mut scale, mut zero, mut ok) = ([1f32; WIDTH], [0f32; WIDTH], [false; WIDTH]);
+    for l in 0..WIDTH {
+        let (lo, hi) = (lo[l].min(0.0), hi[l].max(0.0));
+        let raw = (hi - lo) / qmax;
+        ok[l] = (raw >= min) & (raw <= max);
+        let s = f32::from_bits(raw.to_bits().wrapping_add(mask) & !mask);
+        let s = if ok[l] { s } else { 1.0 };
+        let z = (-lo / s).round();
+        scale[l] = s;
+        zero[l] = if z.is_nan() { 0.0 } else { z.clamp(0.0, qmax) };
+    }
+    (scale, zero, ok)
+}
+
+crate::dtype::avx2_dispatch!(
+    pub(super) fn rtn_setup(lo: &Lanes, hi: &Lanes, grid: ScaleDtype, qmax: f32)
+        -> (Lanes, Lanes, [bool; WIDTH]) => rtn_setup_body
+);
+
+/// The least-squares rounds' state, per lane: whether a pair is still being refitted
+/// (`active`), that pair `(cur_s, cur_z)`, the lowest squared error so far (`best`, the RTN
+/// candidate's to start with) and the pair that scored it where one beat RTN (`won`). Plain
+/// arrays updated by selects, so a round's bookkeeping has no branch per lane.
+struct Rounds {
+    active: [bool; WIDTH],
+    cur_s: Lanes,
+    cur_z: Lanes,
+    best: [f64; WIDTH],
+    won: [bool; WIDTH],
+    best_s: Lanes,
+    best_z: Lanes,
+}
+
+impl Rounds {
+    /// Before the first round's choice: the RTN candidate's error is the one to beat, and a
+    /// lane whose RTN error is not finite keeps the RTN result.
+    fn start(&mut self, rtn_sse: &[f64; WIDTH]) {
+        for (active, sse) in self.active.iter_mut().zip(rtn_sse) {
+            *active &= sse.is_finite();
+        }
+        self.best = *rtn_sse;
+    }
+
+    /// After a round scored the current pairs (`sse`) and refitted them (`next_*`, `valid`):
+    /// keeps a pair that beats the best so far, moves on to the refitted pairs, and ends
+    /// lanes whose refit is not valid or gives back the scored pair (a fixed point).
+    #[inline(always)]
+    fn update(
+        &mut self,
+        sse: &[f64; WIDTH],
+        next_s: &Lanes,
+        next_z: &Lanes,
+        valid: &[bool; WIDTH],
+    ) {
+        for l in 0..WIDTH {
+            let better = self.active[l] & (sse[l] < self.best[l]);
+            self.best[l] = if better { sse[l] } else { self.best[l] };
+            self.best_s[l] = if better {
+                self.cur_s[l]
+            } else {
+                self.best_s[l]
+            };
+            self.best_z[l] = if better {
+                self.cur_z[l]
+            } else {
+                self.best_z[l]
+            };
+            self.won[l] |= better;
+            let same = (next_s[l] == self.cur_s[l]) & (next_z[l] == self.cur_z[l]);
+            self.active[l] = self.active[l] & valid[l] & !same;
+            self.cur_s[l] = if valid[l] { next_s[l] } else { self.cur_s[l] };
+            self.cur_z[l] = if valid[l] { next_z[l] } else { self.cur_z[l] };
+        }
+    }
+}
+
+/// One least-squares round of real f16 pairs in every lane, all in one function (score
+/// pass, over-relaxed refit, bookkeeping): [`score_pass`], [`refit_f16_lanes`],
+/// [`Rounds::update`]. `sum_x` is each lane's sum of `x`.
+#[inline(always)]
+fn f16_round_body(
+    x: &[Lanes],
+    st: &mut Rounds,
+    sum_x: &[f64; WIDTH],
+    n: f64,
+    relax: f64,
+    qmax: f32,
+) {
+    let is = st.cur_s.map(|v| 1.0 / v);
+    let [sse, sq, sqq, sqx] = score_pass_body(x, &st.cur_s, &is, &st.cur_z, qmax);
+    let sums = [sq, sqq, *sum_x, sqx];
+    let (next_s, next_z, valid) = refit_f16_lanes(n, &sums, &st.cur_s, &st.cur_z, relax);
+    st.update(&sse, &next_s, &next_z, &valid);
+}
+
+crate::dtype::avx2_dispatch!(
+    fn f16_round(x: &[Lanes], st: &mut Rounds, sum_x: &[f64; WIDTH], n: f64, relax: f64,
+        qmax: f32) => f16_round_body
+);
 
 /// Asks the CPU to bring the weights of `groups` into cache (a hint: no effect on results).
 pub(crate) fn prefetch(groups: &[(&[f32], &mut [u8])]) {
@@ -485,7 +639,7 @@ unsafe fn transpose_scan_avx2(groups: &[&[f32]; WIDTH], x: &mut [Lanes]) -> Scan
 #[inline(always)]
 fn round_f16_normal(v: f32) -> f32 {
     let b = v.to_bits();
-    f32::from_bits((b + 0x0FFF + ((b >> 13) & 1)) & 0xFFFF_E000)
+    f32::from_bits(b.wrapping_add(0x0FFF + ((b >> 13) & 1)) & 0xFFFF_E000)
 }
 
 /// Whether [`round_f16_normal`] applies to `v`.
@@ -531,39 +685,40 @@ fn refit_lanes_body(
     (a_out, z_out, fits)
 }
 
-crate::dtype::avx2_dispatch!(
-    fn refit_lanes(n: f64, sums: &[[f64; WIDTH]; 4], s: &Lanes, z: &Lanes, relax: f64)
-        -> (Lanes, Lanes, [bool; WIDTH]) => refit_lanes_body
-);
-
 /// The least-squares refit of [`Storage::refit`] for real f16 pairs in every lane at once:
 /// `x ~ a q + c` from the sums `[q, q^2, x, q x]` of the codes of the pair `(s, z)`,
 /// moved `relax` times as far from `(s, -z s)` (over-relaxation), then
-/// `(s, z) = (a, -c / a)` rounded to f16; `None` where the fit or its rounding is not a
-/// valid pair (and in lanes not `active`).
+/// `(s, z) = (a, -c / a)` rounded to f16, and whether that is a valid pair (the fit and its
+/// rounding; where not, the returned pair is meaningless).
+#[inline(always)]
 fn refit_f16_lanes(
     n: f64,
     sums: &[[f64; WIDTH]; 4],
     s: &Lanes,
     z: &Lanes,
     relax: f64,
-    active: &[bool; WIDTH],
-) -> [Option<(f32, f32)>; WIDTH] {
-    let (a, zero, fits) = refit_lanes(n, sums, s, z, relax);
-    let mut out = [None; WIDTH];
+) -> (Lanes, Lanes, [bool; WIDTH]) {
+    let (a, zero, fits) = refit_lanes_body(n, sums, s, z, relax);
+    // Normal f16 magnitudes by bit arithmetic in every lane, the rest (rare) one by one.
+    let mut out_s = a.map(round_f16_normal);
+    let mut out_z = zero.map(round_f16_normal);
+    let mut normal = [false; WIDTH];
     for l in 0..WIDTH {
-        if !(active[l] && fits[l]) {
-            continue;
-        }
-        let (s, z) = match f16_normal(a[l]) && f16_normal(zero[l]) {
-            true => (round_f16_normal(a[l]), round_f16_normal(zero[l])),
-            false => (round_f16(a[l]), round_f16(zero[l])),
-        };
-        if fits[l] && s > 0.0 && s.is_finite() && z.is_finite() {
-            out[l] = Some((s, z));
+        normal[l] = f16_normal(a[l]) & f16_normal(zero[l]);
+    }
+    if !normal.iter().all(|&v| v) {
+        for l in 0..WIDTH {
+            if !normal[l] {
+                (out_s[l], out_z[l]) = (round_f16(a[l]), round_f16(zero[l]));
+            }
         }
     }
-    out
+    let mut valid = [false; WIDTH];
+    for l in 0..WIDTH {
+        let (s, z) = (out_s[l], out_z[l]);
+        valid[l] = fits[l] & (s > 0.0) & (s < f32::INFINITY) & (z.abs() < f32::INFINITY);
+    }
+    (out_s, out_z, valid)
 }
 
 /// Step 2 for every lane with `active` set: the half-quadratic zero iterations at the fixed
@@ -674,8 +829,7 @@ fn hqq_pass_generic<const RTN: bool>(
                 update[l] += q - y + shrunk;
                 abs_err[l] += ae;
                 if RTN {
-                    let d = xv - (rtn.code(l, xv) - rtn.zero[l]) * rtn.scale[l];
-                    sse[l] += d * d;
+                    sse[l] += rtn.code_error(l, xv, qmax);
                     sum[l] += xv;
                 }
             }
@@ -687,6 +841,11 @@ fn hqq_pass_generic<const RTN: bool>(
                 total[2][l] += f64::from(sse[l]);
                 total[3][l] += f64::from(sum[l]);
             }
+        }
+    }
+    if RTN {
+        for (sse, &scale) in total[2].iter_mut().zip(&rtn.scale) {
+            *sse *= f64::from(scale) * f64::from(scale);
         }
     }
     total
@@ -750,7 +909,9 @@ fn hqq_pass_lp(
 
 /// One least-squares round of every lane at its stored pair `(s, z)` (`is = 1 / s`):
 /// `[sum (x - dq)^2, sum q, sum q^2, sum q*x]`; with `RTN`, also the RTN candidate's
-/// squared error and the sum of `x` (what [`rtn_pass`] measures).
+/// squared error and the sum of `x` (what [`rtn_pass`] measures). The squared error is
+/// summed in code units, `s^2 sum (t - q)^2` with `t = x / s + z` (by the reciprocal, as
+/// the codes are written), which is `sum (x - (q - z) s)^2` up to f32 rounding.
 #[inline(always)]
 fn score_pass_generic<const RTN: bool>(
     x: &[Lanes],
@@ -767,15 +928,15 @@ fn score_pass_generic<const RTN: bool>(
         for row in run {
             for l in 0..WIDTH {
                 let xv = row[l];
-                let q = code(xv * is[l] + z[l], qmax);
-                let d = xv - (q - z[l]) * s[l];
-                part[0][l] += d * d;
+                let t = xv * is[l] + z[l];
+                let q = code(t, qmax);
+                let e = t - q;
+                part[0][l] += e * e;
                 part[1][l] += q;
                 part[2][l] += q * q;
                 part[3][l] += q * xv;
                 if RTN {
-                    let d = xv - (rtn.code(l, xv) - rtn.zero[l]) * rtn.scale[l];
-                    part[4][l] += d * d;
+                    part[4][l] += rtn.code_error(l, xv, qmax);
                     part[5][l] += xv;
                 }
             }
@@ -784,6 +945,12 @@ fn score_pass_generic<const RTN: bool>(
             for l in 0..WIDTH {
                 total[k][l] += f64::from(part[k][l]);
             }
+        }
+    }
+    for l in 0..WIDTH {
+        total[0][l] *= f64::from(s[l]) * f64::from(s[l]);
+        if RTN {
+            total[4][l] *= f64::from(rtn.scale[l]) * f64::from(rtn.scale[l]);
         }
     }
     total
@@ -831,7 +998,7 @@ fn at_least_zero(v: f32) -> f32 {
 
 /// The RTN candidate's squared error in every lane, and the lane's sum of `x`.
 #[inline(always)]
-fn rtn_pass_body(x: &[Lanes], rtn: &RtnLanes) -> [[f64; WIDTH]; 2] {
+fn rtn_pass_body(x: &[Lanes], rtn: &RtnLanes, qmax: f32) -> [[f64; WIDTH]; 2] {
     let rtn = *rtn;
     let mut total = [[0f64; WIDTH]; 2];
     for run in x.chunks(FLUSH) {
@@ -840,8 +1007,7 @@ fn rtn_pass_body(x: &[Lanes], rtn: &RtnLanes) -> [[f64; WIDTH]; 2] {
         for row in run {
             for l in 0..WIDTH {
                 let xv = row[l];
-                let d = xv - (rtn.code(l, xv) - rtn.zero[l]) * rtn.scale[l];
-                sse[l] += d * d;
+                sse[l] += rtn.code_error(l, xv, qmax);
                 sum[l] += xv;
             }
         }
@@ -850,11 +1016,14 @@ fn rtn_pass_body(x: &[Lanes], rtn: &RtnLanes) -> [[f64; WIDTH]; 2] {
             total[1][l] += f64::from(sum[l]);
         }
     }
+    for (sse, &scale) in total[0].iter_mut().zip(&rtn.scale) {
+        *sse *= f64::from(scale) * f64::from(scale);
+    }
     total
 }
 
 crate::dtype::avx2_dispatch!(
-    fn rtn_pass(x: &[Lanes], rtn: &RtnLanes) -> [[f64; WIDTH]; 2] => rtn_pass_body
+    fn rtn_pass(x: &[Lanes], rtn: &RtnLanes, qmax: f32) -> [[f64; WIDTH]; 2] => rtn_pass_body
 );
 
 /// The HQQ codes `round(clamp(x / s + z))` (`is = 1 / s`) of one group.
@@ -871,7 +1040,8 @@ crate::dtype::avx2_dispatch!(
     fn write_codes(g: &[f32], is: f32, z: f32, qmax: f32, out: &mut [u8]) => write_codes_body
 );
 
-/// The RTN candidate's codes of one group (the arithmetic of [`RtnLanes::code`]).
+/// The RTN candidate's codes of one group (the arithmetic of [`RtnAsym::code`]: an exact
+/// division, as `rtn_codes` computes them).
 #[inline(always)]
 fn write_rtn_codes_body(g: &[f32], scale: f32, zero: f32, top: f32, out: &mut [u8]) {
     for (c, &v) in out.iter_mut().zip(g) {

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::quantize::tests::{rel_fro, sample, sq_err};
-use crate::quantize::{quantize_dequantize_rows, rtn_codes};
+use crate::quantize::{quantize_dequantize_rows, rtn_codes, RtnAsym};
 use crate::recipe::QuantizeConfig;
 
 fn dequant(c: &AffineCodes) -> Vec<f32> {
@@ -425,6 +425,63 @@ fn bench_like_matrix(rows: usize, seed: u64) -> Vec<f32> {
         }
     }
     out
+}
+
+/// The batched solver's RTN setup (all lanes at once) gives [`RtnAsym::new`]'s scale and
+/// zero bit for bit wherever it applies, on every grid: ranges from wide to tiny, one-sided,
+/// around the grids' edges.
+#[test]
+fn batched_rtn_setup_matches_rtn_asym() {
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut applied = 0;
+    for round in 0..4000 {
+        let mut lo = [0f32; batched::WIDTH];
+        let mut hi = [0f32; batched::WIDTH];
+        for l in 0..batched::WIDTH {
+            // Magnitudes from 1e-12 to 1e12 (and the grids' edges), of either sign.
+            let magnitude = |r: u64| 10f32.powf((r % 2400) as f32 / 100.0 - 12.0);
+            let (a, b) = (magnitude(next()), magnitude(next()));
+            (lo[l], hi[l]) = match (round + l) % 7 {
+                0 => (-a, b),
+                1 => (a.min(b), a.max(b)),
+                2 => (-a.max(b), -a.min(b)),
+                3 => (-a, 0.0),
+                4 => (0.0, b),
+                5 => (-0.0, 65_504.0 * 15.0 * (1.0 + (next() % 3) as f32 * 1e-3)),
+                _ => (
+                    -6.103_515_6e-5 * 15.0 * (1.0 - (next() % 3) as f32 * 1e-3),
+                    0.0,
+                ),
+            };
+        }
+        for grid in [ScaleDtype::F16, ScaleDtype::Bf16, ScaleDtype::F32] {
+            for bits in [2u8, 3, 4, 8] {
+                let qmax = ((1u32 << bits) - 1) as f32;
+                let (scale, zero, ok) = batched::rtn_setup(&lo, &hi, grid, qmax);
+                for l in 0..batched::WIDTH {
+                    if !ok[l] {
+                        continue;
+                    }
+                    applied += 1;
+                    let r = RtnAsym::new(bits, grid, lo[l].min(0.0), hi[l].max(0.0));
+                    assert_eq!(
+                        (scale[l].to_bits(), zero[l].to_bits()),
+                        (r.scale.to_bits(), r.zero.to_bits()),
+                        "{grid:?} {bits} bits [{:e}, {:e}]",
+                        lo[l],
+                        hi[l]
+                    );
+                }
+            }
+        }
+    }
+    assert!(applied > 500_000, "{applied}");
 }
 
 /// The batched refit's f16 rounding agrees with `half` on every f16 value, the midpoints
