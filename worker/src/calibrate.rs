@@ -329,8 +329,18 @@ async fn read_accumulator(
         .chunks_exact(8)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
         .collect();
-    let start = 12 + 8 * count as u64 + lengths[..group].iter().sum::<u64>();
-    let bytes = out.get_range(name, start..start + lengths[group]).await?;
+    let overflow = || corrupt("its group lengths overflow".into());
+    let start = (lengths[..group].iter())
+        .try_fold(12 + 8 * count as u64, |at, &len| at.checked_add(len))
+        .ok_or_else(overflow)?;
+    let end = start.checked_add(lengths[group]).ok_or_else(overflow)?;
+    let size = out.size(name).await?;
+    if end > size {
+        return Err(corrupt(format!(
+            "group {group} ends at byte {end}, the object has {size}"
+        )));
+    }
+    let bytes = out.get_range(name, start..end).await?;
     HessianAccumulator::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))
 }
 
@@ -814,4 +824,72 @@ pub(crate) async fn attach_solved(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A statistics object of `parts` as `stats_bytes` writes it.
+    fn stats_object(parts: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = STATS_MAGIC.to_vec();
+        out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+        for part in parts {
+            out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        }
+        for part in parts {
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_statistics_object_is_refused_naming_it() {
+        let out = StoreLocation::open("memory:///stats-test").unwrap();
+        let mut accumulator = HessianAccumulator::new(4);
+        accumulator
+            .add_rows(&[1.0, 2.0, 3.0, 4.0, 0.5, 0.25, 0.0, 1.0], 4)
+            .unwrap();
+        let good = accumulator.to_bytes();
+        out.put("good", stats_object(std::slice::from_ref(&good)).into())
+            .await
+            .unwrap();
+        let read = read_accumulator(&out, "good", 0).await.unwrap();
+        assert_eq!(read.to_bytes(), good);
+
+        let mut huge = stats_object(&[good.clone(), good.clone()]);
+        huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+        let mut long = stats_object(std::slice::from_ref(&good));
+        long[12..20].copy_from_slice(&(good.len() as u64 + 1).to_le_bytes());
+        let cases: [(&str, Vec<u8>, usize, &str); 5] = [
+            (
+                "magic",
+                b"NOTSTATSxxxx".to_vec(),
+                0,
+                "not a statistics object",
+            ),
+            (
+                "group",
+                stats_object(std::slice::from_ref(&good)),
+                1,
+                "1 groups, group 1 wanted",
+            ),
+            ("overflow", huge, 1, "overflow"),
+            ("long", long, 0, "the object has"),
+            (
+                "garbage",
+                stats_object(&[vec![7u8; 40]]),
+                0,
+                "bad Hessian bytes",
+            ),
+        ];
+        for (name, bytes, group, reason) in cases {
+            out.put(name, bytes.into()).await.unwrap();
+            let err = read_accumulator(&out, name, group)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(name) && err.contains(reason), "{name}: {err}");
+        }
+    }
 }
