@@ -17,6 +17,28 @@ fn worst(v: &Value, key: &str) -> String {
     }
 }
 
+/// A GGUF job's mixed-precision tensors counted by the block type stored (a width's type, or
+/// llama.cpp's fallback for rows that are not whole blocks of it), widest first.
+fn gguf_types(report: &Value, mixed: &Value) -> Vec<String> {
+    let chosen: std::collections::HashSet<&str> = (mixed["tensors"].as_array().into_iter())
+        .flatten()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    let mut counts = std::collections::BTreeMap::new();
+    for t in report["tensors"].as_array().into_iter().flatten() {
+        if chosen.contains(t["name"].as_str().unwrap_or("")) {
+            let ty = t["pass"]
+                .as_str()
+                .unwrap_or("?")
+                .trim_start_matches("gguf ");
+            *counts.entry(ty.to_owned()).or_insert(0u64) += 1;
+        }
+    }
+    (counts.iter().rev())
+        .map(|(ty, count)| format!("{ty} x{count}"))
+        .collect()
+}
+
 pub fn print_summary(report: &Value) {
     let s = &report["summary"];
     let recipe = report["recipe"]["description"].as_str().unwrap_or("?");
@@ -66,20 +88,24 @@ pub fn print_summary(report: &Value) {
         );
     }
     if let Some(m) = report.get("mixed_precision").filter(|m| m.is_object()) {
-        let widths: Vec<String> = (m["widths"].as_object().into_iter().flatten())
-            .rev()
-            .map(|(width, count)| {
-                let count = count.as_u64().unwrap_or(0);
-                let split = width
-                    .find(|c: char| !c.is_ascii_digit())
-                    .unwrap_or(width.len());
-                match &width[split..] {
-                    "" => format!("{width}-bit x{count}"),
-                    "c" => format!("{}-bit per channel x{count}", &width[..split]),
-                    rest => format!("{}-bit {rest} x{count}", &width[..split]),
-                }
-            })
-            .collect();
+        let widths = if report["format"] == "gguf" {
+            gguf_types(report, m)
+        } else {
+            (m["widths"].as_object().into_iter().flatten())
+                .rev()
+                .map(|(width, count)| {
+                    let count = count.as_u64().unwrap_or(0);
+                    let split = width
+                        .find(|c: char| !c.is_ascii_digit())
+                        .unwrap_or(width.len());
+                    match &width[split..] {
+                        "" => format!("{width}-bit x{count}"),
+                        "c" => format!("{}-bit per channel x{count}", &width[..split]),
+                        rest => format!("{}-bit {rest} x{count}", &width[..split]),
+                    }
+                })
+                .collect()
+        };
         say!(
             "mixed prec.  {:.4} bits/weight stored on the quantized tensors (target {}): {}",
             num(m, "bits_per_weight"),

@@ -300,13 +300,18 @@ def test_a_bit_budget_gives_each_tensor_its_measured_type(model, inputs):
     by the bytes in the file, and the GGUF dequantizes to the safetensors output of the same
     job (the same choice whatever the format)."""
     config, source = inputs
-    outs = {}
+    outs, printed = {}, {}
     for fmt in ("gguf", "safetensors"):
         outs[fmt] = model / f"budget-{fmt}"
-        shardpress("run", "--workers", "2", "--model", model / "model", "--out", outs[fmt],
-                   "--recipe", "q4_k_m", "--format", fmt, "--target-bpw", "5")
+        printed[fmt] = shardpress(
+            "run", "--workers", "2", "--model", model / "model", "--out", outs[fmt],
+            "--recipe", "q4_k_m", "--format", fmt, "--target-bpw", "5").stdout
     report = json.loads((outs["gguf"] / "report.json").read_text())
     mixed = report["mixed_precision"]
+    # The summary counts the block types stored.
+    line = next(l for l in printed["gguf"].splitlines() if l.startswith("mixed prec."))
+    counted = {ty: int(n) for ty, n in re.findall(r"(Q\d_[K0-9]) x(\d+)", line)}
+    assert sum(counted.values()) == len(mixed["tensors"]), line
     widths = {t["name"]: t["bits"] for t in mixed["tensors"]}
     assert widths == {t["name"]: t["bits"] for t in json.loads(
         (outs["safetensors"] / "report.json").read_text())["mixed_precision"]["tensors"]}
