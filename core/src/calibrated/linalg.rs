@@ -495,6 +495,8 @@ impl UpperFactor {
             bases.push(total);
             total += ((p0 + FACTOR_PANEL).min(n) - p0) * (n - p0);
         }
+        // Exactly: a plain resize may double the capacity (a second triangle).
+        data.reserve_exact(total - data.len());
         data.resize(total, 0.0);
         let mut factor = UpperFactor { n, bases, data };
         for i in (0..n).rev() {
