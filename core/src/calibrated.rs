@@ -39,7 +39,7 @@
 //! weight, the result (codes and group parameters, or f32 values) and, never at the same
 //! time as a finished result, the baseline's f32 values; the sweep's f64 working rows exist
 //! one strip of 32 rows per task. Besides that: `O(n · 64)` scratch and `O(n · 32)` per
-//! worker thread. [`solve_memory_bytes`] bounds the total (6.4 GB for 28672 × 8192 on 16
+//! worker thread. [`solve_memory_bytes`] bounds the total (6.5 GB for 28672 × 8192 on 16
 //! threads, where the previous layout with one `n × n` factor needed 16.5 GB).
 //!
 //! Layout: [`hessian`] (the accumulator and its bytes), [`linalg`] (Cholesky, the inverse
@@ -98,7 +98,8 @@ const THREAD_FIXED_BYTES: u64 = (64 + 1024) * 256 * 8 + (1 << 20);
 /// - per thread of rayon's current pool ([`rayon::current_num_threads`], the pool the
 ///   methods run in): `512 n` bytes of strip scratch and 3 MiB for matrixmultiply's packing.
 ///
-/// For 28672 × 8192 on 16 threads that is 6.4 GB (3.3 GB triangle, 2.8 GB weight-shaped).
+/// For 28672 × 8192 that is 6.5 GB on 16 threads, 6.2 GB on 2 (3.3 GB triangle, 2.8 GB
+/// weight-shaped; the previous layout with an `n × n` factor needed 16.5 GB).
 /// Measured peaks: core/tests/solve_memory.rs. Not counted: allocator fragmentation.
 /// Saturates at `u64::MAX` instead of overflowing.
 pub fn solve_memory_bytes(n: usize, rows: usize) -> u64 {
