@@ -31,9 +31,9 @@
 //! accumulator's packed triangle (`n(n+1)/2` f64, 3.3 GB at n = 28672): GPTQ and SparseGPT
 //! take the accumulator by value ([`HessianInput`]) and normalise, permute, damp, factor,
 //! invert and reverse that very buffer in place into the inverse factor `U`
-//! ([`linalg`]). So `H` is gone once the sweep runs: the baseline's proxy loss is computed
+//! (`linalg`). So `H` is gone once the sweep runs: the baseline's proxy loss is computed
 //! from the triangle before the factor, and the method's own from the sweep's scaled errors
-//! (`tr(ΔW (H + λI) ΔWᵀ) = Σ e²`, minus the damping's share; see [`obs`]). A borrowed
+//! (`tr(ΔW (H + λI) ΔWᵀ) = Σ e²`, minus the damping's share; see `obs`). A borrowed
 //! accumulator (`&HessianAccumulator`, also accepted) costs one copy of the triangle more.
 //! AWQ and Wanda read the triangle directly. The weight-shaped buffers are the caller's f32
 //! weight, the result (codes and group parameters, or f32 values) and, never at the same

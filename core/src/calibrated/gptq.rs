@@ -1,6 +1,6 @@
 //! GPTQ (Frantar et al. 2022): quantize a Linear's weight column by column, spreading each
 //! column's rounding error over the columns not yet quantized through the inverse Hessian,
-//! with the reference implementation's lazy block updates (see [`super::obs`]).
+//! with the reference implementation's lazy block updates (see the `obs` module).
 //!
 //! Following the reference: dead inputs (`H_jj == 0`) get `H_jj = 1` and weight 0; damping
 //! `λ = dampening · mean(diag H)` is added to the diagonal; the upper Cholesky factor of
@@ -121,7 +121,7 @@ impl ColumnRule<RowCodes<'_>> for GptqRule<'_> {
 /// to be factored) or a `HessianAccumulator` (consumed: the triangle is factored in place,
 /// the memory [`super::solve_memory_bytes`] bounds). The RTN baseline's proxy loss is
 /// computed from the triangle before it is factored, the result's from the sweep itself
-/// (see [`super::obs`]).
+/// (see the `obs` module).
 ///
 /// A Hessian without statistics ([`super::has_statistics`]: no rows, or only zero inputs)
 /// gives RTN's codes, which are what GPTQ computes with `H = I`.

@@ -121,7 +121,7 @@ impl ColumnRule<RowMask<'_>> for NmRule<'_> {
 ///
 /// `hessian` as in [`super::gptq_codes`]: borrowed (its triangle copied to be factored) or
 /// by value (factored in place). The baseline's proxy loss is computed before the factor,
-/// the result's from the sweep (see [`super::obs`]).
+/// the result's from the sweep (see the `obs` module).
 ///
 /// Errors: shapes that disagree, a non-finite weight, a target out of range (or `cols` not
 /// a multiple of N:M's `m`), `block_size == 0`, a negative or non-finite dampening, or a
