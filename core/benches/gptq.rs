@@ -6,12 +6,15 @@
 //! [`HessianAccumulator::add_rows`] once in setup. Benchmarks (global rayon pool):
 //! - `rtn/int4-g128-asym`: [`rtn_codes`], the data-free baseline;
 //! - `gptq/int4-g128-asym`: [`gptq_codes`] with the reference defaults (damping 0.01, blocks
-//!   of 128), including both proxy losses it reports (two `rows × n²` products);
+//!   of 128), including both proxy losses it reports, with the accumulator borrowed (its
+//!   packed triangle copied to be factored);
+//! - `gptq/int4-g128-asym/owned`: the same with the accumulator given by value (factored in
+//!   place, as a SOLVE step does; the clone it consumes is made outside the timing);
 //! - `hessian/add_rows_512`: adding one batch of 512 input rows to a 4096-wide accumulator.
 //!
 //! Run: `cargo bench -p shardpress-core --bench gptq` (a few minutes on 2 cores).
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use shardpress_core::calibrated::{gptq_codes, GptqConfig, HessianAccumulator};
 use shardpress_core::quantize::rtn_codes;
 use shardpress_core::recipe::{Granularity, QuantizeConfig, ScaleDtype};
@@ -89,6 +92,13 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("gptq/int4-g128-asym", |b| {
         b.iter(|| gptq_codes(&cfg, black_box(&weight), N, &hessian).expect("valid"))
+    });
+    g.bench_function("gptq/int4-g128-asym/owned", |b| {
+        b.iter_batched(
+            || hessian.clone(),
+            |owned| gptq_codes(&cfg, black_box(&weight), N, owned).expect("valid"),
+            BatchSize::LargeInput,
+        )
     });
     let batch = &x[..512 * N];
     g.bench_function("hessian/add_rows_512", |b| {

@@ -27,14 +27,20 @@
 //! count. (Matrix products run in matrixmultiply's kernels, which it picks per CPU at run
 //! time: an FMA and a non-FMA machine may differ in the last bits.)
 //!
-//! **Memory.** A SOLVE of an `n`-wide Linear holds at most one `n × n` f64 matrix besides
-//! the accumulator's packed triangle: GPTQ and SparseGPT write the damped (permuted,)
-//! reversed Hessian straight from the triangle into one buffer, then factor, invert and
-//! rotate it in place into the inverse factor `U`, which is freed after the sweep; the proxy
-//! losses, AWQ and Wanda read the packed triangle directly. Besides that: `O(n · 64)`
-//! scratch, `O(n · 32)` per worker thread, and the weight-shaped buffers (the f64 working
-//! copy of the weight, the results and the baselines). [`solve_memory_bytes`] bounds the
-//! total; at n = 28672 the `n × n` buffer is 6.6 GB and the triangle 3.3 GB.
+//! **Memory.** A SOLVE of an `n`-wide Linear holds no `n × n` matrix, only the
+//! accumulator's packed triangle (`n(n+1)/2` f64, 3.3 GB at n = 28672): GPTQ and SparseGPT
+//! take the accumulator by value ([`HessianInput`]) and normalise, permute, damp, factor,
+//! invert and reverse that very buffer in place into the inverse factor `U`
+//! (`linalg`). So `H` is gone once the sweep runs: the baseline's proxy loss is computed
+//! from the triangle before the factor, and the method's own from the sweep's scaled errors
+//! (`tr(ΔW (H + λI) ΔWᵀ) = Σ e²`, minus the damping's share; see `obs`). A borrowed
+//! accumulator (`&HessianAccumulator`, also accepted) costs one copy of the triangle more.
+//! AWQ and Wanda read the triangle directly. The weight-shaped buffers are the caller's f32
+//! weight, the result (codes and group parameters, or f32 values) and, never at the same
+//! time as a finished result, the baseline's f32 values; the sweep's f64 working rows exist
+//! one strip of 32 rows per task. Besides that: `O(n · 64)` scratch and `O(n · 32)` per
+//! worker thread. [`solve_memory_bytes`] bounds the total (6.5 GB for 28672 × 8192 on 16
+//! threads, where the previous layout with one `n × n` factor needed 16.5 GB).
 //!
 //! Layout: [`hessian`] (the accumulator and its bytes), [`linalg`] (Cholesky, the inverse
 //! factor, checked dgemm, the proxy loss), [`obs`] (the column sweep with lazy block updates
@@ -57,10 +63,19 @@ pub use sparsegpt::sparsegpt;
 pub use wanda::wanda;
 
 /// Bytes per element of a `rows × n` weight that a SOLVE may hold at once, counted
-/// generously: the caller's f32 weight (4), the f64 working copy of the sweep (8), a result
-/// and a baseline with their decoded f32 values (≤ 10), group scales and zeros of both
-/// (≤ 4 for groups of ≥ 4 columns), masks (1), rounded up.
-const WEIGHT_BYTES_PER_ELEMENT: u64 = 28;
+/// generously: the caller's f32 weight (4), then either a baseline's decoded f32 values
+/// with its codes or mask (5) or the method's result (f32 values, 4; or codes, 1), group
+/// scales and zeros (≤ 2 for groups of ≥ 4 columns; act-order's static kernels ≤ 1.2 for
+/// groups of ≥ 32), rounded up.
+const WEIGHT_BYTES_PER_ELEMENT: u64 = 12;
+/// Per column: three `n × 64` f64 panels (the Cholesky's, the inverse's, the proxy loss's)
+/// at 512 bytes each, the sweep layout's padding of the factor (`64` f64 per column), and
+/// per-column vectors (the diagonal, the permutation and its bookkeeping, dead flags, `U`'s
+/// diagonal: ≤ 96 bytes).
+const SCRATCH_BYTES_PER_COLUMN: u64 = 3 * 64 * 8 + 64 * 8 + 96;
+/// Per output row: the sweep's per-row state (a row's slices, its group's kernel and values,
+/// SparseGPT's block scores and mask for blocks of up to 128 columns).
+const ROW_STATE_BYTES: u64 = 2048;
 /// Per worker thread: a strip of rows of `n` f64 values twice (the proxy loss's `Δ`, the
 /// sweep's errors) is `2 · 32 · 8` bytes per column, plus matrixmultiply's packing buffers
 /// (at most `(64 + 1024) · 256` f64 per product) and small per-task vectors.
@@ -71,35 +86,81 @@ const THREAD_FIXED_BYTES: u64 = (64 + 1024) * 256 * 8 + (1 << 20);
 /// An upper bound on the heap bytes a SOLVE step holds at its peak for an `n`-wide Linear
 /// (`in_features = n`) with `rows` output rows, for every method here ([`gptq_codes`] with
 /// or without act-order, [`sparsegpt`], [`awq_codes`], [`wanda`]), *including* its inputs:
-/// the accumulator's packed triangle and the f32 weight. It is the sum of
-/// - one `n × n` f64 matrix (`8n²`: the inverse factor, built in place) and the packed
-///   triangle (`4n(n+1)`);
-/// - 28 bytes per weight element (the f32 weight, the f64 working copy, the result, the
-///   data-free baseline, group parameters, masks);
-/// - `O(n)` scratch: three `n × 64` f64 panels and 64 bytes per column of per-column vectors;
-/// - 256 bytes per row for the sweep's per-row states;
+/// the accumulator's packed triangle and the f32 weight. GPTQ and SparseGPT must get the
+/// accumulator by value (a borrowed one adds a copy of the triangle, `4n(n+1)` bytes). It is
+/// the sum of
+/// - the packed triangle (`4n(n+1)`), which becomes the inverse factor in place;
+/// - 12 bytes per weight element (the f32 weight, the result, the data-free baseline before
+///   or after it, group parameters, masks);
+/// - `O(n)` scratch: three `n × 64` f64 panels, the factor layout's `64` f64 of padding per
+///   column and 96 bytes per column of per-column vectors;
+/// - 2 KiB per row for the sweep's per-row states;
 /// - per thread of rayon's current pool ([`rayon::current_num_threads`], the pool the
 ///   methods run in): `512 n` bytes of strip scratch and 3 MiB for matrixmultiply's packing.
 ///
-/// Measured peaks (core/tests/solve_memory.rs) are about 60 % of it at n = 1024, rows 512.
-/// Not counted: allocator fragmentation. Saturates at `u64::MAX` instead of overflowing.
+/// For 28672 × 8192 that is 6.5 GB on 16 threads, 6.2 GB on 2 (3.3 GB triangle, 2.8 GB
+/// weight-shaped; the previous layout with an `n × n` factor needed 16.5 GB).
+/// Measured peaks: core/tests/solve_memory.rs. Not counted: allocator fragmentation.
+/// Saturates at `u64::MAX` instead of overflowing.
 pub fn solve_memory_bytes(n: usize, rows: usize) -> u64 {
     let (n, rows) = (n as u64, rows as u64);
     let threads = rayon::current_num_threads() as u64;
-    let square = n.saturating_mul(n).saturating_mul(8);
     let triangle = n.saturating_mul(n.saturating_add(1)).saturating_mul(4);
     let weights = rows
         .saturating_mul(n)
         .saturating_mul(WEIGHT_BYTES_PER_ELEMENT);
-    let scratch = n.saturating_mul(3 * 64 * 8 + 64);
-    let per_row = rows.saturating_mul(256);
+    let scratch = n.saturating_mul(SCRATCH_BYTES_PER_COLUMN);
+    let per_row = rows.saturating_mul(ROW_STATE_BYTES);
     let per_thread = n
         .saturating_mul(THREAD_BYTES_PER_COLUMN)
         .saturating_add(THREAD_FIXED_BYTES)
         .saturating_mul(threads);
-    [triangle, weights, scratch, per_row, per_thread]
+    [weights, scratch, per_row, per_thread]
         .iter()
-        .fold(square, |total, &part| total.saturating_add(part))
+        .fold(triangle, |total, &part| total.saturating_add(part))
+}
+
+/// The Hessian a method reads: borrowed (the caller keeps it; GPTQ and SparseGPT then copy
+/// its packed triangle to factor it) or owned (consumed: they factor the triangle in place,
+/// which is what keeps a SOLVE within [`solve_memory_bytes`]). Both `&HessianAccumulator`
+/// and `HessianAccumulator` convert into it, so either can be passed to [`gptq_codes`],
+/// [`sparsegpt`] and [`GptqFactor::new`]; the results are the same bits either way.
+#[derive(Debug)]
+pub enum HessianInput<'a> {
+    /// The caller keeps the accumulator.
+    Borrowed(&'a HessianAccumulator),
+    /// The method uses the accumulator up.
+    Owned(HessianAccumulator),
+}
+
+impl HessianInput<'_> {
+    /// The accumulator.
+    pub fn get(&self) -> &HessianAccumulator {
+        match self {
+            HessianInput::Borrowed(h) => h,
+            HessianInput::Owned(h) => h,
+        }
+    }
+
+    /// The packed upper triangle to factor: the accumulator's own, or a copy of a borrowed one.
+    pub(crate) fn into_packed_upper(self) -> Vec<f64> {
+        match self {
+            HessianInput::Borrowed(h) => h.packed_upper().to_vec(),
+            HessianInput::Owned(h) => h.into_packed_upper(),
+        }
+    }
+}
+
+impl<'a> From<&'a HessianAccumulator> for HessianInput<'a> {
+    fn from(h: &'a HessianAccumulator) -> Self {
+        HessianInput::Borrowed(h)
+    }
+}
+
+impl From<HessianAccumulator> for HessianInput<'_> {
+    fn from(h: HessianAccumulator) -> Self {
+        HessianInput::Owned(h)
+    }
 }
 
 /// Why a calibrated method (or the accumulator) refused its input.

@@ -26,7 +26,8 @@ use super::{
     HessianAccumulator, MethodStats,
 };
 use crate::quantize::{
-    abs_max, check_bits, layout, min_max, params_from_range, rtn_codes, AffineCodes, CodeKernel,
+    abs_max, check_bits, layout, min_max, params_from_range, rtn_codes, rtn_codes_dequantize,
+    AffineCodes, CodeKernel,
 };
 use crate::recipe::{Granularity, QuantizeConfig};
 use rayon::prelude::*;
@@ -37,8 +38,13 @@ const STEPS_PER_UNIT: u32 = 40;
 const MAX_STEP: u32 = 20;
 
 /// Searches the best shrink of one group's range, writes its codes and returns
-/// `(scale, zero)`. `weights[j]` is the importance of `g[j]`.
-fn search_group(cfg: &QuantizeConfig, g: &[f32], weights: &[f64], codes: &mut [u8]) -> (f32, f32) {
+/// `(scale, zero)`. `importance(j)` is the importance of `g[j]`.
+fn search_group(
+    cfg: &QuantizeConfig,
+    g: &[f32],
+    importance: impl Fn(usize) -> f64,
+    codes: &mut [u8],
+) -> (f32, f32) {
     let (lo, hi) = if cfg.symmetric {
         let m = abs_max(g);
         (-m, m)
@@ -47,10 +53,10 @@ fn search_group(cfg: &QuantizeConfig, g: &[f32], weights: &[f64], codes: &mut [u
     };
     let error_of = |k: &CodeKernel| -> f64 {
         g.iter()
-            .zip(weights)
-            .map(|(&x, &d)| {
+            .enumerate()
+            .map(|(j, &x)| {
                 let (_, v) = k.code_and_value(x);
-                d * (f64::from(x) - f64::from(v)).powi(2)
+                importance(j) * (f64::from(x) - f64::from(v)).powi(2)
             })
             .sum()
     };
@@ -86,16 +92,20 @@ pub fn awq_codes(
     check_weight(weight, cols, hessian)?;
     check_bits(quant.bits).map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
     let diag = hessian.raw_diagonal();
-    let rtn =
-        rtn_codes(quant, weight, cols).map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
     if !has_statistics(hessian) {
+        let rtn = rtn_codes(quant, weight, cols)
+            .map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
         return Ok((rtn, no_statistics_stats()));
     }
-    let mut out = rtn.clone();
+    // Memory: one f32 buffer of decoded values and one set of codes at a time (RTN's codes
+    // become the search's output; RTN is recomputed in the rare case it wins).
+    let mut values = weight.to_vec();
+    let mut out = rtn_codes_dequantize(quant, &mut values, cols)
+        .map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
+    let rtn_proxy_loss = proxy_against(weight, &values, cols, hessian);
     if quant.granularity == Granularity::Tensor {
         if !weight.is_empty() {
-            let weights: Vec<f64> = (0..weight.len()).map(|i| diag[i % cols]).collect();
-            let (s, z) = search_group(quant, weight, &weights, &mut out.codes);
+            let (s, z) = search_group(quant, weight, |j| diag[j % cols], &mut out.codes);
             out.scales[0] = s;
             out.zeros[0] = z;
         }
@@ -113,17 +123,16 @@ pub fn awq_codes(
                     .zip(codes.chunks_mut(group_len))
                     .zip(diag.chunks(group_len));
                 for (i, ((g, c), d)) in groups.enumerate() {
-                    (scales[i], zeros[i]) = search_group(quant, g, d, c);
+                    (scales[i], zeros[i]) = search_group(quant, g, |j| d[j], c);
                 }
             });
     }
-    let mut values = vec![0.0f32; weight.len()];
-    rtn.dequantize_into(&mut values);
-    let rtn_proxy_loss = proxy_against(weight, &values, cols, hessian);
     out.dequantize_into(&mut values);
     let mut proxy_loss = proxy_against(weight, &values, cols, hessian);
+    drop(values);
     if proxy_loss > rtn_proxy_loss {
-        out = rtn;
+        out = rtn_codes(quant, weight, cols)
+            .map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
         proxy_loss = rtn_proxy_loss;
     }
     let stats = MethodStats {

@@ -1,6 +1,6 @@
 //! GPTQ (Frantar et al. 2022): quantize a Linear's weight column by column, spreading each
 //! column's rounding error over the columns not yet quantized through the inverse Hessian,
-//! with the reference implementation's lazy block updates (see [`super::obs`]).
+//! with the reference implementation's lazy block updates (see the `obs` module).
 //!
 //! Following the reference: dead inputs (`H_jj == 0`) get `H_jj = 1` and weight 0; damping
 //! `λ = dampening · mean(diag H)` is added to the diagonal; the upper Cholesky factor of
@@ -30,9 +30,11 @@
 use super::obs::{blocks, check_dampening, inverse_factor, sweep, ColumnRule, InverseFactor};
 use super::{
     check_weight, check_weight_dim, has_statistics, no_statistics_stats, proxy_against,
-    CalibratedError, HessianAccumulator, MethodStats,
+    CalibratedError, HessianInput, MethodStats,
 };
-use crate::quantize::{check_bits, group_params, layout, rtn_codes, AffineCodes, CodeKernel};
+use crate::quantize::{
+    check_bits, group_params, layout, rtn_codes, rtn_codes_dequantize, AffineCodes, CodeKernel,
+};
 use crate::recipe::{Granularity, QuantizeConfig};
 use rayon::prelude::*;
 
@@ -115,49 +117,54 @@ impl ColumnRule<RowCodes<'_>> for GptqRule<'_> {
 /// GPTQ codes of `weight` (rows of `cols`, f32 row-major) under `cfg.quant`, using the
 /// calibration statistics in `hessian`; see the module doc.
 ///
+/// `hessian` is a `&HessianAccumulator` (kept by the caller: its packed triangle is copied
+/// to be factored) or a `HessianAccumulator` (consumed: the triangle is factored in place,
+/// the memory [`super::solve_memory_bytes`] bounds). The RTN baseline's proxy loss is
+/// computed from the triangle before it is factored, the result's from the sweep itself
+/// (see the `obs` module).
+///
 /// A Hessian without statistics ([`super::has_statistics`]: no rows, or only zero inputs)
 /// gives RTN's codes, which are what GPTQ computes with `H = I`.
 ///
 /// Errors: shapes that disagree, a non-finite weight, bits outside 2..=8,
 /// `block_size == 0`, a negative or non-finite dampening, or a Hessian that stays
 /// indefinite after the damping retries.
-pub fn gptq_codes(
+pub fn gptq_codes<'h>(
     cfg: &GptqConfig,
     weight: &[f32],
     cols: usize,
-    hessian: &HessianAccumulator,
+    hessian: impl Into<HessianInput<'h>>,
 ) -> Result<(AffineCodes, MethodStats), CalibratedError> {
-    check_weight(weight, cols, hessian)?;
+    let hessian = hessian.into();
+    check_weight(weight, cols, hessian.get())?;
     check_config(cfg)?;
     let quant = &cfg.quant;
-    if !has_statistics(hessian) {
+    if !has_statistics(hessian.get()) {
         let rtn = rtn_codes(quant, weight, cols)
             .map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
         return Ok((rtn, no_statistics_stats()));
     }
-    let factor = inverse_factor(cols, hessian, cfg.dampening, cfg.act_order)?;
-    let out = sweep_codes(cfg, &factor, weight, cols);
-    // The n × n factor is done with: free it before the proxy losses.
-    let dead_columns = factor.dead.iter().filter(|&&d| d).count();
-    drop(factor);
-    let mut result = vec![0.0f32; weight.len()];
-    out.dequantize_into(&mut result);
-    let rtn =
-        rtn_codes(quant, weight, cols).map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
-    let mut rtn_values = vec![0.0f32; weight.len()];
-    rtn.dequantize_into(&mut rtn_values);
+    // The baseline's loss needs H: before the factor consumes it.
+    let rtn_proxy_loss = {
+        let mut rtn_values = weight.to_vec();
+        rtn_codes_dequantize(quant, &mut rtn_values, cols)
+            .map_err(|e| CalibratedError::BadConfig(e.to_string()))?;
+        proxy_against(weight, &rtn_values, cols, hessian.get())
+    };
+    let factor = inverse_factor(hessian, cfg.dampening, cfg.act_order)?;
+    let (out, proxy_loss) = sweep_codes(cfg, &factor, weight, cols);
     let stats = MethodStats {
-        proxy_loss: proxy_against(weight, &result, cols, hessian),
-        rtn_proxy_loss: proxy_against(weight, &rtn_values, cols, hessian),
-        dead_columns,
+        proxy_loss,
+        rtn_proxy_loss,
+        dead_columns: factor.dead.iter().filter(|&&d| d).count(),
     };
     Ok((out, stats))
 }
 
 /// GPTQ's inverse-Hessian factor of one Linear: it depends on the Hessian, the dampening
 /// and act-order only, so one factor serves every quantizer fitted on the same Hessian
-/// ([`gptq_codes_with`]; mixed precision scores each candidate width so). Holds one
-/// `n × n` f64 matrix.
+/// ([`gptq_codes_with`]; mixed precision scores each candidate width so). Holds one packed
+/// triangle of `n(n+1)/2` f64 (the accumulator's own when it is given by value).
 pub struct GptqFactor {
     factor: InverseFactor,
     cols: usize,
@@ -167,22 +174,25 @@ pub struct GptqFactor {
 
 impl GptqFactor {
     /// The factor of `hessian` for `dampening` and `act_order` (as [`GptqConfig`] has them).
+    /// `hessian` as in [`gptq_codes`]: borrowed (its triangle copied) or by value (its
+    /// triangle becomes the factor, no copy).
     /// Errors: a bad dampening, no calibration statistics in `hessian`, or a Hessian that
     /// stays indefinite after the damping retries.
-    pub fn new(
-        hessian: &HessianAccumulator,
+    pub fn new<'h>(
+        hessian: impl Into<HessianInput<'h>>,
         dampening: f64,
         act_order: bool,
     ) -> Result<GptqFactor, CalibratedError> {
+        let hessian = hessian.into();
         check_dampening(dampening)?;
-        if !has_statistics(hessian) {
+        if !has_statistics(hessian.get()) {
             return Err(CalibratedError::BadConfig(
                 "the Hessian holds no calibration statistics".into(),
             ));
         }
-        let cols = hessian.dim();
+        let cols = hessian.get().dim();
         Ok(GptqFactor {
-            factor: inverse_factor(cols, hessian, dampening, act_order)?,
+            factor: inverse_factor(hessian, dampening, act_order)?,
             cols,
             dampening,
             act_order,
@@ -207,7 +217,7 @@ pub fn gptq_codes_with(
             factor.dampening, factor.act_order, cfg.dampening, cfg.act_order
         )));
     }
-    Ok(sweep_codes(cfg, &factor.factor, weight, cols))
+    Ok(sweep_codes(cfg, &factor.factor, weight, cols).0)
 }
 
 /// Refuses bits outside 2..=8, `block_size == 0` and a bad dampening.
@@ -221,13 +231,14 @@ fn check_config(cfg: &GptqConfig) -> Result<(), CalibratedError> {
     check_dampening(cfg.dampening)
 }
 
-/// The sweep: `weight`'s codes under `cfg`, its errors spread through `factor`.
+/// The sweep: `weight`'s codes under `cfg`, its errors spread through `factor`, and their
+/// proxy loss.
 fn sweep_codes(
     cfg: &GptqConfig,
     factor: &InverseFactor,
     weight: &[f32],
     cols: usize,
-) -> AffineCodes {
+) -> (AffineCodes, f64) {
     let quant = &cfg.quant;
     let rows = weight.len() / cols.max(1);
     let (row_len, group_len) = layout(quant.granularity, weight.len(), cols);
@@ -236,7 +247,6 @@ fn sweep_codes(
         Granularity::Tensor => (cols, 1),
         _ => (group_len, cols.div_ceil(group_len.max(1))),
     };
-    let mut w = factor.ordered_weight(weight, cols);
     let total_groups = match quant.granularity {
         Granularity::Tensor => usize::from(rows > 0),
         _ => rows * groups_per_row,
@@ -260,16 +270,15 @@ fn sweep_codes(
     };
     let mut states = row_states(&mut out, cols, groups_per_row, fixed.is_none());
     let align = if fixed.is_some() { 1 } else { row_group_len };
-    sweep(
+    let proxy_loss = sweep(
         &rule,
         &mut states,
-        &mut w,
-        cols,
-        &factor.u,
+        weight,
+        factor,
         &blocks(cols, cfg.block_size, align),
     );
     drop(states);
-    out
+    (out, proxy_loss)
 }
 
 /// The per-row sweep states over `out`'s slices (scales and zeros only when the groups are

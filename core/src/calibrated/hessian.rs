@@ -247,6 +247,12 @@ impl HessianAccumulator {
         &self.upper
     }
 
+    /// The packed upper triangle of `S`, taken out of the accumulator (which is used up):
+    /// a SOLVE factors it in place.
+    pub(crate) fn into_packed_upper(self) -> Vec<f64> {
+        self.upper
+    }
+
     /// The factor taking `S` to the normalised `H` of [`Self::hessian`]: `2 / rows` (0
     /// when no rows were seen).
     pub(crate) fn normalisation(&self) -> f64 {

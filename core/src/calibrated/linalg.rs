@@ -1,6 +1,7 @@
 //! Dense f64 linear algebra for the calibrated methods: a checked wrapper of matrixmultiply's
-//! dgemm, a blocked Cholesky factorisation, the upper Cholesky factor of a damped Hessian's
-//! inverse (with damping retries), and the proxy loss `tr(ΔW H ΔWᵀ)`.
+//! dgemm, a blocked Cholesky factorisation and triangular inverse in *packed* storage, the
+//! upper Cholesky factor of a damped Hessian's inverse (with damping retries), and the proxy
+//! loss `tr(ΔW H ΔWᵀ)`.
 //!
 //! **The inverse factor.** GPTQ and SparseGPT need the upper triangular `U` with
 //! `H⁻¹ = Uᵀ U`. The reference computes it as Cholesky(H), then H⁻¹ from that factor, then
@@ -8,23 +9,43 @@
 //! with positive diagonal is unique) in half of that: with `P` the index reversal, factor
 //! `P H P = L Lᵀ`; then `H = (P L P)(P L P)ᵀ` with `P L P` upper triangular, so
 //! `H⁻¹ = (P L P)⁻ᵀ (P L P)⁻¹` and `U = (P L P)⁻¹ = P L⁻¹ P`: one Cholesky and one
-//! triangular inverse. All three steps (Cholesky, the inverse of `L`, and the rotation
-//! `U[i][j] = L⁻¹[n-1-i][n-1-j]`) run in place in one `n × n` buffer, with `O(n · PANEL)`
-//! scratch; the proxy loss reads the accumulator's packed triangle, so a SOLVE holds one
-//! `n × n` matrix at most.
+//! triangular inverse.
+//!
+//! **Packed, in place.** The accumulator keeps `H`'s upper triangle packed row by row
+//! ([`super::hessian`]'s layout). Read backwards, that buffer *is* the packed lower
+//! triangle (row by row) of `P H P`: so reversing it in place gives the input of a lower
+//! Cholesky, and reversing the inverse `L⁻¹` again gives `U` packed upper row by row. All
+//! of it (Cholesky, inverse, both reversals) runs in the one packed buffer, with
+//! `O(n · PANEL)` scratch and `O(n · STRIP)` per task; no `n × n` matrix is made. Rows of
+//! a packed triangle have varying strides, which dgemm cannot take: each blocked step
+//! copies its panel out once into a contiguous scratch and each strip of rows forms its
+//! product in a strip-sized scratch before adding it into its packed rows. Finally the
+//! factor is laid out in row panels of [`FACTOR_PANEL`] rows, each a rectangle with one
+//! row stride ([`UpperFactor`]), so that the sweep's block products are plain dgemm calls
+//! (an in-place move that adds `n · FACTOR_PANEL / 2` values).
+//!
+//! **Retries.** A factorisation that fails (a pivot not positive) is undone in place (the
+//! mirror image of each blocked step, so the damped matrix is restored up to rounding)
+//! before the damping is raised: the input is consumed, never copied.
 //!
 //! Every parallel loop writes disjoint rows with a fixed split (strips of [`STRIP`] rows)
 //! and reductions are summed in a fixed order, so results do not depend on the thread count.
 
+use super::hessian::row_offset;
 use super::CalibratedError;
 use rayon::prelude::*;
 
 /// Rows per parallel task in the blocked loops.
 pub(crate) const STRIP: usize = 32;
-/// Columns per panel of the blocked Cholesky.
+/// Columns per panel of the blocked Cholesky and inverse.
 const PANEL: usize = 64;
+/// Rows per panel of the sweep's layout of the inverse factor ([`UpperFactor`]): the
+/// reference's block size, so that its blocks are single dgemm calls.
+pub(crate) const FACTOR_PANEL: usize = 128;
 /// How many times a failed factorisation is retried with 10× the damping.
 const DAMPING_RETRIES: usize = 4;
+/// Elements per parallel task when reversing a buffer.
+const REVERSE_CHUNK: usize = 1 << 16;
 
 /// A strided read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Debug, Clone, Copy)]
@@ -134,239 +155,430 @@ pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
     s
 }
 
-/// Overwrites the lower triangle of the row-major `n × n` matrix `a` with its Cholesky factor
-/// `L` (`a = L Lᵀ`); the strict upper triangle is left as scratch. Errors with the index of
-/// the first pivot that is not positive (or not finite).
-///
-/// Right-looking and blocked: each panel of [`PANEL`] columns is factored (the diagonal
-/// block sequentially, the rows below it in parallel), then the trailing lower triangle is
-/// updated with dgemm in strips of rows.
-pub(crate) fn cholesky_in_place(a: &mut [f64], n: usize) -> Result<(), usize> {
-    for k0 in (0..n).step_by(PANEL) {
-        let k1 = (k0 + PANEL).min(n);
-        let (top, bottom) = a.split_at_mut(k1 * n);
-        // The diagonal block.
-        for i in k0..k1 {
-            for j in k0..=i {
-                let s =
-                    top[i * n + j] - dot(&top[i * n + k0..i * n + j], &top[j * n + k0..j * n + j]);
-                if i == j {
-                    if !(s > 0.0 && s.is_finite()) {
-                        return Err(i);
-                    }
-                    top[i * n + i] = s.sqrt();
-                } else {
-                    top[i * n + j] = s / top[j * n + j];
-                }
-            }
-        }
-        // The rows below it: a forward substitution each.
-        let diag = &top[k0 * n..];
-        bottom.par_chunks_mut(n).for_each(|row| {
-            for j in k0..k1 {
-                let lj = &diag[(j - k0) * n..];
-                let s = row[j] - dot(&row[k0..j], &lj[k0..j]);
-                row[j] = s / lj[j];
+/// Offset of row `i` (its first entry `L_i0`) in a packed lower triangle stored row by row.
+fn lower_offset(i: usize) -> usize {
+    i * (i + 1) / 2
+}
+
+/// Splits `rows`, the packed lower rows `first..end` (starting with row `first`), into
+/// strips of [`STRIP`] rows counted from `first`: `(r0, r1, rows r0..r1)`. The split is
+/// fixed, so the results of parallel loops over it do not depend on the thread count.
+fn lower_strips(rows: &mut [f64], first: usize, end: usize) -> Vec<(usize, usize, &mut [f64])> {
+    let mut out = Vec::with_capacity((end - first).div_ceil(STRIP));
+    let mut rest = rows;
+    let mut r0 = first;
+    while r0 < end {
+        let r1 = (r0 + STRIP).min(end);
+        let len = lower_offset(r1) - lower_offset(r0);
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        out.push((r0, r1, head));
+        rest = tail;
+        r0 = r1;
+    }
+    out
+}
+
+/// Reverses `a` in place, in parallel (chunks of the first half swapped with the mirrored
+/// chunks of the second half).
+fn reverse_in_place(a: &mut [f64]) {
+    let half = a.len() / 2;
+    let (left, rest) = a.split_at_mut(half);
+    let right_start = rest.len() - half;
+    let right = &mut rest[right_start..];
+    left.par_chunks_mut(REVERSE_CHUNK)
+        .zip(right.par_rchunks_mut(REVERSE_CHUNK))
+        .for_each(|(l, r)| {
+            for (x, y) in l.iter_mut().zip(r.iter_mut().rev()) {
+                std::mem::swap(x, y);
             }
         });
-        // Trailing update of the lower triangle: A[r][c] -= Σ_k P[r][k] P[c][k], c <= r.
-        let w = k1 - k0;
-        let panel: Vec<f64> = bottom
-            .chunks(n)
-            .flat_map(|row| row[k0..k1].iter().copied())
-            .collect();
-        bottom
-            .par_chunks_mut(STRIP * n)
-            .enumerate()
-            .for_each(|(s, strip)| {
-                let r0 = s * STRIP;
-                let m = strip.len() / n;
-                // Columns k1 .. k1 + r0 + m of these rows (the lower part and the diagonal block).
-                let cols = r0 + m;
-                dgemm(
-                    m,
-                    w,
-                    cols,
-                    -1.0,
-                    View::new(&panel[r0 * w..], w, 1),
-                    View::new(&panel, 1, w),
-                    1.0,
-                    &mut strip[k1..],
-                    n,
-                );
+}
+
+/// Where and why a packed Cholesky stopped: the first column of the panel being factored
+/// and the row (= column) whose pivot was not positive.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct CholeskyFailure {
+    panel: usize,
+    row: usize,
+}
+
+/// Overwrites the packed lower triangle `a` (row by row, `n(n+1)/2` values) with its
+/// Cholesky factor `L` (`a = L Lᵀ`). On failure (a pivot not positive or not finite) `a`
+/// is left part-factored; [`undo_cholesky_packed`] restores it.
+///
+/// Right-looking and blocked: each panel of [`PANEL`] columns is factored (the diagonal
+/// block sequentially, the rows below it in parallel strips), then the trailing lower
+/// triangle is updated with dgemm in strips of rows ([`trailing_update`]).
+pub(crate) fn cholesky_packed(a: &mut [f64], n: usize) -> Result<(), CholeskyFailure> {
+    for k0 in (0..n).step_by(PANEL) {
+        let k1 = (k0 + PANEL).min(n);
+        factor_diagonal_block(a, k0, k1).map_err(|row| CholeskyFailure { panel: k0, row })?;
+        let (top, bottom) = a.split_at_mut(lower_offset(k1));
+        let top: &[f64] = top;
+        lower_strips(bottom, k1, n)
+            .into_par_iter()
+            .for_each(|(r0, r1, strip)| {
+                for r in r0..r1 {
+                    let o = lower_offset(r) - lower_offset(r0);
+                    let row = &mut strip[o..o + r + 1];
+                    for j in k0..k1 {
+                        let lj = &top[lower_offset(j)..lower_offset(j) + j + 1];
+                        let s = row[j] - dot(&row[k0..j], &lj[k0..j]);
+                        row[j] = s / lj[j];
+                    }
+                }
             });
+        trailing_update(bottom, n, k0, k1, -1.0);
     }
     Ok(())
 }
 
-/// Inverts in place the lower triangular `L` held in the lower triangle of the row-major
-/// `n × n` matrix `a` (positive diagonal): afterwards the lower triangle holds `X = L⁻¹`;
-/// the strict upper triangle is not read and is left as it was.
+/// Factors the diagonal block `[k0, k1)²` of the packed lower `a` (its trailing update by
+/// the earlier panels done), row by row. Errors with the row whose pivot is not positive;
+/// that row's entries left of the diagonal are then factored, its diagonal is untouched.
+fn factor_diagonal_block(a: &mut [f64], k0: usize, k1: usize) -> Result<(), usize> {
+    for i in k0..k1 {
+        let oi = lower_offset(i);
+        for j in k0..=i {
+            let oj = lower_offset(j);
+            let s = a[oi + j] - dot(&a[oi + k0..oi + j], &a[oj + k0..oj + j]);
+            if i == j {
+                if !(s > 0.0 && s.is_finite()) {
+                    return Err(i);
+                }
+                a[oi + i] = s.sqrt();
+            } else {
+                a[oi + j] = s / a[oj + j];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `A[r][c] += sign · Σ_{k in k0..k1} A[r][k] A[c][k]` for `k1 <= c <= r < n`, with
+/// `bottom` the packed lower rows `k1..n`: the trailing update of a Cholesky panel
+/// (`sign = -1`) or its undoing (`+1`). The panel `A[k1.., k0..k1]` is copied out once;
+/// each strip of rows forms its product in a scratch (dgemm) and adds it into its rows.
+fn trailing_update(bottom: &mut [f64], n: usize, k0: usize, k1: usize, sign: f64) {
+    if k1 >= n {
+        return;
+    }
+    let w = k1 - k0;
+    let mut panel = vec![0.0; (n - k1) * w];
+    {
+        let rows: &[f64] = bottom;
+        panel.par_chunks_mut(w).enumerate().for_each(|(t, p)| {
+            let o = lower_offset(k1 + t) - lower_offset(k1);
+            p.copy_from_slice(&rows[o + k0..o + k1]);
+        });
+    }
+    let panel: &[f64] = &panel;
+    lower_strips(bottom, k1, n)
+        .into_par_iter()
+        .for_each(|(r0, r1, strip)| {
+            let (m, cols) = (r1 - r0, r1 - k1);
+            let mut tmp = vec![0.0; m * cols];
+            dgemm(
+                m,
+                w,
+                cols,
+                1.0,
+                View::new(&panel[(r0 - k1) * w..], w, 1),
+                View::new(panel, 1, w),
+                0.0,
+                &mut tmp,
+                cols,
+            );
+            for r in r0..r1 {
+                let o = lower_offset(r) - lower_offset(r0);
+                let t = &tmp[(r - r0) * cols..(r - r0) * cols + (r + 1 - k1)];
+                for (x, tv) in strip[o + k1..o + r + 1].iter_mut().zip(t) {
+                    *x += sign * tv;
+                }
+            }
+        });
+}
+
+/// Restores the matrix a failed [`cholesky_packed`] started from (up to rounding): each
+/// step undone in reverse order, the mirror image of the forward step.
+pub(crate) fn undo_cholesky_packed(a: &mut [f64], n: usize, failure: CholeskyFailure) {
+    unfactor_diagonal_block(a, failure.panel, failure.row + 1, Some(failure.row));
+    let mut k0 = failure.panel;
+    while k0 > 0 {
+        k0 -= PANEL;
+        let k1 = k0 + PANEL;
+        let (top, bottom) = a.split_at_mut(lower_offset(k1));
+        trailing_update(bottom, n, k0, k1, 1.0);
+        let top_ro: &[f64] = top;
+        lower_strips(bottom, k1, n)
+            .into_par_iter()
+            .for_each(|(r0, r1, strip)| {
+                for r in r0..r1 {
+                    let o = lower_offset(r) - lower_offset(r0);
+                    let row = &mut strip[o..o + r + 1];
+                    for j in (k0..k1).rev() {
+                        let lj = &top_ro[lower_offset(j)..lower_offset(j) + j + 1];
+                        row[j] = row[j] * lj[j] + dot(&row[k0..j], &lj[k0..j]);
+                    }
+                }
+            });
+        unfactor_diagonal_block(a, k0, k1, None);
+    }
+}
+
+/// Undoes [`factor_diagonal_block`] for rows `k0..end` (`partial`: the failed row, whose
+/// diagonal was not written): `A[r][j] = Σ_{k0 <= k <= j} L[r][k] L[j][k]`, rows from the
+/// last and each row from its diagonal leftwards, so every `L` read is still `L`.
+fn unfactor_diagonal_block(a: &mut [f64], k0: usize, end: usize, partial: Option<usize>) {
+    for r in (k0..end).rev() {
+        let or = lower_offset(r);
+        let last = if partial == Some(r) { r } else { r + 1 };
+        for j in (k0..last).rev() {
+            let oj = lower_offset(j);
+            a[or + j] = dot(&a[or + k0..or + j + 1], &a[oj + k0..oj + j + 1]);
+        }
+    }
+}
+
+/// Inverts in place the lower triangular `L` in the packed lower `a` (positive diagonal):
+/// afterwards `a` holds `X = L⁻¹`, packed the same way.
 ///
 /// LAPACK dtrtri's blocked right-to-left order: for each block column `J` of [`PANEL`]
 /// columns, from the last, the trailing `X[J+1:, J+1:]` is already inverted and
-/// `X[J+1:, J] = -(X[J+1:, J+1:] · L[J+1:, J]) · X_JJ` (from `X L = I`). The lower
-/// triangular times panel product needs all of `L[J+1:, J]` before any of it is
-/// overwritten, so it goes to an `(n - J_end) × PANEL` scratch, computed in parallel over
-/// strips of [`STRIP`] rows (dgemm for the part left of the strip, row updates inside it);
-/// the diagonal block is inverted in place first, sequentially. Memory: the scratch and one
-/// `PANEL × PANEL` block besides `a`.
-pub(crate) fn invert_lower_in_place(a: &mut [f64], n: usize) {
+/// `X[J+1:, J] = -(X[J+1:, J+1:] · L[J+1:, J]) · X_JJ` (from `X L = I`). The product needs
+/// all of `L[J+1:, J]` before any of it is overwritten, so that panel is copied out first;
+/// each strip of [`STRIP`] rows then copies its rows of `X` into a scratch and forms its
+/// two products with dgemm. The diagonal block is inverted in place first, sequentially.
+pub(crate) fn invert_lower_packed(a: &mut [f64], n: usize) {
     if n == 0 {
         return;
     }
-    let mut scratch = vec![0.0; n.saturating_sub(1) * PANEL];
-    let mut diag_block = vec![0.0; PANEL * PANEL];
-    let last = (n - 1) / PANEL * PANEL;
-    for j0 in (0..=last).rev().step_by(PANEL) {
+    let mut j0 = (n - 1) / PANEL * PANEL;
+    loop {
         let j1 = (j0 + PANEL).min(n);
         let w = j1 - j0;
-        invert_diagonal_block(a, n, j0, j1);
-        if j1 == n {
-            continue;
-        }
-        let below = n - j1;
-        {
-            let x: &[f64] = a;
-            scratch[..below * w]
-                .par_chunks_mut(STRIP * w)
-                .enumerate()
-                .for_each(|(s, t)| {
-                    let r0 = j1 + s * STRIP;
-                    let m = t.len() / w;
-                    // t[rr][c] = Σ_{k in j1..r0} X[r0+rr][k] · L[k][j0+c] (X is 0 right of r).
+        invert_diagonal_block(a, j0, j1);
+        if j1 < n {
+            let (top, bottom) = a.split_at_mut(lower_offset(j1));
+            let mut xjj = vec![0.0; w * w];
+            for r in 0..w {
+                let o = lower_offset(j0 + r) + j0;
+                xjj[r * w..r * w + r + 1].copy_from_slice(&top[o..o + r + 1]);
+            }
+            let mut lp = vec![0.0; (n - j1) * w];
+            {
+                let rows: &[f64] = bottom;
+                lp.par_chunks_mut(w).enumerate().for_each(|(t, p)| {
+                    let o = lower_offset(j1 + t) - lower_offset(j1);
+                    p.copy_from_slice(&rows[o + j0..o + j1]);
+                });
+            }
+            let (xjj, lp): (&[f64], &[f64]) = (&xjj, &lp);
+            lower_strips(bottom, j1, n)
+                .into_par_iter()
+                .for_each(|(r0, r1, strip)| {
+                    let (m, k) = (r1 - r0, r1 - j1);
+                    // The strip's rows of X, columns j1..r1 (zeros right of the diagonal).
+                    let mut xs = vec![0.0; m * k];
+                    for r in r0..r1 {
+                        let o = lower_offset(r) - lower_offset(r0);
+                        xs[(r - r0) * k..(r - r0) * k + (r + 1 - j1)]
+                            .copy_from_slice(&strip[o + j1..o + r + 1]);
+                    }
+                    let mut t = vec![0.0; m * w];
                     dgemm(
                         m,
-                        r0 - j1,
+                        k,
                         w,
                         1.0,
-                        View::new(&x[r0 * n + j1..], n, 1),
-                        View::new(&x[j1 * n + j0..], n, 1),
+                        View::new(&xs, k, 1),
+                        View::new(lp, w, 1),
                         0.0,
-                        t,
+                        &mut t,
                         w,
                     );
-                    // ... plus the strip's own rows of X: k in r0..=r.
-                    for (rr, trow) in t.chunks_mut(w).enumerate() {
-                        let r = r0 + rr;
-                        for k in r0..=r {
-                            let xv = x[r * n + k];
-                            for (tv, lv) in trow.iter_mut().zip(&x[k * n + j0..k * n + j1]) {
-                                *tv += xv * lv;
-                            }
-                        }
+                    let mut out = vec![0.0; m * w];
+                    dgemm(
+                        m,
+                        w,
+                        w,
+                        -1.0,
+                        View::new(&t, w, 1),
+                        View::new(xjj, w, 1),
+                        0.0,
+                        &mut out,
+                        w,
+                    );
+                    for r in r0..r1 {
+                        let o = lower_offset(r) - lower_offset(r0);
+                        strip[o + j0..o + j1].copy_from_slice(&out[(r - r0) * w..(r - r0 + 1) * w]);
                     }
                 });
         }
-        // X_JJ with zeros above its diagonal (the strict upper part of `a` is scratch).
-        for r in 0..w {
-            for c in 0..w {
-                diag_block[r * w + c] = if c <= r {
-                    a[(j0 + r) * n + j0 + c]
-                } else {
-                    0.0
-                };
-            }
+        if j0 == 0 {
+            break;
         }
-        let t: &[f64] = &scratch[..below * w];
-        let xjj: &[f64] = &diag_block[..w * w];
-        a[j1 * n..]
-            .par_chunks_mut(STRIP * n)
-            .enumerate()
-            .for_each(|(s, rows)| {
-                let m = rows.len() / n;
-                dgemm(
-                    m,
-                    w,
-                    w,
-                    -1.0,
-                    View::new(&t[s * STRIP * w..], w, 1),
-                    View::new(xjj, w, 1),
-                    0.0,
-                    &mut rows[j0..],
-                    n,
-                );
-            });
+        j0 -= PANEL;
     }
 }
 
-/// Inverts in place the diagonal block `[j0, j1)²` of the lower triangular matrix in `a`
+/// Inverts in place the diagonal block `[j0, j1)²` of the packed lower triangular `a`
 /// (LAPACK dtrti2, right to left): column `j` of the inverse is `-X_jj · X[j+1:, j+1:] ·
 /// L[j+1:, j]`, rows updated from the bottom so that every `L` entry is read before it is
 /// overwritten.
-fn invert_diagonal_block(a: &mut [f64], n: usize, j0: usize, j1: usize) {
+fn invert_diagonal_block(a: &mut [f64], j0: usize, j1: usize) {
     for j in (j0..j1).rev() {
-        let xjj = 1.0 / a[j * n + j];
-        a[j * n + j] = xjj;
+        let oj = lower_offset(j);
+        let xjj = 1.0 / a[oj + j];
+        a[oj + j] = xjj;
         for r in (j + 1..j1).rev() {
+            let or = lower_offset(r);
             let mut s = 0.0;
             for k in j + 1..=r {
-                s += a[r * n + k] * a[k * n + j];
+                s += a[or + k] * a[lower_offset(k) + j];
             }
-            a[r * n + j] = -xjj * s;
+            a[or + j] = -xjj * s;
         }
     }
 }
 
-/// Turns the lower triangular `X` in the lower triangle of `a` into the upper triangular
-/// `U[i][j] = X[n-1-i][n-1-j]` in place, zeros below the diagonal: a 180° rotation, so row
-/// `i` of `U` is row `n-1-i` of `a` reversed (rows swapped in pairs, in parallel).
-fn rotate_lower_to_upper(a: &mut [f64], n: usize) {
-    if n == 0 {
-        return;
-    }
-    let half = n / 2;
-    let (top, rest) = a.split_at_mut(half * n);
-    let (middle, bottom) = rest.split_at_mut((n - 2 * half) * n);
-    top.par_chunks_mut(n)
-        .zip(bottom.par_chunks_mut(n).rev())
-        .enumerate()
-        .for_each(|(i, (upper_row, lower_row))| {
-            upper_row.swap_with_slice(lower_row);
-            upper_row.reverse();
-            lower_row.reverse();
-            upper_row[..i].fill(0.0);
-            lower_row[..n - 1 - i].fill(0.0);
-        });
-    if !middle.is_empty() {
-        middle.reverse();
-        middle[..half].fill(0.0);
+/// Permutes the symmetric matrix held as its packed upper triangle (the accumulator's
+/// layout) in place: afterwards entry `(i, j)` holds the former `(order[i], order[j])`.
+/// One symmetric swap of two indices per misplaced position (`O(n)` moves each), no copy.
+/// `order` must be a permutation of `0..n`.
+pub(crate) fn permute_packed_upper(a: &mut [f64], n: usize, order: &[usize]) {
+    let at = |r: usize, c: usize| {
+        let (r, c) = if r <= c { (r, c) } else { (c, r) };
+        row_offset(n, r) + (c - r)
+    };
+    // held[p]: the original index now at position p; place[o]: where original o is.
+    let mut held: Vec<usize> = (0..n).collect();
+    let mut place: Vec<usize> = (0..n).collect();
+    for i in 0..n {
+        let k = place[order[i]];
+        if k == i {
+            continue;
+        }
+        // Swap indices i < k: rows and columns both.
+        a.swap(at(i, i), at(k, k));
+        for j in 0..n {
+            if j != i && j != k {
+                a.swap(at(i, j), at(k, j));
+            }
+        }
+        let moved = held[i];
+        held[i] = order[i];
+        held[k] = moved;
+        place[order[i]] = i;
+        place[moved] = k;
     }
 }
 
-/// Overwrites `a`, whose lower triangle holds `P (H + λI) P` (`P` the index reversal; the
-/// strict upper triangle is not read), with the upper triangular `U` (row-major, zeros below
-/// the diagonal) with `(H + λI)⁻¹ = Uᵀ U`: Cholesky, triangular inverse and rotation, all in
-/// place (see the module doc). Errors with the failing pivot (in `H`'s indexing) when
-/// `H + λI` is not numerically positive definite.
-fn inverse_upper_factor_in_place(a: &mut [f64], n: usize) -> Result<(), usize> {
-    cholesky_in_place(a, n).map_err(|i| n - 1 - i)?;
-    invert_lower_in_place(a, n);
-    rotate_lower_to_upper(a, n);
-    Ok(())
+/// The upper triangular inverse factor `U` laid out for the sweep: row panels of
+/// [`FACTOR_PANEL`] rows, panel `p` (rows `p0..p1`) a rectangle of its rows' columns
+/// `p0..n` with row stride `n - p0` (zeros left of the diagonal), so any run of rows inside
+/// one panel, from any column on, is a dgemm operand with one stride.
+pub(crate) struct UpperFactor {
+    n: usize,
+    /// Offset of each panel's first row (its column `p0`).
+    bases: Vec<usize>,
+    data: Vec<f64>,
 }
 
-/// The inverse factor `U` of `H` damped by `dampening · mean_diagonal`, in one `n × n`
-/// buffer: `fill(a, λ)` must write the lower triangle (diagonal included) of
-/// `P (H + λI) P` into `a` (`P` the index reversal; the rest of `a` is scratch), and is
-/// called again for each retry, with 10× the damping (starting from `0.01 · mean` when the
-/// configured damping is 0), up to [`DAMPING_RETRIES`] times before giving up.
+impl UpperFactor {
+    /// Re-lays the packed upper `data` (row `i` from [`row_offset`]`(n, i)`) in place:
+    /// every row moves to a later offset, so rows are moved from the last one.
+    fn from_packed_upper(mut data: Vec<f64>, n: usize) -> Self {
+        let mut bases = Vec::with_capacity(n.div_ceil(FACTOR_PANEL));
+        let mut total = 0;
+        for p0 in (0..n).step_by(FACTOR_PANEL) {
+            bases.push(total);
+            total += ((p0 + FACTOR_PANEL).min(n) - p0) * (n - p0);
+        }
+        // Exactly: a plain resize may double the capacity (a second triangle).
+        data.reserve_exact(total - data.len());
+        data.resize(total, 0.0);
+        let mut factor = UpperFactor { n, bases, data };
+        for i in (0..n).rev() {
+            let src = row_offset(n, i);
+            let dst = factor.index(i, i);
+            factor.data.copy_within(src..src + (n - i), dst);
+        }
+        for i in 0..n {
+            let p0 = i / FACTOR_PANEL * FACTOR_PANEL;
+            let start = factor.index(i, p0);
+            factor.data[start..start + (i - p0)].fill(0.0);
+        }
+        factor
+    }
+
+    /// Where `U[i][j]` (`j >= i`, or `j` at least the row's panel start) is held.
+    fn index(&self, i: usize, j: usize) -> usize {
+        let p = i / FACTOR_PANEL;
+        let p0 = p * FACTOR_PANEL;
+        self.bases[p] + (i - p0) * (self.n - p0) + (j - p0)
+    }
+
+    /// The dimension `n`.
+    pub(crate) fn dim(&self) -> usize {
+        self.n
+    }
+
+    /// `U[i][i..n]`.
+    pub(crate) fn row(&self, i: usize) -> &[f64] {
+        let at = self.index(i, i);
+        &self.data[at..at + (self.n - i)]
+    }
+
+    /// `U`'s rows `rows` from column `col` on as a dgemm operand (`rows` inside one panel,
+    /// `col` at least the panel's first row).
+    pub(crate) fn rows_from(&self, rows: std::ops::Range<usize>, col: usize) -> View<'_> {
+        let p0 = rows.start / FACTOR_PANEL * FACTOR_PANEL;
+        debug_assert!(rows.end <= p0 + FACTOR_PANEL && col >= p0);
+        View::new(&self.data[self.index(rows.start, col)..], self.n - p0, 1)
+    }
+}
+
+/// Adds `delta` to every diagonal entry of the packed lower `a`.
+fn add_to_lower_diagonal(a: &mut [f64], n: usize, delta: f64) {
+    for i in 0..n {
+        a[lower_offset(i) + i] += delta;
+    }
+}
+
+/// The inverse factor `U` of `M + λI`, consuming `m`, the packed upper triangle (the
+/// accumulator's layout) of the symmetric `M`; returns it with the damping `λ` it used.
+/// `λ` starts at `dampening · mean_diagonal` and on failure is raised 10× (from
+/// `0.01 · mean` when the configured damping is 0) up to [`DAMPING_RETRIES`] times, the
+/// failed factorisation undone in place each time. Errors with the failing pivot (in `M`'s
+/// indexing) when `M + λI` stays not numerically positive definite.
 pub(crate) fn damped_inverse_factor(
+    mut m: Vec<f64>,
     n: usize,
     dampening: f64,
     mean_diagonal: f64,
-    fill: impl Fn(&mut [f64], f64),
-) -> Result<Vec<f64>, CalibratedError> {
+) -> Result<(UpperFactor, f64), CalibratedError> {
     let mean = mean_diagonal;
     let first = dampening * mean;
     let mut damping = first;
+    let mut applied = 0.0;
     let mut pivot = 0;
-    let mut a = vec![0.0; n * n];
+    // The packed upper triangle read backwards is the packed lower triangle of P M P.
+    reverse_in_place(&mut m);
     for _ in 0..=DAMPING_RETRIES {
-        fill(&mut a, damping);
-        match inverse_upper_factor_in_place(&mut a, n) {
-            Ok(()) => return Ok(a),
-            Err(p) => pivot = p,
+        add_to_lower_diagonal(&mut m, n, damping - applied);
+        applied = damping;
+        match cholesky_packed(&mut m, n) {
+            Ok(()) => {
+                invert_lower_packed(&mut m, n);
+                // P L⁻¹ P = U, packed upper.
+                reverse_in_place(&mut m);
+                return Ok((UpperFactor::from_packed_upper(m, n), damping));
+            }
+            Err(failure) => {
+                pivot = n - 1 - failure.row;
+                undo_cholesky_packed(&mut m, n, failure);
+            }
         }
         damping = if damping > 0.0 {
             damping * 10.0
@@ -487,42 +699,47 @@ mod tests {
         h
     }
 
-    /// Writes `P (H + λI) P`'s lower triangle from the dense symmetric `h`, with garbage
-    /// in the strict upper triangle (which must not be read).
-    fn fill_reversed(h: &[f64], n: usize) -> impl Fn(&mut [f64], f64) + '_ {
-        move |a: &mut [f64], damping: f64| {
-            for i in 0..n {
-                for j in 0..n {
-                    a[i * n + j] = if j <= i {
-                        h[(n - 1 - i) * n + (n - 1 - j)]
-                    } else {
-                        f64::NAN
-                    };
-                }
-                a[i * n + i] += damping;
-            }
-        }
-    }
-
-    /// The inverse factor of the dense `h + damping·I`.
-    fn inverse_upper_factor(h: &[f64], n: usize, damping: f64) -> Result<Vec<f64>, usize> {
-        let mut a = vec![0.0; n * n];
-        fill_reversed(h, n)(&mut a, damping);
-        inverse_upper_factor_in_place(&mut a, n)?;
-        Ok(a)
-    }
-
-    /// [`damped_inverse_factor`] of the dense `h`.
-    fn damped_dense(h: &[f64], n: usize, dampening: f64) -> Result<Vec<f64>, CalibratedError> {
-        let mean = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n.max(1) as f64;
-        damped_inverse_factor(n, dampening, mean, fill_reversed(h, n))
-    }
-
-    /// The packed upper triangle of the dense symmetric `h`.
+    /// The packed upper triangle of the dense symmetric `h` (the accumulator's layout).
     fn packed(h: &[f64], n: usize) -> Vec<f64> {
         (0..n)
             .flat_map(|i| h[i * n + i..(i + 1) * n].iter().copied())
             .collect()
+    }
+
+    /// The packed lower triangle of the dense `h`, row by row.
+    fn packed_lower(h: &[f64], n: usize) -> Vec<f64> {
+        (0..n)
+            .flat_map(|i| h[i * n..i * n + i + 1].iter().copied())
+            .collect()
+    }
+
+    /// The dense lower triangular matrix of a packed lower triangle.
+    fn dense_lower(a: &[f64], n: usize) -> Vec<f64> {
+        let mut l = vec![0.0; n * n];
+        for i in 0..n {
+            l[i * n..i * n + i + 1].copy_from_slice(&a[lower_offset(i)..lower_offset(i) + i + 1]);
+        }
+        l
+    }
+
+    /// The dense `U` of an [`UpperFactor`].
+    fn dense_upper(u: &UpperFactor) -> Vec<f64> {
+        let n = u.dim();
+        let mut d = vec![0.0; n * n];
+        for i in 0..n {
+            d[i * n + i..(i + 1) * n].copy_from_slice(u.row(i));
+        }
+        d
+    }
+
+    /// [`damped_inverse_factor`] of the dense `h`.
+    fn damped_dense(
+        h: &[f64],
+        n: usize,
+        dampening: f64,
+    ) -> Result<(UpperFactor, f64), CalibratedError> {
+        let mean = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n.max(1) as f64;
+        damped_inverse_factor(packed(h, n), n, dampening, mean)
     }
 
     #[test]
@@ -530,25 +747,15 @@ mod tests {
         // Sizes around the panel (64) and strip (32) boundaries, several panels.
         for n in [1, 2, 31, 63, 64, 65, 150, 200] {
             let h = spd(n, 5 + n as u64);
-            let mut a = h.clone();
-            cholesky_in_place(&mut a, n).unwrap();
-            let l: Vec<f64> = (0..n * n)
-                .map(|e| if e % n <= e / n { a[e] } else { 0.0 })
-                .collect();
-            for (e, v) in a.iter_mut().enumerate() {
-                if e % n > e / n {
-                    *v = 12345.0; // scratch above the diagonal: must be left alone
-                }
-            }
-            invert_lower_in_place(&mut a, n);
+            let mut a = packed_lower(&h, n);
+            cholesky_packed(&mut a, n).unwrap();
+            let l = dense_lower(&a, n);
+            invert_lower_packed(&mut a, n);
+            let x = dense_lower(&a, n);
             for i in 0..n {
-                for j in 0..n {
-                    if j > i {
-                        assert_eq!(a[i * n + j], 12345.0, "n {n}: upper ({i},{j}) touched");
-                        continue;
-                    }
+                for j in 0..=i {
                     // (X L)[i][j] = Σ_{k=j..=i} X[i][k] L[k][j]
-                    let v: f64 = (j..=i).map(|k| a[i * n + k] * l[k * n + j]).sum();
+                    let v: f64 = (j..=i).map(|k| x[i * n + k] * l[k * n + j]).sum();
                     let want = if i == j { 1.0 } else { 0.0 };
                     assert!((v - want).abs() < 1e-10, "n {n}: ({i},{j}) = {v}");
                 }
@@ -560,11 +767,12 @@ mod tests {
     fn cholesky_reproduces_the_matrix_across_panels() {
         let n = 150; // three panels, the last partial
         let h = spd(n, 7);
-        let mut a = h.clone();
-        cholesky_in_place(&mut a, n).unwrap();
+        let mut a = packed_lower(&h, n);
+        cholesky_packed(&mut a, n).unwrap();
+        let l = dense_lower(&a, n);
         for i in 0..n {
             for j in 0..=i {
-                let v = dot(&a[i * n..i * n + j + 1], &a[j * n..j * n + j + 1]);
+                let v = dot(&l[i * n..i * n + j + 1], &l[j * n..j * n + j + 1]);
                 assert!(
                     (v - h[i * n + j]).abs() < 1e-9 * h[i * n + i].abs(),
                     "{i},{j}"
@@ -574,26 +782,64 @@ mod tests {
     }
 
     #[test]
-    fn inverse_factor_times_hessian_is_identity() {
-        let n = 150; // three blocks of the inverse, the last partial
-        let h = spd(n, 3);
-        let u = inverse_upper_factor(&h, n, 0.0).unwrap();
-        // (Uᵀ U) H = I
-        let mut inv = vec![0.0; n * n];
-        for i in 0..n {
-            for j in 0..n {
-                inv[i * n + j] = (0..n).map(|k| u[k * n + i] * u[k * n + j]).sum();
+    fn a_failed_cholesky_is_undone_up_to_rounding() {
+        let n = 150;
+        // A failing pivot in the first, second and last (partial) panel, first row of a
+        // panel and inside one.
+        for bad in [5, 64, 70, 140, 149] {
+            let mut h = spd(n, 9);
+            h[bad * n + bad] = -1.0;
+            let original = packed_lower(&h, n);
+            let mut a = original.clone();
+            let failure = cholesky_packed(&mut a, n).unwrap_err();
+            assert_eq!(failure.row, bad);
+            assert_ne!(a, original, "{bad}: something was factored");
+            undo_cholesky_packed(&mut a, n, failure);
+            for i in 0..n {
+                for j in 0..=i {
+                    let (got, want) = (a[lower_offset(i) + j], h[i * n + j]);
+                    let scale = (h[i * n + i].abs() * h[j * n + j].abs()).sqrt();
+                    assert!(
+                        (got - want).abs() <= 1e-12 * scale,
+                        "{bad}: ({i},{j}) {got} vs {want}"
+                    );
+                }
             }
         }
-        for i in 0..n {
-            assert!(u[i * n + i] > 0.0);
-            for j in 0..i {
-                assert_eq!(u[i * n + j], 0.0, "U is upper triangular");
+    }
+
+    #[test]
+    fn inverse_factor_times_hessian_is_identity() {
+        // Several Cholesky panels and factor panels (128 rows), the last partial.
+        for n in [150, 300] {
+            let h = spd(n, 3);
+            let (factor, damping) = damped_dense(&h, n, 0.0).unwrap();
+            assert_eq!(damping, 0.0);
+            let u = dense_upper(&factor);
+            // (Uᵀ U) H = I
+            let mut inv = vec![0.0; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    inv[i * n + j] = (0..n).map(|k| u[k * n + i] * u[k * n + j]).sum();
+                }
             }
-            for j in 0..n {
-                let v: f64 = (0..n).map(|k| inv[i * n + k] * h[k * n + j]).sum();
-                let want = if i == j { 1.0 } else { 0.0 };
-                assert!((v - want).abs() < 1e-9, "({i},{j}) = {v}");
+            for i in 0..n {
+                assert!(u[i * n + i] > 0.0);
+                for j in 0..n {
+                    let v: f64 = (0..n).map(|k| inv[i * n + k] * h[k * n + j]).sum();
+                    let want = if i == j { 1.0 } else { 0.0 };
+                    assert!((v - want).abs() < 1e-9, "n {n}: ({i},{j}) = {v}");
+                }
+            }
+            // A block of rows inside one panel, as the sweep reads it.
+            let view = factor.rows_from(130..140, 140);
+            for r in 0..10 {
+                for c in 0..(n - 140) {
+                    assert_eq!(
+                        view.data[r * view.rs + c * view.cs],
+                        u[(130 + r) * n + 140 + c]
+                    );
+                }
             }
         }
     }
@@ -606,7 +852,7 @@ mod tests {
             h[i * n + i] = 1.0;
         }
         h[0] = -1000.0; // mean diagonal -997/4 < 0: more damping only makes it worse
-        let err = damped_dense(&h, n, 0.01).unwrap_err();
+        let err = damped_dense(&h, n, 0.01).err().expect("refused");
         assert!(
             matches!(err, CalibratedError::NotPositiveDefinite(ref m) if m.contains("retries"))
         );
@@ -617,8 +863,54 @@ mod tests {
         // Rank one: x xᵀ with x = (1, 1, 1); without damping the second pivot is 0.
         let n = 3;
         let h = vec![1.0; n * n];
-        assert!(inverse_upper_factor(&h, n, 0.0).is_err());
-        assert!(damped_dense(&h, n, 0.0).is_ok());
+        let mut a = packed_lower(&h, n);
+        assert!(cholesky_packed(&mut a, n).is_err());
+        let (factor, damping) = damped_dense(&h, n, 0.0).unwrap();
+        assert_eq!(damping, 0.01);
+        // U is the inverse factor of H + 0.01 I, after the failed try was undone.
+        let u = dense_upper(&factor);
+        for i in 0..n {
+            for j in 0..n {
+                let v: f64 = (0..n)
+                    .map(|k| {
+                        let inv_ik: f64 = (0..n).map(|t| u[t * n + i] * u[t * n + k]).sum();
+                        inv_ik * (h[k * n + j] + if k == j { 0.01 } else { 0.0 })
+                    })
+                    .sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((v - want).abs() < 1e-9, "({i},{j}) = {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_permutation_matches_the_definition() {
+        let n = 37;
+        let h: Vec<f64> = (0..n * n)
+            .map(|e| {
+                let (i, j) = (e / n, e % n);
+                (i.min(j) * 1000 + i.max(j)) as f64
+            })
+            .collect();
+        let order: Vec<usize> = (0..n).map(|i| (i * 11 + 5) % n).collect();
+        let mut a = packed(&h, n);
+        permute_packed_upper(&mut a, n, &order);
+        for i in 0..n {
+            for j in i..n {
+                assert_eq!(
+                    a[row_offset(n, i) + (j - i)],
+                    h[order[i] * n + order[j]],
+                    "({i},{j})"
+                );
+            }
+        }
+        // Reversal across several parallel chunks, odd and even lengths.
+        for len in [0, 1, 2, 3 * REVERSE_CHUNK + 5, 4 * REVERSE_CHUNK] {
+            let original: Vec<f64> = (0..len).map(|i| i as f64).collect();
+            let mut reversed = original.clone();
+            reverse_in_place(&mut reversed);
+            assert!(reversed.iter().rev().eq(original.iter()), "{len}");
+        }
     }
 
     #[test]

@@ -10,11 +10,23 @@
 //! of a block every column at or after it is therefore fully up to date.
 //!
 //! A row's sweep depends only on that row (and `U`), so rows run in parallel in strips of
-//! [`STRIP`] rows: the split is fixed, so results do not depend on the thread count.
+//! [`STRIP`] rows: the split is fixed, so results do not depend on the thread count. Each
+//! strip makes its own f64 working copy of its rows (in processing order, dead columns
+//! zeroed) from the caller's f32 weight, so no weight-sized f64 copy exists.
+//!
+//! **The proxy loss from the sweep.** The row's total change is `Δ = q - w = -e U` (every
+//! column's update is `e_i` times row `i` of `U`), so with `(H + λI)⁻¹ = Uᵀ U`,
+//! `Δ (H + λI) Δᵀ = e U (Uᵀ U)⁻¹ Uᵀ eᵀ = ‖e‖²`: the damped loss is the sum of the squared
+//! scaled errors, known during the sweep at no cost. [`sweep`] returns the *undamped*
+//! `tr(ΔW H ΔWᵀ)` as `Σ_rows ‖e‖² - λ ‖Δ‖² - Σ_dead Δ_j²` (a dead column's diagonal is 1 in
+//! the factored matrix and its row and column of `H` are exactly 0), so the methods need
+//! no copy of `H` after the factor has consumed it.
 
 use super::hessian::row_offset;
-use super::linalg::{damped_inverse_factor, dgemm, View, STRIP};
-use super::{CalibratedError, HessianAccumulator};
+use super::linalg::{
+    damped_inverse_factor, dgemm, permute_packed_upper, UpperFactor, View, FACTOR_PANEL, STRIP,
+};
+use super::{CalibratedError, HessianInput};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -28,58 +40,94 @@ pub(crate) trait ColumnRule<S>: Sync {
     /// The value column `col` takes, given the row's current values `w` (columns from `col`
     /// to the block's end are up to date).
     fn target(&self, row: &mut S, col: usize, w: &[f64]) -> f64;
+
+    /// Called once per row after its last column, with the row's final values (the targets,
+    /// in processing order).
+    fn finish(&self, _row: &mut S, _w: &[f64]) {}
 }
 
-/// Runs the sweep over `w` (`states.len()` rows of `n`, row-major, overwritten with the
-/// targets) with the inverse factor `u` (`n × n`, upper) and the given column blocks (which
-/// must tile `0..n` in order).
+/// Runs the sweep over `weight` (`states.len()` rows of `n`, f32 row-major, original column
+/// order) with `factor` and the given column blocks (which must tile `0..n` in order), and
+/// returns the proxy loss `tr(ΔW H ΔWᵀ)` of the targets against `weight` (see the module
+/// doc), summed per row, per strip and over strips in a fixed order.
 pub(crate) fn sweep<S: Send, R: ColumnRule<S>>(
     rule: &R,
     states: &mut [S],
-    w: &mut [f64],
-    n: usize,
-    u: &[f64],
+    weight: &[f32],
+    factor: &InverseFactor,
     blocks: &[Range<usize>],
-) {
-    let u_diag: Vec<f64> = (0..n).map(|i| u[i * n + i]).collect();
+) -> f64 {
+    let u = &factor.u;
+    let n = u.dim();
+    if n == 0 {
+        return 0.0;
+    }
+    let u_diag: Vec<f64> = (0..n).map(|i| u.row(i)[0]).collect();
     let widest = blocks.iter().map(|b| b.len()).max().unwrap_or(0);
-    w.par_chunks_mut(STRIP * n)
+    let damping = factor.damping;
+    let sums: Vec<f64> = weight
+        .par_chunks(STRIP * n)
         .zip(states.par_chunks_mut(STRIP))
-        .for_each(|(ws, ss)| {
+        .map(|(original, ss)| {
             let m = ss.len();
+            let mut ws = vec![0.0; m * n];
+            factor.order_rows(original, &mut ws, n);
             let mut err = vec![0.0; m * widest];
+            // Per row: Σ e², Σ Δ² over live columns, Σ Δ² over dead ones.
+            let mut terms = vec![[0.0f64; 3]; m];
             for b in blocks {
                 let (i1, i2) = (b.start, b.end);
                 let count = i2 - i1;
                 for (r, st) in ss.iter_mut().enumerate() {
                     let row = &mut ws[r * n..(r + 1) * n];
+                    let orig = &original[r * n..(r + 1) * n];
                     rule.block_start(st, b.clone(), row, &u_diag);
                     for i in i1..i2 {
                         let q = rule.target(st, i, row);
                         let e = (row[i] - q) / u_diag[i];
+                        let col = factor.column(i);
+                        let dead = factor.dead[col];
+                        let d = q - if dead { 0.0 } else { f64::from(orig[col]) };
+                        terms[r][0] += e * e;
+                        terms[r][1 + usize::from(dead)] += d * d;
                         row[i] = q;
                         err[r * count + (i - i1)] = e;
-                        let urow = &u[i * n + i + 1..i * n + i2];
+                        let urow = &u.row(i)[1..i2 - i];
                         for (x, uv) in row[i + 1..i2].iter_mut().zip(urow) {
                             *x -= e * uv;
                         }
                     }
                 }
                 if i2 < n {
-                    dgemm(
-                        m,
-                        count,
-                        n - i2,
-                        -1.0,
-                        View::new(&err, count, 1),
-                        View::new(&u[i1 * n + i2..], n, 1),
-                        1.0,
-                        &mut ws[i2..],
-                        n,
-                    );
+                    // Rows of U inside one factor panel share a stride: one dgemm each.
+                    let mut a = i1;
+                    while a < i2 {
+                        let b_end = ((a / FACTOR_PANEL + 1) * FACTOR_PANEL).min(i2);
+                        dgemm(
+                            m,
+                            b_end - a,
+                            n - i2,
+                            -1.0,
+                            View::new(&err[a - i1..], count, 1),
+                            u.rows_from(a..b_end, i2),
+                            1.0,
+                            &mut ws[i2..],
+                            n,
+                        );
+                        a = b_end;
+                    }
                 }
             }
-        });
+            for (r, st) in ss.iter_mut().enumerate() {
+                rule.finish(st, &ws[r * n..(r + 1) * n]);
+            }
+            terms
+                .iter()
+                .map(|[e2, live, dead]| e2 - damping * live - (1.0 + damping) * dead)
+                .sum::<f64>()
+        })
+        .collect();
+    sums.iter().sum()
 }
 
 /// Consecutive blocks of at most `block_size` columns tiling `0..n`, cut so that every
@@ -110,27 +158,30 @@ pub(crate) fn blocks(n: usize, block_size: usize, align: usize) -> Vec<Range<usi
 /// same Hessian can share it.
 pub(crate) struct InverseFactor {
     /// Upper `U` with `(H + λI)⁻¹ = Uᵀ U`, in processing order.
-    pub(crate) u: Vec<f64>,
+    pub(crate) u: UpperFactor,
     /// Processing position → original column (`None`: the identity).
     pub(crate) perm: Option<Vec<usize>>,
     /// Per original column: `H_jj == 0` (never active in calibration).
     pub(crate) dead: Vec<bool>,
+    /// The damping `λ` in the factored `H + λI` (after any retries).
+    pub(crate) damping: f64,
 }
 
 impl InverseFactor {
-    /// `weight` (rows of `n`) as a sweep reads it: f64, dead columns zeroed, columns in
-    /// processing order.
-    pub(crate) fn ordered_weight(&self, weight: &[f32], n: usize) -> Vec<f64> {
-        let mut w = vec![0.0; weight.len()];
-        w.par_chunks_mut(n.max(1))
-            .zip(weight.par_chunks(n.max(1)))
-            .for_each(|(out, row)| {
-                for (j, o) in out.iter_mut().enumerate() {
-                    let c = self.perm.as_ref().map_or(j, |p| p[j]);
-                    *o = if self.dead[c] { 0.0 } else { f64::from(row[c]) };
-                }
-            });
-        w
+    /// The original column visited at processing position `i`.
+    pub(crate) fn column(&self, i: usize) -> usize {
+        self.perm.as_ref().map_or(i, |p| p[i])
+    }
+
+    /// Writes `rows` (rows of `n`, f32, original order) into `out` as a sweep reads them:
+    /// f64, dead columns zeroed, columns in processing order.
+    pub(crate) fn order_rows(&self, rows: &[f32], out: &mut [f64], n: usize) {
+        for (o, row) in out.chunks_mut(n).zip(rows.chunks(n)) {
+            for (j, v) in o.iter_mut().enumerate() {
+                let c = self.column(j);
+                *v = if self.dead[c] { 0.0 } else { f64::from(row[c]) };
+            }
+        }
     }
 }
 
@@ -148,19 +199,19 @@ pub(crate) fn check_dampening(dampening: f64) -> Result<(), CalibratedError> {
 /// (`H_jj == 0`) get `H_jj = 1` (and zero weights); with `act_order` columns are visited in
 /// descending `diag(H)` order (ties: lower index first); damping `dampening · mean(diag H)`.
 ///
-/// Memory: the damped, permuted and reversed matrix is written straight from the
-/// accumulator's packed triangle into the one `n × n` buffer that becomes `U` (no dense
-/// copy of `H`, no permuted copy).
+/// Memory: the accumulator's packed triangle itself (or, for a borrowed accumulator, one
+/// copy of it) is normalised, permuted, damped, factored and inverted in place
+/// ([`damped_inverse_factor`]); nothing else of size `n²` is made.
 pub(crate) fn inverse_factor(
-    n: usize,
-    hessian: &HessianAccumulator,
+    hessian: HessianInput<'_>,
     dampening: f64,
     act_order: bool,
 ) -> Result<InverseFactor, CalibratedError> {
     check_dampening(dampening)?;
-    let factor = hessian.normalisation();
-    let upper = hessian.packed_upper();
-    let raw = hessian.raw_diagonal();
+    let h = hessian.get();
+    let n = h.dim();
+    let factor = h.normalisation();
+    let raw = h.raw_diagonal();
     let dead: Vec<bool> = raw.iter().map(|&s| factor * s == 0.0).collect();
     let diag: Vec<f64> = raw
         .iter()
@@ -174,40 +225,22 @@ pub(crate) fn inverse_factor(
         p
     });
     let mean = diag.iter().sum::<f64>() / n.max(1) as f64;
-    // H_xy in original indexing (dead diagonals 1).
-    let entry = |x: usize, y: usize| -> f64 {
-        if x == y {
-            diag[x]
-        } else {
-            let (lo, hi) = if x < y { (x, y) } else { (y, x) };
-            factor * upper[row_offset(n, lo) + (hi - lo)]
-        }
-    };
-    // Lower triangle of P (H_perm + λI) P: a[i][j] = H[q(n-1-i)][q(n-1-j)], q the order.
-    let fill = |a: &mut [f64], damping: f64| {
-        a.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
-            let r = n - 1 - i;
-            match &perm {
-                None => {
-                    // H[r][n-1-j] for j <= i: packed row r read backwards.
-                    let src = &upper[row_offset(n, r)..row_offset(n, r) + i + 1];
-                    for (v, s) in row[..i].iter_mut().zip(src.iter().rev()) {
-                        *v = factor * s;
-                    }
-                    row[i] = diag[r];
-                }
-                Some(p) => {
-                    let x = p[r];
-                    for (j, v) in row[..=i].iter_mut().enumerate() {
-                        *v = entry(x, p[n - 1 - j]);
-                    }
-                }
-            }
-            row[i] += damping;
-        });
-    };
-    let u = damped_inverse_factor(n, dampening, mean, fill)?;
-    Ok(InverseFactor { u, perm, dead })
+    drop(diag);
+    let mut m = hessian.into_packed_upper();
+    m.par_iter_mut().for_each(|v| *v *= factor);
+    for (j, _) in dead.iter().enumerate().filter(|(_, &d)| d) {
+        m[row_offset(n, j)] = 1.0;
+    }
+    if let Some(p) = &perm {
+        permute_packed_upper(&mut m, n, p);
+    }
+    let (u, damping) = damped_inverse_factor(m, n, dampening, mean)?;
+    Ok(InverseFactor {
+        u,
+        perm,
+        dead,
+        damping,
+    })
 }
 
 #[cfg(test)]

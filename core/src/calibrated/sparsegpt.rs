@@ -17,17 +17,21 @@
 //!   `m - n` lowest-scoring weights of the run are pruned (blocks are whole runs).
 //!
 //! Ties are broken by position (the lower index is pruned first). Pruned weights are exactly
-//! 0 in the result; kept ones carry the OBS updates.
+//! 0 in the result; kept ones carry the OBS updates. A kept weight's target is its current
+//! value rounded to f32 (the result's type), so the sweep also spreads that rounding and the
+//! loss it reports is exactly that of the f32 result.
 
 use super::obs::{blocks, check_dampening, inverse_factor, sweep, ColumnRule};
 use super::{
     check_weight, has_statistics, magnitude_baseline, no_statistics_stats, proxy_against,
-    prune_smallest, CalibratedError, HessianAccumulator, MethodStats, SparsityTarget,
+    prune_smallest, CalibratedError, HessianInput, MethodStats, SparsityTarget,
 };
 use std::ops::Range;
 
-/// Per-row state: which columns of the current block (or run) are pruned.
-struct RowMask {
+/// Per-row state: which columns of the current block (or run) are pruned, and the row of
+/// the result it writes when its sweep ends.
+struct RowMask<'a> {
+    out: &'a mut [f32],
     /// Indexed by column minus `start`.
     pruned: Vec<bool>,
     start: usize,
@@ -39,7 +43,12 @@ struct SparseRule {
     target: SparsityTarget,
 }
 
-impl RowMask {
+/// The value a kept weight takes: its current value on the f32 grid of the result.
+fn kept(w: f64) -> f64 {
+    f64::from(w as f32)
+}
+
+impl RowMask<'_> {
     /// Prunes the `k` lowest-scoring columns of `cols` (scores `w² / U_jj²`).
     fn select(&mut self, cols: Range<usize>, k: usize, w: &[f64], u_diag: &[f64]) {
         self.start = cols.start;
@@ -51,20 +60,31 @@ impl RowMask {
     }
 }
 
-impl ColumnRule<RowMask> for SparseRule {
-    fn block_start(&self, st: &mut RowMask, block: Range<usize>, w: &[f64], u_diag: &[f64]) {
+impl ColumnRule<RowMask<'_>> for SparseRule {
+    fn block_start(&self, st: &mut RowMask<'_>, block: Range<usize>, w: &[f64], u_diag: &[f64]) {
         if let SparsityTarget::Unstructured(_) = self.target {
             let k = self.target.pruned_upto(block.end) - self.target.pruned_upto(block.start);
             st.select(block, k, w, u_diag);
         }
     }
 
-    fn target(&self, st: &mut RowMask, col: usize, w: &[f64]) -> f64 {
+    fn target(&self, st: &mut RowMask<'_>, col: usize, w: &[f64]) -> f64 {
         if st.pruned[col - st.start] {
             0.0
         } else {
-            w[col]
+            kept(w[col])
         }
+    }
+
+    fn finish(&self, st: &mut RowMask<'_>, w: &[f64]) {
+        finish_row(st, w);
+    }
+}
+
+/// Writes a row's final values (every one already on the f32 grid) into its result row.
+fn finish_row(st: &mut RowMask<'_>, w: &[f64]) {
+    for (o, &v) in st.out.iter_mut().zip(w) {
+        *o = v as f32;
     }
 }
 
@@ -76,16 +96,20 @@ struct NmRule<'a> {
     u_diag: &'a [f64],
 }
 
-impl ColumnRule<RowMask> for NmRule<'_> {
-    fn target(&self, st: &mut RowMask, col: usize, w: &[f64]) -> f64 {
+impl ColumnRule<RowMask<'_>> for NmRule<'_> {
+    fn target(&self, st: &mut RowMask<'_>, col: usize, w: &[f64]) -> f64 {
         if col % self.m == 0 {
             st.select(col..col + self.m, self.m - self.n, w, self.u_diag);
         }
         if st.pruned[col - st.start] {
             0.0
         } else {
-            w[col]
+            kept(w[col])
         }
+    }
+
+    fn finish(&self, st: &mut RowMask<'_>, w: &[f64]) {
+        finish_row(st, w);
     }
 }
 
@@ -95,18 +119,23 @@ impl ColumnRule<RowMask> for NmRule<'_> {
 /// A Hessian without statistics ([`super::has_statistics`]) gives magnitude pruning with
 /// the same target (the data-free baseline), unchanged kept weights.
 ///
+/// `hessian` as in [`super::gptq_codes`]: borrowed (its triangle copied to be factored) or
+/// by value (factored in place). The baseline's proxy loss is computed before the factor,
+/// the result's from the sweep (see the `obs` module).
+///
 /// Errors: shapes that disagree, a non-finite weight, a target out of range (or `cols` not
 /// a multiple of N:M's `m`), `block_size == 0`, a negative or non-finite dampening, or a
 /// Hessian that stays indefinite after the damping retries.
-pub fn sparsegpt(
+pub fn sparsegpt<'h>(
     target: SparsityTarget,
     dampening: f64,
     block_size: usize,
     weight: &[f32],
     cols: usize,
-    hessian: &HessianAccumulator,
+    hessian: impl Into<HessianInput<'h>>,
 ) -> Result<(Vec<f32>, MethodStats), CalibratedError> {
-    let rows = check_weight(weight, cols, hessian)?;
+    let hessian = hessian.into();
+    let rows = check_weight(weight, cols, hessian.get())?;
     target.check(cols)?;
     if block_size == 0 {
         return Err(CalibratedError::BadConfig(
@@ -114,52 +143,50 @@ pub fn sparsegpt(
         ));
     }
     check_dampening(dampening)?;
-    if !has_statistics(hessian) {
+    if !has_statistics(hessian.get()) {
         return Ok((
             magnitude_baseline(target, weight, cols)?,
             no_statistics_stats(),
         ));
     }
-    let mut factor = inverse_factor(cols, hessian, dampening, false)?;
-    let mut w = factor.ordered_weight(weight, cols);
-    let new_row = || RowMask {
-        pruned: Vec::new(),
-        start: 0,
-        scores: Vec::new(),
+    // The baseline's loss needs H: before the factor consumes it.
+    let rtn_proxy_loss = {
+        let baseline = magnitude_baseline(target, weight, cols)?;
+        proxy_against(weight, &baseline, cols, hessian.get())
     };
-    let mut states: Vec<RowMask> = (0..rows).map(|_| new_row()).collect();
-    match target {
+    let factor = inverse_factor(hessian, dampening, false)?;
+    let mut result = vec![0.0f32; weight.len()];
+    let mut states: Vec<RowMask<'_>> = result
+        .chunks_mut(cols)
+        .map(|out| RowMask {
+            out,
+            pruned: Vec::new(),
+            start: 0,
+            scores: Vec::new(),
+        })
+        .collect();
+    debug_assert_eq!(states.len(), rows);
+    let proxy_loss = match target {
         SparsityTarget::Unstructured(_) => {
             let b = blocks(cols, block_size, 1);
-            sweep(
-                &SparseRule { target },
-                &mut states,
-                &mut w,
-                cols,
-                &factor.u,
-                &b,
-            );
+            sweep(&SparseRule { target }, &mut states, weight, &factor, &b)
         }
         SparsityTarget::NOfM { n, m } => {
             // Whole runs per block.
             let b = blocks(cols, (block_size / m).max(1) * m, m);
-            let u_diag: Vec<f64> = (0..cols).map(|i| factor.u[i * cols + i]).collect();
+            let u_diag: Vec<f64> = (0..cols).map(|i| factor.u.row(i)[0]).collect();
             let rule = NmRule {
                 n,
                 m,
                 u_diag: &u_diag,
             };
-            sweep(&rule, &mut states, &mut w, cols, &factor.u, &b);
+            sweep(&rule, &mut states, weight, &factor, &b)
         }
-    }
-    // The n × n factor is done with: free it (and the f64 weight) before the proxy losses.
-    drop(std::mem::take(&mut factor.u));
-    let result: Vec<f32> = w.iter().map(|&v| v as f32).collect();
-    drop(std::mem::take(&mut w));
-    let baseline = magnitude_baseline(target, weight, cols)?;
+    };
+    drop(states);
     let stats = MethodStats {
-        proxy_loss: proxy_against(weight, &result, cols, hessian),
-        rtn_proxy_loss: proxy_against(weight, &baseline, cols, hessian),
+        proxy_loss,
+        rtn_proxy_loss,
         dead_columns: factor.dead.iter().filter(|&&d| d).count(),
     };
     Ok((result, stats))

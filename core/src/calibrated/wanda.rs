@@ -34,6 +34,11 @@ pub fn wanda(
             no_statistics_stats(),
         ));
     }
+    // The baseline first, so that it and the result are never held together.
+    let rtn_proxy_loss = {
+        let baseline = magnitude_baseline(target, weight, cols)?;
+        proxy_against(weight, &baseline, cols, hessian)
+    };
     let norms = hessian.column_norms();
     let mut result = weight.to_vec();
     result.par_chunks_mut(cols).for_each(|row| {
@@ -59,10 +64,9 @@ pub fn wanda(
             }
         }
     });
-    let baseline = magnitude_baseline(target, weight, cols)?;
     let stats = MethodStats {
         proxy_loss: proxy_against(weight, &result, cols, hessian),
-        rtn_proxy_loss: proxy_against(weight, &baseline, cols, hessian),
+        rtn_proxy_loss,
         dead_columns: norms.iter().filter(|&&x| x == 0.0).count(),
     };
     Ok((result, stats))
