@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use shardpress_core::calibrated::{
     awq_codes, gptq_codes, gptq_codes_with, has_statistics, sparsegpt, wanda, GptqConfig,
-    GptqFactor, HessianAccumulator, SparsityTarget,
+    GptqFactor, HessianAccumulator, HessianInput, SparsityTarget,
 };
 use shardpress_core::codec::{encode_chunk, TensorPlan};
 use shardpress_core::dtype::decode_to_f32;
@@ -371,7 +371,8 @@ async fn solve(
     let described_plan = plan.clone();
     let name = tensor.name.clone();
     let rows_seen = hessian.rows_seen();
-    let (solved, stats) = cpu::run(move || solve_matrix(&plan, method, &weight, &hessian))
+    // By value: GPTQ and SparseGPT factor the accumulator's triangle in place.
+    let (solved, stats) = cpu::run(move || solve_matrix(&plan, method, &weight, hessian.into()))
         .await
         .map_err(compute_error(&name))?
         .map_err(|message| TaskError::Compute {
@@ -490,8 +491,11 @@ async fn sensitivity(
             return Ok(None);
         }
         let mut candidates = Vec::with_capacity(plans.len());
-        // GPTQ's inverse-Hessian factor does not depend on the width: computed once.
+        // GPTQ's inverse-Hessian factor does not depend on the width: computed once, in
+        // place of the accumulator (which only the other methods read afterwards).
         let mut gptq_factor: Option<GptqFactor> = None;
+        let mut hessian = Some(hessian);
+        let consumed = || "the Hessian went into GPTQ's factor".to_string();
         for (width, mut plan) in plans {
             if let Some(method) = plan.calibrated {
                 let solved = match (method, &plan.values) {
@@ -504,8 +508,12 @@ async fn sensitivity(
                     ) => {
                         let factor = match gptq_factor.take() {
                             Some(factor) => factor,
-                            None => GptqFactor::new(&hessian, dampening, act_order)
-                                .map_err(|e| e.to_string())?,
+                            None => GptqFactor::new(
+                                hessian.take().ok_or_else(consumed)?,
+                                dampening,
+                                act_order,
+                            )
+                            .map_err(|e| e.to_string())?,
                         };
                         let cfg = GptqConfig {
                             quant: *quant,
@@ -518,7 +526,10 @@ async fn sensitivity(
                         gptq_factor = Some(factor);
                         Solved::Codes(codes)
                     }
-                    _ => solve_matrix(&plan, method, &weight, &hessian)?.0,
+                    _ => {
+                        let borrowed = hessian.as_ref().ok_or_else(consumed)?;
+                        solve_matrix(&plan, method, &weight, borrowed.into())?.0
+                    }
                 };
                 plan.fixed_values = Some(shardpress_core::stream::FixedValues::Solved {
                     solved: Arc::new(solved),
@@ -557,7 +568,7 @@ fn solve_matrix(
     plan: &TensorPlan,
     method: Calibrated,
     weight: &Matrix,
-    hessian: &HessianAccumulator,
+    hessian: HessianInput<'_>,
 ) -> Result<(Solved, shardpress_core::calibrated::MethodStats), String> {
     let cols = weight.cols;
     let target = || match plan.structure {
@@ -594,7 +605,7 @@ fn solve_matrix(
                 .map_err(|e| e.to_string())
         }
         (Calibrated::Awq, Some(PassKind::Quantize(quant))) => {
-            awq_codes(quant, &weight.data, cols, hessian)
+            awq_codes(quant, &weight.data, cols, hessian.get())
                 .map(|(codes, stats)| (Solved::Codes(codes), stats))
                 .map_err(|e| e.to_string())
         }
@@ -608,7 +619,7 @@ fn solve_matrix(
         )
         .map(dense)
         .map_err(|e| e.to_string()),
-        (Calibrated::Wanda, _) => wanda(target()?, &weight.data, cols, hessian)
+        (Calibrated::Wanda, _) => wanda(target()?, &weight.data, cols, hessian.get())
             .map(dense)
             .map_err(|e| e.to_string()),
         (method, values) => Err(format!(
