@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
-use shardpress_core::calibrated::solve_memory_bytes;
+use shardpress_core::calibrated::{solve_memory_bytes, SERIALIZED_PIECE_BYTES};
 use shardpress_core::codec::TensorPlan;
 use shardpress_core::format::ModelFacts;
 use shardpress_core::plan::{PlannedTask, PlannedTensor, SourceFile};
@@ -513,9 +513,9 @@ impl Calibration {
 impl Calibration {
     /// What step `index` holds in memory beyond its reads, for `--memory-limit` routing
     /// ([`crate::routing`]): every step its model tensors in f32; STATS also the Hessian of
-    /// each Linear group of its layer; SOLVE its Linear's summed Hessian, the one being added
-    /// and the method's factors ([`solve_memory_bytes`], whose thread-dependent scratch is
-    /// counted for this process's threads). `None` for a step without tensors.
+    /// each Linear group of its layer; SOLVE its Linear's summed Hessian, a piece of the one
+    /// being added and the method's factors ([`solve_memory_bytes`], whose thread-dependent
+    /// scratch is counted for this process's threads). `None` for a step without tensors.
     pub fn step_need(&self, steps: &[CalibStep], index: usize) -> Option<crate::routing::TaskNeed> {
         let step = steps.get(index)?;
         let tensors: Vec<&PlannedTensor> = (step.tensors.iter())
@@ -528,13 +528,13 @@ impl Calibration {
             .sum();
         let (bytes, pass) = match step.kind {
             StepKind::Solve | StepKind::Sensitivity => {
-                // The bound counts the summed Hessian and the weight in f32; add the batch's
-                // Hessian being summed. A sensitivity step solves one width at a time, and
-                // holds its layer's weights in f32 for the forward that scores it.
+                // The bound counts the summed Hessian and the weight in f32; add the piece of
+                // a batch's Hessian being summed. A sensitivity step solves one width at a
+                // time, and holds its layer's weights in f32 for the forward that scores it.
                 let t = tensors.first()?;
                 let (rows, n) = (t.shape.first().copied().unwrap_or(1), width(t));
                 let solve = solve_memory_bytes(n as usize, rows as usize);
-                let bytes = solve.saturating_add(triangle(n));
+                let bytes = solve.saturating_add(triangle(n).min(SERIALIZED_PIECE_BYTES));
                 match step.kind {
                     StepKind::Solve => (bytes, "calibration solve (Hessian and factors)"),
                     _ => (

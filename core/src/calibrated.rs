@@ -58,7 +58,7 @@ use rayon::prelude::*;
 
 pub use awq::awq_codes;
 pub use gptq::{gptq_codes, gptq_codes_with, GptqConfig, GptqFactor};
-pub use hessian::HessianAccumulator;
+pub use hessian::{HessianAccumulator, SerializedHessian, SERIALIZED_PIECE_BYTES};
 pub use sparsegpt::sparsegpt;
 pub use wanda::wanda;
 

@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use shardpress_core::calibrated::{
     awq_codes, gptq_codes, gptq_codes_with, has_statistics, sparsegpt, wanda, GptqConfig,
-    GptqFactor, HessianAccumulator, HessianInput, SparsityTarget,
+    GptqFactor, HessianAccumulator, HessianInput, SerializedHessian, SparsityTarget,
+    SERIALIZED_PIECE_BYTES,
 };
 use shardpress_core::codec::{encode_chunk, TensorPlan};
 use shardpress_core::dtype::decode_to_f32;
@@ -306,12 +307,16 @@ async fn stats(
     .await
 }
 
-/// Reads accumulator `group` of a statistics object (two small range reads, then its own).
-async fn read_accumulator(
+/// Adds accumulator `group` of the statistics object `name` to `sum` (the first one read
+/// starts it): two small range reads for the object's and the accumulator's headers, then
+/// its values in pieces of [`SERIALIZED_PIECE_BYTES`], each checked as it is added (so the
+/// step holds the sum and one piece, never a second triangle).
+async fn add_accumulator(
     out: &StoreLocation,
     name: &str,
     group: usize,
-) -> Result<HessianAccumulator, TaskError> {
+    sum: &mut Option<HessianAccumulator>,
+) -> Result<(), TaskError> {
     let corrupt = |reason: String| TaskError::BadTensor {
         tensor: out.describe(name),
         reason,
@@ -340,8 +345,35 @@ async fn read_accumulator(
             "group {group} ends at byte {end}, the object has {size}"
         )));
     }
-    let bytes = out.get_range(name, start..end).await?;
-    HessianAccumulator::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))
+    let header_end = (start + SerializedHessian::HEADER_LEN as u64).min(end);
+    let header = out.get_range(name, start..header_end).await?;
+    let from =
+        SerializedHessian::parse(&header, lengths[group]).map_err(|e| corrupt(e.to_string()))?;
+    let mut accumulator = match sum.take() {
+        Some(accumulator) => accumulator,
+        None => HessianAccumulator::new(from.n),
+    };
+    let (mut at, mut first) = (header_end, 0usize);
+    while at < end {
+        let piece_end = (at + SERIALIZED_PIECE_BYTES).min(end);
+        let bytes = out.get_range(name, at..piece_end).await?;
+        let values = bytes.len() / 8;
+        let (back, added) = cpu::run(move || {
+            let added = accumulator.add_serialized_values(&from, first, &bytes);
+            (accumulator, added)
+        })
+        .await
+        .map_err(compute_error(name))?;
+        added.map_err(|e| corrupt(e.to_string()))?;
+        accumulator = back;
+        first += values;
+        at = piece_end;
+    }
+    accumulator
+        .add_serialized_rows(&from)
+        .map_err(|e| corrupt(e.to_string()))?;
+    *sum = Some(accumulator);
+    Ok(())
 }
 
 async fn solve(
@@ -401,7 +433,8 @@ async fn solve(
     ))
 }
 
-/// The Hessian of the step's Linear group: the batches' statistics summed in batch order.
+/// The Hessian of the step's Linear group: the statistics of the batches `batches` keeps,
+/// summed in batch order.
 async fn summed_hessian(
     step: &StepContext,
     task: &CalibrateTask,
@@ -409,14 +442,7 @@ async fn summed_hessian(
 ) -> Result<HessianAccumulator, TaskError> {
     let mut hessian: Option<HessianAccumulator> = None;
     for (_, name) in task.inputs.iter().enumerate().filter(|(b, _)| batches(*b)) {
-        let part = read_accumulator(&step.out, name, task.group as usize).await?;
-        match &mut hessian {
-            None => hessian = Some(part),
-            Some(sum) => sum.merge(&part).map_err(|e| TaskError::BadTensor {
-                tensor: step.out.describe(name),
-                reason: e.to_string(),
-            })?,
-        }
+        add_accumulator(&step.out, name, task.group as usize, &mut hessian).await?;
     }
     hessian.ok_or_else(|| bad_lease("the step names no statistics"))
 }
@@ -841,7 +867,7 @@ pub(crate) async fn attach_solved(
 mod tests {
     use super::*;
 
-    /// A statistics object of `parts` as `stats_bytes` writes it.
+    /// A statistics object of `parts` as `stats` writes it.
     fn stats_object(parts: &[Vec<u8>]) -> Vec<u8> {
         let mut out = STATS_MAGIC.to_vec();
         out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
@@ -865,8 +891,14 @@ mod tests {
         out.put("good", stats_object(std::slice::from_ref(&good)).into())
             .await
             .unwrap();
-        let read = read_accumulator(&out, "good", 0).await.unwrap();
-        assert_eq!(read.to_bytes(), good);
+        // Read twice into one sum: the accumulator added to itself.
+        let mut sum = None;
+        add_accumulator(&out, "good", 0, &mut sum).await.unwrap();
+        assert_eq!(sum.as_ref().unwrap().to_bytes(), good);
+        add_accumulator(&out, "good", 0, &mut sum).await.unwrap();
+        let mut twice = accumulator.clone();
+        twice.merge(&accumulator).unwrap();
+        assert_eq!(sum.unwrap(), twice);
 
         let mut huge = stats_object(&[good.clone(), good.clone()]);
         huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -896,7 +928,7 @@ mod tests {
         ];
         for (name, bytes, group, reason) in cases {
             out.put(name, bytes.into()).await.unwrap();
-            let err = read_accumulator(&out, name, group)
+            let err = add_accumulator(&out, name, group, &mut None)
                 .await
                 .unwrap_err()
                 .to_string();

@@ -14,6 +14,9 @@
 //! (`S_00 .. S_0(n-1), S_11 .. S_1(n-1), ...`). [`HessianAccumulator::from_bytes`] checks the
 //! length against `n` before allocating anything, and that every value is finite, diagonal
 //! values are not negative and an accumulator of zero rows is all zeros.
+//! [`SerializedHessian`] and [`HessianAccumulator::add_serialized_values`] add serialized
+//! bytes to a sum piece by piece, with the same checks, so a worker summing the batches of a
+//! wide Linear holds its sum and one piece of the next batch, never a second triangle.
 
 use super::linalg::{dgemm, View};
 use super::CalibratedError;
@@ -43,6 +46,62 @@ pub struct HessianAccumulator {
 pub(crate) fn row_offset(n: usize, i: usize) -> usize {
     // Σ_{k<i} (n - k)
     i * n - i * i.saturating_sub(1) / 2
+}
+
+/// Bytes of a serialized accumulator a reader adds to a sum at once
+/// ([`HessianAccumulator::add_serialized_values`]): summing a batch into a wide Linear's sum
+/// holds the sum and one such piece.
+pub const SERIALIZED_PIECE_BYTES: u64 = 64 << 20;
+
+/// The header of a serialized accumulator ([`HessianAccumulator::to_bytes`]), read before its
+/// values so that a sum can add them piece by piece
+/// ([`HessianAccumulator::add_serialized_values`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SerializedHessian {
+    pub n: usize,
+    pub rows: u64,
+}
+
+impl SerializedHessian {
+    /// Bytes before the values: magic, version, `n`, rows.
+    pub const HEADER_LEN: usize = HEADER_LEN;
+
+    /// Parses the first [`Self::HEADER_LEN`] bytes of a serialized accumulator of `total_len`
+    /// bytes: the magic, the version, and a length that is exactly what `n` implies.
+    pub fn parse(header: &[u8], total_len: u64) -> Result<SerializedHessian, CalibratedError> {
+        let bad = |m: String| Err(CalibratedError::BadBytes(m));
+        if header.len() < HEADER_LEN || total_len < HEADER_LEN as u64 {
+            return bad(format!(
+                "{total_len} bytes is shorter than the {HEADER_LEN}-byte header"
+            ));
+        }
+        if header[..8] != MAGIC {
+            return bad("the magic is not SPHESSIA".into());
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(header[o..o + 8].try_into().expect("8 bytes"));
+        let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+        if version != VERSION {
+            return bad(format!("version {version} is not the supported {VERSION}"));
+        }
+        let (n, rows) = (u64_at(12), u64_at(20));
+        let expected = (n.checked_add(1).and_then(|m| m.checked_mul(n)))
+            .map(|v| v / 2)
+            .and_then(|v| v.checked_mul(8))
+            .and_then(|b| b.checked_add(HEADER_LEN as u64));
+        let n = usize::try_from(n).ok();
+        match (n, expected) {
+            (Some(n), Some(expected)) if expected == total_len => Ok(SerializedHessian { n, rows }),
+            _ => bad(format!(
+                "{total_len} bytes do not hold the upper triangle of a {}x{0} Hessian",
+                u64_at(12)
+            )),
+        }
+    }
+
+    /// Values in the triangle.
+    pub fn values(&self) -> usize {
+        self.n * (self.n + 1) / 2
+    }
 }
 
 impl HessianAccumulator {
@@ -144,6 +203,84 @@ impl HessianAccumulator {
             .zip(other.upper.par_iter())
             .for_each(|(a, b)| *a += b);
         self.rows = rows;
+        Ok(())
+    }
+
+    /// Adds `bytes`, values `first ..` of the triangle of the serialized accumulator whose
+    /// header is `from`, to this sum, checking them as [`Self::from_bytes`] does (finite,
+    /// diagonal not negative, all zero when it saw no rows). Call
+    /// [`Self::add_serialized_rows`] once all its values are added. An error leaves the sum
+    /// partly added: the caller discards it.
+    pub fn add_serialized_values(
+        &mut self,
+        from: &SerializedHessian,
+        first: usize,
+        bytes: &[u8],
+    ) -> Result<(), CalibratedError> {
+        let bad = |m: String| Err(CalibratedError::BadBytes(m));
+        if from.n != self.n {
+            return Err(CalibratedError::ShapeMismatch(format!(
+                "cannot merge a Hessian of dimension {} into one of dimension {}",
+                from.n, self.n
+            )));
+        }
+        let count = bytes.len() / 8;
+        if bytes.len() % 8 != 0
+            || first
+                .checked_add(count)
+                .is_none_or(|e| e > self.upper.len())
+        {
+            return bad(format!(
+                "{} bytes at value {first} run past the {} values of the triangle",
+                bytes.len(),
+                self.upper.len()
+            ));
+        }
+        let values = |i: usize| f64::from_le_bytes(bytes[8 * i..8 * i + 8].try_into().expect("8"));
+        if let Some(i) = (0..count).find(|&i| !values(i).is_finite()) {
+            return bad(format!(
+                "value {} of the upper triangle is {}",
+                first + i,
+                values(i)
+            ));
+        }
+        if from.rows == 0 && (0..count).any(|i| values(i) != 0.0) {
+            return bad("zero rows seen but the sums are not zero".into());
+        }
+        // The diagonal entries among these values: rows from the one holding `first`.
+        let n = self.n;
+        let (mut row, mut above) = (0, n);
+        while above - row > 1 {
+            let mid = (row + above) / 2;
+            if row_offset(n, mid) <= first {
+                row = mid;
+            } else {
+                above = mid;
+            }
+        }
+        while row < n && row_offset(n, row) < first + count {
+            let at = row_offset(n, row);
+            if at >= first && values(at - first) < 0.0 {
+                return bad(format!(
+                    "diagonal entry {row} is negative ({})",
+                    values(at - first)
+                ));
+            }
+            row += 1;
+        }
+        self.upper[first..first + count]
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(i, a)| *a += values(i));
+        Ok(())
+    }
+
+    /// Counts the rows of the serialized accumulator `from`, whose values were all added by
+    /// [`Self::add_serialized_values`].
+    pub fn add_serialized_rows(&mut self, from: &SerializedHessian) -> Result<(), CalibratedError> {
+        self.rows = self.rows.checked_add(from.rows).ok_or_else(|| {
+            CalibratedError::BadConfig("the merged row count overflows u64".into())
+        })?;
         Ok(())
     }
 
@@ -367,5 +504,70 @@ mod tests {
             HessianAccumulator::from_bytes(&empty.to_bytes()).unwrap(),
             empty
         );
+    }
+
+    /// Adds `bytes` (a whole serialized accumulator) to `sum` in pieces of `piece` values.
+    fn add_in_pieces(
+        sum: &mut HessianAccumulator,
+        bytes: &[u8],
+        piece: usize,
+    ) -> Result<(), CalibratedError> {
+        let from =
+            SerializedHessian::parse(&bytes[..HEADER_LEN.min(bytes.len())], bytes.len() as u64)?;
+        let values = &bytes[HEADER_LEN..];
+        for (k, chunk) in values.chunks(8 * piece).enumerate() {
+            sum.add_serialized_values(&from, k * piece, chunk)?;
+        }
+        sum.add_serialized_rows(&from)
+    }
+
+    #[test]
+    fn serialized_accumulators_add_piece_by_piece_as_merge_does_and_hostile_pieces_are_refused() {
+        let n = 11;
+        let a = hessian_of(&correlated_inputs(40, n, 3), n);
+        let b = hessian_of(&correlated_inputs(60, n, 4), n);
+        let mut merged = a.clone();
+        merged.merge(&b).unwrap();
+        for piece in [1, 5, 11, 12, 65, 1000] {
+            let mut sum = a.clone();
+            add_in_pieces(&mut sum, &b.to_bytes(), piece).unwrap();
+            assert_eq!(sum, merged, "pieces of {piece}");
+        }
+        let bytes = b.to_bytes();
+        let patched = |at: usize, with: &[u8]| {
+            let mut p = bytes.clone();
+            p[at..at + with.len()].copy_from_slice(with);
+            let mut sum = a.clone();
+            add_in_pieces(&mut sum, &p, 4)
+        };
+        let refused = |r: Result<(), CalibratedError>, what: &str| match r {
+            Err(CalibratedError::BadBytes(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("{what}: {other:?}"),
+        };
+        refused(patched(0, b"X"), "magic");
+        refused(patched(8, &2u32.to_le_bytes()), "version");
+        refused(patched(12, &u64::MAX.to_le_bytes()), "upper triangle");
+        refused(patched(28 + 8 * 5, &f64::NAN.to_le_bytes()), "value 5");
+        // Row 3's diagonal entry, in a later piece than the first.
+        let diagonal = row_offset(n, 3);
+        refused(
+            patched(28 + 8 * diagonal, &(-1.0f64).to_le_bytes()),
+            "diagonal entry 3",
+        );
+        refused(patched(20, &0u64.to_le_bytes()), "zero rows");
+        // Another dimension; values past the triangle.
+        let other = hessian_of(&correlated_inputs(10, 5, 1), 5).to_bytes();
+        let mut sum = a.clone();
+        assert!(matches!(
+            add_in_pieces(&mut sum, &other, 4),
+            Err(CalibratedError::ShapeMismatch(_))
+        ));
+        let from = SerializedHessian::parse(&bytes[..HEADER_LEN], bytes.len() as u64).unwrap();
+        let mut sum = a.clone();
+        refused(
+            sum.add_serialized_values(&from, from.values() - 1, &[0u8; 16]),
+            "run past",
+        );
+        refused(sum.add_serialized_values(&from, 0, &[0u8; 7]), "run past");
     }
 }
