@@ -40,7 +40,9 @@
 //! time as a finished result, the baseline's f32 values; the sweep's f64 working rows exist
 //! one strip of 32 rows per task. Besides that: `O(n · 64)` scratch and `O(n · 32)` per
 //! worker thread. [`solve_memory_bytes`] bounds the total (6.5 GB for 28672 × 8192 on 16
-//! threads, where the previous layout with one `n × n` factor needed 16.5 GB).
+//! threads, where the previous layout with one `n × n` factor needed 16.5 GB). The sum
+//! itself is built without a second triangle: each batch's serialized accumulator is added
+//! in pieces of [`SERIALIZED_PIECE_BYTES`] ([`HessianAccumulator::add_serialized_values`]).
 //!
 //! Layout: [`hessian`] (the accumulator and its bytes), [`linalg`] (Cholesky, the inverse
 //! factor, checked dgemm, the proxy loss), [`obs`] (the column sweep with lazy block updates

@@ -2,8 +2,10 @@
 //! module): embed a token batch, gather a layer's input Hessians, solve a Linear with its
 //! calibrated method, forward a batch through a layer (original, or as compressed), or
 //! compare the original and compressed model's outputs; or, in a mixed-precision job's
-//! measuring round, score a Linear's candidate widths by its layer's output. A step reads one layer's weights and
-//! one batch's hidden states, and writes one object (the lease's staged output).
+//! measuring round, score a Linear's candidate widths by its layer's output. A step reads
+//! one layer's weights and one batch's hidden states (a SOLVE: its Linear's statistics of
+//! every batch, added to one sum piece by piece), and writes one object (the lease's staged
+//! output).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
