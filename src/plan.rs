@@ -111,9 +111,7 @@ pub async fn plan(args: PlanArgs) -> anyhow::Result<()> {
             .map(|(format, size)| {
                 let value = match size {
                     Ok(Some(bytes)) => json!({"bytes": bytes}),
-                    Ok(None) => {
-                        json!({"bytes": null, "why": "depends on the values (entropy-coded)"})
-                    }
+                    Ok(None) => json!({"bytes": null, "why": unknown_size(*format)}),
                     Err(e) => json!({"refused": e}),
                 };
                 (format.as_str().to_string(), value)
@@ -173,7 +171,7 @@ pub async fn plan(args: PlanArgs) -> anyhow::Result<()> {
                 human(*bytes),
                 *bytes as f64 / input.max(1) as f64
             ),
-            Ok(None) => "depends on the values (entropy-coded): run it to know".into(),
+            Ok(None) => format!("{}: run it to know", unknown_size(*format)),
             Err(e) => format!("refused: {e}"),
         };
         say!("{:<10} {:<19}{line}", "output", format.as_str());
@@ -229,4 +227,12 @@ fn touched(planned: &Planned) -> (Vec<Touched>, Touched) {
         }
     }
     (per_pass, unchanged)
+}
+
+/// Why the plan alone does not give `format`'s output size.
+fn unknown_size(format: OutputFormat) -> &'static str {
+    match format {
+        OutputFormat::Spz => "depends on the values (entropy-coded)",
+        _ => "depends on the widths the measuring round chooses for the bit budget",
+    }
 }

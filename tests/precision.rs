@@ -264,6 +264,23 @@ fn candidates_may_change_the_group_size() {
         .filter_map(|g| g["weights"]["group_size"].as_u64())
         .collect();
     assert!(sizes.contains(&32) && sizes.contains(&128), "{groups:?}");
+
+    // `plan` gives no compressed-tensors size before the widths are chosen, and says why.
+    let output = shardpress(&[
+        "plan",
+        "--json",
+        "--model",
+        model.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+    ]);
+    assert_success(&output, "plan of a bit budget");
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let sizes = &plan["output_bytes"];
+    assert!(sizes["safetensors"]["bytes"].is_u64(), "{sizes}");
+    assert!(sizes["compressed-tensors"]["bytes"].is_null(), "{sizes}");
+    let why = sizes["compressed-tensors"]["why"].as_str().unwrap();
+    assert!(why.contains("widths the measuring round chooses"), "{why}");
 }
 
 /// With calibration data a data-free recipe's widths are chosen by the error each causes in

@@ -156,8 +156,13 @@ pub async fn plan_job(
 
 /// The bytes a planned job's output takes, where the plan alone gives them: the tensor data
 /// of safetensors and compressed-tensors shards (headers and companion files not counted),
-/// GGUF files exactly; `None` for `.spz`, whose entropy-coded size depends on the values.
+/// GGUF files exactly; `None` for `.spz`, whose entropy-coded size depends on the values, and
+/// for a bit budget's compressed-tensors or GGUF output, whose size depends on the widths the
+/// measuring round chooses.
 pub async fn output_size(planned: &Planned) -> Result<Option<u64>, CoordinatorError> {
+    if planned.recipe.needs_precision_choice() && planned.format != OutputFormat::Safetensors {
+        return Ok(None);
+    }
     let spec = JobSpec {
         model_url: planned.model.root.url().to_string(),
         out_url: String::new(),
