@@ -104,6 +104,57 @@ impl SerializedHessian {
     }
 }
 
+/// Checks `bytes`, values `first ..` of the triangle of the serialized accumulator `from`:
+/// whole values within the triangle, every value finite, diagonal entries not negative, all
+/// zero when it saw no rows.
+fn check_serialized_values(
+    from: &SerializedHessian,
+    first: usize,
+    bytes: &[u8],
+) -> Result<(), CalibratedError> {
+    let bad = |m: String| Err(CalibratedError::BadBytes(m));
+    let (n, count) = (from.n, bytes.len() / 8);
+    if bytes.len() % 8 != 0 || first.checked_add(count).is_none_or(|e| e > from.values()) {
+        return bad(format!(
+            "{} bytes at value {first} run past the {} values of the triangle",
+            bytes.len(),
+            from.values()
+        ));
+    }
+    let values = |i: usize| f64::from_le_bytes(bytes[8 * i..8 * i + 8].try_into().expect("8"));
+    if let Some(i) = (0..count).find(|&i| !values(i).is_finite()) {
+        return bad(format!(
+            "value {} of the upper triangle is {}",
+            first + i,
+            values(i)
+        ));
+    }
+    // The diagonal entries among these values: rows from the one holding `first`.
+    let (mut row, mut above) = (0, n);
+    while above - row > 1 {
+        let mid = (row + above) / 2;
+        if row_offset(n, mid) <= first {
+            row = mid;
+        } else {
+            above = mid;
+        }
+    }
+    while row < n && row_offset(n, row) < first + count {
+        let at = row_offset(n, row);
+        if at >= first && values(at - first) < 0.0 {
+            return bad(format!(
+                "diagonal entry {row} is negative ({})",
+                values(at - first)
+            ));
+        }
+        row += 1;
+    }
+    if from.rows == 0 && (0..count).any(|i| values(i) != 0.0) {
+        return bad("zero rows seen but the sums are not zero".into());
+    }
+    Ok(())
+}
+
 impl HessianAccumulator {
     /// An empty accumulator for inputs of length `n`.
     pub fn new(n: usize) -> Self {
@@ -217,57 +268,15 @@ impl HessianAccumulator {
         first: usize,
         bytes: &[u8],
     ) -> Result<(), CalibratedError> {
-        let bad = |m: String| Err(CalibratedError::BadBytes(m));
         if from.n != self.n {
             return Err(CalibratedError::ShapeMismatch(format!(
                 "cannot merge a Hessian of dimension {} into one of dimension {}",
                 from.n, self.n
             )));
         }
+        check_serialized_values(from, first, bytes)?;
         let count = bytes.len() / 8;
-        if bytes.len() % 8 != 0
-            || first
-                .checked_add(count)
-                .is_none_or(|e| e > self.upper.len())
-        {
-            return bad(format!(
-                "{} bytes at value {first} run past the {} values of the triangle",
-                bytes.len(),
-                self.upper.len()
-            ));
-        }
         let values = |i: usize| f64::from_le_bytes(bytes[8 * i..8 * i + 8].try_into().expect("8"));
-        if let Some(i) = (0..count).find(|&i| !values(i).is_finite()) {
-            return bad(format!(
-                "value {} of the upper triangle is {}",
-                first + i,
-                values(i)
-            ));
-        }
-        if from.rows == 0 && (0..count).any(|i| values(i) != 0.0) {
-            return bad("zero rows seen but the sums are not zero".into());
-        }
-        // The diagonal entries among these values: rows from the one holding `first`.
-        let n = self.n;
-        let (mut row, mut above) = (0, n);
-        while above - row > 1 {
-            let mid = (row + above) / 2;
-            if row_offset(n, mid) <= first {
-                row = mid;
-            } else {
-                above = mid;
-            }
-        }
-        while row < n && row_offset(n, row) < first + count {
-            let at = row_offset(n, row);
-            if at >= first && values(at - first) < 0.0 {
-                return bad(format!(
-                    "diagonal entry {row} is negative ({})",
-                    values(at - first)
-                ));
-            }
-            row += 1;
-        }
         self.upper[first..first + count]
             .par_iter_mut()
             .enumerate()
@@ -311,53 +320,18 @@ impl HessianAccumulator {
     /// exactly what the header's `n` implies (checked before allocating), values finite,
     /// diagonal values not negative, and a zero row count must come with all-zero sums.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CalibratedError> {
-        let bad = |m: String| Err(CalibratedError::BadBytes(m));
-        if bytes.len() < HEADER_LEN {
-            return bad(format!(
-                "{} bytes is shorter than the {HEADER_LEN}-byte header",
-                bytes.len()
-            ));
-        }
-        if bytes[..8] != MAGIC {
-            return bad("the magic is not SPHESSIA".into());
-        }
-        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
-        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
-            return bad(format!("version {version} is not the supported {VERSION}"));
-        }
-        let (n, rows) = (u64_at(12), u64_at(20));
-        let values = usize::try_from(n)
-            .ok()
-            .and_then(|n| n.checked_add(1)?.checked_mul(n))
-            .map(|v| v / 2);
-        let expected = values
-            .and_then(|v| v.checked_mul(8))
-            .and_then(|b| b.checked_add(HEADER_LEN));
-        if expected != Some(bytes.len()) {
-            return bad(format!(
-                "{} bytes do not hold the upper triangle of a {n}x{n} Hessian",
-                bytes.len()
-            ));
-        }
-        let n = n as usize;
-        let upper: Vec<f64> = bytes[HEADER_LEN..]
+        let from = SerializedHessian::parse(bytes, bytes.len() as u64)?;
+        let values = &bytes[HEADER_LEN..];
+        check_serialized_values(&from, 0, values)?;
+        let upper: Vec<f64> = values
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
-        if let Some(i) = upper.iter().position(|v| !v.is_finite()) {
-            return bad(format!("value {i} of the upper triangle is {}", upper[i]));
-        }
-        for i in 0..n {
-            let d = upper[row_offset(n, i)];
-            if d < 0.0 {
-                return bad(format!("diagonal entry {i} is negative ({d})"));
-            }
-        }
-        if rows == 0 && upper.iter().any(|&v| v != 0.0) {
-            return bad("zero rows seen but the sums are not zero".into());
-        }
-        Ok(HessianAccumulator { n, rows, upper })
+        Ok(HessianAccumulator {
+            n: from.n,
+            rows: from.rows,
+            upper,
+        })
     }
 
     /// The full `n × n` Hessian, row-major: `H = 2/rows · Σ x xᵀ` (the normalisation of the
