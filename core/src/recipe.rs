@@ -128,11 +128,12 @@ impl Width {
 
     /// What [`Width::parse`] reads after the bits: `""`, `"g64"` or `"c"`.
     pub fn granularity_suffix(&self) -> String {
-        let text = self.to_string();
-        text[text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len())..]
-            .to_owned()
+        match self.granularity {
+            None => String::new(),
+            Some(Granularity::Group(g)) => format!("g{g}"),
+            Some(Granularity::Channel) => "c".into(),
+            Some(Granularity::Tensor) => "t".into(),
+        }
     }
 
     /// `kind` at this width, or `None` when `kind` is not a pass whose width can change.
@@ -159,13 +160,7 @@ impl Width {
 
 impl std::fmt::Display for Width {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.bits)?;
-        match self.granularity {
-            None => Ok(()),
-            Some(Granularity::Group(g)) => write!(f, "g{g}"),
-            Some(Granularity::Channel) => write!(f, "c"),
-            Some(Granularity::Tensor) => write!(f, "t"),
-        }
+        write!(f, "{}{}", self.bits, self.granularity_suffix())
     }
 }
 
